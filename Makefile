@@ -1,0 +1,15 @@
+# kvpilot developer entry points. `make test` is the one command CI runs.
+.PHONY: test lint k8s-harness clean
+
+test:
+	bash scripts/test.sh $(ARGS)
+
+lint:
+	bash scripts/lint.sh
+
+# Start the real test control plane by hand (full mode, 2 kwok GPU nodes); Ctrl-C stops it.
+k8s-harness:
+	scripts/k8s-harness --mode full
+
+clean:
+	rm -rf .build .venv .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""SLO-aware replica planning for prefill and decode pools."""

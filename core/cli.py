@@ -1,0 +1,29 @@
+"""The `kvpilot` command. Sub-commands are registered by the components that implement them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvpilot import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpilot", description="Kubernetes-native control plane for LLM serving.")
+    parser.add_argument("--version", action="version", version=f"kvpilot {__version__}")
+    parser.add_subparsers(dest="command", metavar="COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = args.handler
+    return int(handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""A real Kubernetes control plane on loopback: etcd, kube-apiserver and, in full mode,
+kube-controller-manager, kube-scheduler and kwok fake GPU nodes.
+
+Two modes:
+- ``api``: etcd + kube-apiserver only. Starts in seconds; enough for CRDs, custom resources,
+  watches and server-side validation. Deployments never get pods in this mode.
+- ``full``: adds controller-manager, scheduler and kwok, so Deployments get pods that are
+  scheduled onto fake nodes advertising ``nvidia.com/gpu`` and reach Running with 127.64.x IPs.
+
+All addresses are loopback: pods get IPs from 127.64.0.0/16, Services from 127.200.0.0/24,
+nodes report 127.0.1.x. Binaries come from `scripts/build-k8s-harness.sh` (Go modules, cached).
+Run ``scripts/k8s-harness`` to start one by hand and poke at it with kubectl and helm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import textwrap
+import urllib.request
+from pathlib import Path
+from typing import Literal
+
+from kvpilot.testing.procs import ManagedProcess, free_port, tcp_open, wait_for
+
+Mode = Literal["api", "full"]
+POD_CIDR = "127.64.0.1/16"
+SERVICE_CIDR = "127.200.0.0/24"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-k8s-harness.sh"
+
+
+def harness_bin_dir() -> Path:
+    """Where the Go-built binaries are: $KVPILOT_K8S_BIN, or whatever the build script prints
+    (it returns at once when the versioned cache is warm and builds otherwise)."""
+    env = os.environ.get("KVPILOT_K8S_BIN")
+    if env:
+        return Path(env)
+    if not BUILD_SCRIPT.exists():
+        raise RuntimeError("set KVPILOT_K8S_BIN to the directory holding etcd, kube-apiserver, kwok, helm")
+    out = subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def make_pki(pki: Path) -> None:
+    """A fresh CA, an apiserver serving cert for 127.0.0.1, an admin client cert in
+    system:masters and a service-account key pair."""
+    pki.mkdir(parents=True, exist_ok=True)
+    ext = ("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+           "extendedKeyUsage={usage}\n{san}subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
+    (pki / "srv.ext").write_text(ext.format(usage="serverAuth", san="subjectAltName=IP:127.0.0.1,DNS:localhost\n"))
+    (pki / "cli.ext").write_text(ext.format(usage="clientAuth", san=""))
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=kvpilot-harness-ca",
+             "-keyout", "ca.key", "-out", "ca.crt", cwd=pki)
+    for name, subj, ext_file in (("apiserver", "/CN=kube-apiserver", "srv.ext"),
+                                 ("admin", "/O=system:masters/CN=harness-admin", "cli.ext")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subj, "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=pki)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "3650", "-extfile", ext_file, "-out", f"{name}.crt", cwd=pki)
+    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+class ControlPlane:
+    def __init__(self, mode: Mode = "api", workdir: Path | None = None, bin_dir: Path | None = None) -> None:
+        self.mode: Mode = mode
+        self.bin = bin_dir or harness_bin_dir()
+        self.dir = workdir or Path(tempfile.mkdtemp(prefix=f"kvpilot-k8s-{mode}-"))
+        self.pki = self.dir / "pki"
+        self.kubeconfig = self.dir / "admin.kubeconfig"
+        self.api_port = free_port()
+        self.procs: list[ManagedProcess] = []
+        self._next_node_ip = 1
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self, timeout: float = 90) -> ControlPlane:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
+        make_pki(self.pki)
+        etcd_port, peer_port = free_port(), free_port()
+        etcd = self._spawn("etcd", [
+            "--name", "h", "--data-dir", str(self.dir / "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster", f"h=http://127.0.0.1:{peer_port}",
+            "--listen-metrics-urls", f"http://127.0.0.1:{free_port()}",
+            "--unsafe-no-fsync", "--log-level", "warn",
+        ])
+        wait_for(lambda: tcp_open("127.0.0.1", etcd_port), timeout, "etcd", etcd)
+        disabled = "TaintNodesByCondition" if self.mode == "full" else "ServiceAccount,TaintNodesByCondition"
+        p = self.pki
+        api = self._spawn("kube-apiserver", [
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}", "--bind-address=127.0.0.1",
+            f"--secure-port={self.api_port}", "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
+            f"--tls-cert-file={p}/apiserver.crt", f"--tls-private-key-file={p}/apiserver.key",
+            f"--client-ca-file={p}/ca.crt", f"--service-account-issuer={self.server}",
+            f"--service-account-key-file={p}/sa.pub", f"--service-account-signing-key-file={p}/sa.key",
+            f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=RBAC",
+            "--allow-privileged=true", f"--disable-admission-plugins={disabled}",
+        ])
+        self._write_kubeconfig()
+        wait_for(self.ready, timeout, "kube-apiserver /readyz", api)
+        if self.mode == "full":
+            self._start_full(timeout)
+
+    def _start_full(self, timeout: float) -> None:
+        k = str(self.kubeconfig)
+        auth = [f"--kubeconfig={k}", f"--authentication-kubeconfig={k}", f"--authorization-kubeconfig={k}",
+                "--bind-address=127.0.0.1", "--leader-elect=false"]
+        self._spawn("kube-controller-manager", [
+            *auth, f"--secure-port={free_port()}",
+            f"--service-account-private-key-file={self.pki}/sa.key", f"--root-ca-file={self.pki}/ca.crt",
+            # EndpointSlices reject loopback pod IPs, so these controllers would only log errors.
+            "--controllers=*,-endpoints-controller,-endpointslice-controller,-endpointslice-mirroring-controller",
+        ])
+        self._spawn("kube-scheduler", [*auth, f"--secure-port={free_port()}"])
+        self._spawn("kwok", [
+            f"--kubeconfig={k}", "--manage-all-nodes=true", f"--cidr={POD_CIDR}", "--node-ip=127.0.1.1",
+            "--node-lease-duration-seconds=40",
+        ])
+        # ServiceAccount admission needs the namespace's default account before any pod is created.
+        wait_for(lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default").returncode == 0,
+                 timeout, "the default service account (controller-manager)", self.procs[-3])
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):  # kwok, scheduler, KCM, apiserver, then etcd
+            proc.stop()
+        self.procs.clear()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> ControlPlane:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    # -- helpers ------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
+        proc = ManagedProcess(name, [str(self.bin / name), *args], self.dir / "logs" / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def _write_kubeconfig(self) -> None:
+        def b64(name: str) -> str:
+            return base64.b64encode((self.pki / name).read_bytes()).decode()
+
+        self.kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "harness",
+            "clusters": [{"name": "harness", "cluster": {"server": self.server,
+                                                          "certificate-authority-data": b64("ca.crt")}}],
+            "users": [{"name": "admin", "user": {"client-certificate-data": b64("admin.crt"),
+                                                 "client-key-data": b64("admin.key")}}],
+            "contexts": [{"name": "harness", "context": {"cluster": "harness", "user": "admin",
+                                                         "namespace": "default"}}],
+        }))
+
+    def ready(self) -> bool:
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+        ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
+        with urllib.request.urlopen(self.server + "/readyz", context=ctx, timeout=2) as resp:
+            return bool(resp.status == 200)
+
+    def env(self) -> dict[str, str]:
+        """Environment for kubectl, helm and kopf subprocesses pointing at this cluster."""
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": f"{self.bin}:{os.environ['PATH']}",
+                "HELM_CACHE_HOME": str(self.dir / "helm" / "cache"),
+                "HELM_CONFIG_HOME": str(self.dir / "helm" / "config"),
+                "HELM_DATA_HOME": str(self.dir / "helm" / "data")}
+
+    def kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.bin / "kubectl"), *args], env=self.env(), input=input,
+                              capture_output=True, text=True, timeout=60)
+
+    def helm(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.bin / "helm"), *args], env=self.env(), capture_output=True, text=True,
+                              timeout=180)
+
+    def add_gpu_nodes(self, count: int, gpus: int = 8, product: str = "NVIDIA-H100-80GB-HBM3",
+                      prefix: str = "gpu-node") -> list[str]:
+        """Create kwok-managed nodes advertising `gpus` × nvidia.com/gpu (full mode only)."""
+        if self.mode != "full":
+            raise RuntimeError("fake nodes need the full control plane (kwok and the scheduler)")
+        names, docs = [], []
+        for _ in range(count):
+            i = self._next_node_ip
+            self._next_node_ip += 1
+            name = f"{prefix}-{i}"
+            names.append(name)
+            capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+            docs.append({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
+                             "labels": {"type": "kwok", "kubernetes.io/hostname": name,
+                                        "kubernetes.io/os": "linux", "nvidia.com/gpu.product": product,
+                                        "nvidia.com/gpu.count": str(gpus)}},
+                "spec": {},
+                "status": {"addresses": [{"type": "InternalIP", "address": f"127.0.1.{i}"}],
+                           "capacity": capacity, "allocatable": capacity},
+            })
+        out = self.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                   "items": docs}))
+        if out.returncode != 0:
+            raise RuntimeError(f"creating nodes failed: {out.stderr}")
+        wait_for(lambda: all(self._node_ready(n) for n in names), 60, f"nodes {names} Ready (kwok)",
+                 self.procs[-1])
+        return names
+
+    def _node_ready(self, name: str) -> bool:
+        out = self.kubectl("get", "node", name, "-o",
+                           "jsonpath={.status.conditions[?(@.type=='Ready')].status}")
+        return out.stdout.strip() == "True"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="k8s-harness", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--mode", choices=["api", "full"], default="full")
+    parser.add_argument("--gpu-nodes", type=int, default=2, help="kwok GPU nodes to create (full mode)")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--dir", type=Path, help="work directory (default: a new temp dir, removed on exit)")
+    args = parser.parse_args(argv)
+    plane = ControlPlane(args.mode, workdir=args.dir)
+    plane.start()
+    if args.mode == "full" and args.gpu_nodes:
+        plane.add_gpu_nodes(args.gpu_nodes, args.gpus_per_node)
+    print(textwrap.dedent(f"""\
+        control plane ({args.mode}) is up at {plane.server}; logs in {plane.dir / 'logs'}
+          export KUBECONFIG={plane.kubeconfig}
+          export PATH={plane.bin}:$PATH   # kubectl, helm, kwok
+        Ctrl-C stops it and removes {plane.dir}."""), flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        plane.cleanup() if args.dir is None else plane.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.exit(main())

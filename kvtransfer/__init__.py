@@ -1,0 +1,1 @@
+"""KV block store and transfer API (Redis backend, NIXL-style descriptors)."""

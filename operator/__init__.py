@@ -1,0 +1,1 @@
+"""kopf operator: reconciles LLMService → WorkerPools → Deployments, Services, ConfigMaps."""

@@ -1,0 +1,1 @@
+"""OpenAI-compatible streaming proxy and routing policies (DualMap and baselines)."""

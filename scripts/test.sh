@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The one test command (`make test`): works on a fresh machine with no manual steps.
+#   1. Debian packages the tests start for real (redis-server, prometheus), only when missing;
+#   2. a venv with kvpilot and its test extras;
+#   3. the Kubernetes test binaries, built from Go modules into a versioned cache outside the clone;
+#   4. ruff and mypy;
+#   5. pytest tier by tier (unit, integration, e2e). A tier with no tests yet passes; any
+#      failing tier fails the run, after the remaining tiers have run.
+# Extra arguments go to every pytest call, e.g. `make test ARGS="-x -k redis"`.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+say() { printf '\n==> %s\n' "$*"; }
+t0=$(date +%s)
+
+# -- 1. Debian packages ---------------------------------------------------------------
+missing=()
+for pair in redis-server:redis-server prometheus:prometheus openssl:openssl; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# -- 2. Python environment --------------------------------------------------------------
+venv="${KVPILOT_VENV:-$root/.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating $venv"
+  python3 -m venv "$venv"
+fi
+say "installing kvpilot[test] into $venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+
+# -- 3. Kubernetes binaries (cached by version) -----------------------------------------
+say "Kubernetes test binaries"
+KVPILOT_K8S_BIN="$(bash scripts/build-k8s-harness.sh | tail -n1)"
+export KVPILOT_K8S_BIN
+
+# -- 4. lint and types -------------------------------------------------------------------
+say "ruff + mypy"
+KVPILOT_VENV="$venv" bash scripts/lint.sh
+
+# -- 5. tests by tier ----------------------------------------------------------------------
+failed=()
+for tier in unit integration e2e; do
+  say "pytest -m $tier"
+  set +e
+  "$venv/bin/python" -m pytest -m "$tier" "$@"
+  rc=$?
+  set -e
+  case $rc in
+    0) ;;
+    5) echo "(no $tier tests yet)" ;;
+    *) failed+=("$tier(rc=$rc)") ;;
+  esac
+done
+say "done in $(( $(date +%s) - t0 ))s"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED tiers: ${failed[*]}"
+  exit 1
+fi

@@ -1,0 +1,1 @@
+"""vLLM-compatible GPU simulator: engine model, real-time server, virtual-time cluster."""
