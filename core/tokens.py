@@ -1,0 +1,99 @@
+"""Prompt → tokens and prompt → block hashes, shared by the simulator and the router.
+
+The router must hash a prompt's leading blocks exactly as the engine's prefix cache does, or
+"same prefix → same instance" would not mean "same prefix → cache hit". Real tokenizers are
+slow and model-specific, so kvpilot uses a cheap deterministic stand-in: every 4 bytes of UTF-8
+text are one token (close to BPE's ~4 characters per token for English). A block of
+`block_size` tokens is then a fixed byte range, and its hash is one C-level blake2b call chained
+on the parent block's hash (like vLLM's prefix-cache hashes), with no per-token Python work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable, Mapping
+
+BYTES_PER_TOKEN = 4
+ROOT_HASH = 0x6B7670696C6F74  # "kvpilot": the parent of every first block
+_MASK64 = (1 << 64) - 1
+
+
+def token_count(text: str | bytes) -> int:
+    """Number of tokens in `text` (ceil of bytes / 4)."""
+    data = text.encode() if isinstance(text, str) else text
+    return (len(data) + BYTES_PER_TOKEN - 1) // BYTES_PER_TOKEN
+
+
+def token_ids(text: str | bytes, vocab_size: int = 32000) -> list[int]:
+    """Token ids, for APIs that expose them (KV events, /tokenize). Each 4-byte chunk maps to one id."""
+    data = text.encode() if isinstance(text, str) else text
+    pad = (-len(data)) % BYTES_PER_TOKEN
+    data += b"\0" * pad
+    return [int.from_bytes(data[i : i + BYTES_PER_TOKEN], "little") % vocab_size
+            for i in range(0, len(data), BYTES_PER_TOKEN)]
+
+
+def chain_hash(parent: int, payload: bytes) -> int:
+    """64-bit hash of one block given its parent block's hash."""
+    digest = hashlib.blake2b(payload, digest_size=8, key=parent.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "little")
+
+
+def block_hashes(text: str | bytes, block_size: int, max_blocks: int | None = None) -> list[int]:
+    """Chained hashes of the prompt's full blocks (a trailing partial block is not hashed, as in
+    vLLM). `max_blocks` stops early: the router only needs the leading blocks."""
+    data = text.encode() if isinstance(text, str) else text
+    step = block_size * BYTES_PER_TOKEN
+    n = len(data) // step
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    out: list[int] = []
+    parent = ROOT_HASH
+    for i in range(n):
+        parent = chain_hash(parent, data[i * step : (i + 1) * step])
+        out.append(parent)
+    return out
+
+
+def ids_block_hashes(ids: Iterable[int]) -> list[int]:
+    """Chained hashes for prompts described by block ids (trace replay: Mooncake `hash_ids`),
+    so that equal id prefixes give equal hash prefixes without materialising any text."""
+    out: list[int] = []
+    parent = ROOT_HASH
+    for block_id in ids:
+        parent = chain_hash(parent, (block_id & _MASK64).to_bytes(8, "little"))
+        out.append(parent)
+    return out
+
+
+_WORDS = ("the", "of", "and", "to", "in", "model", "cache", "token", "block", "serve", "route", "queue",
+          "prefix", "decode", "prefill", "batch", "latency", "request", "replica", "cluster", "kernel",
+          "memory", "tensor", "layer", "vector", "score", "event", "stream", "scale", "pool", "node", "gpu")
+
+
+def block_text(block_id: int, tokens: int = 512) -> str:
+    """A deterministic ASCII text of exactly `tokens` tokens for a trace block id: equal ids give
+    equal text, so shared ids become shared prompt prefixes at the router and in the engine."""
+    rng = random.Random(block_id)
+    size = tokens * BYTES_PER_TOKEN
+    parts: list[str] = []
+    length = 0
+    while length < size:
+        word = rng.choice(_WORDS)
+        parts.append(word)
+        length += len(word) + 1
+    return " ".join(parts)[:size].ljust(size)
+
+
+def render_chat(messages: Iterable[Mapping[str, object]]) -> str:
+    """The prompt text of a chat request: a fixed, simple template. The router and the simulator
+    both render chat requests with it, so chat prefixes hash the same on both sides."""
+    parts = []
+    for message in messages:
+        content = message.get("content", "")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+        parts.append(f"<|{message.get('role', 'user')}|>\n{content}\n")
+    parts.append("<|assistant|>\n")
+    return "".join(parts)

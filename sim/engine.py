@@ -1,0 +1,356 @@
+"""The engine model: vLLM's scheduler and KV cache in pure Python, with no I/O and no clock.
+
+Both drivers use it: the real-time server (`kvpilot.sim.server`) sleeps for each step's
+duration, the virtual-time cluster (`kvpilot.sim.cluster`) jumps its clock. One model, so a
+benchmark at 1,000 instances and a test against live workers see the same behaviour.
+
+Scheduling follows vLLM v1: one token budget per step shared by running requests first (a
+decode costs one token, a prefill chunk what is left of the budget), then waiting requests in
+FCFS order; no new admissions in a step that had to preempt. Decode and prefill are one rule:
+a request computes KV for `num_tokens - computed` tokens, and when it has caught up it samples
+one token. Preemption is by recompute: the youngest running request loses its blocks and goes
+back to the head of the queue.
+
+Virtual time adds one thing: a step that only decodes, with nobody admissible waiting, is
+repeated until the first request finishes, in closed form (`StepPlan.steps` > 1). A driver
+that learns of an arrival mid-way truncates the plan to the steps done by then, so the result
+equals single-stepping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from kvpilot.sim.blocks import BlockPool
+from kvpilot.sim.profiles import Profile
+
+
+class Phase(IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+    ABORTED = 3
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One request inside one engine."""
+
+    request_id: str
+    arrival: float
+    prompt_tokens: int
+    block_hashes: list[int]          # chained hashes of the prompt's full blocks
+    max_tokens: int
+    external_tokens: int = 0         # prompt tokens whose KV arrives from another instance (P/D decode)
+    phase: Phase = Phase.WAITING
+    computed: int = 0                # tokens whose KV is in the cache
+    output: int = 0                  # tokens sampled so far
+    cached_tokens: int = 0           # prefix-cache hit at first admission
+    preemptions: int = 0
+    blocks: list[int] = field(default_factory=list)
+    num_hashed: int = 0              # leading prompt blocks registered in the prefix cache
+    admitted: bool = False
+    first_scheduled: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_tokens + self.output
+
+    @property
+    def decoding(self) -> bool:
+        return self.output > 0 and self.computed == self.num_tokens - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.phase >= Phase.FINISHED
+
+
+@dataclass(slots=True)
+class StepPlan:
+    items: list[tuple[Sequence, int]]   # (sequence, tokens to compute in each step)
+    steps: int                          # identical decode steps covered by this plan
+    first_step_s: float                 # duration of the first step
+    ctx_growth_s: float                 # extra duration of each later step (contexts grow)
+    start: float = 0.0
+
+    def duration(self, steps: int | None = None) -> float:
+        k = self.steps if steps is None else steps
+        return k * self.first_step_s + self.ctx_growth_s * k * (k - 1) / 2
+
+    def steps_done_by(self, elapsed: float) -> int:
+        """Fewest steps (≥ 1) whose total duration reaches `elapsed`: the step in flight at
+        `elapsed` completes before anything new can join."""
+        a, b = self.first_step_s, self.ctx_growth_s
+        if b <= 0:
+            k = math.ceil(elapsed / a - 1e-12)
+        else:
+            k = math.ceil((-(a - b / 2) + math.sqrt((a - b / 2) ** 2 + 2 * b * elapsed)) / b - 1e-12)
+        k = max(1, min(self.steps, k))
+        while k > 1 and self.duration(k - 1) >= elapsed:
+            k -= 1
+        while k < self.steps and self.duration(k) < elapsed:
+            k += 1
+        return k
+
+
+@dataclass(slots=True)
+class EngineCounters:
+    """Monotonic counters with vLLM's meanings (token counts, not request counts, for the cache)."""
+
+    prompt_tokens: int = 0
+    prompt_tokens_local_compute: int = 0
+    prompt_tokens_local_cache_hit: int = 0
+    prompt_tokens_external: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    generation_tokens: int = 0
+    request_success: int = 0
+    num_preemptions: int = 0
+    steps: int = 0
+
+
+class Engine:
+    def __init__(self, profile: Profile, *, block_size: int | None = None, kv_capacity_tokens: int | None = None,
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+                 record_events: bool = False) -> None:
+        self.profile = profile
+        self.block_size = block_size or profile.block_size
+        capacity = kv_capacity_tokens or profile.kv_capacity_tokens
+        self.pool = BlockPool(max(1, capacity // self.block_size), record_events=record_events)
+        self.max_num_seqs = max_num_seqs or profile.max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens or profile.max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.counters = EngineCounters()
+
+    # -- requests ----------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.prompt_tokens <= 0:
+            raise ValueError("a request needs at least one prompt token")
+        if seq.max_tokens <= 0:
+            raise ValueError("max_tokens must be positive")
+        if self._blocks_for(seq.prompt_tokens + 1) > self.pool.num_blocks:
+            raise ValueError(f"prompt of {seq.prompt_tokens} tokens exceeds the KV cache "
+                             f"({self.pool.num_blocks * self.block_size} tokens)")
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request wherever it is (client went away); frees its blocks."""
+        if seq.finished:
+            return
+        if seq.phase == Phase.RUNNING:
+            self.running.remove(seq)
+            self.pool.release(seq.blocks)
+            seq.blocks = []
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.phase = Phase.ABORTED
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def kv_usage(self) -> float:
+        return self.pool.usage()
+
+    # -- scheduling --------------------------------------------------------------------------
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _grow(self, seq: Sequence, tokens_with_kv: int) -> bool:
+        need = self._blocks_for(tokens_with_kv) - len(seq.blocks)
+        if need <= 0:
+            return True
+        if need > self.pool.num_available:
+            return False
+        seq.blocks.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.release(seq.blocks)
+        seq.blocks = []
+        seq.computed = 0
+        seq.num_hashed = 0
+        seq.phase = Phase.WAITING
+        seq.preemptions += 1
+        self.counters.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Try to start a waiting request; returns the tokens it will compute (0: not now)."""
+        pool = self.pool
+        hits: list[int] = []
+        if seq.computed == 0:
+            limit = min(len(seq.block_hashes), (seq.num_tokens - 1) // self.block_size)
+            hits = pool.match_prefix(seq.block_hashes, limit)
+        computed = len(hits) * self.block_size
+        external = 0
+        if not seq.admitted and seq.external_tokens:
+            external = max(0, min(seq.external_tokens, seq.num_tokens - 1) - computed)
+        start = computed + external
+        n = min(seq.num_tokens - start, budget)
+        need = self._blocks_for(start + n) - len(hits)
+        if need > pool.num_available - pool.evictable_among(hits):
+            return 0
+        pool.touch(hits)
+        seq.blocks = hits + pool.allocate(need)
+        seq.num_hashed = len(hits)
+        seq.computed = start
+        c = self.counters
+        if not seq.admitted:
+            seq.admitted = True
+            seq.cached_tokens = computed
+            c.prompt_tokens += seq.prompt_tokens
+            c.prompt_tokens_local_cache_hit += computed
+            c.prompt_tokens_external += external
+            c.prompt_tokens_local_compute += seq.prompt_tokens - computed - external
+        c.prefix_cache_queries += seq.prompt_tokens
+        c.prefix_cache_hits += computed
+        seq.phase = Phase.RUNNING
+        return n
+
+    def schedule(self, now: float = 0.0, max_steps: int = 1) -> StepPlan | None:
+        """Pick the next step's work and allocate its blocks. `max_steps` > 1 lets a pure decode
+        step cover that many identical steps (virtual time)."""
+        budget = self.max_num_batched_tokens
+        items: list[tuple[Sequence, int]] = []
+        preempted = False
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = min(seq.num_tokens - seq.computed, budget)
+            while not self._grow(seq, seq.computed + n):
+                victim = running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                items.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            break  # `seq` itself was preempted
+        all_running_scheduled = len(items) == len(running)
+        admitted_blocked = False
+        if not preempted:
+            while self.waiting and budget > 0 and len(running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                n = self._admit(seq, budget)
+                if n == 0:
+                    admitted_blocked = True
+                    break
+                self.waiting.popleft()
+                if seq.first_scheduled is None:
+                    seq.first_scheduled = now
+                running.append(seq)
+                items.append((seq, n))
+                budget -= n
+        if not items:
+            return None
+        plan = self._timing(items)
+        plan.start = now
+        if max_steps > 1 and not preempted and all_running_scheduled:
+            nobody_admissible = not self.waiting or admitted_blocked or len(running) >= self.max_num_seqs
+            if nobody_admissible and all(n == 1 and s.output > 0 for s, n in items):
+                self._extend(plan, max_steps)
+        return plan
+
+    def _timing(self, items: list[tuple[Sequence, int]]) -> StepPlan:
+        p = self.profile
+        prefill_tokens = 0
+        attn_pairs = 0.0
+        decodes = 0
+        decode_ctx = 0
+        for seq, n in items:
+            if n == 1 and seq.output > 0:
+                decodes += 1
+                decode_ctx += seq.computed
+            else:
+                prefill_tokens += n
+                attn_pairs += n * (seq.computed + n / 2)
+        first = (p.step_s + p.prefill_token_s * prefill_tokens + p.attn_pair_s * attn_pairs
+                 + p.decode_seq_s * decodes + p.decode_ctx_s * decode_ctx)
+        return StepPlan(items, 1, first, p.decode_ctx_s * decodes)
+
+    def _extend(self, plan: StepPlan, max_steps: int) -> None:
+        k = min(max_steps, min(s.max_tokens - s.output for s, _ in plan.items))
+        while k > 1:
+            need = sum(max(0, self._blocks_for(s.computed + k) - len(s.blocks)) for s, _ in plan.items)
+            if need <= self.pool.num_available:
+                break
+            k //= 2
+        if k <= 1:
+            return
+        for seq, _ in plan.items:
+            self._grow(seq, seq.computed + k)
+        plan.steps = k
+
+    def truncate(self, plan: StepPlan, now: float) -> None:
+        """Cut a multi-step plan at the step in flight at `now` (an arrival joins after it)."""
+        if plan.steps > 1:
+            plan.steps = plan.steps_done_by(now - plan.start)
+
+    # -- progress ----------------------------------------------------------------------------
+    def commit(self, plan: StepPlan, now: float) -> list[Sequence]:
+        """Apply a planned step (or `plan.steps` of them) ending at `now`; returns the sequences
+        that sampled tokens. Finished ones have `phase == FINISHED` and their blocks freed."""
+        k = plan.steps
+        bs = self.block_size
+        pool = self.pool
+        c = self.counters
+        c.steps += k
+        emitted: list[Sequence] = []
+        finished = False
+        for seq, n in plan.items:
+            if seq.phase != Phase.RUNNING:  # aborted while the step ran
+                continue
+            if k == 1:
+                seq.computed += n
+                sampled = 1 if seq.computed == seq.num_tokens else 0
+            else:  # k identical decode steps: each computes one token's KV and samples the next
+                seq.computed += k
+                sampled = k
+            # Register newly completed full prompt blocks in the prefix cache.
+            full = min(seq.computed, seq.prompt_tokens) // bs
+            if full > seq.num_hashed:
+                hashes, blocks = seq.block_hashes, seq.blocks
+                for j in range(seq.num_hashed, min(full, len(hashes))):
+                    pool.register(blocks[j], hashes[j])
+                seq.num_hashed = full
+            if not sampled:
+                continue
+            seq.output += sampled
+            c.generation_tokens += sampled
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            emitted.append(seq)
+            if seq.output >= seq.max_tokens:
+                seq.phase = Phase.FINISHED
+                seq.finish_time = now
+                pool.release(seq.blocks)
+                seq.blocks = []
+                c.request_success += 1
+                finished = True
+            elif k > 1:
+                extra = len(seq.blocks) - self._blocks_for(seq.computed)
+                if extra > 0:  # truncated plan: hand back blocks reserved for later steps
+                    pool.release(seq.blocks[-extra:])
+                    del seq.blocks[-extra:]
+        if finished:
+            self.running = [s for s in self.running if s.phase == Phase.RUNNING]
+        return emitted

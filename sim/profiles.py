@@ -1,0 +1,86 @@
+"""Hardware × model profiles: the numbers behind the simulator's step times and KV capacity.
+
+A step's duration is additive over the work it does (vLLM runs prefill chunks and decodes of
+one step as one forward pass):
+
+    t = step_s                                   fixed cost: weights read, launch, sampling
+      + prefill_token_s × new prompt tokens      linear layers, compute-bound
+      + attn_pair_s × Σ new × (context + new/2)  causal attention over the context
+      + decode_seq_s × decoding sequences        per-sequence overheads
+      + decode_ctx_s × Σ decoding context        reading each decoding sequence's KV
+
+Sources are stated per profile. "roofline" means derived from the GPU's datasheet peak (bf16
+FLOP/s, HBM bandwidth) and the model's shape at a stated efficiency, then sanity-checked against
+commonly reported vLLM figures; "measured" means fitted from our own runs of real vLLM
+(`kvpilot sim calibrate`, the real-vLLM issue). No profile here is measured on a GPU yet.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    model: str
+    hardware: str
+    source: str = Field(description="where the numbers come from")
+    kv_bytes_per_token: int = Field(gt=0, description="2 × layers × kv_heads × head_dim × dtype bytes")
+    kv_capacity_tokens: int = Field(gt=0, description="KV cache size at gpu_memory_utilization 0.9")
+    block_size: int = Field(16, gt=0)
+    max_num_seqs: int = Field(256, gt=0)
+    max_num_batched_tokens: int = Field(8192, gt=0)
+    step_s: float = Field(gt=0)
+    prefill_token_s: float = Field(ge=0)
+    attn_pair_s: float = Field(ge=0)
+    decode_seq_s: float = Field(ge=0)
+    decode_ctx_s: float = Field(ge=0)
+
+
+def _kv_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+# H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s. A100 SXM 80GB: 312 TFLOP/s, 2.0 TB/s.
+# Efficiency assumed: linear layers ~55% of peak in prefill, attention ~35%, HBM ~75% in decode.
+PROFILES: dict[str, Profile] = {p.name: p for p in (
+    Profile(
+        name="h100-llama3-8b", model="meta-llama/Llama-3.1-8B-Instruct", hardware="1x H100 SXM 80GB",
+        source="roofline: 16 GFLOP/token at 55% of 989 TF → 30 µs/token (≈ 25-33k prompt tok/s, in line "
+               "with reported vLLM prefill rates); 16 GB of weights at 75% of 3.35 TB/s → 6.4 ms decode step; "
+               "KV 128 KiB/token read at 75% BW; (80 GB × 0.9 − 16 GB weights − 4 GB activations) / 128 KiB",
+        kv_bytes_per_token=_kv_bytes(32, 8, 128), kv_capacity_tokens=400_000,
+        step_s=6.5e-3, prefill_token_s=30e-6, attn_pair_s=1.5e-9, decode_seq_s=40e-6, decode_ctx_s=52e-9,
+    ),
+    Profile(
+        name="a100-llama3-8b", model="meta-llama/Llama-3.1-8B-Instruct", hardware="1x A100 SXM 80GB",
+        source="roofline: 16 GFLOP/token at 55% of 312 TF → 93 µs/token; 16 GB at 75% of 2.0 TB/s → 10.7 ms "
+               "decode step; KV read at 75% BW; same capacity arithmetic as H100",
+        kv_bytes_per_token=_kv_bytes(32, 8, 128), kv_capacity_tokens=400_000,
+        step_s=10.7e-3, prefill_token_s=93e-6, attn_pair_s=4.8e-9, decode_seq_s=60e-6, decode_ctx_s=87e-9,
+    ),
+    Profile(
+        name="h100-qwen2.5-7b", model="Qwen/Qwen2.5-7B-Instruct", hardware="1x H100 SXM 80GB",
+        source="roofline: 15.2 GFLOP/token → 28 µs/token; 15.2 GB weights → 6.1 ms decode step; KV 56 KiB/token "
+               "(28 layers, 4 KV heads × 128); (72 − 15.2 − 4) GB / 56 KiB",
+        kv_bytes_per_token=_kv_bytes(28, 4, 128), kv_capacity_tokens=940_000,
+        step_s=6.1e-3, prefill_token_s=28e-6, attn_pair_s=1.2e-9, decode_seq_s=40e-6, decode_ctx_s=23e-9,
+    ),
+    Profile(
+        name="h100-qwen2.5-0.5b", model="Qwen/Qwen2.5-0.5B-Instruct", hardware="1x H100 SXM 80GB",
+        source="roofline, launch-bound: 1 GFLOP/token → 2 µs/token; 1 GB of weights is read in < 1 ms, so the "
+               "step is dominated by kernel launches (~2.5 ms without CUDA graphs); KV 12 KiB/token "
+               "(24 layers, 2 KV heads × 64). Capacity capped at 200k tokens to keep tests small",
+        kv_bytes_per_token=_kv_bytes(24, 2, 64), kv_capacity_tokens=200_000,
+        step_s=2.5e-3, prefill_token_s=2e-6, attn_pair_s=0.1e-9, decode_seq_s=10e-6, decode_ctx_s=5e-9,
+    ),
+)}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
