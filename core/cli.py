@@ -11,7 +11,10 @@ from kvpilot import __version__
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpilot", description="Kubernetes-native control plane for LLM serving.")
     parser.add_argument("--version", action="version", version=f"kvpilot {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from kvpilot.sim.cli import register as register_sim
+
+    register_sim(sub)
     return parser
 
 

@@ -10,13 +10,13 @@ on the parent block's hash (like vLLM's prefix-cache hashes), with no per-token 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 BYTES_PER_TOKEN = 4
 ROOT_HASH = 0x6B7670696C6F74  # "kvpilot": the parent of every first block
-_MASK64 = (1 << 64) - 1
 
 
 def token_count(text: str | bytes) -> int:
@@ -56,15 +56,37 @@ def block_hashes(text: str | bytes, block_size: int, max_blocks: int | None = No
     return out
 
 
-def ids_block_hashes(ids: Iterable[int]) -> list[int]:
-    """Chained hashes for prompts described by block ids (trace replay: Mooncake `hash_ids`),
-    so that equal id prefixes give equal hash prefixes without materialising any text."""
+def segment_block_hashes(segments: Sequence[int], segment_tokens: int, prompt_tokens: int,
+                         block_size: int) -> list[int]:
+    """Chained block hashes for a prompt described by segment ids instead of text (trace replay:
+    each Mooncake `hash_id` is a 512-token segment). Equal segment prefixes give equal hash
+    prefixes. Uses Python's tuple hash, which is deterministic for ints, because virtual-time
+    runs hash millions of blocks; the real-time path hashes text with `block_hashes` instead.
+    One of `block_size` and `segment_tokens` must divide the other."""
+    n = prompt_tokens // block_size
     out: list[int] = []
-    parent = ROOT_HASH
-    for block_id in ids:
-        parent = chain_hash(parent, (block_id & _MASK64).to_bytes(8, "little"))
-        out.append(parent)
+    h = ROOT_HASH
+    if block_size <= segment_tokens:
+        if segment_tokens % block_size:
+            raise ValueError(f"block size {block_size} does not divide segment size {segment_tokens}")
+        per = segment_tokens // block_size
+        for j in range(min(n, len(segments) * per)):
+            h = hash((h, segments[j // per], j % per))
+            out.append(h)
+    else:
+        if block_size % segment_tokens:
+            raise ValueError(f"segment size {segment_tokens} does not divide block size {block_size}")
+        per = block_size // segment_tokens
+        for j in range(min(n, len(segments) // per)):
+            h = hash((h, *segments[j * per : (j + 1) * per]))
+            out.append(h)
     return out
+
+
+def segments_text(segments: Sequence[int], segment_tokens: int, prompt_tokens: int) -> str:
+    """The prompt text for a segment-described prompt, exactly `prompt_tokens` tokens long."""
+    text = "".join(block_text(s, segment_tokens) for s in segments)
+    return text[: prompt_tokens * BYTES_PER_TOKEN]
 
 
 _WORDS = ("the", "of", "and", "to", "in", "model", "cache", "token", "block", "serve", "route", "queue",
@@ -72,6 +94,7 @@ _WORDS = ("the", "of", "and", "to", "in", "model", "cache", "token", "block", "s
           "memory", "tensor", "layer", "vector", "score", "event", "stream", "scale", "pool", "node", "gpu")
 
 
+@functools.lru_cache(maxsize=8192)
 def block_text(block_id: int, tokens: int = 512) -> str:
     """A deterministic ASCII text of exactly `tokens` tokens for a trace block id: equal ids give
     equal text, so shared ids become shared prompt prefixes at the router and in the engine."""

@@ -14,6 +14,7 @@ import pytest
 from kvpilot.testing.k8s import ControlPlane
 from kvpilot.testing.prometheus import PrometheusServer
 from kvpilot.testing.redis import RedisServer
+from kvpilot.testing.sim import SimWorker
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +59,20 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[..., PrometheusServe
     finally:
         for server in started:
             server.stop()
+
+
+@pytest.fixture
+def sim_worker_factory(tmp_path: Path) -> Iterator[Callable[..., SimWorker]]:
+    """Call with `kvpilot sim serve` flags to start a worker process; all are stopped after the test."""
+    started: list[SimWorker] = []
+
+    def start(*args: str, **kwargs: object) -> SimWorker:
+        worker = SimWorker(*args, workdir=tmp_path, **kwargs)  # type: ignore[arg-type]
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop()

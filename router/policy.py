@@ -1,0 +1,42 @@
+"""The routing policy interface, shared by the live proxy and the virtual-time cluster.
+
+A policy is pure and deterministic given its inputs and seed: a request view and the load of
+each instance go in, a decision (which instance, and why) comes out. The proxy and the
+simulator keep `InstanceLoad` up to date from what they dispatch and what finishes, so the
+same policy object routes real traffic and simulated traffic alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class RequestView:
+    request_id: str
+    prompt_tokens: int
+    block_hashes: list[int]  # chained hashes of the prompt's full blocks at the engines' block size
+    arrival: float = 0.0
+
+
+@dataclass(slots=True)
+class InstanceLoad:
+    """What the router knows about one instance without asking it."""
+
+    name: str
+    in_flight: int = 0                # dispatched and not finished
+    pending_prefill_tokens: int = 0   # prompt tokens dispatched whose first token has not come back
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    index: int      # position in the instance list the policy was given
+    reason: str     # e.g. "round-robin", "affinity", "slo-fallback"
+
+
+class Policy(Protocol):
+    name: str
+
+    def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision: ...

@@ -1,0 +1,84 @@
+"""`kvpilot sim serve` and `kvpilot sim cluster`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kvpilot.sim.profiles import PROFILES, get_profile
+
+
+def register(sub: Any) -> None:
+    sim = sub.add_parser("sim", help="the vLLM-compatible GPU simulator")
+    simsub = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=True)
+
+    serve = simsub.add_parser("serve", help="a simulated vLLM worker with vLLM's HTTP API and metrics")
+    serve.add_argument("--profile", default="h100-llama3-8b", choices=sorted(PROFILES))
+    serve.add_argument("--model", default="sim-model", help="served model name")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--time-scale", type=float, default=1.0, help="run N× faster than the profile")
+    serve.add_argument("--role", choices=["both", "prefill", "decode"], default="both")
+    serve.add_argument("--block-size", type=int)
+    serve.add_argument("--kv-capacity-tokens", type=int)
+    serve.add_argument("--max-model-len", type=int, default=131072)
+    serve.add_argument("--error-rate", type=float, default=0.0, help="share of requests failed with 500")
+    serve.add_argument("--crash-after-tokens", type=int, help="exit after generating this many tokens")
+    serve.add_argument("--slow-start", type=float, default=0.0, help="seconds /health answers 503")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.set_defaults(handler=_serve)
+
+    cluster = simsub.add_parser("cluster", help="N engines in virtual time, fed by a trace or synthetic workload")
+    cluster.add_argument("--instances", type=int, default=8)
+    cluster.add_argument("--profile", default="h100-llama3-8b", choices=sorted(PROFILES))
+    cluster.add_argument("--block-size", type=int, help="KV block size (default: the profile's)")
+    cluster.add_argument("--policy", default="round-robin")
+    cluster.add_argument("--workload", choices=["mooncake", "azure-conv", "synthetic"], default="mooncake")
+    cluster.add_argument("--requests", type=int, default=2000, help="requests to take from the workload")
+    cluster.add_argument("--speedup", type=float, default=1.0, help="compress the trace's time (rate ×)")
+    cluster.add_argument("--rate", type=float, default=10.0, help="synthetic: requests per second")
+    cluster.add_argument("--slo-ttft", type=float, default=5.0, help="TTFT SLO in seconds")
+    cluster.add_argument("--slo-tpot", type=float, help="TPOT SLO in seconds (optional)")
+    cluster.add_argument("--seed", type=int, default=0)
+    cluster.add_argument("--json", type=Path, help="write the report (with per-request rows) here")
+    cluster.set_defaults(handler=_cluster)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kvpilot.sim.server import ServeConfig, serve
+
+    serve(ServeConfig(
+        profile=get_profile(args.profile), model=args.model, host=args.host, port=args.port,
+        time_scale=args.time_scale, role=args.role, block_size=args.block_size,
+        kv_capacity_tokens=args.kv_capacity_tokens, max_model_len=args.max_model_len, error_rate=args.error_rate,
+        crash_after_tokens=args.crash_after_tokens, slow_start_s=args.slow_start, seed=args.seed))
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from kvpilot.sim.cluster import Cluster, ClusterConfig
+    from kvpilot.sim.report import print_report
+    from kvpilot.sim.workload import SyntheticConfig, azure_conv, mooncake, synthetic
+
+    if args.workload == "mooncake":
+        specs = mooncake(speedup=args.speedup, limit=args.requests)
+    elif args.workload == "azure-conv":
+        specs = azure_conv(speedup=args.speedup, limit=args.requests)
+    else:
+        specs = synthetic(SyntheticConfig(requests=args.requests, rate=args.rate, seed=args.seed))
+    cfg = ClusterConfig(instances=args.instances, profile=args.profile, block_size=args.block_size,
+                        policy=args.policy, seed=args.seed, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot)
+    t0 = time.perf_counter()
+    report = Cluster(cfg).run(specs)
+    wall = time.perf_counter() - t0
+    print_report(report, wall)
+    if args.json:
+        doc: dict[str, Any] = report.to_json(with_requests=True)
+        doc["wall_s"] = wall
+        args.json.write_text(json.dumps(doc, indent=1))
+        print(f"report written to {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,222 @@
+"""The virtual-time cluster: N engines driven by a discrete-event loop, routed by a real policy.
+
+Events are engine step completions; arrivals are merged in time order. An engine whose current
+plan covers many identical decode steps is cut short when a request arrives for it, so the run
+equals stepping every engine one step at a time, only faster. The router's view of each
+instance (`InstanceLoad`) is updated exactly as the live proxy updates it: on dispatch, on the
+first token, on completion.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence as Seq
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kvpilot.router.policies import make_policy
+from kvpilot.router.policy import InstanceLoad, Policy, RequestView
+from kvpilot.sim.engine import Engine, Sequence, StepPlan
+from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.workload import RequestSpec
+
+MAX_DECODE_STEPS = 1 << 20  # a plan may cover this many decode steps
+
+
+@dataclass(slots=True)
+class ClusterConfig:
+    instances: int = 8
+    profile: str = "h100-llama3-8b"
+    block_size: int | None = None       # default: the profile's (16); larger is faster to simulate
+    policy: str = "round-robin"
+    seed: int = 0
+    slo_ttft_s: float = 5.0
+    slo_tpot_s: float | None = None
+
+
+@dataclass(slots=True)
+class RequestResult:
+    request_id: str
+    instance: int
+    reason: str
+    arrival: float
+    ttft: float
+    tpot: float | None
+    e2e: float
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    preemptions: int
+
+
+@dataclass(slots=True)
+class InstanceStats:
+    name: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    max_waiting: int = 0
+    busy_s: float = 0.0
+    kv_usage_s: float = 0.0             # ∫ KV usage dt, for the time-weighted mean
+    preemptions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass
+class ClusterReport:
+    config: ClusterConfig
+    results: list[RequestResult]
+    instances: list[InstanceStats]
+    makespan_s: float
+    events: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, with_requests: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "config": asdict(self.config), "summary": self.summary,
+            "instances": [{**asdict(s), "hit_rate": s.hit_rate,
+                           "mean_kv_usage": s.kv_usage_s / self.makespan_s if self.makespan_s else 0.0}
+                          for s in self.instances],
+        }
+        if with_requests:
+            out["requests"] = [asdict(r) for r in self.results]
+        return out
+
+
+def percentile(values: Seq[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of unsorted values; NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summarize(results: Seq[RequestResult], instances: Seq[InstanceStats], makespan: float,
+              slo_ttft_s: float, slo_tpot_s: float | None) -> dict[str, Any]:
+    ttfts = [r.ttft for r in results]
+    tpots = [r.tpot for r in results if r.tpot is not None]
+    ok = sum(1 for r in results if r.ttft <= slo_ttft_s and
+             (slo_tpot_s is None or r.tpot is None or r.tpot <= slo_tpot_s))
+    prompt = sum(r.prompt_tokens for r in results)
+    pending = [s.prompt_tokens - s.cached_tokens for s in instances]
+    mean_pending = sum(pending) / len(pending) if pending else 0.0
+    return {
+        "requests": len(results),
+        "slo_attainment": ok / len(results) if results else math.nan,
+        "ttft_p50_s": percentile(ttfts, 50), "ttft_p90_s": percentile(ttfts, 90), "ttft_p99_s": percentile(ttfts, 99),
+        "tpot_p50_s": percentile(tpots, 50), "tpot_p90_s": percentile(tpots, 90), "tpot_p99_s": percentile(tpots, 99),
+        "cache_hit_rate": sum(r.cached_tokens for r in results) / prompt if prompt else 0.0,
+        # Imbalance of computed prefill work across instances: max over mean.
+        "load_imbalance": max(pending) / mean_pending if mean_pending else math.nan,
+        "throughput_rps": len(results) / makespan if makespan else math.nan,
+        "output_tokens_per_s": sum(r.output_tokens for r in results) / makespan if makespan else math.nan,
+        "preemptions": sum(r.preemptions for r in results),
+        "makespan_s": makespan,
+    }
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig, policy: Policy | None = None) -> None:
+        if config.instances <= 0:
+            raise ValueError("a cluster needs at least one instance")
+        self.config = config
+        self.profile = get_profile(config.profile)
+        self.block_size = config.block_size or self.profile.block_size
+        self.policy = policy or make_policy(config.policy, seed=config.seed)
+        self.engines = [Engine(self.profile, block_size=self.block_size) for _ in range(config.instances)]
+        self.loads = [InstanceLoad(f"sim-{i}") for i in range(config.instances)]
+        self.stats = [InstanceStats(f"sim-{i}") for i in range(config.instances)]
+
+    def run(self, specs: Seq[RequestSpec]) -> ClusterReport:
+        engines, loads, stats, policy = self.engines, self.loads, self.stats, self.policy
+        n = len(engines)
+        plans: list[StepPlan | None] = [None] * n
+        ends = [0.0] * n
+        versions = [0] * n
+        heap: list[tuple[float, int, int, int]] = []   # (time, tiebreak, instance, version)
+        tiebreak = 0
+        meta: dict[Sequence, tuple[RequestSpec, int, str]] = {}
+        results: list[RequestResult] = []
+        events = 0
+        now = 0.0
+
+        def start_step(i: int, t: float) -> None:
+            nonlocal tiebreak
+            plan = engines[i].schedule(t, MAX_DECODE_STEPS)
+            plans[i] = plan
+            if plan is None:
+                return
+            ends[i] = t + plan.duration()
+            versions[i] += 1
+            tiebreak += 1
+            heapq.heappush(heap, (ends[i], tiebreak, i, versions[i]))
+
+        def finish_step(i: int, t: float) -> None:
+            plan = plans[i]
+            assert plan is not None
+            engine = engines[i]
+            st = stats[i]
+            dur = t - plan.start
+            st.busy_s += dur
+            st.kv_usage_s += engine.pool.usage() * dur
+            for seq in engine.commit(plan, t):
+                if seq.output == 1:  # first token: its prompt is no longer pending prefill
+                    loads[i].pending_prefill_tokens -= seq.prompt_tokens
+                if seq.finish_time is not None:
+                    spec, inst, reason = meta.pop(seq)
+                    loads[inst].in_flight -= 1
+                    ttft = (seq.first_token_time or t) - spec.arrival
+                    tpot = (t - seq.first_token_time) / (seq.output - 1) if seq.output > 1 and seq.first_token_time \
+                        is not None else None
+                    results.append(RequestResult(spec.request_id, inst, reason, spec.arrival, ttft, tpot,
+                                                 t - spec.arrival, seq.prompt_tokens, seq.output,
+                                                 seq.cached_tokens, seq.preemptions))
+                    st.requests += 1
+                    st.prompt_tokens += seq.prompt_tokens
+                    st.cached_tokens += seq.cached_tokens
+                    st.preemptions += seq.preemptions
+            start_step(i, t)
+
+        for spec in sorted(specs, key=lambda s: s.arrival):
+            arrival = spec.arrival
+            while heap and heap[0][0] <= arrival:
+                t, _, i, version = heapq.heappop(heap)
+                if version == versions[i]:
+                    events += 1
+                    finish_step(i, t)
+            now = max(now, arrival)
+            hashes = spec.block_hashes(self.block_size)
+            decision = policy.route(RequestView(spec.request_id, spec.prompt_tokens, hashes, arrival), loads)
+            i = decision.index
+            seq = Sequence(spec.request_id, arrival, spec.prompt_tokens, hashes, spec.max_tokens)
+            engines[i].add(seq)
+            meta[seq] = (spec, i, decision.reason)
+            loads[i].in_flight += 1
+            loads[i].pending_prefill_tokens += spec.prompt_tokens
+            st = stats[i]
+            st.max_waiting = max(st.max_waiting, engines[i].num_waiting)
+            plan = plans[i]
+            if plan is None:
+                start_step(i, arrival)
+            elif plan.steps > 1 and ends[i] > arrival:
+                # Cut a long decode run at the step in flight; the newcomer joins after it.
+                engines[i].truncate(plan, arrival)
+                ends[i] = plan.start + plan.duration()
+                versions[i] += 1
+                tiebreak += 1
+                heapq.heappush(heap, (ends[i], tiebreak, i, versions[i]))
+        while heap:
+            t, _, i, version = heapq.heappop(heap)
+            if version == versions[i]:
+                events += 1
+                now = t
+                finish_step(i, t)
+        makespan = now - (min(s.arrival for s in specs) if specs else 0.0)
+        report = ClusterReport(self.config, results, stats, makespan, events)
+        report.summary = summarize(results, stats, makespan, self.config.slo_ttft_s, self.config.slo_tpot_s)
+        return report

@@ -1,0 +1,354 @@
+"""`kvpilot sim serve`: the engine model behind vLLM's HTTP interface, in real time.
+
+One asyncio task runs the engine: schedule a step, sleep for its modelled duration (divided by
+`time_scale`), commit it, hand each sampled token to its request's stream. Requests join at the
+next step boundary, as in vLLM. Engine time is wall time × `time_scale`, and every latency
+this server reports (metrics, usage) is in engine time, so a 10× run reports what the GPU would.
+
+Generated text is deterministic: token i of a response is a word chosen by (prompt hash, i),
+so the same request gives the same output on any instance (what migration tests compare).
+Like vLLM with `ignore_eos`, every request generates exactly `max_tokens` tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvloop
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+
+from kvpilot.sim.engine import Engine, Phase, Sequence
+from kvpilot.sim.kv_connector import KVConnector, LocalKVConnector
+from kvpilot.sim.metrics import EngineCollector
+from kvpilot.sim.profiles import Profile
+from kvpilot.tokens import block_hashes, chain_hash, render_chat, token_count
+
+_WORDS = ("alpha", "beta", "gamma", "delta", "cache", "token", "route", "block", "prefix", "decode", "serve", "queue",
+          "model", "layer", "batch", "scale", "pool", "node", "kernel", "tensor", "stream", "event", "score", "vector")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    profile: Profile
+    model: str = "sim-model"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    time_scale: float = 1.0
+    role: str = "both"                      # both | prefill | decode (P/D disaggregation)
+    block_size: int | None = None
+    kv_capacity_tokens: int | None = None
+    max_model_len: int = 131072
+    engine_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Fault knobs for tests of retries, breakers and failure handling.
+    error_rate: float = 0.0                 # share of requests answered 500 before any work
+    crash_after_tokens: int | None = None   # the process exits after generating this many tokens
+    slow_start_s: float = 0.0               # /health answers 503 until then
+    seed: int = 0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code or self.status}}
+        return web.json_response(body, status=self.status)
+
+
+@dataclass(slots=True, eq=False)
+class Stream:
+    """A request's view of the engine: tokens arrive on `queue` (counts; None = finished)."""
+
+    seq: Sequence
+    seed: int
+    queue: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
+    arrival_wall: float = field(default_factory=time.monotonic)
+    last_token_engine_t: float | None = None
+
+
+class SimServer:
+    def __init__(self, cfg: ServeConfig, connector: KVConnector | None = None) -> None:
+        self.cfg = cfg
+        self.engine = Engine(cfg.profile, block_size=cfg.block_size, kv_capacity_tokens=cfg.kv_capacity_tokens)
+        self.block_size = self.engine.block_size
+        self.connector = connector or LocalKVConnector(cfg.engine_id, cfg.host, cfg.port,
+                                                       cfg.profile.kv_bytes_per_token)
+        self.streams: dict[Sequence, Stream] = {}
+        self.rng = random.Random(cfg.seed)
+        self.started = time.monotonic()
+        self._t0 = time.monotonic()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._tokens_generated = 0
+        self.registry = CollectorRegistry()
+        labels = {"model_name": cfg.model, "engine": "0"}
+        self.registry.register(EngineCollector(self.engine, labels))
+        names = ["model_name", "engine"]
+        buckets = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+        self.h_ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", names,
+                                registry=self.registry, buckets=buckets).labels(**labels)
+        self.h_itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency.", names,
+                               registry=self.registry, buckets=buckets).labels(**labels)
+        self.h_e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", names,
+                               registry=self.registry, buckets=buckets).labels(**labels)
+        self.h_queue = Histogram("vllm:request_queue_time_seconds", "Time spent waiting.", names,
+                                 registry=self.registry, buckets=buckets).labels(**labels)
+
+    # -- clock and engine loop -------------------------------------------------------------
+    def now(self) -> float:
+        """Engine time: wall time since start × time_scale."""
+        return (time.monotonic() - self._t0) * self.cfg.time_scale
+
+    async def _run_engine(self) -> None:
+        engine, scale = self.engine, self.cfg.time_scale
+        while True:
+            if not engine.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            start = self.now()
+            plan = engine.schedule(start)
+            if plan is None:  # nothing runnable (cannot happen with admission checks); avoid spinning
+                await asyncio.sleep(0.001)
+                continue
+            await asyncio.sleep(max(0.0, start + plan.duration() - self.now()) / scale)
+            end = self.now()
+            for seq in engine.commit(plan, end):
+                self._deliver(seq, end)
+
+    def _deliver(self, seq: Sequence, t: float) -> None:
+        stream = self.streams.get(seq)
+        if stream is None:
+            return
+        if seq.output == 1:
+            self.h_ttft.observe(t - seq.arrival)
+            if seq.first_scheduled is not None:
+                self.h_queue.observe(seq.first_scheduled - seq.arrival)
+        elif stream.last_token_engine_t is not None:
+            self.h_itl.observe(t - stream.last_token_engine_t)
+        stream.last_token_engine_t = t
+        stream.queue.put_nowait(1)
+        if seq.phase == Phase.FINISHED:
+            self.h_e2e.observe(t - seq.arrival)
+            stream.queue.put_nowait(None)
+        self._tokens_generated += 1
+        crash = self.cfg.crash_after_tokens
+        if crash is not None and self._tokens_generated >= crash:
+            os._exit(17)  # a fault knob: die like a crashed GPU worker, mid-stream
+
+    # -- request handling ------------------------------------------------------------------
+    async def _parse(self, request: web.Request) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.cfg.model:
+            raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model", "model_not_found")
+        return body
+
+    def _max_tokens(self, body: dict[str, Any], default: int, prompt_tokens: int) -> int:
+        value = body.get("max_completion_tokens", body.get("max_tokens"))
+        if value is None:
+            value = default
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
+        if prompt_tokens + value > self.cfg.max_model_len:
+            raise ApiError(400, f"This model's maximum context length is {self.cfg.max_model_len} tokens. "
+                                f"However, you requested {prompt_tokens + value} tokens "
+                                f"({prompt_tokens} in the messages, {value} in the completion).",
+                           param="max_tokens")
+        return value
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._parse(request)
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise ApiError(400, "prompt must be a non-empty string", param="prompt")
+            return await self._generate(request, body, prompt, chat=False)
+        except ApiError as e:
+            return e.response()
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._parse(request)
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise ApiError(400, "messages must be a non-empty list of message objects", param="messages")
+            return await self._generate(request, body, render_chat(messages), chat=True)
+        except ApiError as e:
+            return e.response()
+
+    async def _generate(self, request: web.Request, body: dict[str, Any], prompt: str,
+                        chat: bool) -> web.StreamResponse:
+        cfg = self.cfg
+        prompt_tokens = token_count(prompt)
+        max_tokens = self._max_tokens(body, 256 if chat else 16, prompt_tokens)
+        kv_params = body.get("kv_transfer_params") or {}
+        if not isinstance(kv_params, dict):
+            raise ApiError(400, "kv_transfer_params must be an object", param="kv_transfer_params")
+        if cfg.error_rate and self.rng.random() < cfg.error_rate:
+            raise ApiError(500, "injected failure (--error-rate)", "InternalServerError")
+        external = 0
+        if kv_params.get("do_remote_prefill"):
+            imported = await self.connector.import_kv(kv_params, prompt_tokens)
+            await asyncio.sleep(imported.transfer_s / cfg.time_scale)
+            external = imported.tokens
+        hashes = block_hashes(prompt, self.block_size)
+        seq = Sequence(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", self.now(), prompt_tokens, hashes,
+                       max_tokens, external_tokens=external)
+        try:
+            self.engine.add(seq)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="prompt") from None
+        stream = Stream(seq, hashes[0] if hashes else chain_hash(0, prompt.encode()))
+        self.streams[seq] = stream
+        self._wake.set()
+        try:
+            if body.get("stream"):
+                return await self._stream(request, body, stream, chat, kv_params)
+            return await self._collect(body, stream, chat, kv_params)
+        finally:
+            self.streams.pop(seq, None)
+            if not seq.finished:  # client went away or the handler failed: free the engine's work
+                self.engine.abort(seq)
+
+    def _text(self, stream: Stream, start: int, count: int) -> str:
+        return "".join(" " + _WORDS[(stream.seed + i) % len(_WORDS)] for i in range(start, start + count))
+
+    def _usage(self, seq: Sequence) -> dict[str, Any]:
+        return {"prompt_tokens": seq.prompt_tokens, "completion_tokens": seq.output,
+                "total_tokens": seq.prompt_tokens + seq.output,
+                "prompt_tokens_details": {"cached_tokens": seq.cached_tokens}}
+
+    def _kv_out(self, seq: Sequence, kv_params: dict[str, Any]) -> dict[str, Any] | None:
+        if kv_params.get("do_remote_decode"):
+            return self.connector.export(seq.request_id, seq.prompt_tokens, seq.block_hashes)
+        return None
+
+    async def _collect(self, body: dict[str, Any], stream: Stream, chat: bool,
+                       kv_params: dict[str, Any]) -> web.Response:
+        while await stream.queue.get() is not None:
+            pass
+        seq = stream.seq
+        text = self._text(stream, 0, seq.output)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        out: dict[str, Any] = {"id": seq.request_id, "object": "chat.completion" if chat else "text_completion",
+                               "created": int(time.time()), "model": self.cfg.model, "choices": [choice],
+                               "usage": self._usage(seq)}
+        kv_out = self._kv_out(seq, kv_params)
+        if kv_out is not None:
+            out["kv_transfer_params"] = kv_out
+        return web.json_response(out)
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], stream: Stream, chat: bool,
+                      kv_params: dict[str, Any]) -> web.StreamResponse:
+        seq = stream.seq
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        created = int(time.time())
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        sent = 0
+
+        def chunk(choice: dict[str, Any], **extra: Any) -> bytes:
+            payload = {"id": seq.request_id, "object": obj, "created": created, "model": self.cfg.model,
+                       "choices": [choice], **extra}
+            return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+        if chat:
+            await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}))
+        done = False
+        while not done:
+            item = await stream.queue.get()
+            count = 0
+            while item is not None:
+                count += item
+                if stream.queue.empty():
+                    break
+                item = stream.queue.get_nowait()
+            done = item is None
+            if count:
+                text = self._text(stream, sent, count)
+                sent += count
+                finish = "length" if done else None
+                choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+                if chat:
+                    choice["delta"] = {"content": text}
+                else:
+                    choice["text"] = text
+                await resp.write(chunk(choice))
+        extra: dict[str, Any] = {}
+        kv_out = self._kv_out(seq, kv_params)
+        if kv_out is not None:
+            extra["kv_transfer_params"] = kv_out
+        if include_usage or extra:
+            payload = {"id": seq.request_id, "object": obj, "created": created, "model": self.cfg.model,
+                       "choices": [], **({"usage": self._usage(seq)} if include_usage else {}), **extra}
+            await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    # -- other endpoints -------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{
+            "id": self.cfg.model, "object": "model", "created": int(self.started), "owned_by": "kvpilot-sim",
+            "root": self.cfg.model, "max_model_len": self.cfg.max_model_len}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if time.monotonic() - self.started < self.cfg.slow_start_s:
+            return web.Response(status=503, text="starting")
+        return web.Response(text="")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self._t0 = time.monotonic()
+        self._task = asyncio.create_task(self._run_engine())
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def serve(cfg: ServeConfig) -> None:
+    uvloop.install()
+    web.run_app(SimServer(cfg).app(), host=cfg.host, port=cfg.port, access_log=None, print=None)
