@@ -8,6 +8,8 @@
 #      failing tier fails the run, after the remaining tiers have run.
 # Extra arguments go to every pytest call, e.g. `make test ARGS="-x -k redis"`.
 set -euo pipefail
+# Python runs with -P throughout: the repo root holds a folder named `operator`, which would
+# shadow the standard library's module if the current directory were on sys.path.
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 say() { printf '\n==> %s\n' "$*"; }
@@ -32,7 +34,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 say "installing kvpilot[test] into $venv"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+"$venv/bin/python" -P -m pip install -q --disable-pip-version-check -e ".[test]"
 
 # -- 3. Kubernetes binaries (cached by version) -----------------------------------------
 say "Kubernetes test binaries"
@@ -48,7 +50,7 @@ failed=()
 for tier in unit integration e2e; do
   say "pytest -m $tier"
   set +e
-  "$venv/bin/python" -m pytest -m "$tier" "$@"
+  "$venv/bin/python" -P -m pytest -m "$tier" "$@"
   rc=$?
   set -e
   case $rc in

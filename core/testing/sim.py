@@ -17,7 +17,7 @@ class SimWorker:
         self.port = free_port(host)
         self.model = model
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="kvpilot-sim-"))
-        argv = [sys.executable, "-m", "kvpilot.cli", "sim", "serve", "--host", host, "--port", str(self.port),
+        argv = [sys.executable, "-P", "-m", "kvpilot.cli", "sim", "serve", "--host", host, "--port", str(self.port),
                 "--model", model, *args]
         self.proc = ManagedProcess(f"sim-{self.port}", argv, self.dir / f"sim-{self.port}.log")
         if wait:
