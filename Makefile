@@ -1,5 +1,9 @@
 # kvpilot developer entry points. `make test` is the one command CI runs.
-.PHONY: test lint k8s-harness clean
+.PHONY: demo test lint k8s-harness clean
+
+# The main job (until `kvpilot up` lands): the Mooncake trace on 8 simulated GPUs, in virtual time.
+demo:
+	bash scripts/demo.sh $(ARGS)
 
 test:
 	bash scripts/test.sh $(ARGS)

@@ -8,8 +8,7 @@
 #      failing tier fails the run, after the remaining tiers have run.
 # Extra arguments go to every pytest call, e.g. `make test ARGS="-x -k redis"`.
 set -euo pipefail
-# Python runs with -P throughout: the repo root holds a folder named `operator`, which would
-# shadow the standard library's module if the current directory were on sys.path.
+# Python runs with -P throughout: see scripts/bootstrap.sh.
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 say() { printf '\n==> %s\n' "$*"; }
@@ -29,12 +28,7 @@ fi
 
 # -- 2. Python environment --------------------------------------------------------------
 venv="${KVPILOT_VENV:-$root/.venv}"
-if [ ! -x "$venv/bin/python" ]; then
-  say "creating $venv"
-  python3 -m venv "$venv"
-fi
-say "installing kvpilot[test] into $venv"
-"$venv/bin/python" -P -m pip install -q --disable-pip-version-check -e ".[test]"
+KVPILOT_VENV="$venv" bash scripts/bootstrap.sh
 
 # -- 3. Kubernetes binaries (cached by version) -----------------------------------------
 say "Kubernetes test binaries"

@@ -1,0 +1,60 @@
+"""The virtual-time cluster and its workloads."""
+
+from __future__ import annotations
+
+from kvpilot.sim.cluster import Cluster, ClusterConfig
+from kvpilot.sim.workload import SyntheticConfig, azure_conv, mooncake, synthetic
+
+
+def test_mooncake_trace_keeps_prefix_structure() -> None:
+    specs = mooncake(limit=200)
+    assert len(specs) == 200 and specs[0].prompt_tokens == 6758
+    assert all(len(s.segments) == -(-s.prompt_tokens // 512) for s in specs)
+    # Every request starts with segment 0, so the first block hash is shared by all.
+    firsts = {s.block_hashes(16)[0] for s in specs}
+    assert len(firsts) == 1
+    fast = mooncake(limit=200, speedup=4.0)
+    assert fast[-1].arrival == specs[-1].arrival / 4
+
+
+def test_azure_trace_has_no_shared_prefixes() -> None:
+    specs = azure_conv(limit=300)
+    seen: set[int] = set()
+    for s in specs:
+        assert not seen & set(s.segments)
+        seen |= set(s.segments)
+    assert specs == sorted(specs, key=lambda s: s.arrival)
+
+
+def test_synthetic_is_seeded_and_multi_turn() -> None:
+    cfg = SyntheticConfig(requests=300, seed=5)
+    a, b = synthetic(cfg), synthetic(cfg)
+    assert [(s.request_id, s.arrival, s.prompt_tokens) for s in a] == [(s.request_id, s.arrival, s.prompt_tokens)
+                                                                       for s in b]
+    turns = [s for s in a if s.request_id.endswith("-1")]
+    assert turns, "some sessions have a second turn"
+    first = next(s for s in a if s.request_id == turns[0].request_id[:-2] + "-0")
+    assert turns[0].segments[: len(first.segments)] == first.segments  # the history is the prefix
+
+
+def test_cluster_serves_every_request_and_reports() -> None:
+    specs = synthetic(SyntheticConfig(requests=400, rate=20.0, seed=2))
+    report = Cluster(ClusterConfig(instances=4, slo_ttft_s=2.0)).run(specs)
+    assert sorted(r.request_id for r in report.results) == sorted(s.request_id for s in specs)
+    by_id = {s.request_id: s for s in specs}
+    for r in report.results:
+        assert r.output_tokens == by_id[r.request_id].max_tokens
+        assert 0 < r.ttft <= r.e2e
+    # Round-robin spreads requests evenly.
+    assert {s.requests for s in report.instances} == {100}
+    s = report.summary
+    assert 0.0 < s["slo_attainment"] <= 1.0 and s["ttft_p50_s"] <= s["ttft_p99_s"]
+    assert report.to_json()["instances"][0]["mean_kv_usage"] > 0
+
+
+def test_more_instances_lower_ttft_under_load() -> None:
+    specs = mooncake(limit=600, speedup=8.0)
+    small = Cluster(ClusterConfig(instances=2)).run(specs).summary
+    large = Cluster(ClusterConfig(instances=8)).run(specs).summary
+    assert large["ttft_p90_s"] < small["ttft_p90_s"]
+    assert large["slo_attainment"] > small["slo_attainment"]
