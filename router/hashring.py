@@ -1,0 +1,124 @@
+"""Consistent-hash rings with virtual nodes, and DualMap's pair of independent rings.
+
+Members are pod names, not addresses, so a pod that restarts with a new IP keeps its keys, and
+adding one of N members moves only ~1/(N+1) of the keys (all of them to the newcomer). Two
+routers built from the same member set agree on every key with no shared state: positions
+depend only on names and the hash family.
+
+DualMap needs two candidates per key that fail independently, so its two rings use different
+hash families (BLAKE2b and SHA-256), not one family with two seeds.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+
+HashFn = Callable[[bytes], int]
+
+
+def blake2b_64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b"kvpilot-ring").digest(), "big")
+
+
+def sha256_64(data: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(b"kvpilot-ring:" + data).digest()[:8], "big")
+
+
+FAMILIES: dict[str, HashFn] = {"blake2b": blake2b_64, "sha256": sha256_64}
+
+
+class HashRing:
+    def __init__(self, members: Iterable[str] = (), *, vnodes: int = 128, family: str = "blake2b") -> None:
+        if vnodes <= 0:
+            raise ValueError("vnodes must be positive")
+        try:
+            self._hash = FAMILIES[family]
+        except KeyError:
+            raise ValueError(f"unknown hash family {family!r}; known: {', '.join(FAMILIES)}") from None
+        self.family = family
+        self.vnodes = vnodes
+        self._members: set[str] = set()
+        self._points: list[int] = []
+        self._owners: list[str] = []
+        for name in members:
+            self._members.add(name)
+        self._rebuild()
+
+    @property
+    def members(self) -> frozenset[str]:
+        return frozenset(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, name: str) -> None:
+        if name not in self._members:
+            self._members.add(name)
+            self._rebuild()
+
+    def remove(self, name: str) -> None:
+        if name in self._members:
+            self._members.discard(name)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        points = sorted((self._hash(f"{name}#{i}".encode()), name) for name in self._members
+                        for i in range(self.vnodes))
+        self._points = [p for p, _ in points]
+        self._owners = [o for _, o in points]
+
+    def position(self, key: int) -> int:
+        """Where a 64-bit affinity key lands on this ring (re-hashed with the ring's family)."""
+        return self._hash(key.to_bytes(8, "big", signed=False))
+
+    def lookup(self, key: int) -> str:
+        if not self._points:
+            raise LookupError("the ring has no members")
+        i = bisect.bisect_right(self._points, self.position(key))
+        return self._owners[i % len(self._owners)]
+
+    def walk(self, key: int) -> Iterator[str]:
+        """Distinct members clockwise from the key: the owner first, then its successors."""
+        if not self._points:
+            return
+        n = len(self._owners)
+        start = bisect.bisect_right(self._points, self.position(key))
+        seen: set[str] = set()
+        for j in range(n):
+            owner = self._owners[(start + j) % n]
+            if owner not in seen:
+                seen.add(owner)
+                yield owner
+                if len(seen) == len(self._members):
+                    return
+
+
+class DualRing:
+    """Two independent rings over one member set: a key's two candidates, always distinct
+    when there are at least two members."""
+
+    def __init__(self, members: Iterable[str] = (), *, vnodes: int = 128) -> None:
+        names = list(members)
+        self.first = HashRing(names, vnodes=vnodes, family="blake2b")
+        self.second = HashRing(names, vnodes=vnodes, family="sha256")
+
+    @property
+    def members(self) -> frozenset[str]:
+        return self.first.members
+
+    def add(self, name: str) -> None:
+        self.first.add(name)
+        self.second.add(name)
+
+    def remove(self, name: str) -> None:
+        self.first.remove(name)
+        self.second.remove(name)
+
+    def candidates(self, key: int) -> tuple[str, str]:
+        c1 = self.first.lookup(key)
+        for c2 in self.second.walk(key):
+            if c2 != c1:
+                return c1, c2
+        return c1, c1  # a single member: both candidates are it
