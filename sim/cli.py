@@ -22,7 +22,6 @@ def register(sub: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--time-scale", type=float, default=1.0, help="run N× faster than the profile")
-    serve.add_argument("--role", choices=["both", "prefill", "decode"], default="both")
     serve.add_argument("--block-size", type=int)
     serve.add_argument("--kv-capacity-tokens", type=int)
     serve.add_argument("--max-model-len", type=int, default=131072)
@@ -53,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(ServeConfig(
         profile=get_profile(args.profile), model=args.model, host=args.host, port=args.port,
-        time_scale=args.time_scale, role=args.role, block_size=args.block_size,
+        time_scale=args.time_scale, block_size=args.block_size,
         kv_capacity_tokens=args.kv_capacity_tokens, max_model_len=args.max_model_len, error_rate=args.error_rate,
         crash_after_tokens=args.crash_after_tokens, slow_start_s=args.slow_start, seed=args.seed))
     return 0

@@ -43,7 +43,6 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     time_scale: float = 1.0
-    role: str = "both"                      # both | prefill | decode (P/D disaggregation)
     block_size: int | None = None
     kv_capacity_tokens: int | None = None
     max_model_len: int = 131072

@@ -88,8 +88,9 @@ def test_metrics_parse_and_move_while_requests_run(sim_worker_factory: Factory) 
 
 
 def test_prefill_and_decode_workers_complete_a_request_together(sim_worker_factory: Factory) -> None:
-    prefill = sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--role", "prefill", "--time-scale", "5")
-    decode = sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--role", "decode", "--time-scale", "5")
+    # As with vLLM's kv_both connectors, any worker can take either side; the params decide.
+    prefill = sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--time-scale", "5")
+    decode = sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--time-scale", "5")
     prompt = block_text(11, 640)
     first = client(prefill).completions.create(
         model="sim-model", prompt=prompt, max_tokens=1, extra_body={"kv_transfer_params": {"do_remote_decode": True}})
