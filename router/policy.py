@@ -36,7 +36,36 @@ class Decision:
     reason: str     # e.g. "round-robin", "affinity", "slo-fallback"
 
 
+@dataclass(slots=True, frozen=True)
+class PolicyContext:
+    """What a policy may know about the deployment: one SLO drives routing thresholds."""
+
+    slo_ttft_s: float = 5.0
+    block_size: int = 16
+    kv_capacity_tokens: int = 400_000   # per instance, for cache-state estimates
+    seed: int = 0
+
+
 class Policy(Protocol):
     name: str
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision: ...
+
+    def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None: ...
+
+    def on_first_token(self, request_id: str, ttft_s: float) -> None: ...
+
+
+class BasePolicy:
+    """No-op feedback hooks for policies that only look at the current load."""
+
+    name = "base"
+
+    def __init__(self, context: PolicyContext | None = None) -> None:
+        self.context = context or PolicyContext()
+
+    def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
+        return None
+
+    def on_first_token(self, request_id: str, ttft_s: float) -> None:
+        return None

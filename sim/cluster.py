@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvpilot.router.policies import make_policy
-from kvpilot.router.policy import InstanceLoad, Policy, RequestView
+from kvpilot.router.policy import InstanceLoad, Policy, PolicyContext, RequestView
 from kvpilot.sim.engine import Engine, Sequence, StepPlan
 from kvpilot.sim.profiles import get_profile
 from kvpilot.sim.workload import RequestSpec
@@ -127,7 +127,9 @@ class Cluster:
         self.config = config
         self.profile = get_profile(config.profile)
         self.block_size = config.block_size or self.profile.block_size
-        self.policy = policy or make_policy(config.policy, seed=config.seed)
+        self.policy = policy or make_policy(config.policy, PolicyContext(
+            slo_ttft_s=config.slo_ttft_s, block_size=self.block_size,
+            kv_capacity_tokens=self.profile.kv_capacity_tokens, seed=config.seed))
         self.engines = [Engine(self.profile, block_size=self.block_size) for _ in range(config.instances)]
         self.loads = [InstanceLoad(f"sim-{i}") for i in range(config.instances)]
         self.stats = [InstanceStats(f"sim-{i}") for i in range(config.instances)]
@@ -167,6 +169,7 @@ class Cluster:
             for seq in engine.commit(plan, t):
                 if seq.output == 1:  # first token: its prompt is no longer pending prefill
                     loads[i].pending_prefill_tokens -= seq.prompt_tokens
+                    policy.on_first_token(seq.request_id, t - seq.arrival)
                 if seq.finish_time is not None:
                     spec, inst, reason = meta.pop(seq)
                     loads[inst].in_flight -= 1
@@ -191,8 +194,10 @@ class Cluster:
                     finish_step(i, t)
             now = max(now, arrival)
             hashes = spec.block_hashes(self.block_size)
-            decision = policy.route(RequestView(spec.request_id, spec.prompt_tokens, hashes, arrival), loads)
+            view = RequestView(spec.request_id, spec.prompt_tokens, hashes, arrival)
+            decision = policy.route(view, loads)
             i = decision.index
+            policy.on_dispatch(view, i, loads)
             seq = Sequence(spec.request_id, arrival, spec.prompt_tokens, hashes, spec.max_tokens)
             engines[i].add(seq)
             meta[seq] = (spec, i, decision.reason)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policies.round_robin import RoundRobin
-from kvpilot.router.policy import Policy
+from kvpilot.router.policy import Policy, PolicyContext
 
-POLICIES: dict[str, type[Policy]] = {RoundRobin.name: RoundRobin}
+POLICIES: dict[str, Callable[[PolicyContext], Policy]] = {RoundRobin.name: RoundRobin, DualMap.name: DualMap}
 
 
-def make_policy(name: str, seed: int = 0) -> Policy:
+def make_policy(name: str, context: PolicyContext | None = None) -> Policy:
     try:
-        cls = POLICIES[name]
+        factory = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
-    return cls(seed=seed)  # type: ignore[call-arg]
+    return factory(context or PolicyContext())

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvpilot.router.policy import Decision, InstanceLoad, RequestView
+from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
 
 
-class RoundRobin:
+class RoundRobin(BasePolicy):
     name = "round-robin"
 
-    def __init__(self, seed: int = 0) -> None:
-        self._next = seed
+    def __init__(self, context: PolicyContext | None = None) -> None:
+        super().__init__(context)
+        self._next = self.context.seed
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
         if not instances:

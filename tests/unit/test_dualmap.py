@@ -1,0 +1,64 @@
+"""DualMap's first cut: affinity under light load, the SLO switch, calibration."""
+
+from __future__ import annotations
+
+from kvpilot.router.policies import make_policy
+from kvpilot.router.policies.dualmap import DualMap
+from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
+from kvpilot.tokens import segment_block_hashes
+
+CTX = PolicyContext(slo_ttft_s=2.0, block_size=16, kv_capacity_tokens=100_000)
+INSTANCES = [InstanceLoad(f"pod-{i}") for i in range(8)]
+
+
+def request(rid: str, prefix: int, tokens: int = 2048) -> RequestView:
+    segments = [prefix, prefix + 1, 10_000 + hash(rid) % 10_000, 20_000 + hash(rid) % 10_000]
+    return RequestView(rid, tokens, segment_block_hashes(segments, 512, tokens, 16))
+
+
+def test_shared_prefixes_stick_to_one_instance_under_light_load() -> None:
+    policy = DualMap(CTX)
+    chosen = set()
+    for i in range(20):
+        req = request(f"r{i}", prefix=100)
+        d = policy.route(req, INSTANCES)
+        policy.on_dispatch(req, d.index, INSTANCES)
+        policy.on_first_token(req.request_id, 0.05)  # served at once: no backlog builds up
+        chosen.add(d.index)
+        assert d.reason == "affinity"
+    assert len(chosen) == 1
+    # Different prefixes spread over the ring.
+    spread = {policy.route(request(f"p{p}", prefix=1000 * p), INSTANCES).index for p in range(1, 40)}
+    assert len(spread) >= 6
+
+
+def test_slo_switch_flips_exactly_at_threshold() -> None:
+    policy = DualMap(CTX, theta=0.5, prefill_token_s=1e-4)
+    req = request("probe", prefix=7)
+    first = policy.route(req, INSTANCES)
+    policy.on_dispatch(req, first.index, INSTANCES)   # warms the shadow cache: this is now the affine one
+    name = INSTANCES[first.index].name
+    uncached = policy._uncached(name, req)
+    limit_tokens = round(0.5 * 2.0 / 1e-4)            # θ·SLO in tokens of backlog
+    policy._backlog[name] = limit_tokens - uncached   # predicted TTFT == θ·SLO: stay
+    assert policy.route(req, INSTANCES) == first
+    policy._backlog[name] += 1                        # just over: switch to the other candidate
+    switched = policy.route(req, INSTANCES)
+    assert switched.reason == "slo-fallback" and switched.index != first.index
+
+
+def test_first_token_calibrates_per_token_time_and_drains_backlog() -> None:
+    policy = DualMap(CTX, prefill_token_s=1e-5, ewma=1.0)
+    req = request("cal", prefix=3, tokens=4096)
+    d = policy.route(req, INSTANCES)
+    policy.on_dispatch(req, d.index, INSTANCES)
+    name = INSTANCES[d.index].name
+    assert policy._backlog[name] == 4096
+    policy.on_first_token("cal", 0.4096)
+    assert policy._backlog[name] == 0
+    assert abs(policy._token_s[name] - 1e-4) < 1e-12
+
+
+def test_registry_builds_dualmap_with_context() -> None:
+    policy = make_policy("dualmap", CTX)
+    assert isinstance(policy, DualMap) and policy.depth == 1024 // 16
