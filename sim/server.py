@@ -73,7 +73,6 @@ class Stream:
     seq: Sequence
     seed: int
     queue: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
-    arrival_wall: float = field(default_factory=time.monotonic)
     last_token_engine_t: float | None = None
 
 
