@@ -258,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
-        plane.cleanup() if args.dir is None else plane.stop()
+        if args.dir is None:
+            plane.cleanup()
+        else:
+            plane.stop()
     return 0
 
 

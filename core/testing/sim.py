@@ -7,6 +7,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import openai
+
 from kvpilot.testing.procs import ManagedProcess, free_port, wait_for
 
 
@@ -30,6 +32,10 @@ class SimWorker:
     def healthy(self) -> bool:
         with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
             return bool(resp.status == 200)
+
+    def openai_client(self) -> openai.OpenAI:
+        """The official client pointed at this worker, with retries off so tests see every failure."""
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as resp:

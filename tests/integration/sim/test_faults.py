@@ -17,14 +17,11 @@ from kvpilot.tokens import block_text
 Factory = Callable[..., SimWorker]
 
 
-def _client(worker: SimWorker) -> openai.OpenAI:
-    return openai.OpenAI(base_url=worker.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-
 
 def test_error_rate_fails_requests_with_500(sim_worker_factory: Factory) -> None:
     worker = sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--error-rate", "1.0")
     with pytest.raises(openai.InternalServerError) as err:
-        _client(worker).completions.create(model="sim-model", prompt="hello there", max_tokens=2)
+        worker.openai_client().completions.create(model="sim-model", prompt="hello there", max_tokens=2)
     assert "injected failure" in str(err.value)
 
 
@@ -48,7 +45,7 @@ def test_crash_after_tokens_kills_the_stream(sim_worker_factory: Factory) -> Non
     worker = sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--crash-after-tokens", "5")
     got = []
     with pytest.raises((openai.APIError, openai.APIConnectionError)):
-        for chunk in _client(worker).completions.create(model="sim-model", prompt=block_text(1, 64),
+        for chunk in worker.openai_client().completions.create(model="sim-model", prompt=block_text(1, 64),
                                                         max_tokens=50, stream=True):
             got.append(chunk.choices[0].text)
     assert len("".join(got).split()) < 50

@@ -55,7 +55,6 @@ def test_same_ttft_distribution_on_one_instance(sim_worker_factory: Callable[...
     r = list(r_ttft.values())
     for q in (50, 90):
         vq, rq = percentile(v, q), percentile(r, q)
-        print(f"p{q}: real-time {rq:.3f}s vs virtual {vq:.3f}s")
         assert abs(rq - vq) <= 0.15 * vq + 0.02, f"p{q}: real-time {rq:.3f}s vs virtual {vq:.3f}s"
     # Cache hits are identical: the same prefixes reach the same engine model.
     assert virtual.summary["cache_hit_rate"] > 0.2

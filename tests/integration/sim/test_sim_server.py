@@ -8,7 +8,6 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -17,9 +16,6 @@ from kvpilot.tokens import block_text
 
 Factory = Callable[..., SimWorker]
 
-
-def client(worker: SimWorker) -> openai.OpenAI:
-    return openai.OpenAI(base_url=worker.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 def metrics(worker: SimWorker) -> dict[str, float]:
@@ -34,7 +30,7 @@ def metrics(worker: SimWorker) -> dict[str, float]:
 
 def test_openai_client_streams_completions_and_chat(sim_worker_factory: Factory) -> None:
     worker = sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--time-scale", "5")
-    oa = client(worker)
+    oa = worker.openai_client()
     pieces = []
     usage = None
     for chunk in oa.completions.create(model="sim-model", prompt=block_text(1, 300), max_tokens=20, stream=True,
@@ -66,7 +62,7 @@ def test_metrics_parse_and_move_while_requests_run(sim_worker_factory: Factory) 
     worker = sim_worker_factory("--profile", "h100-llama3-8b", "--time-scale", "1")
     before = metrics(worker)
     assert before["vllm:num_requests_running"] == 0
-    oa = client(worker)
+    oa = worker.openai_client()
     stream = oa.completions.create(model="sim-model", prompt=block_text(7, 1024), max_tokens=200, stream=True)
     next(iter(stream))  # the request is now running
     during = metrics(worker)
@@ -92,11 +88,11 @@ def test_prefill_and_decode_workers_complete_a_request_together(sim_worker_facto
     prefill = sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--time-scale", "5")
     decode = sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--time-scale", "5")
     prompt = block_text(11, 640)
-    first = client(prefill).completions.create(
+    first = prefill.openai_client().completions.create(
         model="sim-model", prompt=prompt, max_tokens=1, extra_body={"kv_transfer_params": {"do_remote_decode": True}})
     params: dict[str, Any] = first.model_extra["kv_transfer_params"]  # type: ignore[index]
     assert params["do_remote_prefill"] is True and params["remote_block_ids"]
-    second = client(decode).completions.create(model="sim-model", prompt=prompt, max_tokens=12,
+    second = decode.openai_client().completions.create(model="sim-model", prompt=prompt, max_tokens=12,
                                                extra_body={"kv_transfer_params": params})
     assert len(second.choices[0].text.split()) == 12
     m = metrics(decode)
