@@ -28,6 +28,9 @@ class InstanceLoad:
     name: str
     in_flight: int = 0                # dispatched and not finished
     pending_prefill_tokens: int = 0   # prompt tokens dispatched whose first token has not come back
+    engine_running: int = 0           # scraped from vllm:num_requests_running (lags a scrape interval)
+    engine_waiting: int = 0           # scraped from vllm:num_requests_waiting
+    kv_usage: float = 0.0             # scraped from vllm:kv_cache_usage_perc
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,7 +56,8 @@ class Policy(Protocol):
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None: ...
 
-    def on_first_token(self, request_id: str, ttft_s: float) -> None: ...
+    def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
+        """`ttft_s` is None when the proxy could not observe it (non-streaming requests)."""
 
 
 class BasePolicy:
@@ -67,5 +71,5 @@ class BasePolicy:
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         return None
 
-    def on_first_token(self, request_id: str, ttft_s: float) -> None:
+    def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
         return None

@@ -278,9 +278,8 @@ class SimServer:
                        "choices": [choice], **extra}
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
-        if chat:
-            await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None}))
+        # Like vLLM, the role chunk goes out with the first token, so the first body byte marks TTFT.
+        role_pending = chat
         done = False
         while not done:
             item = await stream.queue.get()
@@ -291,6 +290,10 @@ class SimServer:
                     break
                 item = stream.queue.get_nowait()
             done = item is None
+            if role_pending:
+                await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}))
+                role_pending = False
             if count:
                 text = self._text(stream, sent, count)
                 sent += count

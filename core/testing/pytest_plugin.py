@@ -14,6 +14,7 @@ import pytest
 from kvpilot.testing.k8s import ControlPlane
 from kvpilot.testing.prometheus import PrometheusServer
 from kvpilot.testing.redis import RedisServer
+from kvpilot.testing.router import RouterProcess
 from kvpilot.testing.sim import SimWorker
 
 
@@ -76,3 +77,20 @@ def sim_worker_factory(tmp_path: Path) -> Iterator[Callable[..., SimWorker]]:
     finally:
         for worker in started:
             worker.stop()
+
+
+@pytest.fixture
+def router_factory(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
+    """Call with the router's `models` list (and settings) to start `kvpilot router`."""
+    started: list[RouterProcess] = []
+
+    def start(models: list[dict[str, object]], **settings: object) -> RouterProcess:
+        router = RouterProcess(models, workdir=tmp_path, **settings)
+        started.append(router)
+        return router
+
+    try:
+        yield start
+    finally:
+        for router in started:
+            router.stop()

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvpilot.router.policies.dualmap import DualMap
+from kvpilot.router.policies.least_loaded import LeastLoaded
 from kvpilot.router.policies.round_robin import RoundRobin
 from kvpilot.router.policy import Policy, PolicyContext
 
-POLICIES: dict[str, Callable[[PolicyContext], Policy]] = {RoundRobin.name: RoundRobin, DualMap.name: DualMap}
+POLICIES: dict[str, Callable[[PolicyContext], Policy]] = {
+    RoundRobin.name: RoundRobin, LeastLoaded.name: LeastLoaded, DualMap.name: DualMap,
+}
 
 
 def make_policy(name: str, context: PolicyContext | None = None) -> Policy:

@@ -121,13 +121,15 @@ class DualMap(BasePolicy):
         self._inflight[request.request_id] = (name, uncached, backlog + uncached)
         self._caches[name].insert(request.block_hashes)
 
-    def on_first_token(self, request_id: str, ttft_s: float) -> None:
+    def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
         entry = self._inflight.pop(request_id, None)
         if entry is None:
             return
         name, uncached, seen = entry
         if name in self._backlog:
             self._backlog[name] = max(0, self._backlog[name] - uncached)
+            if ttft_s is None:
+                return
             # Calibrate the per-token prefill time from what this request actually waited for.
             sample = ttft_s / max(1, seen)
             self._token_s[name] += self.ewma * (sample - self._token_s[name])

@@ -1,0 +1,45 @@
+"""`kvpilot router` as a real process on loopback, in front of workers the test started."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import yaml
+
+from kvpilot.testing.procs import ManagedProcess, free_port, wait_for
+
+
+class RouterProcess:
+    def __init__(self, models: list[dict[str, Any]], workdir: Path | None = None, **settings: Any) -> None:
+        self.port = free_port()
+        self.dir = workdir or Path(tempfile.mkdtemp(prefix="kvpilot-router-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = {"host": "127.0.0.1", "port": self.port, "models": models, **settings}
+        self.config_path = self.dir / f"router-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        argv = [sys.executable, "-P", "-m", "kvpilot.cli", "router", "--config", str(self.config_path)]
+        self.proc = ManagedProcess(f"router-{self.port}", argv, self.dir / f"router-{self.port}.log")
+        wait_for(self.healthy, 30, f"router on port {self.port}", self.proc)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def healthy(self) -> bool:
+        with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
+            return bool(resp.status == 200)
+
+    def openai_client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def stop(self) -> None:
+        self.proc.stop()

@@ -1,0 +1,66 @@
+"""Router configuration: which models, which endpoints, which policy, which limits.
+
+One YAML file (the operator renders it into a ConfigMap), validated by pydantic so that a typo
+fails at start-up with a message, not at the first request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+
+Role = Literal["both", "prefill", "decode"]
+
+
+class Endpoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="stable identity (pod name): ring membership follows names, not URLs")
+    url: HttpUrl
+    role: Role = "both"
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(description="the served model name clients send")
+    policy: str = "dualmap"
+    mode: Literal["aggregated", "disaggregated"] = "aggregated"
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    block_size: int = Field(16, gt=0, alias="blockSize")
+    slo_ttft_ms: float = Field(2000, gt=0, alias="ttftMs")
+    kv_capacity_tokens: int = Field(400_000, gt=0, alias="kvCapacityTokens")
+    max_inflight_per_endpoint: int = Field(256, gt=0, alias="maxInflightPerEndpoint")
+
+    @model_validator(mode="after")
+    def _roles_fit_mode(self) -> ModelConfig:
+        roles = {e.role for e in self.endpoints}
+        if self.mode == "disaggregated" and self.endpoints and not {"prefill", "decode"} <= roles:
+            raise ValueError(f"model {self.name!r} is disaggregated but lacks prefill or decode endpoints")
+        names = [e.name for e in self.endpoints]
+        if len(names) != len(set(names)):
+            raise ValueError(f"model {self.name!r} has duplicate endpoint names")
+        return self
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    models: list[ModelConfig] = Field(min_length=1)
+    scrape_interval_s: float = Field(1.0, gt=0, alias="scrapeIntervalSeconds")
+    request_timeout_s: float = Field(600.0, gt=0, alias="requestTimeoutSeconds")
+    connect_timeout_s: float = Field(2.0, gt=0, alias="connectTimeoutSeconds")
+    max_retries: int = Field(2, ge=0, alias="maxRetries")
+    breaker_failures: int = Field(3, gt=0, alias="breakerFailures")
+    breaker_cooldown_s: float = Field(10.0, gt=0, alias="breakerCooldownSeconds")
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, alias="maxBodyBytes")
+    seed: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> RouterConfig:
+        return cls.model_validate(yaml.safe_load(path.read_text()))

@@ -1,0 +1,30 @@
+"""The router's own Prometheus metrics (what it saw, as opposed to what engines report)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("kvpilot_router_requests", "Requests by model and outcome.",
+                                ["model", "outcome"], registry=r)
+        self.decisions = Counter("kvpilot_router_decisions", "Routing decisions by model, pool role and reason.",
+                                 ["model", "role", "reason"], registry=r)
+        self.retries = Counter("kvpilot_router_retries", "Upstream attempts retried before the first byte.",
+                               ["model"], registry=r)
+        self.upstream_errors = Counter("kvpilot_router_upstream_errors", "Failed upstream attempts by endpoint.",
+                                       ["model", "endpoint"], registry=r)
+        self.breaker_opened = Counter("kvpilot_router_breaker_opened", "Circuit breakers opened by endpoint.",
+                                      ["model", "endpoint"], registry=r)
+        self.ttft = Histogram("kvpilot_router_time_to_first_token_seconds", "TTFT seen at the router.",
+                              ["model"], buckets=_LATENCY, registry=r)
+        self.tpot = Histogram("kvpilot_router_time_per_output_token_seconds", "Mean inter-chunk time per stream.",
+                              ["model"], buckets=_LATENCY, registry=r)
+        self.inflight = Gauge("kvpilot_router_inflight", "Requests in flight by endpoint.",
+                              ["model", "endpoint"], registry=r)
+        self.members = Gauge("kvpilot_router_healthy_endpoints", "Endpoints the policy may choose.",
+                             ["model", "role"], registry=r)

@@ -1,0 +1,84 @@
+"""A pool of endpoints serving one model in one role, with its policy, loads and breakers.
+
+The pool is the bridge between the pure policy (which sees `InstanceLoad`s and returns an
+index) and the proxy (which sees URLs and HTTP failures). An endpoint whose breaker is open is
+left out of the list the policy sees, so a dead worker's keys move to ring neighbours and come
+back when it recovers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kvpilot.router.config import Endpoint
+from kvpilot.router.policy import Decision, InstanceLoad, Policy, RequestView
+
+
+@dataclass(slots=True)
+class Breaker:
+    failures: int = 0
+    open_until: float = 0.0
+
+    def is_open(self, now: float) -> bool:
+        return now < self.open_until
+
+
+@dataclass(slots=True)
+class Member:
+    endpoint: Endpoint
+    load: InstanceLoad
+    breaker: Breaker = field(default_factory=Breaker)
+    url: str = ""
+
+
+class Pool:
+    def __init__(self, endpoints: list[Endpoint], policy: Policy, *, breaker_failures: int = 3,
+                 breaker_cooldown_s: float = 10.0, max_inflight: int = 256) -> None:
+        self.policy = policy
+        self.members = [Member(e, InstanceLoad(e.name), url=str(e.url).rstrip("/")) for e in endpoints]
+        self.by_name = {m.endpoint.name: m for m in self.members}
+        self.breaker_failures = breaker_failures
+        self.breaker_cooldown_s = breaker_cooldown_s
+        self.max_inflight = max_inflight
+
+    def healthy(self, exclude: frozenset[str] = frozenset()) -> list[Member]:
+        now = time.monotonic()
+        return [m for m in self.members if not m.breaker.is_open(now) and m.endpoint.name not in exclude]
+
+    def saturated(self) -> bool:
+        """Every healthy endpoint is at its in-flight limit: the caller should shed load (429)."""
+        live = self.healthy()
+        return bool(live) and all(m.load.in_flight >= self.max_inflight for m in live)
+
+    def choose(self, request: RequestView, exclude: frozenset[str] = frozenset()) -> tuple[Member, Decision] | None:
+        candidates = [m for m in self.healthy(exclude) if m.load.in_flight < self.max_inflight]
+        if not candidates:
+            return None
+        loads = [m.load for m in candidates]
+        decision = self.policy.route(request, loads)
+        member = candidates[decision.index]
+        self.policy.on_dispatch(request, decision.index, loads)
+        member.load.in_flight += 1
+        member.load.pending_prefill_tokens += request.prompt_tokens
+        return member, decision
+
+    def first_token(self, member: Member, request: RequestView, ttft_s: float | None) -> None:
+        member.load.pending_prefill_tokens -= request.prompt_tokens
+        self.policy.on_first_token(request.request_id, ttft_s)
+
+    def finish(self, member: Member) -> None:
+        member.load.in_flight -= 1
+
+    def succeeded(self, member: Member) -> None:
+        member.breaker.failures = 0
+
+    def failed(self, member: Member) -> bool:
+        """Count a failure; returns True when this one opened the breaker."""
+        b = member.breaker
+        b.failures += 1
+        if b.failures >= self.breaker_failures and not b.is_open(time.monotonic()):
+            b.open_until = time.monotonic() + self.breaker_cooldown_s
+            b.failures = 0
+            return True
+        return False

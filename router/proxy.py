@@ -1,0 +1,387 @@
+"""`kvpilot router`: the OpenAI-compatible streaming proxy around the routing policies.
+
+For each request: validate, hash the prompt's blocks (the same function the engines' prefix
+cache uses), ask the model's pool policy for an endpoint, forward, and stream the answer back
+chunk by chunk without buffering. Failures before the first byte reach the client are retried
+on another endpoint; after it, the client gets an SSE error event. In disaggregated mode a
+request runs vLLM's P/D flow: a prefill request (`max_tokens=1`, `kv_transfer_params`) to the
+prefill pool, then the real request with the returned params to the decode pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvpilot.router.config import ModelConfig, RouterConfig
+from kvpilot.router.metrics import RouterMetrics
+from kvpilot.router.policies import make_policy
+from kvpilot.router.policy import PolicyContext, RequestView
+from kvpilot.router.pool import Member, Pool
+from kvpilot.tokens import block_hashes, render_chat, token_count
+
+log = logging.getLogger("kvpilot.router")
+RETRY_AFTER_S = "1"
+
+
+class ApiError(Exception):
+    """An OpenAI-style error the client gets as JSON with `status`."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code or self.status}}
+
+    def response(self) -> web.Response:
+        headers = {"Retry-After": self.retry_after} if self.retry_after else None
+        return web.json_response(self.body(), status=self.status, headers=headers)
+
+
+class UpstreamFailed(Exception):
+    """An attempt failed before any byte reached the client: safe to retry elsewhere."""
+
+
+@dataclass(slots=True)
+class Served:
+    """One model's pools: `main` serves requests (decode side in P/D); `prefill` only in P/D."""
+
+    config: ModelConfig
+    main: Pool
+    prefill: Pool | None
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.cfg = cfg
+        self.metrics = RouterMetrics()
+        self.models: dict[str, Served] = {}
+        for m in cfg.models:
+            ctx = PolicyContext(slo_ttft_s=m.slo_ttft_ms / 1000, block_size=m.block_size,
+                                kv_capacity_tokens=m.kv_capacity_tokens, seed=cfg.seed)
+
+            def pool(roles: set[str], policy: str, m: ModelConfig = m, ctx: PolicyContext = ctx) -> Pool:
+                return Pool([e for e in m.endpoints if e.role in roles], make_policy(policy, ctx),
+                            breaker_failures=cfg.breaker_failures, breaker_cooldown_s=cfg.breaker_cooldown_s,
+                            max_inflight=m.max_inflight_per_endpoint)
+
+            if m.mode == "disaggregated":
+                # The cache lives where prefill runs: the model's policy picks prefill; decode balances load.
+                self.models[m.name] = Served(m, pool({"decode", "both"}, "least-loaded"),
+                                             pool({"prefill", "both"}, m.policy))
+            else:
+                self.models[m.name] = Served(m, pool({"both", "prefill", "decode"}, m.policy), None)
+        self.session: aiohttp.ClientSession | None = None
+        self._scraper: asyncio.Task[None] | None = None
+
+    # -- request entry points -------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        model_name = "unknown"
+        try:
+            body = await self._parse(request)
+            model_name = str(body["model"])
+            served = self.models[model_name]
+            prompt = self._prompt(body, chat)
+            view = RequestView(rid, token_count(prompt), block_hashes(prompt, served.config.block_size),
+                               time.monotonic())
+            path = "/v1/chat/completions" if chat else "/v1/completions"
+            if served.prefill is not None:
+                body = await self._prefill(served, view, path, body)
+            resp = await self._forward(request, served, served.main, view, path, body, "decode"
+                                       if served.prefill is not None else "main")
+            self.metrics.requests.labels(model_name, "ok").inc()
+            return resp
+        except ApiError as e:
+            self.metrics.requests.labels(model_name, f"error_{e.status}").inc()
+            if e.status >= 500:
+                log.warning("request %s for model %s failed: %s", rid, model_name, e.message)
+            return e.response()
+
+    async def _parse(self, request: web.Request) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > self.cfg.max_body_bytes:
+            raise ApiError(413, f"request body exceeds {self.cfg.max_body_bytes} bytes")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "request body is not valid JSON") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, f"request body exceeds {self.cfg.max_body_bytes} bytes") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "you must provide a model parameter", param="model")
+        if model not in self.models:
+            raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model", "model_not_found")
+        return body
+
+    @staticmethod
+    def _prompt(body: dict[str, Any], chat: bool) -> str:
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise ApiError(400, "messages must be a non-empty list of message objects", param="messages")
+            return render_chat(messages)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "prompt must be a non-empty string", param="prompt")
+        return prompt
+
+    # -- dispatch --------------------------------------------------------------------------
+    def _pick(self, served: Served, pool: Pool, view: RequestView, role: str,
+              tried: frozenset[str]) -> Member:
+        chosen = pool.choose(view, tried)
+        if chosen is None:
+            if pool.saturated():
+                raise ApiError(429, f"all endpoints of model `{served.config.name}` are at their limit; retry later",
+                               "rate_limit_exceeded", retry_after=RETRY_AFTER_S)
+            raise ApiError(503, f"no healthy endpoint for model `{served.config.name}`", "service_unavailable",
+                           retry_after=RETRY_AFTER_S)
+        member, decision = chosen
+        self.metrics.decisions.labels(served.config.name, role, decision.reason).inc()
+        return member
+
+    def _attempt_failed(self, served: Served, pool: Pool, member: Member, why: str, rid: str) -> None:
+        name = served.config.name
+        self.metrics.upstream_errors.labels(name, member.endpoint.name).inc()
+        if pool.failed(member):
+            self.metrics.breaker_opened.labels(name, member.endpoint.name).inc()
+            log.warning("circuit breaker opened for %s (model %s)", member.endpoint.name, name)
+        log.info("request %s: attempt on %s failed before the first byte: %s", rid, member.endpoint.name, why)
+
+    async def _prefill(self, served: Served, view: RequestView, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Run the prefill half of P/D; returns the decode request's body."""
+        assert served.prefill is not None and self.session is not None
+        pool = served.prefill
+        prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        prefill_body.update(max_tokens=1, stream=False,
+                            kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False})
+        prefill_body.pop("max_completion_tokens", None)
+        tried: frozenset[str] = frozenset()
+        for attempt in range(self.cfg.max_retries + 1):
+            member = self._pick(served, pool, view, "prefill", tried)
+            started = time.monotonic()
+            try:
+                async with self.session.post(member.url + path, json=prefill_body) as up:
+                    payload = await up.read()
+                    if up.status >= 500:
+                        raise UpstreamFailed(f"HTTP {up.status}")
+                    if up.status >= 400:
+                        raise _passthrough_error(up.status, payload)
+                    params = json.loads(payload).get("kv_transfer_params")
+                pool.first_token(member, view, time.monotonic() - started)
+                pool.succeeded(member)
+                return {**body, "kv_transfer_params": params}
+            except (TimeoutError, UpstreamFailed, aiohttp.ClientError) as e:
+                pool.first_token(member, view, None)
+                self._attempt_failed(served, pool, member, str(e) or type(e).__name__, view.request_id)
+                tried |= {member.endpoint.name}
+                if attempt < self.cfg.max_retries:
+                    self.metrics.retries.labels(served.config.name).inc()
+            finally:
+                pool.finish(member)
+        raise ApiError(502, f"prefill failed on {len(tried)} endpoint(s) of model `{served.config.name}`",
+                       "upstream_error", retry_after=RETRY_AFTER_S)
+
+    async def _forward(self, request: web.Request, served: Served, pool: Pool, view: RequestView, path: str,
+                       body: dict[str, Any], role: str) -> web.StreamResponse:
+        assert self.session is not None
+        stream = bool(body.get("stream"))
+        tried: frozenset[str] = frozenset()
+        for attempt in range(self.cfg.max_retries + 1):
+            member = self._pick(served, pool, view, role, tried)
+            self.metrics.inflight.labels(served.config.name, member.endpoint.name).inc()
+            try:
+                if stream:
+                    return await self._relay_stream(request, served, pool, member, view, path, body)
+                return await self._relay_whole(pool, member, view, path, body)
+            except (TimeoutError, UpstreamFailed, aiohttp.ClientError) as e:
+                self._attempt_failed(served, pool, member, str(e) or type(e).__name__, view.request_id)
+                tried |= {member.endpoint.name}
+                if attempt < self.cfg.max_retries:
+                    self.metrics.retries.labels(served.config.name).inc()
+            finally:
+                pool.finish(member)
+                self.metrics.inflight.labels(served.config.name, member.endpoint.name).dec()
+        raise ApiError(502, f"request failed on {len(tried)} endpoint(s) of model `{served.config.name}`",
+                       "upstream_error", retry_after=RETRY_AFTER_S)
+
+    async def _relay_whole(self, pool: Pool, member: Member, view: RequestView, path: str,
+                           body: dict[str, Any]) -> web.Response:
+        assert self.session is not None
+        got_first = False
+        try:
+            async with self.session.post(member.url + path, json=body) as up:
+                payload = await up.read()
+                if up.status >= 500:
+                    raise UpstreamFailed(f"HTTP {up.status}")
+                pool.first_token(member, view, None)
+                got_first = True
+                pool.succeeded(member)
+                return web.Response(body=payload, status=up.status, content_type="application/json",
+                                    headers={"X-Kvpilot-Endpoint": member.endpoint.name})
+        finally:
+            if not got_first:
+                pool.first_token(member, view, None)
+
+    async def _relay_stream(self, request: web.Request, served: Served, pool: Pool, member: Member,
+                            view: RequestView, path: str, body: dict[str, Any]) -> web.StreamResponse:
+        assert self.session is not None
+        started = time.monotonic()
+        resp: web.StreamResponse | None = None
+        chunks = 0
+        first_at = 0.0
+        try:
+            async with self.session.post(member.url + path, json=body) as up:
+                if up.status >= 500:
+                    raise UpstreamFailed(f"HTTP {up.status}")
+                if up.status >= 400:
+                    return web.Response(body=await up.read(), status=up.status, content_type="application/json")
+                try:
+                    async for data in up.content.iter_any():
+                        if resp is None:
+                            first_at = time.monotonic()
+                            pool.first_token(member, view, first_at - started)
+                            self.metrics.ttft.labels(served.config.name).observe(first_at - view.arrival)
+                            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                               "Cache-Control": "no-cache",
+                                                               "X-Kvpilot-Endpoint": member.endpoint.name})
+                            await resp.prepare(request)
+                        chunks += 1
+                        await resp.write(data)
+                except (TimeoutError, aiohttp.ClientError) as e:
+                    if resp is None:
+                        raise
+                    # Past the first byte no retry is possible: end the stream with an explicit error.
+                    self._attempt_failed(served, pool, member, f"mid-stream: {e or type(e).__name__}",
+                                         view.request_id)
+                    err = ApiError(502, f"upstream {member.endpoint.name} failed mid-stream", "upstream_error")
+                    await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+                    await resp.write_eof()
+                    return resp
+                if resp is None:
+                    raise UpstreamFailed("upstream closed the stream before any data")
+                pool.succeeded(member)
+                if chunks > 1:
+                    self.metrics.tpot.labels(served.config.name).observe((time.monotonic() - first_at) / (chunks - 1))
+                await resp.write_eof()
+                return resp
+        finally:
+            if resp is None:
+                pool.first_token(member, view, None)
+
+    # -- other endpoints -------------------------------------------------------------------
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "owned_by": "kvpilot"} for name in self.models]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def ready(self, request: web.Request) -> web.Response:
+        missing = [name for name, s in self.models.items()
+                   if not s.main.healthy() or (s.prefill is not None and not s.prefill.healthy())]
+        if missing:
+            return web.Response(status=503, text=f"no healthy endpoints for: {', '.join(missing)}")
+        return web.Response(text="ready")
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        for name, s in self.models.items():
+            for role, pool in (("main", s.main), ("prefill", s.prefill)):
+                if pool is not None:
+                    self.metrics.members.labels(name, role).set(len(pool.healthy()))
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # -- engine metrics scraping -------------------------------------------------------------
+    async def _scrape_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._scrape(s, pool, m) for s in self.models.values()
+                                   for pool in (s.main, s.prefill) if pool is not None for m in pool.members))
+            await asyncio.sleep(self.cfg.scrape_interval_s)
+
+    async def _scrape(self, served: Served, pool: Pool, member: Member) -> None:
+        """Engine load signals (vLLM metric names) into the member's load; an unreachable
+        endpoint counts as a failure, so a dead worker leaves the ring without traffic."""
+        assert self.session is not None
+        try:
+            async with self.session.get(member.url + "/metrics") as resp:
+                text = await resp.text()
+            if resp.status != 200:
+                raise UpstreamFailed(f"/metrics HTTP {resp.status}")
+        except (TimeoutError, UpstreamFailed, aiohttp.ClientError) as e:
+            self._attempt_failed(served, pool, member, f"scrape: {e or type(e).__name__}", "-")
+            return
+        load = member.load
+        for family in text_string_to_metric_families(text):
+            if family.name == "vllm:num_requests_running":
+                load.engine_running = int(sum(s.value for s in family.samples))
+            elif family.name == "vllm:num_requests_waiting":
+                load.engine_waiting = int(sum(s.value for s in family.samples))
+            elif family.name == "vllm:kv_cache_usage_perc":
+                load.kv_usage = max((s.value for s in family.samples), default=0.0)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def _on_startup(self, app: web.Application) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=self.cfg.connect_timeout_s)
+        self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        self._scraper = asyncio.create_task(self._scrape_loop())
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._scraper is not None:
+            self._scraper.cancel()
+        if self.session is not None:
+            await self.session.close()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ready", self.ready)
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+
+def _passthrough_error(status: int, payload: bytes) -> ApiError:
+    """An upstream 4xx becomes the client's 4xx with the upstream's message."""
+    try:
+        err = json.loads(payload)["error"]
+        return ApiError(status, str(err.get("message", "")), str(err.get("type", "invalid_request_error")),
+                        err.get("param"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ApiError(status, payload.decode(errors="replace")[:500])
+
+
+def serve(cfg: RouterConfig) -> None:
+    import uvloop
+
+    uvloop.install()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    web.run_app(Router(cfg).app(), host=cfg.host, port=cfg.port, access_log=None, print=None,
+                handler_cancellation=True)
