@@ -15,6 +15,8 @@ import bisect
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 
+import xxhash
+
 HashFn = Callable[[bytes], int]
 
 
@@ -26,7 +28,11 @@ def sha256_64(data: bytes) -> int:
     return int.from_bytes(hashlib.sha256(b"kvpilot-ring:" + data).digest()[:8], "big")
 
 
-FAMILIES: dict[str, HashFn] = {"blake2b": blake2b_64, "sha256": sha256_64}
+def xxh64(data: bytes) -> int:
+    return int(xxhash.xxh64_intdigest(data))
+
+
+FAMILIES: dict[str, HashFn] = {"blake2b": blake2b_64, "sha256": sha256_64, "xxh64": xxh64}
 
 
 class HashRing:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from kvpilot.router.policies.affinity import Affinity
+from kvpilot.router.policies.cache_aware import CacheAware
+from kvpilot.router.policies.chwbl import CHWBL
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policies.least_loaded import LeastLoaded
+from kvpilot.router.policies.min_ttft import MinTTFT
 from kvpilot.router.policies.round_robin import RoundRobin
 from kvpilot.router.policy import Policy, PolicyContext
 
 POLICIES: dict[str, Callable[[PolicyContext], Policy]] = {
-    RoundRobin.name: RoundRobin, LeastLoaded.name: LeastLoaded, DualMap.name: DualMap,
+    p.name: p for p in (RoundRobin, LeastLoaded, CHWBL, CacheAware, MinTTFT, Affinity, DualMap)
 }
 
 

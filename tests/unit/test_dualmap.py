@@ -38,11 +38,11 @@ def test_slo_switch_flips_exactly_at_threshold() -> None:
     first = policy.route(req, INSTANCES)
     policy.on_dispatch(req, first.index, INSTANCES)   # warms the shadow cache: this is now the affine one
     name = INSTANCES[first.index].name
-    uncached = policy._uncached(name, req)
+    uncached = policy.estimate.uncached(name, req)
     limit_tokens = round(0.5 * 2.0 / 1e-4)            # θ·SLO in tokens of backlog
-    policy._backlog[name] = limit_tokens - uncached   # predicted TTFT == θ·SLO: stay
+    policy.estimate.backlog[name] = limit_tokens - uncached   # predicted TTFT == θ·SLO: stay
     assert policy.route(req, INSTANCES) == first
-    policy._backlog[name] += 1                        # just over: switch to the other candidate
+    policy.estimate.backlog[name] += 1                        # just over: switch to the other candidate
     switched = policy.route(req, INSTANCES)
     assert switched.reason == "slo-fallback" and switched.index != first.index
 
@@ -53,10 +53,10 @@ def test_first_token_calibrates_per_token_time_and_drains_backlog() -> None:
     d = policy.route(req, INSTANCES)
     policy.on_dispatch(req, d.index, INSTANCES)
     name = INSTANCES[d.index].name
-    assert policy._backlog[name] == 4096
+    assert policy.estimate.backlog[name] == 4096
     policy.on_first_token("cal", 0.4096)
-    assert policy._backlog[name] == 0
-    assert abs(policy._token_s[name] - 1e-4) < 1e-12
+    assert policy.estimate.backlog[name] == 0
+    assert abs(policy.estimate.token_s[name] - 1e-4) < 1e-12
 
 
 def test_registry_builds_dualmap_with_context() -> None:
