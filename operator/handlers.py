@@ -1,0 +1,121 @@
+"""The kopf shell: which watch events call which reconcile function. No decisions live here.
+
+Handlers are sync functions (kopf runs them in its thread pool) over `kvpilot.operator.reconcile`.
+kopf keeps its own bookkeeping in annotations (not in `status`, which the CRD schema owns), and the
+operator adds no finalizers, so deleting an LLMService never waits for the operator: the
+garbage collector removes the children through their owner references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+
+from kvpilot.crds import GROUP, VERSION
+from kvpilot.operator import reconcile, render
+from kvpilot.operator.kube import Kube, load_client
+from kvpilot.operator.metrics import measured
+
+log = logging.getLogger("kvpilot.operator")
+MANAGED = {render.LABEL_MANAGED_BY: render.MANAGER}
+RESYNC_SECONDS = 60.0
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.kvpilot.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kopf.kvpilot.io", key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # Events only for explicit transitions and failures
+    settings.execution.max_workers = memo.get("max_workers", 16)
+    memo.kube = Kube(load_client())
+    memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
+
+
+@kopf.on.cleanup()
+async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("resync")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _resync_forever(memo: kopf.Memo) -> None:
+    """Watches can miss nothing in theory and something in practice: reconcile everything now and then."""
+    while True:
+        await asyncio.sleep(memo.get("resync_seconds", RESYNC_SECONDS))
+        try:
+            await asyncio.to_thread(_resync_all, memo)
+        except Exception:
+            log.exception("periodic resync failed")
+
+
+def _resync_all(memo: kopf.Memo) -> None:
+    kube: Kube = memo.kube
+    for namespace in memo.get("namespaces") or [None]:
+        url = "/apis/{}/{}{}/llmservices".format(GROUP, VERSION, f"/namespaces/{namespace}" if namespace else "")
+        for svc in kube.request("GET", url)["items"]:
+            with measured("LLMService"):
+                reconcile.reconcile_service(kube, svc, memo.get("image"))
+
+
+def _announce(body: kopf.Body, outcome: reconcile.Outcome) -> None:
+    if outcome.phase != outcome.old_phase and outcome.phase:
+        kind = "Warning" if outcome.phase == "Degraded" else "Normal"
+        kopf.event(body, type=kind, reason=outcome.phase, message=outcome.message or outcome.phase)
+
+
+@kopf.on.resume(GROUP, VERSION, "llmservices", id="llmservice-resume")
+@kopf.on.create(GROUP, VERSION, "llmservices", id="llmservice-create")
+def llmservice_apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    with measured("LLMService"):
+        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"))
+    _announce(body, outcome)
+
+
+@kopf.on.update(GROUP, VERSION, "llmservices", id="llmservice-update")
+def llmservice_update(body: kopf.Body, memo: kopf.Memo, diff: kopf.Diff, **_: Any) -> None:
+    edited = {path[1] for _op, path, _old, _new in diff
+              if len(path) >= 3 and path[0] == "spec" and path[2] == "replicas"}
+    edited |= {path[1] for _op, path, _old, new in diff
+               if len(path) == 2 and path[0] == "spec" and isinstance(new, dict) and "replicas" in new}
+    with measured("LLMService"):
+        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"))
+    if edited and outcome.phase != "Degraded":
+        reconcile.propagate_replicas(memo.kube, dict(body), edited)
+    _announce(body, outcome)
+
+
+@kopf.on.event(GROUP, VERSION, "workerpools")
+def workerpool_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    meta = body["metadata"]
+    if type != "DELETED":
+        with measured("WorkerPool"):
+            reconcile.reconcile_pool(memo.kube, dict(body))
+    service = body.get("spec", {}).get("service")
+    if service:  # a deleted pool is recreated by a full reconcile; otherwise only the counts changed
+        outcome = reconcile.reconcile_service_named(memo.kube, meta["namespace"], service, memo.get("image"),
+                                                    full=type == "DELETED")
+        if outcome is not None and outcome.phase != outcome.old_phase:
+            svc = memo.kube.get("LLMService", meta["namespace"], service)
+            if svc is not None:
+                _announce(kopf.Body(svc), outcome)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+def child_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A managed child changed or vanished: reconcile its owner (edits are reverted, deletions redone)."""
+    meta = body["metadata"]
+    labels = meta.get("labels", {})
+    if labels.get(render.LABEL_POOL):
+        reconcile.reconcile_pool_named(memo.kube, meta["namespace"], labels[render.LABEL_POOL])
+    elif labels.get(render.LABEL_SERVICE):
+        reconcile.reconcile_service_named(memo.kube, meta["namespace"], labels[render.LABEL_SERVICE],
+                                          memo.get("image"))

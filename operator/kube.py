@@ -1,0 +1,125 @@
+"""A small typed shell over the Kubernetes REST API: get, list, create, server-side apply, delete.
+
+One generic path builder for every kind the operator touches keeps server-side apply uniform (the
+generated per-kind clients each spell it differently) and makes the RBAC in the chart easy to audit:
+the kinds the operator can touch are exactly the ones in `KINDS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kvpilot.crds import API_VERSION
+from kvpilot.operator.render import MANAGER
+
+Obj = dict[str, Any]
+KINDS: dict[str, tuple[str, str]] = {
+    "LLMService": (API_VERSION, "llmservices"),
+    "WorkerPool": (API_VERSION, "workerpools"),
+    "Deployment": ("apps/v1", "deployments"),
+    "Service": ("v1", "services"),
+    "ConfigMap": ("v1", "configmaps"),
+    "ServiceAccount": ("v1", "serviceaccounts"),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
+}
+NODE_CACHE_SECONDS = 10.0
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+
+
+def load_client() -> client.ApiClient:
+    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return client.ApiClient()
+    api: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=os.environ.get("KUBECONFIG"))
+    return api
+
+
+def path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+    api_version, plural = KINDS[kind]
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    parts = [base, "namespaces", namespace, plural] if namespace else [base, plural]
+    parts += [p for p in (name, sub) if p]
+    return "/".join(p for p in parts if p)
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self._gpus: tuple[float, int] | None = None
+        self._lock = threading.Lock()
+
+    def request(self, method: str, url: str, body: Obj | None = None, query: dict[str, str] | None = None,
+                content_type: str = "application/json") -> Obj:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        params = self.api.param_serialize(method, url, query_params=list((query or {}).items()),
+                                          header_params=headers, body=body, auth_settings=["BearerToken"])
+        try:
+            resp = self.api.call_api(*params, _request_timeout=30)
+        except ApiException as err:
+            raise KubeError(err.status or 0, str(err.body or err.reason)) from err
+        data: bytes = resp.read()  # type: ignore[no-untyped-call]
+        if not 200 <= resp.status < 300:
+            raise KubeError(resp.status, data.decode(errors="replace") if data else resp.reason or "")
+        return json.loads(data) if data else {}
+
+    def get(self, kind: str, namespace: str, name: str) -> Obj | None:
+        try:
+            return self.request("GET", path(kind, namespace, name))
+        except KubeError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def list(self, kind: str, namespace: str, selector: str) -> list[Obj]:
+        items: list[Obj] = self.request("GET", path(kind, namespace), query={"labelSelector": selector})["items"]
+        return items
+
+    def create(self, obj: Obj) -> Obj:
+        meta = obj["metadata"]
+        return self.request("POST", path(obj["kind"], meta["namespace"]), obj, query={"fieldManager": MANAGER})
+
+    def apply(self, obj: Obj) -> Obj:
+        """Server-side apply as the operator's field manager, taking over conflicting fields: a manual
+        edit of a field the operator renders is reverted, fields it does not render are left alone."""
+        meta = obj["metadata"]
+        return self.request("PATCH", path(obj["kind"], meta["namespace"], meta["name"]), obj,
+                            query={"fieldManager": MANAGER, "force": "true"},
+                            content_type="application/apply-patch+yaml")
+
+    def merge_patch(self, kind: str, namespace: str, name: str, patch: Obj, sub: str | None = None) -> Obj:
+        return self.request("PATCH", path(kind, namespace, name, sub), patch, query={"fieldManager": MANAGER},
+                            content_type="application/merge-patch+json")
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        try:
+            self.request("DELETE", path(kind, namespace, name), {"propagationPolicy": "Background"})
+        except KubeError as err:
+            if err.status != 404:
+                raise
+
+    def max_node_gpus(self) -> int:
+        """The most nvidia.com/gpu any node can allocate, cached briefly: every reconcile asks."""
+        with self._lock:
+            if self._gpus is not None and time.monotonic() - self._gpus[0] < NODE_CACHE_SECONDS:
+                return self._gpus[1]
+        nodes = self.request("GET", "/api/v1/nodes")["items"]
+        most = max((int((n.get("status") or {}).get("allocatable", {}).get("nvidia.com/gpu", 0)) for n in nodes),
+                   default=0)
+        with self._lock:
+            self._gpus = (time.monotonic(), most)
+        return most

@@ -1,0 +1,150 @@
+"""Reconcile loops: read the cluster, render the desired objects, apply them, write status.
+
+Level-triggered: each function looks at the whole current state and converges it, so it is safe to
+call from any event, from a periodic resync, after a restart, or twice at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
+from kvpilot.operator import render
+from kvpilot.operator.kube import Kube, KubeError
+from kvpilot.operator.status import Problem, llmservice_status, spec_problems, workerpool_status
+
+Obj = dict[str, Any]
+log = logging.getLogger("kvpilot.operator")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a service reconcile saw, so the kopf shell can post an Event when the phase changes."""
+
+    old_phase: str | None
+    phase: str | None
+    message: str
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def known_profiles() -> list[str]:
+    from kvpilot.sim.profiles import PROFILES
+
+    return list(PROFILES)
+
+
+def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None) -> Outcome:
+    """LLMService → WorkerPools and the router. An invalid spec changes nothing but the status."""
+    owner = render.Owner.of(svc)
+    try:
+        spec: LLMServiceSpec | None = LLMServiceSpec.model_validate(svc.get("spec") or {})
+    except ValidationError as err:
+        spec = None
+        problems = [Problem("InvalidSpec", str(err).replace("\n", " "))]
+    else:
+        assert spec is not None
+        problems = spec_problems(spec, kube.max_node_gpus(), known_profiles())
+    if spec is not None and not problems:
+        wanted = render.workerpools(spec, owner)
+        for pool in wanted:
+            ensure_workerpool(kube, pool)
+        keep = {p["metadata"]["name"] for p in wanted}
+        for pool in kube.list("WorkerPool", owner.namespace, f"{render.LABEL_SERVICE}={owner.name}"):
+            if pool["metadata"]["name"] not in keep and _owned_by(pool, owner):
+                log.info("deleting WorkerPool %s/%s: not in the spec any more", owner.namespace,
+                         pool["metadata"]["name"])
+                kube.delete("WorkerPool", owner.namespace, pool["metadata"]["name"])
+        for obj in render.router_objects(spec, owner, router_image):
+            kube.apply(obj)
+    return refresh_service_status(kube, svc, spec, problems)
+
+
+def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = None,
+                           problems: list[Problem] | None = None) -> Outcome:
+    """Recompute the LLMService's status from its children; write it only if it changed."""
+    meta = svc["metadata"]
+    if problems is None:
+        try:
+            spec = LLMServiceSpec.model_validate(svc.get("spec") or {})
+            problems = spec_problems(spec, kube.max_node_gpus(), known_profiles())
+        except ValidationError as err:
+            spec, problems = None, [Problem("InvalidSpec", str(err).replace("\n", " "))]
+    owner = render.Owner.of(svc)
+    pools = [p for p in kube.list("WorkerPool", meta["namespace"], f"{render.LABEL_SERVICE}={meta['name']}")
+             if _owned_by(p, owner)]
+    router = kube.get("Deployment", meta["namespace"], render.router_name(meta["name"]))
+    old = svc.get("status") or {}
+    new = llmservice_status(svc, spec, problems, pools, router, now()).wire()
+    if {k: v for k, v in old.items() if k in new} != new:
+        kube.merge_patch("LLMService", meta["namespace"], meta["name"], {"status": new}, sub="status")
+    ready: Obj = next((c for c in new.get("conditions", []) if c["type"] == ("Degraded" if problems else "Ready")), {})
+    return Outcome(old.get("phase"), new.get("phase"), ready.get("message", ""))
+
+
+def ensure_workerpool(kube: Kube, pool: Obj) -> None:
+    """Create with the initial replicas; afterwards apply everything except replicas, which belong to
+    whoever scales the pool (kubectl scale, HPA, the autoscaler) through the scale subresource."""
+    meta = pool["metadata"]
+    if kube.get("WorkerPool", meta["namespace"], meta["name"]) is None:
+        try:
+            kube.create(pool)
+            return
+        except KubeError as err:
+            if err.status != 409:  # someone else created it between our get and create
+                raise
+    kube.apply(render.without_replicas(pool))
+
+
+def reconcile_pool(kube: Kube, pool: Obj) -> None:
+    """WorkerPool → Deployment + headless Service, then the pool's status from the Deployment."""
+    meta = pool["metadata"]
+    owner = render.Owner.of(pool)
+    try:
+        spec = WorkerPoolSpec.model_validate(pool["spec"])
+    except ValidationError as err:
+        log.warning("WorkerPool %s/%s does not parse: %s", meta["namespace"], meta["name"], err)
+        return
+    deployment = kube.apply(render.pool_deployment(spec, owner))
+    kube.apply(render.pool_service(spec, owner))
+    new = workerpool_status(pool, deployment, now()).wire()
+    old = pool.get("status") or {}
+    if {k: v for k, v in old.items() if k in new} != new:
+        kube.merge_patch("WorkerPool", meta["namespace"], meta["name"], {"status": new}, sub="status")
+
+
+def reconcile_pool_named(kube: Kube, namespace: str, name: str) -> None:
+    pool = kube.get("WorkerPool", namespace, name)
+    if pool is not None and pool["metadata"].get("deletionTimestamp") is None:
+        reconcile_pool(kube, pool)
+
+
+def reconcile_service_named(kube: Kube, namespace: str, name: str, router_image: str | None = None,
+                            full: bool = True) -> Outcome | None:
+    svc = kube.get("LLMService", namespace, name)
+    if svc is None or svc["metadata"].get("deletionTimestamp") is not None:
+        return None
+    return reconcile_service(kube, svc, router_image) if full else refresh_service_status(kube, svc)
+
+
+def propagate_replicas(kube: Kube, svc: Obj, edited: set[str]) -> None:
+    """The user edited spec.<prefill|decode>.replicas on the LLMService: pass that one change on to
+    the pool. Only an edit does this, so a resync never undoes a kubectl scale or the autoscaler."""
+    spec = LLMServiceSpec.model_validate(svc["spec"])
+    meta = svc["metadata"]
+    for role, pool in spec.pools().items():
+        if ("decode" if role == "aggregated" else role) in edited:
+            name = render.pool_name(meta["name"], role)
+            if kube.get("WorkerPool", meta["namespace"], name) is not None:
+                kube.merge_patch("WorkerPool", meta["namespace"], name, {"spec": {"replicas": pool.replicas}})
+
+
+def _owned_by(obj: Obj, owner: render.Owner) -> bool:
+    return any(ref.get("uid") == owner.uid for ref in obj["metadata"].get("ownerReferences", []))

@@ -1,0 +1,269 @@
+"""The functional core: an `LLMService` or `WorkerPool` in, the Kubernetes objects it should own out.
+
+Nothing here talks to the apiserver, so unit tests check every rendered field without a cluster, and
+the kopf handlers (`kvpilot.operator.handlers`) only read, call these functions and apply the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from kvpilot import __version__
+from kvpilot.crds import API_VERSION, LLMServiceSpec, PoolSpec, Role, WorkerPoolSpec
+
+PORT = 8000
+MANAGER = "kvpilot-operator"
+LABEL_SERVICE = "kvpilot.io/service"
+LABEL_ROLE = "kvpilot.io/role"
+LABEL_POOL = "kvpilot.io/workerpool"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+ROUTER_CONFIG = "/etc/kvpilot/router.yaml"
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
+POOL_SUFFIX: dict[Role, str] = {"prefill": "prefill", "decode": "decode", "aggregated": "worker"}
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The object that owns what is rendered: garbage collection deletes children with it."""
+
+    api_version: str
+    kind: str
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def of(cls, body: Obj) -> Owner:
+        meta = body["metadata"]
+        return cls(body["apiVersion"], body["kind"], meta["name"], meta["namespace"], meta["uid"])
+
+    def ref(self) -> Obj:
+        return {"apiVersion": self.api_version, "kind": self.kind, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}
+
+
+def kvpilot_image() -> str:
+    """The image holding the `kvpilot` command (router and simulator); the operator may override it."""
+    return f"ghcr.io/kvpilot/kvpilot:{__version__.split('+')[0]}"
+
+
+def pool_name(service: str, role: Role) -> str:
+    return f"{service}-{POOL_SUFFIX[role]}"
+
+
+def router_name(service: str) -> str:
+    return f"{service}-router"
+
+
+def _meta(name: str, owner: Owner, labels: dict[str, str]) -> Obj:
+    return {"name": name, "namespace": owner.namespace, "labels": labels, "ownerReferences": [owner.ref()]}
+
+
+def _labels(service: str, component: str, **extra: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "kvpilot", "app.kubernetes.io/instance": service,
+            LABEL_COMPONENT: component, LABEL_MANAGED_BY: MANAGER, LABEL_SERVICE: service, **extra}
+
+
+# -- LLMService → WorkerPools and the router ------------------------------------------------------
+
+def workerpools(spec: LLMServiceSpec, owner: Owner) -> list[Obj]:
+    """One WorkerPool per role. `spec.replicas` is the initial size only: the handlers create pools
+    with it and leave it out of later applies, so kubectl scale, HPA and the autoscaler own it."""
+    return [workerpool(spec, role, pool, owner) for role, pool in spec.pools().items()]
+
+
+def workerpool(spec: LLMServiceSpec, role: Role, pool: PoolSpec, owner: Owner) -> Obj:
+    body = WorkerPoolSpec(service=owner.name, role=role, model=spec.model, engine=spec.engine,
+                          kv_transfer=spec.kv_transfer if spec.mode == "disaggregated" else None,
+                          **pool.model_dump())
+    name = pool_name(owner.name, role)
+    return {"apiVersion": API_VERSION, "kind": "WorkerPool",
+            "metadata": _meta(name, owner, _labels(owner.name, "workerpool", **{LABEL_ROLE: role})),
+            "spec": body.wire()}
+
+
+def without_replicas(obj: Obj) -> Obj:
+    """The apply form of a WorkerPool: every field but the one the scale subresource owns."""
+    return {**obj, "spec": {k: v for k, v in obj["spec"].items() if k != "replicas"}}
+
+
+def pool_selector(service: str, role: Role) -> str:
+    return f"{LABEL_SERVICE}={service},{LABEL_ROLE}={role},{LABEL_COMPONENT}=engine"
+
+
+def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
+    """What `kvpilot router --config` reads: pools are found by pod labels in the namespace."""
+    return {
+        "model": spec.model.served(),
+        "listen": {"host": "0.0.0.0", "port": PORT},
+        "mode": spec.mode,
+        "routing": spec.routing.wire(),
+        "slo": spec.slo.wire(),
+        "discovery": {"kind": "kubernetes", "namespace": owner.namespace,
+                      "pools": {role: {"selector": pool_selector(owner.name, role), "port": PORT}
+                                for role in spec.pools()}},
+        "kvTransfer": spec.kv_transfer.wire() if spec.kv_transfer else None,
+    }
+
+
+def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None) -> list[Obj]:
+    """ServiceAccount + Role (read pods) + RoleBinding, ConfigMap, Deployment and Service."""
+    name = router_name(owner.name)
+    labels = _labels(owner.name, "router")
+    config_text = yaml.safe_dump(router_config(spec, owner), sort_keys=False)
+    digest = hashlib.sha256(config_text.encode()).hexdigest()[:16]
+    selector = {LABEL_SERVICE: owner.name, LABEL_COMPONENT: "router"}
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5}
+    container = {
+        "name": "router", "image": image or kvpilot_image(),
+        "command": ["kvpilot", "router", "--config", ROUTER_CONFIG],
+        "ports": [{"name": "http", "containerPort": PORT}],
+        "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+        "readinessProbe": probe, "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
+        "volumeMounts": [{"name": "config", "mountPath": "/etc/kvpilot", "readOnly": True}],
+    }
+    pod = {"serviceAccountName": name, "containers": [container],
+           "volumes": [{"name": "config", "configMap": {"name": name}}]}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(name, owner, labels)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(name, owner, labels),
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(name, owner, labels),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}]},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, owner, labels),
+         "data": {"router.yaml": config_text}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, owner, labels),
+         "spec": {"replicas": 1, "selector": {"matchLabels": selector},
+                  "template": {"metadata": {"labels": labels,
+                                            "annotations": {"kvpilot.io/config-hash": digest,
+                                                            "prometheus.io/scrape": "true",
+                                                            "prometheus.io/port": str(PORT)}},
+                               "spec": pod}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, owner, labels),
+         "spec": {"selector": selector, "ports": [{"name": "http", "port": PORT, "targetPort": "http"}]}},
+    ]
+
+
+# -- WorkerPool → Deployment and headless Service -------------------------------------------------
+
+def engine_command(spec: WorkerPoolSpec) -> tuple[list[str], list[str]]:
+    """(command, args) for the engine container of one role."""
+    served = spec.model.served()
+    if spec.engine.type == "simulator":
+        args = ["sim", "serve", "--profile", spec.engine.profile or "h100-llama3-8b", "--model", served,
+                "--host", "0.0.0.0", "--port", str(PORT)]
+        return ["kvpilot"], [*args, *spec.engine.args]
+    args = [_vllm_model_arg(spec), "--host", "0.0.0.0", "--port", str(PORT), "--served-model-name", served,
+            "--tensor-parallel-size", str(spec.tensor_parallel), "--enable-prefix-caching"]
+    if spec.role != "aggregated":
+        args += ["--kv-transfer-config", json.dumps(kv_transfer_config(spec), separators=(",", ":"))]
+    if spec.model.uri and spec.model.uri.startswith("s3://"):
+        args += ["--load-format", "runai_streamer"]
+    return ["vllm", "serve"], [*args, *spec.engine.args]
+
+
+def kv_transfer_config(spec: WorkerPoolSpec) -> Obj:
+    """vLLM's --kv-transfer-config for one side of a P/D pair: NIXL by default, LMCache for Redis."""
+    backend = spec.kv_transfer.backend if spec.kv_transfer else "nixl"
+    if backend == "nixl":
+        return {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    return {"kv_connector": "LMCacheConnectorV1",
+            "kv_role": "kv_producer" if spec.role == "prefill" else "kv_consumer"}
+
+
+def _vllm_model_arg(spec: WorkerPoolSpec) -> str:
+    uri = spec.model.uri or ""
+    if uri.startswith("pvc://"):
+        return "/models/" + uri.removeprefix("pvc://")
+    if uri.startswith("s3://"):
+        return uri
+    return uri.removeprefix("hf://") or spec.model.name
+
+
+def engine_env(spec: WorkerPoolSpec) -> list[Obj]:
+    env: list[Obj] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    kv = spec.kv_transfer
+    if spec.engine.type == "vllm" and spec.role != "aggregated":
+        if kv is None or kv.backend == "nixl":
+            env.append({"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "value": "$(POD_IP)"})
+        elif kv.redis_url:
+            env.append({"name": "LMCACHE_REMOTE_URL", "value": kv.redis_url})
+    if spec.engine.type == "simulator" and kv is not None:
+        env.append({"name": "KVPILOT_KV_BACKEND", "value": kv.backend})
+        if kv.redis_url:
+            env.append({"name": "KVPILOT_REDIS_URL", "value": kv.redis_url})
+    return env + [e.wire() for e in spec.engine.env]
+
+
+def engine_resources(spec: WorkerPoolSpec) -> Obj:
+    extra = spec.resources.wire() if spec.resources else {}
+    limits = {k: str(v) for k, v in extra.get("limits", {}).items()}
+    requests = {k: str(v) for k, v in extra.get("requests", {}).items()}
+    if spec.gpus:
+        limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = str(spec.gpus)
+    return {k: v for k, v in (("limits", limits), ("requests", requests)) if v}
+
+
+def pool_deployment(spec: WorkerPoolSpec, owner: Owner) -> Obj:
+    """The pool's Deployment; `replicas` follows the WorkerPool (and so its scale subresource)."""
+    labels = _labels(spec.service, "engine", **{LABEL_ROLE: spec.role, LABEL_POOL: owner.name})
+    command, args = engine_command(spec)
+    slow = spec.engine.type == "vllm"  # vLLM loads weights for minutes; the simulator starts in seconds
+    health = {"httpGet": {"path": "/health", "port": "http"}}
+    container: Obj = {
+        "name": "engine", "image": spec.engine.image or (DEFAULT_VLLM_IMAGE if slow else kvpilot_image()),
+        "command": command, "args": args, "env": engine_env(spec),
+        "ports": [{"name": "http", "containerPort": PORT}],
+        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 180 if slow else 30},
+        "readinessProbe": {**health, "periodSeconds": 5},
+        "livenessProbe": {**health, "periodSeconds": 10, "failureThreshold": 3},
+    }
+    resources = engine_resources(spec)
+    if resources:
+        container["resources"] = resources
+    volumes, mounts = _volumes(spec)
+    if mounts:
+        container["volumeMounts"] = mounts
+    pod: Obj = {"containers": [container], "enableServiceLinks": False}
+    if volumes:
+        pod["volumes"] = volumes
+    for key, value in (("nodeSelector", spec.node_selector), ("tolerations", spec.tolerations),
+                       ("affinity", spec.affinity)):
+        if value:
+            pod[key] = value
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(owner.name, owner, labels),
+            "spec": {"replicas": spec.replicas, "selector": {"matchLabels": {LABEL_POOL: owner.name}},
+                     "template": {"metadata": {"labels": labels, "annotations": {
+                         "prometheus.io/scrape": "true", "prometheus.io/port": str(PORT)}}, "spec": pod}}}
+
+
+def _volumes(spec: WorkerPoolSpec) -> tuple[list[Obj], list[Obj]]:
+    volumes: list[Obj] = []
+    mounts: list[Obj] = []
+    if spec.engine.type == "vllm":  # NCCL and torch workers share tensors through /dev/shm
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    uri = spec.model.uri or ""
+    if uri.startswith("pvc://"):
+        claim = uri.removeprefix("pvc://").split("/", 1)[0]
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": f"/models/{claim}", "readOnly": True})
+    return volumes, mounts
+
+
+def pool_service(spec: WorkerPoolSpec, owner: Owner) -> Obj:
+    """Headless: the router talks to each pod directly, so there is no virtual IP to balance."""
+    labels = _labels(spec.service, "engine", **{LABEL_ROLE: spec.role, LABEL_POOL: owner.name})
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(owner.name, owner, labels),
+            "spec": {"clusterIP": "None", "selector": {LABEL_POOL: owner.name}, "publishNotReadyAddresses": False,
+                     "ports": [{"name": "http", "port": PORT, "targetPort": "http"}]}}

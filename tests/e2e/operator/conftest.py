@@ -1,0 +1,85 @@
+"""The operator as a real process against the session's full control plane, with the CRDs applied."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
+from kvpilot.testing.procs import ManagedProcess, wait_for
+
+
+class Operator:
+    """`kvpilot operator run --standalone`, restartable, logging to the control plane's log folder."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+        self.proc: ManagedProcess | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        argv = [sys.executable, "-P", "-m", "kvpilot.cli", "operator", "run", "--standalone",
+                "--resync-seconds", "20"]
+        self.proc = ManagedProcess("kvpilot-operator", argv, self.plane.dir / "logs" / f"operator-{self.starts}.log",
+                                   env=self.plane.env(), cwd=REPO_ROOT)
+        proc = self.proc
+        wait_for(lambda: "Initial authentication has finished" in proc.log_path.read_text(), 30,
+                 "the operator to log in", proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def log_tail(self) -> str:
+        return self.proc.log_tail(60) if self.proc else ""
+
+
+@pytest.fixture(scope="session")
+def crds(k8s_full: ControlPlane) -> ControlPlane:
+    out = k8s_full.kubectl("apply", "-f", str(REPO_ROOT / "deploy" / "crds"))
+    assert out.returncode == 0, out.stderr
+    out = k8s_full.kubectl("wait", "--for=condition=Established", "--timeout=30s",
+                           "crd/llmservices.kvpilot.io", "crd/workerpools.kvpilot.io")
+    assert out.returncode == 0, out.stderr
+    return k8s_full
+
+
+@pytest.fixture(scope="session")
+def operator(crds: ControlPlane) -> Iterator[Operator]:
+    op = Operator(crds)
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+@pytest.fixture
+def namespace(crds: ControlPlane) -> Iterator[str]:
+    name = f"op-{uuid.uuid4().hex[:8]}"
+    assert crds.kubectl("create", "namespace", name).returncode == 0
+    yield name
+    crds.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture
+def kget(crds: ControlPlane, namespace: str) -> Callable[..., Any]:
+    """kubectl get … -o json in the test's namespace; None when the object does not exist."""
+
+    def get(*args: str) -> Any:
+        out = crds.kubectl("get", "-n", namespace, *args, "-o", "json")
+        if out.returncode != 0:
+            if "NotFound" in out.stderr:
+                return None
+            raise RuntimeError(out.stderr)
+        return json.loads(out.stdout)
+
+    return get
+

@@ -1,0 +1,56 @@
+"""The Helm chart: lint clean, renders least-privilege RBAC and the operator, installs into the cluster."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import yaml
+
+from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
+
+CHART = str(REPO_ROOT / "helm" / "kvpilot")
+
+
+def _docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def test_lint_and_template(crds: ControlPlane) -> None:
+    for extra in ([], ["--set", "replicaCount=2", "--set", "watchNamespaces={a,b}"]):
+        out = crds.helm("lint", "--strict", CHART, *extra)
+        assert out.returncode == 0, out.stdout + out.stderr
+    out = crds.helm("template", "kv", CHART, "--namespace", "kvpilot-system", "--skip-tests", "--set", "replicaCount=2",
+                    "--set", "watchNamespaces={team-a}")
+    assert out.returncode == 0, out.stderr
+    docs = _docs(out.stdout)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "KopfPeering", "Role", "RoleBinding",
+                     "Service", "ServiceAccount"]
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["operator", "run"] and "--peering=kvpilot" in args and "--namespace=team-a" in args
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert role["metadata"]["namespace"] == "team-a"
+    verbs = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert verbs[("apps", "deployments")] == {"get", "list", "watch", "create", "patch"}  # never delete or update
+    assert "delete" not in verbs[("kvpilot.io", "llmservices")]
+    cluster = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert not any("deployments" in rule["resources"] for rule in cluster["rules"])  # namespaced when scoped
+
+
+def test_install_and_uninstall(crds: ControlPlane) -> None:
+    release, ns = f"kv{uuid.uuid4().hex[:6]}", f"kvpilot-{uuid.uuid4().hex[:6]}"
+    out = crds.helm("install", release, CHART, "--namespace", ns, "--create-namespace", "--wait", "--timeout", "90s")
+    assert out.returncode == 0, out.stderr
+    assert "kubectl apply -f" in out.stdout  # NOTES.txt
+    dep = crds.kubectl("get", "deployment", "-n", ns, f"{release}-kvpilot", "-o",
+                       "jsonpath={.status.availableReplicas}")
+    assert dep.stdout == "1", dep.stderr
+    can = crds.kubectl("auth", "can-i", "patch", "workerpools.kvpilot.io/status", "-n", "default",
+                       f"--as=system:serviceaccount:{ns}:{release}-kvpilot")
+    assert can.stdout.strip() == "yes"
+    cannot = crds.kubectl("auth", "can-i", "delete", "deployments", "-n", "default",
+                          f"--as=system:serviceaccount:{ns}:{release}-kvpilot")
+    assert cannot.stdout.strip() == "no"
+    out = crds.helm("uninstall", release, "--namespace", ns, "--wait")
+    assert out.returncode == 0, out.stderr

@@ -1,0 +1,154 @@
+"""The operator against the real control plane: children, GPU scheduling, status, scale, self-healing, deletion."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
+from kvpilot.testing.procs import wait_for
+
+EXAMPLES = REPO_ROOT / "deploy" / "examples"
+Get = Callable[..., Any]
+Operator = Any  # conftest.Operator: start(), stop(), log_tail()
+
+
+def _condition(obj: Any, type_: str) -> dict[str, Any]:
+    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), {})
+
+
+def _ready(get: Get, name: str) -> bool:
+    svc = get("llmservice", name)
+    return bool(svc) and _condition(svc, "Ready").get("status") == "True"
+
+
+def _apply(plane: ControlPlane, namespace: str, doc: dict[str, Any]) -> None:
+    out = plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    assert out.returncode == 0, out.stderr
+
+
+def test_simulator_example_is_served_scaled_healed_and_deleted(
+        crds: ControlPlane, operator: Operator, namespace: str, kget: Get) -> None:
+    out = crds.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES / "simulator.yaml"))
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: _ready(kget, "sim-llama-8b"), 90, f"LLMService Ready\n{operator.log_tail()}")
+
+    svc = kget("llmservice", "sim-llama-8b")
+    status = svc["status"]
+    assert status["phase"] == "Ready" and status["observedGeneration"] == svc["metadata"]["generation"]
+    assert status["prefill"] == {"desired": 1, "replicas": 1, "ready": 1}
+    assert status["decode"] == {"desired": 2, "replicas": 2, "ready": 2}
+    assert status["endpoint"] == f"http://sim-llama-8b-router.{namespace}.svc:8000"
+    pools = {p["metadata"]["name"]: p for p in kget("workerpools")["items"]}
+    assert sorted(pools) == ["sim-llama-8b-decode", "sim-llama-8b-prefill"]
+    assert all(p["metadata"]["ownerReferences"][0]["uid"] == svc["metadata"]["uid"] for p in pools.values())
+    deps = {d["metadata"]["name"] for d in kget("deployments")["items"]}
+    assert deps == {"sim-llama-8b-prefill", "sim-llama-8b-decode", "sim-llama-8b-router"}
+    services = {s["metadata"]["name"]: s for s in kget("services")["items"]}
+    assert services["sim-llama-8b-decode"]["spec"]["clusterIP"] == "None"
+    config = yaml.safe_load(kget("configmap", "sim-llama-8b-router")["data"]["router.yaml"])
+    assert config["model"] == "llama-8b" and config["routing"]["policy"] == "dualmap"
+
+    pods = kget("pods", "-l", "kvpilot.io/service=sim-llama-8b,app.kubernetes.io/component=engine")["items"]
+    assert len(pods) == 3 and all(p["status"]["phase"] == "Running" for p in pods)
+    for pod in pods:
+        node = crds.kubectl("get", "node", pod["spec"]["nodeName"], "-o", "json")
+        assert json.loads(node.stdout)["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+    # kubectl scale goes through the WorkerPool's scale subresource; the Deployment follows and stays.
+    out = crds.kubectl("scale", "-n", namespace, "workerpool", "sim-llama-8b-decode", "--replicas", "3")
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: kget("deployment", "sim-llama-8b-decode")["spec"]["replicas"] == 3, 30, "Deployment at 3")
+    wait_for(lambda: (kget("llmservice", "sim-llama-8b")["status"]["decode"] == {"desired": 3, "replicas": 3,
+                                                                                 "ready": 3}), 60, "decode 3/3")
+    out = crds.kubectl("patch", "-n", namespace, "llmservice", "sim-llama-8b", "--type", "merge",
+                       "-p", '{"spec": {"slo": {"ttftMs": 1500}}}')  # a spec change makes the operator reconcile
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: kget("llmservice", "sim-llama-8b")["status"]["observedGeneration"] == 2, 30, "generation 2")
+    assert kget("workerpool", "sim-llama-8b-decode")["spec"]["replicas"] == 3
+    assert kget("deployment", "sim-llama-8b-decode")["spec"]["replicas"] == 3
+
+    # A manual edit of a managed field is reverted; a deleted child is recreated.
+    out = crds.kubectl("scale", "-n", namespace, "deployment", "sim-llama-8b-decode", "--replicas", "1")
+    assert out.returncode == 0, out.stderr
+    old_uid = kget("deployment", "sim-llama-8b-prefill")["metadata"]["uid"]
+    assert crds.kubectl("delete", "-n", namespace, "deployment", "sim-llama-8b-prefill").returncode == 0
+
+    def healed() -> bool:
+        prefill = kget("deployment", "sim-llama-8b-prefill")
+        return (prefill is not None and prefill["metadata"]["uid"] != old_uid
+                and kget("deployment", "sim-llama-8b-decode")["spec"]["replicas"] == 3)
+
+    wait_for(healed, 30, f"the deleted Deployment recreated and the edit reverted\n{operator.log_tail()}")
+    wait_for(lambda: _ready(kget, "sim-llama-8b"), 60, "Ready again")
+
+    # Deleting the LLMService removes everything it created (garbage collection via owner references).
+    assert crds.kubectl("delete", "-n", namespace, "llmservice", "sim-llama-8b", "--wait=true").returncode == 0
+
+    def gone() -> bool:
+        left = [kget(kind)["items"] for kind in ("workerpools", "deployments", "services", "configmaps",
+                                                  "roles", "rolebindings")]
+        names = [o["metadata"]["name"] for items in left for o in items]
+        return not any(n.startswith("sim-llama-8b") for n in names)
+
+    wait_for(gone, 60, "every child garbage-collected")
+
+
+def test_more_gpus_than_any_node_is_degraded_not_applied(
+        crds: ControlPlane, operator: Operator, namespace: str, kget: Get) -> None:
+    doc = yaml.safe_load((EXAMPLES / "simulator.yaml").read_text())
+    doc["metadata"]["name"] = "huge"
+    doc["spec"]["decode"]["gpus"] = 16
+    _apply(crds, namespace, doc)
+
+    def degraded() -> bool:
+        return _condition(kget("llmservice", "huge"), "Degraded").get("status") == "True"
+
+    wait_for(degraded, 30, f"Degraded condition\n{operator.log_tail()}")
+    svc = kget("llmservice", "huge")
+    cond = _condition(svc, "Degraded")
+    assert cond["reason"] == "InsufficientGPUCapacity"
+    assert "16 nvidia.com/gpu" in cond["message"] and "largest node has 8" in cond["message"]
+    assert svc["status"]["phase"] == "Degraded" and _condition(svc, "Ready")["status"] == "False"
+    assert kget("workerpools")["items"] == [] and kget("deployments")["items"] == []
+    events = crds.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=huge",
+                          "-o", "json")
+    assert any(e["reason"] == "Degraded" and e["type"] == "Warning" for e in json.loads(events.stdout)["items"])
+
+    # Fixing the spec applies it.
+    doc["spec"]["decode"]["gpus"] = 1
+    _apply(crds, namespace, doc)
+    wait_for(lambda: _ready(kget, "huge"), 60, "Ready after the fix")
+
+
+def test_restart_mid_reconcile_converges_and_mode_switch_prunes(
+        crds: ControlPlane, operator: Operator, namespace: str, kget: Get) -> None:
+    doc = {"apiVersion": "kvpilot.io/v1alpha1", "kind": "LLMService", "metadata": {"name": "small"},
+           "spec": {"model": {"name": "Qwen/Qwen2.5-0.5B-Instruct"},
+                    "engine": {"type": "simulator", "profile": "h100-qwen2.5-0.5b"},
+                    "mode": "aggregated", "decode": {"replicas": 2, "gpus": 1}}}
+    operator.stop()
+    try:
+        _apply(crds, namespace, doc)
+        assert kget("workerpools")["items"] == []
+    finally:
+        operator.start()
+    wait_for(lambda: _ready(kget, "small"), 60, f"Ready after the restart\n{operator.log_tail()}")
+    assert [p["metadata"]["name"] for p in kget("workerpools")["items"]] == ["small-worker"]
+    assert kget("llmservice", "small")["status"]["decode"]["ready"] == 2
+
+    doc["spec"]["mode"] = "disaggregated"
+    _apply(crds, namespace, doc)
+
+    def switched() -> bool:
+        names = sorted(p["metadata"]["name"] for p in kget("workerpools")["items"])
+        return names == ["small-decode", "small-prefill"] and kget("deployment", "small-worker") is None
+
+    wait_for(switched, 60, "prefill and decode pools replacing the aggregated one")
+    wait_for(lambda: _ready(kget, "small"), 60, "Ready in disaggregated mode")
+    args = kget("deployment", "small-decode")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:4] == ["sim", "serve", "--profile", "h100-qwen2.5-0.5b"]

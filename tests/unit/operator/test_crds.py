@@ -1,0 +1,91 @@
+"""The CRDs generated from kvpilot.crds: committed files current, structural, and the same rules as pydantic."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from kvpilot.crds import LLMService, LLMServiceSpec, PoolSpec
+from kvpilot.operator import crdgen
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _crd(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "crds" / name).read_text())
+    return doc
+
+
+def test_committed_crds_match_the_models() -> None:
+    stale = crdgen.stale_files()
+    assert not stale, f"run `python -P -m kvpilot.operator.crdgen`: stale {stale}"
+    assert (ROOT / "deploy/crds/llmservices.yaml").read_text() == \
+        (ROOT / "helm/kvpilot/crds/llmservices.yaml").read_text()
+
+
+def test_schemas_are_structural() -> None:
+    for name in ("llmservices.yaml", "workerpools.yaml"):
+        text = json.dumps(_crd(name))
+        for construct in ('"$ref"', '"anyOf"', '"oneOf"', '"null"', '"title"', '"additionalProperties": true'):
+            assert construct not in text, f"{construct} in {name}"
+
+
+def test_llmservice_names_columns_and_rules() -> None:
+    crd = _crd("llmservices.yaml")
+    assert crd["spec"]["names"]["shortNames"] == ["llmsvc"]
+    version = crd["spec"]["versions"][0]
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Phase"] == ".status.phase" and "Ready" in columns
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["required"] == ["model"]
+    assert spec["properties"]["engine"]["properties"]["type"]["enum"] == ["vllm", "simulator", "ray-serve"]
+    decode = spec["properties"]["decode"]
+    assert decode["properties"]["replicas"]["minimum"] == 0
+    assert any("minReplicas <= self.maxReplicas" in r["rule"] for r in decode["x-kubernetes-validations"])
+    attainment = spec["properties"]["slo"]["properties"]["attainment"]
+    assert attainment["exclusiveMinimum"] is True and attainment["minimum"] == 0
+
+
+def test_workerpool_scale_subresource() -> None:
+    version = _crd("workerpools.yaml")["spec"]["versions"][0]
+    assert version["subresources"]["scale"] == {"specReplicasPath": ".spec.replicas",
+                                                "statusReplicasPath": ".status.replicas",
+                                                "labelSelectorPath": ".status.selector"}
+    assert [c["name"] for c in version["additionalPrinterColumns"]][:4] == ["Service", "Role", "Desired", "Ready"]
+
+
+@pytest.mark.parametrize("pool, message", [
+    ({"minReplicas": 3, "maxReplicas": 2, "replicas": 2}, "minReplicas must be less than or equal to maxReplicas"),
+    ({"minReplicas": 2, "replicas": 1}, "replicas must be greater than or equal to minReplicas"),
+    ({"maxReplicas": 2, "replicas": 3}, "replicas must be less than or equal to maxReplicas"),
+    ({"gpus": 3, "tensorParallel": 2}, "gpus must be a multiple of tensorParallel"),
+])
+def test_pydantic_enforces_the_cel_rules(pool: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        PoolSpec.model_validate(pool)
+    rules = [r["message"] for r in _crd("llmservices.yaml")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+             ["properties"]["spec"]["properties"]["decode"]["x-kubernetes-validations"]]
+    assert message in rules
+
+
+def test_aggregated_service_rejects_a_prefill_pool() -> None:
+    with pytest.raises(ValidationError, match="prefill is only used in disaggregated mode"):
+        LLMServiceSpec.model_validate({"model": {"name": "m"}, "mode": "aggregated", "prefill": {}})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "deploy" / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_parse(path: Path) -> None:
+    svc = LLMService.model_validate(yaml.safe_load(path.read_text()))
+    assert svc.spec.pools()
+
+
+def test_chart_version_is_the_package_version() -> None:
+    package = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    chart = yaml.safe_load((ROOT / "helm" / "kvpilot" / "Chart.yaml").read_text())
+    assert chart["version"] == chart["appVersion"] == package

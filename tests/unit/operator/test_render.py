@@ -1,0 +1,125 @@
+"""Rendering children is a pure function: check the objects an LLMService and its WorkerPools become."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
+from kvpilot.operator import render
+
+OWNER = render.Owner("kvpilot.io/v1alpha1", "LLMService", "llama", "ml", "uid-1")
+
+
+def _spec(**overrides: Any) -> LLMServiceSpec:
+    base: dict[str, Any] = {"model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": "llama-8b"},
+                            "engine": {"type": "vllm"}, "prefill": {"replicas": 2, "gpus": 2, "tensorParallel": 2},
+                            "decode": {"replicas": 3}}
+    return LLMServiceSpec.model_validate({**base, **overrides})
+
+
+def _pool(spec: LLMServiceSpec, role: str) -> tuple[WorkerPoolSpec, render.Owner]:
+    obj = next(p for p in render.workerpools(spec, OWNER) if p["spec"]["role"] == role)
+    owner = render.Owner("kvpilot.io/v1alpha1", "WorkerPool", obj["metadata"]["name"], "ml", "uid-pool")
+    return WorkerPoolSpec.model_validate(obj["spec"]), owner
+
+
+def test_disaggregated_gives_prefill_and_decode_pools_owned_by_the_service() -> None:
+    pools = render.workerpools(_spec(), OWNER)
+    assert [(p["metadata"]["name"], p["spec"]["role"], p["spec"]["replicas"]) for p in pools] == [
+        ("llama-prefill", "prefill", 2), ("llama-decode", "decode", 3)]
+    for pool in pools:
+        assert pool["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+        assert "replicas" not in render.without_replicas(pool)["spec"]
+
+
+def test_aggregated_gives_one_worker_pool_from_decode() -> None:
+    spec = _spec(mode="aggregated", prefill=None)
+    pools = render.workerpools(spec, OWNER)
+    assert [(p["metadata"]["name"], p["spec"]["role"], p["spec"]["replicas"]) for p in pools] == [
+        ("llama-worker", "aggregated", 3)]
+    pool, _ = _pool(spec, "aggregated")
+    _, args = render.engine_command(pool)
+    assert "--kv-transfer-config" not in args and "--enable-prefix-caching" in args
+
+
+def test_vllm_prefill_args_gpus_and_probes() -> None:
+    pool, owner = _pool(_spec(), "prefill")
+    dep = render.pool_deployment(pool, owner)
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["vllm", "serve"]
+    args = container["args"]
+    assert args[0] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--served-model-name") + 1] == "llama-8b"
+    kv = json.loads(args[args.index("--kv-transfer-config") + 1])
+    assert kv == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["selector"]["matchLabels"] == {render.LABEL_POOL: "llama-prefill"}
+    assert dep["metadata"]["ownerReferences"][0]["kind"] == "WorkerPool"
+
+
+def test_lmcache_roles_follow_the_pool_role() -> None:
+    spec = _spec(kvTransfer={"backend": "redis", "redisURL": "redis://127.0.0.1:6379"})
+    for role, kv_role in (("prefill", "kv_producer"), ("decode", "kv_consumer")):
+        pool, _ = _pool(spec, role)
+        assert render.kv_transfer_config(pool) == {"kv_connector": "LMCacheConnectorV1", "kv_role": kv_role}
+        assert {"name": "LMCACHE_REMOTE_URL", "value": "redis://127.0.0.1:6379"} in render.engine_env(pool)
+
+
+def test_simulator_runs_kvpilot_sim_serve_with_its_profile() -> None:
+    spec = _spec(engine={"type": "simulator", "profile": "h100-qwen2.5-7b", "args": ["--time-scale", "10"]})
+    pool, owner = _pool(spec, "decode")
+    container = render.pool_deployment(pool, owner)["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["kvpilot"]
+    assert container["args"] == ["sim", "serve", "--profile", "h100-qwen2.5-7b", "--model", "llama-8b",
+                                 "--host", "0.0.0.0", "--port", "8000", "--time-scale", "10"]
+    assert container["image"].startswith("ghcr.io/kvpilot/kvpilot:")
+
+
+def test_pvc_model_is_mounted_and_passed_as_a_path() -> None:
+    spec = _spec(model={"name": "m", "uri": "pvc://weights/llama/8b"})
+    pool, owner = _pool(spec, "decode")
+    pod = render.pool_deployment(pool, owner)["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"][0] == "/models/weights/llama/8b"
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod["volumes"]
+
+
+def test_scheduling_fields_reach_the_pod() -> None:
+    spec = _spec(decode={"nodeSelector": {"gpu": "h100"}, "tolerations": [{"key": "nvidia.com/gpu",
+                                                                            "operator": "Exists"}]})
+    pool, owner = _pool(spec, "decode")
+    pod = render.pool_deployment(pool, owner)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_headless_service_selects_the_pool() -> None:
+    pool, owner = _pool(_spec(), "decode")
+    svc = render.pool_service(pool, owner)
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"] == {render.LABEL_POOL: "llama-decode"}
+
+
+def test_router_config_selectors_match_engine_pod_labels() -> None:
+    spec = _spec()
+    objs = {o["kind"]: o for o in render.router_objects(spec, OWNER, "img:1")}
+    assert set(objs) == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service"}
+    container = objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["kvpilot", "router", "--config", render.ROUTER_CONFIG]
+    config = render.router_config(spec, OWNER)
+    for role in ("prefill", "decode"):
+        pool, owner = _pool(spec, role)
+        labels = render.pool_deployment(pool, owner)["spec"]["template"]["metadata"]["labels"]
+        wanted = dict(kv.split("=") for kv in config["discovery"]["pools"][role]["selector"].split(","))
+        assert wanted.items() <= labels.items()
+    assert all(o["metadata"]["ownerReferences"][0]["uid"] == "uid-1" for o in objs.values())
+
+
+def test_router_pods_roll_when_the_config_changes() -> None:
+    def digest(spec: LLMServiceSpec) -> str:
+        dep = next(o for o in render.router_objects(spec, OWNER) if o["kind"] == "Deployment")
+        return str(dep["spec"]["template"]["metadata"]["annotations"]["kvpilot.io/config-hash"])
+
+    assert digest(_spec()) == digest(_spec())
+    assert digest(_spec()) != digest(_spec(routing={"policy": "round-robin"}))
