@@ -30,7 +30,10 @@ class ModelConfig(BaseModel):
     policy: str = "dualmap"
     mode: Literal["aggregated", "disaggregated"] = "aggregated"
     endpoints: list[Endpoint] = Field(default_factory=list)
-    block_size: int = Field(16, gt=0, alias="blockSize")
+    # The router's own hashing granularity: coarser than the engine's 16-token blocks keeps a
+    # decision cheap (one hash per 256 tokens); affinity only needs prefix identity, not vLLM's hashes.
+    block_size: int = Field(256, gt=0, alias="blockSize")
+    max_hashed_blocks: int = Field(256, gt=0, alias="maxHashedBlocks")
     slo_ttft_ms: float = Field(2000, gt=0, alias="ttftMs")
     kv_capacity_tokens: int = Field(400_000, gt=0, alias="kvCapacityTokens")
     max_inflight_per_endpoint: int = Field(256, gt=0, alias="maxInflightPerEndpoint")

@@ -9,43 +9,77 @@ Several policies need the same two estimates, kept from what the router itself d
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
 
 
+@functools.lru_cache(maxsize=512)
+def ladder(n: int, dense: int = 16) -> tuple[int, ...]:
+    """Block positions the shadow cache tracks for an n-block prompt: every block of the first
+    `dense`, then every 2nd up to 2·dense, every 4th up to 4·dense, … and always the last. Chained
+    hashes make a hit on block i imply hits on all before it, so this bounds the work per
+    request by O(dense · log n) while the hit estimate stays within 1/dense of the truth."""
+    out: list[int] = []
+    step, limit = 1, dense
+    for i in range(n):
+        while i >= limit:
+            step, limit = step * 2, limit * 2
+        if i % step == step - 1:
+            out.append(i)
+    if n and (not out or out[-1] != n - 1):
+        out.append(n - 1)
+    return tuple(out)
+
+
 class ShadowCache:
-    """An LRU set of block hashes the router believes an instance holds."""
+    """An LRU set of block hashes the router believes an instance holds.
 
-    __slots__ = ("_blocks", "capacity")
+    A request's blocks are inserted tail first, so its head is the most recent and is evicted
+    last, as in the engine; cached blocks then form a prefix of each prompt, and `match` can
+    binary-search for the end of it. Only the `ladder` positions of the first `max_blocks`
+    blocks are tracked, which keeps a decision's cost nearly flat in prompt length.
+    """
 
-    def __init__(self, capacity_blocks: int) -> None:
+    __slots__ = ("_blocks", "capacity", "max_blocks", "size")
+
+    def __init__(self, capacity_blocks: int, max_blocks: int = 256) -> None:
         self.capacity = max(1, capacity_blocks)
-        self._blocks: OrderedDict[int, None] = OrderedDict()
+        self.max_blocks = max_blocks
+        self._blocks: OrderedDict[int, int] = OrderedDict()  # hash → blocks it stands for
+        self.size = 0                                        # blocks represented, against capacity
 
     def __len__(self) -> int:
-        return len(self._blocks)
+        return self.size
 
     def match(self, hashes: list[int]) -> int:
-        """Leading blocks of `hashes` believed cached."""
-        n = 0
+        """Leading blocks of `hashes` believed cached (to the precision of the ladder)."""
         blocks = self._blocks
-        for h in hashes:
-            if h not in blocks:
-                break
-            n += 1
-        return n
+        steps = ladder(min(len(hashes), self.max_blocks))
+        lo, hi = 0, len(steps)  # invariant: steps[:lo] cached, steps[hi:] not
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if hashes[steps[mid]] in blocks:
+                lo = mid + 1
+            else:
+                hi = mid
+        return steps[lo - 1] + 1 if lo else 0
 
     def insert(self, hashes: list[int]) -> None:
         blocks = self._blocks
-        for h in hashes:
+        steps = ladder(min(len(hashes), self.max_blocks))
+        for j in range(len(steps) - 1, -1, -1):
+            h = hashes[steps[j]]
             if h in blocks:
                 blocks.move_to_end(h)
             else:
-                blocks[h] = None
-        while len(blocks) > self.capacity:
-            blocks.popitem(last=False)
+                weight = steps[j] - steps[j - 1] if j else 1
+                blocks[h] = weight
+                self.size += weight
+        while self.size > self.capacity:
+            self.size -= blocks.popitem(last=False)[1]
 
 
 class LoadEstimator:

@@ -69,6 +69,13 @@ class HashRing:
             self._members.discard(name)
             self._rebuild()
 
+    def set_members(self, names: Iterable[str]) -> None:
+        """Replace the membership with one rebuild (a pod list from a watch, a scale event)."""
+        members = set(names)
+        if members != self._members:
+            self._members = members
+            self._rebuild()
+
     def _rebuild(self) -> None:
         points = sorted((self._hash(f"{name}#{i}".encode()), name) for name in self._members
                         for i in range(self.vnodes))
@@ -121,6 +128,11 @@ class DualRing:
     def remove(self, name: str) -> None:
         self.first.remove(name)
         self.second.remove(name)
+
+    def set_members(self, names: Iterable[str]) -> None:
+        names = list(names)
+        self.first.set_members(names)
+        self.second.set_members(names)
 
     def candidates(self, key: int) -> tuple[str, str]:
         c1 = self.first.lookup(key)

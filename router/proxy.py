@@ -103,7 +103,8 @@ class Router:
             model_name = str(body["model"])
             served = self.models[model_name]
             prompt = self._prompt(body, chat)
-            view = RequestView(rid, token_count(prompt), block_hashes(prompt, served.config.block_size),
+            cfg = served.config
+            view = RequestView(rid, token_count(prompt), block_hashes(prompt, cfg.block_size, cfg.max_hashed_blocks),
                                time.monotonic())
             path = "/v1/chat/completions" if chat else "/v1/completions"
             if served.prefill is not None:

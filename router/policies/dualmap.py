@@ -42,18 +42,18 @@ class DualMap(BasePolicy):
         self.theta = theta
         self.estimate = LoadEstimator(self.context, prefill_token_s, ewma)
         self._names: tuple[str, ...] = ()
+        self._seen: Sequence[InstanceLoad] | None = None
         self._index: dict[str, int] = {}
         self._ring = DualRing(vnodes=vnodes)
 
     def _sync(self, instances: Sequence[InstanceLoad]) -> None:
+        if instances is self._seen:  # the caller's list is unchanged: the common case, O(1)
+            return
+        self._seen = instances
         names = tuple(i.name for i in instances)
         if names == self._names:
             return
-        for name in set(self._names) - set(names):
-            self._ring.remove(name)
-        for name in names:
-            if name not in self._ring.members:
-                self._ring.add(name)
+        self._ring.set_members(names)
         self.estimate.track(instances)
         self._names = names
         self._index = {name: i for i, name in enumerate(names)}

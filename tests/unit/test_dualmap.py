@@ -62,3 +62,18 @@ def test_first_token_calibrates_per_token_time_and_drains_backlog() -> None:
 def test_registry_builds_dualmap_with_context() -> None:
     policy = make_policy("dualmap", CTX)
     assert isinstance(policy, DualMap) and policy.depth == 1024 // 16
+
+
+def test_shadow_cache_evicts_tails_first_and_matches_prefixes() -> None:
+    from kvpilot.router.estimate import ShadowCache
+
+    cache = ShadowCache(capacity_blocks=5, max_blocks=100)
+    a = [1, 2, 3, 4]
+    cache.insert(a)
+    assert cache.match(a) == 4 and cache.match([1, 2, 9, 4]) == 2 and cache.match([9]) == 0
+    cache.insert([1, 2, 7, 8])  # shares the head; pushes out a's tail block, never its head
+    assert cache.match(a) == 3
+    assert cache.match([1, 2, 7, 8]) == 4
+    capped = ShadowCache(capacity_blocks=100, max_blocks=3)
+    capped.insert(a)
+    assert capped.match(a) == 3  # only the first max_blocks are tracked
