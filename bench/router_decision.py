@@ -5,7 +5,8 @@
 Requests are Mooncake-like: a shared 512-token head, then a per-conversation prefix drawn from a
 Zipf-ish pool (so shadow caches hit), then a unique tail; block hashes are precomputed at the
 router's granularity (256-token blocks, at most 256 of them, as the proxy hashes while parsing).
-The instance list is one stable list, as the proxy's pool passes it while membership is unchanged. Each timed call is measured with perf_counter_ns;
+The instance list is one stable list, as the proxy's pool passes it while membership is unchanged.
+Each timed call is measured with perf_counter_ns;
 the table gives p50/p99 in µs over `--requests` decisions after a warm-up. Goal (router issue):
 ≤ 20 µs p99 at 1,000 instances, flat in prompt length.
 """
