@@ -8,6 +8,7 @@ back when it recovers.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -41,10 +42,22 @@ class Pool:
         self.breaker_failures = breaker_failures
         self.breaker_cooldown_s = breaker_cooldown_s
         self.max_inflight = max_inflight
+        self._healthy: list[Member] | None = None
+        self._healthy_loads: list[InstanceLoad] = []
+        self._healthy_until = 0.0
 
     def healthy(self, exclude: frozenset[str] = frozenset()) -> list[Member]:
+        """Members whose breaker is closed. Without exclusions the same list object is returned
+        until a breaker opens or closes, so policies can skip re-syncing their rings."""
         now = time.monotonic()
-        return [m for m in self.members if not m.breaker.is_open(now) and m.endpoint.name not in exclude]
+        if self._healthy is None or now >= self._healthy_until:
+            self._healthy = [m for m in self.members if not m.breaker.is_open(now)]
+            self._healthy_loads = [m.load for m in self._healthy]
+            self._healthy_until = min((m.breaker.open_until for m in self.members if m.breaker.open_until > now),
+                                      default=math.inf)
+        if exclude:
+            return [m for m in self._healthy if m.endpoint.name not in exclude]
+        return self._healthy
 
     def saturated(self) -> bool:
         """Every healthy endpoint is at its in-flight limit: the caller should shed load (429)."""
@@ -52,12 +65,17 @@ class Pool:
         return bool(live) and all(m.load.in_flight >= self.max_inflight for m in live)
 
     def choose(self, request: RequestView, exclude: frozenset[str] = frozenset()) -> tuple[Member, Decision] | None:
-        candidates = [m for m in self.healthy(exclude) if m.load.in_flight < self.max_inflight]
-        if not candidates:
+        members = self.healthy(exclude)
+        loads = self._healthy_loads if members is self._healthy else [m.load for m in members]
+        if not members or all(m.load.in_flight >= self.max_inflight for m in members):
             return None
-        loads = [m.load for m in candidates]
         decision = self.policy.route(request, loads)
-        member = candidates[decision.index]
+        if members[decision.index].load.in_flight >= self.max_inflight:
+            # The policy's pick is full: choose again among those with room.
+            members = [m for m in members if m.load.in_flight < self.max_inflight]
+            loads = [m.load for m in members]
+            decision = self.policy.route(request, loads)
+        member = members[decision.index]
         self.policy.on_dispatch(request, decision.index, loads)
         member.load.in_flight += 1
         member.load.pending_prefill_tokens += request.prompt_tokens
@@ -80,5 +98,6 @@ class Pool:
         if b.failures >= self.breaker_failures and not b.is_open(time.monotonic()):
             b.open_until = time.monotonic() + self.breaker_cooldown_s
             b.failures = 0
+            self._healthy = None
             return True
         return False
