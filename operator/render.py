@@ -99,18 +99,21 @@ def pool_selector(service: str, role: Role) -> str:
     return f"{LABEL_SERVICE}={service},{LABEL_ROLE}={role},{LABEL_COMPONENT}=engine"
 
 
+# Pool roles as the router names them: an aggregated pool serves both prefill and decode.
+ROUTER_ROLES: dict[Role, str] = {"aggregated": "both", "prefill": "prefill", "decode": "decode"}
+
+
 def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
-    """What `kvpilot router --config` reads: pools are found by pod labels in the namespace."""
+    """What `kvpilot router --config` reads (`kvpilot.router.config.RouterConfig`): one model,
+    whose endpoints are the ready pods of each pool, found by label in this namespace."""
     return {
-        "model": spec.model.served(),
-        "listen": {"host": "0.0.0.0", "port": PORT},
-        "mode": spec.mode,
-        "routing": spec.routing.wire(),
-        "slo": spec.slo.wire(),
-        "discovery": {"kind": "kubernetes", "namespace": owner.namespace,
-                      "pools": {role: {"selector": pool_selector(owner.name, role), "port": PORT}
-                                for role in spec.pools()}},
-        "kvTransfer": spec.kv_transfer.wire() if spec.kv_transfer else None,
+        "host": "0.0.0.0", "port": PORT,  # the router pod listens on its pod IP
+        "models": [{
+            "name": spec.model.served(), "policy": spec.routing.policy, "mode": spec.mode,
+            "ttftMs": spec.slo.ttft_ms,
+            "discovery": {"namespace": owner.namespace, "port": PORT,
+                          "pools": {ROUTER_ROLES[role]: pool_selector(owner.name, role) for role in spec.pools()}},
+        }],
     }
 
 

@@ -23,6 +23,16 @@ class Endpoint(BaseModel):
     role: Role = "both"
 
 
+class Discovery(BaseModel):
+    """Find endpoints as ready pods in a namespace, one label selector per role."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str
+    port: int = Field(8000, gt=0, le=65535)
+    pools: dict[Role, str] = Field(min_length=1, description="role → label selector")
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -30,6 +40,7 @@ class ModelConfig(BaseModel):
     policy: str = "dualmap"
     mode: Literal["aggregated", "disaggregated"] = "aggregated"
     endpoints: list[Endpoint] = Field(default_factory=list)
+    discovery: Discovery | None = None
     # The router's own hashing granularity: coarser than the engine's 16-token blocks keeps a
     # decision cheap (one hash per 256 tokens); affinity only needs prefix identity, not vLLM's hashes.
     block_size: int = Field(256, gt=0, alias="blockSize")
@@ -40,8 +51,14 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _roles_fit_mode(self) -> ModelConfig:
-        roles = {e.role for e in self.endpoints}
-        if self.mode == "disaggregated" and self.endpoints and not {"prefill", "decode"} <= roles:
+        from kvpilot.router.policies import POLICIES  # late: policies import this module's neighbours
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {self.policy!r}; known: {', '.join(sorted(POLICIES))}")
+        roles = {e.role for e in self.endpoints} | (set(self.discovery.pools) if self.discovery else set())
+        if self.endpoints and self.discovery:
+            raise ValueError(f"model {self.name!r}: give static endpoints or discovery, not both")
+        if self.mode == "disaggregated" and roles and not {"prefill", "decode"} <= roles:
             raise ValueError(f"model {self.name!r} is disaggregated but lacks prefill or decode endpoints")
         names = [e.name for e in self.endpoints]
         if len(names) != len(set(names)):

@@ -37,14 +37,27 @@ class Pool:
     def __init__(self, endpoints: list[Endpoint], policy: Policy, *, breaker_failures: int = 3,
                  breaker_cooldown_s: float = 10.0, max_inflight: int = 256) -> None:
         self.policy = policy
-        self.members = [Member(e, InstanceLoad(e.name), url=str(e.url).rstrip("/")) for e in endpoints]
-        self.by_name = {m.endpoint.name: m for m in self.members}
+        self.members: list[Member] = []
+        self.by_name: dict[str, Member] = {}
         self.breaker_failures = breaker_failures
         self.breaker_cooldown_s = breaker_cooldown_s
         self.max_inflight = max_inflight
         self._healthy: list[Member] | None = None
         self._healthy_loads: list[InstanceLoad] = []
         self._healthy_until = 0.0
+        self.set_endpoints(endpoints)
+
+    def set_endpoints(self, endpoints: list[Endpoint]) -> None:
+        """Replace the membership (discovery); members that stay keep their load and breaker."""
+        old = self.by_name
+        members = []
+        for e in endpoints:
+            m = old.get(e.name) or Member(e, InstanceLoad(e.name))
+            m.endpoint, m.url = e, str(e.url).rstrip("/")  # same pod name may come back with a new IP
+            members.append(m)
+        self.members = members
+        self.by_name = {m.endpoint.name: m for m in self.members}
+        self._healthy = None
 
     def healthy(self, exclude: frozenset[str] = frozenset()) -> list[Member]:
         """Members whose breaker is closed. Without exclusions the same list object is returned

@@ -23,7 +23,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvpilot.router.config import ModelConfig, RouterConfig
+from kvpilot.router.config import Endpoint, ModelConfig, RouterConfig
+from kvpilot.router.discovery import PodWatcher
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import PolicyContext, RequestView
@@ -74,19 +75,37 @@ class Router:
             ctx = PolicyContext(slo_ttft_s=m.slo_ttft_ms / 1000, block_size=m.block_size,
                                 kv_capacity_tokens=m.kv_capacity_tokens, seed=cfg.seed)
 
-            def pool(roles: set[str], policy: str, m: ModelConfig = m, ctx: PolicyContext = ctx) -> Pool:
-                return Pool([e for e in m.endpoints if e.role in roles], make_policy(policy, ctx),
-                            breaker_failures=cfg.breaker_failures, breaker_cooldown_s=cfg.breaker_cooldown_s,
-                            max_inflight=m.max_inflight_per_endpoint)
+            def pool(policy: str, m: ModelConfig = m, ctx: PolicyContext = ctx) -> Pool:
+                return Pool([], make_policy(policy, ctx), breaker_failures=cfg.breaker_failures,
+                            breaker_cooldown_s=cfg.breaker_cooldown_s, max_inflight=m.max_inflight_per_endpoint)
 
             if m.mode == "disaggregated":
                 # The cache lives where prefill runs: the model's policy picks prefill; decode balances load.
-                self.models[m.name] = Served(m, pool({"decode", "both"}, "least-loaded"),
-                                             pool({"prefill", "both"}, m.policy))
+                served = Served(m, pool("least-loaded"), pool(m.policy))
             else:
-                self.models[m.name] = Served(m, pool({"both", "prefill", "decode"}, m.policy), None)
+                served = Served(m, pool(m.policy), None)
+            self.models[m.name] = served
+            self._set_endpoints(served, m.endpoints)
         self.session: aiohttp.ClientSession | None = None
         self._scraper: asyncio.Task[None] | None = None
+        self._watchers: list[PodWatcher] = []
+        self._discovered: dict[tuple[str, str], list[Endpoint]] = {}
+
+    @staticmethod
+    def _set_endpoints(served: Served, endpoints: list[Endpoint]) -> None:
+        """Split endpoints by role: in P/D, prefill-capable ones serve prefill, the others decode."""
+        if served.prefill is None:
+            served.main.set_endpoints(endpoints)
+            return
+        served.prefill.set_endpoints([e for e in endpoints if e.role in ("prefill", "both")])
+        served.main.set_endpoints([e for e in endpoints if e.role in ("decode", "both")])
+
+    def _discovered_pods(self, served: Served, role: str, endpoints: list[Endpoint]) -> None:
+        self._discovered[(served.config.name, role)] = endpoints
+        merged = [e for (model, _), eps in sorted(self._discovered.items()) if model == served.config.name
+                  for e in eps]
+        self._set_endpoints(served, merged)
+        log.info("model %s: %d %s endpoint(s) discovered", served.config.name, len(endpoints), role)
 
     # -- request entry points -------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -349,8 +368,22 @@ class Router:
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=self.cfg.connect_timeout_s)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         self._scraper = asyncio.create_task(self._scrape_loop())
+        loop = asyncio.get_running_loop()
+        for served in self.models.values():
+            d = served.config.discovery
+            if d is None:
+                continue
+            for role, selector in d.pools.items():
+                def publish(eps: list[Endpoint], served: Served = served, role: str = role) -> None:
+                    self._discovered_pods(served, role, eps)
+
+                watcher = PodWatcher(d.namespace, selector, d.port, role, publish, loop)
+                watcher.start()
+                self._watchers.append(watcher)
 
     async def _on_cleanup(self, app: web.Application) -> None:
+        for watcher in self._watchers:
+            watcher.stop()
         if self._scraper is not None:
             self._scraper.cancel()
         if self.session is not None:

@@ -14,9 +14,9 @@ from kvpilot.testing.procs import ManagedProcess, free_port, wait_for
 
 class SimWorker:
     def __init__(self, *args: str, model: str = "sim-model", workdir: Path | None = None,
-                 host: str = "127.0.0.1", wait: bool = True) -> None:
+                 host: str = "127.0.0.1", port: int | None = None, wait: bool = True) -> None:
         self.host = host
-        self.port = free_port(host)
+        self.port = port or free_port(host)
         self.model = model
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="kvpilot-sim-"))
         argv = [sys.executable, "-P", "-m", "kvpilot.cli", "sim", "serve", "--host", host, "--port", str(self.port),

@@ -7,6 +7,7 @@ from typing import Any
 
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
 from kvpilot.operator import render
+from kvpilot.router.config import RouterConfig
 
 OWNER = render.Owner("kvpilot.io/v1alpha1", "LLMService", "llama", "ml", "uid-1")
 
@@ -111,8 +112,12 @@ def test_router_config_selectors_match_engine_pod_labels() -> None:
     for role in ("prefill", "decode"):
         pool, owner = _pool(spec, role)
         labels = render.pool_deployment(pool, owner)["spec"]["template"]["metadata"]["labels"]
-        wanted = dict(kv.split("=") for kv in config["discovery"]["pools"][role]["selector"].split(","))
+        selector = config["models"][0]["discovery"]["pools"][render.ROUTER_ROLES[role]]
+        wanted = dict(kv.split("=") for kv in selector.split(","))
         assert wanted.items() <= labels.items()
+    # The router accepts what the operator renders (one schema, checked at both ends).
+    parsed = RouterConfig.model_validate(config)
+    assert parsed.models[0].mode == "disaggregated" and parsed.models[0].discovery is not None
     assert all(o["metadata"]["ownerReferences"][0]["uid"] == "uid-1" for o in objs.values())
 
 
