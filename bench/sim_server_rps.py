@@ -23,7 +23,7 @@ from kvpilot.testing.sim import SimWorker
 from kvpilot.tokens import block_text
 
 
-async def drive(url: str, rate: float, seconds: float) -> tuple[int, int, float, list[float]]:
+async def drive(url: str, rate: float, seconds: float, model: str | None = None) -> tuple[int, int, float, list[float]]:
     n = int(rate * seconds)
     ttfts: list[float] = []
     done = 0
@@ -35,7 +35,8 @@ async def drive(url: str, rate: float, seconds: float) -> tuple[int, int, float,
             nonlocal done, errors
             await asyncio.sleep(max(0.0, at - time.monotonic()))
             sent = time.monotonic()
-            body = {"prompt": block_text(i % 512, 128), "max_tokens": 16, "stream": True}
+            body = {"prompt": block_text(i % 512, 128), "max_tokens": 16, "stream": True,
+                    **({"model": model} if model else {})}
             try:
                 async with session.post(url + "/v1/completions", json=body) as resp:
                     first = True

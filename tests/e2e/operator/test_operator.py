@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from kvpilot.router.config import RouterConfig
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
 from kvpilot.testing.procs import wait_for
 
@@ -49,8 +50,11 @@ def test_simulator_example_is_served_scaled_healed_and_deleted(
     assert deps == {"sim-llama-8b-prefill", "sim-llama-8b-decode", "sim-llama-8b-router"}
     services = {s["metadata"]["name"]: s for s in kget("services")["items"]}
     assert services["sim-llama-8b-decode"]["spec"]["clusterIP"] == "None"
-    config = yaml.safe_load(kget("configmap", "sim-llama-8b-router")["data"]["router.yaml"])
-    assert config["model"] == "llama-8b" and config["routing"]["policy"] == "dualmap"
+    rendered = kget("configmap", "sim-llama-8b-router")["data"]["router.yaml"]
+    config = RouterConfig.model_validate(yaml.safe_load(rendered))
+    model = config.models[0]
+    assert model.name == "llama-8b" and model.policy == "dualmap" and model.discovery is not None
+    assert model.discovery.namespace == namespace and set(model.discovery.pools) == {"prefill", "decode"}
 
     pods = kget("pods", "-l", "kvpilot.io/service=sim-llama-8b,app.kubernetes.io/component=engine")["items"]
     assert len(pods) == 3 and all(p["status"]["phase"] == "Running" for p in pods)
