@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--slo", type=float, nargs="+", default=[5.0, 2.0])
     parser.add_argument("--speedups", type=float, nargs="+",
-                        default=[0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0])
+                        default=[0.25, 0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench/out/routing_quality.json"))

@@ -43,11 +43,12 @@ class ShadowCache:
     blocks are tracked, which keeps a decision's cost nearly flat in prompt length.
     """
 
-    __slots__ = ("_blocks", "capacity", "max_blocks", "size")
+    __slots__ = ("_blocks", "capacity", "dense", "max_blocks", "size")
 
-    def __init__(self, capacity_blocks: int, max_blocks: int = 256) -> None:
+    def __init__(self, capacity_blocks: int, max_blocks: int = 256, dense: int = 16) -> None:
         self.capacity = max(1, capacity_blocks)
         self.max_blocks = max_blocks
+        self.dense = dense
         self._blocks: OrderedDict[int, int] = OrderedDict()  # hash → blocks it stands for
         self.size = 0                                        # blocks represented, against capacity
 
@@ -57,7 +58,7 @@ class ShadowCache:
     def match(self, hashes: list[int]) -> int:
         """Leading blocks of `hashes` believed cached (to the precision of the ladder)."""
         blocks = self._blocks
-        steps = ladder(min(len(hashes), self.max_blocks))
+        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
         lo, hi = 0, len(steps)  # invariant: steps[:lo] cached, steps[hi:] not
         while lo < hi:
             mid = (lo + hi) // 2
@@ -69,7 +70,7 @@ class ShadowCache:
 
     def insert(self, hashes: list[int]) -> None:
         blocks = self._blocks
-        steps = ladder(min(len(hashes), self.max_blocks))
+        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
         for j in range(len(steps) - 1, -1, -1):
             h = hashes[steps[j]]
             if h in blocks:

@@ -16,6 +16,9 @@ from kvpilot.router.estimate import ShadowCache
 from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
 
 
+EXACT = 1 << 30
+
+
 class CacheAware(BasePolicy):
     name = "cache-aware"
 
@@ -30,7 +33,9 @@ class CacheAware(BasePolicy):
     def _cache(self, name: str) -> ShadowCache:
         cache = self.caches.get(name)
         if cache is None:
-            cache = self.caches[name] = ShadowCache(self.context.kv_capacity_tokens // self.context.block_size)
+            # Exact, like SGLang's radix tree: every block of every prompt, no sampling.
+            cache = self.caches[name] = ShadowCache(self.context.kv_capacity_tokens // self.context.block_size,
+                                                    max_blocks=EXACT, dense=EXACT)
         return cache
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
