@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from kvpilot.router.estimate import ShadowCache
 from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
 
-
 EXACT = 1 << 30
 
 
