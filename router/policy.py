@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(slots=True)
@@ -58,6 +58,18 @@ class Policy(Protocol):
 
     def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
         """`ttft_s` is None when the proxy could not observe it (non-streaming requests)."""
+
+
+@runtime_checkable
+class HoldingPolicy(Policy, Protocol):
+    """A policy that keeps requests in router-side queues and releases them late (DualMap).
+
+    The driver calls `hold` instead of dispatching, then dispatches whatever `release` returns
+    (calling `on_dispatch` for each as usual) after every arrival and every first token."""
+
+    def hold(self, request: RequestView, index: int, instances: Sequence[InstanceLoad], reason: str) -> None: ...
+
+    def release(self, instances: Sequence[InstanceLoad]) -> list[tuple[RequestView, int, str]]: ...
 
 
 class BasePolicy:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvpilot.router.policies import make_policy
-from kvpilot.router.policy import InstanceLoad, Policy, PolicyContext, RequestView
+from kvpilot.router.policy import HoldingPolicy, InstanceLoad, Policy, PolicyContext, RequestView
 from kvpilot.sim.engine import Engine, Sequence, StepPlan
 from kvpilot.sim.profiles import get_profile
 from kvpilot.sim.workload import RequestSpec
@@ -133,6 +134,7 @@ class Cluster:
         self.engines = [Engine(self.profile, block_size=self.block_size) for _ in range(config.instances)]
         self.loads = [InstanceLoad(f"sim-{i}") for i in range(config.instances)]
         self.stats = [InstanceStats(f"sim-{i}") for i in range(config.instances)]
+        self._release: Callable[[float], None] | None = None
 
     def run(self, specs: Seq[RequestSpec]) -> ClusterReport:
         engines, loads, stats, policy = self.engines, self.loads, self.stats, self.policy
@@ -164,12 +166,14 @@ class Cluster:
             engine = engines[i]
             st = stats[i]
             dur = t - plan.start
+            first_tokens = False
             st.busy_s += dur
             st.kv_usage_s += engine.pool.usage() * dur
             for seq in engine.commit(plan, t):
                 if seq.output == 1:  # first token: its prompt is no longer pending prefill
                     loads[i].pending_prefill_tokens -= seq.prompt_tokens
                     policy.on_first_token(seq.request_id, t - seq.arrival)
+                    first_tokens = True
                 if seq.finish_time is not None:
                     spec, inst, reason = meta.pop(seq)
                     loads[inst].in_flight -= 1
@@ -184,7 +188,39 @@ class Cluster:
                     st.cached_tokens += seq.cached_tokens
                     st.preemptions += seq.preemptions
             start_step(i, t)
+            if first_tokens and self._release is not None:
+                self._release(t)
 
+        holding = isinstance(policy, HoldingPolicy)
+        held_specs: dict[str, RequestSpec] = {}
+
+        def dispatch(spec: RequestSpec, view: RequestView, i: int, reason: str, t: float) -> None:
+            nonlocal tiebreak
+            policy.on_dispatch(view, i, loads)
+            seq = Sequence(spec.request_id, spec.arrival, spec.prompt_tokens, view.block_hashes, spec.max_tokens)
+            engines[i].add(seq)
+            meta[seq] = (spec, i, reason)
+            loads[i].in_flight += 1
+            loads[i].pending_prefill_tokens += spec.prompt_tokens
+            st = stats[i]
+            st.max_waiting = max(st.max_waiting, engines[i].num_waiting)
+            plan = plans[i]
+            if plan is None:
+                start_step(i, t)
+            elif plan.steps > 1 and ends[i] > t:
+                # Cut a long decode run at the step in flight; the newcomer joins after it.
+                engines[i].truncate(plan, t)
+                ends[i] = plan.start + plan.duration()
+                versions[i] += 1
+                tiebreak += 1
+                heapq.heappush(heap, (ends[i], tiebreak, i, versions[i]))
+
+        def release(t: float) -> None:
+            assert isinstance(policy, HoldingPolicy)
+            for view, i, reason in policy.release(loads):
+                dispatch(held_specs.pop(view.request_id), view, i, reason, t)
+
+        self._release = release if holding else None
         for spec in sorted(specs, key=lambda s: s.arrival):
             arrival = spec.arrival
             while heap and heap[0][0] <= arrival:
@@ -193,28 +229,15 @@ class Cluster:
                     events += 1
                     finish_step(i, t)
             now = max(now, arrival)
-            hashes = spec.block_hashes(self.block_size)
-            view = RequestView(spec.request_id, spec.prompt_tokens, hashes, arrival)
+            view = RequestView(spec.request_id, spec.prompt_tokens, spec.block_hashes(self.block_size), arrival)
             decision = policy.route(view, loads)
-            i = decision.index
-            policy.on_dispatch(view, i, loads)
-            seq = Sequence(spec.request_id, arrival, spec.prompt_tokens, hashes, spec.max_tokens)
-            engines[i].add(seq)
-            meta[seq] = (spec, i, decision.reason)
-            loads[i].in_flight += 1
-            loads[i].pending_prefill_tokens += spec.prompt_tokens
-            st = stats[i]
-            st.max_waiting = max(st.max_waiting, engines[i].num_waiting)
-            plan = plans[i]
-            if plan is None:
-                start_step(i, arrival)
-            elif plan.steps > 1 and ends[i] > arrival:
-                # Cut a long decode run at the step in flight; the newcomer joins after it.
-                engines[i].truncate(plan, arrival)
-                ends[i] = plan.start + plan.duration()
-                versions[i] += 1
-                tiebreak += 1
-                heapq.heappush(heap, (ends[i], tiebreak, i, versions[i]))
+            if holding:
+                assert isinstance(policy, HoldingPolicy)
+                policy.hold(view, decision.index, loads, decision.reason)
+                held_specs[spec.request_id] = spec
+                release(arrival)
+            else:
+                dispatch(spec, view, decision.index, decision.reason, arrival)
         while heap:
             t, _, i, version = heapq.heappop(heap)
             if version == versions[i]:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from kvpilot.router.estimate import LoadEstimator
 from kvpilot.router.hashring import DualRing
+from kvpilot.router.holding import Held, HoldQueues
 from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
 
 _MASK64 = (1 << 64) - 1
@@ -36,11 +37,14 @@ class DualMap(BasePolicy):
     name = "dualmap"
 
     def __init__(self, context: PolicyContext | None = None, *, key_tokens: int = 1024, theta: float = 0.5,
-                 vnodes: int = 128, prefill_token_s: float = 30e-6, ewma: float = 0.1) -> None:
+                 vnodes: int = 128, prefill_token_s: float = 30e-6, ewma: float = 0.1,
+                 release_tokens: int = 8192) -> None:
         super().__init__(context)
         self.depth = max(1, key_tokens // self.context.block_size)
         self.theta = theta
         self.estimate = LoadEstimator(self.context, prefill_token_s, ewma)
+        self.holding = HoldQueues(self.estimate, lambda: self.theta * self.context.slo_ttft_s, release_tokens)
+        self._other: dict[str, str] = {}
         self._names: tuple[str, ...] = ()
         self._seen: Sequence[InstanceLoad] | None = None
         self._index: dict[str, int] = {}
@@ -66,12 +70,26 @@ class DualMap(BasePolicy):
         c1, c2 = self._ring.candidates(affinity_key(request, self.depth))
         u1, u2 = est.uncached(c1, request), est.uncached(c2, request)
         best, other, ub, uo = (c1, c2, u1, u2) if u1 <= u2 else (c2, c1, u2, u1)
-        t_best, t_other = est.predicted_ttft(best, ub), est.predicted_ttft(other, uo)
+        wait = self.holding.predicted_wait
+        t_best, t_other = wait(best, ub), wait(other, uo)
         if t_best > self.theta * self.context.slo_ttft_s and t_other < t_best:
+            self._other[request.request_id] = best
             return Decision(self._index[other], "slo-fallback")
+        self._other[request.request_id] = other
         return Decision(self._index[best], "affinity")
 
+    def hold(self, request: RequestView, index: int, instances: Sequence[InstanceLoad], reason: str) -> None:
+        name = instances[index].name
+        other = self._other.pop(request.request_id, name)
+        self.holding.push(Held(request, name, other, reason, self.estimate.uncached(name, request)))
+
+    def release(self, instances: Sequence[InstanceLoad]) -> list[tuple[RequestView, int, str]]:
+        self._sync(instances)
+        self.holding.rebalance()
+        return [(h.request, self._index[h.home], h.reason) for h in self.holding.release()]
+
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
+        self._other.pop(request.request_id, None)
         self.estimate.dispatched(request, instances[index].name)
 
     def on_first_token(self, request_id: str, ttft_s: float | None) -> None:

@@ -77,3 +77,46 @@ def test_shadow_cache_evicts_tails_first_and_matches_prefixes() -> None:
     capped = ShadowCache(capacity_blocks=100, max_blocks=3)
     capped.insert(a)
     assert capped.match(a) == 3  # only the first max_blocks are tracked
+
+
+def test_rebalancing_moves_queued_requests_without_losing_or_duplicating() -> None:
+    policy = DualMap(CTX, theta=100.0, prefill_token_s=1e-4, release_tokens=4096)
+    held: list[str] = []
+    # Thirty requests behind one prefix, routed while the threshold is lax: all queue on one instance.
+    for i in range(30):
+        req = request(f"h{i}", prefix=555, tokens=4096)
+        d = policy.route(req, INSTANCES)
+        policy.hold(req, d.index, INSTANCES, d.reason)
+        held.append(req.request_id)
+    assert len(policy.holding.queues) == 1
+    policy.theta = 0.5  # the SLO tightens (or the instance slowed): its queue is now a hot spot
+    released = []
+    for view, index, reason in policy.release(INSTANCES):
+        policy.on_dispatch(view, index, INSTANCES)
+        released.append((view.request_id, index, reason))
+    queued = [h.request.request_id for q in policy.holding.queues.values() for h in q]
+    ids = [r for r, _, _ in released] + queued
+    assert sorted(ids) == sorted(held)  # every request exactly once: released or still queued
+    assert policy.holding.moves > 0
+    homes = {h.home for q in policy.holding.queues.values() for h in q} | {INSTANCES[i].name for _, i, _ in released}
+    assert len(homes) == 2  # spread over the prefix's two candidates, no further
+    # As first tokens come back, the rest drain; nothing is left behind.
+    while policy.holding.queues and len(policy.holding):
+        for rid, _, _ in released:
+            policy.on_first_token(rid, 0.1)
+        released = [(v.request_id, i, r) for v, i, r in policy.release(INSTANCES)]
+        for rid, i, _ in released:
+            policy.on_dispatch(request(rid, 555, 4096), i, INSTANCES)
+        ids += [r for r, _, _ in released]
+    assert len(policy.holding) == 0
+
+
+def test_dualmap_in_the_cluster_serves_every_request_once() -> None:
+    from kvpilot.sim.cluster import Cluster, ClusterConfig
+    from kvpilot.sim.workload import mooncake
+
+    specs = mooncake(limit=800, speedup=6.0)
+    report = Cluster(ClusterConfig(instances=4, policy="dualmap", block_size=64)).run(specs)
+    assert sorted(r.request_id for r in report.results) == sorted(s.request_id for s in specs)
+    reasons = {r.reason for r in report.results}
+    assert "affinity" in reasons and ("rebalance" in reasons or "slo-fallback" in reasons)
