@@ -1,0 +1,152 @@
+"""The SLO-aware replica planner: pure, per pool, one decision per interval.
+
+Model-based, with no offline profiling. Each pool learns its per-replica capacity online from
+its own metrics, taken only from intervals when it met its SLO (so the estimate is "what one
+replica sustains within SLO", not "what it does when overloaded"):
+- prefill: uncached prompt tokens per second per replica while TTFT p90 ≤ SLO;
+- decode: concurrent sequences per replica while TPOT p90 ≤ SLO.
+Desired replicas = demand / (capacity × headroom), corrected upward when observed attainment
+falls short of the target, and at least one more while the SLO is being breached. Scale-up acts
+in one interval; scale-down only when every desired value over the stabilisation window was
+lower, and by at most `max_step`. While replicas are still starting, no new decision is made;
+with missing or stale metrics the size is held, never read as zero load.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["prefill", "decode", "aggregated"]
+
+
+@dataclass(slots=True, frozen=True)
+class PoolSignals:
+    """One interval's view of a pool. None means the metric was missing or stale."""
+
+    time: float
+    current: int                           # replicas asked for
+    ready: int                             # replicas serving
+    uncached_prompt_tps: float | None      # prefill demand
+    running_seqs: float | None             # decode demand (concurrent sequences)
+    ttft_p90_s: float | None
+    tpot_p90_s: float | None
+    attainment: float | None               # share of requests within SLO this interval
+    kv_usage: float | None = None          # mean KV-cache usage, 0-1
+
+
+@dataclass(slots=True, frozen=True)
+class PlannerConfig:
+    ttft_slo_s: float = 2.0
+    tpot_slo_s: float = 0.1
+    attainment_target: float = 0.9
+    min_replicas: int = 1
+    max_replicas: int = 16
+    headroom: float = 0.8                  # plan to run replicas at 80% of learned capacity
+    scale_down_window_s: float = 300.0
+    max_step: int = 4                      # most replicas added or removed in one decision
+    kv_high: float = 0.9                   # KV usage above this needs another decode replica
+    # Priors until the pool has shown what it sustains (h100-llama3-8b-ish):
+    prefill_tps_prior: float = 20_000.0
+    decode_seqs_prior: float = 64.0
+    learn_rate: float = 0.3
+
+
+@dataclass(slots=True, frozen=True)
+class Plan:
+    desired: int
+    reason: str
+
+
+@dataclass
+class PoolPlanner:
+    role: Role
+    config: PlannerConfig = field(default_factory=PlannerConfig)
+    prefill_tps: float = 0.0               # learned per-replica capacities
+    decode_seqs: float = 0.0
+    _history: deque[tuple[float, int]] = field(default_factory=deque)
+    _since: float | None = None
+
+    def __post_init__(self) -> None:
+        self.prefill_tps = self.prefill_tps or self.config.prefill_tps_prior
+        self.decode_seqs = self.decode_seqs or self.config.decode_seqs_prior
+
+    # -- learning -----------------------------------------------------------------------------
+    def _learn(self, s: PoolSignals) -> None:
+        """Per-replica capacity from intervals busy enough to say something about it."""
+        c, n = self.config, max(1, s.ready)
+        if self.role != "decode" and s.uncached_prompt_tps and s.ttft_p90_s is not None:
+            self.prefill_tps = _nudge(self.prefill_tps, s.uncached_prompt_tps / n, s.ttft_p90_s <= c.ttft_slo_s, c)
+        if self.role != "prefill" and s.running_seqs and s.tpot_p90_s is not None:
+            self.decode_seqs = _nudge(self.decode_seqs, s.running_seqs / n, s.tpot_p90_s <= c.tpot_slo_s, c)
+
+    # -- planning -----------------------------------------------------------------------------
+    def _needed(self, s: PoolSignals) -> tuple[int, str]:
+        c = self.config
+        needs: list[tuple[int, str]] = []
+        if self.role != "decode" and s.uncached_prompt_tps is not None:
+            n = math.ceil(s.uncached_prompt_tps / (self.prefill_tps * c.headroom))
+            needs.append((n, f"prefill demand {s.uncached_prompt_tps:.0f} tok/s over "
+                             f"{self.prefill_tps:.0f} tok/s per replica"))
+        if self.role != "prefill" and s.running_seqs is not None:
+            n = math.ceil(s.running_seqs / (self.decode_seqs * c.headroom))
+            needs.append((n, f"{s.running_seqs:.0f} running sequences over {self.decode_seqs:.0f} per replica"))
+        desired, reason = max(needs, key=lambda x: x[0]) if needs else (s.current, "no demand signal")
+        breach = self._breach(s)
+        if breach:
+            if desired <= s.ready:
+                desired, reason = s.ready + 1, breach
+            if s.attainment is not None and s.attainment < c.attainment_target:
+                scaled = math.ceil(desired * (1 + (c.attainment_target - s.attainment)))
+                if scaled > desired:
+                    desired, reason = scaled, f"{breach}; attainment {s.attainment:.0%} < {c.attainment_target:.0%}"
+        if self.role != "prefill" and s.kv_usage is not None and s.kv_usage > c.kv_high and desired <= s.ready:
+            desired, reason = s.ready + 1, f"KV usage {s.kv_usage:.0%} > {c.kv_high:.0%}"
+        return desired, reason
+
+    def _breach(self, s: PoolSignals) -> str:
+        c = self.config
+        if self.role != "decode" and s.ttft_p90_s is not None and s.ttft_p90_s > c.ttft_slo_s:
+            return f"TTFT p90 {s.ttft_p90_s:.2f}s > SLO {c.ttft_slo_s:.2f}s"
+        if self.role != "prefill" and s.tpot_p90_s is not None and s.tpot_p90_s > c.tpot_slo_s:
+            return f"TPOT p90 {s.tpot_p90_s * 1e3:.0f}ms > SLO {c.tpot_slo_s * 1e3:.0f}ms"
+        return ""
+
+    def plan(self, s: PoolSignals) -> Plan:
+        c = self.config
+        if s.ready < s.current:
+            return Plan(s.current, f"holding: {s.current - s.ready} replica(s) still starting")
+        demand_missing = (self.role != "decode" and s.uncached_prompt_tps is None) or (
+            self.role != "prefill" and s.running_seqs is None)
+        if demand_missing:
+            return Plan(s.current, "holding: metrics missing or stale")
+        self._learn(s)
+        raw, reason = self._needed(s)
+        raw = min(c.max_replicas, max(c.min_replicas, raw))
+        if self._since is None:
+            self._since = s.time
+        self._history.append((s.time, raw))
+        while self._history and self._history[0][0] < s.time - c.scale_down_window_s:
+            self._history.popleft()
+        if raw > s.current:
+            return Plan(min(raw, s.current + c.max_step), f"scale up: {reason}")
+        if raw < s.current:
+            # Down only to the highest value wanted anywhere in the window, and by max_step at most.
+            floor = max(d for _, d in self._history)
+            if s.time - self._since < c.scale_down_window_s:
+                floor = s.current  # not yet a full window of evidence
+            target = max(floor, s.current - c.max_step, c.min_replicas)
+            if target < s.current:
+                return Plan(target, f"scale down: {reason} (stable for {c.scale_down_window_s:.0f}s)")
+            return Plan(s.current, f"holding: scale-down stabilising ({reason})")
+        return Plan(s.current, f"steady: {reason}")
+
+
+def _nudge(estimate: float, observed: float, met_slo: bool, c: PlannerConfig) -> float:
+    """Move a per-replica capacity toward an interval's load per replica: up when the pool met
+    its SLO while busier than planned, down when it missed the SLO at less than the estimate."""
+    if (met_slo and observed > estimate * c.headroom) or (not met_slo and observed < estimate):
+        return estimate + c.learn_rate * (observed - estimate)
+    return estimate

@@ -1,0 +1,78 @@
+"""The SLO-aware planner's decisions, interval by interval."""
+
+from __future__ import annotations
+
+from kvpilot.autoscaler.planner import PlannerConfig, PoolPlanner, PoolSignals
+
+CFG = PlannerConfig(ttft_slo_s=2.0, tpot_slo_s=0.1, min_replicas=1, max_replicas=10, scale_down_window_s=300,
+                    max_step=4, prefill_tps_prior=10_000, decode_seqs_prior=50)
+
+
+def sig(t: float, current: int, *, ready: int | None = None, tps: float | None = 5_000, seqs: float | None = 20,
+        ttft: float | None = 0.5, tpot: float | None = 0.03, att: float | None = 1.0,
+        kv: float | None = 0.3) -> PoolSignals:
+    return PoolSignals(t, current, current if ready is None else ready, tps, seqs, ttft, tpot, att, kv)
+
+
+def test_ttft_breach_scales_up_in_one_interval() -> None:
+    p = PoolPlanner("prefill", CFG)
+    assert p.plan(sig(0, 2, tps=12_000)).desired == 2  # 12k / (10k × 0.8) → 2: steady
+    plan = p.plan(sig(15, 2, tps=12_000, ttft=4.0, att=0.6))
+    assert plan.desired > 2 and "TTFT" in plan.reason
+
+
+def test_nothing_scales_down_inside_the_window() -> None:
+    p = PoolPlanner("decode", CFG)
+    p.plan(sig(0, 6, seqs=250))                    # needs 250 / 40 → 7: up
+    for t in range(15, 300, 15):                   # load drops to almost nothing
+        plan = p.plan(sig(t, 6, seqs=10))
+        assert plan.desired == 6, f"scaled down at t={t}: {plan}"
+    plan = p.plan(sig(330, 6, seqs=10))            # the burst has left the window
+    assert plan.desired == 2 and "scale down" in plan.reason  # at most max_step at once
+
+
+def test_bounds_hold() -> None:
+    p = PoolPlanner("prefill", CFG)
+    assert p.plan(sig(0, 8, tps=1e9, ttft=10.0, att=0.0)).desired == 10
+    q = PoolPlanner("prefill", CFG)
+    for t in range(0, 700, 15):
+        last = q.plan(sig(t, 1, tps=0.0))
+    assert last.desired == 1
+
+
+def test_missing_metrics_hold_the_size() -> None:
+    p = PoolPlanner("decode", CFG)
+    plan = p.plan(sig(0, 5, seqs=None))
+    assert plan.desired == 5 and "missing" in plan.reason
+    plan = p.plan(sig(15, 5, ready=3, seqs=500))   # replicas still starting: no new decision
+    assert plan.desired == 5 and "starting" in plan.reason
+
+
+def test_prefill_heavy_load_grows_prefill_only_and_decode_heavy_decode_only() -> None:
+    prefill, decode = PoolPlanner("prefill", CFG), PoolPlanner("decode", CFG)
+    # Long prompts, short answers: prefill demand triples, decode is idle.
+    heavy_prefill = sig(0, 2, tps=30_000, seqs=10, ttft=3.0, att=0.7)
+    assert prefill.plan(heavy_prefill).desired > 2
+    assert decode.plan(heavy_prefill).desired == 2
+    # Short prompts, long answers: many concurrent sequences, TPOT breached.
+    prefill2, decode2 = PoolPlanner("prefill", CFG), PoolPlanner("decode", CFG)
+    heavy_decode = sig(0, 2, tps=2_000, seqs=300, tpot=0.2, att=0.6)
+    assert prefill2.plan(heavy_decode).desired == 2
+    assert decode2.plan(heavy_decode).desired > 2
+
+
+def test_capacity_is_learned_from_intervals_within_slo() -> None:
+    p = PoolPlanner("prefill", CFG)
+    for t in range(0, 300, 15):  # 2 replicas comfortably sustain 20k tok/s each within SLO
+        p.plan(sig(t, 2, tps=40_000, ttft=0.8))
+    assert p.prefill_tps > 15_000
+    q = PoolPlanner("prefill", CFG)
+    for t in range(0, 300, 15):  # 2 replicas breach the SLO at only 6k tok/s each
+        q.plan(sig(t, 2, tps=12_000, ttft=5.0, att=0.5))
+    assert q.prefill_tps < 8_000
+
+
+def test_kv_pressure_adds_a_decode_replica() -> None:
+    p = PoolPlanner("decode", CFG)
+    plan = p.plan(sig(0, 3, seqs=60, kv=0.97))
+    assert plan.desired == 4 and "KV" in plan.reason
