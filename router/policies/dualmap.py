@@ -8,8 +8,9 @@ the cache hit and the TTFT it would see (`LoadEstimator`). It takes the candidat
 larger hit unless that one's predicted TTFT exceeds θ × SLO, in which case it takes the faster
 of the two.
 
-Not yet here (see the router issue): adaptive key depth for hot prefixes, router-side queues
-with late binding, hotspot rebalancing of queued requests, and KV-event-driven cache state.
+Hot prefixes get longer keys (`AdaptiveDepth`); requests wait in router-side queues with late
+binding and move off hot spots while queued (`HoldQueues`, used where the driver supports
+holding: the virtual-time cluster today). Not yet here: KV-event-driven cache state.
 Paper: DualMap, arXiv 2602.06502 (read, not copied).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kvpilot.router.depth import AdaptiveDepth
 from kvpilot.router.estimate import LoadEstimator
 from kvpilot.router.hashring import DualRing
 from kvpilot.router.holding import Held, HoldQueues
@@ -38,9 +40,10 @@ class DualMap(BasePolicy):
 
     def __init__(self, context: PolicyContext | None = None, *, key_tokens: int = 1024, theta: float = 0.5,
                  vnodes: int = 128, prefill_token_s: float = 30e-6, ewma: float = 0.1,
-                 release_tokens: int = 8192) -> None:
+                 release_tokens: int = 8192, adaptive_depth: bool = True) -> None:
         super().__init__(context)
         self.depth = max(1, key_tokens // self.context.block_size)
+        self.adaptive = AdaptiveDepth(self.depth) if adaptive_depth else None
         self.theta = theta
         self.estimate = LoadEstimator(self.context, prefill_token_s, ewma)
         self.holding = HoldQueues(self.estimate, lambda: self.theta * self.context.slo_ttft_s, release_tokens)
@@ -67,7 +70,11 @@ class DualMap(BasePolicy):
             raise LookupError("no instances to route to")
         self._sync(instances)
         est = self.estimate
-        c1, c2 = self._ring.candidates(affinity_key(request, self.depth))
+        if self.adaptive is not None and request.block_hashes:
+            key = self.adaptive.key(request.block_hashes)[0]
+        else:
+            key = affinity_key(request, self.depth)
+        c1, c2 = self._ring.candidates(key)
         u1, u2 = est.uncached(c1, request), est.uncached(c2, request)
         best, other, ub, uo = (c1, c2, u1, u2) if u1 <= u2 else (c2, c1, u2, u1)
         wait = self.holding.predicted_wait
