@@ -42,7 +42,7 @@ def test_expansion_shrinks_back_when_traffic_moves_away() -> None:
 def test_depth_is_bounded_by_prompt_length_and_max_extra() -> None:
     ad = AdaptiveDepth(1, window=50, expand_share=0.01, max_extra=2)
     for i in range(200):
-        _, depth = ad.key(HOT[:3] + [i])
+        _, depth = ad.key([*HOT[:3], i])
     assert depth <= 3
     short = ad.key([HOT[0]])
     assert short[1] == 1
