@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 Role = Literal["prefill", "decode", "aggregated"]
 
@@ -35,6 +35,7 @@ class PoolSignals:
     tpot_p90_s: float | None
     attainment: float | None               # share of requests within SLO this interval
     kv_usage: float | None = None          # mean KV-cache usage, 0-1
+    waiting: float | None = None           # requests queued in the engines (vllm:num_requests_waiting)
 
 
 @dataclass(slots=True, frozen=True)
@@ -58,6 +59,12 @@ class PlannerConfig:
 class Plan:
     desired: int
     reason: str
+
+
+class Planner(Protocol):
+    """What every sizing policy (kvpilot's and the baselines) offers its driver."""
+
+    def plan(self, s: PoolSignals) -> Plan: ...
 
 
 @dataclass

@@ -1,0 +1,81 @@
+"""Baseline autoscalers kvpilot's planner is compared against, on the same signals.
+
+- `QueueThreshold`: what HPA or KEDA on `vllm:num_requests_waiting` does today: desired =
+  ceil(current × waiting-per-replica / target), a 10% tolerance band, immediate scale-up and a
+  stabilisation window for scale-down (HPA's defaults).
+- `Concurrency`: Knative KPA-like: a target number of in-flight requests per replica averaged
+  over a stable window (60 s), and a panic window (6 s) that scales up at once when the short
+  window asks for at least twice the current size; no scale-down while panicking.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvpilot.autoscaler.planner import Plan, PoolSignals
+
+
+def _bounded(n: int, lo: int, hi: int) -> int:
+    return min(hi, max(lo, n))
+
+
+@dataclass
+class QueueThreshold:
+    target_waiting: float = 5.0
+    tolerance: float = 0.1
+    scale_down_window_s: float = 300.0
+    min_replicas: int = 1
+    max_replicas: int = 16
+    _history: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def plan(self, s: PoolSignals) -> Plan:
+        if s.waiting is None:
+            return Plan(s.current, "holding: metrics missing")
+        per = s.waiting / max(1, s.ready)
+        ratio = per / self.target_waiting
+        raw = s.current if abs(ratio - 1) <= self.tolerance else math.ceil(s.current * ratio)
+        raw = _bounded(raw, self.min_replicas, self.max_replicas)
+        self._history.append((s.time, raw))
+        while self._history[0][0] < s.time - self.scale_down_window_s:
+            self._history.popleft()
+        desired = raw if raw >= s.current else max(d for _, d in self._history)
+        return Plan(_bounded(desired, self.min_replicas, self.max_replicas),
+                    f"waiting/replica {per:.1f} vs target {self.target_waiting:g}")
+
+
+@dataclass
+class Concurrency:
+    target_per_replica: float = 32.0
+    stable_window_s: float = 60.0
+    panic_window_s: float = 6.0
+    panic_threshold: float = 2.0
+    min_replicas: int = 1
+    max_replicas: int = 16
+    _samples: deque[tuple[float, float]] = field(default_factory=deque)
+    _panic_until: float = -math.inf
+
+    def plan(self, s: PoolSignals) -> Plan:
+        if s.running_seqs is None:
+            return Plan(s.current, "holding: metrics missing")
+        concurrency = s.running_seqs + (s.waiting or 0.0)
+        self._samples.append((s.time, concurrency))
+        while self._samples[0][0] < s.time - self.stable_window_s:
+            self._samples.popleft()
+
+        def avg(window: float) -> float:
+            vals = [c for t, c in self._samples if t >= s.time - window]
+            return sum(vals) / len(vals)
+
+        stable = math.ceil(avg(self.stable_window_s) / self.target_per_replica)
+        panic = math.ceil(avg(self.panic_window_s) / self.target_per_replica)
+        if panic >= self.panic_threshold * max(1, s.current):
+            self._panic_until = s.time + self.stable_window_s
+        if s.time < self._panic_until:
+            desired = max(s.current, panic, stable)  # panic mode: never scale down
+            reason = f"panic: {avg(self.panic_window_s):.0f} in flight over {self.panic_window_s:g}s"
+        else:
+            desired = stable
+            reason = f"{avg(self.stable_window_s):.0f} in flight over {self.stable_window_s:g}s"
+        return Plan(_bounded(desired, self.min_replicas, self.max_replicas), reason)
