@@ -1,7 +1,7 @@
 # kvpilot developer entry points. `make test` is the one command CI runs.
 .PHONY: demo test lint k8s-harness clean
 
-# The main job (until `kvpilot up` lands): the Mooncake trace on 8 simulated GPUs, in virtual time.
+# The main job: the local control plane on simulated GPUs under a replayed trace (kvpilot demo).
 demo:
 	bash scripts/demo.sh $(ARGS)
 

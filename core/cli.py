@@ -12,6 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpilot", description="Kubernetes-native control plane for LLM serving.")
     parser.add_argument("--version", action="version", version=f"kvpilot {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from kvpilot.local_cli import register as register_local
     from kvpilot.operator.cli import register as register_operator
     from kvpilot.router.cli import register as register_router
     from kvpilot.sim.cli import register as register_sim
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_sim(sub)
     register_operator(sub)
     register_router(sub)
+    register_local(sub)
     return parser
 
 

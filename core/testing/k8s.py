@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Literal
 
-from kvpilot.testing.procs import ManagedProcess, free_port, tcp_open, wait_for
+from kvpilot.procs import ManagedProcess, free_port, tcp_open, wait_for
 
 Mode = Literal["api", "full"]
 POD_CIDR = "127.64.0.1/16"
@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     plane.start()
     if args.mode == "full" and args.gpu_nodes:
         plane.add_gpu_nodes(args.gpu_nodes, args.gpus_per_node)
+    # Block only now: children inherit the signal mask, and they must still die on SIGTERM.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     print(textwrap.dedent(f"""\
         control plane ({args.mode}) is up at {plane.server}; logs in {plane.dir / 'logs'}
           export KUBECONFIG={plane.kubeconfig}
@@ -266,5 +268,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     sys.exit(main())

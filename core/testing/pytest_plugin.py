@@ -1,7 +1,7 @@
 """pytest fixtures for real infrastructure. Enabled by `tests/conftest.py`.
 
 Session-scoped where start-up is slow (control planes, Redis); every fixture stops what it
-started, and `kvpilot.testing.procs` kills stragglers at exit.
+started, and `kvpilot.procs` kills stragglers at exit.
 """
 
 from __future__ import annotations

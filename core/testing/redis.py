@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from kvpilot.testing.procs import ManagedProcess, free_port, tcp_open, wait_for
+from kvpilot.procs import ManagedProcess, free_port, tcp_open, wait_for
 
 
 class RedisServer:

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import yaml
 
-from kvpilot.testing.procs import ManagedProcess, free_port, wait_for
+from kvpilot.procs import ManagedProcess, free_port, wait_for
 
 
 class RouterProcess:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import openai
 
-from kvpilot.testing.procs import ManagedProcess, free_port, wait_for
+from kvpilot.procs import ManagedProcess, free_port, wait_for
 
 
 class SimWorker:

@@ -1,4 +1,4 @@
-"""Free ports and child processes that are always cleaned up.
+"""Free ports and child processes that are always cleaned up (local mode, tests, benchmarks).
 
 Each child runs in its own session (process group) so that stopping it also stops anything
 it spawned, and an `atexit` hook stops whatever a crashed test left behind.

@@ -1,0 +1,45 @@
+"""`kvpilot up` and `kvpilot demo`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    up = sub.add_parser("up", help="the control plane on this machine: simulated GPU workers and the router")
+    up.add_argument("-f", "--file", type=Path, help="an LLMService YAML (default: a built-in 4-GPU Llama-8B)")
+    up.add_argument("--port", type=int, help="the router's port (default: a free one)")
+    up.add_argument("--time-scale", type=float, default=1.0, help="workers run N× faster than the hardware")
+    up.set_defaults(handler=_up)
+    demo = sub.add_parser("demo", help="`up` under a replayed Mooncake trace: DualMap vs round-robin")
+    demo.add_argument("-f", "--file", type=Path)
+    demo.add_argument("--requests", type=int, default=300)
+    demo.add_argument("--time-scale", type=float, default=10.0)
+    demo.add_argument("--rate", type=float, default=1.0, help="load as a multiple of the trace's rate")
+    demo.add_argument("--policies", nargs="+", default=["dualmap", "round-robin"])
+    demo.set_defaults(handler=_demo)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from kvpilot.local import LocalControlPlane, load_service
+
+    with LocalControlPlane(load_service(args.file), time_scale=args.time_scale, port=args.port) as plane:
+        # Block only now: children inherit the signal mask, and they must still die on SIGTERM.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        print(f"kvpilot is up: OpenAI base URL {plane.url}/v1, model {plane.model!r}, "
+              f"{len(plane.workers)} simulated worker(s); logs in {plane.dir}. Ctrl-C stops everything.",
+              flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    print("stopped", flush=True)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kvpilot.demo import run_demo
+
+    results = run_demo(args.file, requests=args.requests, policies=tuple(args.policies),
+                       time_scale=args.time_scale, rate_multiplier=args.rate)
+    return 0 if all(r.ttft for r in results) else 1
