@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from kubernetes import client, config, watch
 
+from kvpilot.procs import wait_for
 from kvpilot.testing.k8s import ControlPlane
-from kvpilot.testing.procs import wait_for
 
 CHART = Path(__file__).parent / "charts" / "hello"
 

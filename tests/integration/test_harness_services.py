@@ -10,7 +10,7 @@ from pathlib import Path
 import redis
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from kvpilot.testing.procs import ManagedProcess, free_port, tcp_open, wait_for
+from kvpilot.procs import ManagedProcess, free_port, tcp_open, wait_for
 from kvpilot.testing.prometheus import PrometheusServer
 from kvpilot.testing.redis import RedisServer
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from kvpilot.procs import ManagedProcess, wait_for
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
-from kvpilot.testing.procs import ManagedProcess, wait_for
 
 
 class Operator:

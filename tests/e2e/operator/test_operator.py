@@ -8,9 +8,9 @@ from typing import Any
 
 import yaml
 
+from kvpilot.procs import wait_for
 from kvpilot.router.config import RouterConfig
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
-from kvpilot.testing.procs import wait_for
 
 EXAMPLES = REPO_ROOT / "deploy" / "examples"
 Get = Callable[..., Any]

@@ -10,8 +10,8 @@ from typing import Any
 
 from kubernetes import client, config
 
+from kvpilot.procs import free_port, wait_for
 from kvpilot.testing.k8s import ControlPlane
-from kvpilot.testing.procs import free_port, wait_for
 from kvpilot.testing.router import RouterProcess
 from kvpilot.testing.sim import SimWorker
 from kvpilot.tokens import block_text

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kvpilot.testing.procs import wait_for
+from kvpilot.procs import wait_for
 from kvpilot.testing.router import RouterProcess
 from kvpilot.testing.sim import SimWorker
 from kvpilot.tokens import block_text

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import openai
 import pytest
 
-from kvpilot.testing.procs import wait_for
+from kvpilot.procs import wait_for
 from kvpilot.testing.sim import SimWorker
 from kvpilot.tokens import block_text
 
