@@ -28,6 +28,7 @@ def register(sub: Any) -> None:
     serve.add_argument("--error-rate", type=float, default=0.0, help="share of requests failed with 500")
     serve.add_argument("--crash-after-tokens", type=int, help="exit after generating this many tokens")
     serve.add_argument("--slow-start", type=float, default=0.0, help="seconds /health answers 503")
+    serve.add_argument("--kv-store", help="redis://HOST:PORT/DB: P/D hands real KV bytes over through it")
     serve.add_argument("--seed", type=int, default=0)
     serve.set_defaults(handler=_serve)
 
@@ -54,7 +55,8 @@ def _serve(args: argparse.Namespace) -> int:
         profile=get_profile(args.profile), model=args.model, host=args.host, port=args.port,
         time_scale=args.time_scale, block_size=args.block_size,
         kv_capacity_tokens=args.kv_capacity_tokens, max_model_len=args.max_model_len, error_rate=args.error_rate,
-        crash_after_tokens=args.crash_after_tokens, slow_start_s=args.slow_start, seed=args.seed))
+        crash_after_tokens=args.crash_after_tokens, slow_start_s=args.slow_start, seed=args.seed,
+        kv_store=args.kv_store))
     return 0
 
 

@@ -23,10 +23,12 @@ from typing import Any
 
 import uvloop
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from kvpilot.kvtransfer.agent import KVAgent
+from kvpilot.kvtransfer.store import RedisStore
 from kvpilot.sim.engine import Engine, Phase, Sequence
-from kvpilot.sim.kv_connector import KVConnector, LocalKVConnector
+from kvpilot.sim.kv_connector import KVConnector, LocalKVConnector, StoreKVConnector
 from kvpilot.sim.metrics import EngineCollector
 from kvpilot.sim.profiles import Profile
 from kvpilot.tokens import block_hashes, chain_hash, render_chat, token_count
@@ -51,6 +53,7 @@ class ServeConfig:
     error_rate: float = 0.0                 # share of requests answered 500 before any work
     crash_after_tokens: int | None = None   # the process exits after generating this many tokens
     slow_start_s: float = 0.0               # /health answers 503 until then
+    kv_store: str | None = None             # redis://… : P/D moves real KV bytes through it
     seed: int = 0
 
 
@@ -81,8 +84,7 @@ class SimServer:
         self.cfg = cfg
         self.engine = Engine(cfg.profile, block_size=cfg.block_size, kv_capacity_tokens=cfg.kv_capacity_tokens)
         self.block_size = self.engine.block_size
-        self.connector = connector or LocalKVConnector(cfg.engine_id, cfg.host, cfg.port,
-                                                       cfg.profile.kv_bytes_per_token)
+        self.connector = connector or self._connector()
         self.streams: dict[Sequence, Stream] = {}
         self.rng = random.Random(cfg.seed)
         self.started = time.monotonic()
@@ -102,8 +104,19 @@ class SimServer:
                                registry=self.registry, buckets=buckets).labels(**labels)
         self.h_e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", names,
                                registry=self.registry, buckets=buckets).labels(**labels)
+        self.c_kv_bytes = Counter("vllm:nixl_bytes_transferred", "KV bytes received from remote instances.",
+                                  names, registry=self.registry).labels(**labels)
+        self.c_kv_failed = Counter("vllm:nixl_num_failed_transfers", "KV imports that failed (recomputed).",
+                                   names, registry=self.registry).labels(**labels)
         self.h_queue = Histogram("vllm:request_queue_time_seconds", "Time spent waiting.", names,
                                  registry=self.registry, buckets=buckets).labels(**labels)
+
+    def _connector(self) -> KVConnector:
+        cfg = self.cfg
+        if cfg.kv_store:
+            agent = KVAgent(cfg.engine_id, RedisStore(cfg.kv_store, namespace="sim"))
+            return StoreKVConnector(agent, cfg.engine_id, cfg.host, cfg.port, cfg.profile.kv_bytes_per_token)
+        return LocalKVConnector(cfg.engine_id, cfg.host, cfg.port, cfg.profile.kv_bytes_per_token, cfg.time_scale)
 
     # -- clock and engine loop -------------------------------------------------------------
     def now(self) -> float:
@@ -210,8 +223,10 @@ class SimServer:
         external = 0
         if kv_params.get("do_remote_prefill"):
             imported = await self.connector.import_kv(kv_params, prompt_tokens)
-            await asyncio.sleep(imported.transfer_s / cfg.time_scale)
             external = imported.tokens
+            self.c_kv_bytes.inc(imported.bytes)
+            if imported.failed:
+                self.c_kv_failed.inc()  # degraded to recompute: the request still completes
         hashes = block_hashes(prompt, self.block_size)
         seq = Sequence(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", self.now(), prompt_tokens, hashes,
                        max_tokens, external_tokens=external)
@@ -239,9 +254,9 @@ class SimServer:
                 "total_tokens": seq.prompt_tokens + seq.output,
                 "prompt_tokens_details": {"cached_tokens": seq.cached_tokens}}
 
-    def _kv_out(self, seq: Sequence, kv_params: dict[str, Any]) -> dict[str, Any] | None:
+    async def _kv_out(self, seq: Sequence, kv_params: dict[str, Any]) -> dict[str, Any] | None:
         if kv_params.get("do_remote_decode"):
-            return self.connector.export(seq.request_id, seq.prompt_tokens, seq.block_hashes)
+            return await self.connector.export(seq.request_id, seq.prompt_tokens, seq.block_hashes)
         return None
 
     async def _collect(self, body: dict[str, Any], stream: Stream, chat: bool,
@@ -258,7 +273,7 @@ class SimServer:
         out: dict[str, Any] = {"id": seq.request_id, "object": "chat.completion" if chat else "text_completion",
                                "created": int(time.time()), "model": self.cfg.model, "choices": [choice],
                                "usage": self._usage(seq)}
-        kv_out = self._kv_out(seq, kv_params)
+        kv_out = await self._kv_out(seq, kv_params)
         if kv_out is not None:
             out["kv_transfer_params"] = kv_out
         return web.json_response(out)
@@ -305,7 +320,7 @@ class SimServer:
                     choice["text"] = text
                 await resp.write(chunk(choice))
         extra: dict[str, Any] = {}
-        kv_out = self._kv_out(seq, kv_params)
+        kv_out = await self._kv_out(seq, kv_params)
         if kv_out is not None:
             extra["kv_transfer_params"] = kv_out
         if include_usage or extra:

@@ -1,0 +1,121 @@
+"""KV block stores: where blocks live between the instance that wrote them and the one that reads.
+
+Shaped after NIXL's model — agents register memory, describe blocks, and move them with
+asynchronous transfers that complete or fail as a whole — but over a key-value store, so that
+Redis (the default) and an in-process dict (unit tests, single-process local mode) are
+interchangeable, and an RDMA backend can slot in behind the same `BlockStore` protocol.
+
+Redis key schema (namespace `ns`, block key `k` = the block's chained prefix hash in hex):
+  kvp:{ns}:blk:{k}        one value: 16-byte header (xxh64 checksum, length, chunk count) + data
+                           when the block fits in one chunk, else the header alone
+  kvp:{ns}:blk:{k}:{i}    chunk i of a large block (`chunk_bytes` each)
+Every key carries the same TTL, so abandoned transfers expire on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import redis.asyncio as aioredis
+import xxhash
+
+_HEADER = struct.Struct(">QII")  # checksum, total length, chunks (0 = data inline)
+
+
+class TransferError(Exception):
+    """A block could not be moved: missing, corrupt, or the store failed or timed out."""
+
+
+def checksum(data: bytes) -> int:
+    return int(xxhash.xxh64_intdigest(data))
+
+
+@dataclass(slots=True, frozen=True)
+class BlockDescriptor:
+    """One block in a transfer: its key, its size, and (on reads) the checksum to expect."""
+
+    key: str
+    size: int
+    checksum: int | None = None
+
+
+class BlockStore(Protocol):
+    async def put(self, blocks: list[tuple[str, bytes]]) -> None: ...
+
+    async def get(self, keys: list[str]) -> list[bytes | None]: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """In-process store: the same contract as Redis, for unit tests and single-process use."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, bytes] = {}
+
+    async def put(self, blocks: list[tuple[str, bytes]]) -> None:
+        for key, data in blocks:
+            self.blocks[key] = bytes(data)
+
+    async def get(self, keys: list[str]) -> list[bytes | None]:
+        return [self.blocks.get(k) for k in keys]
+
+    async def close(self) -> None:
+        self.blocks.clear()
+
+
+class RedisStore:
+    """Pipelined binary puts and gets with checksums, chunking and a TTL on every key."""
+
+    def __init__(self, url: str, *, namespace: str = "default", ttl_s: int = 300, chunk_bytes: int = 512 * 1024,
+                 timeout_s: float = 2.0) -> None:
+        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self.prefix = f"kvp:{namespace}:blk:"
+        self.ttl_s = ttl_s
+        self.chunk_bytes = chunk_bytes
+        self.timeout_s = timeout_s
+
+    async def put(self, blocks: list[tuple[str, bytes]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key, data in blocks:
+            k = self.prefix + key
+            if len(data) <= self.chunk_bytes:
+                pipe.set(k, _HEADER.pack(checksum(data), len(data), 0) + data, ex=self.ttl_s)
+                continue
+            chunks = [data[i : i + self.chunk_bytes] for i in range(0, len(data), self.chunk_bytes)]
+            for i, chunk in enumerate(chunks):
+                pipe.set(f"{k}:{i}", chunk, ex=self.ttl_s)
+            pipe.set(k, _HEADER.pack(checksum(data), len(data), len(chunks)), ex=self.ttl_s)  # header last
+        try:
+            await asyncio.wait_for(pipe.execute(), self.timeout_s)
+        except (aioredis.RedisError, OSError, TimeoutError) as e:
+            raise TransferError(f"put of {len(blocks)} block(s) failed: {e or type(e).__name__}") from e
+
+    async def get(self, keys: list[str]) -> list[bytes | None]:
+        try:
+            heads = cast(list[bytes | None],
+                         await asyncio.wait_for(self.client.mget([self.prefix + k for k in keys]), self.timeout_s))
+            out: list[bytes | None] = []
+            for key, head in zip(keys, heads, strict=True):
+                if head is None:
+                    out.append(None)
+                    continue
+                crc, length, chunks = _HEADER.unpack_from(head)
+                if chunks == 0:
+                    data = head[_HEADER.size :]
+                else:
+                    parts = cast(list[bytes | None], await asyncio.wait_for(
+                        self.client.mget([f"{self.prefix}{key}:{i}" for i in range(chunks)]), self.timeout_s))
+                    data = b"".join(p or b"" for p in parts)
+                if len(data) != length or checksum(data) != crc:
+                    raise TransferError(f"block {key} is corrupt or incomplete ({len(data)}/{length} bytes)")
+                out.append(data)
+            return out
+        except (aioredis.RedisError, OSError, TimeoutError, TypeError) as e:
+            raise TransferError(f"get of {len(keys)} block(s) failed: {e or type(e).__name__}") from e
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,111 @@
+"""The KV block store over real Redis, and P/D with real bytes between simulator processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from kvpilot.kvtransfer.agent import KVAgent, XferState
+from kvpilot.kvtransfer.store import BlockDescriptor, MemoryStore, RedisStore, TransferError, checksum
+from kvpilot.testing.redis import RedisServer
+from kvpilot.testing.sim import SimWorker
+from kvpilot.tokens import block_text
+
+Workers = Callable[..., SimWorker]
+
+
+def test_round_trip_with_chunking_and_checksums(redis_server: RedisServer) -> None:
+    async def run() -> None:
+        store = RedisStore(redis_server.url, namespace="t1", chunk_bytes=64 * 1024)
+        agent = KVAgent("a", store)
+        buffers = [os.urandom(1000), os.urandom(300 * 1024), b""]  # inline, chunked, empty
+        descs = agent.describe(["x", "y", "z"], buffers)
+        await agent.post_write(descs, buffers).wait()
+        handle = agent.post_read(descs)
+        assert await handle.wait() == buffers and handle.state == XferState.DONE
+        assert agent.bytes_moved == 2 * sum(len(b) for b in buffers)
+        await store.close()
+
+    asyncio.run(run())
+    r = redis.Redis.from_url(redis_server.url)
+    assert r.exists("kvp:t1:blk:y:0") and r.exists("kvp:t1:blk:y:4") and not r.exists("kvp:t1:blk:y:5")
+    assert 0 < r.ttl("kvp:t1:blk:x") <= 300
+
+
+def test_corrupt_or_missing_blocks_fail_the_transfer(redis_server: RedisServer) -> None:
+    async def run() -> None:
+        store = RedisStore(redis_server.url, namespace="t2", chunk_bytes=1024)
+        agent = KVAgent("a", store)
+        data = os.urandom(4096)
+        await agent.post_write(agent.describe(["b"], [data]), [data]).wait()
+        redis.Redis.from_url(redis_server.url).set("kvp:t2:blk:b:2", b"x" * 1024)  # flip a chunk
+        with pytest.raises(TransferError, match="corrupt"):
+            await agent.post_read([BlockDescriptor("b", 4096, checksum(data))]).wait()
+        with pytest.raises(TransferError, match="not in the store"):
+            await agent.post_read([BlockDescriptor("never", 1)]).wait()
+        assert agent.failures == 2
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_memory_store_has_the_same_contract() -> None:
+    async def run() -> None:
+        agent = KVAgent("m", MemoryStore())
+        bufs = [b"abc", b"defg"]
+        descs = agent.describe(["1", "2"], bufs)
+        await agent.post_write(descs, bufs).wait()
+        assert await agent.post_read(descs).wait() == bufs
+        with pytest.raises(TransferError):
+            await agent.post_read([BlockDescriptor("1", 3, checksum(b"xyz"))]).wait()
+
+    asyncio.run(run())
+
+
+def _metric(worker: SimWorker, name: str) -> float:
+    for line in worker.metrics_text().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def _pd(prefill: SimWorker, decode: SimWorker, prompt: str) -> str:
+    first = prefill.openai_client().completions.create(
+        model="sim-model", prompt=prompt, max_tokens=1, extra_body={"kv_transfer_params": {"do_remote_decode": True}})
+    params = first.model_extra["kv_transfer_params"]  # type: ignore[index]
+    second = decode.openai_client().completions.create(model="sim-model", prompt=prompt, max_tokens=6,
+                                                       extra_body={"kv_transfer_params": params})
+    return second.choices[0].text
+
+
+def test_pd_handoff_moves_the_right_bytes_through_redis(redis_server: RedisServer, sim_worker_factory: Workers) -> None:
+    flags = ("--profile", "h100-qwen2.5-0.5b", "--kv-store", redis_server.url)
+    prefill, decode = sim_worker_factory(*flags), sim_worker_factory(*flags)
+    text = _pd(prefill, decode, block_text(21, 1000))
+    assert len(text.split()) == 6
+    kv_bytes = 12 * 1024  # h100-qwen2.5-0.5b: 12 KiB per token
+    assert _metric(decode, "vllm:nixl_bytes_transferred_total") == 1000 * kv_bytes
+    assert _metric(decode, "vllm:nixl_num_failed_transfers_total") == 0
+    assert 'source="external_kv_transfer"} 999.0' in decode.metrics_text()
+    assert redis.Redis.from_url(redis_server.url).keys("kvp:sim:blk:*")  # the blocks went through Redis
+
+
+def test_redis_down_degrades_to_recompute_and_counts_the_failure(tmp_path: Path, sim_worker_factory: Workers) -> None:
+    server = RedisServer(tmp_path / "redis")
+    flags = ("--profile", "h100-qwen2.5-0.5b", "--kv-store", server.url)
+    prefill, decode = sim_worker_factory(*flags), sim_worker_factory(*flags)
+    prompt = block_text(22, 800)
+    first = prefill.openai_client().completions.create(
+        model="sim-model", prompt=prompt, max_tokens=1, extra_body={"kv_transfer_params": {"do_remote_decode": True}})
+    params = first.model_extra["kv_transfer_params"]  # type: ignore[index]
+    server.stop()  # Redis dies between the prefill's write and the decode's read
+    out = decode.openai_client().completions.create(model="sim-model", prompt=prompt, max_tokens=6,
+                                                    extra_body={"kv_transfer_params": params})
+    assert len(out.choices[0].text.split()) == 6  # the request still completes
+    assert _metric(decode, "vllm:nixl_num_failed_transfers_total") == 1
+    assert 'source="local_compute"} 800.0' in decode.metrics_text()  # it recomputed the prompt
