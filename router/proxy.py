@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.router.config import Endpoint, ModelConfig, RouterConfig
+from kvpilot.router.dashboard import Timeline, page
 from kvpilot.router.discovery import PodWatcher
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.policies import make_policy
@@ -71,6 +72,7 @@ class Router:
         self.cfg = cfg
         self.metrics = RouterMetrics()
         self.models: dict[str, Served] = {}
+        self.timelines: dict[str, Timeline] = {}
         for m in cfg.models:
             ctx = PolicyContext(slo_ttft_s=m.slo_ttft_ms / 1000, block_size=m.block_size,
                                 kv_capacity_tokens=m.kv_capacity_tokens, seed=cfg.seed)
@@ -85,6 +87,7 @@ class Router:
             else:
                 served = Served(m, pool(m.policy), None)
             self.models[m.name] = served
+            self.timelines[m.name] = Timeline()
             self._set_endpoints(served, m.endpoints)
         self.session: aiohttp.ClientSession | None = None
         self._scraper: asyncio.Task[None] | None = None
@@ -182,6 +185,7 @@ class Router:
                            retry_after=RETRY_AFTER_S)
         member, decision = chosen
         self.metrics.decisions.labels(served.config.name, role, decision.reason).inc()
+        self.timelines[served.config.name].decided(decision.reason)
         return member
 
     def _attempt_failed(self, served: Served, pool: Pool, member: Member, why: str, rid: str) -> None:
@@ -286,6 +290,7 @@ class Router:
                             first_at = time.monotonic()
                             pool.first_token(member, view, first_at - started)
                             self.metrics.ttft.labels(served.config.name).observe(first_at - view.arrival)
+                            self.timelines[served.config.name].first_token(first_at - view.arrival)
                             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                                "Cache-Control": "no-cache",
                                                                "X-Kvpilot-Endpoint": member.endpoint.name})
@@ -317,6 +322,23 @@ class Router:
     async def list_models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": name, "object": "model", "owned_by": "kvpilot"} for name in self.models]})
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return web.Response(text=page(), content_type="text/html")
+
+    async def dashboard_data(self, request: web.Request) -> web.Response:
+        now = time.monotonic()
+        models = []
+        for name, s in self.models.items():
+            members = {m.endpoint.name: m for pool in (s.prefill, s.main) if pool is not None for m in pool.members}
+            endpoints = [{"name": m.endpoint.name, "role": m.endpoint.role, "in_flight": m.load.in_flight,
+                          "pending_prefill_tokens": m.load.pending_prefill_tokens,
+                          "engine_running": m.load.engine_running, "engine_waiting": m.load.engine_waiting,
+                          "kv_usage": m.load.kv_usage, "breaker_open": m.breaker.is_open(now)}
+                         for m in members.values()]
+            models.append({"name": name, "policy": s.config.policy, "slo_ttft_s": s.config.slo_ttft_ms / 1000,
+                           "endpoints": endpoints, "series": self.timelines[name].series()})
+        return web.json_response({"models": models})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -397,6 +419,8 @@ class Router:
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.metrics_endpoint)
+        app.router.add_get("/dashboard", self.dashboard)
+        app.router.add_get("/dashboard/data", self.dashboard_data)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command (`make test`): works on a fresh machine with no manual steps.
-#   1. Debian packages the tests start for real (redis-server, prometheus), only when missing;
+#   1. Debian packages the tests start for real (redis-server, prometheus, chromium), only when missing;
 #   2. a venv with kvpilot and its test extras;
 #   3. the Kubernetes test binaries, built from Go modules into a versioned cache outside the clone;
 #   4. ruff and mypy;
@@ -16,7 +16,7 @@ t0=$(date +%s)
 
 # -- 1. Debian packages ---------------------------------------------------------------
 missing=()
-for pair in redis-server:redis-server prometheus:prometheus openssl:openssl; do
+for pair in redis-server:redis-server prometheus:prometheus openssl:openssl chromium:chromium; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,0 +1,56 @@
+"""The router's live dashboard: what it sees, over the last few minutes, at `/dashboard`.
+
+`Timeline` keeps a bounded ring of one-second buckets per model (requests, TTFT samples, routing
+reasons) fed from the proxy's hot path with O(1) work; `/dashboard/data` serialises it with the
+pools' current loads; `/dashboard` is one static HTML page (no external assets) that polls it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+HORIZON_S = 300
+
+
+@dataclass
+class Bucket:
+    second: int
+    requests: int = 0
+    ttft_sum: float = 0.0
+    ttft_max: float = 0.0
+    ttft_n: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+class Timeline:
+    def __init__(self, horizon_s: int = HORIZON_S) -> None:
+        self.buckets: deque[Bucket] = deque(maxlen=horizon_s)
+
+    def _bucket(self) -> Bucket:
+        now = int(time.time())
+        if not self.buckets or self.buckets[-1].second != now:
+            self.buckets.append(Bucket(now))
+        return self.buckets[-1]
+
+    def decided(self, reason: str) -> None:
+        b = self._bucket()
+        b.requests += 1
+        b.reasons[reason] += 1
+
+    def first_token(self, ttft_s: float) -> None:
+        b = self._bucket()
+        b.ttft_sum += ttft_s
+        b.ttft_n += 1
+        b.ttft_max = max(b.ttft_max, ttft_s)
+
+    def series(self) -> list[dict[str, Any]]:
+        return [{"t": b.second, "requests": b.requests, "ttft_mean": b.ttft_sum / b.ttft_n if b.ttft_n else None,
+                 "ttft_max": b.ttft_max if b.ttft_n else None, "reasons": dict(b.reasons)} for b in self.buckets]
+
+
+def page() -> str:
+    return resources.files("kvpilot.router").joinpath("static/dashboard.html").read_text()
