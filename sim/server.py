@@ -32,6 +32,7 @@ from kvpilot.sim.kv_connector import KVConnector, LocalKVConnector, StoreKVConne
 from kvpilot.sim.metrics import EngineCollector
 from kvpilot.sim.profiles import Profile
 from kvpilot.tokens import block_hashes, chain_hash, render_chat, token_count
+from kvpilot.vllm_metrics import LATENCY_BUCKETS
 
 _WORDS = ("alpha", "beta", "gamma", "delta", "cache", "token", "route", "block", "prefix", "decode", "serve", "queue",
           "model", "layer", "batch", "scale", "pool", "node", "kernel", "tensor", "stream", "event", "score", "vector")
@@ -96,8 +97,7 @@ class SimServer:
         labels = {"model_name": cfg.model, "engine": "0"}
         self.registry.register(EngineCollector(self.engine, labels))
         names = ["model_name", "engine"]
-        buckets = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                   20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+        buckets = LATENCY_BUCKETS
         self.h_ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", names,
                                 registry=self.registry, buckets=buckets).labels(**labels)
         self.h_itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency.", names,

@@ -1,0 +1,23 @@
+"""Percentiles and SLO shares from histogram bucket deltas."""
+
+from __future__ import annotations
+
+import math
+
+from kvpilot.autoscaler.signals import quantile_from_buckets, share_within
+
+
+def test_quantile_interpolates_inside_the_bucket() -> None:
+    buckets = {0.1: 10.0, 0.5: 50.0, 1.0: 90.0, math.inf: 100.0}
+    assert quantile_from_buckets(buckets, 0.5) == 0.5
+    assert abs((quantile_from_buckets(buckets, 0.7) or 0) - 0.75) < 1e-9  # halfway through (0.5, 1.0]
+    assert quantile_from_buckets(buckets, 0.95) == 1.0  # the +Inf bucket answers its lower bound
+    assert quantile_from_buckets({}, 0.9) is None and quantile_from_buckets({1.0: 0.0}, 0.9) is None
+
+
+def test_share_within_uses_the_bucket_at_or_below_the_limit() -> None:
+    buckets = {0.5: 40.0, 1.0: 80.0, 2.5: 95.0, math.inf: 100.0}
+    assert share_within(buckets, 2.0) == 0.8
+    assert share_within(buckets, 2.5) == 0.95
+    assert share_within(buckets, 0.1) == 0.0
+    assert share_within({}, 1.0) is None
