@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import xxhash
+
+if TYPE_CHECKING:
+    from kvpilot.router.policy import InstanceLoad
 
 HashFn = Callable[[bytes], int]
 
@@ -140,3 +144,29 @@ class DualRing:
             if c2 != c1:
                 return c1, c2
         return c1, c1  # a single member: both candidates are it
+
+
+class Membership:
+    """Keeps rings in step with the instance list a policy is handed, and maps names back to
+    positions in that list. The same list object as last time costs O(1); a changed list costs
+    one rebuild of each ring (only when the set of names changed)."""
+
+    def __init__(self, *rings: HashRing | DualRing) -> None:
+        self.rings = rings
+        self.index: dict[str, int] = {}
+        self._names: tuple[str, ...] = ()
+        self._seen: object = None
+
+    def sync(self, instances: Sequence[InstanceLoad]) -> bool:
+        """Returns True when membership changed."""
+        if instances is self._seen:
+            return False
+        self._seen = instances
+        names = tuple(i.name for i in instances)
+        if names == self._names:
+            return False
+        for ring in self.rings:
+            ring.set_members(names)
+        self._names = names
+        self.index = {name: i for i, name in enumerate(names)}
+        return True

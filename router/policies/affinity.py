@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvpilot.router.hashring import HashRing
+from kvpilot.router.hashring import HashRing, Membership
 from kvpilot.router.policies.dualmap import affinity_key
 from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
 
@@ -17,15 +17,10 @@ class Affinity(BasePolicy):
         super().__init__(context)
         self.depth = max(1, key_tokens // self.context.block_size)
         self._ring = HashRing()
-        self._names: tuple[str, ...] = ()
-        self._index: dict[str, int] = {}
+        self._members = Membership(self._ring)
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
         if not instances:
             raise LookupError("no instances to route to")
-        names = tuple(i.name for i in instances)
-        if names != self._names:
-            self._ring = HashRing(names)
-            self._names = names
-            self._index = {n: i for i, n in enumerate(names)}
-        return Decision(self._index[self._ring.lookup(affinity_key(request, self.depth))], "affinity")
+        self._members.sync(instances)
+        return Decision(self._members.index[self._ring.lookup(affinity_key(request, self.depth))], "affinity")

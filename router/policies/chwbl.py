@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from kvpilot.router.hashring import HashRing
+from kvpilot.router.hashring import HashRing, Membership
 from kvpilot.router.policies.dualmap import affinity_key
 from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
 
@@ -21,21 +21,16 @@ class CHWBL(BasePolicy):
         self.load_factor = load_factor
         self.depth = max(1, key_tokens // self.context.block_size)
         self._ring = HashRing(vnodes=vnodes, family="xxh64")
-        self._names: tuple[str, ...] = ()
-        self._index: dict[str, int] = {}
+        self._members = Membership(self._ring)
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
         if not instances:
             raise LookupError("no instances to route to")
-        names = tuple(i.name for i in instances)
-        if names != self._names:
-            self._ring = HashRing(names, vnodes=self._ring.vnodes, family="xxh64")
-            self._names = names
-            self._index = {n: i for i, n in enumerate(names)}
+        self._members.sync(instances)
         total = sum(i.in_flight for i in instances) + 1
         bound = math.ceil(self.load_factor * total / len(instances))
         for rank, name in enumerate(self._ring.walk(affinity_key(request, self.depth))):
-            i = self._index[name]
+            i = self._members.index[name]
             if instances[i].in_flight + 1 <= bound:
                 return Decision(i, "affinity" if rank == 0 else "bounded-spill")
         raise AssertionError("a bound ≥ the mean always admits some instance")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from kvpilot.router.depth import AdaptiveDepth
 from kvpilot.router.estimate import LoadEstimator
-from kvpilot.router.hashring import DualRing
+from kvpilot.router.hashring import DualRing, Membership
 from kvpilot.router.holding import Held, HoldQueues
 from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
 
@@ -48,22 +48,12 @@ class DualMap(BasePolicy):
         self.estimate = LoadEstimator(self.context, prefill_token_s, ewma)
         self.holding = HoldQueues(self.estimate, lambda: self.theta * self.context.slo_ttft_s, release_tokens)
         self._other: dict[str, str] = {}
-        self._names: tuple[str, ...] = ()
-        self._seen: Sequence[InstanceLoad] | None = None
-        self._index: dict[str, int] = {}
         self._ring = DualRing(vnodes=vnodes)
+        self._members = Membership(self._ring)
 
     def _sync(self, instances: Sequence[InstanceLoad]) -> None:
-        if instances is self._seen:  # the caller's list is unchanged: the common case, O(1)
-            return
-        self._seen = instances
-        names = tuple(i.name for i in instances)
-        if names == self._names:
-            return
-        self._ring.set_members(names)
-        self.estimate.track(instances)
-        self._names = names
-        self._index = {name: i for i, name in enumerate(names)}
+        if self._members.sync(instances):
+            self.estimate.track(instances)
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
         if not instances:
@@ -81,9 +71,9 @@ class DualMap(BasePolicy):
         t_best, t_other = wait(best, ub), wait(other, uo)
         if t_best > self.theta * self.context.slo_ttft_s and t_other < t_best:
             self._other[request.request_id] = best
-            return Decision(self._index[other], "slo-fallback")
+            return Decision(self._members.index[other], "slo-fallback")
         self._other[request.request_id] = other
-        return Decision(self._index[best], "affinity")
+        return Decision(self._members.index[best], "affinity")
 
     def hold(self, request: RequestView, index: int, instances: Sequence[InstanceLoad], reason: str) -> None:
         name = instances[index].name
@@ -93,7 +83,7 @@ class DualMap(BasePolicy):
     def release(self, instances: Sequence[InstanceLoad]) -> list[tuple[RequestView, int, str]]:
         self._sync(instances)
         self.holding.rebalance()
-        return [(h.request, self._index[h.home], h.reason) for h in self.holding.release()]
+        return [(h.request, self._members.index[h.home], h.reason) for h in self.holding.release()]
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         self._other.pop(request.request_id, None)
