@@ -80,6 +80,8 @@ class RouterConfig(BaseModel):
     breaker_cooldown_s: float = Field(10.0, gt=0, alias="breakerCooldownSeconds")
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, alias="maxBodyBytes")
     seed: int = 0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="logLevel")
+    log_format: Literal["json", "text"] = Field("json", alias="logFormat")
 
     @classmethod
     def load(cls, path: Path) -> RouterConfig:

@@ -23,6 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvpilot import logs
 from kvpilot.router.config import Endpoint, ModelConfig, RouterConfig
 from kvpilot.router.dashboard import Timeline, page
 from kvpilot.router.discovery import PodWatcher
@@ -108,7 +109,8 @@ class Router:
         merged = [e for (model, _), eps in sorted(self._discovered.items()) if model == served.config.name
                   for e in eps]
         self._set_endpoints(served, merged)
-        log.info("model %s: %d %s endpoint(s) discovered", served.config.name, len(endpoints), role)
+        log.info("endpoints discovered", extra={"model": served.config.name, "role": role,
+                                                "endpoints": [e.name for e in endpoints]})
 
     # -- request entry points -------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -138,7 +140,8 @@ class Router:
         except ApiError as e:
             self.metrics.requests.labels(model_name, f"error_{e.status}").inc()
             if e.status >= 500:
-                log.warning("request %s for model %s failed: %s", rid, model_name, e.message)
+                log.warning("request failed: %s", e.message,
+                            extra={"request_id": rid, "model": model_name, "status": e.status})
             return e.response()
 
     async def _parse(self, request: web.Request) -> dict[str, Any]:
@@ -193,8 +196,9 @@ class Router:
         self.metrics.upstream_errors.labels(name, member.endpoint.name).inc()
         if pool.failed(member):
             self.metrics.breaker_opened.labels(name, member.endpoint.name).inc()
-            log.warning("circuit breaker opened for %s (model %s)", member.endpoint.name, name)
-        log.info("request %s: attempt on %s failed before the first byte: %s", rid, member.endpoint.name, why)
+            log.warning("circuit breaker opened", extra={"endpoint": member.endpoint.name, "model": name})
+        log.info("upstream attempt failed: %s", why,
+                 extra={"request_id": rid, "endpoint": member.endpoint.name, "model": name})
 
     async def _prefill(self, served: Served, view: RequestView, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """Run the prefill half of P/D; returns the decode request's body."""
@@ -266,7 +270,8 @@ class Router:
                 got_first = True
                 pool.succeeded(member)
                 return web.Response(body=payload, status=up.status, content_type="application/json",
-                                    headers={"X-Kvpilot-Endpoint": member.endpoint.name})
+                                    headers={"X-Kvpilot-Endpoint": member.endpoint.name,
+                                             "X-Request-Id": view.request_id})
         finally:
             if not got_first:
                 pool.first_token(member, view, None)
@@ -293,7 +298,8 @@ class Router:
                             self.timelines[served.config.name].first_token(first_at - view.arrival)
                             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                                "Cache-Control": "no-cache",
-                                                               "X-Kvpilot-Endpoint": member.endpoint.name})
+                                                               "X-Kvpilot-Endpoint": member.endpoint.name,
+                                                               "X-Request-Id": view.request_id})
                             await resp.prepare(request)
                         chunks += 1
                         await resp.write(data)
@@ -440,6 +446,6 @@ def serve(cfg: RouterConfig) -> None:
     import uvloop
 
     uvloop.install()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup(cfg.log_level, cfg.log_format)
     web.run_app(Router(cfg).app(), host=cfg.host, port=cfg.port, access_log=None, print=None,
                 handler_cancellation=True)

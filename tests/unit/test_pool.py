@@ -48,3 +48,16 @@ def test_exclusion_skips_tried_endpoints() -> None:
     chosen = [pool.choose(req(i), frozenset({"w1"})) for i in range(4)]
     assert all(c is not None and c[0].endpoint.name != "w1" for c in chosen)
     assert pool.choose(req(9), frozenset({"w0", "w1", "w2"})) is None
+
+
+def test_json_logs_carry_request_context() -> None:
+    import json
+    import logging
+
+    from kvpilot.logs import JsonFormatter
+
+    record = logging.makeLogRecord({"name": "kvpilot.router", "levelname": "WARNING", "msg": "request failed: %s",
+                                    "args": ("boom",), "request_id": "abc", "endpoint": "w1"})
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "request failed: boom" and line["request_id"] == "abc" and line["endpoint"] == "w1"
+    assert line["level"] == "warning" and line["ts"].endswith("Z")

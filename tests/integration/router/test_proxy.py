@@ -85,13 +85,21 @@ def test_worker_dead_before_first_byte_is_retried_elsewhere(sim_worker_factory: 
     bad = sim_worker_factory(*FAST, "--error-rate", "1.0")
     router = router_factory([{"name": "sim-model", "policy": "round-robin", "endpoints": endpoints([bad, *good])}],
                             maxRetries=2, scrapeIntervalSeconds=30)
-    oa = router.openai_client()
     for i in range(6):  # round-robin lands on the failing worker every third request
-        out = oa.completions.create(model="sim-model", prompt=block_text(i, 64), max_tokens=3)
-        assert len(out.choices[0].text.split()) == 3
+        req = urllib.request.Request(
+            router.url + "/v1/completions", headers={"Content-Type": "application/json", "X-Request-Id": f"trace-{i}"},
+            data=json.dumps({"model": "sim-model", "prompt": block_text(i, 64), "max_tokens": 3}).encode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert resp.headers["X-Request-Id"] == f"trace-{i}"  # the client's id is echoed back
+            assert len(json.loads(resp.read())["choices"][0]["text"].split()) == 3
     metrics = router.metrics_text()
     assert "kvpilot_router_retries_total" in metrics
     assert f'kvpilot_router_upstream_errors_total{{endpoint="w{bad.port}",model="sim-model"}}' in metrics
+    # Each failed attempt is logged as JSON with the request id the client sent.
+    lines = [json.loads(line) for line in router.proc.log_path.read_text().splitlines() if line.startswith("{")]
+    failed = [line for line in lines if line["msg"].startswith("upstream attempt failed")]
+    assert failed and all(line["request_id"].startswith("trace-") and line["endpoint"] == f"w{bad.port}"
+                          for line in failed)
 
 
 def test_killed_worker_leaves_the_pool(sim_worker_factory: Workers, router_factory: Routers) -> None:
