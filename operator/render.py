@@ -165,6 +165,9 @@ def engine_command(spec: WorkerPoolSpec) -> tuple[list[str], list[str]]:
     if spec.engine.type == "simulator":
         args = ["sim", "serve", "--profile", spec.engine.profile or "h100-llama3-8b", "--model", served,
                 "--host", "0.0.0.0", "--port", str(PORT)]
+        kv = spec.kv_transfer
+        if spec.role != "aggregated" and kv is not None and kv.backend == "redis" and kv.redis_url:
+            args += ["--kv-store", kv.redis_url]  # P/D hands real KV bytes over through Redis
         return ["kvpilot"], [*args, *spec.engine.args]
     args = [_vllm_model_arg(spec), "--host", "0.0.0.0", "--port", str(PORT), "--served-model-name", served,
             "--tensor-parallel-size", str(spec.tensor_parallel), "--enable-prefix-caching"]

@@ -128,3 +128,23 @@ def test_router_pods_roll_when_the_config_changes() -> None:
 
     assert digest(_spec()) == digest(_spec())
     assert digest(_spec()) != digest(_spec(routing={"policy": "round-robin"}))
+
+
+def test_simulator_pd_over_redis_gets_the_kv_store_flag() -> None:
+    import argparse
+
+    from kvpilot.sim.cli import register
+
+    spec = _spec(engine={"type": "simulator", "profile": "h100-qwen2.5-0.5b"},
+                 kvTransfer={"backend": "redis", "redisURL": "redis://kv-redis:6379/0"})
+    for role in ("prefill", "decode"):
+        pool, _ = _pool(spec, role)
+        command, args = render.engine_command(pool)
+        assert command == ["kvpilot"] and args[args.index("--kv-store") + 1] == "redis://kv-redis:6379/0"
+        # The simulator's own CLI accepts exactly what the operator renders.
+        parser = argparse.ArgumentParser()
+        register(parser.add_subparsers(dest="command"))
+        parsed = parser.parse_args(args)
+        assert parsed.kv_store == "redis://kv-redis:6379/0" and parsed.profile == "h100-qwen2.5-0.5b"
+    plain, _ = _pool(_spec(engine={"type": "simulator"}), "decode")
+    assert "--kv-store" not in render.engine_command(plain)[1]
