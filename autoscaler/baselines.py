@@ -34,7 +34,7 @@ class QueueThreshold:
     def plan(self, s: PoolSignals) -> Plan:
         if s.waiting is None:
             return Plan(s.current, "holding: metrics missing")
-        per = s.waiting / max(1, s.ready)
+        per = s.waiting / max(1, s.current)  # like HPA: replicas not yet ready count as zero load
         ratio = per / self.target_waiting
         raw = s.current if abs(ratio - 1) <= self.tolerance else math.ceil(s.current * ratio)
         raw = min(raw, max(s.current + 4, 2 * s.current))

@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     api = load_client()
     custom = client.CustomObjectsApi(api)
     scaler = Autoscaler(KubernetesActuator(api), metrics=Metrics(),
-                        base=PlannerConfig(forecast_s=args.cold_start + args.interval))
+                        base=PlannerConfig(forecast_s=2 * args.cold_start + args.interval))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

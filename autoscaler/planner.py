@@ -47,7 +47,7 @@ class PlannerConfig:
     max_replicas: int = 16
     headroom: float = 0.8                  # plan to run replicas at 80% of learned capacity
     scale_down_headroom: float = 0.65      # ...but only shrink to a size that would run at ≤ 65%: hysteresis
-    forecast_s: float = 0.0                # plan for demand this far ahead (set ≈ cold start + interval)
+    forecast_s: float = 0.0                # plan for demand this far ahead (≈ 2 × cold start + interval)
     forecast_points: int = 6               # intervals the demand trend is fitted over
     scale_down_window_s: float = 300.0
     max_step: int = 4                      # most replicas added or removed in one decision
@@ -79,7 +79,7 @@ class PoolPlanner:
     decode_seqs: float = 0.0
     _history: deque[tuple[float, int]] = field(default_factory=deque)
     _since: float | None = None
-    _demand: deque[tuple[float, float, float]] = field(default_factory=deque)  # (t, prompt tok/s, seqs)
+    _demand: deque[tuple[float, float]] = field(default_factory=deque)  # (t, external demand)
 
     def __post_init__(self) -> None:
         self.prefill_tps = self.prefill_tps or self.config.prefill_tps_prior
@@ -103,27 +103,28 @@ class PoolPlanner:
     def _forecast(self, s: PoolSignals) -> tuple[float | None, float | None]:
         """Demand `forecast_s` ahead by the least-squares trend of the last few intervals; only a
         rising trend is followed (a falling one must prove itself through the scale-down window).
-        A replica asked for now serves only after its cold start, so it must be sized for then."""
+        A replica asked for now serves only after its cold start, and no new decision is taken
+        while it starts, so this decision must cover demand until about two cold starts ahead.
+        The trend is fitted to the demand that arrives from outside (prompt tokens, or running
+        sequences for a decode pool); the other follows it in proportion, because an overloaded
+        pool's running-sequence count balloons with its own queue, not with the arrivals."""
         c = self.config
         tps, seqs = s.uncached_prompt_tps, s.running_seqs
-        self._demand.append((s.time, tps or 0.0, seqs or 0.0))
+        driver = tps if self.role != "decode" else seqs
+        self._demand.append((s.time, driver or 0.0))
         while len(self._demand) > c.forecast_points:
             self._demand.popleft()
-        if c.forecast_s <= 0 or len(self._demand) < 3:
+        if c.forecast_s <= 0 or len(self._demand) < 3 or not driver:
             return tps, seqs
         ts = [d[0] for d in self._demand]
-        mean_t = sum(ts) / len(ts)
+        ys = [d[1] for d in self._demand]
+        mean_t, mean_y = sum(ts) / len(ts), sum(ys) / len(ys)
         var = sum((t - mean_t) ** 2 for t in ts)
-
-        def ahead(value: float | None, k: int) -> float | None:
-            if value is None or var <= 0:
-                return value
-            ys = [d[k] for d in self._demand]
-            mean_y = sum(ys) / len(ys)
-            slope = sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys, strict=True)) / var
-            return value + max(0.0, slope) * c.forecast_s
-
-        return ahead(tps, 1), ahead(seqs, 2)
+        if var <= 0:
+            return tps, seqs
+        slope = sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys, strict=True)) / var
+        growth = 1 + max(0.0, slope) * c.forecast_s / driver
+        return (tps * growth if tps is not None else None), (seqs * growth if seqs is not None else None)
 
     def _needed(self, s: PoolSignals, headroom: float, tps: float | None, seqs: float | None) -> tuple[int, str]:
         c = self.config
@@ -185,6 +186,13 @@ class PoolPlanner:
                 return Plan(target, f"scale down: {down_reason} (stable for {c.scale_down_window_s:.0f}s)")
             return Plan(s.current, f"holding: scale-down stabilising ({down_reason})")
         return Plan(s.current, f"steady: {reason}")
+
+
+def roofline_prefill_tps(params_billion: float, gpu_tflops: float, mfu: float = 0.5) -> float:
+    """A spec-sheet prior for one replica's prefill rate, tokens/s: a dense transformer spends
+    about 2 × parameters FLOPs per prompt token, at `mfu` of the GPU's peak. No profiling: the
+    planner corrects it online (down on a breach, up when the pool does more within SLO)."""
+    return gpu_tflops * 1e12 * mfu / (2 * params_billion * 1e9)
 
 
 def _nudge(estimate: float, observed: float, met_slo: bool, c: PlannerConfig) -> float:

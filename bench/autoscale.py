@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvpilot.autoscaler.baselines import Concurrency, Fixed, QueueThreshold
-from kvpilot.autoscaler.planner import Planner, PlannerConfig, PoolPlanner
+from kvpilot.autoscaler.planner import Planner, PlannerConfig, PoolPlanner, roofline_prefill_tps
 from kvpilot.sim.elastic import ElasticCluster, ElasticConfig, ElasticReport
 from kvpilot.sim.workload import RequestSpec, azure_conv, diurnal, servegen_shape, superpose, with_bursts
 
@@ -42,7 +42,7 @@ GOAL_MINUTES = 0.99
 def bursty(minutes: float) -> list[RequestSpec]:
     base = [s for s in azure_conv() if s.arrival < minutes * 60]
     span = minutes * 60
-    bursts = [(span * f, 360.0, k, 120.0) for f, k in ((0.17, 2.0), (0.45, 2.5), (0.75, 2.0))]
+    bursts = [(span * f, 540.0, k, 120.0) for f, k in ((0.15, 3.0), (0.45, 2.5), (0.75, 3.0))]
     return with_bursts(superpose(base, 4, seed=1), bursts, seed=2)
 
 
@@ -54,7 +54,10 @@ def daily(minutes: float) -> list[RequestSpec]:
 
 def planners() -> dict[str, Callable[[], Planner]]:
     bounds: dict[str, Any] = {"min_replicas": 1, "max_replicas": MAX_REPLICAS}
-    cfg = PlannerConfig(ttft_slo_s=TTFT_SLO, tpot_slo_s=TPOT_SLO, forecast_s=COLD_START + INTERVAL, **bounds)
+    # Prior from public specs only: Llama-3.1-8B (8.03 B parameters) on an H100 (989 dense BF16 TFLOPS).
+    prior = roofline_prefill_tps(8.03, 989.0)
+    cfg = PlannerConfig(ttft_slo_s=TTFT_SLO, tpot_slo_s=TPOT_SLO, forecast_s=2 * COLD_START + INTERVAL,
+                        prefill_tps_prior=prior, **bounds)
     out: dict[str, Callable[[], Planner]] = {"kvpilot": lambda: PoolPlanner("aggregated", cfg)}
     for target in (1.0, 2.0, 5.0):
         out[f"hpa-queue(waiting={target:g})"] = lambda t=target: QueueThreshold(target_waiting=t, **bounds)
