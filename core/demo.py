@@ -81,12 +81,16 @@ async def replay(url: str, model: str, specs: list[RequestSpec], time_scale: flo
 def _hit_rate(worker_urls: list[str]) -> float:
     hits = queries = 0.0
     for url in worker_urls:
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-            for family in text_string_to_metric_families(resp.read().decode()):
-                if family.name == "vllm:prefix_cache_hits":
-                    hits += sum(s.value for s in family.samples if s.name.endswith("_total"))
-                elif family.name == "vllm:prefix_cache_queries":
-                    queries += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        try:
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue  # retired by the autoscaler a moment ago
+        for family in text_string_to_metric_families(text):
+            if family.name == "vllm:prefix_cache_hits":
+                hits += sum(s.value for s in family.samples if s.name.endswith("_total"))
+            elif family.name == "vllm:prefix_cache_queries":
+                queries += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return hits / queries if queries else 0.0
 
 

@@ -27,6 +27,7 @@ from kvpilot import logs
 from kvpilot.router.config import Endpoint, ModelConfig, RouterConfig
 from kvpilot.router.dashboard import Timeline, page
 from kvpilot.router.discovery import PodWatcher
+from kvpilot.router.endpoints_file import EndpointsFile
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import PolicyContext, RequestView
@@ -94,6 +95,10 @@ class Router:
         self._scraper: asyncio.Task[None] | None = None
         self._watchers: list[PodWatcher] = []
         self._discovered: dict[tuple[str, str], list[Endpoint]] = {}
+        self._files = {name: EndpointsFile(s.config.endpoints_file) for name, s in self.models.items()
+                       if s.config.endpoints_file is not None}
+        self.scaling_events: dict[str, list[dict[str, Any]]] = {}
+        self._cache_counters: dict[str, tuple[float, float]] = {}   # endpoint URL → prefix-cache (hits, queries)
 
     @staticmethod
     def _set_endpoints(served: Served, endpoints: list[Endpoint]) -> None:
@@ -317,7 +322,9 @@ class Router:
                     raise UpstreamFailed("upstream closed the stream before any data")
                 pool.succeeded(member)
                 if chunks > 1:
-                    self.metrics.tpot.labels(served.config.name).observe((time.monotonic() - first_at) / (chunks - 1))
+                    tpot = (time.monotonic() - first_at) / (chunks - 1)
+                    self.metrics.tpot.labels(served.config.name).observe(tpot)
+                    self.timelines[served.config.name].tpot(tpot)
                 await resp.write_eof()
                 return resp
         finally:
@@ -340,10 +347,13 @@ class Router:
             endpoints = [{"name": m.endpoint.name, "role": m.endpoint.role, "in_flight": m.load.in_flight,
                           "pending_prefill_tokens": m.load.pending_prefill_tokens,
                           "engine_running": m.load.engine_running, "engine_waiting": m.load.engine_waiting,
-                          "kv_usage": m.load.kv_usage, "breaker_open": m.breaker.is_open(now)}
+                          "kv_usage": m.load.kv_usage, "breaker_open": m.breaker.is_open(now),
+                          "cache_hits": self._cache_counters.get(m.url, (0.0, 0.0))[0],
+                          "cache_queries": self._cache_counters.get(m.url, (0.0, 0.0))[1]}
                          for m in members.values()]
             models.append({"name": name, "policy": s.config.policy, "slo_ttft_s": s.config.slo_ttft_ms / 1000,
-                           "endpoints": endpoints, "series": self.timelines[name].series()})
+                           "slo_tpot_s": s.config.slo_tpot_ms / 1000, "endpoints": endpoints,
+                           "series": self.timelines[name].series(), "scaling": self.scaling_events.get(name, [])})
         return web.json_response({"models": models})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -364,8 +374,18 @@ class Router:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -- engine metrics scraping -------------------------------------------------------------
+    def _poll_files(self) -> None:
+        for name, f in self._files.items():
+            doc = f.poll()
+            if doc is not None:
+                self._set_endpoints(self.models[name], doc.endpoints)
+                self.scaling_events[name] = doc.events[-50:]
+
     async def _scrape_loop(self) -> None:
         while True:
+            self._poll_files()
+            for name, s in self.models.items():
+                self.timelines[name].members(sum(len(p.members) for p in (s.main, s.prefill) if p is not None))
             await asyncio.gather(*(self._scrape(s, pool, m) for s in self.models.values()
                                    for pool in (s.main, s.prefill) if pool is not None for m in pool.members))
             await asyncio.sleep(self.cfg.scrape_interval_s)
@@ -390,6 +410,11 @@ class Router:
                 load.engine_waiting = int(sum(s.value for s in family.samples))
             elif family.name == "vllm:kv_cache_usage_perc":
                 load.kv_usage = max((s.value for s in family.samples), default=0.0)
+            elif family.name in ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries"):
+                total = sum(s.value for s in family.samples if s.name.endswith("_total"))
+                hits, queries = self._cache_counters.get(member.url, (0.0, 0.0))
+                self._cache_counters[member.url] = \
+                    (total, queries) if family.name.endswith("hits") else (hits, total)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def _on_startup(self, app: web.Application) -> None:
