@@ -45,7 +45,8 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 def _migrate(router: RouterProcess, rid: str, **extra: Any) -> tuple[int, dict[str, Any]]:
     body = json.dumps({"request_id": rid, **extra}).encode()
-    req = urllib.request.Request(router.url + "/kvpilot/migrate", data=body, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    req = urllib.request.Request(router.url + "/kvpilot/migrate", data=body, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
