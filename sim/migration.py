@@ -23,6 +23,7 @@ to move the right amount through the real store with the real failure modes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -53,6 +54,7 @@ class Incoming:
 
     started: float = field(default_factory=time.monotonic)
     bytes: int = 0
+    keys: set[str] = field(default_factory=set)
     stream: Stream | None = None
     expiry: asyncio.TimerHandle | None = None
 
@@ -72,6 +74,7 @@ class Migrations:
             if cfg.kv_store else None
         self.incoming: dict[str, Incoming] = {}
         self.session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         labels = {"model_name": cfg.model, "engine": "0"}
         names = ["model_name", "engine", "role", "outcome"]
         self.c_migrations = Counter("kvpilot:migrations", "Live migrations by role (source/target) and outcome.",
@@ -229,9 +232,25 @@ class Migrations:
             self._expire_later(mid)
         descs = _descs(raw)
         if descs:
+            entry.keys.update(d.key for d in descs)
             data = await self.agent.post_read(descs).wait()
             entry.bytes += sum(len(b) for b in data)
         return entry
+
+    def _delete_blocks(self, entry: Incoming) -> None:
+        """Free the store of a migration's blocks in the background (the TTL is the fallback)."""
+        if self.agent is None or not entry.keys:
+            return
+        store, keys = self.agent.store, sorted(entry.keys)
+        entry.keys = set()
+
+        async def run() -> None:
+            with contextlib.suppress(TransferError):
+                await store.delete(keys)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def pull_blocks(self, request: web.Request) -> web.Response:
         mid = request.match_info["mid"]
@@ -256,6 +275,7 @@ class Migrations:
             self._fail_incoming(mid, e)
             return web.json_response({"reason": str(e)}, status=409)
         entry.stream = stream
+        self._delete_blocks(entry)
         self._count("target", "migrated")
         return web.json_response({"ok": True, "bytes": entry.bytes})
 
@@ -283,6 +303,7 @@ class Migrations:
         entry = self.incoming.pop(mid, None)
         if entry is None:
             return
+        self._delete_blocks(entry)
         if entry.expiry is not None:
             entry.expiry.cancel()
         if entry.stream is not None:  # committed but never streamed: free the engine's work

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from kvpilot.testing.redis import RedisServer
 from kvpilot.testing.router import RouterProcess
 from kvpilot.testing.sim import SimWorker
@@ -94,6 +96,12 @@ def test_migrated_stream_equals_the_unmigrated_one(redis_server: RedisServer, si
     assert _metric(router.metrics_text(), "kvpilot_router_migrations_total", outcome="migrated") == 1
     source = next(w for w in workers if f"w{w.port}" == result["source"])
     assert _metric(source.metrics_text(), "kvpilot:migrations_total", role="source", outcome="migrated") == 1
+    # The target dropped the migration's blocks from Redis once it had them.
+    r = redis.Redis.from_url(redis_server.url)
+    deadline = time.monotonic() + 5
+    while r.keys("kvp:mig:blk:*") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert r.keys("kvp:mig:blk:*") == []
 
 
 def test_redis_killed_mid_migration_leaves_the_request_on_the_source(
