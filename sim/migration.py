@@ -40,6 +40,7 @@ from kvpilot.kvtransfer.store import BlockDescriptor, RedisStore, TransferError
 from kvpilot.sim.engine import Phase, Sequence
 from kvpilot.sim.server import MIGRATED, SimServer, Stream
 
+BATCH_BYTES = 4 << 20       # per store call during the copy
 ATTACH_TIMEOUT_S = 30.0     # a committed migration nobody streams from is dropped after this
 _BLOCKING_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
@@ -189,23 +190,31 @@ class Migrations:
 
     async def _copy(self, mid: str, target: str, copied: int, kv_tokens: int,
                     commit: dict[str, Any] | None = None) -> int:
-        """Write the blocks between `copied` and `kv_tokens` and have the target pull them
-        (with `commit`, as the final step). Returns the bytes written."""
+        """Write the blocks between `copied` and `kv_tokens` and have the target pull them, in
+        batches of about `BATCH_BYTES` so each store call stays well inside its timeout; with
+        `commit`, the last batch goes with the commit. Returns the bytes written."""
         assert self.agent is not None
         bt, bpt = self.tuning.block_tokens, self.server.cfg.profile.kv_bytes_per_token
-        indices = blocks_to_copy(copied, kv_tokens, bt)
-        buffers = [os.urandom(block_bytes(i, kv_tokens, bt, bpt)) for i in indices]
-        descs = self.agent.describe([block_key(mid, i) for i in indices], buffers)
-        if descs:
-            await self.agent.post_write(descs, buffers).wait()
-        raw = [[d.key, d.size, d.checksum] for d in descs]
-        path = "commit" if commit is not None else "blocks"
-        payload: dict[str, Any] = {"blocks": raw, **({"state": commit} if commit is not None else {})}
-        async with self._http().post(f"{target}/kvpilot/migrations/{mid}/{path}", json=payload) as resp:
-            answer = await resp.json(content_type=None)
-            if resp.status != 200:
-                raise MigrationAborted(f"target refused {path}: {answer.get('reason', resp.status)}")
-        return sum(len(b) for b in buffers)
+        indices = list(blocks_to_copy(copied, kv_tokens, bt))
+        per_batch = max(1, BATCH_BYTES // max(1, bt * bpt))
+        batches = [indices[i : i + per_batch] for i in range(0, len(indices), per_batch)] or [[]]
+        written = 0
+        for n, batch in enumerate(batches):
+            buffers = [os.urandom(block_bytes(i, kv_tokens, bt, bpt)) for i in batch]
+            descs = self.agent.describe([block_key(mid, i) for i in batch], buffers)
+            if descs:
+                await self.agent.post_write(descs, buffers).wait()
+            written += sum(len(b) for b in buffers)
+            final = commit is not None and n == len(batches) - 1
+            payload: dict[str, Any] = {"blocks": [[d.key, d.size, d.checksum] for d in descs]}
+            if final:
+                payload["state"] = commit
+            path = "commit" if final else "blocks"
+            async with self._http().post(f"{target}/kvpilot/migrations/{mid}/{path}", json=payload) as resp:
+                answer = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise MigrationAborted(f"target refused {path}: {answer.get('reason', resp.status)}")
+        return written
 
     def _state(self, stream: Stream, mid: str) -> dict[str, Any]:
         seq = stream.seq
