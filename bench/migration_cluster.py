@@ -1,6 +1,6 @@
 """p99 TTFT and TPOT under a skewed workload: live migration vs queued-only rebalancing vs none.
 
-    .venv/bin/python -P bench/migration_cluster.py [--instances 8] [--requests 3000] [--rate 14] [--policy affinity]
+    .venv/bin/python -P bench/migration_cluster.py [--instances 8] [--requests 3000] [--rate 20] [--policy affinity]
 
 The virtual-time cluster (`kvpilot sim cluster`'s engine model and event loop) runs the same
 seeded synthetic workload three times — Zipf-skewed tenants with long shared system prompts,
@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--rate", type=float, default=14.0)
+    parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--policy", default="affinity")
     parser.add_argument("--profile", default="h100-llama3-8b")
     parser.add_argument("--skew", type=float, default=1.2, help="Zipf exponent over tenants")
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     specs = synthetic(SyntheticConfig(requests=args.requests, rate=args.rate, tenants=16, tenant_skew=args.skew,
-                                      output_tokens=(64, 1024), seed=args.seed))
+                                      system_prompt_segments=(8, 16), output_tokens=(64, 1024), seed=args.seed))
     profile = get_profile(args.profile)
     print(f"{len(specs)} requests, {args.instances} × {args.profile}, policy {args.policy}, "
           f"SLO TTFT {args.slo_ttft} s / TPOT {args.slo_tpot * 1000:.0f} ms, θ {args.theta}\n")
