@@ -193,6 +193,23 @@ class Engine:
         seq.phase = Phase.RUNNING
         self.running.append(seq)
 
+    # -- cache handover (scale events) ---------------------------------------------------------
+    def cached_prefix(self, block_hashes: list[int]) -> list[int]:
+        """The leading hashes of `block_hashes` whose KV this instance caches."""
+        return block_hashes[: len(self.pool.match_prefix(block_hashes, len(block_hashes)))]
+
+    def warm(self, block_hashes: list[int]) -> int:
+        """Insert a prefix whose KV arrived from another instance into the prefix cache, as
+        cached blocks no request holds (evictable, most recently used); returns the blocks added.
+        Blocks already cached are kept; the rest are cut to the room there is."""
+        have = len(self.pool.match_prefix(block_hashes, len(block_hashes)))
+        new = block_hashes[have : have + self.pool.num_available]
+        blocks = self.pool.allocate(len(new))
+        for b, h in zip(blocks, new, strict=True):
+            self.pool.register(b, h)
+        self.pool.release(blocks)
+        return len(blocks)
+
     @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
