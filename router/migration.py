@@ -37,6 +37,7 @@ from kvpilot.router.pool import Member, Pool
 
 log = logging.getLogger("kvpilot.router.migration")
 MIGRATED_EVENT = b"event: kvpilot.migrated\n"
+COOLDOWN_INTERVALS = 5
 
 
 class SseSplicer:
@@ -79,6 +80,7 @@ class ActiveStream:
     gap_s: float | None = None          # smoothed inter-event gap: the stream's observed TPOT
     migrating: bool = False
     moves: list[str] = field(default_factory=list)
+    moved_at: float = -1e18
 
     def on_events(self, n: int, now: float) -> None:
         if self.last_event is not None:
@@ -155,6 +157,7 @@ class Migrator:
                     moved_to.load.in_flight += 1
                     active.member = moved_to
                 active.moves.append(target)
+                active.moved_at = time.monotonic()
         finally:
             if opened is not None:
                 opened.release()
@@ -216,14 +219,17 @@ class Migrator:
 
     # -- the automatic trigger ---------------------------------------------------------------
     def signals(self, name: str) -> list[InstanceSignal]:
+        """The policy's view of each healthy endpoint. A request that moved within the last few
+        intervals is not a candidate again (no ping-pong while the picture settles)."""
         m = self.models[name]
+        settle = time.monotonic() - COOLDOWN_INTERVALS * m.cfg.interval_s
         out = []
         for member in m.pool.healthy():
             streams = [a for a in self.active.values() if a.member is member and a.model == name]
             gaps = [a.gap_s for a in streams if a.gap_s is not None]
             cands = tuple(Candidate(a.request_id, a.prompt_tokens + a.events,
                                     (a.max_tokens - a.events) if a.max_tokens is not None else 1 << 30)
-                          for a in streams if not a.migrating)
+                          for a in streams if not a.migrating and a.moved_at < settle)
             backlog = member.load.pending_prefill_tokens * m.cfg.prefill_token_s
             out.append(InstanceSignal(member.endpoint.name, sum(gaps) / len(gaps) if gaps else None, backlog, cands))
         return out

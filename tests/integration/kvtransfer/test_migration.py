@@ -136,3 +136,21 @@ def test_migrating_an_unknown_request_is_a_404(redis_server: RedisServer, sim_wo
     router = _router(router_factory, _pair(sim_worker_factory, redis_server.url))
     status, result = _migrate(router, "nobody")
     assert status == 404 and result["outcome"] == "not_found"
+
+
+def test_the_router_migrates_on_its_own_when_an_instance_runs_over_theta_slo(
+        redis_server: RedisServer, sim_worker_factory: Workers, router_factory: Routers) -> None:
+    workers = _pair(sim_worker_factory, redis_server.url)
+    expected = []
+    for chunk in workers[0].openai_client().completions.create(model="sim-model", prompt=PROMPT,
+                                                               max_tokens=MAX_TOKENS, stream=True):
+        for choice in chunk.choices:
+            expected.extend(choice.text.split())
+    eps = [{"name": f"w{w.port}", "url": w.url} for w in workers]
+    # A 1 ms TPOT SLO: any instance streaming is a hot spot, an idle one is cool.
+    migration = {"enabled": True, "tpotMs": 1, "theta": 0.8, "intervalSeconds": 0.5}
+    router = router_factory([{"name": "sim-model", "policy": "round-robin", "endpoints": eps,
+                              "migration": migration}], scrapeIntervalSeconds=30)
+    out, _ = _stream(router, "auto-1")
+    assert out == expected
+    assert _metric(router.metrics_text(), "kvpilot_router_migrations_total", outcome="migrated") >= 1
