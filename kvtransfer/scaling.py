@@ -92,7 +92,12 @@ def plan_scale_out(hot: Iterable[HotPrefix], joining: str, members: frozenset[st
 
 
 def block_key(block_hash: int) -> str:
-    return f"pfx:{block_hash:x}"   # int(key[4:], 16) gives the hash back
+    return f"pfx:{block_hash:x}"
+
+
+def block_hash_of(key: str) -> int:
+    """The inverse of `block_key`."""
+    return int(key[4:], 16)
 
 
 class PrefixHandover:
@@ -135,4 +140,4 @@ class PrefixHandover:
         except TransferError:
             return {}
         by_key = dict(zip(unique, data, strict=True))
-        return {int(k[4:], 16): by_key[k] for k in unique}
+        return {block_hash_of(k): by_key[k] for k in unique}

@@ -129,6 +129,9 @@ class SimServer:
         from kvpilot.sim.migration import Migrations  # late: it types against this module
 
         self.migrations = Migrations(self)
+        from kvpilot.sim.handover import PrefixEndpoints
+
+        self.prefixes = PrefixEndpoints(self)
 
     def _connector(self) -> KVConnector:
         cfg = self.cfg
@@ -391,6 +394,7 @@ class SimServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         self.migrations.add_routes(app)
+        self.prefixes.add_routes(app)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -403,6 +407,7 @@ class SimServer:
         if self._task is not None:
             self._task.cancel()
         await self.migrations.close()
+        await self.prefixes.close()
 
 
 def serve(cfg: ServeConfig) -> None:
