@@ -109,14 +109,17 @@ class Migrations:
 
     # -- source ------------------------------------------------------------------------------
     async def migrate(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        rid, target = body.get("request_id"), body.get("target")
-        if not isinstance(rid, str) or not isinstance(target, str) or not target.startswith("http"):
+        try:
+            body = await request.json()
+            rid, target = body.get("request_id"), body.get("target")
+            round_delay_s = float(body.get("round_delay_s", 0.0))  # test knob: space the pre-copy rounds
+            if not isinstance(rid, str) or not isinstance(target, str) or not target.startswith("http"):
+                raise TypeError
+        except (ValueError, TypeError, AttributeError):
             return web.json_response({"error": "request_id and target (http URL) are required"}, status=400)
         stream = self.server.by_request_id.get(rid)
         if stream is None:
             return web.json_response({"outcome": "not_found", "reason": f"no running request {rid}"}, status=404)
-        round_delay_s = float(body.get("round_delay_s", 0.0))  # test knob: space the pre-copy rounds
         result = await self.run(stream, target.rstrip("/"), round_delay_s)
         return web.json_response(result, status=200 if result["outcome"] == "migrated" else 409)
 
@@ -153,7 +156,7 @@ class Migrations:
             moved_bytes += last
             blocking = time.monotonic() - stop
         except (MigrationAborted, TransferError, aiohttp.ClientError, TimeoutError) as e:
-            if paused:
+            if paused and seq.phase == Phase.PAUSED:  # (the client may have gone meanwhile)
                 self.server.engine.resume(seq)
                 self.server.wake()
             stream.migrating = False
