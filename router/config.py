@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
+from kvpilot.router.migration_policy import MigrationConfig
+
 Role = Literal["both", "prefill", "decode"]
 
 
@@ -51,6 +53,7 @@ class ModelConfig(BaseModel):
     slo_tpot_ms: float = Field(100, gt=0, alias="tpotMs")
     kv_capacity_tokens: int = Field(400_000, gt=0, alias="kvCapacityTokens")
     max_inflight_per_endpoint: int = Field(256, gt=0, alias="maxInflightPerEndpoint")
+    migration: MigrationConfig | None = Field(None, description="live migration of running streams (simulator)")
 
     @model_validator(mode="after")
     def _roles_fit_mode(self) -> ModelConfig:

@@ -29,6 +29,7 @@ from kvpilot.router.dashboard import Timeline, page
 from kvpilot.router.discovery import PodWatcher
 from kvpilot.router.endpoints_file import EndpointsFile
 from kvpilot.router.metrics import RouterMetrics
+from kvpilot.router.migration import Migrator
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import PolicyContext, RequestView
 from kvpilot.router.pool import Member, Pool
@@ -73,6 +74,7 @@ class Router:
     def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
         self.metrics = RouterMetrics()
+        self.migrator = Migrator(self.metrics)
         self.models: dict[str, Served] = {}
         self.timelines: dict[str, Timeline] = {}
         for m in cfg.models:
@@ -89,6 +91,7 @@ class Router:
             else:
                 served = Served(m, pool(m.policy), None)
             self.models[m.name] = served
+            self.migrator.add_model(m.name, served.main, m.migration, m.slo_ttft_ms / 1000)
             self.timelines[m.name] = Timeline()
             self._set_endpoints(served, m.endpoints)
         self.session: aiohttp.ClientSession | None = None
@@ -289,13 +292,15 @@ class Router:
         chunks = 0
         first_at = 0.0
         try:
-            async with self.session.post(member.url + path, json=body) as up:
+            headers = self.migrator.headers(served.config.name, view.request_id)
+            async with self.session.post(member.url + path, json=body, headers=headers) as up:
                 if up.status >= 500:
                     raise UpstreamFailed(f"HTTP {up.status}")
                 if up.status >= 400:
                     return web.Response(body=await up.read(), status=up.status, content_type="application/json")
                 try:
-                    async for data in up.content.iter_any():
+                    async for data in self.migrator.relay(up, view.request_id, served.config.name, pool, member,
+                                                          view.prompt_tokens, body):
                         if resp is None:
                             first_at = time.monotonic()
                             pool.first_token(member, view, first_at - started)
@@ -421,6 +426,7 @@ class Router:
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=self.cfg.connect_timeout_s)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         self._scraper = asyncio.create_task(self._scrape_loop())
+        self.migrator.start(self.session)
         loop = asyncio.get_running_loop()
         for served in self.models.values():
             d = served.config.discovery
@@ -439,6 +445,7 @@ class Router:
             watcher.stop()
         if self._scraper is not None:
             self._scraper.cancel()
+        self.migrator.stop()
         if self.session is not None:
             await self.session.close()
 
@@ -452,6 +459,7 @@ class Router:
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.router.add_get("/dashboard", self.dashboard)
         app.router.add_get("/dashboard/data", self.dashboard_data)
+        app.router.add_post("/kvpilot/migrate", self.migrator.handle)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
