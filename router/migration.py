@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +100,7 @@ class _Model:
 
 class Migrator:
     def __init__(self, metrics: RouterMetrics) -> None:
+        self.recent: dict[str, deque[dict[str, Any]]] = {}   # model → last migrations, for the dashboard
         self.metrics = metrics
         self.models: dict[str, _Model] = {}
         self.active: dict[str, ActiveStream] = {}
@@ -199,6 +201,7 @@ class Migrator:
 
     def _count(self, model: str, result: dict[str, Any]) -> dict[str, Any]:
         self.metrics.migrations.labels(model, str(result.get("outcome", "failed"))).inc()
+        self.recent.setdefault(model, deque(maxlen=20)).append({"time": time.time(), **result})
         if result.get("outcome") == "migrated" and "blocking_ms" in result:
             self.metrics.migration_blocking.labels(model).observe(float(result["blocking_ms"]) / 1000)
         return result

@@ -358,7 +358,8 @@ class Router:
                          for m in members.values()]
             models.append({"name": name, "policy": s.config.policy, "slo_ttft_s": s.config.slo_ttft_ms / 1000,
                            "slo_tpot_s": s.config.slo_tpot_ms / 1000, "endpoints": endpoints,
-                           "series": self.timelines[name].series(), "scaling": self.scaling_events.get(name, [])})
+                           "series": self.timelines[name].series(), "scaling": self.scaling_events.get(name, []),
+                           "migrations": list(self.migrator.recent.get(name, ()))})
         return web.json_response({"models": models})
 
     async def health(self, request: web.Request) -> web.Response:
