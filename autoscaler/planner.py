@@ -36,6 +36,8 @@ class PoolSignals:
     attainment: float | None               # share of requests within SLO this interval
     kv_usage: float | None = None          # mean KV-cache usage, 0-1
     waiting: float | None = None           # requests queued in the engines (vllm:num_requests_waiting)
+    ttft_p50_s: float | None = None
+    first_tokens_per_s: float | None = None  # requests that got their first token, per second
 
 
 @dataclass(slots=True, frozen=True)
@@ -48,7 +50,8 @@ class PlannerConfig:
     headroom: float = 0.8                  # plan to run replicas at 80% of learned capacity
     scale_down_headroom: float = 0.65      # ...but only shrink to a size that would run at ≤ 65%: hysteresis
     forecast_s: float = 0.0                # plan for demand this far ahead (≈ 2 × cold start + interval)
-    forecast_points: int = 6               # intervals the demand trend is fitted over
+    forecast_points: int = 3               # intervals the demand trend is fitted over (short: bursts)
+    forecast_max_growth: float = 3.0       # a trend is not trusted beyond this factor over current demand
     scale_down_window_s: float = 300.0
     max_step: int = 4                      # most replicas added or removed in one decision
     kv_high: float = 0.9                   # KV usage above this needs another decode replica
@@ -57,6 +60,7 @@ class PlannerConfig:
     decode_seqs_prior: float = 64.0
     learn_rate: float = 0.3
     decode_learn_min_seqs: float = 8.0     # too small a batch says little about TPOT at scale
+    prefill_utilisation: float = 0.85      # share of a replica's raw prefill rate usable within the TTFT SLO
 
 
 @dataclass(slots=True, frozen=True)
@@ -77,6 +81,7 @@ class PoolPlanner:
     config: PlannerConfig = field(default_factory=PlannerConfig)
     prefill_tps: float = 0.0               # learned per-replica capacities
     decode_seqs: float = 0.0
+    prefill_raw: float = 0.0               # best lower bound seen on one replica's raw prefill rate
     _history: deque[tuple[float, int]] = field(default_factory=deque)
     _since: float | None = None
     _demand: deque[tuple[float, float]] = field(default_factory=deque)  # (t, external demand)
@@ -91,6 +96,12 @@ class PoolPlanner:
         c, n = self.config, max(1, s.ready)
         if self.role != "decode" and s.uncached_prompt_tps and s.ttft_p90_s is not None:
             self.prefill_tps = _nudge(self.prefill_tps, s.uncached_prompt_tps / n, s.ttft_p90_s <= c.ttft_slo_s, c)
+            if s.first_tokens_per_s and s.ttft_p50_s and s.ttft_p90_s <= c.ttft_slo_s:
+                # A typical prompt's first token took at least its own prefill: tokens over TTFT is a
+                # lower bound on the replica's raw prefill rate (queueing and batching only lower it).
+                bound = s.uncached_prompt_tps / s.first_tokens_per_s / s.ttft_p50_s
+                self.prefill_raw = max(self.prefill_raw, bound)
+                self.prefill_tps = max(self.prefill_tps, self.prefill_raw * c.prefill_utilisation)
         if self.role != "prefill" and s.running_seqs and s.tpot_p90_s:
             per = s.running_seqs / n
             if per >= c.decode_learn_min_seqs:
@@ -123,7 +134,7 @@ class PoolPlanner:
         if var <= 0:
             return tps, seqs
         slope = sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys, strict=True)) / var
-        growth = 1 + max(0.0, slope) * c.forecast_s / driver
+        growth = min(c.forecast_max_growth, 1 + max(0.0, slope) * c.forecast_s / driver)
         return (tps * growth if tps is not None else None), (seqs * growth if seqs is not None else None)
 
     def _needed(self, s: PoolSignals, headroom: float, tps: float | None, seqs: float | None) -> tuple[int, str]:

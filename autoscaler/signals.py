@@ -117,8 +117,10 @@ class ScrapeSignals:
         tps = (sample.counters.get(key, 0.0) - last.counters.get(key, 0.0)) / dt
         d_ttft = {b: sample.ttft[b] - last.ttft.get(b, 0.0) for b in sample.ttft}
         d_itl = {b: sample.itl[b] - last.itl.get(b, 0.0) for b in sample.itl}
+        first_tokens = d_ttft[max(d_ttft)] if d_ttft else 0.0   # the +Inf bucket counts every request
         return PoolSignals(now, current, ready, tps, running, quantile_from_buckets(d_ttft, 0.9),
-                           quantile_from_buckets(d_itl, 0.9), share_within(d_ttft, self.ttft_slo_s), kv, waiting)
+                           quantile_from_buckets(d_itl, 0.9), share_within(d_ttft, self.ttft_slo_s), kv, waiting,
+                           quantile_from_buckets(d_ttft, 0.5), first_tokens / dt)
 
 
 class PromSignals:
@@ -160,7 +162,9 @@ class PromSignals:
             self.query(f"histogram_quantile(0.9, sum by (le) (rate({m.ITL}_bucket{{{s}}}[{w}])))"),
             attainment,
             self.query(f"avg(vllm:kv_cache_usage_perc{{{s}}})"),
-            self.query(f"sum(vllm:num_requests_waiting{{{s}}})"))
+            self.query(f"sum(vllm:num_requests_waiting{{{s}}})"),
+            self.query(f"histogram_quantile(0.5, sum by (le) (rate({m.TTFT}_bucket{{{s}}}[{w}])))"),
+            self.query(f"sum(rate({m.TTFT}_count{{{s}}}[{w}]))"))
 
     @staticmethod
     def _bucket_at_or_below(limit: float) -> str:

@@ -204,7 +204,9 @@ class ElasticCluster:
             tpot_p90_s=percentile(tpots, 90) if tpots else None,
             attainment=sum(1 for x in ttfts if x <= self.config.slo_ttft_s) / len(ttfts) if ttfts else None,
             kv_usage=sum(e.kv_usage() for e in serving_engines) / len(serving_engines) if serving_engines else None,
-            waiting=float(sum(e.num_waiting for e in serving_engines)))
+            waiting=float(sum(e.num_waiting for e in serving_engines)),
+            ttft_p50_s=percentile(ttfts, 50) if ttfts else None,
+            first_tokens_per_s=len(ttfts) / dt if dt > 0 else None)
         self._ttfts, self._tpots = [], []
         self._computed_at_tick, self._last_tick = computed, t
         return s
