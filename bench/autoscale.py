@@ -90,7 +90,12 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=58.0, help="span of each workload")
     ap.add_argument("--workload", choices=["bursty", "diurnal", "both"], default="both")
     ap.add_argument("--out", type=Path, default=Path("bench/out/autoscale.json"))
+    ap.add_argument("--replot", type=Path, nargs="+", help="only draw the PNG from earlier --out files")
     args = ap.parse_args()
+    if args.replot:
+        results = {k: v for f in args.replot for k, v in json.loads(f.read_text()).items()}
+        print(f"plot: {plot(results, args.replot[0].with_suffix('.png'))}")
+        return
     console = Console()
     results: dict[str, Any] = {}
     names = ["bursty", "diurnal"] if args.workload == "both" else [args.workload]
@@ -124,7 +129,38 @@ def main() -> None:
         results[wname] = {"requests": len(specs), "static_peak_gpu_hours": peak_gpu_h, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    console.print(f"raw results: {args.out}")
+    console.print(f"raw results: {args.out}\nplot: {plot(results, args.out.with_suffix('.png'))}")
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    """Replicas over time per autoscaler (and the static peak), with the minutes that missed the SLO."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 3.6 * len(results)), squeeze=False)
+    for ax, (wname, res) in zip(axes[:, 0], results.items(), strict=True):
+        for name, row in res["rows"].items():
+            if name.startswith("static"):
+                ax.axhline(row["max_replicas"], color="black", linestyle=":", label=name)
+                continue
+            tl = row["timeline"]
+            if not tl:
+                continue
+            line, = ax.step([t / 60 for t, *_ in tl], [asked for _, asked, *_ in tl], where="post",
+                            label=f"{name}: {row['minutes_within_slo']:.0%} min in SLO, {row['gpu_hours']:.1f} GPU-h")
+            bad = [m for m, _ in row.get("bad_minutes", [])]
+            ax.plot([m + 0.5 for m in bad], [0.3] * len(bad), "|", color=line.get_color(), markersize=12)
+        ax.set_title(f"{wname} ({res['requests']} requests); ticks at the bottom: minutes that missed the SLO")
+        ax.set_xlabel("minute")
+        ax.set_ylabel("replicas asked for")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

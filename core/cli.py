@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvpilot {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from kvpilot.autoscaler.cli import register as register_autoscaler
+    from kvpilot.bench_cli import register as register_bench
     from kvpilot.local_cli import register as register_local
     from kvpilot.operator.cli import register as register_operator
     from kvpilot.router.cli import register as register_router
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_router(sub)
     register_autoscaler(sub)
     register_local(sub)
+    register_bench(sub)
     return parser
 
 
