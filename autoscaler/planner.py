@@ -38,6 +38,7 @@ class PoolSignals:
     waiting: float | None = None           # requests queued in the engines (vllm:num_requests_waiting)
     ttft_p50_s: float | None = None
     first_tokens_per_s: float | None = None  # requests that got their first token, per second
+    cached_prompt_tps: float | None = None   # prompt tokens served from the prefix cache, per second
 
 
 @dataclass(slots=True, frozen=True)
@@ -141,8 +142,16 @@ class PoolPlanner:
         c = self.config
         needs: list[tuple[int, str]] = []
         if self.role != "decode" and tps is not None:
-            n = math.ceil(tps / (self.prefill_tps * headroom))
-            needs.append((n, f"prefill demand {tps:.0f} tok/s over {self.prefill_tps:.0f} tok/s per replica"))
+            cap = self.prefill_tps * headroom
+            n = math.ceil(tps / cap)
+            why = f"prefill demand {tps:.0f} tok/s over {self.prefill_tps:.0f} tok/s per replica"
+            if s.cached_prompt_tps and n > s.ready > 0:
+                # New replicas take over about (n - ready)/n of the affinity keys; those prefixes stay
+                # cached where they were, so their tokens are computed again until the newcomers warm up.
+                extra = s.cached_prompt_tps * (n - s.ready) / n
+                n = math.ceil((tps + extra) / cap)
+                why += f" + {extra:.0f} tok/s of cache hits lost to remapped keys"
+            needs.append((n, why))
         if self.role != "prefill" and seqs is not None:
             n = math.ceil(seqs / (self.decode_seqs * headroom))
             needs.append((n, f"{seqs:.0f} running sequences over {self.decode_seqs:.0f} per replica"))

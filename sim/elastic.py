@@ -120,6 +120,7 @@ class ElasticCluster:
         self._ttfts: list[float] = []
         self._tpots: list[float] = []
         self._computed_at_tick = 0
+        self._cached_at_tick = 0
         self._last_tick = 0.0
 
     # -- events --------------------------------------------------------------------------------
@@ -196,6 +197,7 @@ class ElasticCluster:
         dt = t - self._last_tick
         ttfts, tpots = self._ttfts, self._tpots
         computed = sum(r.engine.counters.prompt_tokens_local_compute for r in self.replicas)
+        cached = sum(r.engine.counters.prompt_tokens_local_cache_hit for r in self.replicas)
         tps = (computed - self._computed_at_tick) / dt if dt > 0 else None
         s = PoolSignals(
             time=t, current=len(alive), ready=len(ready), uncached_prompt_tps=tps,
@@ -206,9 +208,10 @@ class ElasticCluster:
             kv_usage=sum(e.kv_usage() for e in serving_engines) / len(serving_engines) if serving_engines else None,
             waiting=float(sum(e.num_waiting for e in serving_engines)),
             ttft_p50_s=percentile(ttfts, 50) if ttfts else None,
-            first_tokens_per_s=len(ttfts) / dt if dt > 0 else None)
+            first_tokens_per_s=len(ttfts) / dt if dt > 0 else None,
+            cached_prompt_tps=(cached - self._cached_at_tick) / dt if dt > 0 else None)
         self._ttfts, self._tpots = [], []
-        self._computed_at_tick, self._last_tick = computed, t
+        self._computed_at_tick, self._cached_at_tick, self._last_tick = computed, cached, t
         return s
 
     def _resize(self, desired: int, t: float) -> None:
