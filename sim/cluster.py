@@ -197,7 +197,9 @@ class Cluster:
         def dispatch(spec: RequestSpec, view: RequestView, i: int, reason: str, t: float) -> None:
             nonlocal tiebreak
             policy.on_dispatch(view, i, loads)
-            seq = Sequence(spec.request_id, spec.arrival, spec.prompt_tokens, view.block_hashes, spec.max_tokens)
+            # The engine sees the request when it is dispatched (after any router-side queue), so the
+            # TTFT fed back to the policy is measured from here, as the live proxy measures it.
+            seq = Sequence(spec.request_id, t, spec.prompt_tokens, view.block_hashes, spec.max_tokens)
             engines[i].add(seq)
             meta[seq] = (spec, i, reason)
             loads[i].in_flight += 1

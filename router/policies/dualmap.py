@@ -40,13 +40,16 @@ class DualMap(BasePolicy):
 
     def __init__(self, context: PolicyContext | None = None, *, key_tokens: int = 1024, theta: float = 0.5,
                  vnodes: int = 128, prefill_token_s: float = 30e-6, ewma: float = 0.1,
-                 release_tokens: int = 8192, adaptive_depth: bool = True) -> None:
+                 release_tokens: int = 8192, adaptive_depth: bool = True, steal: bool = True,
+                 max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000) -> None:
         super().__init__(context)
         self.depth = max(1, key_tokens // self.context.block_size)
         self.adaptive = AdaptiveDepth(self.depth) if adaptive_depth else None
         self.theta = theta
-        self.estimate = LoadEstimator(self.context, prefill_token_s, ewma)
-        self.holding = HoldQueues(self.estimate, lambda: self.theta * self.context.slo_ttft_s, release_tokens)
+        self.estimate = LoadEstimator(self.context, prefill_token_s, ewma, attention_tokens)
+        max_wait = None if max_wait_slos is None else (lambda: max_wait_slos * self.context.slo_ttft_s)
+        self.holding = HoldQueues(self.estimate, lambda: self.theta * self.context.slo_ttft_s, release_tokens,
+                                  max_wait_s=max_wait, steal=steal)
         self._other: dict[str, str] = {}
         self._ring = DualRing(vnodes=vnodes)
         self._members = Membership(self._ring)
