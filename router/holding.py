@@ -78,6 +78,17 @@ class HoldQueues:
         est = self.estimate
         return est.token_s[name] * (est.backlog[name] + self.queued_tokens.get(name, 0) + extra)
 
+    def wait_for(self, name: str, work: int) -> float:
+        """Predicted TTFT at `name` of a request of `work` token-equivalents joining its queue now:
+        the backlog in flight, the queued requests that would start before it (less work), its own."""
+        est = self.estimate
+        ahead = est.backlog[name] + work
+        for held in self.queues.get(name, ()):
+            if held.uncached > work:
+                break
+            ahead += held.uncached
+        return est.token_s[name] * ahead
+
     def rebalance(self) -> None:
         """Move tail requests off instances whose predicted wait exceeds the limit."""
         limit = self.limit_s()
@@ -88,7 +99,7 @@ class HoldQueues:
                 held = queue[-1]
                 here = self.predicted_wait(name)  # the tail waits for everything ahead of it
                 uncached_there = self.estimate.uncached(held.other, held.request)
-                there = self.predicted_wait(held.other, uncached_there)
+                there = self.wait_for(held.other, uncached_there)
                 if there < here and self.predicted_wait(held.other) <= limit:
                     self._remove(queue, len(queue) - 1)
                     held.home, held.other = held.other, held.home
@@ -101,7 +112,7 @@ class HoldQueues:
         """Index of the request to start next: the least work, unless someone has waited too long."""
         if self.max_wait_s is not None:
             oldest = min(range(len(queue)), key=lambda i: queue[i].order)
-            if self.clock - queue[oldest].request.arrival > self.max_wait_s():
+            if self.clock - queue[oldest].request.arrival >= self.max_wait_s():
                 return oldest
         return 0
 

@@ -70,7 +70,7 @@ class DualMap(BasePolicy):
         c1, c2 = self._ring.candidates(key)
         u1, u2 = est.uncached(c1, request), est.uncached(c2, request)
         best, other, ub, uo = (c1, c2, u1, u2) if u1 <= u2 else (c2, c1, u2, u1)
-        wait = self.holding.predicted_wait
+        wait = self.holding.wait_for
         t_best, t_other = wait(best, ub), wait(other, uo)
         if t_best > self.theta * self.context.slo_ttft_s and t_other < t_best:
             self._other[request.request_id] = best
