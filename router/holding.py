@@ -8,7 +8,8 @@ waits a request can still move:
 
 - rebalancing: when an instance's predicted backlog passes θ × SLO, requests at the tail of its
   queue move to their other candidate whenever that lowers their predicted TTFT and the other
-  candidate is not itself past the threshold;
+  candidate is not itself past the threshold; so does its oldest request once it has waited
+  θ × SLO;
 - late binding to an idle instance: an instance with nothing in flight and nothing queued takes
   the held request whose predicted TTFT it lowers most, from a queue where it is that request's
   other candidate, or from any queue when that request's wait at home is already past θ × SLO.
@@ -107,6 +108,25 @@ class HoldQueues:
                     self.push(held)
                     self.moves += 1
                     moved_any = True
+            if queue:
+                self._move_oldest(name, queue, limit)
+
+    def _move_oldest(self, name: str, queue: list[Held], limit: float) -> None:
+        """The other trigger: a request that has already waited θ·SLO moves to its other candidate
+        when it would start sooner there (even if this instance's total backlog looks fine)."""
+        i = min(range(len(queue)), key=lambda k: queue[k].order)
+        held = queue[i]
+        if self.clock - held.request.arrival <= limit:
+            return
+        est = self.estimate
+        here = est.token_s[name] * (est.backlog[name] + sum(h.uncached for h in queue[: i + 1]))
+        work = est.uncached(held.other, held.request)
+        if self.wait_for(held.other, work) < here and self.predicted_wait(held.other) <= limit:
+            self._remove(queue, i)
+            held.home, held.other = held.other, held.home
+            held.uncached, held.reason = work, "rebalance"
+            self.push(held)
+            self.moves += 1
 
     def _next(self, queue: list[Held]) -> int:
         """Index of the request to start next: the least work, unless someone has waited too long."""
@@ -116,7 +136,7 @@ class HoldQueues:
                 return oldest
         return 0
 
-    def _steal_for(self, name: str) -> Held | None:
+    def _steal_for(self, name: str, kv_room: Callable[[str, Held], bool] | None = None) -> Held | None:
         """The held request whose predicted TTFT an idle `name` lowers most, taken off its queue."""
         est = self.estimate
         limit = self.limit_s()
@@ -131,6 +151,8 @@ class HoldQueues:
                 wait_home = rate_home * ahead
                 if held.other != name and wait_home <= limit:
                     continue  # off its candidates only when it would wait past θ·SLO at home
+                if kv_room is not None and not kv_room(name, held):
+                    continue
                 work = est.uncached(name, held.request)
                 gain = wait_home - est.token_s[name] * (est.backlog[name] + work)
                 if gain > 0 and (best is None or gain > best[0]):
@@ -145,19 +167,24 @@ class HoldQueues:
         self.steals += 1
         return held
 
-    def release(self) -> list[Held]:
+    def release(self, kv_room: Callable[[str, Held], bool] | None = None) -> list[Held]:
         """Requests whose instance can start them now, in queue order; idle instances with an
-        empty queue take over waiting requests from elsewhere (late binding)."""
+        empty queue take over waiting requests from elsewhere (late binding). `kv_room` says
+        whether an instance's KV cache has room for a request's prompt (the release budget):
+        past it a request waits here rather than in an engine that would have to preempt."""
         out: list[Held] = []
         backlog = self.estimate.backlog
         for name in list(backlog):
             queue = self.queues.get(name)
             while queue and (backlog[name] == 0 or backlog[name] + queue[0].uncached <= self.release_tokens):
-                held = self._remove(queue, self._next(queue))
+                nxt = self._next(queue)
+                if kv_room is not None and not kv_room(name, queue[nxt]):
+                    break
+                held = self._remove(queue, nxt)
                 backlog[name] += held.uncached  # reserved now; the driver's on_dispatch records it for real
                 out.append(held)
             if self.steal and backlog[name] == 0 and not queue:
-                stolen = self._steal_for(name)
+                stolen = self._steal_for(name, kv_room)
                 if stolen is not None:
                     backlog[name] += stolen.uncached
                     out.append(stolen)

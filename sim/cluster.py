@@ -187,6 +187,7 @@ class Cluster:
                     st.prompt_tokens += seq.prompt_tokens
                     st.cached_tokens += seq.cached_tokens
                     st.preemptions += seq.preemptions
+            loads[i].kv_usage = engine.pool.usage()  # what the proxy scrapes as vllm:kv_cache_usage_perc
             start_step(i, t)
             if first_tokens and self._release is not None:
                 self._release(t)

@@ -41,7 +41,8 @@ class DualMap(BasePolicy):
     def __init__(self, context: PolicyContext | None = None, *, key_tokens: int = 1024, theta: float = 0.5,
                  vnodes: int = 128, prefill_token_s: float = 30e-6, ewma: float = 0.1,
                  release_tokens: int = 8192, adaptive_depth: bool = True, steal: bool = True,
-                 max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000) -> None:
+                 max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000,
+                 kv_high: float | None = 0.9) -> None:
         super().__init__(context)
         self.depth = max(1, key_tokens // self.context.block_size)
         self.adaptive = AdaptiveDepth(self.depth) if adaptive_depth else None
@@ -50,6 +51,7 @@ class DualMap(BasePolicy):
         max_wait = None if max_wait_slos is None else (lambda: max_wait_slos * self.context.slo_ttft_s)
         self.holding = HoldQueues(self.estimate, lambda: self.theta * self.context.slo_ttft_s, release_tokens,
                                   max_wait_s=max_wait, steal=steal)
+        self.kv_high = kv_high
         self._other: dict[str, str] = {}
         self._ring = DualRing(vnodes=vnodes)
         self._members = Membership(self._ring)
@@ -86,7 +88,18 @@ class DualMap(BasePolicy):
     def release(self, instances: Sequence[InstanceLoad]) -> list[tuple[RequestView, int, str]]:
         self._sync(instances)
         self.holding.rebalance()
-        return [(h.request, self._members.index[h.home], h.reason) for h in self.holding.release()]
+        room = None
+        if self.kv_high is not None:
+            kv = {inst.name: inst.kv_usage for inst in instances}
+            busy = {inst.name: inst.in_flight > 0 for inst in instances}
+            capacity = self.context.kv_capacity_tokens
+            high = self.kv_high
+
+            def room(name: str, held: Held) -> bool:
+                # An instance with nothing in flight always has room; otherwise its scraped usage
+                # plus this prompt must stay under kv_high, or decodes there would start preempting.
+                return not busy[name] or kv[name] + held.request.prompt_tokens / capacity <= high
+        return [(h.request, self._members.index[h.home], h.reason) for h in self.holding.release(room)]
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         self._other.pop(request.request_id, None)

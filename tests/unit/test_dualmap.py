@@ -183,3 +183,18 @@ def test_dualmap_in_the_cluster_serves_every_request_once() -> None:
     assert sorted(r.request_id for r in report.results) == sorted(s.request_id for s in specs)
     reasons = {r.reason for r in report.results}
     assert "affinity" in reasons and ("rebalance" in reasons or "slo-fallback" in reasons)
+
+
+def test_release_waits_for_kv_room_on_a_busy_instance() -> None:
+    policy = DualMap(CTX, prefill_token_s=1e-4, steal=False, kv_high=0.9)
+    loads = [InstanceLoad(f"pod-{i}") for i in range(8)]
+    req = request("kv", prefix=31, tokens=4096)
+    d = policy.route(req, loads)
+    policy.hold(req, d.index, loads, d.reason)
+    loads[d.index].in_flight, loads[d.index].kv_usage = 3, 0.88   # 4,096 of 100k tokens more would pass 0.9
+    assert policy.release(loads) == []
+    loads[d.index].kv_usage = 0.5
+    assert [v.request_id for v, _, _ in policy.release(loads)] == ["kv"]
+    policy.hold(req, d.index, loads, d.reason)
+    loads[d.index].in_flight, loads[d.index].kv_usage = 0, 0.99     # nothing in flight: always room
+    assert [v.request_id for v, _, _ in policy.release(loads)] == ["kv"]
