@@ -39,6 +39,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "dualmap, FIFO queues": {"max_wait_slos": 0.0},
     "dualmap, no idle takeover": {"steal": False},
     "dualmap, linear predictor": {"attention_tokens": 0},
+    "dualmap, no KV budget": {"kv_high": None},
 }
 
 
@@ -90,8 +91,8 @@ def main() -> None:
     parser.add_argument("--slo", type=float, nargs="+", default=[5.0, 2.0])
     parser.add_argument("--speedups", type=float, nargs="+",
                         default=[0.25, 0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0])
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES))
-    parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--policies", nargs="*", default=list(POLICIES))
+    parser.add_argument("--ablations", nargs="*", default=None, help="DualMap variants (none named: all)")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--profile", default="h100-llama3-8b")
     parser.add_argument("--jobs", type=int, default=2)
@@ -99,7 +100,8 @@ def main() -> None:
     args = parser.parse_args()
     base = trace(args.skip, args.requests, 1.0)
     base_rate = len(base) / (base[-1].arrival - base[0].arrival)
-    policies = list(args.policies) + (list(ABLATIONS) if args.ablations else [])
+    ablations = [] if args.ablations is None else [a for a in ABLATIONS if not args.ablations or a in args.ablations]
+    policies = list(args.policies) + ablations
     doc: dict[str, Any] = {"requests": args.requests, "skip": args.skip, "instances": args.instances,
                            "profile": args.profile,
                            "base_rate": base_rate, "block_size": args.block_size, "results": {}}
