@@ -10,7 +10,7 @@ Several policies need the same two estimates, kept from what the router itself d
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
@@ -34,13 +34,6 @@ def ladder(n: int, dense: int = 16) -> tuple[int, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=512)
-def ladder_weights(n: int, dense: int = 16) -> tuple[int, ...]:
-    """Blocks each `ladder` position stands for: the gap back to the previous position."""
-    steps = ladder(n, dense)
-    return tuple(steps[j] - steps[j - 1] if j else 1 for j in range(len(steps)))
-
-
 class ShadowCache:
     """An LRU set of block hashes the router believes an instance holds.
 
@@ -62,9 +55,10 @@ class ShadowCache:
     def __len__(self) -> int:
         return self.size
 
-    def _steps_cached(self, hashes: list[int], steps: tuple[int, ...]) -> int:
-        """How many leading ladder positions are cached (binary search: they form a prefix)."""
+    def match(self, hashes: list[int]) -> int:
+        """Leading blocks of `hashes` believed cached (to the precision of the ladder)."""
         blocks = self._blocks
+        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
         lo, hi = 0, len(steps)  # invariant: steps[:lo] cached, steps[hi:] not
         while lo < hi:
             mid = (lo + hi) // 2
@@ -72,34 +66,19 @@ class ShadowCache:
                 lo = mid + 1
             else:
                 hi = mid
-        return lo
-
-    def match(self, hashes: list[int]) -> int:
-        """Leading blocks of `hashes` believed cached (to the precision of the ladder)."""
-        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
-        lo = self._steps_cached(hashes, steps)
         return steps[lo - 1] + 1 if lo else 0
 
     def insert(self, hashes: list[int]) -> None:
-        """Add a prompt's ladder positions, tail first, then refresh the cached head, head last.
-
-        The cached positions are a prefix (found by binary search), so the new ones are all
-        deeper: adding them first and then refreshing the head gives the same LRU order as
-        touching every position tail to head, with the per-position work done by C loops
-        (`dict.update`, `map`) rather than Python ones. This keeps a 32k-token prompt's insert
-        close to a short one's."""
         blocks = self._blocks
-        n = min(len(hashes), self.max_blocks)
-        if n == 0:
-            return
-        steps = ladder(n, self.dense)
-        lo = self._steps_cached(hashes, steps)
-        if lo < len(steps):
-            weights = ladder_weights(n, self.dense)
-            blocks.update([(hashes[steps[j]], weights[j]) for j in range(len(steps) - 1, lo - 1, -1)])
-            self.size += steps[-1] - (steps[lo - 1] if lo else -1)
-        if lo:
-            deque(map(blocks.move_to_end, [hashes[steps[j]] for j in range(lo - 1, -1, -1)]), maxlen=0)
+        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
+        for j in range(len(steps) - 1, -1, -1):
+            h = hashes[steps[j]]
+            if h in blocks:
+                blocks.move_to_end(h)
+            else:
+                weight = steps[j] - steps[j - 1] if j else 1
+                blocks[h] = weight
+                self.size += weight
         while self.size > self.capacity:
             self.size -= blocks.popitem(last=False)[1]
 

@@ -199,38 +199,3 @@ def test_release_waits_for_kv_room_on_a_busy_instance() -> None:
     loads[d.index].in_flight, loads[d.index].kv_usage = 0, 0.99     # nothing in flight: always room
     assert [v.request_id for v, _, _ in policy.release(loads)] == ["kv"]
 
-
-def test_shadow_insert_keeps_the_lru_order_of_touching_every_position() -> None:
-    """The batched insert must leave exactly the state of the plain per-position LRU walk."""
-    import random
-
-    from kvpilot.router.estimate import ShadowCache, ladder
-
-    def reference(cache: ShadowCache, hashes: list[int]) -> None:
-        blocks = cache._blocks
-        steps = ladder(min(len(hashes), cache.max_blocks), cache.dense)
-        for j in range(len(steps) - 1, -1, -1):
-            h = hashes[steps[j]]
-            if h in blocks:
-                blocks.move_to_end(h)
-            else:
-                blocks[h] = steps[j] - steps[j - 1] if j else 1
-                cache.size += blocks[h]
-        while cache.size > cache.capacity:
-            cache.size -= blocks.popitem(last=False)[1]
-
-    rng = random.Random(7)
-    for _ in range(20):
-        fast = ShadowCache(rng.randint(20, 400), max_blocks=rng.choice([64, 1 << 16]), dense=rng.choice([4, 16]))
-        slow = ShadowCache(fast.capacity, fast.max_blocks, fast.dense)
-        convs: dict[int, list[int]] = {}
-        for _ in range(300):
-            c = rng.randint(0, 30)
-            base = convs.setdefault(c, [hash((c, 0))])
-            while len(base) < 200 and rng.random() < 0.9:
-                base.append(hash((base[-1], len(base))))
-            hashes = base[: rng.randint(1, len(base))]
-            assert fast.match(hashes) == slow.match(hashes)
-            fast.insert(hashes)
-            reference(slow, hashes)
-            assert list(fast._blocks.items()) == list(slow._blocks.items()) and fast.size == slow.size
