@@ -8,9 +8,12 @@ the cache hit and the TTFT it would see (`LoadEstimator`). It takes the candidat
 larger hit unless that one's predicted TTFT exceeds θ × SLO, in which case it takes the faster
 of the two.
 
-Hot prefixes get longer keys (`AdaptiveDepth`); requests wait in router-side queues with late
-binding and move off hot spots while queued (`HoldQueues`, used where the driver supports
-holding: the virtual-time cluster today). Not yet here: KV-event-driven cache state.
+Hot prefixes get longer keys (`AdaptiveDepth`); requests wait in router-side queues ordered by
+expected prefill work, are released while the instance's prefill backlog and KV budget allow,
+move off hot spots while queued, and are taken over by idle instances (`HoldQueues`, used where
+the driver supports holding: the virtual-time cluster today). The predicted TTFT for the switch
+counts only the queued work that would start first. bench/results/routing_quality.md has what
+each part is worth. Not yet here: KV-event-driven cache state.
 Paper: DualMap, arXiv 2602.06502 (read, not copied).
 """
 
