@@ -8,8 +8,6 @@ garbage collector removes the children through their owner references.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -26,42 +24,27 @@ RESYNC_SECONDS = 60.0
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.kvpilot.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kopf.kvpilot.io", key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # Events only for explicit transitions and failures
     settings.execution.max_workers = memo.get("max_workers", 16)
+    settings.peering.lifetime = memo.get("peering_lifetime", 60)
     memo.kube = Kube(load_client())
-    memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
 
 
-@kopf.on.cleanup()
-async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("resync")
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+def register_resync(seconds: float = RESYNC_SECONDS) -> None:
+    """Watches can miss nothing in theory and something in practice: reconcile every LLMService now
+    and then. A kopf timer (not a free-running task) so that a replica paused by peering stays idle."""
+    kopf.timer(GROUP, VERSION, "llmservices", id="llmservice-resync", interval=seconds,
+               initial_delay=seconds)(llmservice_resync)
 
 
-async def _resync_forever(memo: kopf.Memo) -> None:
-    """Watches can miss nothing in theory and something in practice: reconcile everything now and then."""
-    while True:
-        await asyncio.sleep(memo.get("resync_seconds", RESYNC_SECONDS))
-        try:
-            await asyncio.to_thread(_resync_all, memo)
-        except Exception:
-            log.exception("periodic resync failed")
-
-
-def _resync_all(memo: kopf.Memo) -> None:
-    kube: Kube = memo.kube
-    for namespace in memo.get("namespaces") or [None]:
-        url = "/apis/{}/{}{}/llmservices".format(GROUP, VERSION, f"/namespaces/{namespace}" if namespace else "")
-        for svc in kube.request("GET", url)["items"]:
-            with measured("LLMService"):
-                reconcile.reconcile_service(kube, svc, memo.get("image"))
+def llmservice_resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    with measured("LLMService"):
+        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True))
+    _announce(body, outcome)
 
 
 def _announce(body: kopf.Body, outcome: reconcile.Outcome) -> None:
@@ -74,7 +57,7 @@ def _announce(body: kopf.Body, outcome: reconcile.Outcome) -> None:
 @kopf.on.create(GROUP, VERSION, "llmservices", id="llmservice-create")
 def llmservice_apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with measured("LLMService"):
-        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"))
+        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True))
     _announce(body, outcome)
 
 
@@ -85,7 +68,7 @@ def llmservice_update(body: kopf.Body, memo: kopf.Memo, diff: kopf.Diff, **_: An
     edited |= {path[1] for _op, path, _old, new in diff
                if len(path) == 2 and path[0] == "spec" and isinstance(new, dict) and "replicas" in new}
     with measured("LLMService"):
-        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"))
+        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True))
     if edited and outcome.phase != "Degraded":
         reconcile.propagate_replicas(memo.kube, dict(body), edited)
     _announce(body, outcome)
@@ -100,7 +83,7 @@ def workerpool_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> N
     service = body.get("spec", {}).get("service")
     if service:  # a deleted pool is recreated by a full reconcile; otherwise only the counts changed
         outcome = reconcile.reconcile_service_named(memo.kube, meta["namespace"], service, memo.get("image"),
-                                                    full=type == "DELETED")
+                                                    full=type == "DELETED", monitors=memo.get("monitors", True))
         if outcome is not None and outcome.phase != outcome.old_phase:
             svc = memo.kube.get("LLMService", meta["namespace"], service)
             if svc is not None:
@@ -118,4 +101,4 @@ def child_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         reconcile.reconcile_pool_named(memo.kube, meta["namespace"], labels[render.LABEL_POOL])
     elif labels.get(render.LABEL_SERVICE):
         reconcile.reconcile_service_named(memo.kube, meta["namespace"], labels[render.LABEL_SERVICE],
-                                          memo.get("image"))
+                                          memo.get("image"), monitors=memo.get("monitors", True))

@@ -17,7 +17,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kvpilot.crds import API_VERSION
-from kvpilot.operator.render import MANAGER
+from kvpilot.operator.render import MANAGER, MONITORING_API
 
 Obj = dict[str, Any]
 KINDS: dict[str, tuple[str, str]] = {
@@ -29,8 +29,10 @@ KINDS: dict[str, tuple[str, str]] = {
     "ServiceAccount": ("v1", "serviceaccounts"),
     "Role": ("rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
+    "PodMonitor": (MONITORING_API, "podmonitors"),  # only when the Prometheus Operator's CRDs exist
 }
 NODE_CACHE_SECONDS = 10.0
+DISCOVERY_CACHE_SECONDS = 10.0
 
 
 class KubeError(Exception):
@@ -61,6 +63,7 @@ class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
         self._gpus: tuple[float, int] | None = None
+        self._served: dict[str, tuple[float, bool]] = {}
         self._lock = threading.Lock()
 
     def request(self, method: str, url: str, body: Obj | None = None, query: dict[str, str] | None = None,
@@ -123,3 +126,27 @@ class Kube:
         with self._lock:
             self._gpus = (time.monotonic(), most)
         return most
+
+    def serves(self, kind: str) -> bool:
+        """Whether the apiserver serves this kind now (a CRD such as the Prometheus Operator's may be
+        installed or removed at any time), from API discovery, cached briefly: every reconcile asks.
+        Discovery is open to every authenticated account, so this needs no RBAC of its own."""
+        with self._lock:
+            seen = self._served.get(kind)
+            if seen is not None and time.monotonic() - seen[0] < DISCOVERY_CACHE_SECONDS:
+                return seen[1]
+        api_version, plural = KINDS[kind]
+        try:
+            resources = self.request("GET", "/api/v1" if api_version == "v1" else f"/apis/{api_version}")["resources"]
+            served = any(r.get("name") == plural for r in resources)
+        except KubeError as err:
+            if err.status != 404:
+                raise
+            served = False
+        with self._lock:
+            self._served[kind] = (time.monotonic(), served)
+        return served
+
+    def forget_served(self, kind: str) -> None:
+        with self._lock:
+            self._served.pop(kind, None)

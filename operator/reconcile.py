@@ -41,8 +41,9 @@ def known_profiles() -> list[str]:
     return list(PROFILES)
 
 
-def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None) -> Outcome:
-    """LLMService → WorkerPools and the router. An invalid spec changes nothing but the status."""
+def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, monitors: bool = True) -> Outcome:
+    """LLMService → WorkerPools, the router and (with `monitors`, when the Prometheus Operator's CRDs
+    exist) a PodMonitor. An invalid spec changes nothing but the status."""
     owner = render.Owner.of(svc)
     try:
         spec: LLMServiceSpec | None = LLMServiceSpec.model_validate(svc.get("spec") or {})
@@ -64,6 +65,8 @@ def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None) -> 
                 kube.delete("WorkerPool", owner.namespace, pool["metadata"]["name"])
         for obj in render.router_objects(spec, owner, router_image):
             kube.apply(obj)
+        if monitors:
+            ensure_pod_monitor(kube, owner)
     return refresh_service_status(kube, svc, spec, problems)
 
 
@@ -87,6 +90,20 @@ def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = N
         kube.merge_patch("LLMService", meta["namespace"], meta["name"], {"status": new}, sub="status")
     ready: Obj = next((c for c in new.get("conditions", []) if c["type"] == ("Degraded" if problems else "Ready")), {})
     return Outcome(old.get("phase"), new.get("phase"), ready.get("message", ""))
+
+
+def ensure_pod_monitor(kube: Kube, owner: render.Owner) -> None:
+    """Apply the PodMonitor if the apiserver serves PodMonitors; without the Prometheus Operator there
+    is nothing to scrape with, so nothing is attempted. A CRD removed since discovery is not an error."""
+    if not kube.serves("PodMonitor"):
+        return
+    try:
+        kube.apply(render.pod_monitor(owner))
+    except KubeError as err:
+        if err.status != 404:
+            raise
+        kube.forget_served("PodMonitor")
+        log.info("PodMonitors are no longer served; skipping %s/%s", owner.namespace, owner.name)
 
 
 def ensure_workerpool(kube: Kube, pool: Obj) -> None:
@@ -127,11 +144,11 @@ def reconcile_pool_named(kube: Kube, namespace: str, name: str) -> None:
 
 
 def reconcile_service_named(kube: Kube, namespace: str, name: str, router_image: str | None = None,
-                            full: bool = True) -> Outcome | None:
+                            full: bool = True, monitors: bool = True) -> Outcome | None:
     svc = kube.get("LLMService", namespace, name)
     if svc is None or svc["metadata"].get("deletionTimestamp") is not None:
         return None
-    return reconcile_service(kube, svc, router_image) if full else refresh_service_status(kube, svc)
+    return reconcile_service(kube, svc, router_image, monitors) if full else refresh_service_status(kube, svc)
 
 
 def propagate_replicas(kube: Kube, svc: Obj, edited: set[str]) -> None:

@@ -28,14 +28,44 @@ def test_lint_and_template(crds: ControlPlane) -> None:
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "KopfPeering", "Role", "RoleBinding",
                      "Service", "ServiceAccount"]
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:2] == ["operator", "run"] and "--peering=kvpilot" in args and "--namespace=team-a" in args
+    assert args[:2] == ["operator", "run"] and "--peering=kv-kvpilot" in args and "--namespace=team-a" in args
+    assert "--standalone" not in args and "--no-pod-monitors" not in args
+    peering = next(d for d in docs if d["kind"] == "KopfPeering")
+    assert peering["metadata"] == {**peering["metadata"], "name": "kv-kvpilot", "namespace": "team-a"}
     role = next(d for d in docs if d["kind"] == "Role")
     assert role["metadata"]["namespace"] == "team-a"
-    verbs = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    verbs = _verbs(role)
     assert verbs[("apps", "deployments")] == {"get", "list", "watch", "create", "patch"}  # never delete or update
     assert "delete" not in verbs[("kvpilot.io", "llmservices")]
+    assert verbs[("monitoring.coreos.com", "podmonitors")] == {"create", "patch"}  # server-side apply only
+    assert verbs[("kopf.dev", "kopfpeerings")] == {"get", "list", "watch", "patch"}
     cluster = next(d for d in docs if d["kind"] == "ClusterRole")
     assert not any("deployments" in rule["resources"] for rule in cluster["rules"])  # namespaced when scoped
+    assert ("kopf.dev", "clusterkopfpeerings") not in _verbs(cluster)
+
+
+def _verbs(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    return {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+
+
+def test_template_clusterwide_peering_and_opt_outs(crds: ControlPlane) -> None:
+    out = crds.helm("template", "kv", CHART, "--namespace", "kvpilot-system", "--skip-tests")
+    assert out.returncode == 0, out.stderr
+    docs = _docs(out.stdout)
+    assert next(d for d in docs if d["kind"] == "ClusterKopfPeering")["metadata"]["name"] == "kv-kvpilot"
+    cluster = _verbs(next(d for d in docs if d["kind"] == "ClusterRole"))
+    assert cluster[("kopf.dev", "clusterkopfpeerings")] == {"get", "list", "watch", "patch"}
+    assert cluster[("monitoring.coreos.com", "podmonitors")] == {"create", "patch"}
+
+    out = crds.helm("template", "kv", CHART, "--namespace", "kvpilot-system", "--skip-tests",
+                    "--set", "peering.enabled=false", "--set", "metrics.podMonitors=false")
+    assert out.returncode == 0, out.stderr
+    docs = _docs(out.stdout)
+    assert not any(d["kind"].endswith("KopfPeering") for d in docs)
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--standalone" in args and "--no-pod-monitors" in args
+    groups = {g for g, _ in _verbs(next(d for d in docs if d["kind"] == "ClusterRole"))}
+    assert "kopf.dev" not in groups and "monitoring.coreos.com" not in groups
 
 
 def test_install_and_uninstall(crds: ControlPlane) -> None:
@@ -52,5 +82,10 @@ def test_install_and_uninstall(crds: ControlPlane) -> None:
     cannot = crds.kubectl("auth", "can-i", "delete", "deployments", "-n", "default",
                           f"--as=system:serviceaccount:{ns}:{release}-kvpilot")
     assert cannot.stdout.strip() == "no"
+    can = crds.kubectl("auth", "can-i", "patch", f"clusterkopfpeerings.kopf.dev/{release}-kvpilot",
+                       f"--as=system:serviceaccount:{ns}:{release}-kvpilot")
+    assert can.stdout.strip() == "yes"
+    peering = crds.kubectl("get", "clusterkopfpeering", f"{release}-kvpilot")
+    assert peering.returncode == 0, peering.stderr
     out = crds.helm("uninstall", release, "--namespace", ns, "--wait")
     assert out.returncode == 0, out.stderr
