@@ -75,9 +75,13 @@ def llmservice_update(body: kopf.Body, memo: kopf.Memo, diff: kopf.Diff, **_: An
 
 
 @kopf.on.event(GROUP, VERSION, "workerpools")
-def workerpool_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def workerpool_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A pool appeared, changed or went. Its children are applied when it is new (or first seen by
+    this process) or its spec moved past what was reconciled; a status-only change (the echo of our
+    own status write) only refreshes the service's status."""
     meta = body["metadata"]
-    if type != "DELETED":
+    spec_moved = (body.get("status") or {}).get("observedGeneration") != meta.get("generation")
+    if type != "DELETED" and (type != "MODIFIED" or spec_moved):
         with measured("WorkerPool"):
             reconcile.reconcile_pool(memo.kube, dict(body))
     service = body.get("spec", {}).get("service")
@@ -93,12 +97,20 @@ def workerpool_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> N
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
-def child_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A managed child changed or vanished: reconcile its owner (edits are reverted, deletions redone)."""
+def child_event(type: str | None, body: kopf.Body, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
+    """A managed child changed or vanished. Deleted, or edited by someone else: reconcile its owner,
+    which recreates it or reverts the edit. A Deployment otherwise changed (its status moved): refresh
+    the owner's status only. Anything else is the echo of the operator's own apply and needs nothing;
+    most events are those, and reconciling on each made a burst of creates several times slower."""
     meta = body["metadata"]
     labels = meta.get("labels", {})
+    rewrite = type == "DELETED" or reconcile.edited_by_others(dict(meta))
+    deployment = resource.plural == "deployments"
+    if not rewrite and not deployment:
+        return
     if labels.get(render.LABEL_POOL):
-        reconcile.reconcile_pool_named(memo.kube, meta["namespace"], labels[render.LABEL_POOL])
+        reconcile.reconcile_pool_named(memo.kube, meta["namespace"], labels[render.LABEL_POOL],
+                                       None if rewrite else dict(body))
     elif labels.get(render.LABEL_SERVICE):
         reconcile.reconcile_service_named(memo.kube, meta["namespace"], labels[render.LABEL_SERVICE],
-                                          memo.get("image"), monitors=memo.get("monitors", True))
+                                          memo.get("image"), full=rewrite, monitors=memo.get("monitors", True))
