@@ -15,6 +15,7 @@ import kopf
 
 from kvpilot.crds import GROUP, VERSION
 from kvpilot.operator import reconcile, render
+from kvpilot.operator.coalesce import Coalescer
 from kvpilot.operator.kube import Kube, load_client
 from kvpilot.operator.metrics import measured
 
@@ -32,6 +33,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = memo.get("max_workers", 16)
     settings.peering.lifetime = memo.get("peering_lifetime", 60)
     memo.kube = Kube(load_client())
+    memo.coalescer = Coalescer(memo.get("refresh_delay", 0.5))
+
+
+@kopf.on.cleanup()
+def stop_refreshes(memo: kopf.Memo, **_: Any) -> None:
+    coalescer = memo.get("coalescer")
+    if coalescer is not None:
+        coalescer.shutdown()
 
 
 def register_resync(seconds: float = RESYNC_SECONDS) -> None:
@@ -85,13 +94,27 @@ def workerpool_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: An
         with measured("WorkerPool"):
             reconcile.reconcile_pool(memo.kube, dict(body))
     service = body.get("spec", {}).get("service")
-    if service:  # a deleted pool is recreated by a full reconcile; otherwise only the counts changed
+    if service and type == "DELETED":  # recreated by a full reconcile
         outcome = reconcile.reconcile_service_named(memo.kube, meta["namespace"], service, memo.get("image"),
-                                                    full=type == "DELETED", monitors=memo.get("monitors", True))
-        if outcome is not None and outcome.phase != outcome.old_phase:
-            svc = memo.kube.get("LLMService", meta["namespace"], service)
-            if svc is not None:
-                _announce(kopf.Body(svc), outcome)
+                                                    monitors=memo.get("monitors", True))
+        _announce_named(memo, meta["namespace"], service, outcome)
+    elif service:  # only the counts changed
+        _refresh_service_later(memo, meta["namespace"], service)
+
+
+def _announce_named(memo: kopf.Memo, namespace: str, service: str, outcome: reconcile.Outcome | None) -> None:
+    if outcome is not None and outcome.phase != outcome.old_phase:
+        svc = memo.kube.get("LLMService", namespace, service)
+        if svc is not None:
+            _announce(kopf.Body(svc), outcome)
+
+
+def _refresh_service_later(memo: kopf.Memo, namespace: str, service: str) -> None:
+    def refresh() -> None:
+        outcome = reconcile.reconcile_service_named(memo.kube, namespace, service, full=False)
+        _announce_named(memo, namespace, service, outcome)
+
+    memo.coalescer.submit(("LLMService", namespace, service), refresh)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
@@ -108,9 +131,14 @@ def child_event(type: str | None, body: kopf.Body, resource: kopf.Resource, memo
     deployment = resource.plural == "deployments"
     if not rewrite and not deployment:
         return
-    if labels.get(render.LABEL_POOL):
-        reconcile.reconcile_pool_named(memo.kube, meta["namespace"], labels[render.LABEL_POOL],
-                                       None if rewrite else dict(body))
-    elif labels.get(render.LABEL_SERVICE):
-        reconcile.reconcile_service_named(memo.kube, meta["namespace"], labels[render.LABEL_SERVICE],
-                                          memo.get("image"), full=rewrite, monitors=memo.get("monitors", True))
+    namespace, pool, service = meta["namespace"], labels.get(render.LABEL_POOL), labels.get(render.LABEL_SERVICE)
+    if pool and rewrite:
+        reconcile.reconcile_pool_named(memo.kube, namespace, pool)
+    elif pool:
+        memo.coalescer.submit(("WorkerPool", namespace, pool),
+                              lambda: reconcile.reconcile_pool_named(memo.kube, namespace, pool, status_only=True))
+    elif service and rewrite:
+        reconcile.reconcile_service_named(memo.kube, namespace, service, memo.get("image"),
+                                          monitors=memo.get("monitors", True))
+    elif service:
+        _refresh_service_later(memo, namespace, service)

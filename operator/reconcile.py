@@ -153,15 +153,15 @@ def refresh_pool_status(kube: Kube, pool: Obj, deployment: Obj | None) -> None:
         kube.merge_patch("WorkerPool", meta["namespace"], meta["name"], {"status": new}, sub="status")
 
 
-def reconcile_pool_named(kube: Kube, namespace: str, name: str, deployment: Obj | None = None) -> None:
-    """Re-apply the pool's children, or (given the pool's Deployment as just seen) only refresh its status."""
+def reconcile_pool_named(kube: Kube, namespace: str, name: str, status_only: bool = False) -> None:
+    """Re-apply the pool's children, or (`status_only`) only refresh its status from its Deployment."""
     pool = kube.get("WorkerPool", namespace, name)
     if pool is None or pool["metadata"].get("deletionTimestamp") is not None:
         return
-    if deployment is None:
-        reconcile_pool(kube, pool)
+    if status_only:
+        refresh_pool_status(kube, pool, kube.get("Deployment", namespace, name))  # named as its pool
     else:
-        refresh_pool_status(kube, pool, deployment)
+        reconcile_pool(kube, pool)
 
 
 def edited_by_others(meta: Obj) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -68,6 +71,25 @@ def test_template_clusterwide_peering_and_opt_outs(crds: ControlPlane) -> None:
     assert "kopf.dev" not in groups and "monitoring.coreos.com" not in groups
 
 
+def _run_helm_test_hook(plane: ControlPlane, release: str, ns: str) -> None:
+    """`helm test` needs a real container (kwok only pretends to run pods), so run the hook pod's own
+    command here, as the release's service account (a token for it), against the same apiserver."""
+    hooks = _docs(plane.helm("get", "hooks", release, "--namespace", ns).stdout)
+    pod = next(d for d in hooks if d["kind"] == "Pod" and d["metadata"]["annotations"]["helm.sh/hook"] == "test")
+    container = pod["spec"]["containers"][0]
+    assert pod["spec"]["serviceAccountName"] == f"{release}-kvpilot" and container["command"][0] == "python"
+    token = plane.kubectl("create", "token", "-n", ns, f"{release}-kvpilot")
+    assert token.returncode == 0, token.stderr
+    kubeconfig = json.loads(plane.kubeconfig.read_text())
+    kubeconfig["users"] = [{"name": "admin", "user": {"token": token.stdout.strip()}}]
+    path = plane.dir / f"{release}.kubeconfig"
+    path.write_text(json.dumps(kubeconfig))
+    out = subprocess.run([sys.executable, *container["command"][1:], *container["args"]], cwd=REPO_ROOT,
+                         env={**plane.env(), "KUBECONFIG": str(path)}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "LLMServices" in out.stdout and "8 GPUs on the largest node" in out.stdout, out.stdout
+
+
 def test_install_and_uninstall(crds: ControlPlane) -> None:
     release, ns = f"kv{uuid.uuid4().hex[:6]}", f"kvpilot-{uuid.uuid4().hex[:6]}"
     out = crds.helm("install", release, CHART, "--namespace", ns, "--create-namespace", "--wait", "--timeout", "90s")
@@ -87,5 +109,6 @@ def test_install_and_uninstall(crds: ControlPlane) -> None:
     assert can.stdout.strip() == "yes"
     peering = crds.kubectl("get", "clusterkopfpeering", f"{release}-kvpilot")
     assert peering.returncode == 0, peering.stderr
+    _run_helm_test_hook(crds, release, ns)
     out = crds.helm("uninstall", release, "--namespace", ns, "--wait")
     assert out.returncode == 0, out.stderr
