@@ -94,7 +94,7 @@ def test_install_and_uninstall(crds: ControlPlane) -> None:
     release, ns = f"kv{uuid.uuid4().hex[:6]}", f"kvpilot-{uuid.uuid4().hex[:6]}"
     out = crds.helm("install", release, CHART, "--namespace", ns, "--create-namespace", "--wait", "--timeout", "90s")
     assert out.returncode == 0, out.stderr
-    assert "kubectl apply -f" in out.stdout  # NOTES.txt
+    assert "kubectl apply -f" in out.stdout and f"clusterkopfpeering {release}-kvpilot" in out.stdout  # NOTES.txt
     dep = crds.kubectl("get", "deployment", "-n", ns, f"{release}-kvpilot", "-o",
                        "jsonpath={.status.availableReplicas}")
     assert dep.stdout == "1", dep.stderr
