@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
-from typing import Any
+import secrets
+import socket
+from typing import Any, cast
 
 
 def register(sub: Any) -> None:
@@ -39,9 +42,9 @@ def register(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     import kopf
 
-    from kvpilot.operator import handlers  # registers the handlers with kopf
+    import kvpilot.operator.handlers  # noqa: F401  (registers the handlers with kopf)
+    from kvpilot.operator.peers import Me
 
-    handlers.register_resync(args.resync_seconds)
     priority = args.priority if args.priority is not None else random.SystemRandom().randint(1, 2**31 - 1)
     if args.metrics_port:
         from prometheus_client import start_http_server
@@ -49,11 +52,15 @@ def _run(args: argparse.Namespace) -> int:
         start_http_server(args.metrics_port)
     kopf.configure(verbose=args.log_level == "DEBUG", quiet=args.log_level in ("WARNING", "ERROR"),
                    log_prefix=True)  # each line about an object names it: [namespace/name]
-    if not args.standalone:
-        logging.getLogger("kvpilot.operator").info("peering %r with priority %d", args.peering, priority)
-    memo = kopf.Memo(image=args.image, namespaces=args.namespace, monitors=args.pod_monitors,
-                     peering_lifetime=args.peering_lifetime)
+    me = None if args.standalone else Me(args.peering, f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}",
+                                         priority)
+    if me is not None:
+        logging.getLogger("kvpilot.operator").info("peering %r as %s with priority %d", me.peering, me.identity,
+                                                   priority)
+    memo = kopf.Memo(image=args.image, namespaces=args.namespace, monitors=args.pod_monitors, me=me,
+                     peering_lifetime=args.peering_lifetime, resync_seconds=args.resync_seconds)
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=args.standalone,
-             peering_name=None if args.standalone else args.peering, priority=priority,
+             peering_name=None if me is None else me.peering, priority=priority,
+             identity=None if me is None else cast(Any, me.identity),  # kopf types it as a NewType of str
              liveness_endpoint=args.liveness, memo=memo)
     return 0

@@ -8,13 +8,16 @@ garbage collector removes the children through their owner references.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from kvpilot.crds import GROUP, VERSION
-from kvpilot.operator import reconcile, render
+from kvpilot.operator import peers, reconcile, render
 from kvpilot.operator.coalesce import Coalescer
 from kvpilot.operator.kube import Kube, load_client
 from kvpilot.operator.metrics import measured
@@ -25,7 +28,7 @@ RESYNC_SECONDS = 60.0
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.kvpilot.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kopf.kvpilot.io", key="last-handled-configuration")
@@ -34,26 +37,60 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.peering.lifetime = memo.get("peering_lifetime", 60)
     memo.kube = Kube(load_client())
     memo.coalescer = Coalescer(memo.get("refresh_delay", 0.5))
+    memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
 
 
 @kopf.on.cleanup()
-def stop_refreshes(memo: kopf.Memo, **_: Any) -> None:
+async def stop_background(memo: kopf.Memo, **_: Any) -> None:
     coalescer = memo.get("coalescer")
     if coalescer is not None:
         coalescer.shutdown()
+    task = memo.get("resync")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
-def register_resync(seconds: float = RESYNC_SECONDS) -> None:
-    """Watches can miss nothing in theory and something in practice: reconcile every LLMService now
-    and then. A kopf timer (not a free-running task) so that a replica paused by peering stays idle."""
-    kopf.timer(GROUP, VERSION, "llmservices", id="llmservice-resync", interval=seconds,
-               initial_delay=seconds)(llmservice_resync)
+async def _resync_forever(memo: kopf.Memo) -> None:
+    """Watches can miss nothing in theory and something in practice: reconcile everything now and then.
+    A task of our own rather than a kopf timer: timers make kopf put a finalizer on every LLMService,
+    and then deleting one waits for a running operator."""
+    while True:
+        await asyncio.sleep(memo.get("resync_seconds", RESYNC_SECONDS))
+        try:
+            await asyncio.to_thread(_resync_all, memo)
+        except Exception:
+            log.exception("periodic resync failed")
 
 
-def llmservice_resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    with measured("LLMService"):
-        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True))
-    _announce(body, outcome)
+def _blocking_peers(memo: kopf.Memo) -> list[str]:
+    """Peers that kopf lets act instead of this replica (kopf pauses its handlers, not this task)."""
+    me: peers.Me | None = memo.get("me")
+    if me is None:  # standalone
+        return []
+    kube: Kube = memo.kube
+    found = [kube.get("KopfPeering", ns, me.peering) for ns in memo.get("namespaces") or []] or [
+        kube.get("ClusterKopfPeering", "", me.peering)]
+    now = datetime.now(UTC)
+    return [peer for obj in found for peer in peers.blocking_peers(obj or {}, me, now)]
+
+
+def _resync_all(memo: kopf.Memo) -> None:
+    blocking = _blocking_peers(memo)
+    if blocking:
+        log.info("standing by for %s: no periodic resync", ", ".join(blocking))
+        return
+    kube: Kube = memo.kube
+    services = []
+    for namespace in memo.get("namespaces") or [None]:
+        url = "/apis/{}/{}{}/llmservices".format(GROUP, VERSION, f"/namespaces/{namespace}" if namespace else "")
+        services += kube.request("GET", url)["items"]
+    log.info("periodic resync of %d LLMServices", len(services))
+    for svc in services:
+        with measured("LLMService"):
+            outcome = reconcile.reconcile_service(kube, svc, memo.get("image"), memo.get("monitors", True))
+        _announce(kopf.Body(svc), outcome)
 
 
 def _announce(body: kopf.Body, outcome: reconcile.Outcome) -> None:

@@ -28,7 +28,7 @@ class Operator:
 
     def start(self) -> None:
         self.starts += 1
-        argv = [sys.executable, "-P", "-m", "kvpilot.cli", "operator", "run", *self.args, "--resync-seconds", "20"]
+        argv = [sys.executable, "-P", "-m", "kvpilot.cli", "operator", "run", "--resync-seconds", "20", *self.args]
         self.proc = ManagedProcess(f"kvpilot-{self.name}", argv,
                                    self.plane.dir / "logs" / f"{self.name}-{self.starts}.log",
                                    env=self.plane.env(), cwd=REPO_ROOT)

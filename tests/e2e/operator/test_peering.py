@@ -63,7 +63,7 @@ def peering(crds: ControlPlane, operator: Operator) -> Iterator[str]:
 
 def test_only_the_highest_priority_replica_acts_and_a_standby_takes_over(
         crds: ControlPlane, peering: str, namespace: str, kget: Get, make_operator: Callable[..., Operator]) -> None:
-    common = ("--peering", peering, "--peering-lifetime", "10")
+    common = ("--peering", peering, "--peering-lifetime", "10", "--resync-seconds", "3")
     first = make_operator(*common, "--priority", "200", name="replica-high")
     second = make_operator(*common, "--priority", "100", name="replica-low")
     first.start()
@@ -82,6 +82,10 @@ def test_only_the_highest_priority_replica_acts_and_a_standby_takes_over(
     assert _handled(first, namespace, "first"), first.log_tail()
     assert not _handled(second, namespace, "first"), second.log_tail()
     assert _active(first) and not _active(second)
+    # The periodic resync is the operator's own task, not kopf's: it must stand by too.
+    wait_for(lambda: "standing by for" in second.log() and "periodic resync of" in first.log(), 30,
+             f"a resync round on each replica\n{second.log_tail()}")
+    assert "periodic resync of" not in second.log()
 
     # The active replica dies without telling its peers: once its peering entry expires the
     # standby resumes and reconciles what is created from then on.
@@ -89,5 +93,6 @@ def test_only_the_highest_priority_replica_acts_and_a_standby_takes_over(
     assert crds.kubectl("apply", "-n", namespace, "-f", "-", input=_service("second")).returncode == 0
     wait_for(lambda: _ready(kget, "second"), 90, f"Ready, reconciled by the standby\n{second.log_tail()}")
     assert _active(second)
+    wait_for(lambda: "periodic resync of" in second.log(), 30, "the new active replica to resync")
     assert _handled(second, namespace, "second")
     assert kget("deployment", "second-worker") is not None and kget("deployment", "second-router") is not None
