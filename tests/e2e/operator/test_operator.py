@@ -40,6 +40,7 @@ def test_simulator_example_is_served_scaled_healed_and_deleted(
     svc = kget("llmservice", "sim-llama-8b")
     status = svc["status"]
     assert status["phase"] == "Ready" and status["observedGeneration"] == svc["metadata"]["generation"]
+    assert not svc["metadata"].get("finalizers")  # deleting it never waits for the operator
     assert status["prefill"] == {"desired": 1, "replicas": 1, "ready": 1}
     assert status["decode"] == {"desired": 2, "replicas": 2, "ready": 2}
     assert status["endpoint"] == f"http://sim-llama-8b-router.{namespace}.svc:8000"
