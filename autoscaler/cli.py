@@ -16,7 +16,8 @@ def register(sub: Any) -> None:
     top = sub.add_parser("autoscaler", help="SLO-aware autoscaler for LLMService pools")
     asub = top.add_subparsers(dest="autoscaler_command", metavar="SUBCOMMAND", required=True)
     run = asub.add_parser("run", help="size WorkerPools every interval until stopped")
-    run.add_argument("-n", "--namespace", help="only this namespace (default: the whole cluster)")
+    run.add_argument("-n", "--namespace", action="append", default=[],
+                     help="only this namespace (repeatable; default: the whole cluster)")
     run.add_argument("--interval", type=float, default=10.0, help="seconds between decisions")
     run.add_argument("--cold-start", type=float, default=60.0,
                      help="seconds a new replica takes to serve; demand is forecast this far ahead")
@@ -26,12 +27,13 @@ def register(sub: Any) -> None:
     run.set_defaults(handler=_run)
 
 
-def _services(custom: Any, namespace: str | None) -> list[tuple[str, str, dict[str, Any]]]:
+def _services(custom: Any, namespaces: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
     from kvpilot.crds import API_VERSION
 
     group, version = API_VERSION.split("/")
-    if namespace:
-        items = custom.list_namespaced_custom_object(group, version, namespace, "llmservices")["items"]
+    if namespaces:
+        items = [o for ns in namespaces
+                 for o in custom.list_namespaced_custom_object(group, version, ns, "llmservices")["items"]]
     else:
         items = custom.list_cluster_custom_object(group, version, "llmservices")["items"]
     return [(o["metadata"]["namespace"], o["metadata"]["name"], o.get("spec") or {}) for o in items]
@@ -77,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("autoscaler started", extra={"namespace": args.namespace or "*", "interval": args.interval})
+    log.info("autoscaler started", extra={"namespaces": args.namespace or ["*"], "interval": args.interval})
     while not stop.is_set():
         try:
             decisions = scaler.tick(_services(custom, args.namespace))

@@ -83,3 +83,16 @@ app.kubernetes.io/component: operator
 {{- define "kvpilot.peeringName" -}}
 {{- default (include "kvpilot.fullname" .) .Values.peering.name -}}
 {{- end -}}
+
+{{- define "kvpilot.autoscalerSelectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: autoscaler
+{{- end -}}
+
+{{- define "kvpilot.autoscalerLabels" -}}
+{{ include "kvpilot.autoscalerSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}

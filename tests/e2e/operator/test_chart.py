@@ -28,14 +28,14 @@ def test_lint_and_template(crds: ControlPlane) -> None:
     assert out.returncode == 0, out.stderr
     docs = _docs(out.stdout)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "KopfPeering", "Role", "RoleBinding",
-                     "Service", "ServiceAccount"]
-    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Deployment", "KopfPeering", "Role", "Role",
+                     "RoleBinding", "RoleBinding", "Service", "ServiceAccount", "ServiceAccount"]
+    args = _named(docs, "Deployment", "kv-kvpilot")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["operator", "run"] and "--peering=kv-kvpilot" in args and "--namespace=team-a" in args
     assert "--standalone" not in args and "--no-pod-monitors" not in args
     peering = next(d for d in docs if d["kind"] == "KopfPeering")
     assert peering["metadata"] == {**peering["metadata"], "name": "kv-kvpilot", "namespace": "team-a"}
-    role = next(d for d in docs if d["kind"] == "Role")
+    role = _named(docs, "Role", "kv-kvpilot")
     assert role["metadata"]["namespace"] == "team-a"
     verbs = _verbs(role)
     assert verbs[("apps", "deployments")] == {"get", "list", "watch", "create", "patch"}  # never delete or update
@@ -45,6 +45,19 @@ def test_lint_and_template(crds: ControlPlane) -> None:
     cluster = next(d for d in docs if d["kind"] == "ClusterRole")
     assert not any("deployments" in rule["resources"] for rule in cluster["rules"])  # namespaced when scoped
     assert ("kopf.dev", "clusterkopfpeerings") not in _verbs(cluster)
+    # The autoscaler: its own account, only what it uses, in the same scope.
+    scaler = _verbs(_named(docs, "Role", "kv-kvpilot-autoscaler"))
+    assert scaler == {("kvpilot.io", "llmservices"): {"get", "list"}, ("kvpilot.io", "llmservices/status"): {"patch"},
+                      ("kvpilot.io", "workerpools"): {"get"}, ("kvpilot.io", "workerpools/scale"): {"get", "patch"},
+                      ("", "pods"): {"list", "patch"}}
+    dep = _named(docs, "Deployment", "kv-kvpilot-autoscaler")["spec"]
+    assert dep["replicas"] == 1 and dep["template"]["spec"]["serviceAccountName"] == "kv-kvpilot-autoscaler"
+    assert dep["template"]["spec"]["containers"][0]["args"][:2] == ["autoscaler", "run"]
+    assert "--namespace=team-a" in dep["template"]["spec"]["containers"][0]["args"]
+
+
+def _named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
 
 
 def _verbs(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -56,7 +69,7 @@ def test_template_clusterwide_peering_and_opt_outs(crds: ControlPlane) -> None:
     assert out.returncode == 0, out.stderr
     docs = _docs(out.stdout)
     assert next(d for d in docs if d["kind"] == "ClusterKopfPeering")["metadata"]["name"] == "kv-kvpilot"
-    cluster = _verbs(next(d for d in docs if d["kind"] == "ClusterRole"))
+    cluster = _verbs(_named(docs, "ClusterRole", "kv-kvpilot-cluster"))
     assert cluster[("kopf.dev", "clusterkopfpeerings")] == {"get", "list", "watch", "patch"}
     assert cluster[("monitoring.coreos.com", "podmonitors")] == {"create", "patch"}
 
@@ -65,9 +78,9 @@ def test_template_clusterwide_peering_and_opt_outs(crds: ControlPlane) -> None:
     assert out.returncode == 0, out.stderr
     docs = _docs(out.stdout)
     assert not any(d["kind"].endswith("KopfPeering") for d in docs)
-    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = _named(docs, "Deployment", "kv-kvpilot")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--standalone" in args and "--no-pod-monitors" in args
-    groups = {g for g, _ in _verbs(next(d for d in docs if d["kind"] == "ClusterRole"))}
+    groups = {g for g, _ in _verbs(_named(docs, "ClusterRole", "kv-kvpilot-cluster"))}
     assert "kopf.dev" not in groups and "monitoring.coreos.com" not in groups
 
 
@@ -107,6 +120,13 @@ def test_install_and_uninstall(crds: ControlPlane) -> None:
     can = crds.kubectl("auth", "can-i", "patch", f"clusterkopfpeerings.kopf.dev/{release}-kvpilot",
                        f"--as=system:serviceaccount:{ns}:{release}-kvpilot")
     assert can.stdout.strip() == "yes"
+    scaler = f"--as=system:serviceaccount:{ns}:{release}-kvpilot-autoscaler"
+    assert crds.kubectl("auth", "can-i", "patch", "workerpools.kvpilot.io", "--subresource=scale", "-n", "default",
+                        scaler).stdout.strip() == "yes"
+    assert crds.kubectl("auth", "can-i", "delete", "pods", "-n", "default", scaler).stdout.strip() == "no"
+    auto = crds.kubectl("get", "deployment", "-n", ns, f"{release}-kvpilot-autoscaler", "-o",
+                        "jsonpath={.status.availableReplicas}")
+    assert auto.stdout == "1", auto.stderr
     peering = crds.kubectl("get", "clusterkopfpeering", f"{release}-kvpilot")
     assert peering.returncode == 0, peering.stderr
     _run_helm_test_hook(crds, release, ns)
