@@ -38,6 +38,9 @@ def test_dashboard_data_reflects_traffic(busy_router: RouterProcess) -> None:
     assert sum(p["requests"] for p in model["series"]) == 12
     assert any(p["ttft_mean"] is not None and p["ttft_mean"] > 0 for p in model["series"])
     assert "affinity" in {r for p in model["series"] for r in p["reasons"]}
+    assert any(p["tpot_mean"] is not None and p["tpot_mean"] > 0 for p in model["series"])
+    assert any(p["members"] == 2 for p in model["series"])          # replicas over time
+    assert model["scaling"] == [] and model["migrations"] == []      # nothing scaled or migrated here
     with urllib.request.urlopen(busy_router.url + "/dashboard", timeout=5) as resp:
         html = resp.read().decode()
     assert "kvpilot router" in html and "http" not in html.split("<script>")[1]  # no external assets
@@ -53,8 +56,11 @@ def test_browser_renders_charts_with_data(busy_router: RouterProcess, tmp_path: 
     dom = subprocess.run([*flags, "--dump-dom", busy_router.url + "/dashboard"], capture_output=True, text=True,
                          timeout=60)
     assert 'id="chart"' in dom.stdout, dom.stderr[-2000:]
-    points = int(dom.stdout.split('id="chart"')[1].split('data-points="')[1].split('"')[0])
-    assert points > 0  # the chart drew TTFT samples
+    def points(chart: str) -> int:
+        return int(dom.stdout.split(f'id="{chart}"')[1].split('data-points="')[1].split('"')[0])
+
+    assert points("chart") > 0 and points("tpotchart") > 0  # TTFT and TPOT samples drawn
+    assert points("replicas") > 0                           # endpoint count over time drawn
     assert "<td>w0</td>" in dom.stdout and "<td>w1</td>" in dom.stdout
     shot = Path("bench/out/dashboard.png")
     shot.parent.mkdir(parents=True, exist_ok=True)
