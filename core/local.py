@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import sys
 import tempfile
 import threading
@@ -29,7 +30,7 @@ import yaml
 
 from kvpilot.autoscaler.actuators import PoolRef, PoolState
 from kvpilot.crds import LLMService
-from kvpilot.procs import ManagedProcess, free_port, wait_for
+from kvpilot.procs import ManagedProcess, free_port, tcp_open, wait_for
 from kvpilot.router.config import Endpoint
 from kvpilot.router.endpoints_file import EndpointsDoc, write_endpoints
 
@@ -108,6 +109,7 @@ class LocalControlPlane:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._endpoints_path = self.dir / "endpoints.yaml"
+        self.kv_store: str | None = None   # Redis URL the P/D workers hand KV over through, if any
 
     @property
     def name(self) -> str:
@@ -133,9 +135,11 @@ class LocalControlPlane:
         self._seq += 1
         name = f"{self.name}-{role}-{self._seq}"
         port = free_port()
-        proc = ManagedProcess(name, _kvpilot("sim", "serve", "--profile", spec.engine.profile or "h100-llama3-8b",
-                                             "--model", self.model, "--port", str(port),
-                                             "--time-scale", str(self.time_scale)), self.dir / f"{name}.log")
+        args = ["sim", "serve", "--profile", spec.engine.profile or "h100-llama3-8b", "--model", self.model,
+                "--port", str(port), "--time-scale", str(self.time_scale)]
+        if self.kv_store and role != "aggregated":
+            args += ["--kv-store", self.kv_store]
+        proc = ManagedProcess(name, _kvpilot(*args), self.dir / f"{name}.log")
         worker = Worker(name, role, f"http://127.0.0.1:{port}", proc)
         self.pool[name] = worker
         return worker
@@ -195,8 +199,29 @@ class LocalControlPlane:
             raise
         return self
 
+    def _start_kv_store(self) -> None:
+        """P/D hands KV over through Redis: the spec's, else a private one when redis-server is
+        installed; without either, workers fall back to handing KV over directly to each other."""
+        spec = self.service.spec
+        if spec.mode != "disaggregated":
+            return
+        if spec.kv_transfer is not None and spec.kv_transfer.redis_url:
+            self.kv_store = spec.kv_transfer.redis_url
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            log.info("redis-server not installed: P/D workers hand KV over directly")
+            return
+        port = free_port()
+        redis = ManagedProcess("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no"], self.dir / "redis.log")
+        self.procs.append(redis)
+        wait_for(lambda: tcp_open("127.0.0.1", port), 10, "redis-server", redis)
+        self.kv_store = f"redis://127.0.0.1:{port}/0"
+
     def _start(self) -> None:
         spec = self.service.spec
+        self._start_kv_store()
         with self._lock:
             for role, pool in spec.pools().items():
                 for _ in range(pool.replicas):

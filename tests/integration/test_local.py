@@ -148,3 +148,38 @@ spec:
         wait_for(lambda: len(plane.workers) == 1, 60, "the pool to shrink back")
         wait_for(lambda: len(data(plane.url)["endpoints"]) == 1, 10, "the router to drop retired workers")  # type: ignore[arg-type]
         assert any(e.after < e.before for e in plane.events)
+
+
+def test_local_pd_hands_kv_over_through_a_private_redis(tmp_path: Path) -> None:
+    import json
+    import urllib.request
+
+    from kvpilot.local import LocalControlPlane, load_service
+
+    spec = tmp_path / "svc.yaml"
+    spec.write_text("""
+apiVersion: kvpilot.io/v1alpha1
+kind: LLMService
+metadata: {name: pd}
+spec:
+  model: {name: tiny, servedName: tiny}
+  engine: {type: simulator, profile: h100-qwen2.5-0.5b}
+  mode: disaggregated
+  prefill: {replicas: 1}
+  decode: {replicas: 1}
+""")
+    with LocalControlPlane(load_service(spec), workdir=tmp_path / "plane", time_scale=5) as plane:
+        assert plane.kv_store is not None and plane.kv_store.startswith("redis://127.0.0.1:")
+        body = json.dumps({"model": "tiny", "prompt": "word " * 400, "max_tokens": 8}).encode()
+        req = urllib.request.Request(plane.url + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.loads(resp.read())["choices"][0]["text"]
+        decode = next(url for name, url in plane.workers.items() if "-decode-" in name)
+        with urllib.request.urlopen(decode + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        moved = [line for line in metrics.splitlines() if line.startswith("vllm:nixl_bytes_transferred")]
+        assert moved and float(moved[0].rsplit(" ", 1)[1]) > 0, metrics[-1500:]
+        import redis
+
+        stats = redis.Redis.from_url(plane.kv_store).info("stats")
+        assert stats["keyspace_hits"] > 0  # the decode worker read the prefill's KV blocks from this Redis
