@@ -12,8 +12,8 @@ import functools
 import hashlib
 import json
 import os
+import re
 import subprocess
-import sys
 import tempfile
 import urllib.request
 from collections.abc import Sequence
@@ -89,7 +89,7 @@ class VLLMServer:
     exactly what the operator renders); `cpu` pins it to one core (taskset and vLLM's OMP binding)."""
 
     def __init__(self, args: Sequence[str], *, name: str, port: int, workdir: Path, cpu: int | None = None,
-                 env: dict[str, str] | None = None, timeout: float = 400) -> None:
+                 env: dict[str, str] | None = None, timeout: float = 400, wait: bool = True) -> None:
         self.name = name
         self.port = port
         self.args = list(args)
@@ -104,15 +104,21 @@ class VLLMServer:
         full_env.pop("PYTHONPATH", None)
         self.proc = ManagedProcess(f"vllm-{name}", argv, workdir / f"vllm-{name}-{port}.log", env=full_env,
                                    cwd=workdir)
-        wait_for(self.healthy, timeout, f"vllm {name} on port {port}", self.proc)
+        self.timeout = timeout
+        if wait:
+            self.wait()
+
+    def wait(self) -> VLLMServer:
+        wait_for(self.healthy, self.timeout, f"vllm {self.name} on port {self.port}", self.proc)
+        return self
 
     @classmethod
     def tiny(cls, *, name: str, workdir: Path, cpu: int | None = None, extra: Sequence[str] = (),
-             env: dict[str, str] | None = None) -> VLLMServer:
+             env: dict[str, str] | None = None, wait: bool = True) -> VLLMServer:
         port = free_port()
         args = [str(tiny_model()), "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port),
                 *BASE_ARGS, *extra]
-        return cls(args, name=name, port=port, workdir=workdir, cpu=cpu, env=env)
+        return cls(args, name=name, port=port, workdir=workdir, cpu=cpu, env=env, wait=wait)
 
     @property
     def url(self) -> str:
@@ -141,3 +147,37 @@ class VLLMServer:
 
     def stop(self) -> None:
         self.proc.stop(timeout=20)
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' `$(VAR)` expansion in a container's args and env values."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def pod_from_operator(deployment: dict[str, Any], *, pod: str, port: int, kv_events: str,
+                      nixl_port: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """(args after `vllm serve`, env) for one pod of an engine Deployment the operator rendered, run
+    on loopback: what Kubernetes would do (fieldRef env, `$(VAR)` expansion) plus what a pod's own IP
+    and cluster DNS give for free there: its own port instead of 0.0.0.0:8000, the router Service's
+    KV-event address at `kv_events`, and, for NIXL, its own side-channel port. Nothing else changes."""
+    from kvpilot.operator import render
+
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["vllm", "serve"], container["command"]
+    fields = {"status.podIP": "127.0.0.1", "metadata.name": pod}
+    env: dict[str, str] = {}
+    for e in container.get("env", []):
+        value = fields[e["valueFrom"]["fieldRef"]["fieldPath"]] if "valueFrom" in e else e.get("value", "")
+        env[e["name"]] = expand(value, env)
+    if nixl_port is not None:
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl_port)
+    args = [expand(a, env) for a in container["args"]]
+    for flag, old, new in (("--host", "0.0.0.0", "127.0.0.1"), ("--port", str(render.PORT), str(port))):
+        i = args.index(flag)
+        assert args[i + 1] == old, (flag, args[i + 1])
+        args[i + 1] = new
+    i = args.index("--kv-events-config")
+    events = json.loads(args[i + 1])
+    events["endpoint"] = kv_events
+    args[i + 1] = json.dumps(events, separators=(",", ":"))
+    return args, env
