@@ -37,6 +37,8 @@ class Profile(BaseModel):
     attn_pair_s: float = Field(ge=0)
     decode_seq_s: float = Field(ge=0)
     decode_ctx_s: float = Field(ge=0)
+    request_overhead_s: float = Field(0.0, ge=0, description="frontend time per request outside the steps (HTTP, "
+                                      "tokenization), seen in TTFT; measured by `kvpilot sim calibrate`")
 
 
 def _kv_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:

@@ -99,7 +99,7 @@ class VLLMServer:
             argv = ["taskset", "-c", str(cpu), *argv]
         full_env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
                     "VLLM_CPU_OMP_THREADS_BIND": str(cpu) if cpu is not None else "auto",
-                    "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                    "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1",
                     "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}", **(env or {})}
         full_env.pop("PYTHONPATH", None)
         self.proc = ManagedProcess(f"vllm-{name}", argv, workdir / f"vllm-{name}-{port}.log", env=full_env,
