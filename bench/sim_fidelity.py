@@ -29,9 +29,17 @@ from pathlib import Path
 
 import aiohttp
 
-from kvpilot.sim.calibrate import engine_cache_info, fit_profile, itl, make_text, measure, stream_completion
+from kvpilot.sim.calibrate import (
+    engine_cache_info,
+    fit_profile,
+    itl,
+    kv_geometry,
+    make_text,
+    measure,
+    stream_completion,
+)
 from kvpilot.sim.engine import Engine, Sequence
-from kvpilot.sim.profiles import Profile
+from kvpilot.sim.profiles import Profile, get_profile
 
 
 @dataclass(slots=True)
@@ -74,7 +82,7 @@ def run_sim(profile: Profile, reqs: list[Req], seed: int) -> list[tuple[float, f
     pending = sorted(enumerate(reqs), key=lambda x: x[1].arrival)
     seqs: dict[int, Sequence] = {}
     t, k = 0.0, 0
-    while k < len(pending) or engine.has_work():
+    while k < len(pending) or engine.has_work:
         while k < len(pending) and pending[k][1].arrival <= t:
             i, r = pending[k]
             hashes = [rng.getrandbits(63) for _ in range(r.prompt_tokens // engine.block_size)]
@@ -112,23 +120,12 @@ async def main_async(args: argparse.Namespace) -> None:
         base_url, model = server.url, "tiny"
     try:
         info = engine_cache_info(base_url)
-        block_size = int(info.get("block_size", 16))
-        blocks = int(info.get("num_gpu_blocks_override") or info.get("num_gpu_blocks") or 0)
-        t0 = time.perf_counter()
-        prefill, decode = await measure(base_url, model, prompt_lengths=[64, 128, 256, 384, 512, 768],
-                                        batches=[1, 2, 4, 8, 16], decode_prompts=[32, 384], decode_tokens=48,
-                                        repeats=args.repeats, seed=args.seed)
-        cal_s = time.perf_counter() - t0
-        profile = fit_profile(prefill, decode, name="cpu-tiny-llama", model="tiny random Llama (820k params)",
-                              hardware=args.hardware, block_size=block_size,
-                              kv_capacity_tokens=max(1, blocks * block_size), kv_bytes_per_token=2 * 2 * 2 * 32 * 4,
-                              source=f"measured: bench/sim_fidelity.py calibration ({cal_s:.0f} s)")
-        print(json.dumps(profile.model_dump(), indent=1), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        (args.out.parent / "sim_fidelity_profile.json").write_text(json.dumps(
-            {"profile": profile.model_dump(), "points": {"prefill": [[p.prompt_tokens, p.ttft_s] for p in prefill],
-                                                         "decode": [[p.batch, p.context, p.itl_s] for p in decode]}},
-            indent=1))
+        block_size, capacity = kv_geometry(info)
+        if args.profile is not None:  # reuse a calibration (e.g. to re-run only the replay)
+            profile = get_profile(str(args.profile))
+            cal_s = 0.0
+        else:
+            profile, cal_s = await calibrate(args, base_url, model, block_size, capacity)
         probe = await _chars_per_token(base_url, model)
         rows = []
         for rate in args.rates:
@@ -152,6 +149,26 @@ async def main_async(args: argparse.Namespace) -> None:
     finally:
         if server is not None:
             server.stop()
+
+
+async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_size: int,
+                    capacity: int) -> tuple[Profile, float]:
+    t0 = time.perf_counter()
+    prefill, decode = await measure(base_url, model, prompt_lengths=[64, 128, 256, 384, 512, 768],
+                                    batches=[1, 2, 4, 8, 16], decode_prompts=[32, 384], decode_tokens=48,
+                                    repeats=args.repeats, seed=args.seed)
+    cal_s = time.perf_counter() - t0
+    profile = fit_profile(prefill, decode, name="cpu-tiny-llama", model="tiny random Llama (820k params)",
+                          hardware=args.hardware, block_size=block_size, kv_capacity_tokens=capacity,
+                          kv_bytes_per_token=2 * 2 * 2 * 32 * 4,  # 2 layers × (K, V) × 2 KV heads × 32 × fp32
+                          source=f"measured: bench/sim_fidelity.py calibration ({cal_s:.0f} s)")
+    print(json.dumps(profile.model_dump(), indent=1), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    (args.out.parent / "sim_fidelity_profile.json").write_text(json.dumps(
+        {"profile": profile.model_dump(), "points": {"prefill": [[p.prompt_tokens, p.ttft_s] for p in prefill],
+                                                     "decode": [[p.batch, p.context, p.itl_s] for p in decode]}},
+        indent=1))
+    return profile, cal_s
 
 
 async def _chars_per_token(base_url: str, model: str) -> float:
@@ -195,7 +212,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 6.0])
     parser.add_argument("--requests", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", type=Path, help="skip calibration: use this profile JSON")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hardware", default="2-core x86_64 dev machine (AVX-512)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/sim_fidelity.md"))

@@ -58,10 +58,15 @@ def lstsq(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
 
 
 def nonneg_fit(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
-    """Least squares with every coefficient ≥ 0: drop the most negative one and refit until none is."""
+    """Least squares with every coefficient ≥ 0: drop the most negative one and refit until none is
+    (and the last of collinear ones, which the sweep cannot tell apart)."""
     active = list(range(len(rows[0])))
     while True:
-        coef = lstsq([[r[i] for i in active] for r in rows], ys) if active else []
+        try:
+            coef = lstsq([[r[i] for i in active] for r in rows], ys) if active else []
+        except ValueError:  # collinear features (e.g. one context length only): drop the last one
+            del active[-1]
+            continue
         worst = min(range(len(active)), key=lambda k: coef[k], default=None)
         if worst is None or coef[worst] >= 0:
             out = [0.0] * len(rows[0])
@@ -162,21 +167,25 @@ async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], b
         chars_per_token = 2000 / max(1, probe.prompt_tokens)
         for _ in range(2):  # warm-up: first requests pay one-off costs
             await stream_completion(session, base_url, model, make_text(rng, 400), 4)
+        # Medians over the repeats of each setting: robust to the odd slow request on a shared machine.
         prefill: list[PrefillPoint] = []
         for n in prompt_lengths:
-            for _ in range(repeats):
-                t = await stream_completion(session, base_url, model, make_text(rng, int(n * chars_per_token)), 2)
-                prefill.append(PrefillPoint(t.prompt_tokens, t.ttft_s))
+            runs = [await stream_completion(session, base_url, model, make_text(rng, int(n * chars_per_token)), 2)
+                    for _ in range(repeats)]
+            prefill.append(PrefillPoint(int(statistics.median(t.prompt_tokens for t in runs)),
+                                        statistics.median(t.ttft_s for t in runs)))
         decode: list[DecodePoint] = []
         for n in decode_prompts:
             for b in batches:
+                itls: list[float] = []
+                contexts: list[float] = []
                 for _ in range(repeats):
                     runs = await asyncio.gather(*(stream_completion(
                         session, base_url, model, make_text(rng, int(n * chars_per_token)), decode_tokens)
                         for _ in range(b)))
-                    itls = [x for x in map(itl, runs) if x is not None]
-                    context = statistics.mean(r.prompt_tokens for r in runs) + decode_tokens / 2
-                    decode.append(DecodePoint(b, context, statistics.median(itls)))
+                    itls.append(statistics.median(x for x in map(itl, runs) if x is not None))
+                    contexts.append(statistics.mean(r.prompt_tokens for r in runs) + decode_tokens / 2)
+                decode.append(DecodePoint(b, statistics.mean(contexts), statistics.median(itls)))
     return prefill, decode
 
 
@@ -189,3 +198,13 @@ def engine_cache_info(base_url: str) -> dict[str, str]:
             for s in family.samples:
                 return dict(s.labels)
     return {}
+
+
+def kv_geometry(info: dict[str, str]) -> tuple[int, int]:
+    """(block size, KV capacity in tokens) from `cache_config_info` labels (absent ones read "None")."""
+    def num(key: str) -> int:
+        value = info.get(key, "")
+        return int(value) if value.isdigit() else 0
+
+    block_size = num("block_size") or 16
+    return block_size, max(1, (num("num_gpu_blocks_override") or num("num_gpu_blocks")) * block_size)

@@ -17,7 +17,8 @@ def register(sub: Any) -> None:
     simsub = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=True)
 
     serve = simsub.add_parser("serve", help="a simulated vLLM worker with vLLM's HTTP API and metrics")
-    serve.add_argument("--profile", default="h100-llama3-8b", choices=sorted(PROFILES))
+    serve.add_argument("--profile", default="h100-llama3-8b",
+                       help=f"one of {', '.join(sorted(PROFILES))}, or a calibrated profile's JSON file")
     serve.add_argument("--model", default="sim-model", help="served model name")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -34,7 +35,8 @@ def register(sub: Any) -> None:
 
     cluster = simsub.add_parser("cluster", help="N engines in virtual time, fed by a trace or synthetic workload")
     cluster.add_argument("--instances", type=int, default=8)
-    cluster.add_argument("--profile", default="h100-llama3-8b", choices=sorted(PROFILES))
+    cluster.add_argument("--profile", default="h100-llama3-8b",
+                       help=f"one of {', '.join(sorted(PROFILES))}, or a calibrated profile's JSON file")
     cluster.add_argument("--block-size", type=int, help="KV block size (default: the profile's)")
     cluster.add_argument("--policy", default="round-robin")
     cluster.add_argument("--workload", choices=["mooncake", "azure-conv", "synthetic"], default="mooncake")
@@ -105,14 +107,13 @@ def _cluster(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import asyncio
 
-    from kvpilot.sim.calibrate import engine_cache_info, fit_profile, measure
+    from kvpilot.sim.calibrate import engine_cache_info, fit_profile, kv_geometry, measure
 
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x]
 
     info = engine_cache_info(args.base_url)
-    block_size = int(info.get("block_size", 16))
-    blocks = int(info.get("num_gpu_blocks_override") or info.get("num_gpu_blocks") or 0)
+    block_size, capacity = kv_geometry(info)
     t0 = time.perf_counter()
     prefill, decode = asyncio.run(measure(args.base_url, args.model, prompt_lengths=ints(args.prompt_lengths),
                                           batches=ints(args.batches), decode_prompts=ints(args.decode_prompts),
@@ -121,7 +122,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         prefill, decode, name=args.name or f"calibrated-{args.model}", model=args.model, hardware=args.hardware,
         source=f"measured: kvpilot sim calibrate against {args.base_url} ({len(prefill)} prefill and "
                f"{len(decode)} decode points, {time.perf_counter() - t0:.0f} s)",
-        block_size=block_size, kv_capacity_tokens=max(1, blocks * block_size),
+        block_size=block_size, kv_capacity_tokens=capacity,
         kv_bytes_per_token=args.kv_bytes_per_token, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens)
     doc = {"profile": profile.model_dump(), "points": {

@@ -17,6 +17,9 @@ published vLLM figures (cited per profile); "measured" means fitted from our own
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -88,6 +91,10 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
 
 
 def get_profile(name: str) -> Profile:
+    """A built-in profile by name, or a calibrated one from the JSON `kvpilot sim calibrate --out` wrote."""
+    if name.endswith(".json"):
+        doc = json.loads(Path(name).read_text())
+        return Profile.model_validate(doc.get("profile", doc))
     try:
         return PROFILES[name]
     except KeyError:
