@@ -2,8 +2,8 @@
 
     .venv/bin/python -P bench/sim_fidelity.py [--rates 2 6] [--requests 60] [--base-url URL --model NAME]
 
-Without --base-url it starts the CPU vLLM of the `vllm` test tier (tiny random Llama, one core,
-scripts/vllm-cpu-env.sh). Then:
+Without --base-url it starts the CPU vLLM of the `vllm` test tier (tiny random Llama,
+scripts/vllm-cpu-env.sh; --cpu N pins it to one core). Then:
 1. `kvpilot.sim.calibrate` measures the engine and fits a profile (written next to the results);
 2. a seeded mix (Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, no shared prefixes)
    is streamed to the engine, recording each request's TTFT and TPOT (client side);
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import statistics
@@ -75,8 +76,12 @@ async def run_real(base_url: str, model: str, reqs: list[Req], seed: int) -> Non
         await asyncio.gather(*(one(r, p) for r, p in zip(reqs, prompts, strict=True)))
 
 
-def run_sim(profile: Profile, reqs: list[Req], seed: int) -> list[tuple[float, float | None]]:
-    """Single-step virtual time over the simulator's engine: arrivals join at the next step."""
+def run_sim(profile: Profile, reqs: list[Req], seed: int, shared_core: bool) -> list[tuple[float, float | None]]:
+    """Single-step virtual time over the simulator's engine: arrivals join at the next step.
+
+    `shared_core`: the API server runs on the engine's one core (a pinned CPU engine), so its
+    per-request work (`request_overhead_s`: HTTP, tokenization) holds up the steps instead of
+    overlapping them; it is then spent between steps, as the request enters the engine."""
     rng = random.Random(seed)
     engine = Engine(profile)
     pending = sorted(enumerate(reqs), key=lambda x: x[1].arrival)
@@ -85,6 +90,8 @@ def run_sim(profile: Profile, reqs: list[Req], seed: int) -> list[tuple[float, f
     while k < len(pending) or engine.has_work:
         while k < len(pending) and pending[k][1].arrival <= t:
             i, r = pending[k]
+            if shared_core:
+                t += profile.request_overhead_s
             hashes = [rng.getrandbits(63) for _ in range(r.prompt_tokens // engine.block_size)]
             seqs[i] = Sequence(f"r{i}", r.arrival, r.prompt_tokens, hashes, r.max_tokens)
             engine.add(seqs[i])
@@ -99,7 +106,7 @@ def run_sim(profile: Profile, reqs: list[Req], seed: int) -> list[tuple[float, f
     for i, r in enumerate(reqs):
         s = seqs[i]
         assert s.first_token_time is not None and s.finish_time is not None
-        ttft = s.first_token_time - r.arrival + profile.request_overhead_s
+        ttft = s.first_token_time - r.arrival + (0.0 if shared_core else profile.request_overhead_s)
         tpot = (s.finish_time - s.first_token_time) / (r.max_tokens - 1) if r.max_tokens > 1 else None
         out.append((ttft, tpot))
     return out
@@ -111,12 +118,14 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> None:
+    args.load_before = os.getloadavg()[0]
     server = None
     base_url, model = args.base_url, args.model
     if base_url is None:
         from kvpilot.testing.vllm import VLLMServer
 
-        server = VLLMServer.tiny(name="fidelity", workdir=Path(tempfile.mkdtemp(prefix="kvpilot-fidelity-")), cpu=0)
+        server = VLLMServer.tiny(name="fidelity", workdir=Path(tempfile.mkdtemp(prefix="kvpilot-fidelity-")),
+                                 cpu=args.cpu)
         base_url, model = server.url, "tiny"
     try:
         info = engine_cache_info(base_url)
@@ -133,7 +142,7 @@ async def main_async(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             await run_real(base_url, model, reqs, args.seed)
             real_s = time.perf_counter() - t0
-            sim = run_sim(profile, reqs, args.seed)
+            sim = run_sim(profile, reqs, args.seed, shared_core=args.cpu is not None)
             real_ttft = [r.ttft for r in reqs]
             real_tpot = [r.tpot for r in reqs if r.tpot is not None]
             sim_ttft = [s[0] for s in sim]
@@ -181,17 +190,21 @@ def write_md(args: argparse.Namespace, profile: Profile, rows: list[dict[str, ob
     def err(real: float, sim: float) -> str:
         return f"{(sim - real) / real:+.0%}"
 
+    placement = f"pinned to core {args.cpu} (taskset)" if args.cpu is not None else "vLLM's own CPU binding"
     lines = [
         "# Simulator fidelity against real vLLM (CPU, tiny model)", "",
-        f"Command: `.venv/bin/python -P bench/sim_fidelity.py {' '.join(sys.argv[1:])}`".rstrip() + "", "",
-        f"Engine: vLLM 0.32.0 CPU build, tiny random Llama (2 layers, hidden 128), float32, eager, one core "
-        f"(taskset), 1 GiB KV cache. Machine: {args.hardware}, Python {platform.python_version()}. "
+        f"Command: `{' '.join(['.venv/bin/python -P bench/sim_fidelity.py', *sys.argv[1:]])}`", "",
+        f"Engine: vLLM 0.32.0 CPU build, tiny random Llama (2 layers, hidden 128), float32, eager, "
+        f"{placement}, "
+        f"1 GiB KV cache. Machine: {args.hardware}, Python {platform.python_version()}, load average "
+        f"{args.load_before:.1f} before and {os.getloadavg()[0]:.1f} after (other jobs shared the cores). "
         f"Calibration took {cal_s:.0f} s; the fitted profile is in `sim_fidelity_profile.json`.", "",
         "Fitted profile (seconds): " + ", ".join(f"{k} {getattr(profile, k):.3g}" for k in (
             "step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s")), "",
         "Mix per rate: Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, unique prompts, seed "
-        f"{args.seed}. TTFT and TPOT are client-side on the real engine; the simulator adds the profile's "
-        "per-request overhead to TTFT.", "",
+        f"{args.seed}. TTFT and TPOT are client-side on the real engine. The simulator spends the profile's "
+        "per-request overhead " + ("between steps (the API server shares the engine's core)" if args.cpu is not None
+                                   else "in TTFT only") + ".", "",
         "| rate req/s | requests | TTFT p50 real / sim (err) | TTFT p90 real / sim | TPOT p50 real / sim (err) "
         "| TPOT p90 real / sim |",
         "|---:|---:|---|---|---|---|",
@@ -213,11 +226,15 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 6.0])
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpu", type=int, default=0,
+                        help="pin the engine (API server included) to this core; -1: vLLM's own binding")
     parser.add_argument("--profile", type=Path, help="skip calibration: use this profile JSON")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hardware", default="2-core x86_64 dev machine (AVX-512)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/sim_fidelity.md"))
-    asyncio.run(main_async(parser.parse_args()))
+    args = parser.parse_args()
+    args.cpu = None if args.cpu < 0 else args.cpu
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
