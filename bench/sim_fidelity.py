@@ -130,14 +130,18 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         info = engine_cache_info(base_url)
         block_size, capacity = kv_geometry(info)
-        if args.profile is not None:  # reuse a calibration (e.g. to re-run only the replay)
-            profile = get_profile(str(args.profile))
-            cal_s = 0.0
-        else:
-            profile, cal_s = await calibrate(args, base_url, model, block_size, capacity)
         probe = await _chars_per_token(base_url, model)
         rows = []
+        profiles: list[Profile] = []
+        cal_s = 0.0
         for rate in args.rates:
+            # Calibrate right before each replay: on a shared machine the engine's speed drifts in minutes.
+            if args.profile is not None:  # reuse a calibration (e.g. to re-run only the replay)
+                profile = get_profile(str(args.profile))
+            else:
+                profile, took = await calibrate(args, base_url, model, block_size, capacity)
+                cal_s += took
+            profiles.append(profile)
             reqs = mix(args.requests, rate, probe, args.seed)
             t0 = time.perf_counter()
             await run_real(base_url, model, reqs, args.seed)
@@ -154,7 +158,7 @@ async def main_async(args: argparse.Namespace) -> None:
                             pct(real_tpot, 90), pct(sim_tpot, 90)]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        write_md(args, profile, rows, cal_s)
+        write_md(args, profiles, rows, cal_s)
     finally:
         if server is not None:
             server.stop()
@@ -186,7 +190,7 @@ async def _chars_per_token(base_url: str, model: str) -> float:
     return 3000 / max(1, t.prompt_tokens)
 
 
-def write_md(args: argparse.Namespace, profile: Profile, rows: list[dict[str, object]], cal_s: float) -> None:
+def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[str, object]], cal_s: float) -> None:
     def err(real: float, sim: float) -> str:
         return f"{(sim - real) / real:+.0%}"
 
@@ -198,9 +202,11 @@ def write_md(args: argparse.Namespace, profile: Profile, rows: list[dict[str, ob
         f"{placement}, "
         f"1 GiB KV cache. Machine: {args.hardware}, Python {platform.python_version()}, load average "
         f"{args.load_before:.1f} before and {os.getloadavg()[0]:.1f} after (other jobs shared the cores). "
-        f"Calibration took {cal_s:.0f} s; the fitted profile is in `sim_fidelity_profile.json`.", "",
-        "Fitted profile (seconds): " + ", ".join(f"{k} {getattr(profile, k):.3g}" for k in (
-            "step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s")), "",
+        f"Calibration took {cal_s:.0f} s in all.", "",
+        "Profiles fitted right before each replay (seconds; the last is in `sim_fidelity_profile.json`):", "",
+        *(f"- rate {r['rate']}: " + ", ".join(f"{k} {getattr(p, k):.3g}" for k in (
+            "step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s"))
+          for r, p in zip(rows, profiles, strict=True)), "",
         "Mix per rate: Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, unique prompts, seed "
         f"{args.seed}. TTFT and TPOT are client-side on the real engine. The simulator spends the profile's "
         "per-request overhead " + ("between steps (the API server shares the engine's core)" if args.cpu is not None
