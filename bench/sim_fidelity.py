@@ -119,13 +119,15 @@ def pct(values: list[float], q: float) -> float:
 
 async def main_async(args: argparse.Namespace) -> None:
     args.load_before = os.getloadavg()[0]
+    if args.nice is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # the client's timestamps matter as much
     server = None
     base_url, model = args.base_url, args.model
     if base_url is None:
         from kvpilot.testing.vllm import VLLMServer
 
         server = VLLMServer.tiny(name="fidelity", workdir=Path(tempfile.mkdtemp(prefix="kvpilot-fidelity-")),
-                                 cpu=args.cpu)
+                                 cpu=args.cpu, nice=args.nice)
         base_url, model = server.url, "tiny"
     try:
         info = engine_cache_info(base_url)
@@ -135,23 +137,29 @@ async def main_async(args: argparse.Namespace) -> None:
         profiles: list[Profile] = []
         cal_s = 0.0
         for rate in args.rates:
-            # Calibrate right before each replay: on a shared machine the engine's speed drifts in minutes.
+            # Calibrate right before and right after each replay and average: on a shared machine the
+            # engine's speed drifts within minutes; the difference between the two is reported.
+            reqs = mix(args.requests, rate, probe, args.seed)
             if args.profile is not None:  # reuse a calibration (e.g. to re-run only the replay)
                 profile = get_profile(str(args.profile))
+                drift = 0.0
             else:
-                profile, took = await calibrate(args, base_url, model, block_size, capacity)
+                before, took = await calibrate(args, base_url, model, block_size, capacity)
                 cal_s += took
-            profiles.append(profile)
-            reqs = mix(args.requests, rate, probe, args.seed)
             t0 = time.perf_counter()
             await run_real(base_url, model, reqs, args.seed)
             real_s = time.perf_counter() - t0
+            if args.profile is None:
+                after, took = await calibrate(args, base_url, model, block_size, capacity)
+                cal_s += took
+                profile, drift = average(before, after)
+            profiles.append(profile)
             sim = run_sim(profile, reqs, args.seed, shared_core=args.cpu is not None)
             real_ttft = [r.ttft for r in reqs]
             real_tpot = [r.tpot for r in reqs if r.tpot is not None]
             sim_ttft = [s[0] for s in sim]
             sim_tpot = [s[1] for s in sim if s[1] is not None]
-            row = {"rate": rate, "requests": len(reqs), "real_s": real_s,
+            row = {"rate": rate, "requests": len(reqs), "real_s": real_s, "drift": drift,
                    "ttft": [statistics.median(real_ttft), statistics.median(sim_ttft),
                             pct(real_ttft, 90), pct(sim_ttft, 90)],
                    "tpot": [statistics.median(real_tpot), statistics.median(sim_tpot),
@@ -162,6 +170,24 @@ async def main_async(args: argparse.Namespace) -> None:
     finally:
         if server is not None:
             server.stop()
+
+
+COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s")
+
+
+def average(a: Profile, b: Profile) -> tuple[Profile, float]:
+    """The mean of two calibrations, and how far apart they are (relative change of a single decode
+    step's and a 400-token prefill's modelled time, the larger)."""
+    mean = a.model_copy(update={k: (getattr(a, k) + getattr(b, k)) / 2 for k in COEFFICIENTS})
+
+    def decode(p: Profile) -> float:
+        return p.step_s + p.decode_seq_s + p.decode_ctx_s * 400
+
+    def prefill(p: Profile) -> float:
+        return p.request_overhead_s + p.step_s + p.prefill_token_s * 400 + p.attn_pair_s * 400 * 400 / 2
+
+    drift = max(abs(f(a) - f(b)) / max(1e-9, (f(a) + f(b)) / 2) for f in (decode, prefill))
+    return mean, drift
 
 
 async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_size: int,
@@ -199,14 +225,15 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
         "# Simulator fidelity against real vLLM (CPU, tiny model)", "",
         f"Command: `{' '.join(['.venv/bin/python -P bench/sim_fidelity.py', *sys.argv[1:]])}`", "",
         f"Engine: vLLM 0.32.0 CPU build, tiny random Llama (2 layers, hidden 128), float32, eager, "
-        f"{placement}, "
+        f"{placement}{'' if args.nice is None else f', nice {args.nice}'}, "
         f"1 GiB KV cache. Machine: {args.hardware}, Python {platform.python_version()}, load average "
         f"{args.load_before:.1f} before and {os.getloadavg()[0]:.1f} after (other jobs shared the cores). "
         f"Calibration took {cal_s:.0f} s in all.", "",
-        "Profiles fitted right before each replay (seconds; the last is in `sim_fidelity_profile.json`):", "",
-        *(f"- rate {r['rate']}: " + ", ".join(f"{k} {getattr(p, k):.3g}" for k in (
-            "step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s"))
-          for r, p in zip(rows, profiles, strict=True)), "",
+        "Profiles: the mean of calibrations right before and right after each replay (seconds; drift: how much "
+        "a decode step or a 400-token prefill changed between the two; the last calibration is in "
+        "`sim_fidelity_profile.json`):", "",
+        *(f"- rate {r['rate']}: " + ", ".join(f"{k} {getattr(p, k):.3g}" for k in COEFFICIENTS)
+          + f"; before/after drift {r['drift']:.0%}" for r, p in zip(rows, profiles, strict=True)), "",
         "Mix per rate: Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, unique prompts, seed "
         f"{args.seed}. TTFT and TPOT are client-side on the real engine. The simulator spends the profile's "
         "per-request overhead " + ("between steps (the API server shares the engine's core)" if args.cpu is not None
@@ -234,6 +261,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu", type=int, default=0,
                         help="pin the engine (API server included) to this core; -1: vLLM's own binding")
+    parser.add_argument("--nice", type=int, help="run engine and client at this niceness (negative needs root)")
     parser.add_argument("--profile", type=Path, help="skip calibration: use this profile JSON")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hardware", default="2-core x86_64 dev machine (AVX-512)")
