@@ -146,7 +146,13 @@ class KVEventIndex:
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        sock.bind(endpoint)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:  # the router still routes, on its shadow estimate
+            log.error("cannot listen for KV events on %s: %s", endpoint, e)
+            sock.close(linger=0)
+            ctx.term()
+            return
         log.info("listening for KV events", extra={"endpoint": endpoint})
         try:
             while True:
