@@ -1,11 +1,12 @@
 """Baseline autoscalers kvpilot's planner is compared against, on the same signals.
 
 - `QueueThreshold`: what HPA or KEDA on `vllm:num_requests_waiting` does today: desired =
-  ceil(current × waiting-per-replica / target), a 10% tolerance band, immediate scale-up and a
-  stabilisation window for scale-down (HPA's defaults).
+  ceil(current × waiting-per-replica / target), a 10% tolerance band, scale-up at once but by at
+  most max(4 pods, 100%) per decision, and a stabilisation window for scale-down (HPA's defaults).
 - `Concurrency`: Knative KPA-like: a target number of in-flight requests per replica averaged
   over a stable window (60 s), and a panic window (6 s) that scales up at once when the short
-  window asks for at least twice the current size; no scale-down while panicking.
+  window asks for at least twice the current size; no scale-down while panicking, and at most
+  halving the size per decision otherwise (KPA's max scale-down rate 2).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ class QueueThreshold:
     def plan(self, s: PoolSignals) -> Plan:
         if s.waiting is None:
             return Plan(s.current, "holding: metrics missing")
-        per = s.waiting / max(1, s.ready)
+        per = s.waiting / max(1, s.current)  # like HPA: replicas not yet ready count as zero load
         ratio = per / self.target_waiting
         raw = s.current if abs(ratio - 1) <= self.tolerance else math.ceil(s.current * ratio)
+        raw = min(raw, max(s.current + 4, 2 * s.current))
         raw = _bounded(raw, self.min_replicas, self.max_replicas)
         self._history.append((s.time, raw))
         while self._history[0][0] < s.time - self.scale_down_window_s:
@@ -76,6 +78,16 @@ class Concurrency:
             desired = max(s.current, panic, stable)  # panic mode: never scale down
             reason = f"panic: {avg(self.panic_window_s):.0f} in flight over {self.panic_window_s:g}s"
         else:
-            desired = stable
+            desired = max(stable, math.ceil(s.current / 2))
             reason = f"{avg(self.stable_window_s):.0f} in flight over {self.stable_window_s:g}s"
         return Plan(_bounded(desired, self.min_replicas, self.max_replicas), reason)
+
+
+@dataclass
+class Fixed:
+    """Static provisioning: always `replicas` (the benchmark's static-peak reference)."""
+
+    replicas: int
+
+    def plan(self, s: PoolSignals) -> Plan:
+        return Plan(self.replicas, f"static {self.replicas}")

@@ -4,7 +4,7 @@ Model-based, with no offline profiling. Each pool learns its per-replica capacit
 its own metrics, taken only from intervals when it met its SLO (so the estimate is "what one
 replica sustains within SLO", not "what it does when overloaded"):
 - prefill: uncached prompt tokens per second per replica while TTFT p90 ≤ SLO;
-- decode: concurrent sequences per replica while TPOT p90 ≤ SLO.
+- decode: concurrent sequences per replica that fit the TPOT SLO, from the batch and TPOT seen.
 Desired replicas = demand / (capacity × headroom), corrected upward when observed attainment
 falls short of the target, and at least one more while the SLO is being breached. Scale-up acts
 in one interval; scale-down only when every desired value over the stabilisation window was
@@ -36,6 +36,9 @@ class PoolSignals:
     attainment: float | None               # share of requests within SLO this interval
     kv_usage: float | None = None          # mean KV-cache usage, 0-1
     waiting: float | None = None           # requests queued in the engines (vllm:num_requests_waiting)
+    ttft_p50_s: float | None = None
+    first_tokens_per_s: float | None = None  # requests that got their first token, per second
+    cached_prompt_tps: float | None = None   # prompt tokens served from the prefix cache, per second
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,6 +49,10 @@ class PlannerConfig:
     min_replicas: int = 1
     max_replicas: int = 16
     headroom: float = 0.8                  # plan to run replicas at 80% of learned capacity
+    scale_down_headroom: float = 0.65      # ...but only shrink to a size that would run at ≤ 65%: hysteresis
+    forecast_s: float = 0.0                # plan for demand this far ahead (≈ 2 × cold start + interval)
+    forecast_points: int = 3               # intervals the demand trend is fitted over (short: bursts)
+    forecast_max_growth: float = 3.0       # a trend is not trusted beyond this factor over current demand
     scale_down_window_s: float = 300.0
     max_step: int = 4                      # most replicas added or removed in one decision
     kv_high: float = 0.9                   # KV usage above this needs another decode replica
@@ -53,6 +60,8 @@ class PlannerConfig:
     prefill_tps_prior: float = 20_000.0
     decode_seqs_prior: float = 64.0
     learn_rate: float = 0.3
+    decode_learn_min_seqs: float = 8.0     # too small a batch says little about TPOT at scale
+    prefill_utilisation: float = 0.85      # share of a replica's raw prefill rate usable within the TTFT SLO
 
 
 @dataclass(slots=True, frozen=True)
@@ -73,8 +82,10 @@ class PoolPlanner:
     config: PlannerConfig = field(default_factory=PlannerConfig)
     prefill_tps: float = 0.0               # learned per-replica capacities
     decode_seqs: float = 0.0
+    prefill_raw: float = 0.0               # best lower bound seen on one replica's raw prefill rate
     _history: deque[tuple[float, int]] = field(default_factory=deque)
     _since: float | None = None
+    _demand: deque[tuple[float, float]] = field(default_factory=deque)  # (t, external demand)
 
     def __post_init__(self) -> None:
         self.prefill_tps = self.prefill_tps or self.config.prefill_tps_prior
@@ -86,20 +97,64 @@ class PoolPlanner:
         c, n = self.config, max(1, s.ready)
         if self.role != "decode" and s.uncached_prompt_tps and s.ttft_p90_s is not None:
             self.prefill_tps = _nudge(self.prefill_tps, s.uncached_prompt_tps / n, s.ttft_p90_s <= c.ttft_slo_s, c)
-        if self.role != "prefill" and s.running_seqs and s.tpot_p90_s is not None:
-            self.decode_seqs = _nudge(self.decode_seqs, s.running_seqs / n, s.tpot_p90_s <= c.tpot_slo_s, c)
+            if s.first_tokens_per_s and s.ttft_p50_s and s.ttft_p90_s <= c.ttft_slo_s:
+                # A typical prompt's first token took at least its own prefill: tokens over TTFT is a
+                # lower bound on the replica's raw prefill rate (queueing and batching only lower it).
+                bound = s.uncached_prompt_tps / s.first_tokens_per_s / s.ttft_p50_s
+                self.prefill_raw = max(self.prefill_raw, bound)
+                self.prefill_tps = max(self.prefill_tps, self.prefill_raw * c.prefill_utilisation)
+        if self.role != "prefill" and s.running_seqs and s.tpot_p90_s:
+            per = s.running_seqs / n
+            if per >= c.decode_learn_min_seqs:
+                # TPOT grows with the batch from a fixed per-step floor, so scaling the batch by the
+                # TPOT budget left underestimates what fits within the SLO: a safe capacity.
+                implied = per * c.tpot_slo_s / s.tpot_p90_s
+                self.decode_seqs += c.learn_rate * (implied - self.decode_seqs)
 
     # -- planning -----------------------------------------------------------------------------
-    def _needed(self, s: PoolSignals) -> tuple[int, str]:
+    def _forecast(self, s: PoolSignals) -> tuple[float | None, float | None]:
+        """Demand `forecast_s` ahead by the least-squares trend of the last few intervals; only a
+        rising trend is followed (a falling one must prove itself through the scale-down window).
+        A replica asked for now serves only after its cold start, and no new decision is taken
+        while it starts, so this decision must cover demand until about two cold starts ahead.
+        The trend is fitted to the demand that arrives from outside (prompt tokens, or running
+        sequences for a decode pool); the other follows it in proportion, because an overloaded
+        pool's running-sequence count balloons with its own queue, not with the arrivals."""
+        c = self.config
+        tps, seqs = s.uncached_prompt_tps, s.running_seqs
+        driver = tps if self.role != "decode" else seqs
+        self._demand.append((s.time, driver or 0.0))
+        while len(self._demand) > c.forecast_points:
+            self._demand.popleft()
+        if c.forecast_s <= 0 or len(self._demand) < 3 or not driver:
+            return tps, seqs
+        ts = [d[0] for d in self._demand]
+        ys = [d[1] for d in self._demand]
+        mean_t, mean_y = sum(ts) / len(ts), sum(ys) / len(ys)
+        var = sum((t - mean_t) ** 2 for t in ts)
+        if var <= 0:
+            return tps, seqs
+        slope = sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys, strict=True)) / var
+        growth = min(c.forecast_max_growth, 1 + max(0.0, slope) * c.forecast_s / driver)
+        return (tps * growth if tps is not None else None), (seqs * growth if seqs is not None else None)
+
+    def _needed(self, s: PoolSignals, headroom: float, tps: float | None, seqs: float | None) -> tuple[int, str]:
         c = self.config
         needs: list[tuple[int, str]] = []
-        if self.role != "decode" and s.uncached_prompt_tps is not None:
-            n = math.ceil(s.uncached_prompt_tps / (self.prefill_tps * c.headroom))
-            needs.append((n, f"prefill demand {s.uncached_prompt_tps:.0f} tok/s over "
-                             f"{self.prefill_tps:.0f} tok/s per replica"))
-        if self.role != "prefill" and s.running_seqs is not None:
-            n = math.ceil(s.running_seqs / (self.decode_seqs * c.headroom))
-            needs.append((n, f"{s.running_seqs:.0f} running sequences over {self.decode_seqs:.0f} per replica"))
+        if self.role != "decode" and tps is not None:
+            cap = self.prefill_tps * headroom
+            n = math.ceil(tps / cap)
+            why = f"prefill demand {tps:.0f} tok/s over {self.prefill_tps:.0f} tok/s per replica"
+            if s.cached_prompt_tps and n > s.ready > 0:
+                # New replicas take over about (n - ready)/n of the affinity keys; those prefixes stay
+                # cached where they were, so their tokens are computed again until the newcomers warm up.
+                extra = s.cached_prompt_tps * (n - s.ready) / n
+                n = math.ceil((tps + extra) / cap)
+                why += f" + {extra:.0f} tok/s of cache hits lost to remapped keys"
+            needs.append((n, why))
+        if self.role != "prefill" and seqs is not None:
+            n = math.ceil(seqs / (self.decode_seqs * headroom))
+            needs.append((n, f"{seqs:.0f} running sequences over {self.decode_seqs:.0f} per replica"))
         desired, reason = max(needs, key=lambda x: x[0]) if needs else (s.current, "no demand signal")
         breach = self._breach(s)
         if breach:
@@ -111,7 +166,7 @@ class PoolPlanner:
                     desired, reason = scaled, f"{breach}; attainment {s.attainment:.0%} < {c.attainment_target:.0%}"
         if self.role != "prefill" and s.kv_usage is not None and s.kv_usage > c.kv_high and desired <= s.ready:
             desired, reason = s.ready + 1, f"KV usage {s.kv_usage:.0%} > {c.kv_high:.0%}"
-        return desired, reason
+        return min(c.max_replicas, max(c.min_replicas, desired)), reason
 
     def _breach(self, s: PoolSignals) -> str:
         c = self.config
@@ -130,25 +185,34 @@ class PoolPlanner:
         if demand_missing:
             return Plan(s.current, "holding: metrics missing or stale")
         self._learn(s)
-        raw, reason = self._needed(s)
-        raw = min(c.max_replicas, max(c.min_replicas, raw))
+        tps, seqs = self._forecast(s)
+        up, reason = self._needed(s, c.headroom, tps, seqs)
+        down, down_reason = self._needed(s, c.scale_down_headroom, s.uncached_prompt_tps, s.running_seqs)
         if self._since is None:
             self._since = s.time
-        self._history.append((s.time, raw))
+        self._history.append((s.time, max(up, down)))
         while self._history and self._history[0][0] < s.time - c.scale_down_window_s:
             self._history.popleft()
-        if raw > s.current:
-            return Plan(min(raw, s.current + c.max_step), f"scale up: {reason}")
-        if raw < s.current:
-            # Down only to the highest value wanted anywhere in the window, and by max_step at most.
+        if up > s.current:
+            return Plan(min(up, s.current + c.max_step), f"scale up: {reason}")
+        if up < s.current:
+            # Down only to the most wanted anywhere in the window (at the stricter scale-down
+            # headroom), and by max_step at most.
             floor = max(d for _, d in self._history)
             if s.time - self._since < c.scale_down_window_s:
                 floor = s.current  # not yet a full window of evidence
             target = max(floor, s.current - c.max_step, c.min_replicas)
             if target < s.current:
-                return Plan(target, f"scale down: {reason} (stable for {c.scale_down_window_s:.0f}s)")
-            return Plan(s.current, f"holding: scale-down stabilising ({reason})")
+                return Plan(target, f"scale down: {down_reason} (stable for {c.scale_down_window_s:.0f}s)")
+            return Plan(s.current, f"holding: scale-down stabilising ({down_reason})")
         return Plan(s.current, f"steady: {reason}")
+
+
+def roofline_prefill_tps(params_billion: float, gpu_tflops: float, mfu: float = 0.5) -> float:
+    """A spec-sheet prior for one replica's prefill rate, tokens/s: a dense transformer spends
+    about 2 × parameters FLOPs per prompt token, at `mfu` of the GPU's peak. No profiling: the
+    planner corrects it online (down on a breach, up when the pool does more within SLO)."""
+    return gpu_tflops * 1e12 * mfu / (2 * params_billion * 1e9)
 
 
 def _nudge(estimate: float, observed: float, met_slo: bool, c: PlannerConfig) -> float:

@@ -69,6 +69,8 @@ def _parse(text: str) -> tuple[dict[str, float], dict[str, float], dict[float, f
                 gauges[s.name] += s.value
             elif s.name == m.PROMPT_TOKENS_BY_SOURCE + "_total" and s.labels.get("source") == "local_compute":
                 counters["uncached_prompt_tokens"] += s.value
+            elif s.name == m.PROMPT_TOKENS_BY_SOURCE + "_total" and s.labels.get("source") == "local_cache_hit":
+                counters["cached_prompt_tokens"] += s.value
             elif s.name == m.TTFT + "_bucket":
                 ttft[float(s.labels["le"])] += s.value
             elif s.name == m.ITL + "_bucket":
@@ -117,8 +119,12 @@ class ScrapeSignals:
         tps = (sample.counters.get(key, 0.0) - last.counters.get(key, 0.0)) / dt
         d_ttft = {b: sample.ttft[b] - last.ttft.get(b, 0.0) for b in sample.ttft}
         d_itl = {b: sample.itl[b] - last.itl.get(b, 0.0) for b in sample.itl}
+        first_tokens = d_ttft[max(d_ttft)] if d_ttft else 0.0   # the +Inf bucket counts every request
+        key = "cached_prompt_tokens"
+        cached = (sample.counters.get(key, 0.0) - last.counters.get(key, 0.0)) / dt
         return PoolSignals(now, current, ready, tps, running, quantile_from_buckets(d_ttft, 0.9),
-                           quantile_from_buckets(d_itl, 0.9), share_within(d_ttft, self.ttft_slo_s), kv, waiting)
+                           quantile_from_buckets(d_itl, 0.9), share_within(d_ttft, self.ttft_slo_s), kv, waiting,
+                           quantile_from_buckets(d_ttft, 0.5), first_tokens / dt, cached)
 
 
 class PromSignals:
@@ -160,7 +166,10 @@ class PromSignals:
             self.query(f"histogram_quantile(0.9, sum by (le) (rate({m.ITL}_bucket{{{s}}}[{w}])))"),
             attainment,
             self.query(f"avg(vllm:kv_cache_usage_perc{{{s}}})"),
-            self.query(f"sum(vllm:num_requests_waiting{{{s}}})"))
+            self.query(f"sum(vllm:num_requests_waiting{{{s}}})"),
+            self.query(f"histogram_quantile(0.5, sum by (le) (rate({m.TTFT}_bucket{{{s}}}[{w}])))"),
+            self.query(f"sum(rate({m.TTFT}_count{{{s}}}[{w}]))"),
+            self.query(f'sum(rate(vllm:prompt_tokens_by_source_total{{{s},source="local_cache_hit"}}[{w}]))'))
 
     @staticmethod
     def _bucket_at_or_below(limit: float) -> str:

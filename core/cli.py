@@ -12,6 +12,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpilot", description="Kubernetes-native control plane for LLM serving.")
     parser.add_argument("--version", action="version", version=f"kvpilot {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from kvpilot.autoscaler.cli import register as register_autoscaler
+    from kvpilot.bench_cli import register as register_bench
     from kvpilot.local_cli import register as register_local
     from kvpilot.operator.cli import register as register_operator
     from kvpilot.router.cli import register as register_router
@@ -20,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_sim(sub)
     register_operator(sub)
     register_router(sub)
+    register_autoscaler(sub)
     register_local(sub)
+    register_bench(sub)
     return parser
 
 

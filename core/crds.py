@@ -197,6 +197,16 @@ class PoolStatus(Model):
     ready: int = 0
 
 
+class ScalingStatus(Model):
+    """The autoscaler's last decision for one pool, with its reason."""
+
+    desired: int = 0
+    current: int = 0
+    ready: int = 0
+    reason: str = ""
+    last_decision_time: str | None = None
+
+
 class LLMServiceStatus(Model):
     phase: Literal["Pending", "Progressing", "Ready", "Degraded"] | None = None
     observed_generation: int | None = None
@@ -205,6 +215,8 @@ class LLMServiceStatus(Model):
     decode: PoolStatus | None = None
     router: PoolStatus | None = None
     endpoint: str | None = None
+    autoscaling: dict[str, ScalingStatus] | None = Field(
+        None, description="Per pool role: the autoscaler's last decision (written by the autoscaler).")
 
 
 class LLMService(Model):

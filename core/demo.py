@@ -37,11 +37,15 @@ class RunResult:
     errors: int = 0
     hit_rate: float = 0.0
     wall_s: float = 0.0
+    ttft_at: list[tuple[float, float]] = field(default_factory=list)   # (modelled s since start, TTFT)
+    replicas: list[tuple[float, int]] = field(default_factory=list)    # (modelled s since start, workers)
+    scaling: list[str] = field(default_factory=list)                   # the autoscaler's decisions
 
 
 async def replay(url: str, model: str, specs: list[RequestSpec], time_scale: float, rate_multiplier: float,
-                 result: RunResult, progress: Progress) -> None:
-    task = progress.add_task(result.policy, total=len(specs))
+                 result: RunResult, progress: Progress, slo_ttft_s: float = 5.0) -> None:
+    task = progress.add_task(result.policy, total=len(specs), summary="")
+    slo_s = slo_ttft_s
     t_first = specs[0].arrival
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=600)
@@ -69,9 +73,14 @@ async def replay(url: str, model: str, specs: list[RequestSpec], time_scale: flo
                 result.errors += 1
                 return
             finally:
-                progress.advance(task)
+                done = result.ttft
+                ok = sum(1 for t in done if t <= slo_s)
+                progress.update(task, advance=1, summary=(
+                    f"TTFT p50 {percentile(done, 50):.2f}s · within SLO {ok / max(1, len(done) + result.errors):.0%}"
+                    f" · errors {result.errors}") if done else "")
             if chunks:
                 result.ttft.append((first - sent) * time_scale)
+                result.ttft_at.append(((sent - start) * time_scale, (first - sent) * time_scale))
                 if chunks > 1:
                     result.tpot.append((last - first) * time_scale / (chunks - 1))
 
@@ -81,38 +90,46 @@ async def replay(url: str, model: str, specs: list[RequestSpec], time_scale: flo
 def _hit_rate(worker_urls: list[str]) -> float:
     hits = queries = 0.0
     for url in worker_urls:
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-            for family in text_string_to_metric_families(resp.read().decode()):
-                if family.name == "vllm:prefix_cache_hits":
-                    hits += sum(s.value for s in family.samples if s.name.endswith("_total"))
-                elif family.name == "vllm:prefix_cache_queries":
-                    queries += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        try:
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue  # retired by the autoscaler a moment ago
+        for family in text_string_to_metric_families(text):
+            if family.name == "vllm:prefix_cache_hits":
+                hits += sum(s.value for s in family.samples if s.name.endswith("_total"))
+            elif family.name == "vllm:prefix_cache_queries":
+                queries += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return hits / queries if queries else 0.0
 
 
 def run_demo(spec_path: Path | None = None, *, requests: int = 300, policies: tuple[str, ...] = ("dualmap",
              "round-robin"), time_scale: float = 10.0, rate_multiplier: float = 1.0,
-             console: Console | None = None) -> list[RunResult]:
+             console: Console | None = None, out_dir: Path | None = None) -> list[RunResult]:
     console = console or Console()
     service = load_service(spec_path)
     slo_s = service.spec.slo.ttft_ms / 1000
     specs = mooncake(limit=requests)
     results = []
     with Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+                  TextColumn("{task.fields[summary]}"), console=console) as progress:
         for policy in policies:
             result = RunResult(policy)
             with LocalControlPlane(service, time_scale=time_scale, policy=policy) as plane:
-                t0 = time.monotonic()
-                asyncio.run(replay(plane.url, plane.model, specs, time_scale, rate_multiplier, result, progress))
+                t0, wall0 = time.monotonic(), time.time()
+                asyncio.run(replay(plane.url, plane.model, specs, time_scale, rate_multiplier, result, progress,
+                                   slo_s))
                 result.wall_s = time.monotonic() - t0
                 result.hit_rate = _hit_rate(list(plane.workers.values()))
+                result.replicas = [(max(0.0, (t - wall0) * time_scale), n) for t, n in plane.replicas]
+                result.scaling = [f"{(e.time - wall0) * time_scale:.0f}s {e.pool} {e.before}→{e.after}: {e.reason}"
+                                  for e in plane.events]
             results.append(result)
     table = Table(title=f"{len(specs)} Mooncake requests, {service.spec.engine.profile}, "
                         f"{sum(p.replicas for p in service.spec.pools().values())} simulated GPUs, "
                         f"TTFT SLO {slo_s:g}s (latencies in modelled time)")
     for col in ("policy", "ok / errors", "TTFT p50 / p90 / p99 s", "TPOT p50 / p99 ms", "SLO attainment",
-                "prefix-cache hit rate", "wall s"):
+                "prefix-cache hit rate", "replicas min / max", "wall s"):
         table.add_column(col, justify="left" if col == "policy" else "right")
     for r in results:
         ok = sum(1 for t in r.ttft if t <= slo_s)
@@ -120,9 +137,47 @@ def run_demo(spec_path: Path | None = None, *, requests: int = 300, policies: tu
         table.add_row(r.policy, f"{len(r.ttft)} / {r.errors}",
                       f"{percentile(r.ttft, 50):.2f} / {percentile(r.ttft, 90):.2f} / {percentile(r.ttft, 99):.2f}",
                       f"{percentile(r.tpot, 50) * 1e3:.0f} / {percentile(r.tpot, 99) * 1e3:.0f}",
-                      f"{att:.1%}", f"{r.hit_rate:.1%}", f"{r.wall_s:.0f}")
+                      f"{att:.1%}", f"{r.hit_rate:.1%}",
+                      f"{min(n for _, n in r.replicas)} / {max(n for _, n in r.replicas)}" if r.replicas else "–",
+                      f"{r.wall_s:.0f}")
     console.print(table)
+    for r in results:
+        for line in r.scaling:
+            console.print(f"  [dim]{r.policy} autoscaler:[/dim] {line}")
+    if out_dir is not None:
+        for path in plot_demo(results, slo_s, out_dir):
+            console.print(f"plot: {path}")
     return results
+
+
+def plot_demo(results: list[RunResult], slo_s: float, out_dir: Path) -> list[Path]:
+    """TTFT over time against the SLO, and replicas over time, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[3, 1])
+    for r in results:
+        pts = sorted(r.ttft_at)
+        top.plot([t for t, _ in pts], [v for _, v in pts], ".", markersize=3, alpha=0.6, label=r.policy)
+        if r.replicas:
+            end = max((t for t, _ in pts), default=r.replicas[-1][0])
+            steps = [*r.replicas, (end, r.replicas[-1][1])]
+            bottom.step([t for t, _ in steps], [n for _, n in steps], where="post", label=r.policy)
+    top.axhline(slo_s, color="tab:red", linestyle="--", label=f"TTFT SLO {slo_s:g}s")
+    top.set_ylabel("TTFT (s, modelled)")
+    top.set_yscale("log")
+    top.legend(loc="upper left")
+    bottom.set_ylabel("replicas")
+    bottom.set_xlabel("time since start (s, modelled)")
+    fig.suptitle("kvpilot demo")
+    fig.tight_layout()
+    path = out_dir / "demo.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def summary_json(results: list[RunResult]) -> list[dict[str, Any]]:

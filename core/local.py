@@ -1,23 +1,39 @@
 """Local mode: the control plane on one machine with simulated GPUs (`kvpilot up`).
 
 Reads the same `LLMService` spec the operator reads, starts each pool's `kvpilot sim serve`
-workers and a `kvpilot router` in front of them as real processes on loopback, and stops all of
-them on exit (Ctrl-C, SIGTERM, or leaving the `with` block): no orphan process, no port left.
+workers and a `kvpilot router` in front of them as real processes on loopback and, when the
+spec turns autoscaling on, runs the autoscaler with a local actuator that starts and stops
+workers. The router learns the healthy workers from an endpoints file this process rewrites
+(`router.endpoints_file`). Everything stops on exit (Ctrl-C, SIGTERM, or leaving the `with`
+block): no orphan process, no port left.
+
+Workers run `time_scale` times faster than the GPUs they model and report latencies in
+modelled time, so the autoscaler runs on a modelled-time clock too: its interval and the
+scale-down window read as on the real hardware.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import tempfile
+import threading
+import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kvpilot.autoscaler.actuators import PoolRef, PoolState
 from kvpilot.crds import LLMService
 from kvpilot.procs import ManagedProcess, free_port, wait_for
+from kvpilot.router.config import Endpoint
+from kvpilot.router.endpoints_file import EndpointsDoc, write_endpoints
+
+log = logging.getLogger("kvpilot.local")
 
 DEFAULT_SPEC = """
 apiVersion: kvpilot.io/v1alpha1
@@ -27,11 +43,13 @@ spec:
   model: {name: meta-llama/Llama-3.1-8B-Instruct, servedName: llama-8b}
   engine: {type: simulator, profile: h100-llama3-8b}
   mode: aggregated
-  decode: {replicas: 4}
+  decode: {replicas: 4, minReplicas: 2, maxReplicas: 8}
   routing: {policy: dualmap}
   slo: {ttftMs: 5000, tpotMs: 100, attainment: 0.9}
+  autoscaling: {enabled: true, scaleDownStabilizationSeconds: 120}
 """
 ROLES = {"aggregated": "both", "prefill": "prefill", "decode": "decode"}
+DRAIN_S = 5.0  # wall seconds a removed worker keeps serving what it already has
 
 
 def load_service(path: Path | None) -> LLMService:
@@ -48,19 +66,52 @@ def _healthy(url: str) -> bool:
         return bool(resp.status == 200)
 
 
+@dataclass
+class Worker:
+    name: str
+    role: str                      # the pool's role: aggregated | prefill | decode
+    url: str
+    proc: ManagedProcess
+    healthy: bool = False
+    drain_until: float | None = None
+
+
+@dataclass(frozen=True)
+class ScalingEvent:
+    time: float                    # wall clock (epoch seconds)
+    pool: str
+    before: int
+    after: int
+    reason: str
+
+
 class LocalControlPlane:
-    """Workers and a router for one LLMService, as processes; use as a context manager."""
+    """Workers, the router and (if enabled) the autoscaler for one LLMService; a context manager."""
 
     def __init__(self, service: LLMService, *, time_scale: float = 1.0, policy: str | None = None,
-                 port: int | None = None, workdir: Path | None = None) -> None:
+                 port: int | None = None, workdir: Path | None = None, autoscale: bool | None = None,
+                 interval_s: float = 10.0) -> None:
         self.service = service
         self.time_scale = time_scale
         self.policy = policy or service.spec.routing.policy
         self.port = port or free_port()
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="kvpilot-local-"))
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.autoscale = service.spec.autoscaling.enabled if autoscale is None else autoscale
+        self.interval_s = interval_s   # modelled seconds between autoscaler decisions
         self.procs: list[ManagedProcess] = []
-        self.workers: dict[str, str] = {}  # name → URL
+        self.pool: dict[str, Worker] = {}
+        self.events: list[ScalingEvent] = []
+        self.replicas: list[tuple[float, int]] = []   # (wall time, serving workers) after each change
+        self._lock = threading.RLock()
+        self._seq = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._endpoints_path = self.dir / "endpoints.yaml"
+
+    @property
+    def name(self) -> str:
+        return str(self.service.metadata.get("name", "local"))
 
     @property
     def url(self) -> str:
@@ -70,6 +121,72 @@ class LocalControlPlane:
     def model(self) -> str:
         return self.service.spec.model.served()
 
+    @property
+    def workers(self) -> dict[str, str]:
+        """Serving workers: name → URL."""
+        with self._lock:
+            return {w.name: w.url for w in self.pool.values() if w.healthy and w.drain_until is None}
+
+    # -- workers -----------------------------------------------------------------------------
+    def _spawn(self, role: str) -> Worker:
+        spec = self.service.spec
+        self._seq += 1
+        name = f"{self.name}-{role}-{self._seq}"
+        port = free_port()
+        proc = ManagedProcess(name, _kvpilot("sim", "serve", "--profile", spec.engine.profile or "h100-llama3-8b",
+                                             "--model", self.model, "--port", str(port),
+                                             "--time-scale", str(self.time_scale)), self.dir / f"{name}.log")
+        worker = Worker(name, role, f"http://127.0.0.1:{port}", proc)
+        self.pool[name] = worker
+        return worker
+
+    def resize(self, role: str, n: int) -> None:
+        """Start or retire workers of one pool until `n` are live. A retired worker leaves the
+        router's endpoints at once and is stopped after a short drain."""
+        with self._lock:
+            live = [w for w in self.pool.values() if w.role == role and w.drain_until is None]
+            for _ in range(n - len(live)):
+                self._spawn(role)
+            # Retire the ones not serving yet first, then the newest.
+            for w in sorted(live, key=lambda w: (w.healthy, w.name), reverse=False)[:max(0, len(live) - n)]:
+                w.drain_until = time.monotonic() + (DRAIN_S if w.healthy else 0.0)
+            self._publish()
+
+    def refresh(self) -> None:
+        """Health-check starting workers, stop drained ones, publish the serving set."""
+        with self._lock:
+            changed = False
+            for w in list(self.pool.values()):
+                if w.drain_until is not None:
+                    if time.monotonic() >= w.drain_until:
+                        w.proc.stop()
+                        del self.pool[w.name]
+                    continue
+                if not w.healthy:
+                    try:
+                        w.healthy = _healthy(w.url)
+                        changed |= w.healthy
+                    except OSError:
+                        pass
+            if changed:
+                self._publish()
+
+    def _publish(self) -> None:
+        serving = [w for w in self.pool.values() if w.healthy and w.drain_until is None]
+        eps = [Endpoint(name=w.name, url=w.url, role=ROLES[w.role]) for w in serving]
+        events = [{"time": e.time, "pool": e.pool, "from": e.before, "to": e.after, "reason": e.reason}
+                  for e in self.events[-50:]]
+        write_endpoints(self._endpoints_path, EndpointsDoc(endpoints=eps, events=events))
+        if not self.replicas or self.replicas[-1][1] != len(serving):
+            self.replicas.append((time.time(), len(serving)))
+
+    def state(self, role: str) -> PoolState:
+        with self._lock:
+            live = [w for w in self.pool.values() if w.role == role and w.drain_until is None]
+            ready = [w.url for w in live if w.healthy]
+            return PoolState(len(live), len(ready), sorted(ready))
+
+    # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> LocalControlPlane:
         try:
             self._start()
@@ -80,32 +197,61 @@ class LocalControlPlane:
 
     def _start(self) -> None:
         spec = self.service.spec
-        profile = spec.engine.profile or "h100-llama3-8b"
-        endpoints: list[dict[str, Any]] = []
-        for role, pool in spec.pools().items():
-            for i in range(pool.replicas):
-                name = f"{self.service.metadata.get('name', 'local')}-{role}-{i}"
-                port = free_port()
-                proc = ManagedProcess(name, _kvpilot("sim", "serve", "--profile", profile, "--model", self.model,
-                                                     "--port", str(port), "--time-scale", str(self.time_scale)),
-                                      self.dir / f"{name}.log")
-                self.procs.append(proc)
-                self.workers[name] = f"http://127.0.0.1:{port}"
-                endpoints.append({"name": name, "url": self.workers[name], "role": ROLES[role]})
-        for proc in self.procs:
-            url = self.workers[proc.name]
-            wait_for(functools.partial(_healthy, url), 30, f"worker {proc.name}", proc)
+        with self._lock:
+            for role, pool in spec.pools().items():
+                for _ in range(pool.replicas):
+                    self._spawn(role)
+        for w in list(self.pool.values()):
+            wait_for(functools.partial(_healthy, w.url), 30, f"worker {w.name}", w.proc)
+            w.healthy = True
+        with self._lock:
+            self._publish()
         config = {"host": "127.0.0.1", "port": self.port, "models": [{
-            "name": self.model, "policy": self.policy, "mode": spec.mode, "endpoints": endpoints,
+            "name": self.model, "policy": self.policy, "mode": spec.mode,
+            "endpointsFile": str(self._endpoints_path),
             # The router measures wall time; workers run time_scale× faster than the modelled GPUs.
-            "ttftMs": spec.slo.ttft_ms / self.time_scale}]}
+            "ttftMs": spec.slo.ttft_ms / self.time_scale, "tpotMs": spec.slo.tpot_ms / self.time_scale}]}
         cfg_path = self.dir / "router.yaml"
         cfg_path.write_text(yaml.safe_dump(config))
         router = ManagedProcess("router", _kvpilot("router", "--config", str(cfg_path)), self.dir / "router.log")
         self.procs.append(router)
         wait_for(lambda: _healthy(self.url), 30, "the router", router)
+        self._thread(self._maintain, "local-pools")
+        if self.autoscale:
+            self._thread(self._autoscale, "local-autoscaler")
+
+    def _thread(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _maintain(self) -> None:
+        while not self._stop.wait(0.25):
+            self.refresh()
+
+    def _autoscale(self) -> None:
+        from kvpilot.autoscaler.controller import Autoscaler
+        from kvpilot.autoscaler.planner import PlannerConfig
+
+        cold_start = 2.0 * self.time_scale  # a worker process is serving about 2 wall seconds after start
+        scaler = Autoscaler(LocalActuator(self), clock=lambda: time.monotonic() * self.time_scale,
+                            base=PlannerConfig(forecast_s=2 * cold_start + self.interval_s))
+        raw = self.service.spec.model_dump(by_alias=True, exclude_none=True)
+        while not self._stop.wait(self.interval_s / self.time_scale):
+            for d in scaler.tick([("local", self.name, raw)]):
+                if d.action != "hold":
+                    with self._lock:
+                        self.events.append(ScalingEvent(time.time(), d.pool.role, d.asked, d.desired, d.reason))
+                        self._publish()
 
     def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        with self._lock:
+            for w in self.pool.values():
+                w.proc.stop()
+            self.pool.clear()
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
@@ -115,3 +261,16 @@ class LocalControlPlane:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LocalActuator:
+    """The autoscaler's actuator for local mode: pool sizes are worker processes."""
+
+    def __init__(self, plane: LocalControlPlane) -> None:
+        self.plane = plane
+
+    def observe(self, pool: PoolRef) -> PoolState | None:
+        return self.plane.state(pool.role)
+
+    def scale(self, pool: PoolRef, replicas: int) -> None:
+        self.plane.resize(pool.role, replicas)

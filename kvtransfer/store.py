@@ -47,6 +47,8 @@ class BlockStore(Protocol):
 
     async def get(self, keys: list[str]) -> list[bytes | None]: ...
 
+    async def delete(self, keys: list[str]) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -62,6 +64,10 @@ class MemoryStore:
 
     async def get(self, keys: list[str]) -> list[bytes | None]:
         return [self.blocks.get(k) for k in keys]
+
+    async def delete(self, keys: list[str]) -> None:
+        for k in keys:
+            self.blocks.pop(k, None)
 
     async def close(self) -> None:
         self.blocks.clear()
@@ -116,6 +122,21 @@ class RedisStore:
             return out
         except (aioredis.RedisError, OSError, TimeoutError, TypeError) as e:
             raise TransferError(f"get of {len(keys)} block(s) failed: {e or type(e).__name__}") from e
+
+    async def delete(self, keys: list[str]) -> None:
+        """Drop blocks (and their chunks) a reader is done with, instead of waiting for the TTL."""
+        if not keys:
+            return
+        try:
+            heads = cast(list[bytes | None],
+                         await asyncio.wait_for(self.client.mget([self.prefix + k for k in keys]), self.timeout_s))
+            doomed = [self.prefix + k for k in keys]
+            for key, head in zip(keys, heads, strict=True):
+                if head is not None:
+                    doomed += [f"{self.prefix}{key}:{i}" for i in range(_HEADER.unpack_from(head)[2])]
+            await asyncio.wait_for(self.client.delete(*doomed), self.timeout_s)
+        except (aioredis.RedisError, OSError, TimeoutError) as e:
+            raise TransferError(f"delete of {len(keys)} block(s) failed: {e or type(e).__name__}") from e
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
+from kvpilot.router.migration_policy import MigrationConfig
+
 Role = Literal["both", "prefill", "decode"]
 
 
@@ -52,14 +54,18 @@ class ModelConfig(BaseModel):
     mode: Literal["aggregated", "disaggregated"] = "aggregated"
     endpoints: list[Endpoint] = Field(default_factory=list)
     discovery: Discovery | None = None
+    endpoints_file: Path | None = Field(None, alias="endpointsFile",
+                                        description="endpoints from a file another process rewrites (local mode)")
     # The router's own hashing granularity: coarser than the engine's 16-token blocks keeps a
     # decision cheap (one hash per 256 tokens); affinity only needs prefix identity, not vLLM's hashes.
     block_size: int = Field(256, gt=0, alias="blockSize")
     max_hashed_blocks: int = Field(256, gt=0, alias="maxHashedBlocks")
     slo_ttft_ms: float = Field(2000, gt=0, alias="ttftMs")
+    slo_tpot_ms: float = Field(100, gt=0, alias="tpotMs")
     kv_capacity_tokens: int = Field(400_000, gt=0, alias="kvCapacityTokens")
     max_inflight_per_endpoint: int = Field(256, gt=0, alias="maxInflightPerEndpoint")
     kv_events: KVEvents | None = Field(None, alias="kvEvents")
+    migration: MigrationConfig | None = Field(None, description="live migration of running streams (simulator)")
 
     @model_validator(mode="after")
     def _roles_fit_mode(self) -> ModelConfig:
@@ -68,8 +74,8 @@ class ModelConfig(BaseModel):
         if self.policy not in POLICIES:
             raise ValueError(f"unknown routing policy {self.policy!r}; known: {', '.join(sorted(POLICIES))}")
         roles = {e.role for e in self.endpoints} | (set(self.discovery.pools) if self.discovery else set())
-        if self.endpoints and self.discovery:
-            raise ValueError(f"model {self.name!r}: give static endpoints or discovery, not both")
+        if sum(bool(x) for x in (self.endpoints, self.discovery, self.endpoints_file)) > 1:
+            raise ValueError(f"model {self.name!r}: give one of static endpoints, discovery or an endpoints file")
         if self.mode == "disaggregated" and roles and not {"prefill", "decode"} <= roles:
             raise ValueError(f"model {self.name!r} is disaggregated but lacks prefill or decode endpoints")
         names = [e.name for e in self.endpoints]

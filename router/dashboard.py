@@ -1,7 +1,7 @@
 """The router's live dashboard: what it sees, over the last few minutes, at `/dashboard`.
 
-`Timeline` keeps a bounded ring of one-second buckets per model (requests, TTFT samples, routing
-reasons) fed from the proxy's hot path with O(1) work; `/dashboard/data` serialises it with the
+`Timeline` keeps a bounded ring of one-second buckets per model (requests, TTFT and TPOT samples,
+routing reasons, endpoint count) fed from the proxy's hot path with O(1) work; `/dashboard/data` serialises it with the
 pools' current loads; `/dashboard` is one static HTML page (no external assets) that polls it.
 """
 
@@ -23,6 +23,9 @@ class Bucket:
     ttft_sum: float = 0.0
     ttft_max: float = 0.0
     ttft_n: int = 0
+    tpot_sum: float = 0.0
+    tpot_n: int = 0
+    members: int | None = None          # endpoints in the pools at this second (replicas over time)
     reasons: Counter[str] = field(default_factory=Counter)
 
 
@@ -47,9 +50,19 @@ class Timeline:
         b.ttft_n += 1
         b.ttft_max = max(b.ttft_max, ttft_s)
 
+    def tpot(self, tpot_s: float) -> None:
+        b = self._bucket()
+        b.tpot_sum += tpot_s
+        b.tpot_n += 1
+
+    def members(self, n: int) -> None:
+        self._bucket().members = n
+
     def series(self) -> list[dict[str, Any]]:
         return [{"t": b.second, "requests": b.requests, "ttft_mean": b.ttft_sum / b.ttft_n if b.ttft_n else None,
-                 "ttft_max": b.ttft_max if b.ttft_n else None, "reasons": dict(b.reasons)} for b in self.buckets]
+                 "ttft_max": b.ttft_max if b.ttft_n else None,
+                 "tpot_mean": b.tpot_sum / b.tpot_n if b.tpot_n else None, "members": b.members,
+                 "reasons": dict(b.reasons)} for b in self.buckets]
 
 
 def page() -> str:

@@ -26,5 +26,10 @@ class RouterMetrics:
                               ["model"], buckets=_LATENCY, registry=r)
         self.inflight = Gauge("kvpilot_router_inflight", "Requests in flight by endpoint.",
                               ["model", "endpoint"], registry=r)
+        self.migrations = Counter("kvpilot_router_migrations", "Live migrations asked for, by outcome.",
+                                  ["model", "outcome"], registry=r)
+        self.migration_blocking = Histogram("kvpilot_router_migration_blocking_seconds",
+                                            "Stop-and-copy window of completed migrations.", ["model"],
+                                            buckets=_LATENCY, registry=r)
         self.members = Gauge("kvpilot_router_healthy_endpoints", "Endpoints the policy may choose.",
                              ["model", "role"], registry=r)

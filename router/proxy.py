@@ -27,9 +27,11 @@ from kvpilot import logs
 from kvpilot.router.config import Endpoint, ModelConfig, RouterConfig
 from kvpilot.router.dashboard import Timeline, page
 from kvpilot.router.discovery import PodWatcher
+from kvpilot.router.endpoints_file import EndpointsFile
 from kvpilot.router.estimate import LoadEstimator
 from kvpilot.router.kv_events import KVEventIndex, load_tokenizer
 from kvpilot.router.metrics import RouterMetrics
+from kvpilot.router.migration import Migrator
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import PolicyContext, RequestView
 from kvpilot.router.pool import Member, Pool
@@ -74,6 +76,7 @@ class Router:
     def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
         self.metrics = RouterMetrics()
+        self.migrator = Migrator(self.metrics)
         self.models: dict[str, Served] = {}
         self.timelines: dict[str, Timeline] = {}
         self.kv_indexes: dict[str, KVEventIndex] = {}
@@ -94,12 +97,17 @@ class Router:
             self.models[m.name] = served
             if m.kv_events is not None:
                 self._follow_kv_events(m, served)
+            self.migrator.add_model(m.name, served.main, m.migration, m.slo_ttft_ms / 1000)
             self.timelines[m.name] = Timeline()
             self._set_endpoints(served, m.endpoints)
         self.session: aiohttp.ClientSession | None = None
         self._scraper: asyncio.Task[None] | None = None
         self._watchers: list[PodWatcher] = []
         self._discovered: dict[tuple[str, str], list[Endpoint]] = {}
+        self._files = {name: EndpointsFile(s.config.endpoints_file) for name, s in self.models.items()
+                       if s.config.endpoints_file is not None}
+        self.scaling_events: dict[str, list[dict[str, Any]]] = {}
+        self._cache_counters: dict[str, tuple[float, float]] = {}   # endpoint URL → prefix-cache (hits, queries)
 
     def _follow_kv_events(self, m: ModelConfig, served: Served) -> None:
         """Observed cache contents replace the shadow estimate of the pool whose policy uses the cache."""
@@ -303,13 +311,15 @@ class Router:
         chunks = 0
         first_at = 0.0
         try:
-            async with self.session.post(member.url + path, json=body) as up:
+            headers = self.migrator.headers(served.config.name, view.request_id)
+            async with self.session.post(member.url + path, json=body, headers=headers) as up:
                 if up.status >= 500:
                     raise UpstreamFailed(f"HTTP {up.status}")
                 if up.status >= 400:
                     return web.Response(body=await up.read(), status=up.status, content_type="application/json")
                 try:
-                    async for data in up.content.iter_any():
+                    async for data in self.migrator.relay(up, view.request_id, served.config.name, pool, member,
+                                                          view.prompt_tokens, body):
                         if resp is None:
                             first_at = time.monotonic()
                             pool.first_token(member, view, first_at - started)
@@ -336,7 +346,9 @@ class Router:
                     raise UpstreamFailed("upstream closed the stream before any data")
                 pool.succeeded(member)
                 if chunks > 1:
-                    self.metrics.tpot.labels(served.config.name).observe((time.monotonic() - first_at) / (chunks - 1))
+                    tpot = (time.monotonic() - first_at) / (chunks - 1)
+                    self.metrics.tpot.labels(served.config.name).observe(tpot)
+                    self.timelines[served.config.name].tpot(tpot)
                 await resp.write_eof()
                 return resp
         finally:
@@ -359,10 +371,14 @@ class Router:
             endpoints = [{"name": m.endpoint.name, "role": m.endpoint.role, "in_flight": m.load.in_flight,
                           "pending_prefill_tokens": m.load.pending_prefill_tokens,
                           "engine_running": m.load.engine_running, "engine_waiting": m.load.engine_waiting,
-                          "kv_usage": m.load.kv_usage, "breaker_open": m.breaker.is_open(now)}
+                          "kv_usage": m.load.kv_usage, "breaker_open": m.breaker.is_open(now),
+                          "cache_hits": self._cache_counters.get(m.url, (0.0, 0.0))[0],
+                          "cache_queries": self._cache_counters.get(m.url, (0.0, 0.0))[1]}
                          for m in members.values()]
             models.append({"name": name, "policy": s.config.policy, "slo_ttft_s": s.config.slo_ttft_ms / 1000,
-                           "endpoints": endpoints, "series": self.timelines[name].series()})
+                           "slo_tpot_s": s.config.slo_tpot_ms / 1000, "endpoints": endpoints,
+                           "series": self.timelines[name].series(), "scaling": self.scaling_events.get(name, []),
+                           "migrations": list(self.migrator.recent.get(name, ()))})
         return web.json_response({"models": models})
 
     async def kv_match(self, request: web.Request) -> web.Response:
@@ -394,8 +410,18 @@ class Router:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -- engine metrics scraping -------------------------------------------------------------
+    def _poll_files(self) -> None:
+        for name, f in self._files.items():
+            doc = f.poll()
+            if doc is not None:
+                self._set_endpoints(self.models[name], doc.endpoints)
+                self.scaling_events[name] = doc.events[-50:]
+
     async def _scrape_loop(self) -> None:
         while True:
+            self._poll_files()
+            for name, s in self.models.items():
+                self.timelines[name].members(sum(len(p.members) for p in (s.main, s.prefill) if p is not None))
             await asyncio.gather(*(self._scrape(s, pool, m) for s in self.models.values()
                                    for pool in (s.main, s.prefill) if pool is not None for m in pool.members))
             await asyncio.sleep(self.cfg.scrape_interval_s)
@@ -420,6 +446,11 @@ class Router:
                 load.engine_waiting = int(sum(s.value for s in family.samples))
             elif family.name == "vllm:kv_cache_usage_perc":
                 load.kv_usage = max((s.value for s in family.samples), default=0.0)
+            elif family.name in ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries"):
+                total = sum(s.value for s in family.samples if s.name.endswith("_total"))
+                hits, queries = self._cache_counters.get(member.url, (0.0, 0.0))
+                self._cache_counters[member.url] = \
+                    (total, queries) if family.name.endswith("hits") else (hits, total)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def _on_startup(self, app: web.Application) -> None:
@@ -430,6 +461,7 @@ class Router:
             kv = self.models[name].config.kv_events
             assert kv is not None
             self._kv_tasks.append(asyncio.create_task(index.listen(kv.bind)))
+        self.migrator.start(self.session)
         loop = asyncio.get_running_loop()
         for served in self.models.values():
             d = served.config.discovery
@@ -450,6 +482,7 @@ class Router:
             self._scraper.cancel()
         for task in self._kv_tasks:
             task.cancel()
+        self.migrator.stop()
         if self.session is not None:
             await self.session.close()
 
@@ -464,6 +497,7 @@ class Router:
         app.router.add_get("/dashboard", self.dashboard)
         app.router.add_get("/dashboard/data", self.dashboard_data)
         app.router.add_post("/debug/kv-match", self.kv_match)
+        app.router.add_post("/kvpilot/migrate", self.migrator.handle)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app

@@ -45,6 +45,9 @@ def register(sub: Any) -> None:
     cluster.add_argument("--rate", type=float, default=10.0, help="synthetic: requests per second")
     cluster.add_argument("--slo-ttft", type=float, default=5.0, help="TTFT SLO in seconds")
     cluster.add_argument("--slo-tpot", type=float, help="TPOT SLO in seconds (optional)")
+    cluster.add_argument("--rebalance", choices=["none", "queued", "live"], default="none",
+                         help="move requests off hot spots: queued ones only, or running ones too (live migration)")
+    cluster.add_argument("--theta", type=float, default=0.8, help="rebalance: a hot spot is over θ × SLO")
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--json", type=Path, help="write the report (with per-request rows) here")
     cluster.set_defaults(handler=_cluster)
@@ -92,8 +95,17 @@ def _cluster(args: argparse.Namespace) -> int:
         specs = synthetic(SyntheticConfig(requests=args.requests, rate=args.rate, seed=args.seed))
     cfg = ClusterConfig(instances=args.instances, profile=args.profile, block_size=args.block_size,
                         policy=args.policy, seed=args.seed, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot)
+    cluster = Cluster(cfg)
+    if args.rebalance != "none":
+        from kvpilot.sim.migration_cluster import RebalanceConfig, Rebalancer
+        from kvpilot.sim.profiles import get_profile
+
+        profile = get_profile(args.profile)
+        cluster.rebalancer = Rebalancer(
+            RebalanceConfig(mode=args.rebalance, theta=args.theta, slo_tpot_s=args.slo_tpot or 0.1,
+                            slo_ttft_s=args.slo_ttft), profile.kv_bytes_per_token, profile.prefill_token_s)
     t0 = time.perf_counter()
-    report = Cluster(cfg).run(specs)
+    report = cluster.run(specs)
     wall = time.perf_counter() - t0
     print_report(report, wall)
     if args.json:

@@ -19,6 +19,7 @@ from typing import Any
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import HoldingPolicy, InstanceLoad, Policy, PolicyContext, RequestView
 from kvpilot.sim.engine import Engine, Sequence, StepPlan
+from kvpilot.sim.migration_cluster import Rebalancer
 from kvpilot.sim.profiles import get_profile
 from kvpilot.sim.workload import RequestSpec
 
@@ -122,6 +123,8 @@ def summarize(results: Seq[RequestResult], instances: Seq[InstanceStats], makesp
 
 
 class Cluster:
+    rebalancer: Rebalancer | None = None    # live migration / queued moves (sim/migration_cluster.py)
+
     def __init__(self, config: ClusterConfig, policy: Policy | None = None) -> None:
         if config.instances <= 0:
             raise ValueError("a cluster needs at least one instance")
@@ -187,6 +190,8 @@ class Cluster:
                     st.prompt_tokens += seq.prompt_tokens
                     st.cached_tokens += seq.cached_tokens
                     st.preemptions += seq.preemptions
+            if self.rebalancer is not None:
+                self.rebalancer.on_step(i, t, plan, engines, moved)
             start_step(i, t)
             if first_tokens and self._release is not None:
                 self._release(t)
@@ -214,6 +219,26 @@ class Cluster:
                 versions[i] += 1
                 tiebreak += 1
                 heapq.heappush(heap, (ends[i], tiebreak, i, versions[i]))
+
+        def moved(seq: Sequence, src: int, dst: int, t: float) -> None:
+            """A rebalancer moved `seq` from `src` to `dst`: it counts there now; wake `dst`."""
+            nonlocal tiebreak
+            spec, _, reason = meta[seq]
+            meta[seq] = (spec, dst, reason)
+            loads[src].in_flight -= 1
+            loads[dst].in_flight += 1
+            if seq.output == 0:
+                loads[src].pending_prefill_tokens -= seq.prompt_tokens
+                loads[dst].pending_prefill_tokens += seq.prompt_tokens
+            plan = plans[dst]
+            if plan is None:
+                start_step(dst, t)
+            elif plan.steps > 1 and ends[dst] > t:
+                engines[dst].truncate(plan, t)
+                ends[dst] = plan.start + plan.duration()
+                versions[dst] += 1
+                tiebreak += 1
+                heapq.heappush(heap, (ends[dst], tiebreak, dst, versions[dst]))
 
         def release(t: float) -> None:
             assert isinstance(policy, HoldingPolicy)

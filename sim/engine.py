@@ -33,6 +33,7 @@ class Phase(IntEnum):
     RUNNING = 1
     FINISHED = 2
     ABORTED = 3
+    PAUSED = 4      # held out of scheduling with its blocks kept (live migration's stop-and-copy)
 
 
 @dataclass(slots=True, eq=False)
@@ -67,7 +68,7 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
-        return self.phase >= Phase.FINISHED
+        return self.phase == Phase.FINISHED or self.phase == Phase.ABORTED
 
 
 @dataclass(slots=True)
@@ -143,13 +144,71 @@ class Engine:
         """Drop a request wherever it is (client went away); frees its blocks."""
         if seq.finished:
             return
-        if seq.phase == Phase.RUNNING:
-            self.running.remove(seq)
+        if seq.phase == Phase.RUNNING or seq.phase == Phase.PAUSED:
+            if seq.phase == Phase.RUNNING:
+                self.running.remove(seq)
             self.pool.release(seq.blocks)
             seq.blocks = []
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.phase = Phase.ABORTED
+
+    # -- live migration ------------------------------------------------------------------------
+    def pause(self, seq: Sequence) -> None:
+        """Take a running request out of scheduling, keeping its KV blocks: a step in flight
+        skips it, so its state (tokens sampled, KV computed) stays fixed until `resume` or `abort`."""
+        if seq.phase != Phase.RUNNING:
+            raise ValueError(f"only a running request can be paused (phase {seq.phase.name})")
+        self.running.remove(seq)
+        seq.phase = Phase.PAUSED
+
+    def resume(self, seq: Sequence) -> None:
+        """Undo `pause` (a migration that failed): the request decodes on from where it stopped."""
+        if seq.phase != Phase.PAUSED:
+            raise ValueError(f"only a paused request can be resumed (phase {seq.phase.name})")
+        seq.phase = Phase.RUNNING
+        self.running.append(seq)
+
+    def can_adopt(self, tokens: int) -> bool:
+        """Room for a migrated request whose KV covers `tokens` (a batch slot and its blocks)."""
+        return len(self.running) < self.max_num_seqs and self._blocks_for(tokens + 1) <= self.pool.num_available
+
+    def adopt(self, seq: Sequence) -> None:
+        """Start a request migrated in mid-decode: its KV for `seq.computed` tokens has arrived,
+        so it joins the running batch at the same position (no prefill). Prompt blocks this
+        instance already caches are shared; the rest are registered as the request steps on."""
+        if not seq.decoding:
+            raise ValueError("only a decoding request (KV for all tokens but the last sampled) can be adopted")
+        if not self.can_adopt(seq.computed):
+            raise ValueError("no room for the migrated request (batch slots or KV blocks)")
+        limit = min(len(seq.block_hashes), seq.computed // self.block_size)
+        hits = self.pool.match_prefix(seq.block_hashes, limit)
+        need = self._blocks_for(seq.computed) - len(hits)
+        if need > self.pool.num_available - self.pool.evictable_among(hits):
+            raise ValueError("no room for the migrated request (KV blocks)")
+        self.pool.touch(hits)
+        seq.blocks = hits + self.pool.allocate(need)
+        seq.num_hashed = len(hits)
+        seq.admitted = True
+        seq.phase = Phase.RUNNING
+        self.running.append(seq)
+
+    # -- cache handover (scale events) ---------------------------------------------------------
+    def cached_prefix(self, block_hashes: list[int]) -> list[int]:
+        """The leading hashes of `block_hashes` whose KV this instance caches."""
+        return block_hashes[: len(self.pool.match_prefix(block_hashes, len(block_hashes)))]
+
+    def warm(self, block_hashes: list[int]) -> int:
+        """Insert a prefix whose KV arrived from another instance into the prefix cache, as
+        cached blocks no request holds (evictable, most recently used); returns the blocks added.
+        Blocks already cached are kept; the rest are cut to the room there is."""
+        have = len(self.pool.match_prefix(block_hashes, len(block_hashes)))
+        new = block_hashes[have : have + self.pool.num_available]
+        blocks = self.pool.allocate(len(new))
+        for b, h in zip(blocks, new, strict=True):
+            self.pool.register(b, h)
+        self.pool.release(blocks)
+        return len(blocks)
 
     @property
     def has_work(self) -> bool:

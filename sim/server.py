@@ -8,6 +8,10 @@ this server reports (metrics, usage) is in engine time, so a 10× run reports wh
 Generated text is deterministic: token i of a response is a word chosen by (prompt hash, i),
 so the same request gives the same output on any instance (what migration tests compare).
 Like vLLM with `ignore_eos`, every request generates exactly `max_tokens` tokens.
+
+Live migration (`kvpilot.sim.migration`): a streaming request opened with
+`X-Kvpilot-Migratable: 1` can be moved to another instance mid-decode; its stream here then ends
+with an `event: kvpilot.migrated` naming where it continues, which the router splices away.
 """
 
 from __future__ import annotations
@@ -72,12 +76,23 @@ class ApiError(Exception):
 
 @dataclass(slots=True, eq=False)
 class Stream:
-    """A request's view of the engine: tokens arrive on `queue` (counts; None = finished)."""
+    """A request's view of the engine: tokens arrive on `queue` (counts; None = finished;
+    MIGRATED = it continues elsewhere, see `handoff`)."""
 
     seq: Sequence
     seed: int
     queue: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
     last_token_engine_t: float | None = None
+    chat: bool = False
+    include_usage: bool = False
+    created: int = 0
+    sent: int = 0                            # tokens already written to the client
+    migratable: bool = False                 # the client splices `kvpilot.migrated` events
+    migrating: bool = False
+    handoff: dict[str, Any] | None = None
+
+
+MIGRATED = -1
 
 
 class SimServer:
@@ -87,6 +102,7 @@ class SimServer:
         self.block_size = self.engine.block_size
         self.connector = connector or self._connector()
         self.streams: dict[Sequence, Stream] = {}
+        self.by_request_id: dict[str, Stream] = {}   # the client's X-Request-Id → stream (migration)
         self.rng = random.Random(cfg.seed)
         self.started = time.monotonic()
         self._t0 = time.monotonic()
@@ -110,6 +126,12 @@ class SimServer:
                                    names, registry=self.registry).labels(**labels)
         self.h_queue = Histogram("vllm:request_queue_time_seconds", "Time spent waiting.", names,
                                  registry=self.registry, buckets=buckets).labels(**labels)
+        from kvpilot.sim.migration import Migrations  # late: it types against this module
+
+        self.migrations = Migrations(self)
+        from kvpilot.sim.handover import PrefixEndpoints
+
+        self.prefixes = PrefixEndpoints(self)
 
     def _connector(self) -> KVConnector:
         cfg = self.cfg
@@ -119,6 +141,10 @@ class SimServer:
         return LocalKVConnector(cfg.engine_id, cfg.host, cfg.port, cfg.profile.kv_bytes_per_token, cfg.time_scale)
 
     # -- clock and engine loop -------------------------------------------------------------
+    def wake(self) -> None:
+        """New work for the engine loop (a request added, adopted or resumed)."""
+        self._wake.set()
+
     def now(self) -> float:
         """Engine time: wall time since start × time_scale."""
         return (time.monotonic() - self._t0) * self.cfg.time_scale
@@ -234,15 +260,24 @@ class SimServer:
             self.engine.add(seq)
         except ValueError as e:
             raise ApiError(400, str(e), param="prompt") from None
-        stream = Stream(seq, hashes[0] if hashes else chain_hash(0, prompt.encode()))
+        streaming = bool(body.get("stream"))
+        stream = Stream(seq, hashes[0] if hashes else chain_hash(0, prompt.encode()), chat=chat,
+                        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+                        created=int(time.time()),
+                        migratable=streaming and request.headers.get("X-Kvpilot-Migratable") == "1")
         self.streams[seq] = stream
+        external_id = request.headers.get("X-Request-Id")
+        if external_id:
+            self.by_request_id[external_id] = stream
         self._wake.set()
         try:
-            if body.get("stream"):
-                return await self._stream(request, body, stream, chat, kv_params)
+            if streaming:
+                return await self._stream(request, stream, kv_params)
             return await self._collect(body, stream, chat, kv_params)
         finally:
             self.streams.pop(seq, None)
+            if external_id and self.by_request_id.get(external_id) is stream:
+                del self.by_request_id[external_id]
             if not seq.finished:  # client went away or the handler failed: free the engine's work
                 self.engine.abort(seq)
 
@@ -278,15 +313,15 @@ class SimServer:
             out["kv_transfer_params"] = kv_out
         return web.json_response(out)
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], stream: Stream, chat: bool,
-                      kv_params: dict[str, Any]) -> web.StreamResponse:
-        seq = stream.seq
+    async def _stream(self, request: web.Request, stream: Stream, kv_params: dict[str, Any]) -> web.StreamResponse:
+        """SSE from `stream.sent` on (0 for a new request, the migration point for a migrated one)."""
+        seq, chat = stream.seq, stream.chat
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
-        created = int(time.time())
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        sent = 0
+        created = stream.created
+        include_usage = stream.include_usage
+        sent = stream.sent
 
         def chunk(choice: dict[str, Any], **extra: Any) -> bytes:
             payload = {"id": seq.request_id, "object": obj, "created": created, "model": self.cfg.model,
@@ -294,17 +329,17 @@ class SimServer:
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
         # Like vLLM, the role chunk goes out with the first token, so the first body byte marks TTFT.
-        role_pending = chat
-        done = False
-        while not done:
+        role_pending = chat and sent == 0
+        done = moved = False
+        while not done and not moved:
             item = await stream.queue.get()
             count = 0
-            while item is not None:
+            while item is not None and item > 0:
                 count += item
                 if stream.queue.empty():
                     break
                 item = stream.queue.get_nowait()
-            done = item is None
+            done, moved = item is None, item == MIGRATED
             if role_pending:
                 await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}))
@@ -319,6 +354,12 @@ class SimServer:
                 else:
                     choice["text"] = text
                 await resp.write(chunk(choice))
+                stream.sent = sent
+        if moved:  # the request continues on another instance: tell the router where, and stop here
+            handoff = json.dumps({**(stream.handoff or {}), "tokens_sent": sent}, separators=(",", ":"))
+            await resp.write(b"event: kvpilot.migrated\ndata: " + handoff.encode() + b"\n\n")
+            await resp.write_eof()
+            return resp
         extra: dict[str, Any] = {}
         kv_out = await self._kv_out(seq, kv_params)
         if kv_out is not None:
@@ -352,6 +393,8 @@ class SimServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        self.migrations.add_routes(app)
+        self.prefixes.add_routes(app)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -363,6 +406,8 @@ class SimServer:
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._task is not None:
             self._task.cancel()
+        await self.migrations.close()
+        await self.prefixes.close()
 
 
 def serve(cfg: ServeConfig) -> None:

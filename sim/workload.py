@@ -160,3 +160,92 @@ def _burst_factor(bursts: list[tuple[float, float, float]], t: float) -> float:
             return factor
     return 1.0
 
+
+
+def superpose(specs: list[RequestSpec], copies: int, *, seed: int = 0) -> list[RequestSpec]:
+    """`copies` replays of one trace interleaved over its own span, each shifted by a seeded
+    offset (wrapping round), so the rate grows `copies`-fold while the span, the size mix and the
+    shape of the arrivals stay the trace's. Each copy gets segments of its own (no false sharing)."""
+    if copies < 1:
+        raise ValueError("copies must be at least 1")
+    if not specs:
+        return []
+    rng = random.Random(seed)
+    span = max(s.arrival for s in specs) + 1e-3
+    out: list[RequestSpec] = []
+    for c in range(copies):
+        shift = 0.0 if c == 0 else rng.uniform(0, span)
+        tag = c << 56
+        for s in specs:
+            out.append(RequestSpec(f"{s.request_id}.{c}", (s.arrival + shift) % span, s.prompt_tokens,
+                                   s.max_tokens, [seg ^ tag for seg in s.segments], s.segment_tokens, s.tenant))
+    out.sort(key=lambda s: s.arrival)
+    return out
+
+
+def with_bursts(specs: list[RequestSpec], bursts: list[tuple[float, float, float, float]], *,
+                seed: int = 0) -> list[RequestSpec]:
+    """Inject bursts into a trace. Each burst is (start s, length s, peak factor, ramp s): the
+    arrival rate climbs linearly from the trace's own to `factor` times it over `ramp` seconds,
+    holds, and falls back over the last `ramp` seconds (ramp 0: a step). Extra requests are
+    copies of the window's own requests, placed near them, so a burst has the trace's size mix."""
+    rng = random.Random(seed)
+    out = list(specs)
+    extra = 0
+    for start, length, factor, ramp in bursts:
+        for s in specs:
+            if not start <= s.arrival < start + length:
+                continue
+            edge = min(s.arrival - start, start + length - s.arrival)
+            more = (factor - 1) * (min(1.0, edge / ramp) if ramp > 0 else 1.0)
+            copies = int(more) + (1 if rng.random() < more - int(more) else 0)
+            for _ in range(copies):
+                tag = (1 << 62) | (extra << 40)
+                t = min(start + length, max(start, s.arrival + rng.uniform(-1.0, 1.0)))
+                out.append(RequestSpec(f"{s.request_id}.b{extra}", t, s.prompt_tokens, s.max_tokens,
+                                       [seg ^ tag for seg in s.segments], s.segment_tokens, s.tenant))
+                extra += 1
+    out.sort(key=lambda s: s.arrival)
+    return out
+
+
+def servegen_shape(days: float = 1.0, *, first_day: int = 0, path: Path | None = None) -> list[float]:
+    """ServeGen m-large's aggregate arrival rate per 10-minute window (summed over clients),
+    normalised to mean 1, for `days` days starting at `first_day`: a real diurnal shape."""
+    root = path or trace_path("servegen", "language_m-large")
+    totals: dict[int, float] = {}
+    for f in sorted(root.glob("chunk-*-trace.csv")):
+        with f.open() as fh:
+            for row in csv.reader(fh):
+                if row:
+                    w = int(float(row[0])) // 600
+                    totals[w] = totals.get(w, 0.0) + float(row[1])
+    lo = first_day * 144
+    series = [totals.get(w, 0.0) for w in range(lo, lo + round(days * 144))]
+    mean = sum(series) / len(series)
+    if mean <= 0:
+        raise ValueError("ServeGen shape is empty over the chosen days")
+    return [v / mean for v in series]
+
+
+def diurnal(shape: list[float], *, window_s: float, mean_rate: float, sizes: list[RequestSpec],
+            seed: int = 0) -> list[RequestSpec]:
+    """Poisson arrivals whose rate follows `shape` (one value per window of `window_s` seconds,
+    mean 1) scaled to `mean_rate` req/s; prompt and output sizes drawn from `sizes` (a trace)."""
+    rng = random.Random(seed)
+    out: list[RequestSpec] = []
+    next_segment = (1 << 60) | (seed << 40)
+    for w, level in enumerate(shape):
+        rate = level * mean_rate
+        t = w * window_s
+        end = t + window_s
+        while rate > 0:
+            t += rng.expovariate(rate)
+            if t >= end:
+                break
+            s = sizes[rng.randrange(len(sizes))]
+            n = len(s.segments)
+            out.append(RequestSpec(f"dn-{len(out)}", t, s.prompt_tokens, s.max_tokens,
+                                   list(range(next_segment, next_segment + n)), s.segment_tokens))
+            next_segment += n
+    return out

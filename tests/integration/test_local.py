@@ -82,11 +82,69 @@ spec:
     wait_for(lambda: not tcp_open("127.0.0.1", port), 5, "the router port to close")
 
 
-def test_demo_runs_to_completion_and_reports() -> None:
-    out = subprocess.run([*KVPILOT, "demo", "--requests", "40", "--time-scale", "10"], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
+def test_demo_runs_to_completion_and_reports(tmp_path: Path) -> None:
+    out = subprocess.run([*KVPILOT, "demo", "--requests", "40", "--time-scale", "10", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
     assert out.returncode == 0, out.stdout + out.stderr
     for policy in ("dualmap", "round-robin"):
         row = next(line for line in out.stdout.splitlines() if line.startswith(f"│ {policy}"))
         assert "40 / 0" in row  # every request answered, none failed
-    assert "SLO attainment" in out.stdout and "hit rate" in out.stdout
+    assert "SLO attainment" in out.stdout and "hit rate" in out.stdout and "replicas" in out.stdout
+    png = tmp_path / "demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_local_autoscaler_grows_and_shrinks_the_pool_and_the_router_follows(tmp_path: Path) -> None:
+    import json
+    import threading
+    import urllib.request
+    import uuid
+
+    from kvpilot.local import LocalControlPlane, load_service
+
+    spec = tmp_path / "svc.yaml"
+    spec.write_text("""
+apiVersion: kvpilot.io/v1alpha1
+kind: LLMService
+metadata: {name: auto}
+spec:
+  model: {name: llama, servedName: llama}
+  engine: {type: simulator, profile: h100-llama3-8b}
+  mode: aggregated
+  decode: {replicas: 1, minReplicas: 1, maxReplicas: 3}
+  routing: {policy: least-loaded}
+  slo: {ttftMs: 300, tpotMs: 100}
+  autoscaling: {enabled: true, scaleDownStabilizationSeconds: 4}
+""")
+    stop = threading.Event()
+
+    def load(url: str) -> None:
+        while not stop.is_set():
+            body = json.dumps({"model": "llama", "prompt": uuid.uuid4().hex + "word " * 8000, "max_tokens": 4})
+            req = urllib.request.Request(url + "/v1/completions", body.encode(), {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    resp.read()
+            except OSError:
+                pass
+
+    def data(url: str) -> dict[str, object]:
+        with urllib.request.urlopen(url + "/dashboard/data", timeout=5) as resp:
+            model: dict[str, object] = json.loads(resp.read())["models"][0]
+            return model
+
+    with LocalControlPlane(load_service(spec), workdir=tmp_path / "plane", interval_s=1.0) as plane:
+        clients = [threading.Thread(target=load, args=(plane.url,), daemon=True) for _ in range(6)]
+        for c in clients:
+            c.start()
+        try:
+            wait_for(lambda: len(data(plane.url)["endpoints"]) >= 2, 60, "the router to see a second worker")  # type: ignore[arg-type]
+            assert any(e.after > e.before for e in plane.events)
+            assert data(plane.url)["scaling"], "the dashboard lists the autoscaler's decisions"
+        finally:
+            stop.set()
+            for c in clients:
+                c.join(timeout=40)
+        wait_for(lambda: len(plane.workers) == 1, 60, "the pool to shrink back")
+        wait_for(lambda: len(data(plane.url)["endpoints"]) == 1, 10, "the router to drop retired workers")  # type: ignore[arg-type]
+        assert any(e.after < e.before for e in plane.events)

@@ -36,6 +36,15 @@ def test_round_trip_with_chunking_and_checksums(redis_server: RedisServer) -> No
     assert r.exists("kvp:t1:blk:y:0") and r.exists("kvp:t1:blk:y:4") and not r.exists("kvp:t1:blk:y:5")
     assert 0 < r.ttl("kvp:t1:blk:x") <= 300
 
+    async def delete() -> None:
+        store = RedisStore(redis_server.url, namespace="t1", chunk_bytes=64 * 1024)
+        await store.delete(["x", "y"])
+        assert await store.get(["x", "y", "z"]) == [None, None, b""]
+        await store.close()
+
+    asyncio.run(delete())
+    assert r.keys("kvp:t1:blk:y*") == [] and r.keys("kvp:t1:blk:*") == [b"kvp:t1:blk:z"]  # chunks went too
+
 
 def test_corrupt_or_missing_blocks_fail_the_transfer(redis_server: RedisServer) -> None:
     async def run() -> None:

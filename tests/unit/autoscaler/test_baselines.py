@@ -13,8 +13,10 @@ def sig(t: float, current: int, waiting: float | None, running: float | None = 0
 def test_queue_threshold_scales_proportionally_with_tolerance_and_window() -> None:
     hpa = QueueThreshold(target_waiting=5, scale_down_window_s=300, max_replicas=20)
     assert hpa.plan(sig(0, 2, waiting=10.5)).desired == 2      # 5.25/replica: inside the 10% band
-    assert hpa.plan(sig(15, 2, waiting=40)).desired == 8       # 20/replica → ×4
-    assert hpa.plan(sig(30, 8, waiting=0)).desired == 8        # down is held by the window
+    assert hpa.plan(sig(15, 2, waiting=40)).desired == 6       # 20/replica → ×4, capped at +4 pods
+    assert hpa.plan(sig(30, 6, waiting=60)).desired == 12      # 10/replica → ×2 (the 100% cap)
+    assert hpa.plan(sig(45, 12, waiting=120)).desired == 20    # ×2 again, bounded by max_replicas
+    assert hpa.plan(sig(60, 8, waiting=0)).desired == 20       # down is held by the window
     assert hpa.plan(sig(400, 8, waiting=0)).desired == 1       # the window has passed
     assert hpa.plan(sig(415, 1, waiting=None)).desired == 1    # missing metrics hold
 
@@ -28,6 +30,9 @@ def test_concurrency_panics_on_a_burst_and_never_scales_down_while_panicking() -
     assert burst.desired == 4 and "panic" in burst.reason
     calm = kpa.plan(sig(62, 4, waiting=0, running=10))
     assert calm.desired == 4                                   # still panicking: no scale-down
+    current, sizes = 4, []
     for t in range(64, 200, 2):
-        last = kpa.plan(sig(t, 4, waiting=0, running=10))
-    assert last.desired == 1
+        current = kpa.plan(sig(t, current, waiting=0, running=10)).desired
+        sizes.append(current)
+    assert sizes[-1] == 1
+    assert 2 in sizes                                          # 4 → 2 → 1: at most halving per step

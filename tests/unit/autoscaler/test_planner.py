@@ -76,3 +76,16 @@ def test_kv_pressure_adds_a_decode_replica() -> None:
     p = PoolPlanner("decode", CFG)
     plan = p.plan(sig(0, 3, seqs=60, kv=0.97))
     assert plan.desired == 4 and "KV" in plan.reason
+
+
+def test_scale_out_counts_the_cache_hits_that_remapped_keys_lose() -> None:
+    from dataclasses import replace
+
+    # 60k uncached tok/s over 10k × 0.8 per replica → 8 replicas, from 4 ready. Half the keys move,
+    # and with them half of the 40k tok/s now served from cache: the cache-aware planner asks for more.
+    base = replace(sig(0, 4, tps=60_000, ttft=None, att=None), cached_prompt_tps=None)
+    cfg = replace(CFG, max_step=8)
+    blind = PoolPlanner("prefill", cfg).plan(base)
+    aware = PoolPlanner("prefill", cfg).plan(replace(base, cached_prompt_tps=40_000))
+    assert blind.desired == 8
+    assert aware.desired == 10 and "remapped" in aware.reason   # (60k + 40k × 4/8) / 8k → 10

@@ -1,0 +1,129 @@
+"""Where the planner's decisions land: one small interface, a Kubernetes and a local actuator.
+
+An actuator answers two questions about a pool — how many replicas are asked for and ready,
+and where their metrics are — and does one thing: set the replica count. The Kubernetes one
+writes the WorkerPool's scale subresource (the same door `kubectl scale`, HPA and KEDA use, so
+the operator's Deployment follows and nothing is fought over). Before a scale-in it marks each
+pod's `controller.kubernetes.io/pod-deletion-cost` so the ReplicaSet removes the pod that loses
+the least: the one with the fewest running requests and the least KV cache in use.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvpilot import vllm_metrics as m
+from kvpilot.crds import API_VERSION
+
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+
+
+@dataclass(slots=True, frozen=True)
+class PoolRef:
+    namespace: str
+    service: str
+    role: str            # prefill | decode | aggregated
+    name: str            # the WorkerPool's name
+
+
+@dataclass(slots=True, frozen=True)
+class PoolState:
+    asked: int                 # spec.replicas
+    ready: int                 # replicas serving
+    metrics_urls: list[str]    # base URLs of the ready replicas (…/metrics is scraped)
+
+
+class Actuator(Protocol):
+    def observe(self, pool: PoolRef) -> PoolState | None: ...
+
+    def scale(self, pool: PoolRef, replicas: int) -> None: ...
+
+
+def deletion_costs(texts: dict[str, str | None]) -> dict[str, int]:
+    """Pod → deletion cost from its scraped metrics: running requests dominate (removing a busy
+    replica interrupts work), then KV usage (cache that would be lost). Unscrapable pods cost 0,
+    so a broken replica goes first."""
+    costs: dict[str, int] = {}
+    for pod, text in texts.items():
+        running = kv = 0.0
+        if text:
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    if s.name == m.RUNNING:
+                        running += s.value
+                    elif s.name == m.KV_USAGE:
+                        kv = max(kv, s.value)
+        costs[pod] = int(running * 1000 + kv * 999)
+    return costs
+
+
+class KubernetesActuator:
+    """WorkerPool scale subresource + pod deletion costs, through the official client."""
+
+    def __init__(self, api: Any, scrape_timeout_s: float = 2.0) -> None:
+        from kubernetes import client
+
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.group, self.version = API_VERSION.split("/")
+        self.timeout = scrape_timeout_s
+
+    def _pods(self, pool: PoolRef, selector: str) -> list[Any]:
+        pods: list[Any] = self.core.list_namespaced_pod(pool.namespace, label_selector=selector).items
+        return [p for p in pods if p.metadata.deletion_timestamp is None]
+
+    def _workerpool(self, pool: PoolRef) -> dict[str, Any]:
+        wp: dict[str, Any] = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
+            self.group, self.version, pool.namespace, "workerpools", pool.name)
+        return wp
+
+    @staticmethod
+    def _ready(pod: Any) -> bool:
+        conds = pod.status.conditions or []
+        return bool(pod.status.pod_ip) and any(c.type == "Ready" and c.status == "True" for c in conds)
+
+    @staticmethod
+    def _url(pod: Any) -> str:
+        ports = pod.spec.containers[0].ports or []
+        port = ports[0].container_port if ports else 8000
+        return f"http://{pod.status.pod_ip}:{port}"
+
+    def observe(self, pool: PoolRef) -> PoolState | None:
+        try:
+            wp = self._workerpool(pool)
+        except Exception as err:
+            if getattr(err, "status", None) == 404:
+                return None
+            raise
+        selector = (wp.get("status") or {}).get("selector")
+        if not selector:
+            return None
+        ready = [p for p in self._pods(pool, selector) if self._ready(p)]
+        return PoolState(int(wp["spec"].get("replicas", 0)), len(ready), sorted(self._url(p) for p in ready))
+
+    def _mark_deletion_costs(self, pool: PoolRef, selector: str) -> None:
+        texts: dict[str, str | None] = {}
+        for pod in self._pods(pool, selector):
+            text = None
+            if self._ready(pod):
+                try:
+                    with urllib.request.urlopen(self._url(pod) + "/metrics", timeout=self.timeout) as resp:
+                        text = resp.read().decode()
+                except OSError:
+                    pass
+            texts[pod.metadata.name] = text
+        for name, cost in deletion_costs(texts).items():
+            self.core.patch_namespaced_pod(name, pool.namespace,
+                                           {"metadata": {"annotations": {DELETION_COST: str(cost)}}})
+
+    def scale(self, pool: PoolRef, replicas: int) -> None:
+        wp = self._workerpool(pool)
+        selector = (wp.get("status") or {}).get("selector")
+        if selector and replicas < int(wp["spec"].get("replicas", 0)):
+            self._mark_deletion_costs(pool, selector)
+        self.custom.patch_namespaced_custom_object_scale(self.group, self.version, pool.namespace, "workerpools",
+                                                         pool.name, {"spec": {"replicas": replicas}})

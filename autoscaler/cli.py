@@ -1,0 +1,88 @@
+"""`kvpilot autoscaler run`: one autoscaler for every LLMService in scope, against the Kubernetes API."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import signal
+import threading
+from typing import Any
+
+log = logging.getLogger("kvpilot.autoscaler")
+
+
+def register(sub: Any) -> None:
+    top = sub.add_parser("autoscaler", help="SLO-aware autoscaler for LLMService pools")
+    asub = top.add_subparsers(dest="autoscaler_command", metavar="SUBCOMMAND", required=True)
+    run = asub.add_parser("run", help="size WorkerPools every interval until stopped")
+    run.add_argument("-n", "--namespace", help="only this namespace (default: the whole cluster)")
+    run.add_argument("--interval", type=float, default=10.0, help="seconds between decisions")
+    run.add_argument("--cold-start", type=float, default=60.0,
+                     help="seconds a new replica takes to serve; demand is forecast this far ahead")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--log-format", default="json", choices=["json", "text"])
+    run.set_defaults(handler=_run)
+
+
+def _services(custom: Any, namespace: str | None) -> list[tuple[str, str, dict[str, Any]]]:
+    from kvpilot.crds import API_VERSION
+
+    group, version = API_VERSION.split("/")
+    if namespace:
+        items = custom.list_namespaced_custom_object(group, version, namespace, "llmservices")["items"]
+    else:
+        items = custom.list_cluster_custom_object(group, version, "llmservices")["items"]
+    return [(o["metadata"]["namespace"], o["metadata"]["name"], o.get("spec") or {}) for o in items]
+
+
+def _write_status(custom: Any, decisions: list[Any]) -> None:
+    """One status patch per service: `status.autoscaling.<role>` = the last decision."""
+    from kvpilot.crds import API_VERSION
+
+    group, version = API_VERSION.split("/")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    by_service: dict[tuple[str, str], dict[str, Any]] = {}
+    for d in decisions:
+        by_service.setdefault((d.pool.namespace, d.pool.service), {})[d.pool.role] = {
+            "desired": d.desired, "current": d.asked, "ready": d.ready, "reason": d.reason,
+            "lastDecisionTime": stamp}
+    for (ns, name), pools in by_service.items():
+        try:
+            custom.patch_namespaced_custom_object_status(group, version, ns, "llmservices", name,
+                                                         {"status": {"autoscaling": pools}})
+        except Exception as err:
+            log.warning("status of %s/%s not written: %s", ns, name, err)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kubernetes import client
+
+    from kvpilot.autoscaler.actuators import KubernetesActuator
+    from kvpilot.autoscaler.controller import Autoscaler, Metrics
+    from kvpilot.autoscaler.planner import PlannerConfig
+    from kvpilot.logs import setup as setup_logging
+    from kvpilot.operator.kube import load_client
+
+    setup_logging(args.log_level, args.log_format)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
+    api = load_client()
+    custom = client.CustomObjectsApi(api)
+    scaler = Autoscaler(KubernetesActuator(api), metrics=Metrics(),
+                        base=PlannerConfig(forecast_s=2 * args.cold_start + args.interval))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("autoscaler started", extra={"namespace": args.namespace or "*", "interval": args.interval})
+    while not stop.is_set():
+        try:
+            decisions = scaler.tick(_services(custom, args.namespace))
+            _write_status(custom, decisions)
+        except Exception:
+            log.exception("autoscaler interval failed")
+        stop.wait(args.interval)
+    return 0

@@ -1,0 +1,135 @@
+"""The autoscaler's loop: every interval, for every LLMService in scope with autoscaling on, read
+each pool's signals, ask that pool's planner, and hand a changed size to the actuator.
+
+Planners and signal readers live as long as their pool does (they learn capacities and take
+deltas between scrapes); a service that turns autoscaling off, or goes away, loses them. Every
+decision is logged with its reason, exported as metrics and returned to the caller, which
+writes it to the LLMService status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from kvpilot.autoscaler.actuators import Actuator, PoolRef
+from kvpilot.autoscaler.planner import Plan, PlannerConfig, PoolPlanner, Role
+from kvpilot.autoscaler.signals import ScrapeSignals
+from kvpilot.crds import LLMServiceSpec, PoolSpec
+from kvpilot.operator.render import pool_name
+
+log = logging.getLogger("kvpilot.autoscaler")
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    pool: PoolRef
+    asked: int
+    ready: int
+    desired: int
+    reason: str
+    time: float
+
+    @property
+    def action(self) -> str:
+        return "up" if self.desired > self.asked else "down" if self.desired < self.asked else "hold"
+
+
+def planner_config(spec: LLMServiceSpec, pool: PoolSpec, base: PlannerConfig) -> PlannerConfig:
+    """The planner's knobs for one pool, from the LLMService: SLOs, bounds, the scale-down window."""
+    return replace(base, ttft_slo_s=spec.slo.ttft_ms / 1000, tpot_slo_s=spec.slo.tpot_ms / 1000,
+                   attainment_target=spec.slo.attainment,
+                   min_replicas=pool.min_replicas if pool.min_replicas is not None else base.min_replicas,
+                   max_replicas=pool.max_replicas if pool.max_replicas is not None else base.max_replicas,
+                   scale_down_window_s=float(spec.autoscaling.scale_down_stabilization_seconds))
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        labels = ["namespace", "service", "pool"]
+        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
+        self.desired = Gauge("kvpilot_autoscaler_desired_replicas", "Replicas the planner wants", labels, **kw)
+        self.asked = Gauge("kvpilot_autoscaler_current_replicas", "Replicas asked for (spec.replicas)", labels, **kw)
+        self.ready = Gauge("kvpilot_autoscaler_ready_replicas", "Replicas serving", labels, **kw)
+        self.decisions = Counter("kvpilot_autoscaler_decisions", "Decisions by action (up, down, hold)",
+                                 [*labels, "action"], **kw)
+
+    def record(self, d: Decision) -> None:
+        key = (d.pool.namespace, d.pool.service, d.pool.role)
+        self.desired.labels(*key).set(d.desired)
+        self.asked.labels(*key).set(d.asked)
+        self.ready.labels(*key).set(d.ready)
+        self.decisions.labels(*key, d.action).inc()
+
+
+class Autoscaler:
+    """One autoscaler for every LLMService it is shown; `tick` is one interval."""
+
+    def __init__(self, actuator: Actuator, *, base: PlannerConfig | None = None, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.actuator = actuator
+        self.base = base or PlannerConfig()
+        self.metrics = metrics
+        self.clock = clock
+        self._pools: dict[PoolRef, tuple[PoolPlanner, ScrapeSignals]] = {}
+
+    def tick(self, services: Iterable[tuple[str, str, dict[str, Any]]]) -> list[Decision]:
+        """`services`: (namespace, name, spec as the API returns it). Returns this interval's decisions."""
+        now = self.clock()
+        seen: set[PoolRef] = set()
+        out: list[Decision] = []
+        for namespace, name, raw in services:
+            try:
+                spec = LLMServiceSpec.model_validate(raw)
+            except ValueError as err:
+                log.warning("skipping %s/%s: invalid spec: %s", namespace, name, err)
+                continue
+            if not spec.autoscaling.enabled:
+                continue
+            for role, pool_spec in spec.pools().items():
+                ref = PoolRef(namespace, name, role, pool_name(name, role))
+                seen.add(ref)
+                d = self._decide(ref, spec, pool_spec, now)
+                if d is not None:
+                    out.append(d)
+        for gone in set(self._pools) - seen:
+            del self._pools[gone]
+        return out
+
+    def _decide(self, ref: PoolRef, spec: LLMServiceSpec, pool_spec: PoolSpec, now: float) -> Decision | None:
+        config = planner_config(spec, pool_spec, self.base)
+        entry = self._pools.get(ref)
+        if entry is None or entry[0].config != config:
+            entry = (PoolPlanner(_role(ref.role), config), ScrapeSignals(config.ttft_slo_s))
+            self._pools[ref] = entry
+        planner, reader = entry
+        state = self.actuator.observe(ref)
+        if state is None:
+            return None  # the operator has not created the pool yet
+        signals = reader.read(state.metrics_urls, now, state.asked) if state.metrics_urls else None
+        if signals is None:
+            plan = Plan(state.asked, "holding: no ready replica to read metrics from")
+        else:
+            signals = replace(signals, ready=min(signals.ready, state.ready))
+            plan = planner.plan(signals)
+        d = Decision(ref, state.asked, state.ready, plan.desired, plan.reason, now)
+        if d.action == "hold":
+            log.debug("%s/%s %s: %d: %s", ref.namespace, ref.service, ref.role, d.asked, d.reason)
+        else:
+            log.info("%s/%s %s: %d → %d: %s", ref.namespace, ref.service, ref.role, d.asked, d.desired, d.reason,
+                     extra={"service": ref.service, "pool": ref.role, "desired": d.desired})
+            self.actuator.scale(ref, d.desired)
+        if self.metrics is not None:
+            self.metrics.record(d)
+        return d
+
+
+def _role(role: str) -> Role:
+    if role not in ("prefill", "decode", "aggregated"):
+        raise ValueError(f"unknown pool role {role!r}")
+    return role  # type: ignore[return-value]

@@ -1,0 +1,301 @@
+"""The virtual-time cluster with a changing size: the world the autoscaler benchmarks run in.
+
+One pool of engines (aggregated serving) behind a real routing policy, driven by a real
+`Planner` once per interval. Replicas have a life: asked for → starting (a cold start of
+`cold_start_s`, paid for in GPU time but not serving) → serving → draining (no new requests;
+stops when its last request finishes). The planner sees exactly what the live signals give it:
+prompt tokens computed (vLLM's `local_compute` counter), running sequences, TTFT and TPOT
+percentiles and SLO attainment over the interval, KV usage and queue length, and how many
+replicas are asked for and ready. Steps use the same multi-step plans and truncation as
+`sim.cluster`, so a run is exact and fast.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvpilot.autoscaler.planner import Planner, PoolSignals
+from kvpilot.router.policies import make_policy
+from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
+from kvpilot.sim.cluster import MAX_DECODE_STEPS, percentile
+from kvpilot.sim.engine import Engine, Sequence, StepPlan
+from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.workload import RequestSpec
+
+_STEP, _READY, _TICK = 0, 1, 2
+
+
+@dataclass(slots=True)
+class ElasticConfig:
+    profile: str = "h100-llama3-8b"
+    block_size: int | None = 64          # coarser than the profile's 16: faster, same timing model
+    policy: str = "least-loaded"
+    seed: int = 0
+    slo_ttft_s: float = 2.0
+    slo_tpot_s: float = 0.1
+    attainment_target: float = 0.9       # a minute is "within SLO" when this share of its requests is
+    initial_replicas: int = 1
+    interval_s: float = 10.0
+    cold_start_s: float = 60.0
+
+
+@dataclass(slots=True)
+class Replica:
+    name: str
+    engine: Engine
+    load: InstanceLoad
+    asked_at: float
+    ready_at: float
+    draining: bool = False
+    stopped_at: float | None = None
+    plan: StepPlan | None = None
+    end: float = 0.0
+    version: int = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.stopped_at is None
+
+    def serving(self, now: float) -> bool:
+        return self.stopped_at is None and not self.draining and self.ready_at <= now
+
+
+@dataclass(slots=True, frozen=True)
+class Served:
+    arrival: float
+    ttft: float
+    tpot: float | None
+    ok: bool
+
+
+@dataclass(slots=True, frozen=True)
+class ScaleRecord:
+    time: float
+    asked: int
+    ready: int
+    desired: int
+    reason: str
+
+
+@dataclass
+class ElasticReport:
+    config: ElasticConfig
+    served: list[Served]
+    decisions: list[ScaleRecord]
+    gpu_seconds: float
+    span_s: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def minutes(self) -> list[tuple[int, float]]:
+        """(minute, SLO attainment of the requests that arrived in it) for every minute with traffic."""
+        buckets: dict[int, list[bool]] = {}
+        for r in self.served:
+            buckets.setdefault(int(r.arrival // 60), []).append(r.ok)
+        return [(m, sum(v) / len(v)) for m, v in sorted(buckets.items())]
+
+
+class ElasticCluster:
+    """Run a trace through a pool whose size a planner sets; see the module docstring."""
+
+    def __init__(self, config: ElasticConfig, planner: Planner) -> None:
+        if config.initial_replicas < 1:
+            raise ValueError("start with at least one replica")
+        self.config = config
+        self.planner = planner
+        self.profile = get_profile(config.profile)
+        self.block_size = config.block_size or self.profile.block_size
+        self.policy = make_policy(config.policy, PolicyContext(
+            slo_ttft_s=config.slo_ttft_s, block_size=self.block_size,
+            kv_capacity_tokens=self.profile.kv_capacity_tokens, seed=config.seed))
+        self.replicas: list[Replica] = []
+        self._heap: list[tuple[float, int, int, int, int]] = []   # (time, order, kind, replica, version)
+        self._order = 0
+        self._meta: dict[Sequence, Replica] = {}
+        self._served: list[Served] = []
+        # Interval accumulators, as the live signals would read them.
+        self._ttfts: list[float] = []
+        self._tpots: list[float] = []
+        self._computed_at_tick = 0
+        self._cached_at_tick = 0
+        self._last_tick = 0.0
+
+    # -- events --------------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, idx: int = -1, version: int = 0) -> None:
+        self._order += 1
+        heapq.heappush(self._heap, (t, self._order, kind, idx, version))
+
+    def _start_step(self, r: Replica, idx: int, t: float) -> None:
+        plan = r.engine.schedule(t, MAX_DECODE_STEPS)
+        r.plan = plan
+        if plan is None:
+            if r.draining:
+                r.stopped_at = t
+            return
+        r.end = t + plan.duration()
+        r.version += 1
+        self._push(r.end, _STEP, idx, r.version)
+
+    def _finish_step(self, idx: int, t: float) -> None:
+        r = self.replicas[idx]
+        plan = r.plan
+        assert plan is not None
+        cfg = self.config
+        for seq in r.engine.commit(plan, t):
+            if seq.output == 1:
+                r.load.pending_prefill_tokens -= seq.prompt_tokens
+                ttft = t - seq.arrival
+                self.policy.on_first_token(seq.request_id, ttft)
+                self._ttfts.append(ttft)
+            if seq.finish_time is not None:
+                owner = self._meta.pop(seq)
+                owner.load.in_flight -= 1
+                ttft = (seq.first_token_time or t) - seq.arrival
+                tpot = (t - seq.first_token_time) / (seq.output - 1) \
+                    if seq.output > 1 and seq.first_token_time is not None else None
+                if tpot is not None:
+                    self._tpots.append(tpot)
+                ok = ttft <= cfg.slo_ttft_s and (tpot is None or tpot <= cfg.slo_tpot_s)
+                self._served.append(Served(seq.arrival, ttft, tpot, ok))
+        self._start_step(r, idx, t)
+
+    def _dispatch(self, spec: RequestSpec, t: float) -> None:
+        routable = [(i, r) for i, r in enumerate(self.replicas) if r.serving(t)]
+        loads = [r.load for _, r in routable]
+        view = RequestView(spec.request_id, spec.prompt_tokens, spec.block_hashes(self.block_size), spec.arrival)
+        k = self.policy.route(view, loads).index
+        self.policy.on_dispatch(view, k, loads)
+        idx, r = routable[k]
+        seq = Sequence(spec.request_id, spec.arrival, spec.prompt_tokens, view.block_hashes, spec.max_tokens)
+        r.engine.add(seq)
+        self._meta[seq] = r
+        r.load.in_flight += 1
+        r.load.pending_prefill_tokens += spec.prompt_tokens
+        if r.plan is None:
+            self._start_step(r, idx, t)
+        elif r.plan.steps > 1 and r.end > t:
+            r.engine.truncate(r.plan, t)      # the newcomer joins after the step in flight
+            r.end = r.plan.start + r.plan.duration()
+            r.version += 1
+            self._push(r.end, _STEP, idx, r.version)
+
+    # -- scaling -------------------------------------------------------------------------------
+    def _add_replica(self, t: float, cold_start: float) -> None:
+        n = len(self.replicas)
+        engine = Engine(self.profile, block_size=self.block_size)
+        self.replicas.append(Replica(f"sim-{n}", engine, InstanceLoad(f"sim-{n}"), t, t + cold_start))
+        if cold_start > 0:
+            self._push(t + cold_start, _READY, n)
+
+    def _signals(self, t: float) -> PoolSignals:
+        alive = [r for r in self.replicas if r.alive and not r.draining]
+        ready = [r for r in alive if r.ready_at <= t]
+        serving_engines = [r.engine for r in self.replicas if r.alive and r.ready_at <= t]
+        dt = t - self._last_tick
+        ttfts, tpots = self._ttfts, self._tpots
+        computed = sum(r.engine.counters.prompt_tokens_local_compute for r in self.replicas)
+        cached = sum(r.engine.counters.prompt_tokens_local_cache_hit for r in self.replicas)
+        tps = (computed - self._computed_at_tick) / dt if dt > 0 else None
+        s = PoolSignals(
+            time=t, current=len(alive), ready=len(ready), uncached_prompt_tps=tps,
+            running_seqs=float(sum(e.num_running for e in serving_engines)),
+            ttft_p90_s=percentile(ttfts, 90) if ttfts else None,
+            tpot_p90_s=percentile(tpots, 90) if tpots else None,
+            attainment=sum(1 for x in ttfts if x <= self.config.slo_ttft_s) / len(ttfts) if ttfts else None,
+            kv_usage=sum(e.kv_usage() for e in serving_engines) / len(serving_engines) if serving_engines else None,
+            waiting=float(sum(e.num_waiting for e in serving_engines)),
+            ttft_p50_s=percentile(ttfts, 50) if ttfts else None,
+            first_tokens_per_s=len(ttfts) / dt if dt > 0 else None,
+            cached_prompt_tps=(cached - self._cached_at_tick) / dt if dt > 0 else None)
+        self._ttfts, self._tpots = [], []
+        self._computed_at_tick, self._cached_at_tick, self._last_tick = computed, cached, t
+        return s
+
+    def _resize(self, desired: int, t: float) -> None:
+        alive = [r for r in self.replicas if r.alive and not r.draining]
+        if desired > len(alive):
+            need = desired - len(alive)
+            for r in self.replicas:               # a draining replica is warm: take it back first
+                if need and r.alive and r.draining:
+                    r.draining = False
+                    need -= 1
+            for _ in range(need):
+                self._add_replica(t, self.config.cold_start_s)
+            return
+        excess = len(alive) - desired
+        starting = sorted((r for r in alive if r.ready_at > t), key=lambda r: -r.asked_at)
+        for r in starting[:excess]:               # not serving yet: cancel outright
+            r.stopped_at = t
+            excess -= 1
+        serving = [r for r in alive if r.ready_at <= t]
+        # Keep one serving replica whatever happens; drain the least busy (least to lose).
+        serving.sort(key=lambda r: (r.load.in_flight, r.engine.kv_usage()))
+        for r in serving[:min(excess, len(serving) - 1)]:
+            r.draining = True
+            if r.plan is None:
+                r.stopped_at = t
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self, specs: Seq[RequestSpec]) -> ElasticReport:
+        cfg = self.config
+        for _ in range(cfg.initial_replicas):
+            self._add_replica(0.0, 0.0)
+        arrivals = sorted(specs, key=lambda s: s.arrival)
+        last_arrival = arrivals[-1].arrival if arrivals else 0.0
+        decisions: list[ScaleRecord] = []
+        self._push(cfg.interval_s, _TICK)
+        heap, a, now = self._heap, 0, 0.0
+        while a < len(arrivals) or heap:
+            if a < len(arrivals) and (not heap or arrivals[a].arrival < heap[0][0]):
+                now = arrivals[a].arrival
+                self._dispatch(arrivals[a], now)
+                a += 1
+                continue
+            t, _, kind, idx, version = heapq.heappop(heap)
+            now = t
+            if kind == _STEP:
+                if version == self.replicas[idx].version:
+                    self._finish_step(idx, t)
+            elif kind == _TICK:
+                if a >= len(arrivals) and not self._meta:
+                    continue                       # all served: stop ticking
+                plan = self.planner.plan(self._signals(t))
+                alive = sum(1 for r in self.replicas if r.alive and not r.draining)
+                ready = sum(1 for r in self.replicas if r.serving(t))
+                decisions.append(ScaleRecord(t, alive, ready, plan.desired, plan.reason))
+                if plan.desired != alive:
+                    self._resize(plan.desired, t)
+                self._push(t + cfg.interval_s, _TICK)
+        end = max(now, last_arrival)
+        for r in self.replicas:
+            if r.stopped_at is None:
+                r.stopped_at = end
+        gpu_s = sum((r.stopped_at or end) - r.asked_at for r in self.replicas)
+        report = ElasticReport(cfg, self._served, decisions, gpu_s, end)
+        report.summary = summarize(report)
+        return report
+
+
+def summarize(report: ElasticReport) -> dict[str, Any]:
+    served, cfg = report.served, report.config
+    minutes = report.minutes()
+    ttfts = [r.ttft for r in served]
+    tpots = [r.tpot for r in served if r.tpot is not None]
+    sizes = [d.asked for d in report.decisions]
+    return {
+        "requests": len(served),
+        "slo_attainment": sum(r.ok for r in served) / len(served) if served else math.nan,
+        "minutes": len(minutes),
+        "minutes_within_slo": sum(1 for _, a in minutes if a >= cfg.attainment_target) / len(minutes)
+        if minutes else math.nan,
+        "gpu_hours": report.gpu_seconds / 3600,
+        "mean_replicas": report.gpu_seconds / report.span_s if report.span_s else math.nan,
+        "max_replicas": max(sizes, default=cfg.initial_replicas),
+        "scale_events": sum(1 for a, b in zip(report.decisions, report.decisions[1:], strict=False)
+                            if b.asked != a.asked),
+        "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
+        "tpot_p50_s": percentile(tpots, 50), "tpot_p99_s": percentile(tpots, 99),
+    }

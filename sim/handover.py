@@ -1,0 +1,84 @@
+"""Prefix-cache handover on a simulator instance: the HTTP side of `kvpilot.kvtransfer.scaling`.
+
+`POST /kvpilot/prefixes/export {"prefixes": [{"key", "block_hashes", "hits"?}]}` writes this
+instance's cached blocks of those prefixes to the KV store and answers the manifest;
+`POST /kvpilot/prefixes/import {"manifest": {key: [[block key, size, checksum], …]}}` pulls a
+manifest and puts the blocks in this instance's prefix cache (`Engine.warm`), so requests for
+those prefixes hit at once. A leaving pod exports before it goes and its ring successors import
+(cache-preserving scale-in); a new pod imports what a current owner exported (pre-warm).
+Block hashes are the engine's (`kvpilot.tokens.block_hashes` at the engine's block size).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from aiohttp import web
+
+from kvpilot.kvtransfer.agent import KVAgent
+from kvpilot.kvtransfer.scaling import HotPrefix, Manifest, PrefixHandover, block_hash_of
+from kvpilot.kvtransfer.store import BlockDescriptor, RedisStore
+from kvpilot.sim.server import SimServer
+
+
+class PrefixEndpoints:
+    def __init__(self, server: SimServer) -> None:
+        self.server = server
+        cfg = server.cfg
+        self.handover = PrefixHandover(KVAgent(f"{cfg.engine_id}-pfx", RedisStore(cfg.kv_store, namespace="pfx"))) \
+            if cfg.kv_store else None
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/kvpilot/prefixes/export", self.export)
+        app.router.add_post("/kvpilot/prefixes/import", self.import_)
+
+    async def close(self) -> None:
+        if self.handover is not None:
+            await self.handover.agent.store.close()
+
+    def _read_block(self, block_hash: int) -> bytes | None:
+        """The block's KV if cached here (stand-in bytes of the right size)."""
+        engine = self.server.engine
+        if block_hash not in engine.pool.cached:
+            return None
+        return os.urandom(engine.block_size * self.server.cfg.profile.kv_bytes_per_token)
+
+    async def export(self, request: web.Request) -> web.Response:
+        if self.handover is None:
+            return web.json_response({"error": "this instance has no KV store (--kv-store)"}, status=409)
+        try:
+            body: dict[str, Any] = await request.json()
+            prefixes = [HotPrefix(int(p["key"]), tuple(int(h) for h in p["block_hashes"]), int(p.get("hits", 0)))
+                        for p in body["prefixes"]]
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": "prefixes: [{key, block_hashes, hits?}] required"}, status=400)
+        manifest = await self.handover.export(prefixes, self._read_block)
+        return web.json_response({"manifest": {str(k): [[d.key, d.size, d.checksum] for d in descs]
+                                               for k, descs in manifest.prefixes.items()},
+                                  "bytes": manifest.bytes})
+
+    async def import_(self, request: web.Request) -> web.Response:
+        if self.handover is None:
+            return web.json_response({"error": "this instance has no KV store (--kv-store)"}, status=409)
+        try:
+            body: dict[str, Any] = await request.json()
+            manifest = Manifest({int(k): [BlockDescriptor(str(key), int(size), int(crc)) for key, size, crc in v]
+                                 for k, v in body["manifest"].items()})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return web.json_response({"error": "manifest: {key: [[block key, size, checksum]]} required"},
+                                     status=400)
+        got = await self.handover.import_(manifest)
+        if not got and manifest.prefixes:
+            self.server.c_kv_failed.inc()  # nothing arrived: requests for these prefixes recompute
+        added = 0
+        for descs in manifest.prefixes.values():
+            chain: list[int] = []
+            for d in descs:  # a prefix is usable up to its first block that did not arrive
+                h = block_hash_of(d.key)
+                if h not in got:
+                    break
+                chain.append(h)
+            added += self.server.engine.warm(chain)
+        self.server.c_kv_bytes.inc(sum(len(b) for b in got.values()))
+        return web.json_response({"blocks_added": added, "blocks_received": len(got)})

@@ -1,0 +1,355 @@
+"""Live migration of a running request between `kvpilot sim serve` processes, over the KV store.
+
+Source side (`POST /kvpilot/migrate {"request_id", "target"}`, the id being the client's
+X-Request-Id): the request keeps decoding while its KV goes to the store in rounds (all blocks,
+then the blocks that changed), the target pulling each round as it lands; then the request is
+paused, the last delta written, and the target asked to commit. Only that last step stops
+decoding — its length is the reported `blocking_ms`.
+
+Target side: `POST /kvpilot/migrations/{id}/blocks` pulls a round, `.../commit` pulls the last
+delta and adopts the request into the engine at the same position (`Engine.adopt`), and
+`GET .../stream` continues its SSE stream from the token where the source stopped. Tokens are
+a pure function of (prompt, position), so the continuation is the one the source would have sent.
+
+Any failure before the target's commit answer — store down or slow, a corrupt block, the
+target full or unreachable, the request preempted or finished — aborts: the request is resumed
+on the source (it never stopped before the final step) and the failure is counted. After the
+commit the source drops its copy and ends its stream with `event: kvpilot.migrated`.
+
+The KV bytes are stand-ins (random, `kv_bytes_per_token` per token, checksummed): the point is
+to move the right amount through the real store with the real failure modes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from kvpilot.kvtransfer.agent import KVAgent
+from kvpilot.kvtransfer.migration import CopyTuning, Step, block_bytes, block_key, blocks_to_copy, next_step
+from kvpilot.kvtransfer.store import BlockDescriptor, RedisStore, TransferError
+from kvpilot.sim.engine import Phase, Sequence
+from kvpilot.sim.server import MIGRATED, SimServer, Stream
+
+BATCH_BYTES = 4 << 20       # per store call during the copy
+ATTACH_TIMEOUT_S = 30.0     # a committed migration nobody streams from is dropped after this
+_BLOCKING_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+class MigrationAborted(Exception):
+    """The migration cannot go on; the request stays (or is put back) on the source."""
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A migration this instance is receiving: blocks pulled so far, then the adopted stream."""
+
+    started: float = field(default_factory=time.monotonic)
+    bytes: int = 0
+    keys: set[str] = field(default_factory=set)
+    stream: Stream | None = None
+    expiry: asyncio.TimerHandle | None = None
+
+
+def _descs(raw: Any) -> list[BlockDescriptor]:
+    if not isinstance(raw, list):
+        raise web.HTTPBadRequest(text="blocks must be a list of [key, size, checksum]")
+    return [BlockDescriptor(str(k), int(size), int(crc)) for k, size, crc in raw]
+
+
+class Migrations:
+    def __init__(self, server: SimServer, tuning: CopyTuning | None = None) -> None:
+        self.server = server
+        self.tuning = tuning or CopyTuning(block_tokens=server.block_size)
+        cfg = server.cfg
+        self.agent = KVAgent(f"{cfg.engine_id}-mig", RedisStore(cfg.kv_store, namespace="mig", timeout_s=1.0)) \
+            if cfg.kv_store else None
+        self.incoming: dict[str, Incoming] = {}
+        self.session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        labels = {"model_name": cfg.model, "engine": "0"}
+        names = ["model_name", "engine", "role", "outcome"]
+        self.c_migrations = Counter("kvpilot:migrations", "Live migrations by role (source/target) and outcome.",
+                                    names, registry=server.registry)
+        self.h_blocking = Histogram("kvpilot:migration_blocking_seconds",
+                                    "Stop-and-copy window of migrations out of this instance.",
+                                    ["model_name", "engine"], registry=server.registry,
+                                    buckets=_BLOCKING_BUCKETS).labels(**labels)
+        self._labels = labels
+
+    def _count(self, role: str, outcome: str) -> None:
+        self.c_migrations.labels(**self._labels, role=role, outcome=outcome).inc()
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/kvpilot/migrate", self.migrate)
+        app.router.add_post("/kvpilot/migrations/{mid}/blocks", self.pull_blocks)
+        app.router.add_post("/kvpilot/migrations/{mid}/commit", self.commit)
+        app.router.add_delete("/kvpilot/migrations/{mid}", self.drop)
+        app.router.add_get("/kvpilot/migrations/{mid}/stream", self.resume_stream)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        if self.agent is not None:
+            await self.agent.store.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10, sock_connect=2))
+        return self.session
+
+    # -- source ------------------------------------------------------------------------------
+    async def migrate(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            rid, target = body.get("request_id"), body.get("target")
+            round_delay_s = float(body.get("round_delay_s", 0.0))  # test knob: space the pre-copy rounds
+            if not isinstance(rid, str) or not isinstance(target, str) or not target.startswith("http"):
+                raise TypeError
+        except (ValueError, TypeError, AttributeError):
+            return web.json_response({"error": "request_id and target (http URL) are required"}, status=400)
+        stream = self.server.by_request_id.get(rid)
+        if stream is None:
+            return web.json_response({"outcome": "not_found", "reason": f"no running request {rid}"}, status=404)
+        result = await self.run(stream, target.rstrip("/"), round_delay_s)
+        return web.json_response(result, status=200 if result["outcome"] == "migrated" else 409)
+
+    async def run(self, stream: Stream, target: str, round_delay_s: float = 0.0) -> dict[str, Any]:
+        seq = stream.seq
+        why = self._unmovable(stream)
+        if why:
+            self._count("source", "rejected")
+            return {"outcome": "rejected", "reason": why}
+        assert self.agent is not None
+        stream.migrating = True
+        mid = uuid.uuid4().hex[:16]
+        started = time.monotonic()
+        copied = rounds = moved_bytes = 0
+        paused = False
+        try:
+            while True:
+                if seq.phase != Phase.RUNNING:
+                    raise MigrationAborted(f"request left the running batch ({seq.phase.name.lower()})")
+                kv_tokens = seq.computed
+                moved_bytes += await self._copy(mid, target, copied, kv_tokens)
+                copied, rounds = kv_tokens, rounds + 1
+                if round_delay_s:
+                    await asyncio.sleep(round_delay_s)
+                if next_step(rounds, seq.computed - copied, self.tuning) is Step.STOP:
+                    break
+            if seq.phase != Phase.RUNNING:
+                raise MigrationAborted(f"request left the running batch ({seq.phase.name.lower()})")
+            stop = time.monotonic()
+            self.server.engine.pause(seq)
+            paused = True
+            final = seq.computed
+            last = await self._copy(mid, target, copied, final, commit=self._state(stream, mid))
+            moved_bytes += last
+            blocking = time.monotonic() - stop
+        except (MigrationAborted, TransferError, aiohttp.ClientError, TimeoutError) as e:
+            if paused and seq.phase == Phase.PAUSED:  # (the client may have gone meanwhile)
+                self.server.engine.resume(seq)
+                self.server.wake()
+            stream.migrating = False
+            if isinstance(e, TransferError):
+                self.server.c_kv_failed.inc()
+            self._count("source", "aborted")
+            await self._drop_remote(target, mid)
+            return {"outcome": "aborted", "reason": str(e) or type(e).__name__, "rounds": rounds,
+                    "bytes": moved_bytes}
+        # Committed: the target owns the request now. Drop ours and end our stream with a pointer.
+        tokens_at_stop = seq.output
+        self.server.engine.abort(seq)
+        stream.handoff = {"target": target, "migration_id": mid, "stream": f"/kvpilot/migrations/{mid}/stream"}
+        stream.queue.put_nowait(MIGRATED)
+        self.h_blocking.observe(blocking)
+        self._count("source", "migrated")
+        return {"outcome": "migrated", "migration_id": mid, "target": target, "rounds": rounds,
+                "bytes": moved_bytes, "last_bytes": last, "kv_tokens": final, "tokens_at_stop": tokens_at_stop,
+                "blocking_ms": blocking * 1000, "total_ms": (time.monotonic() - started) * 1000}
+
+    def _unmovable(self, stream: Stream) -> str | None:
+        seq = stream.seq
+        if self.agent is None:
+            return "this instance has no KV store (--kv-store)"
+        if not stream.migratable:
+            return "the request's client cannot splice a migrated stream (not opened with X-Kvpilot-Migratable)"
+        if stream.migrating:
+            return "a migration of this request is already under way"
+        if seq.phase != Phase.RUNNING or not seq.decoding:
+            return "the request is not decoding"
+        if seq.max_tokens - seq.output < 2:
+            return "the request is about to finish"
+        return None
+
+    async def _copy(self, mid: str, target: str, copied: int, kv_tokens: int,
+                    commit: dict[str, Any] | None = None) -> int:
+        """Write the blocks between `copied` and `kv_tokens` and have the target pull them, in
+        batches of about `BATCH_BYTES` so each store call stays well inside its timeout; with
+        `commit`, the last batch goes with the commit. Returns the bytes written."""
+        assert self.agent is not None
+        bt, bpt = self.tuning.block_tokens, self.server.cfg.profile.kv_bytes_per_token
+        indices = list(blocks_to_copy(copied, kv_tokens, bt))
+        per_batch = max(1, BATCH_BYTES // max(1, bt * bpt))
+        batches = [indices[i : i + per_batch] for i in range(0, len(indices), per_batch)] or [[]]
+        written = 0
+        for n, batch in enumerate(batches):
+            buffers = [os.urandom(block_bytes(i, kv_tokens, bt, bpt)) for i in batch]
+            descs = self.agent.describe([block_key(mid, i) for i in batch], buffers)
+            if descs:
+                await self.agent.post_write(descs, buffers).wait()
+            written += sum(len(b) for b in buffers)
+            final = commit is not None and n == len(batches) - 1
+            payload: dict[str, Any] = {"blocks": [[d.key, d.size, d.checksum] for d in descs]}
+            if final:
+                payload["state"] = commit
+            path = "commit" if final else "blocks"
+            async with self._http().post(f"{target}/kvpilot/migrations/{mid}/{path}", json=payload) as resp:
+                answer = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise MigrationAborted(f"target refused {path}: {answer.get('reason', resp.status)}")
+        return written
+
+    def _state(self, stream: Stream, mid: str) -> dict[str, Any]:
+        seq = stream.seq
+        return {"request_id": seq.request_id, "prompt_tokens": seq.prompt_tokens, "block_hashes": seq.block_hashes,
+                "max_tokens": seq.max_tokens, "output": seq.output, "computed": seq.computed,
+                "cached_tokens": seq.cached_tokens, "seed": stream.seed, "chat": stream.chat,
+                "include_usage": stream.include_usage, "created": stream.created, "migration_id": mid}
+
+    async def _drop_remote(self, target: str, mid: str) -> None:
+        try:
+            quick = aiohttp.ClientTimeout(total=2)
+            async with self._http().delete(f"{target}/kvpilot/migrations/{mid}", timeout=quick):
+                pass
+        except (aiohttp.ClientError, TimeoutError):
+            pass  # the target expires it on its own
+
+    # -- target ------------------------------------------------------------------------------
+    async def _pull(self, mid: str, raw: Any) -> Incoming:
+        if self.agent is None:
+            raise MigrationAborted("this instance has no KV store (--kv-store)")
+        entry = self.incoming.get(mid)
+        if entry is None:
+            entry = self.incoming[mid] = Incoming()
+            self._expire_later(mid)
+        descs = _descs(raw)
+        if descs:
+            entry.keys.update(d.key for d in descs)
+            data = await self.agent.post_read(descs).wait()
+            entry.bytes += sum(len(b) for b in data)
+        return entry
+
+    def _delete_blocks(self, entry: Incoming) -> None:
+        """Free the store of a migration's blocks in the background (the TTL is the fallback)."""
+        if self.agent is None or not entry.keys:
+            return
+        store, keys = self.agent.store, sorted(entry.keys)
+        entry.keys = set()
+
+        async def run() -> None:
+            with contextlib.suppress(TransferError):
+                await store.delete(keys)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def pull_blocks(self, request: web.Request) -> web.Response:
+        mid = request.match_info["mid"]
+        body = await request.json()
+        try:
+            await self._pull(mid, body.get("blocks"))
+        except (MigrationAborted, TransferError) as e:
+            self._fail_incoming(mid, e)
+            return web.json_response({"reason": str(e)}, status=502)
+        return web.json_response({"ok": True})
+
+    async def commit(self, request: web.Request) -> web.Response:
+        mid = request.match_info["mid"]
+        body = await request.json()
+        state = body.get("state") or {}
+        try:
+            if not self.server.engine.can_adopt(int(state["computed"])):
+                raise MigrationAborted("no room for the request here (batch slots or KV blocks)")
+            entry = await self._pull(mid, body.get("blocks"))
+            stream = self._adopt(state)
+        except (MigrationAborted, TransferError, ValueError, KeyError) as e:
+            self._fail_incoming(mid, e)
+            return web.json_response({"reason": str(e)}, status=409)
+        entry.stream = stream
+        self._delete_blocks(entry)
+        self._count("target", "migrated")
+        return web.json_response({"ok": True, "bytes": entry.bytes})
+
+    def _adopt(self, state: dict[str, Any]) -> Stream:
+        server = self.server
+        seq = Sequence(str(state["request_id"]), server.now(), int(state["prompt_tokens"]),
+                       [int(h) for h in state["block_hashes"]], int(state["max_tokens"]))
+        seq.output, seq.computed = int(state["output"]), int(state["computed"])
+        seq.cached_tokens = int(state.get("cached_tokens", 0))
+        seq.first_token_time = seq.first_scheduled = server.now()
+        server.engine.adopt(seq)
+        stream = Stream(seq, int(state["seed"]), chat=bool(state["chat"]), include_usage=bool(state["include_usage"]),
+                        created=int(state["created"]), sent=seq.output)
+        server.streams[seq] = stream
+        server.wake()
+        return stream
+
+    def _fail_incoming(self, mid: str, e: Exception) -> None:
+        if isinstance(e, TransferError):
+            self.server.c_kv_failed.inc()
+        self._count("target", "aborted")
+        self._forget(mid)
+
+    def _forget(self, mid: str) -> None:
+        entry = self.incoming.pop(mid, None)
+        if entry is None:
+            return
+        self._delete_blocks(entry)
+        if entry.expiry is not None:
+            entry.expiry.cancel()
+        if entry.stream is not None:  # committed but never streamed: free the engine's work
+            self.server.streams.pop(entry.stream.seq, None)
+            self.server.engine.abort(entry.stream.seq)
+
+    def _expire_later(self, mid: str) -> None:
+        entry = self.incoming[mid]
+        entry.expiry = asyncio.get_running_loop().call_later(ATTACH_TIMEOUT_S, self._forget, mid)
+
+    async def drop(self, request: web.Request) -> web.Response:
+        mid = request.match_info["mid"]
+        entry = self.incoming.get(mid)
+        if entry is not None and entry.stream is None:
+            self._forget(mid)
+        return web.json_response({"ok": True})
+
+    async def resume_stream(self, request: web.Request) -> web.StreamResponse:
+        mid = request.match_info["mid"]
+        entry = self.incoming.pop(mid, None)
+        if entry is None or entry.stream is None:
+            return web.json_response({"error": f"no committed migration {mid}"}, status=404)
+        if entry.expiry is not None:
+            entry.expiry.cancel()
+        stream, server = entry.stream, self.server
+        external_id = request.headers.get("X-Request-Id")
+        if external_id:
+            stream.migratable = request.headers.get("X-Kvpilot-Migratable") == "1"
+            server.by_request_id[external_id] = stream
+        try:
+            return await server._stream(request, stream, {})
+        finally:
+            server.streams.pop(stream.seq, None)
+            if external_id and server.by_request_id.get(external_id) is stream:
+                del server.by_request_id[external_id]
+            if not stream.seq.finished:
+                server.engine.abort(stream.seq)
