@@ -1,13 +1,19 @@
 """Routing quality in the virtual-time cluster: SLO attainment vs request rate, per policy.
 
-    .venv/bin/python -P bench/routing_quality.py [--requests 3000] [--slo 5 2] [--policies ...]
+    .venv/bin/python -P bench/routing_quality.py [--requests 3000] [--skip 0] [--slo 5 2] [--policies ...]
+        [--ablations] [--jobs 2]
 
 Mooncake conversation trace (first N requests, time-compressed to each rate), 8 instances of
 the h100-llama3-8b profile, KV block size 64 (a multiple of 16 that keeps the sweep fast; the
 trace's prefix granularity is 512 tokens, so hits are unchanged). For each policy: attainment at
 each rate, **effective capacity** (the highest swept rate with ≥ 90% of requests within the TTFT
 SLO, interpolated between grid points), cache hit rate and load imbalance at that rate.
-Writes a Markdown table to stdout and JSON to bench/out/routing_quality.json.
+`--profile` swaps the hardware × model profile (the DualMap paper ran Qwen2.5-7B, whose
+smaller KV per token holds 2.2× more tokens per instance). `--skip N` starts the slice at the
+trace's N-th request (a second slice checks that a result is not an accident of the first
+3,000). `--ablations` adds DualMap with parts switched off, to say where its capacity comes
+from. Writes a Markdown table to stdout and JSON to
+bench/out/routing_quality.json.
 """
 
 from __future__ import annotations
@@ -16,14 +22,52 @@ import argparse
 import itertools
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from kvpilot.router.policies import POLICIES
+from kvpilot.router.policies.dualmap import DualMap
+from kvpilot.router.policy import PolicyContext
 from kvpilot.sim.cluster import Cluster, ClusterConfig
-from kvpilot.sim.workload import mooncake
+from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.workload import RequestSpec, mooncake
 
 TARGET = 0.9
+# DualMap with one mechanism switched off each (same everything else).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "dualmap, FIFO queues": {"max_wait_slos": 0.0},
+    "dualmap, no idle takeover": {"steal": False},
+    "dualmap, linear predictor": {"attention_tokens": 0},
+    "dualmap, no KV budget": {"kv_high": None},
+}
+
+
+def trace(skip: int, n: int, speedup: float) -> list[RequestSpec]:
+    """Requests skip..skip+n of the Mooncake trace, time-compressed, starting at t = 0."""
+    specs = mooncake(limit=skip + n, speedup=speedup)[skip:]
+    t0 = specs[0].arrival
+    for s in specs:
+        s.arrival -= t0
+    return specs
+
+
+def curve(policy: str, slo: float, args: argparse.Namespace, base_rate: float) -> list[dict[str, Any]]:
+    details = []
+    for s in args.speedups:
+        specs = trace(args.skip, args.requests, s)
+        cfg = ClusterConfig(instances=args.instances, profile=args.profile, policy=policy if policy in POLICIES else
+                            "dualmap", block_size=args.block_size, slo_ttft_s=slo)
+        custom = None
+        if policy in ABLATIONS:
+            ctx = PolicyContext(slo_ttft_s=slo, block_size=args.block_size,
+                                kv_capacity_tokens=get_profile(args.profile).kv_capacity_tokens)
+            custom = DualMap(ctx, **ABLATIONS[policy])
+        summary = Cluster(cfg, custom).run(specs).summary
+        details.append({"rate": base_rate * s, **summary})
+        if summary["slo_attainment"] < 0.5:
+            break  # far past capacity: higher rates only get worse
+    return details
 
 
 def effective_capacity(curve: list[tuple[float, float]]) -> float:
@@ -42,46 +86,49 @@ def effective_capacity(curve: list[tuple[float, float]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--skip", type=int, default=0)
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--slo", type=float, nargs="+", default=[5.0, 2.0])
     parser.add_argument("--speedups", type=float, nargs="+",
-                        default=[0.25, 0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0])
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES))
+                        default=[0.25, 0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0])
+    parser.add_argument("--policies", nargs="*", default=list(POLICIES))
+    parser.add_argument("--ablations", nargs="*", default=None, help="DualMap variants (none named: all)")
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--profile", default="h100-llama3-8b")
+    parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/out/routing_quality.json"))
     args = parser.parse_args()
-    base = mooncake(limit=args.requests)
-    span = base[-1].arrival - base[0].arrival
-    base_rate = len(base) / span
-    doc: dict[str, Any] = {"requests": args.requests, "instances": args.instances, "base_rate": base_rate,
-                           "block_size": args.block_size, "results": {}}
+    base = trace(args.skip, args.requests, 1.0)
+    base_rate = len(base) / (base[-1].arrival - base[0].arrival)
+    ablations = [] if args.ablations is None else [a for a in ABLATIONS if not args.ablations or a in args.ablations]
+    policies = list(args.policies) + ablations
+    doc: dict[str, Any] = {"requests": args.requests, "skip": args.skip, "instances": args.instances,
+                           "profile": args.profile,
+                           "base_rate": base_rate, "block_size": args.block_size, "results": {}}
     t0 = time.perf_counter()
-    for slo in args.slo:
-        rows = []
-        for policy in args.policies:
-            curve, details = [], []
-            for s in args.speedups:
-                specs = mooncake(limit=args.requests, speedup=s)
-                cfg = ClusterConfig(instances=args.instances, policy=policy, block_size=args.block_size,
-                                    slo_ttft_s=slo)
-                summary = Cluster(cfg).run(specs).summary
-                curve.append((base_rate * s, summary["slo_attainment"]))
-                details.append({"rate": base_rate * s, **summary})
-                if summary["slo_attainment"] < 0.5:
-                    break  # far past capacity: higher rates only get worse
-            cap = effective_capacity(curve)
-            near = min(details, key=lambda d: abs(d["rate"] - cap)) if details else {}
-            rows.append((policy, cap, near.get("cache_hit_rate", 0.0), near.get("load_imbalance", 0.0), curve))
-            doc["results"].setdefault(str(slo), {})[policy] = {"capacity_rps": cap, "points": details}
-        rr = next((r[1] for r in rows if r[0] == "round-robin"), 0.0)
-        print(f"\n### TTFT SLO {slo:g} s ({args.requests} Mooncake requests, {args.instances} × h100-llama3-8b)\n")
-        print("| policy | effective capacity (req/s) | × round-robin | hit rate at capacity | imbalance | "
-              "attainment by rate (req/s: %) |")
-        print("|---|---:|---:|---:|---:|---|")
-        for policy, cap, hit, imb, curve in sorted(rows, key=lambda r: -r[1]):
-            pts = ", ".join(f"{r:.1f}: {a:.0%}" for r, a in curve)
-            ratio = f"{cap / rr:.2f}" if rr else "-"
-            print(f"| {policy} | {cap:.2f} | {ratio} | {hit:.1%} | {imb:.2f} | {pts} |", flush=True)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = {(slo, p): pool.submit(curve, p, slo, args, base_rate) for slo in args.slo for p in policies}
+        for slo in args.slo:
+            rows = []
+            for policy in policies:
+                details = futures[(slo, policy)].result()
+                points = [(d["rate"], d["slo_attainment"]) for d in details]
+                cap = effective_capacity(points)
+                near = min(details, key=lambda d: abs(d["rate"] - cap)) if details else {}
+                rows.append((policy, cap, near.get("cache_hit_rate", 0.0), near.get("load_imbalance", 0.0), points))
+                doc["results"].setdefault(str(slo), {})[policy] = {"capacity_rps": cap, "points": details}
+            rr = next((r[1] for r in rows if r[0] == "round-robin"), 0.0)
+            best = max((r[1] for r in rows if r[0] in POLICIES and r[0] != "dualmap"), default=0.0)
+            print(f"\n### TTFT SLO {slo:g} s ({args.requests} Mooncake requests from #{args.skip}, "
+                  f"{args.instances} × {args.profile})\n")
+            print("| policy | effective capacity (req/s) | × round-robin | × best baseline | hit rate at capacity | "
+                  "imbalance | attainment by rate (req/s: %) |")
+            print("|---|---:|---:|---:|---:|---:|---|")
+            for policy, cap, hit, imb, pts in sorted(rows, key=lambda r: -r[1]):
+                text = ", ".join(f"{r:.1f}: {a:.0%}" for r, a in pts)
+                ratio = f"{cap / rr:.2f}" if rr else "-"
+                vs_best = f"{cap / best:.2f}" if best else "-"
+                print(f"| {policy} | {cap:.2f} | {ratio} | {vs_best} | {hit:.1%} | {imb:.2f} | {text} |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     print(f"\n(wall {time.perf_counter() - t0:.0f} s; base trace rate {base_rate:.2f} req/s)")

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import logging
+import os
+import random
+import secrets
+import socket
+from typing import Any, cast
 
 
 def register(sub: Any) -> None:
@@ -16,8 +21,16 @@ def register(sub: Any) -> None:
     peering.add_argument("--standalone", action="store_true",
                          help="do not coordinate with other replicas (one replica, or tests)")
     peering.add_argument("--peering", default="kvpilot",
-                         help="kopf peering object shared by replicas; only the highest priority one acts")
-    run.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+                         help="kopf peering object shared by replicas (a ClusterKopfPeering, or a KopfPeering in "
+                              "each watched namespace; it must exist); only the highest priority replica acts")
+    run.add_argument("--priority", type=int,
+                     help="peering priority of this replica (default: random, so replicas never tie: kopf pauses "
+                          "every replica of a tie)")
+    run.add_argument("--peering-lifetime", type=int, default=60,
+                     help="seconds a replica that stopped without saying so still counts as alive")
+    run.add_argument("--no-pod-monitors", dest="pod_monitors", action="store_false",
+                     help="never create PodMonitors (by default: one per LLMService when the Prometheus "
+                          "Operator's CRDs exist)")
     run.add_argument("--image", help="image with the kvpilot command, for routers (default: this version's)")
     run.add_argument("--resync-seconds", type=float, default=60.0, help="periodic full reconcile interval")
     run.add_argument("--liveness", help="serve kopf's liveness probe here, e.g. http://0.0.0.0:8080/healthz")
@@ -30,14 +43,24 @@ def _run(args: argparse.Namespace) -> int:
     import kopf
 
     import kvpilot.operator.handlers  # noqa: F401  (registers the handlers with kopf)
+    from kvpilot.operator.peers import Me
 
+    priority = args.priority if args.priority is not None else random.SystemRandom().randint(1, 2**31 - 1)
     if args.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port)
-    kopf.configure(verbose=args.log_level == "DEBUG", quiet=args.log_level in ("WARNING", "ERROR"))
-    memo = kopf.Memo(image=args.image, namespaces=args.namespace, resync_seconds=args.resync_seconds)
+    kopf.configure(verbose=args.log_level == "DEBUG", quiet=args.log_level in ("WARNING", "ERROR"),
+                   log_prefix=True)  # each line about an object names it: [namespace/name]
+    me = None if args.standalone else Me(args.peering, f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}",
+                                         priority)
+    if me is not None:
+        logging.getLogger("kvpilot.operator").info("peering %r as %s with priority %d", me.peering, me.identity,
+                                                   priority)
+    memo = kopf.Memo(image=args.image, namespaces=args.namespace, monitors=args.pod_monitors, me=me,
+                     peering_lifetime=args.peering_lifetime, resync_seconds=args.resync_seconds)
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=args.standalone,
-             peering_name=None if args.standalone else args.peering, priority=args.priority,
+             peering_name=None if me is None else me.peering, priority=priority,
+             identity=None if me is None else cast(Any, me.identity),  # kopf types it as a NewType of str
              liveness_endpoint=args.liveness, memo=memo)
     return 0

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from kvpilot.crds import GROUP, VERSION
-from kvpilot.operator import reconcile, render
+from kvpilot.operator import peers, reconcile, render
+from kvpilot.operator.coalesce import Coalescer
 from kvpilot.operator.kube import Kube, load_client
 from kvpilot.operator.metrics import measured
 
@@ -32,12 +34,17 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         prefix="kopf.kvpilot.io", key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # Events only for explicit transitions and failures
     settings.execution.max_workers = memo.get("max_workers", 16)
+    settings.peering.lifetime = memo.get("peering_lifetime", 60)
     memo.kube = Kube(load_client())
+    memo.coalescer = Coalescer(memo.get("refresh_delay", 0.5))
     memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
 
 
 @kopf.on.cleanup()
-async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+async def stop_background(memo: kopf.Memo, **_: Any) -> None:
+    coalescer = memo.get("coalescer")
+    if coalescer is not None:
+        coalescer.shutdown()
     task = memo.get("resync")
     if task is not None:
         task.cancel()
@@ -46,7 +53,9 @@ async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
 
 
 async def _resync_forever(memo: kopf.Memo) -> None:
-    """Watches can miss nothing in theory and something in practice: reconcile everything now and then."""
+    """Watches can miss nothing in theory and something in practice: reconcile everything now and then.
+    A task of our own rather than a kopf timer: timers make kopf put a finalizer on every LLMService,
+    and then deleting one waits for a running operator."""
     while True:
         await asyncio.sleep(memo.get("resync_seconds", RESYNC_SECONDS))
         try:
@@ -55,13 +64,33 @@ async def _resync_forever(memo: kopf.Memo) -> None:
             log.exception("periodic resync failed")
 
 
-def _resync_all(memo: kopf.Memo) -> None:
+def _blocking_peers(memo: kopf.Memo) -> list[str]:
+    """Peers that kopf lets act instead of this replica (kopf pauses its handlers, not this task)."""
+    me: peers.Me | None = memo.get("me")
+    if me is None:  # standalone
+        return []
     kube: Kube = memo.kube
+    found = [kube.get("KopfPeering", ns, me.peering) for ns in memo.get("namespaces") or []] or [
+        kube.get("ClusterKopfPeering", "", me.peering)]
+    now = datetime.now(UTC)
+    return [peer for obj in found for peer in peers.blocking_peers(obj or {}, me, now)]
+
+
+def _resync_all(memo: kopf.Memo) -> None:
+    blocking = _blocking_peers(memo)
+    if blocking:
+        log.info("standing by for %s: no periodic resync", ", ".join(blocking))
+        return
+    kube: Kube = memo.kube
+    services = []
     for namespace in memo.get("namespaces") or [None]:
         url = "/apis/{}/{}{}/llmservices".format(GROUP, VERSION, f"/namespaces/{namespace}" if namespace else "")
-        for svc in kube.request("GET", url)["items"]:
-            with measured("LLMService"):
-                reconcile.reconcile_service(kube, svc, memo.get("image"))
+        services += kube.request("GET", url)["items"]
+    log.info("periodic resync of %d LLMServices", len(services))
+    for svc in services:
+        with measured("LLMService"):
+            outcome = reconcile.reconcile_service(kube, svc, memo.get("image"), memo.get("monitors", True))
+        _announce(kopf.Body(svc), outcome)
 
 
 def _announce(body: kopf.Body, outcome: reconcile.Outcome) -> None:
@@ -74,7 +103,7 @@ def _announce(body: kopf.Body, outcome: reconcile.Outcome) -> None:
 @kopf.on.create(GROUP, VERSION, "llmservices", id="llmservice-create")
 def llmservice_apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with measured("LLMService"):
-        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"))
+        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True))
     _announce(body, outcome)
 
 
@@ -85,37 +114,68 @@ def llmservice_update(body: kopf.Body, memo: kopf.Memo, diff: kopf.Diff, **_: An
     edited |= {path[1] for _op, path, _old, new in diff
                if len(path) == 2 and path[0] == "spec" and isinstance(new, dict) and "replicas" in new}
     with measured("LLMService"):
-        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"))
+        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True))
     if edited and outcome.phase != "Degraded":
         reconcile.propagate_replicas(memo.kube, dict(body), edited)
     _announce(body, outcome)
 
 
 @kopf.on.event(GROUP, VERSION, "workerpools")
-def workerpool_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def workerpool_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A pool appeared, changed or went. Its children are applied when it is new (or first seen by
+    this process) or its spec moved past what was reconciled; a status-only change (the echo of our
+    own status write) only refreshes the service's status."""
     meta = body["metadata"]
-    if type != "DELETED":
+    spec_moved = (body.get("status") or {}).get("observedGeneration") != meta.get("generation")
+    if type != "DELETED" and (type != "MODIFIED" or spec_moved):
         with measured("WorkerPool"):
             reconcile.reconcile_pool(memo.kube, dict(body))
     service = body.get("spec", {}).get("service")
-    if service:  # a deleted pool is recreated by a full reconcile; otherwise only the counts changed
+    if service and type == "DELETED":  # recreated by a full reconcile
         outcome = reconcile.reconcile_service_named(memo.kube, meta["namespace"], service, memo.get("image"),
-                                                    full=type == "DELETED")
-        if outcome is not None and outcome.phase != outcome.old_phase:
-            svc = memo.kube.get("LLMService", meta["namespace"], service)
-            if svc is not None:
-                _announce(kopf.Body(svc), outcome)
+                                                    monitors=memo.get("monitors", True))
+        _announce_named(memo, meta["namespace"], service, outcome)
+    elif service:  # only the counts changed
+        _refresh_service_later(memo, meta["namespace"], service)
+
+
+def _announce_named(memo: kopf.Memo, namespace: str, service: str, outcome: reconcile.Outcome | None) -> None:
+    if outcome is not None and outcome.phase != outcome.old_phase:
+        svc = memo.kube.get("LLMService", namespace, service)
+        if svc is not None:
+            _announce(kopf.Body(svc), outcome)
+
+
+def _refresh_service_later(memo: kopf.Memo, namespace: str, service: str) -> None:
+    def refresh() -> None:
+        outcome = reconcile.reconcile_service_named(memo.kube, namespace, service, full=False)
+        _announce_named(memo, namespace, service, outcome)
+
+    memo.coalescer.submit(("LLMService", namespace, service), refresh)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
-def child_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A managed child changed or vanished: reconcile its owner (edits are reverted, deletions redone)."""
+def child_event(type: str | None, body: kopf.Body, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
+    """A managed child changed or vanished. Deleted, or edited by someone else: reconcile its owner,
+    which recreates it or reverts the edit. A Deployment otherwise changed (its status moved): refresh
+    the owner's status only. Anything else is the echo of the operator's own apply and needs nothing;
+    most events are those, and reconciling on each made a burst of creates several times slower."""
     meta = body["metadata"]
     labels = meta.get("labels", {})
-    if labels.get(render.LABEL_POOL):
-        reconcile.reconcile_pool_named(memo.kube, meta["namespace"], labels[render.LABEL_POOL])
-    elif labels.get(render.LABEL_SERVICE):
-        reconcile.reconcile_service_named(memo.kube, meta["namespace"], labels[render.LABEL_SERVICE],
-                                          memo.get("image"))
+    rewrite = type == "DELETED" or reconcile.edited_by_others(dict(meta))
+    deployment = resource.plural == "deployments"
+    if not rewrite and not deployment:
+        return
+    namespace, pool, service = meta["namespace"], labels.get(render.LABEL_POOL), labels.get(render.LABEL_SERVICE)
+    if pool and rewrite:
+        reconcile.reconcile_pool_named(memo.kube, namespace, pool)
+    elif pool:
+        memo.coalescer.submit(("WorkerPool", namespace, pool),
+                              lambda: reconcile.reconcile_pool_named(memo.kube, namespace, pool, status_only=True))
+    elif service and rewrite:
+        reconcile.reconcile_service_named(memo.kube, namespace, service, memo.get("image"),
+                                          monitors=memo.get("monitors", True))
+    elif service:
+        _refresh_service_later(memo, namespace, service)

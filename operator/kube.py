@@ -17,7 +17,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kvpilot.crds import API_VERSION
-from kvpilot.operator.render import MANAGER
+from kvpilot.operator.metrics import API_REQUESTS
+from kvpilot.operator.render import MANAGER, MONITORING_API
 
 Obj = dict[str, Any]
 KINDS: dict[str, tuple[str, str]] = {
@@ -29,8 +30,13 @@ KINDS: dict[str, tuple[str, str]] = {
     "ServiceAccount": ("v1", "serviceaccounts"),
     "Role": ("rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
+    "PodMonitor": (MONITORING_API, "podmonitors"),  # only when the Prometheus Operator's CRDs exist
+    "KopfPeering": ("kopf.dev/v1", "kopfpeerings"),  # read only: kopf itself writes them
+    "ClusterKopfPeering": ("kopf.dev/v1", "clusterkopfpeerings"),
 }
+PLURALS = {plural for _, plural in KINDS.values()} | {"nodes"}
 NODE_CACHE_SECONDS = 10.0
+DISCOVERY_CACHE_SECONDS = 10.0
 
 
 class KubeError(Exception):
@@ -39,14 +45,18 @@ class KubeError(Exception):
         self.status = status
 
 
-def load_client() -> client.ApiClient:
-    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+def load_client(connections: int = 32) -> client.ApiClient:
+    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config. The connection pool
+    holds one connection per handler thread: a smaller one makes threads open (and TLS-handshake)
+    throwaway connections under load."""
+    cfg = client.Configuration()
     if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return client.ApiClient()
-    api: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
-        config_file=os.environ.get("KUBECONFIG"))
-    return api
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    else:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),  # type: ignore[no-untyped-call]
+                                client_configuration=cfg)
+    cfg.connection_pool_maxsize = connections
+    return client.ApiClient(cfg)
 
 
 def path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
@@ -57,14 +67,27 @@ def path(kind: str, namespace: str | None, name: str | None = None, sub: str | N
     return "/".join(p for p in parts if p)
 
 
+def _resource(url: str) -> str:
+    """The resource a request is about, for the request counter: `deployments`, `llmservices/status`…"""
+    parts = url.strip("/").split("/")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in PLURALS and (i < 2 or parts[i - 1] != "namespaces"):
+            sub = parts[i + 2] if len(parts) > i + 2 else ""
+            return f"{parts[i]}/{sub}" if sub else parts[i]
+    return "discovery"
+
+
 class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
         self._gpus: tuple[float, int] | None = None
+        self._served: dict[str, tuple[float, bool]] = {}
         self._lock = threading.Lock()
+        self._nodes_lock = threading.Lock()  # one node list at a time; the others wait for its answer
 
     def request(self, method: str, url: str, body: Obj | None = None, query: dict[str, str] | None = None,
                 content_type: str = "application/json") -> Obj:
+        API_REQUESTS.labels(method, _resource(url)).inc()
         headers = {"Accept": "application/json", "Content-Type": content_type}
         params = self.api.param_serialize(method, url, query_params=list((query or {}).items()),
                                           header_params=headers, body=body, auth_settings=["BearerToken"])
@@ -114,12 +137,36 @@ class Kube:
 
     def max_node_gpus(self) -> int:
         """The most nvidia.com/gpu any node can allocate, cached briefly: every reconcile asks."""
-        with self._lock:
+        with self._nodes_lock:
             if self._gpus is not None and time.monotonic() - self._gpus[0] < NODE_CACHE_SECONDS:
                 return self._gpus[1]
-        nodes = self.request("GET", "/api/v1/nodes")["items"]
-        most = max((int((n.get("status") or {}).get("allocatable", {}).get("nvidia.com/gpu", 0)) for n in nodes),
-                   default=0)
-        with self._lock:
+            # resourceVersion=0: from the apiserver's watch cache, not a quorum read of every node in etcd
+            nodes = self.request("GET", "/api/v1/nodes", query={"resourceVersion": "0"})["items"]
+            most = max((int((n.get("status") or {}).get("allocatable", {}).get("nvidia.com/gpu", 0)) for n in nodes),
+                       default=0)
             self._gpus = (time.monotonic(), most)
-        return most
+            return most
+
+    def serves(self, kind: str) -> bool:
+        """Whether the apiserver serves this kind now (a CRD such as the Prometheus Operator's may be
+        installed or removed at any time), from API discovery, cached briefly: every reconcile asks.
+        Discovery is open to every authenticated account, so this needs no RBAC of its own."""
+        with self._lock:
+            seen = self._served.get(kind)
+            if seen is not None and time.monotonic() - seen[0] < DISCOVERY_CACHE_SECONDS:
+                return seen[1]
+        api_version, plural = KINDS[kind]
+        try:
+            resources = self.request("GET", "/api/v1" if api_version == "v1" else f"/apis/{api_version}")["resources"]
+            served = any(r.get("name") == plural for r in resources)
+        except KubeError as err:
+            if err.status != 404:
+                raise
+            served = False
+        with self._lock:
+            self._served[kind] = (time.monotonic(), served)
+        return served
+
+    def forget_served(self, kind: str) -> None:
+        with self._lock:
+            self._served.pop(kind, None)

@@ -12,6 +12,9 @@ RECONCILES = Counter("kvpilot_operator_reconciles", "Reconcile calls by kind and
 DURATION = Histogram("kvpilot_operator_reconcile_seconds", "Reconcile wall time by kind", ["kind"],
                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
+API_REQUESTS = Counter("kvpilot_operator_api_requests", "apiserver requests made by the reconcile code (not kopf's)",
+                       ["method", "resource"])
+
 
 @contextmanager
 def measured(kind: str) -> Iterator[None]:

@@ -41,8 +41,9 @@ def known_profiles() -> list[str]:
     return list(PROFILES)
 
 
-def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None) -> Outcome:
-    """LLMService → WorkerPools and the router. An invalid spec changes nothing but the status."""
+def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, monitors: bool = True) -> Outcome:
+    """LLMService → WorkerPools, the router and (with `monitors`, when the Prometheus Operator's CRDs
+    exist) a PodMonitor. An invalid spec changes nothing but the status."""
     owner = render.Owner.of(svc)
     try:
         spec: LLMServiceSpec | None = LLMServiceSpec.model_validate(svc.get("spec") or {})
@@ -57,19 +58,30 @@ def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None) -> 
         for pool in wanted:
             ensure_workerpool(kube, pool)
         keep = {p["metadata"]["name"] for p in wanted}
+        pools = []
         for pool in kube.list("WorkerPool", owner.namespace, f"{render.LABEL_SERVICE}={owner.name}"):
-            if pool["metadata"]["name"] not in keep and _owned_by(pool, owner):
-                log.info("deleting WorkerPool %s/%s: not in the spec any more", owner.namespace,
-                         pool["metadata"]["name"])
-                kube.delete("WorkerPool", owner.namespace, pool["metadata"]["name"])
+            if not _owned_by(pool, owner):
+                continue
+            if pool["metadata"]["name"] in keep:
+                pools.append(pool)
+                continue
+            log.info("deleting WorkerPool %s/%s: not in the spec any more", owner.namespace, pool["metadata"]["name"])
+            kube.delete("WorkerPool", owner.namespace, pool["metadata"]["name"])
+        router = None
         for obj in render.router_objects(spec, owner, router_image):
-            kube.apply(obj)
+            applied = kube.apply(obj)
+            router = applied if obj["kind"] == "Deployment" else router
+        if monitors:
+            ensure_pod_monitor(kube, owner)
+        return refresh_service_status(kube, svc, spec, problems, children=(pools, router))
     return refresh_service_status(kube, svc, spec, problems)
 
 
 def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = None,
-                           problems: list[Problem] | None = None) -> Outcome:
-    """Recompute the LLMService's status from its children; write it only if it changed."""
+                           problems: list[Problem] | None = None,
+                           children: tuple[list[Obj], Obj | None] | None = None) -> Outcome:
+    """Recompute the LLMService's status from its children (read now, unless the caller has just
+    written them and passes `children`: its WorkerPools and router Deployment); write it only if it changed."""
     meta = svc["metadata"]
     if problems is None:
         try:
@@ -78,9 +90,12 @@ def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = N
         except ValidationError as err:
             spec, problems = None, [Problem("InvalidSpec", str(err).replace("\n", " "))]
     owner = render.Owner.of(svc)
-    pools = [p for p in kube.list("WorkerPool", meta["namespace"], f"{render.LABEL_SERVICE}={meta['name']}")
-             if _owned_by(p, owner)]
-    router = kube.get("Deployment", meta["namespace"], render.router_name(meta["name"]))
+    if children is not None:
+        pools, router = children
+    else:
+        pools = [p for p in kube.list("WorkerPool", meta["namespace"], f"{render.LABEL_SERVICE}={meta['name']}")
+                 if _owned_by(p, owner)]
+        router = kube.get("Deployment", meta["namespace"], render.router_name(meta["name"]))
     old = svc.get("status") or {}
     new = llmservice_status(svc, spec, problems, pools, router, now()).wire()
     if {k: v for k, v in old.items() if k in new} != new:
@@ -89,17 +104,29 @@ def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = N
     return Outcome(old.get("phase"), new.get("phase"), ready.get("message", ""))
 
 
+def ensure_pod_monitor(kube: Kube, owner: render.Owner) -> None:
+    """Apply the PodMonitor if the apiserver serves PodMonitors; without the Prometheus Operator there
+    is nothing to scrape with, so nothing is attempted. A CRD removed since discovery is not an error."""
+    if not kube.serves("PodMonitor"):
+        return
+    try:
+        kube.apply(render.pod_monitor(owner))
+    except KubeError as err:
+        if err.status != 404:
+            raise
+        kube.forget_served("PodMonitor")
+        log.info("PodMonitors are no longer served; skipping %s/%s", owner.namespace, owner.name)
+
+
 def ensure_workerpool(kube: Kube, pool: Obj) -> None:
     """Create with the initial replicas; afterwards apply everything except replicas, which belong to
     whoever scales the pool (kubectl scale, HPA, the autoscaler) through the scale subresource."""
-    meta = pool["metadata"]
-    if kube.get("WorkerPool", meta["namespace"], meta["name"]) is None:
-        try:
-            kube.create(pool)
-            return
-        except KubeError as err:
-            if err.status != 409:  # someone else created it between our get and create
-                raise
+    try:
+        kube.create(pool)
+        return
+    except KubeError as err:
+        if err.status != 409:  # it exists: one request either way, where get-then-create or -apply makes two
+            raise
     kube.apply(render.without_replicas(pool))
 
 
@@ -114,24 +141,47 @@ def reconcile_pool(kube: Kube, pool: Obj) -> None:
         return
     deployment = kube.apply(render.pool_deployment(spec, owner))
     kube.apply(render.pool_service(spec, owner))
+    refresh_pool_status(kube, pool, deployment)
+
+
+def refresh_pool_status(kube: Kube, pool: Obj, deployment: Obj | None) -> None:
+    """The WorkerPool's status from its Deployment as given; written only if it changed."""
+    meta = pool["metadata"]
     new = workerpool_status(pool, deployment, now()).wire()
     old = pool.get("status") or {}
     if {k: v for k, v in old.items() if k in new} != new:
         kube.merge_patch("WorkerPool", meta["namespace"], meta["name"], {"status": new}, sub="status")
 
 
-def reconcile_pool_named(kube: Kube, namespace: str, name: str) -> None:
+def reconcile_pool_named(kube: Kube, namespace: str, name: str, status_only: bool = False) -> None:
+    """Re-apply the pool's children, or (`status_only`) only refresh its status from its Deployment."""
     pool = kube.get("WorkerPool", namespace, name)
-    if pool is not None and pool["metadata"].get("deletionTimestamp") is None:
+    if pool is None or pool["metadata"].get("deletionTimestamp") is not None:
+        return
+    if status_only:
+        refresh_pool_status(kube, pool, kube.get("Deployment", namespace, name))  # named as its pool
+    else:
         reconcile_pool(kube, pool)
 
 
+def edited_by_others(meta: Obj) -> bool:
+    """Whether anyone but the operator (or a controller writing status or metadata, such as the
+    Deployment controller's revision annotation) owns a field of this object: a manual edit such as
+    `kubectl scale deployment` or `kubectl edit`, which the operator's next apply takes back."""
+    for entry in meta.get("managedFields") or []:
+        if entry.get("manager") == render.MANAGER or entry.get("subresource") == "status":
+            continue
+        if any(key not in ("f:metadata", "f:status") for key in entry.get("fieldsV1") or {}):
+            return True
+    return False
+
+
 def reconcile_service_named(kube: Kube, namespace: str, name: str, router_image: str | None = None,
-                            full: bool = True) -> Outcome | None:
+                            full: bool = True, monitors: bool = True) -> Outcome | None:
     svc = kube.get("LLMService", namespace, name)
     if svc is None or svc["metadata"].get("deletionTimestamp") is not None:
         return None
-    return reconcile_service(kube, svc, router_image) if full else refresh_service_status(kube, svc)
+    return reconcile_service(kube, svc, router_image, monitors) if full else refresh_service_status(kube, svc)
 
 
 def propagate_replicas(kube: Kube, svc: Obj, edited: set[str]) -> None:

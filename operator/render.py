@@ -162,6 +162,20 @@ def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None)
     ]
 
 
+# Prometheus Operator: one PodMonitor per LLMService scrapes its engines and its router.
+MONITORING_API = "monitoring.coreos.com/v1"
+
+
+def pod_monitor(owner: Owner) -> Obj:
+    """Engines (vLLM and the simulator) and the router all serve Prometheus text on `http`/metrics;
+    the pods' role, pool and component labels become target labels so dashboards can split by them."""
+    return {"apiVersion": MONITORING_API, "kind": "PodMonitor",
+            "metadata": _meta(owner.name, owner, _labels(owner.name, "monitoring")),
+            "spec": {"selector": {"matchLabels": {LABEL_SERVICE: owner.name, LABEL_MANAGED_BY: MANAGER}},
+                     "podMetricsEndpoints": [{"port": "http", "path": "/metrics"}],
+                     "podTargetLabels": [LABEL_SERVICE, LABEL_ROLE, LABEL_POOL, LABEL_COMPONENT]}}
+
+
 # -- WorkerPool → Deployment and headless Service -------------------------------------------------
 
 def engine_command(spec: WorkerPoolSpec) -> tuple[list[str], list[str]]:

@@ -46,7 +46,7 @@ class ShadowCache:
 
     __slots__ = ("_blocks", "capacity", "dense", "max_blocks", "size")
 
-    def __init__(self, capacity_blocks: int, max_blocks: int = 256, dense: int = 16) -> None:
+    def __init__(self, capacity_blocks: int, max_blocks: int = 1 << 16, dense: int = 16) -> None:
         self.capacity = max(1, capacity_blocks)
         self.max_blocks = max_blocks
         self.dense = dense
@@ -92,12 +92,21 @@ class CacheView(Protocol):
 
 class LoadEstimator:
     """Per-instance shadow caches, prefill backlogs and per-token prefill times, keyed by name
-    (so an instance keeps its history when the list order or membership changes)."""
+    (so an instance keeps its history when the list order or membership changes).
 
-    def __init__(self, context: PolicyContext, prefill_token_s: float = 30e-6, ewma: float = 0.1) -> None:
+    Work is counted in token-equivalents: a prefill of `u` new tokens after `c` cached ones costs
+    u · (1 + (c + u/2) / attention_tokens), the linear layers plus causal attention over the
+    context. `attention_tokens` is the context length at which attention costs as much per token
+    as the linear layers (≈ 20k for an 8B model on an H100; 0 turns the term off). Without it one
+    per-token time cannot fit both a 2k and an 80k prompt: the long one costs 3× more per token,
+    and an online average over a mix of both mispredicts every request."""
+
+    def __init__(self, context: PolicyContext, prefill_token_s: float = 30e-6, ewma: float = 0.1,
+                 attention_tokens: int = 20_000) -> None:
         self.context = context
         self.initial_token_s = prefill_token_s
         self.ewma = ewma
+        self.attention_tokens = attention_tokens
         self.caches: dict[str, ShadowCache] = {}
         self.token_s: dict[str, float] = {}
         self.backlog: dict[str, int] = {}                         # uncached tokens not yet prefilled
@@ -113,9 +122,15 @@ class LoadEstimator:
                 self.backlog[inst.name] = 0
 
     def uncached(self, name: str, request: RequestView) -> int:
+        """Prefill work of `request` at `name` in token-equivalents, after its expected cache hit
+        (observed from KV events where the router follows them, else the shadow cache's guess)."""
         seen = self.observed.cached_tokens(name, request) if self.observed is not None else None
-        hit = self.caches[name].match(request.block_hashes) * self.context.block_size if seen is None else seen
-        return max(1, request.prompt_tokens - hit)
+        cached = self.caches[name].match(request.block_hashes) * self.context.block_size if seen is None else seen
+        hit = min(request.prompt_tokens - 1, cached)
+        new = max(1, request.prompt_tokens - hit)
+        if self.attention_tokens <= 0:
+            return new
+        return new + new * (hit + new // 2) // self.attention_tokens
 
     def predicted_ttft(self, name: str, uncached: int) -> float:
         return self.token_s[name] * (self.backlog[name] + uncached)

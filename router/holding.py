@@ -1,18 +1,27 @@
 """Router-side per-instance queues with late binding and hotspot rebalancing (DualMap §queues).
 
 A request routed to an instance waits here, not in the engine, until the instance has room to
-start its prefill (its dispatched-but-not-prefilled uncached tokens are under `release_tokens`).
-While it waits it can still move: when an instance's predicted backlog passes θ × SLO, requests
-at the tail of its queue move to their other candidate whenever that lowers their predicted TTFT
-and the other candidate is not itself past the threshold. Nothing is lost or duplicated: every
-held request is in exactly one queue until it is released.
+start its prefill (its dispatched-but-not-prefilled work is under `release_tokens`). Each queue
+is ordered by the request's expected prefill work there (a cache hit shortens it), then arrival;
+a request that has waited `max_wait_s` goes first regardless, so nothing starves. While it
+waits a request can still move:
+
+- rebalancing: when an instance's predicted backlog passes θ × SLO, requests at the tail of its
+  queue move to their other candidate whenever that lowers their predicted TTFT and the other
+  candidate is not itself past the threshold; so does its oldest request once it has waited
+  θ × SLO;
+- late binding to an idle instance: an instance with nothing in flight and nothing queued takes
+  the held request whose predicted TTFT it lowers most, from a queue where it is that request's
+  other candidate, or from any queue when that request's wait at home is already past θ × SLO.
+
+Nothing is lost or duplicated: every held request is in exactly one queue until it is released.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvpilot.router.estimate import LoadEstimator
 from kvpilot.router.policy import RequestView
@@ -24,17 +33,28 @@ class Held:
     home: str                 # the instance whose queue holds it
     other: str                # its other candidate
     reason: str
-    uncached: int             # estimated uncached tokens at `home`
+    uncached: int             # estimated prefill work at `home` (token-equivalents)
+    order: int = field(default=0, compare=False)   # arrival order, the tie-breaker
+
+
+def _key(held: Held) -> tuple[int, int]:
+    return held.uncached, held.order
 
 
 class HoldQueues:
-    def __init__(self, estimate: LoadEstimator, limit_s: Callable[[], float], release_tokens: int = 8192) -> None:
+    def __init__(self, estimate: LoadEstimator, limit_s: Callable[[], float], release_tokens: int = 8192, *,
+                 max_wait_s: Callable[[], float] | None = None, steal: bool = True) -> None:
         self.estimate = estimate
         self.limit_s = limit_s            # θ × SLO, read when needed (the SLO may change)
+        self.max_wait_s = max_wait_s      # starvation bound; None: pure shortest-work-first
         self.release_tokens = release_tokens
-        self.queues: dict[str, deque[Held]] = {}
+        self.steal = steal
+        self.queues: dict[str, list[Held]] = {}
         self.queued_tokens: dict[str, int] = {}
         self.moves = 0
+        self.steals = 0
+        self.clock = 0.0                  # latest arrival seen: the router's notion of now
+        self._order = 0
 
     def __len__(self) -> int:
         return sum(len(q) for q in self.queues.values())
@@ -43,12 +63,32 @@ class HoldQueues:
         return self.queued_tokens.get(name, 0)
 
     def push(self, held: Held) -> None:
-        self.queues.setdefault(held.home, deque()).append(held)
+        if held.order == 0:
+            self._order += 1
+            held.order = self._order
+            self.clock = max(self.clock, held.request.arrival)
+        bisect.insort(self.queues.setdefault(held.home, []), held, key=_key)
         self.queued_tokens[held.home] = self.queued_tokens.get(held.home, 0) + held.uncached
+
+    def _remove(self, queue: list[Held], i: int) -> Held:
+        held = queue.pop(i)
+        self.queued_tokens[held.home] -= held.uncached
+        return held
 
     def predicted_wait(self, name: str, extra: int = 0) -> float:
         est = self.estimate
         return est.token_s[name] * (est.backlog[name] + self.queued_tokens.get(name, 0) + extra)
+
+    def wait_for(self, name: str, work: int) -> float:
+        """Predicted TTFT at `name` of a request of `work` token-equivalents joining its queue now:
+        the backlog in flight, the queued requests that would start before it (less work), its own."""
+        est = self.estimate
+        ahead = est.backlog[name] + work
+        for held in self.queues.get(name, ()):
+            if held.uncached > work:
+                break
+            ahead += held.uncached
+        return est.token_s[name] * ahead
 
     def rebalance(self) -> None:
         """Move tail requests off instances whose predicted wait exceeds the limit."""
@@ -60,26 +100,94 @@ class HoldQueues:
                 held = queue[-1]
                 here = self.predicted_wait(name)  # the tail waits for everything ahead of it
                 uncached_there = self.estimate.uncached(held.other, held.request)
-                there = self.predicted_wait(held.other, uncached_there)
+                there = self.wait_for(held.other, uncached_there)
                 if there < here and self.predicted_wait(held.other) <= limit:
-                    queue.pop()
-                    self.queued_tokens[name] -= held.uncached
+                    self._remove(queue, len(queue) - 1)
                     held.home, held.other = held.other, held.home
                     held.uncached, held.reason = uncached_there, "rebalance"
                     self.push(held)
                     self.moves += 1
                     moved_any = True
+            if queue:
+                self._move_oldest(name, queue, limit)
 
-    def release(self) -> list[Held]:
-        """Requests whose instance can start them now, in queue order."""
+    def _move_oldest(self, name: str, queue: list[Held], limit: float) -> None:
+        """The other trigger: a request that has already waited θ·SLO moves to its other candidate
+        when it would start sooner there (even if this instance's total backlog looks fine)."""
+        i = min(range(len(queue)), key=lambda k: queue[k].order)
+        held = queue[i]
+        if self.clock - held.request.arrival <= limit:
+            return
+        est = self.estimate
+        here = est.token_s[name] * (est.backlog[name] + sum(h.uncached for h in queue[: i + 1]))
+        work = est.uncached(held.other, held.request)
+        if self.wait_for(held.other, work) < here and self.predicted_wait(held.other) <= limit:
+            self._remove(queue, i)
+            held.home, held.other = held.other, held.home
+            held.uncached, held.reason = work, "rebalance"
+            self.push(held)
+            self.moves += 1
+
+    def _next(self, queue: list[Held]) -> int:
+        """Index of the request to start next: the least work, unless someone has waited too long."""
+        if self.max_wait_s is not None:
+            oldest = min(range(len(queue)), key=lambda i: queue[i].order)
+            if self.clock - queue[oldest].request.arrival >= self.max_wait_s():
+                return oldest
+        return 0
+
+    def _steal_for(self, name: str, kv_room: Callable[[str, Held], bool] | None = None) -> Held | None:
+        """The held request whose predicted TTFT an idle `name` lowers most, taken off its queue."""
+        est = self.estimate
+        limit = self.limit_s()
+        best: tuple[float, str, int, int] | None = None   # (gain, home, index, work here)
+        for home, queue in self.queues.items():
+            if home == name or not queue:
+                continue
+            ahead = est.backlog[home]
+            rate_home = est.token_s[home]
+            for i, held in enumerate(queue):
+                ahead += held.uncached
+                wait_home = rate_home * ahead
+                if held.other != name and wait_home <= limit:
+                    continue  # off its candidates only when it would wait past θ·SLO at home
+                if kv_room is not None and not kv_room(name, held):
+                    continue
+                work = est.uncached(name, held.request)
+                gain = wait_home - est.token_s[name] * (est.backlog[name] + work)
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, home, i, work)
+        if best is None:
+            return None
+        _, home, i, work = best
+        held = self._remove(self.queues[home], i)
+        held.reason = "rebalance" if held.other == name else "steal"
+        held.home, held.other = name, home
+        held.uncached = work
+        self.steals += 1
+        return held
+
+    def release(self, kv_room: Callable[[str, Held], bool] | None = None) -> list[Held]:
+        """Requests whose instance can start them now, in queue order; idle instances with an
+        empty queue take over waiting requests from elsewhere (late binding). `kv_room` says
+        whether an instance's KV cache has room for a request's prompt (the release budget):
+        past it a request waits here rather than in an engine that would have to preempt."""
         out: list[Held] = []
         backlog = self.estimate.backlog
-        for name, queue in self.queues.items():
+        for name in list(backlog):
+            queue = self.queues.get(name)
             while queue and (backlog[name] == 0 or backlog[name] + queue[0].uncached <= self.release_tokens):
-                held = queue.popleft()
-                self.queued_tokens[name] -= held.uncached
+                nxt = self._next(queue)
+                if kv_room is not None and not kv_room(name, queue[nxt]):
+                    break
+                held = self._remove(queue, nxt)
                 backlog[name] += held.uncached  # reserved now; the driver's on_dispatch records it for real
                 out.append(held)
+            if self.steal and backlog[name] == 0 and not queue:
+                stolen = self._steal_for(name, kv_room)
+                if stolen is not None:
+                    backlog[name] += stolen.uncached
+                    out.append(stolen)
         for held in out:
             backlog[held.home] -= held.uncached
         return out

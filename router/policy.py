@@ -60,7 +60,8 @@ class Policy(Protocol):
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None: ...
 
     def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
-        """`ttft_s` is None when the proxy could not observe it (non-streaming requests)."""
+        """`ttft_s`: seconds from dispatch to the instance until its first token (router-side queueing
+        excluded, so it measures the instance); None when the proxy could not observe it (non-streaming)."""
 
 
 @runtime_checkable

@@ -192,6 +192,7 @@ class Cluster:
                     st.preemptions += seq.preemptions
             if self.rebalancer is not None:
                 self.rebalancer.on_step(i, t, plan, engines, moved)
+            loads[i].kv_usage = engine.pool.usage()  # what the proxy scrapes as vllm:kv_cache_usage_perc
             start_step(i, t)
             if first_tokens and self._release is not None:
                 self._release(t)
@@ -202,7 +203,9 @@ class Cluster:
         def dispatch(spec: RequestSpec, view: RequestView, i: int, reason: str, t: float) -> None:
             nonlocal tiebreak
             policy.on_dispatch(view, i, loads)
-            seq = Sequence(spec.request_id, spec.arrival, spec.prompt_tokens, view.block_hashes, spec.max_tokens)
+            # The engine sees the request when it is dispatched (after any router-side queue), so the
+            # TTFT fed back to the policy is measured from here, as the live proxy measures it.
+            seq = Sequence(spec.request_id, t, spec.prompt_tokens, view.block_hashes, spec.max_tokens)
             engines[i].add(seq)
             meta[seq] = (spec, i, reason)
             loads[i].in_flight += 1

@@ -8,9 +8,13 @@ the cache hit and the TTFT it would see (`LoadEstimator`). It takes the candidat
 larger hit unless that one's predicted TTFT exceeds θ × SLO, in which case it takes the faster
 of the two.
 
-Hot prefixes get longer keys (`AdaptiveDepth`); requests wait in router-side queues with late
-binding and move off hot spots while queued (`HoldQueues`, used where the driver supports
-holding: the virtual-time cluster today). Not yet here: KV-event-driven cache state.
+Hot prefixes get longer keys (`AdaptiveDepth`); requests wait in router-side queues ordered by
+expected prefill work, are released while the instance's prefill backlog and KV budget allow,
+move off hot spots while queued, and are taken over by idle instances (`HoldQueues`, used where
+the driver supports holding: the virtual-time cluster today). The predicted TTFT for the switch
+counts only the queued work that would start first. bench/results/routing_quality.md has what
+each part is worth. Where the router follows vLLM's KV events (`kvEvents`), the cache hit comes
+from them (`kvpilot.router.kv_events`) instead of the shadow cache.
 Paper: DualMap, arXiv 2602.06502 (read, not copied).
 """
 
@@ -40,13 +44,18 @@ class DualMap(BasePolicy):
 
     def __init__(self, context: PolicyContext | None = None, *, key_tokens: int = 1024, theta: float = 0.5,
                  vnodes: int = 128, prefill_token_s: float = 30e-6, ewma: float = 0.1,
-                 release_tokens: int = 8192, adaptive_depth: bool = True) -> None:
+                 release_tokens: int = 8192, adaptive_depth: bool = True, steal: bool = True,
+                 max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000,
+                 kv_high: float | None = 0.9) -> None:
         super().__init__(context)
         self.depth = max(1, key_tokens // self.context.block_size)
         self.adaptive = AdaptiveDepth(self.depth) if adaptive_depth else None
         self.theta = theta
-        self.estimate = LoadEstimator(self.context, prefill_token_s, ewma)
-        self.holding = HoldQueues(self.estimate, lambda: self.theta * self.context.slo_ttft_s, release_tokens)
+        self.estimate = LoadEstimator(self.context, prefill_token_s, ewma, attention_tokens)
+        max_wait = None if max_wait_slos is None else (lambda: max_wait_slos * self.context.slo_ttft_s)
+        self.holding = HoldQueues(self.estimate, lambda: self.theta * self.context.slo_ttft_s, release_tokens,
+                                  max_wait_s=max_wait, steal=steal)
+        self.kv_high = kv_high
         self._other: dict[str, str] = {}
         self._ring = DualRing(vnodes=vnodes)
         self._members = Membership(self._ring)
@@ -67,7 +76,7 @@ class DualMap(BasePolicy):
         c1, c2 = self._ring.candidates(key)
         u1, u2 = est.uncached(c1, request), est.uncached(c2, request)
         best, other, ub, uo = (c1, c2, u1, u2) if u1 <= u2 else (c2, c1, u2, u1)
-        wait = self.holding.predicted_wait
+        wait = self.holding.wait_for
         t_best, t_other = wait(best, ub), wait(other, uo)
         if t_best > self.theta * self.context.slo_ttft_s and t_other < t_best:
             self._other[request.request_id] = best
@@ -83,7 +92,18 @@ class DualMap(BasePolicy):
     def release(self, instances: Sequence[InstanceLoad]) -> list[tuple[RequestView, int, str]]:
         self._sync(instances)
         self.holding.rebalance()
-        return [(h.request, self._members.index[h.home], h.reason) for h in self.holding.release()]
+        room = None
+        if self.kv_high is not None:
+            kv = {inst.name: inst.kv_usage for inst in instances}
+            busy = {inst.name: inst.in_flight > 0 for inst in instances}
+            capacity = self.context.kv_capacity_tokens
+            high = self.kv_high
+
+            def room(name: str, held: Held) -> bool:
+                # An instance with nothing in flight always has room; otherwise its scraped usage
+                # plus this prompt must stay under kv_high, or decodes there would start preempting.
+                return not busy[name] or kv[name] + held.request.prompt_tokens / capacity <= high
+        return [(h.request, self._members.index[h.home], h.reason) for h in self.holding.release(room)]
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         self._other.pop(request.request_id, None)

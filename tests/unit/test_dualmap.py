@@ -48,7 +48,7 @@ def test_slo_switch_flips_exactly_at_threshold() -> None:
 
 
 def test_first_token_calibrates_per_token_time_and_drains_backlog() -> None:
-    policy = DualMap(CTX, prefill_token_s=1e-5, ewma=1.0)
+    policy = DualMap(CTX, prefill_token_s=1e-5, ewma=1.0, attention_tokens=0)  # linear work: tokens
     req = request("cal", prefix=3, tokens=4096)
     d = policy.route(req, INSTANCES)
     policy.on_dispatch(req, d.index, INSTANCES)
@@ -80,7 +80,7 @@ def test_shadow_cache_evicts_tails_first_and_matches_prefixes() -> None:
 
 
 def test_rebalancing_moves_queued_requests_without_losing_or_duplicating() -> None:
-    policy = DualMap(CTX, theta=100.0, prefill_token_s=1e-4, release_tokens=4096)
+    policy = DualMap(CTX, theta=100.0, prefill_token_s=1e-4, release_tokens=4096, steal=False)
     held: list[str] = []
     # Thirty requests behind one prefix, routed while the threshold is lax: all queue on one instance.
     for i in range(30):
@@ -111,6 +111,69 @@ def test_rebalancing_moves_queued_requests_without_losing_or_duplicating() -> No
     assert len(policy.holding) == 0
 
 
+def test_attention_term_makes_long_prompts_cost_more_per_token() -> None:
+    est = DualMap(CTX, attention_tokens=20_000).estimate
+    est.track(INSTANCES)
+    short = RequestView("s", 2_000, list(range(1, 126)))
+    long = RequestView("l", 80_000, list(range(1_000, 6_000)))   # 5,000 blocks of 16
+    per_token = [est.uncached("pod-0", r) / r.prompt_tokens for r in (short, long)]
+    assert 1.0 < per_token[0] < 1.1 and 2.9 < per_token[1] < 3.1   # 1 + (u/2)/20k
+    est.caches["pod-0"].capacity = 10_000
+    est.caches["pod-0"].insert(long.block_hashes)
+    assert est.uncached("pod-0", long) == 1 + 79_999 // 20_000    # all but the last token cached: a long
+    # prompt's whole cached prefix is seen, not just its head (the ladder spans every block)
+
+
+def test_queues_start_the_least_work_first_and_never_starve() -> None:
+    policy = DualMap(CTX, prefill_token_s=1e-4, release_tokens=1, steal=False, max_wait_slos=1.0)
+    policy.estimate.track(INSTANCES)
+    name = INSTANCES[0].name
+    policy.estimate.backlog[name] = 10_000   # busy: everything queues
+    sizes = {"big": 16_384, "mid": 8_192, "small": 1_024}
+    for t, (rid, tokens) in enumerate(sizes.items()):
+        policy.hold(RequestView(rid, tokens, request(rid, 9_000 + t, tokens).block_hashes, arrival=0.1 * t),
+                    0, INSTANCES, "affinity")
+    order = []
+    while len(policy.holding):
+        policy.estimate.backlog[name] = 0    # the previous prefill is done
+        released = policy.release(INSTANCES)
+        assert len(released) == 1
+        order.append(released[0][0].request_id)
+    assert order == ["small", "mid", "big"]
+    # The oldest goes first once it has waited longer than max_wait (1 × SLO = 2 s).
+    policy.estimate.backlog[name] = 10_000
+    for t, (rid, tokens) in enumerate(sizes.items()):
+        policy.hold(RequestView(rid, tokens, request(rid, 9_100 + t, tokens).block_hashes, arrival=10.0 + t),
+                    0, INSTANCES, "affinity")   # the clock is now 12 s: "big" (10 s) has waited 2 s
+    policy.hold(RequestView("late", 512, request("late", 9_200, 512).block_hashes, arrival=12.5), 0, INSTANCES,
+                "affinity")
+    policy.estimate.backlog[name] = 0
+    assert policy.release(INSTANCES)[0][0].request_id == "big"
+
+
+def test_idle_instances_take_over_waiting_requests_once_each() -> None:
+    policy = DualMap(CTX, theta=0.5, prefill_token_s=1e-4, release_tokens=4096)
+    ids: list[str] = []
+    for i in range(40):   # one hot prefix: everything is routed to its two candidates
+        req = request(f"s{i}", prefix=777, tokens=4096)
+        d = policy.route(req, INSTANCES)
+        policy.hold(req, d.index, INSTANCES, d.reason)
+        ids.append(req.request_id)
+    released = policy.release(INSTANCES)
+    used = {i for _, i, _ in released}
+    assert len(used) == len(INSTANCES)                # every idle instance started something
+    assert any(reason == "steal" for _, _, reason in released)
+    seen = [v.request_id for v, _, _ in released]
+    while len(policy.holding):
+        for v, i, _ in released:
+            policy.on_dispatch(v, i, INSTANCES)
+            policy.on_first_token(v.request_id, 0.4)
+        released = policy.release(INSTANCES)
+        assert released
+        seen += [v.request_id for v, _, _ in released]
+    assert sorted(seen) == sorted(ids)               # each exactly once
+
+
 def test_dualmap_in_the_cluster_serves_every_request_once() -> None:
     from kvpilot.sim.cluster import Cluster, ClusterConfig
     from kvpilot.sim.workload import mooncake
@@ -120,3 +183,19 @@ def test_dualmap_in_the_cluster_serves_every_request_once() -> None:
     assert sorted(r.request_id for r in report.results) == sorted(s.request_id for s in specs)
     reasons = {r.reason for r in report.results}
     assert "affinity" in reasons and ("rebalance" in reasons or "slo-fallback" in reasons)
+
+
+def test_release_waits_for_kv_room_on_a_busy_instance() -> None:
+    policy = DualMap(CTX, prefill_token_s=1e-4, steal=False, kv_high=0.9)
+    loads = [InstanceLoad(f"pod-{i}") for i in range(8)]
+    req = request("kv", prefix=31, tokens=4096)
+    d = policy.route(req, loads)
+    policy.hold(req, d.index, loads, d.reason)
+    loads[d.index].in_flight, loads[d.index].kv_usage = 3, 0.88   # 4,096 of 100k tokens more would pass 0.9
+    assert policy.release(loads) == []
+    loads[d.index].kv_usage = 0.5
+    assert [v.request_id for v, _, _ in policy.release(loads)] == ["kv"]
+    policy.hold(req, d.index, loads, d.reason)
+    loads[d.index].in_flight, loads[d.index].kv_usage = 0, 0.99     # nothing in flight: always room
+    assert [v.request_id for v, _, _ in policy.release(loads)] == ["kv"]
+

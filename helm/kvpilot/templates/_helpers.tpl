@@ -67,7 +67,19 @@ app.kubernetes.io/component: operator
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- if .Values.metrics.podMonitors }}
+# Server-side apply only; garbage collection deletes them with their LLMService.
+- apiGroups: [monitoring.coreos.com]
+  resources: [podmonitors]
+  verbs: [create, patch]
+{{- end }}
+{{- if and .Values.peering.enabled .Values.watchNamespaces }}
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
   verbs: [get, list, watch, patch]
+{{- end }}
+{{- end -}}
+
+{{- define "kvpilot.peeringName" -}}
+{{- default (include "kvpilot.fullname" .) .Values.peering.name -}}
 {{- end -}}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,18 +17,20 @@ from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
 
 
 class Operator:
-    """`kvpilot operator run --standalone`, restartable, logging to the control plane's log folder."""
+    """`kvpilot operator run` (by default --standalone), restartable, logging to the control plane's log folder."""
 
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, args: tuple[str, ...] = ("--standalone",), name: str = "operator") -> None:
         self.plane = plane
+        self.args = args
+        self.name = name
         self.proc: ManagedProcess | None = None
         self.starts = 0
 
     def start(self) -> None:
         self.starts += 1
-        argv = [sys.executable, "-P", "-m", "kvpilot.cli", "operator", "run", "--standalone",
-                "--resync-seconds", "20"]
-        self.proc = ManagedProcess("kvpilot-operator", argv, self.plane.dir / "logs" / f"operator-{self.starts}.log",
+        argv = [sys.executable, "-P", "-m", "kvpilot.cli", "operator", "run", "--resync-seconds", "20", *self.args]
+        self.proc = ManagedProcess(f"kvpilot-{self.name}", argv,
+                                   self.plane.dir / "logs" / f"{self.name}-{self.starts}.log",
                                    env=self.plane.env(), cwd=REPO_ROOT)
         proc = self.proc
         wait_for(lambda: "Initial authentication has finished" in proc.log_path.read_text(), 30,
@@ -37,8 +41,19 @@ class Operator:
             self.proc.stop()
             self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers run, so the process cannot say goodbye to its peers."""
+        proc = self.proc
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGKILL)
+        wait_for(lambda: not proc.alive(), 10, "the operator to die")
+
     def log_tail(self) -> str:
         return self.proc.log_tail(60) if self.proc else ""
+
+    def log(self) -> str:
+        """Everything this run logged so far."""
+        return self.proc.log_path.read_text() if self.proc else ""
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +73,21 @@ def operator(crds: ControlPlane) -> Iterator[Operator]:
     try:
         yield op
     finally:
+        op.stop()
+
+
+@pytest.fixture
+def make_operator(crds: ControlPlane) -> Iterator[Callable[..., Operator]]:
+    """Extra operator processes with given arguments, all stopped after the test."""
+    made: list[Operator] = []
+
+    def make(*args: str, name: str) -> Operator:
+        op = Operator(crds, args, name)
+        made.append(op)
+        return op
+
+    yield make
+    for op in made:
         op.stop()
 
 

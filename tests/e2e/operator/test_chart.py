@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -28,21 +31,70 @@ def test_lint_and_template(crds: ControlPlane) -> None:
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "KopfPeering", "Role", "RoleBinding",
                      "Service", "ServiceAccount"]
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:2] == ["operator", "run"] and "--peering=kvpilot" in args and "--namespace=team-a" in args
+    assert args[:2] == ["operator", "run"] and "--peering=kv-kvpilot" in args and "--namespace=team-a" in args
+    assert "--standalone" not in args and "--no-pod-monitors" not in args
+    peering = next(d for d in docs if d["kind"] == "KopfPeering")
+    assert peering["metadata"] == {**peering["metadata"], "name": "kv-kvpilot", "namespace": "team-a"}
     role = next(d for d in docs if d["kind"] == "Role")
     assert role["metadata"]["namespace"] == "team-a"
-    verbs = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    verbs = _verbs(role)
     assert verbs[("apps", "deployments")] == {"get", "list", "watch", "create", "patch"}  # never delete or update
     assert "delete" not in verbs[("kvpilot.io", "llmservices")]
+    assert verbs[("monitoring.coreos.com", "podmonitors")] == {"create", "patch"}  # server-side apply only
+    assert verbs[("kopf.dev", "kopfpeerings")] == {"get", "list", "watch", "patch"}
     cluster = next(d for d in docs if d["kind"] == "ClusterRole")
     assert not any("deployments" in rule["resources"] for rule in cluster["rules"])  # namespaced when scoped
+    assert ("kopf.dev", "clusterkopfpeerings") not in _verbs(cluster)
+
+
+def _verbs(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    return {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+
+
+def test_template_clusterwide_peering_and_opt_outs(crds: ControlPlane) -> None:
+    out = crds.helm("template", "kv", CHART, "--namespace", "kvpilot-system", "--skip-tests")
+    assert out.returncode == 0, out.stderr
+    docs = _docs(out.stdout)
+    assert next(d for d in docs if d["kind"] == "ClusterKopfPeering")["metadata"]["name"] == "kv-kvpilot"
+    cluster = _verbs(next(d for d in docs if d["kind"] == "ClusterRole"))
+    assert cluster[("kopf.dev", "clusterkopfpeerings")] == {"get", "list", "watch", "patch"}
+    assert cluster[("monitoring.coreos.com", "podmonitors")] == {"create", "patch"}
+
+    out = crds.helm("template", "kv", CHART, "--namespace", "kvpilot-system", "--skip-tests",
+                    "--set", "peering.enabled=false", "--set", "metrics.podMonitors=false")
+    assert out.returncode == 0, out.stderr
+    docs = _docs(out.stdout)
+    assert not any(d["kind"].endswith("KopfPeering") for d in docs)
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--standalone" in args and "--no-pod-monitors" in args
+    groups = {g for g, _ in _verbs(next(d for d in docs if d["kind"] == "ClusterRole"))}
+    assert "kopf.dev" not in groups and "monitoring.coreos.com" not in groups
+
+
+def _run_helm_test_hook(plane: ControlPlane, release: str, ns: str) -> None:
+    """`helm test` needs a real container (kwok only pretends to run pods), so run the hook pod's own
+    command here, as the release's service account (a token for it), against the same apiserver."""
+    hooks = _docs(plane.helm("get", "hooks", release, "--namespace", ns).stdout)
+    pod = next(d for d in hooks if d["kind"] == "Pod" and d["metadata"]["annotations"]["helm.sh/hook"] == "test")
+    container = pod["spec"]["containers"][0]
+    assert pod["spec"]["serviceAccountName"] == f"{release}-kvpilot" and container["command"][0] == "python"
+    token = plane.kubectl("create", "token", "-n", ns, f"{release}-kvpilot")
+    assert token.returncode == 0, token.stderr
+    kubeconfig = json.loads(plane.kubeconfig.read_text())
+    kubeconfig["users"] = [{"name": "admin", "user": {"token": token.stdout.strip()}}]
+    path = plane.dir / f"{release}.kubeconfig"
+    path.write_text(json.dumps(kubeconfig))
+    out = subprocess.run([sys.executable, *container["command"][1:], *container["args"]], cwd=REPO_ROOT,
+                         env={**plane.env(), "KUBECONFIG": str(path)}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "LLMServices" in out.stdout and "8 GPUs on the largest node" in out.stdout, out.stdout
 
 
 def test_install_and_uninstall(crds: ControlPlane) -> None:
     release, ns = f"kv{uuid.uuid4().hex[:6]}", f"kvpilot-{uuid.uuid4().hex[:6]}"
     out = crds.helm("install", release, CHART, "--namespace", ns, "--create-namespace", "--wait", "--timeout", "90s")
     assert out.returncode == 0, out.stderr
-    assert "kubectl apply -f" in out.stdout  # NOTES.txt
+    assert "kubectl apply -f" in out.stdout and f"clusterkopfpeering {release}-kvpilot" in out.stdout  # NOTES.txt
     dep = crds.kubectl("get", "deployment", "-n", ns, f"{release}-kvpilot", "-o",
                        "jsonpath={.status.availableReplicas}")
     assert dep.stdout == "1", dep.stderr
@@ -52,5 +104,11 @@ def test_install_and_uninstall(crds: ControlPlane) -> None:
     cannot = crds.kubectl("auth", "can-i", "delete", "deployments", "-n", "default",
                           f"--as=system:serviceaccount:{ns}:{release}-kvpilot")
     assert cannot.stdout.strip() == "no"
+    can = crds.kubectl("auth", "can-i", "patch", f"clusterkopfpeerings.kopf.dev/{release}-kvpilot",
+                       f"--as=system:serviceaccount:{ns}:{release}-kvpilot")
+    assert can.stdout.strip() == "yes"
+    peering = crds.kubectl("get", "clusterkopfpeering", f"{release}-kvpilot")
+    assert peering.returncode == 0, peering.stderr
+    _run_helm_test_hook(crds, release, ns)
     out = crds.helm("uninstall", release, "--namespace", ns, "--wait")
     assert out.returncode == 0, out.stderr

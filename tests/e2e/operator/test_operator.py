@@ -40,6 +40,7 @@ def test_simulator_example_is_served_scaled_healed_and_deleted(
     svc = kget("llmservice", "sim-llama-8b")
     status = svc["status"]
     assert status["phase"] == "Ready" and status["observedGeneration"] == svc["metadata"]["generation"]
+    assert not svc["metadata"].get("finalizers")  # deleting it never waits for the operator
     assert status["prefill"] == {"desired": 1, "replicas": 1, "ready": 1}
     assert status["decode"] == {"desired": 2, "replicas": 2, "ready": 2}
     assert status["endpoint"] == f"http://sim-llama-8b-router.{namespace}.svc:8000"
@@ -69,10 +70,16 @@ def test_simulator_example_is_served_scaled_healed_and_deleted(
     wait_for(lambda: kget("deployment", "sim-llama-8b-decode")["spec"]["replicas"] == 3, 30, "Deployment at 3")
     wait_for(lambda: (kget("llmservice", "sim-llama-8b")["status"]["decode"] == {"desired": 3, "replicas": 3,
                                                                                  "ready": 3}), 60, "decode 3/3")
+    old_hash = kget("deployment", "sim-llama-8b-router")["spec"]["template"]["metadata"]["annotations"]
     out = crds.kubectl("patch", "-n", namespace, "llmservice", "sim-llama-8b", "--type", "merge",
                        "-p", '{"spec": {"slo": {"ttftMs": 1500}}}')  # a spec change makes the operator reconcile
     assert out.returncode == 0, out.stderr
     wait_for(lambda: kget("llmservice", "sim-llama-8b")["status"]["observedGeneration"] == 2, 30, "generation 2")
+    # ... and rolls out: the router's config changes, and so does its pod template (a new ReplicaSet).
+    rendered = yaml.safe_load(kget("configmap", "sim-llama-8b-router")["data"]["router.yaml"])
+    assert rendered["models"][0]["ttftMs"] == 1500
+    new_hash = kget("deployment", "sim-llama-8b-router")["spec"]["template"]["metadata"]["annotations"]
+    assert new_hash["kvpilot.io/config-hash"] != old_hash["kvpilot.io/config-hash"]
     assert kget("workerpool", "sim-llama-8b-decode")["spec"]["replicas"] == 3
     assert kget("deployment", "sim-llama-8b-decode")["spec"]["replicas"] == 3
 
@@ -156,3 +163,30 @@ def test_restart_mid_reconcile_converges_and_mode_switch_prunes(
     wait_for(lambda: _ready(kget, "small"), 60, "Ready in disaggregated mode")
     args = kget("deployment", "small-decode")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:4] == ["sim", "serve", "--profile", "h100-qwen2.5-0.5b"]
+
+
+def test_killed_mid_burst_converges_without_duplicates(
+        crds: ControlPlane, operator: Operator, namespace: str, kget: Get) -> None:
+    names = [f"burst-{i:02d}" for i in range(20)]
+    docs = [{"apiVersion": "kvpilot.io/v1alpha1", "kind": "LLMService", "metadata": {"name": name},
+             "spec": {"model": {"name": "Qwen/Qwen2.5-0.5B-Instruct"},
+                      "engine": {"type": "simulator", "profile": "h100-qwen2.5-0.5b"},
+                      "mode": "aggregated", "decode": {"replicas": 1, "gpus": 0}}} for name in names]
+    out = crds.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                               "items": docs}))
+    assert out.returncode == 0, out.stderr
+    # SIGKILL the operator (no cleanup, no goodbye) as soon as it has started on the burst.
+    wait_for(lambda: len(kget("workerpools")["items"]) > 0, 60, f"a first WorkerPool\n{operator.log_tail()}")
+    operator.kill()
+    at_kill = {d["metadata"]["name"] for d in kget("deployments")["items"]}
+    assert len(at_kill) < 2 * len(names), "the burst was done before the kill; make it bigger"
+    operator.start()
+    wait_for(lambda: all(_ready(kget, name) for name in names), 120, f"all Ready after the restart\n"
+             f"{operator.log_tail()}")
+    pools = sorted(p["metadata"]["name"] for p in kget("workerpools")["items"])
+    assert pools == [f"{name}-worker" for name in names]
+    deployments = sorted(d["metadata"]["name"] for d in kget("deployments")["items"])
+    assert deployments == sorted([f"{name}-worker" for name in names] + [f"{name}-router" for name in names])
+    for name in names:
+        status = kget("llmservice", name)["status"]
+        assert status["decode"] == {"desired": 1, "replicas": 1, "ready": 1} and status["router"]["ready"] == 1

@@ -151,3 +151,25 @@ def test_simulator_pd_over_redis_gets_the_kv_store_flag() -> None:
         assert parsed.kv_store == "redis://kv-redis:6379/0" and parsed.profile == "h100-qwen2.5-0.5b"
     plain, _ = _pool(_spec(engine={"type": "simulator"}), "decode")
     assert "--kv-store" not in render.engine_command(plain)[1]
+
+
+def test_pod_monitor_scrapes_every_pod_of_the_service_on_http_metrics() -> None:
+    monitor = render.pod_monitor(OWNER)
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert monitor["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "http", "path": "/metrics"}]
+    # The selector picks every engine pod and the router pod of this service, and nothing else.
+    spec = _spec()
+    pod_labels = [render.pool_deployment(*_pool(spec, role))["spec"]["template"]["metadata"]["labels"]
+                  for role in ("prefill", "decode")]
+    router = next(o for o in render.router_objects(spec, OWNER) if o["kind"] == "Deployment")
+    pod_labels.append(router["spec"]["template"]["metadata"]["labels"])
+    for labels in pod_labels:
+        assert selector.items() <= labels.items()
+        assert labels[render.LABEL_COMPONENT] in ("engine", "router")
+    other = render.pool_deployment(*_pool(spec, "decode"))["spec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= {**other, render.LABEL_SERVICE: "other"}.items()
+    for dep in [render.pool_deployment(*_pool(spec, "decode")), router]:
+        ports = dep["spec"]["template"]["spec"]["containers"][0]["ports"]
+        assert {"name": "http", "containerPort": render.PORT} in ports
