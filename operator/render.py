@@ -17,6 +17,7 @@ from kvpilot import __version__
 from kvpilot.crds import API_VERSION, LLMServiceSpec, PoolSpec, Role, WorkerPoolSpec
 
 PORT = 8000
+KV_EVENTS_PORT = 5557  # the router's ZMQ SUB socket; vLLM instances connect and publish KV-cache events
 MANAGER = "kvpilot-operator"
 LABEL_SERVICE = "kvpilot.io/service"
 LABEL_ROLE = "kvpilot.io/role"
@@ -113,6 +114,8 @@ def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
             "ttftMs": spec.slo.ttft_ms,
             "discovery": {"namespace": owner.namespace, "port": PORT,
                           "pools": {ROUTER_ROLES[role]: pool_selector(owner.name, role) for role in spec.pools()}},
+            **({"kvEvents": {"bind": f"tcp://0.0.0.0:{KV_EVENTS_PORT}", "blockSize": spec.routing.block_size}}
+               if spec.engine.type == "vllm" else {}),
         }],
     }
 
@@ -128,7 +131,7 @@ def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None)
     container = {
         "name": "router", "image": image or kvpilot_image(),
         "command": ["kvpilot", "router", "--config", ROUTER_CONFIG],
-        "ports": [{"name": "http", "containerPort": PORT}],
+        "ports": [{"name": "http", "containerPort": PORT}, {"name": "kv-events", "containerPort": KV_EVENTS_PORT}],
         "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
         "readinessProbe": probe, "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
@@ -153,7 +156,9 @@ def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None)
                                                             "prometheus.io/port": str(PORT)}},
                                "spec": pod}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, owner, labels),
-         "spec": {"selector": selector, "ports": [{"name": "http", "port": PORT, "targetPort": "http"}]}},
+         "spec": {"selector": selector, "ports": [{"name": "http", "port": PORT, "targetPort": "http"},
+                                                  {"name": "kv-events", "port": KV_EVENTS_PORT,
+                                                   "targetPort": "kv-events"}]}},
     ]
 
 
@@ -187,6 +192,7 @@ def engine_command(spec: WorkerPoolSpec) -> tuple[list[str], list[str]]:
             "--tensor-parallel-size", str(spec.tensor_parallel), "--enable-prefix-caching"]
     if spec.role != "aggregated":
         args += ["--kv-transfer-config", json.dumps(kv_transfer_config(spec), separators=(",", ":"))]
+    args += ["--kv-events-config", json.dumps(kv_events_config(spec), separators=(",", ":"))]
     if spec.model.uri and spec.model.uri.startswith("s3://"):
         args += ["--load-format", "runai_streamer"]
     return ["vllm", "serve"], [*args, *spec.engine.args]
@@ -196,9 +202,21 @@ def kv_transfer_config(spec: WorkerPoolSpec) -> Obj:
     """vLLM's --kv-transfer-config for one side of a P/D pair: NIXL by default, LMCache for Redis."""
     backend = spec.kv_transfer.backend if spec.kv_transfer else "nixl"
     if backend == "nixl":
-        return {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+        # Explicit roles (vLLM deprecates kv_both); a pool without GPUs stages KV in host memory.
+        role = "kv_producer" if spec.role == "prefill" else "kv_consumer"
+        kv: Obj = {"kv_connector": "NixlConnector", "kv_role": role}
+        if not spec.gpus:
+            kv["kv_buffer_device"] = "cpu"
+        return kv
     return {"kv_connector": "LMCacheConnectorV1",
             "kv_role": "kv_producer" if spec.role == "prefill" else "kv_consumer"}
+
+
+def kv_events_config(spec: WorkerPoolSpec) -> Obj:
+    """vLLM's --kv-events-config: dial the router's KV-event socket (a host:port endpoint makes vLLM
+    connect rather than bind) and publish under the pod's name, which is the router's endpoint name."""
+    return {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "$(POD_NAME)",
+            "endpoint": f"tcp://{router_name(spec.service)}:{KV_EVENTS_PORT}"}
 
 
 def _vllm_model_arg(spec: WorkerPoolSpec) -> str:
@@ -213,6 +231,8 @@ def _vllm_model_arg(spec: WorkerPoolSpec) -> str:
 def engine_env(spec: WorkerPoolSpec) -> list[Obj]:
     env: list[Obj] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     kv = spec.kv_transfer
+    if spec.engine.type == "vllm":  # the KV-event topic (see kv_events_config)
+        env.append({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     if spec.engine.type == "vllm" and spec.role != "aggregated":
         if kv is None or kv.backend == "nixl":
             env.append({"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "value": "$(POD_IP)"})

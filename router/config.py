@@ -35,6 +35,17 @@ class Discovery(BaseModel):
     pools: dict[Role, str] = Field(min_length=1, description="role → label selector")
 
 
+class KVEvents(BaseModel):
+    """Follow the engines' KV-cache events (vLLM `--kv-events-config`, `kvpilot.router.kv_events`):
+    the router binds `bind`, each instance connects and publishes under its endpoint name as topic."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    bind: str = "tcp://0.0.0.0:5557"
+    tokenizer: str | None = Field(None, description="tokenizer.json or a model dir: to key prompts like the engine")
+    block_size: int = Field(128, gt=0, alias="blockSize", description="the engine's KV block size (CPU 128, GPU 16)")
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -53,6 +64,7 @@ class ModelConfig(BaseModel):
     slo_tpot_ms: float = Field(100, gt=0, alias="tpotMs")
     kv_capacity_tokens: int = Field(400_000, gt=0, alias="kvCapacityTokens")
     max_inflight_per_endpoint: int = Field(256, gt=0, alias="maxInflightPerEndpoint")
+    kv_events: KVEvents | None = Field(None, alias="kvEvents")
     migration: MigrationConfig | None = Field(None, description="live migration of running streams (simulator)")
 
     @model_validator(mode="after")

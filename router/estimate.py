@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Protocol
 
 from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
 
@@ -83,6 +84,12 @@ class ShadowCache:
             self.size -= blocks.popitem(last=False)[1]
 
 
+class CacheView(Protocol):
+    """Observed cache contents (vLLM KV events) that override the shadow cache where known."""
+
+    def cached_tokens(self, name: str, request: RequestView) -> int | None: ...
+
+
 class LoadEstimator:
     """Per-instance shadow caches, prefill backlogs and per-token prefill times, keyed by name
     (so an instance keeps its history when the list order or membership changes).
@@ -104,6 +111,7 @@ class LoadEstimator:
         self.token_s: dict[str, float] = {}
         self.backlog: dict[str, int] = {}                         # uncached tokens not yet prefilled
         self._inflight: dict[str, tuple[str, int, int]] = {}      # request → (instance, uncached, backlog seen)
+        self.observed: CacheView | None = None                    # set by the proxy when KV events are on
 
     def track(self, instances: Sequence[InstanceLoad]) -> None:
         capacity = self.context.kv_capacity_tokens // self.context.block_size
@@ -114,8 +122,11 @@ class LoadEstimator:
                 self.backlog[inst.name] = 0
 
     def uncached(self, name: str, request: RequestView) -> int:
-        """Prefill work of `request` at `name` in token-equivalents, after its expected cache hit."""
-        hit = min(request.prompt_tokens - 1, self.caches[name].match(request.block_hashes) * self.context.block_size)
+        """Prefill work of `request` at `name` in token-equivalents, after its expected cache hit
+        (observed from KV events where the router follows them, else the shadow cache's guess)."""
+        seen = self.observed.cached_tokens(name, request) if self.observed is not None else None
+        cached = self.caches[name].match(request.block_hashes) * self.context.block_size if seen is None else seen
+        hit = min(request.prompt_tokens - 1, cached)
         new = max(1, request.prompt_tokens - hit)
         if self.attention_tokens <= 0:
             return new

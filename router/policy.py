@@ -19,6 +19,9 @@ class RequestView:
     prompt_tokens: int
     block_hashes: list[int]  # chained hashes of the prompt's full blocks at the engines' block size
     arrival: float = 0.0
+    # Chained keys of the prompt's blocks in the engine's own tokens and block size, when the router
+    # knows the model's tokenizer and follows KV events (`kvpilot.router.kv_events`); else empty.
+    engine_blocks: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

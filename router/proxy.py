@@ -28,6 +28,8 @@ from kvpilot.router.config import Endpoint, ModelConfig, RouterConfig
 from kvpilot.router.dashboard import Timeline, page
 from kvpilot.router.discovery import PodWatcher
 from kvpilot.router.endpoints_file import EndpointsFile
+from kvpilot.router.estimate import LoadEstimator
+from kvpilot.router.kv_events import KVEventIndex, load_tokenizer
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.migration import Migrator
 from kvpilot.router.policies import make_policy
@@ -77,6 +79,8 @@ class Router:
         self.migrator = Migrator(self.metrics)
         self.models: dict[str, Served] = {}
         self.timelines: dict[str, Timeline] = {}
+        self.kv_indexes: dict[str, KVEventIndex] = {}
+        self._kv_tasks: list[asyncio.Task[None]] = []
         for m in cfg.models:
             ctx = PolicyContext(slo_ttft_s=m.slo_ttft_ms / 1000, block_size=m.block_size,
                                 kv_capacity_tokens=m.kv_capacity_tokens, seed=cfg.seed)
@@ -91,6 +95,8 @@ class Router:
             else:
                 served = Served(m, pool(m.policy), None)
             self.models[m.name] = served
+            if m.kv_events is not None:
+                self._follow_kv_events(m, served)
             self.migrator.add_model(m.name, served.main, m.migration, m.slo_ttft_ms / 1000)
             self.timelines[m.name] = Timeline()
             self._set_endpoints(served, m.endpoints)
@@ -102,6 +108,16 @@ class Router:
                        if s.config.endpoints_file is not None}
         self.scaling_events: dict[str, list[dict[str, Any]]] = {}
         self._cache_counters: dict[str, tuple[float, float]] = {}   # endpoint URL → prefix-cache (hits, queries)
+
+    def _follow_kv_events(self, m: ModelConfig, served: Served) -> None:
+        """Observed cache contents replace the shadow estimate of the pool whose policy uses the cache."""
+        assert m.kv_events is not None
+        tok = load_tokenizer(m.kv_events.tokenizer) if m.kv_events.tokenizer else None
+        index = KVEventIndex(m.kv_events.block_size, tok)
+        self.kv_indexes[m.name] = index
+        estimate = getattr((served.prefill or served.main).policy, "estimate", None)
+        if isinstance(estimate, LoadEstimator):
+            estimate.observed = index
 
     @staticmethod
     def _set_endpoints(served: Served, endpoints: list[Endpoint]) -> None:
@@ -138,6 +154,9 @@ class Router:
             cfg = served.config
             view = RequestView(rid, token_count(prompt), block_hashes(prompt, cfg.block_size, cfg.max_hashed_blocks),
                                time.monotonic())
+            index = self.kv_indexes.get(model_name)
+            if index is not None and not chat:  # chat templates are the engine's: only raw prompts are keyed
+                view.engine_blocks = index.prompt_keys(prompt)
             path = "/v1/chat/completions" if chat else "/v1/completions"
             if served.prefill is not None:
                 body = await self._prefill(served, view, path, body)
@@ -362,6 +381,17 @@ class Router:
                            "migrations": list(self.migrator.recent.get(name, ()))})
         return web.json_response({"models": models})
 
+    async def kv_match(self, request: web.Request) -> web.Response:
+        """What the KV-event index says each instance holds of a prompt (`{"model", "prompt"}`):
+        for checking the router's view against the engines'."""
+        body = await request.json()
+        index = self.kv_indexes.get(str(body.get("model")))
+        if index is None:
+            return web.json_response({"error": "model does not follow KV events"}, status=404)
+        view = RequestView("kv-match", 0, [], engine_blocks=index.prompt_keys(str(body.get("prompt", ""))))
+        return web.json_response({"prompt_blocks": len(view.engine_blocks), "blocks": index.summary(),
+                                  "cached_tokens": {n: index.cached_tokens(n, view) for n in index.instances}})
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -427,6 +457,10 @@ class Router:
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=self.cfg.connect_timeout_s)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         self._scraper = asyncio.create_task(self._scrape_loop())
+        for name, index in self.kv_indexes.items():
+            kv = self.models[name].config.kv_events
+            assert kv is not None
+            self._kv_tasks.append(asyncio.create_task(index.listen(kv.bind)))
         self.migrator.start(self.session)
         loop = asyncio.get_running_loop()
         for served in self.models.values():
@@ -446,6 +480,8 @@ class Router:
             watcher.stop()
         if self._scraper is not None:
             self._scraper.cancel()
+        for task in self._kv_tasks:
+            task.cancel()
         self.migrator.stop()
         if self.session is not None:
             await self.session.close()
@@ -460,6 +496,7 @@ class Router:
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.router.add_get("/dashboard", self.dashboard)
         app.router.add_get("/dashboard/data", self.dashboard_data)
+        app.router.add_post("/debug/kv-match", self.kv_match)
         app.router.add_post("/kvpilot/migrate", self.migrator.handle)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)

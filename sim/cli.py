@@ -17,7 +17,8 @@ def register(sub: Any) -> None:
     simsub = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=True)
 
     serve = simsub.add_parser("serve", help="a simulated vLLM worker with vLLM's HTTP API and metrics")
-    serve.add_argument("--profile", default="h100-llama3-8b", choices=sorted(PROFILES))
+    serve.add_argument("--profile", default="h100-llama3-8b",
+                       help=f"one of {', '.join(sorted(PROFILES))}, or a calibrated profile's JSON file")
     serve.add_argument("--model", default="sim-model", help="served model name")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -34,7 +35,8 @@ def register(sub: Any) -> None:
 
     cluster = simsub.add_parser("cluster", help="N engines in virtual time, fed by a trace or synthetic workload")
     cluster.add_argument("--instances", type=int, default=8)
-    cluster.add_argument("--profile", default="h100-llama3-8b", choices=sorted(PROFILES))
+    cluster.add_argument("--profile", default="h100-llama3-8b",
+                       help=f"one of {', '.join(sorted(PROFILES))}, or a calibrated profile's JSON file")
     cluster.add_argument("--block-size", type=int, help="KV block size (default: the profile's)")
     cluster.add_argument("--policy", default="round-robin")
     cluster.add_argument("--workload", choices=["mooncake", "azure-conv", "synthetic"], default="mooncake")
@@ -49,6 +51,23 @@ def register(sub: Any) -> None:
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--json", type=Path, help="write the report (with per-request rows) here")
     cluster.set_defaults(handler=_cluster)
+
+    cal = simsub.add_parser("calibrate", help="measure a real engine and fit a simulator profile (JSON)")
+    cal.add_argument("--base-url", required=True, help="the engine's OpenAI-compatible server, e.g. http://host:8000")
+    cal.add_argument("--model", required=True, help="served model name")
+    cal.add_argument("--out", type=Path, required=True, help="write the profile JSON here")
+    cal.add_argument("--name", help="profile name (default: calibrated-<model>)")
+    cal.add_argument("--hardware", default="unknown", help="what the engine runs on, for the record")
+    cal.add_argument("--kv-bytes-per-token", type=int, default=1, help="2 × layers × kv_heads × head_dim × dtype")
+    cal.add_argument("--prompt-lengths", default="64,128,256,384,512,768", help="prefill sweep, tokens")
+    cal.add_argument("--batches", default="1,2,4,8,16", help="decode sweep, concurrent streams")
+    cal.add_argument("--decode-prompts", default="32,384", help="decode sweep prompt lengths, tokens")
+    cal.add_argument("--decode-tokens", type=int, default=48)
+    cal.add_argument("--repeats", type=int, default=3)
+    cal.add_argument("--max-num-seqs", type=int, default=256)
+    cal.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.set_defaults(handler=_calibrate)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -94,4 +113,33 @@ def _cluster(args: argparse.Namespace) -> int:
         doc["wall_s"] = wall
         args.json.write_text(json.dumps(doc, indent=1))
         print(f"report written to {args.json}", file=sys.stderr)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kvpilot.sim.calibrate import engine_cache_info, fit_profile, kv_geometry, measure
+
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x]
+
+    info = engine_cache_info(args.base_url)
+    block_size, capacity = kv_geometry(info)
+    t0 = time.perf_counter()
+    prefill, decode = asyncio.run(measure(args.base_url, args.model, prompt_lengths=ints(args.prompt_lengths),
+                                          batches=ints(args.batches), decode_prompts=ints(args.decode_prompts),
+                                          decode_tokens=args.decode_tokens, repeats=args.repeats, seed=args.seed))
+    profile = fit_profile(
+        prefill, decode, name=args.name or f"calibrated-{args.model}", model=args.model, hardware=args.hardware,
+        source=f"measured: kvpilot sim calibrate against {args.base_url} ({len(prefill)} prefill and "
+               f"{len(decode)} decode points, {time.perf_counter() - t0:.0f} s)",
+        block_size=block_size, kv_capacity_tokens=capacity,
+        kv_bytes_per_token=args.kv_bytes_per_token, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens)
+    doc = {"profile": profile.model_dump(), "points": {
+        "prefill": [[p.prompt_tokens, p.ttft_s] for p in prefill],
+        "decode": [[p.batch, p.context, p.itl_s] for p in decode]}}
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(json.dumps(profile.model_dump(), indent=1))
     return 0

@@ -17,6 +17,9 @@ published vLLM figures (cited per profile); "measured" means fitted from our own
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -37,6 +40,8 @@ class Profile(BaseModel):
     attn_pair_s: float = Field(ge=0)
     decode_seq_s: float = Field(ge=0)
     decode_ctx_s: float = Field(ge=0)
+    request_overhead_s: float = Field(0.0, ge=0, description="frontend time per request outside the steps (HTTP, "
+                                      "tokenization), seen in TTFT; measured by `kvpilot sim calibrate`")
 
 
 def _kv_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
@@ -86,6 +91,10 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
 
 
 def get_profile(name: str) -> Profile:
+    """A built-in profile by name, or a calibrated one from the JSON `kvpilot sim calibrate --out` wrote."""
+    if name.endswith(".json"):
+        doc = json.loads(Path(name).read_text())
+        return Profile.model_validate(doc.get("profile", doc))
     try:
         return PROFILES[name]
     except KeyError:

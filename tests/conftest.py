@@ -1,4 +1,4 @@
-"""Test tiers follow folders: tests/unit, tests/integration, tests/e2e get the matching marker,
+"""Test tiers follow folders: tests/unit, tests/integration, tests/e2e, tests/vllm get the matching marker,
 so `pytest -m unit` selects by tier without every test repeating its marker."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 pytest_plugins = ["kvpilot.testing.pytest_plugin"]
 
-_TIERS = ("unit", "integration", "e2e")
+_TIERS = ("unit", "integration", "e2e", "vllm")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

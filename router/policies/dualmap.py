@@ -13,7 +13,8 @@ expected prefill work, are released while the instance's prefill backlog and KV 
 move off hot spots while queued, and are taken over by idle instances (`HoldQueues`, used where
 the driver supports holding: the virtual-time cluster today). The predicted TTFT for the switch
 counts only the queued work that would start first. bench/results/routing_quality.md has what
-each part is worth. Not yet here: KV-event-driven cache state.
+each part is worth. Where the router follows vLLM's KV events (`kvEvents`), the cache hit comes
+from them (`kvpilot.router.kv_events`) instead of the shadow cache.
 Paper: DualMap, arXiv 2602.06502 (read, not copied).
 """
 

@@ -54,7 +54,10 @@ def test_vllm_prefill_args_gpus_and_probes() -> None:
     assert args[args.index("--tensor-parallel-size") + 1] == "2"
     assert args[args.index("--served-model-name") + 1] == "llama-8b"
     kv = json.loads(args[args.index("--kv-transfer-config") + 1])
-    assert kv == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    assert kv == {"kv_connector": "NixlConnector", "kv_role": "kv_producer"}  # GPUs: vLLM's default buffer
+    events = json.loads(args[args.index("--kv-events-config") + 1])
+    assert events["endpoint"] == f"tcp://llama-router:{render.KV_EVENTS_PORT}" and events["topic"] == "$(POD_NAME)"
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert dep["spec"]["replicas"] == 2

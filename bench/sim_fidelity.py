@@ -1,0 +1,275 @@
+"""Simulator fidelity: the same request mix on real vLLM and on the simulator with a fitted profile.
+
+    .venv/bin/python -P bench/sim_fidelity.py [--rates 2 6] [--requests 60] [--base-url URL --model NAME]
+
+Without --base-url it starts the CPU vLLM of the `vllm` test tier (tiny random Llama,
+scripts/vllm-cpu-env.sh; --cpu N pins it to one core). Then:
+1. `kvpilot.sim.calibrate` measures the engine and fits a profile (written next to the results);
+2. a seeded mix (Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, no shared prefixes)
+   is streamed to the engine, recording each request's TTFT and TPOT (client side);
+3. the same requests (same arrival offsets, the prompt token counts the engine reported, same
+   output lengths) run through the simulator's engine model in virtual time;
+4. TTFT and TPOT distributions are compared. Goal: medians within 15%.
+Results: bench/results/sim_fidelity.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from kvpilot.sim.calibrate import (
+    engine_cache_info,
+    fit_profile,
+    itl,
+    kv_geometry,
+    make_text,
+    measure,
+    stream_completion,
+)
+from kvpilot.sim.engine import Engine, Sequence
+from kvpilot.sim.profiles import Profile, get_profile
+
+
+@dataclass(slots=True)
+class Req:
+    arrival: float
+    prompt_chars: int
+    max_tokens: int
+    prompt_tokens: int = 0
+    ttft: float = 0.0
+    tpot: float | None = None
+
+
+def mix(n: int, rate: float, chars_per_token: float, seed: int) -> list[Req]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(Req(t, int(rng.randint(64, 700) * chars_per_token), rng.randint(16, 96)))
+    return out
+
+
+async def run_real(base_url: str, model: str, reqs: list[Req], seed: int) -> None:
+    rng = random.Random(seed)
+    prompts = [make_text(rng, r.prompt_chars) for r in reqs]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.perf_counter()
+
+        async def one(r: Req, prompt: str) -> None:
+            await asyncio.sleep(max(0.0, r.arrival - (time.perf_counter() - start)))
+            t = await stream_completion(session, base_url, model, prompt, r.max_tokens)
+            r.prompt_tokens, r.ttft, r.tpot = t.prompt_tokens, t.ttft_s, itl(t)
+
+        await asyncio.gather(*(one(r, p) for r, p in zip(reqs, prompts, strict=True)))
+
+
+def run_sim(profile: Profile, reqs: list[Req], seed: int, shared_core: bool) -> list[tuple[float, float | None]]:
+    """Single-step virtual time over the simulator's engine: arrivals join at the next step.
+
+    `shared_core`: the API server runs on the engine's one core (a pinned CPU engine), so its
+    per-request work (`request_overhead_s`: HTTP, tokenization) holds up the steps instead of
+    overlapping them; it is then spent between steps, as the request enters the engine."""
+    rng = random.Random(seed)
+    engine = Engine(profile)
+    pending = sorted(enumerate(reqs), key=lambda x: x[1].arrival)
+    seqs: dict[int, Sequence] = {}
+    t, k = 0.0, 0
+    while k < len(pending) or engine.has_work:
+        while k < len(pending) and pending[k][1].arrival <= t:
+            i, r = pending[k]
+            if shared_core:
+                t += profile.request_overhead_s
+            hashes = [rng.getrandbits(63) for _ in range(r.prompt_tokens // engine.block_size)]
+            seqs[i] = Sequence(f"r{i}", r.arrival, r.prompt_tokens, hashes, r.max_tokens)
+            engine.add(seqs[i])
+            k += 1
+        plan = engine.schedule(t)
+        if plan is None:
+            t = pending[k][1].arrival
+            continue
+        t += plan.duration()
+        engine.commit(plan, t)
+    out: list[tuple[float, float | None]] = []
+    for i, r in enumerate(reqs):
+        s = seqs[i]
+        assert s.first_token_time is not None and s.finish_time is not None
+        ttft = s.first_token_time - r.arrival + (0.0 if shared_core else profile.request_overhead_s)
+        tpot = (s.finish_time - s.first_token_time) / (r.max_tokens - 1) if r.max_tokens > 1 else None
+        out.append((ttft, tpot))
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q / 100 * len(v)))]
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    args.load_before = os.getloadavg()[0]
+    if args.nice is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # the client's timestamps matter as much
+    server = None
+    base_url, model = args.base_url, args.model
+    if base_url is None:
+        from kvpilot.testing.vllm import VLLMServer
+
+        server = VLLMServer.tiny(name="fidelity", workdir=Path(tempfile.mkdtemp(prefix="kvpilot-fidelity-")),
+                                 cpu=args.cpu, nice=args.nice)
+        base_url, model = server.url, "tiny"
+    try:
+        info = engine_cache_info(base_url)
+        block_size, capacity = kv_geometry(info)
+        probe = await _chars_per_token(base_url, model)
+        rows = []
+        profiles: list[Profile] = []
+        cal_s = 0.0
+        for rate in args.rates:
+            # Calibrate right before and right after each replay and average: on a shared machine the
+            # engine's speed drifts within minutes; the difference between the two is reported.
+            reqs = mix(args.requests, rate, probe, args.seed)
+            if args.profile is not None:  # reuse a calibration (e.g. to re-run only the replay)
+                profile = get_profile(str(args.profile))
+                drift = 0.0
+            else:
+                before, took = await calibrate(args, base_url, model, block_size, capacity)
+                cal_s += took
+            t0 = time.perf_counter()
+            await run_real(base_url, model, reqs, args.seed)
+            real_s = time.perf_counter() - t0
+            if args.profile is None:
+                after, took = await calibrate(args, base_url, model, block_size, capacity)
+                cal_s += took
+                profile, drift = average(before, after)
+            profiles.append(profile)
+            sim = run_sim(profile, reqs, args.seed, shared_core=args.cpu is not None)
+            real_ttft = [r.ttft for r in reqs]
+            real_tpot = [r.tpot for r in reqs if r.tpot is not None]
+            sim_ttft = [s[0] for s in sim]
+            sim_tpot = [s[1] for s in sim if s[1] is not None]
+            row = {"rate": rate, "requests": len(reqs), "real_s": real_s, "drift": drift,
+                   "ttft": [statistics.median(real_ttft), statistics.median(sim_ttft),
+                            pct(real_ttft, 90), pct(sim_ttft, 90)],
+                   "tpot": [statistics.median(real_tpot), statistics.median(sim_tpot),
+                            pct(real_tpot, 90), pct(sim_tpot, 90)]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        write_md(args, profiles, rows, cal_s)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s")
+
+
+def average(a: Profile, b: Profile) -> tuple[Profile, float]:
+    """The mean of two calibrations, and how far apart they are (relative change of a single decode
+    step's and a 400-token prefill's modelled time, the larger)."""
+    mean = a.model_copy(update={k: (getattr(a, k) + getattr(b, k)) / 2 for k in COEFFICIENTS})
+
+    def decode(p: Profile) -> float:
+        return p.step_s + p.decode_seq_s + p.decode_ctx_s * 400
+
+    def prefill(p: Profile) -> float:
+        return p.request_overhead_s + p.step_s + p.prefill_token_s * 400 + p.attn_pair_s * 400 * 400 / 2
+
+    drift = max(abs(f(a) - f(b)) / max(1e-9, (f(a) + f(b)) / 2) for f in (decode, prefill))
+    return mean, drift
+
+
+async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_size: int,
+                    capacity: int) -> tuple[Profile, float]:
+    t0 = time.perf_counter()
+    prefill, decode = await measure(base_url, model, prompt_lengths=[64, 128, 256, 384, 512, 768],
+                                    batches=[1, 2, 4, 8, 16], decode_prompts=[32, 384], decode_tokens=48,
+                                    repeats=args.repeats, seed=args.seed)
+    cal_s = time.perf_counter() - t0
+    profile = fit_profile(prefill, decode, name="cpu-tiny-llama", model="tiny random Llama (820k params)",
+                          hardware=args.hardware, block_size=block_size, kv_capacity_tokens=capacity,
+                          kv_bytes_per_token=2 * 2 * 2 * 32 * 4,  # 2 layers × (K, V) × 2 KV heads × 32 × fp32
+                          source=f"measured: bench/sim_fidelity.py calibration ({cal_s:.0f} s)")
+    print(json.dumps(profile.model_dump(), indent=1), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    (args.out.parent / "sim_fidelity_profile.json").write_text(json.dumps(
+        {"profile": profile.model_dump(), "points": {"prefill": [[p.prompt_tokens, p.ttft_s] for p in prefill],
+                                                     "decode": [[p.batch, p.context, p.itl_s] for p in decode]}},
+        indent=1))
+    return profile, cal_s
+
+
+async def _chars_per_token(base_url: str, model: str) -> float:
+    async with aiohttp.ClientSession() as session:
+        t = await stream_completion(session, base_url, model, make_text(random.Random(1), 3000), 2)
+    return 3000 / max(1, t.prompt_tokens)
+
+
+def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[str, object]], cal_s: float) -> None:
+    def err(real: float, sim: float) -> str:
+        return f"{(sim - real) / real:+.0%}"
+
+    placement = f"pinned to core {args.cpu} (taskset)" if args.cpu is not None else "vLLM's own CPU binding"
+    lines = [
+        "# Simulator fidelity against real vLLM (CPU, tiny model)", "",
+        f"Command: `{' '.join(['.venv/bin/python -P bench/sim_fidelity.py', *sys.argv[1:]])}`", "",
+        f"Engine: vLLM 0.32.0 CPU build, tiny random Llama (2 layers, hidden 128), float32, eager, "
+        f"{placement}{'' if args.nice is None else f', nice {args.nice}'}, "
+        f"1 GiB KV cache. Machine: {args.hardware}, Python {platform.python_version()}, load average "
+        f"{args.load_before:.1f} before and {os.getloadavg()[0]:.1f} after (other jobs shared the cores). "
+        f"Calibration took {cal_s:.0f} s in all.", "",
+        "Profiles: the mean of calibrations right before and right after each replay (seconds; drift: how much "
+        "a decode step or a 400-token prefill changed between the two; the last calibration is in "
+        "`sim_fidelity_profile.json`):", "",
+        *(f"- rate {r['rate']}: " + ", ".join(f"{k} {getattr(p, k):.3g}" for k in COEFFICIENTS)
+          + f"; before/after drift {r['drift']:.0%}" for r, p in zip(rows, profiles, strict=True)), "",
+        "Mix per rate: Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, unique prompts, seed "
+        f"{args.seed}. TTFT and TPOT are client-side on the real engine. The simulator spends the profile's "
+        "per-request overhead " + ("between steps (the API server shares the engine's core)" if args.cpu is not None
+                                   else "in TTFT only") + ".", "",
+        "| rate req/s | requests | TTFT p50 real / sim (err) | TTFT p90 real / sim | TPOT p50 real / sim (err) "
+        "| TPOT p90 real / sim |",
+        "|---:|---:|---|---|---|---|",
+    ]
+    for r in rows:
+        t, p = r["ttft"], r["tpot"]
+        assert isinstance(t, list) and isinstance(p, list)
+        lines.append(f"| {r['rate']} | {r['requests']} | {t[0] * 1e3:.1f} / {t[1] * 1e3:.1f} ms ({err(t[0], t[1])}) "
+                     f"| {t[2] * 1e3:.1f} / {t[3] * 1e3:.1f} ms | {p[0] * 1e3:.2f} / {p[1] * 1e3:.2f} ms "
+                     f"({err(p[0], p[1])}) | {p[2] * 1e3:.2f} / {p[3] * 1e3:.2f} ms |")
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"written {args.out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base-url")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 6.0])
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpu", type=int, default=0,
+                        help="pin the engine (API server included) to this core; -1: vLLM's own binding")
+    parser.add_argument("--nice", type=int, help="run engine and client at this niceness (negative needs root)")
+    parser.add_argument("--profile", type=Path, help="skip calibration: use this profile JSON")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hardware", default="2-core x86_64 dev machine (AVX-512)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/sim_fidelity.md"))
+    args = parser.parse_args()
+    args.cpu = None if args.cpu < 0 else args.cpu
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

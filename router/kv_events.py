@@ -1,0 +1,183 @@
+"""What each vLLM instance really holds in its prefix cache, from its own KV-cache events.
+
+vLLM (with `--kv-events-config`) publishes `BlockStored` / `BlockRemoved` / `AllBlocksCleared`
+batches over ZMQ. The router binds one SUB socket; each instance dials in (a plain `tcp://host:port`
+endpoint makes vLLM connect) and publishes under its own topic, which must be its endpoint name
+(on Kubernetes: the pod name, `--kv-events-config '{..."topic":"$(POD_NAME)"}'`).
+
+The engine's block hashes are sha256 digests of its own token ids, which the router cannot compute
+without the model's tokenizer and vLLM's hashing scheme. Instead the index keys every block by a
+router-side chained hash over the block's token ids, which `BlockStored` carries: the router then
+needs only the tokenizer (`tokenizers`, one file) to key a prompt the same way, and never depends
+on vLLM's hash function or seed. `cached_tokens` answers the policies' question "how many leading
+prompt tokens does this instance hold" (`kvpilot.router.estimate.CacheView`).
+
+Wire format (vLLM 0.32, msgspec): frames `[topic, seq(8 bytes BE), msgpack([ts, [event…], dp_rank])]`,
+each event a map tagged by `type` (older builds wrote `[tag, field…]` arrays; both are read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvpilot.router.policy import RequestView
+from kvpilot.tokens import ROOT_HASH, chain_hash
+
+log = logging.getLogger("kvpilot.router.kv_events")
+
+
+def token_block_keys(token_ids: Sequence[int], block_size: int, parent: int = ROOT_HASH) -> list[int]:
+    """Chained keys of the full blocks of `token_ids` (a trailing partial block is not cached)."""
+    out: list[int] = []
+    for i in range(len(token_ids) // block_size):
+        chunk = token_ids[i * block_size : (i + 1) * block_size]
+        parent = chain_hash(parent, b"".join(t.to_bytes(4, "little") for t in chunk))
+        out.append(parent)
+    return out
+
+
+@dataclass(slots=True)
+class BlockIndex:
+    """One instance's cached blocks: engine hash → router key, and the multiset of keys."""
+
+    by_engine: dict[int | bytes, int] = field(default_factory=dict)
+    keys: Counter[int] = field(default_factory=Counter)
+    last_seq: int = -1
+
+    def stored(self, hashes: Sequence[int | bytes], parent: int | bytes | None, token_ids: Sequence[int],
+               block_size: int) -> None:
+        if parent is None:
+            key = ROOT_HASH
+        elif parent in self.by_engine:
+            key = self.by_engine[parent]
+        else:
+            return  # the parent's event was lost (published before we listened): unknown chain
+        for h, k in zip(hashes, token_block_keys(token_ids, block_size, key), strict=False):
+            if h not in self.by_engine:
+                self.by_engine[h] = k
+                self.keys[k] += 1
+
+    def removed(self, hashes: Iterable[int | bytes]) -> None:
+        for h in hashes:
+            k = self.by_engine.pop(h, None)
+            if k is not None:
+                self.keys[k] -= 1
+                if self.keys[k] <= 0:
+                    del self.keys[k]
+
+    def cleared(self) -> None:
+        self.by_engine.clear()
+        self.keys.clear()
+
+    def match(self, keys: Sequence[int]) -> int:
+        """Leading blocks of `keys` held here (chained keys: a hit on block i implies all before)."""
+        n = 0
+        for k in keys:
+            if k not in self.keys:
+                break
+            n += 1
+        return n
+
+
+def _fields(event: Any) -> tuple[str, dict[str, Any]]:
+    """(type, fields) of one event, whether msgspec wrote it as a tagged array or a map."""
+    if isinstance(event, dict):
+        return str(event.get("type", "")), event
+    if isinstance(event, list | tuple) and event:
+        tag, rest = str(event[0]), list(event[1:])
+        names = {"BlockStored": ("block_hashes", "parent_block_hash", "token_ids", "block_size"),
+                 "BlockRemoved": ("block_hashes",)}.get(tag, ())
+        return tag, dict(zip(names, rest, strict=False))
+    return "", {}
+
+
+class KVEventIndex:
+    """Per-instance block indexes fed by KV events, and the prompt → keys function that matches them."""
+
+    def __init__(self, block_size: int = 128, tokenizer: Any = None) -> None:
+        self.block_size = block_size
+        self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`; None: only events, no prompt matching
+        self.instances: dict[str, BlockIndex] = {}
+        self.batches = 0
+
+    def apply(self, name: str, seq: int, payload: Any) -> None:
+        """One decoded batch `[ts, events, dp_rank]` from instance `name`."""
+        index = self.instances.setdefault(name, BlockIndex())
+        if seq <= index.last_seq:  # the engine restarted (seq starts from 0): its cache is empty
+            index.cleared()
+        index.last_seq = seq
+        self.batches += 1
+        for event in payload[1]:
+            kind, f = _fields(event)
+            if kind == "BlockStored":
+                index.stored(f["block_hashes"], f.get("parent_block_hash"), f["token_ids"],
+                             int(f.get("block_size") or self.block_size))
+            elif kind == "BlockRemoved":
+                index.removed(f["block_hashes"])
+            elif kind == "AllBlocksCleared":
+                index.cleared()
+
+    def prompt_keys(self, prompt: str) -> tuple[int, ...]:
+        if self.tokenizer is None:
+            return ()
+        return tuple(token_block_keys(self.tokenizer.encode(prompt).ids, self.block_size))
+
+    def cached_tokens(self, name: str, request: RequestView) -> int | None:
+        """Leading prompt tokens `name` holds, or None when the router cannot tell (no keys)."""
+        if not request.engine_blocks:
+            return None
+        index = self.instances.get(name)
+        return 0 if index is None else index.match(request.engine_blocks) * self.block_size
+
+    def summary(self) -> dict[str, int]:
+        return {name: len(index.by_engine) for name, index in self.instances.items()}
+
+    async def listen(self, endpoint: str) -> None:
+        """Bind a SUB socket at `endpoint` and apply batches until cancelled."""
+        import msgpack
+        import zmq
+        import zmq.asyncio
+
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:  # the router still routes, on its shadow estimate
+            log.error("cannot listen for KV events on %s: %s", endpoint, e)
+            sock.close(linger=0)
+            ctx.term()
+            return
+        log.info("listening for KV events", extra={"endpoint": endpoint})
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                if len(frames) != 3:
+                    continue
+                topic, seq, payload = frames
+                try:
+                    self.apply(topic.decode(), int.from_bytes(seq, "big", signed=True), msgpack.unpackb(payload))
+                except (ValueError, KeyError, TypeError, IndexError) as e:
+                    log.warning("bad KV event batch: %s", e, extra={"endpoint": topic.decode(errors="replace")})
+        finally:
+            with contextlib.suppress(Exception):
+                sock.close(linger=0)
+            ctx.term()
+
+
+def load_tokenizer(path: str) -> Any:
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or a model directory holding one."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    return Tokenizer.from_file(str(p / "tokenizer.json" if p.is_dir() else p))
+
+
+

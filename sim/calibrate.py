@@ -1,0 +1,210 @@
+"""`kvpilot sim calibrate`: measure a real OpenAI-compatible engine and fit a simulator profile.
+
+The simulator's step time is linear in the work of the step (`kvpilot.sim.profiles`), so two sweeps
+pin it down:
+- prefill: one request at a time, prompts of growing length, `max_tokens=2`, streamed; the time to
+  the first token is `overhead + step_s + prefill_token_s·L + attn_pair_s·L²/2`;
+- decode: B concurrent streams of short or long prompts; the inter-token time of a decode step is
+  `step_s + decode_seq_s·B + decode_ctx_s·B·context`.
+Least squares over each sweep gives the coefficients (negative ones are dropped and refitted, as
+a step cannot get faster with more work). What the decode intercept does not explain of the prefill
+intercept is per-request frontend time (HTTP, tokenization): `request_overhead_s`.
+
+Every prompt starts with a fresh nonce, so no request hits the prefix cache. The same command makes
+a profile for a GPU: point it at a vLLM serving the model on that GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvpilot.sim.profiles import Profile
+
+_WORDS = ("alpha", "beta", "gamma", "delta", "cache", "block", "token", "route", "serve", "model", "queue",
+          "layer", "batch", "vector", "kernel", "tensor", "memory", "stream", "event", "scale", "node", "pool")
+
+
+# -- the functional core: least squares ---------------------------------------------------------
+
+def lstsq(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
+    """Least-squares coefficients by the normal equations (a handful of parameters)."""
+    n = len(rows[0])
+    a = [[sum(r[i] * r[j] for r in rows) for j in range(n)] for i in range(n)]
+    b = [sum(r[i] * y for r, y in zip(rows, ys, strict=True)) for i in range(n)]
+    for col in range(n):  # Gaussian elimination with partial pivoting
+        piv = max(range(col, n), key=lambda r: abs(a[r][col]))
+        a[col], a[piv], b[col], b[piv] = a[piv], a[col], b[piv], b[col]
+        if abs(a[col][col]) < 1e-300:
+            raise ValueError("singular fit: measure more distinct points")
+        for r in range(col + 1, n):
+            f = a[r][col] / a[col][col]
+            a[r] = [x - f * y for x, y in zip(a[r], a[col], strict=True)]
+            b[r] -= f * b[col]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        x[i] = (b[i] - sum(a[i][j] * x[j] for j in range(i + 1, n))) / a[i][i]
+    return x
+
+
+def nonneg_fit(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
+    """Least squares with every coefficient ≥ 0: drop the most negative one and refit until none is
+    (and the last of collinear ones, which the sweep cannot tell apart)."""
+    active = list(range(len(rows[0])))
+    while True:
+        try:
+            coef = lstsq([[r[i] for i in active] for r in rows], ys) if active else []
+        except ValueError:  # collinear features (e.g. one context length only): drop the last one
+            del active[-1]
+            continue
+        worst = min(range(len(active)), key=lambda k: coef[k], default=None)
+        if worst is None or coef[worst] >= 0:
+            out = [0.0] * len(rows[0])
+            for k, i in enumerate(active):
+                out[i] = coef[k]
+            return out
+        del active[worst]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillPoint:
+    prompt_tokens: int
+    ttft_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePoint:
+    batch: int
+    context: float      # mean tokens in each decoding sequence's context
+    itl_s: float        # median inter-token latency across the batch
+
+
+def fit_profile(prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint], *, name: str, model: str,
+                hardware: str, source: str, block_size: int, kv_capacity_tokens: int, kv_bytes_per_token: int,
+                max_num_seqs: int = 256, max_num_batched_tokens: int = 8192) -> Profile:
+    step_s, decode_seq_s, decode_ctx_s = nonneg_fit([[1.0, p.batch, p.batch * p.context] for p in decode],
+                                                    [p.itl_s for p in decode])
+    base, per_token, quad = nonneg_fit([[1.0, p.prompt_tokens, p.prompt_tokens ** 2 / 2] for p in prefill],
+                                       [p.ttft_s for p in prefill])
+    return Profile(name=name, model=model, hardware=hardware, source=source, kv_bytes_per_token=kv_bytes_per_token,
+                   kv_capacity_tokens=kv_capacity_tokens, block_size=block_size, max_num_seqs=max_num_seqs,
+                   max_num_batched_tokens=max_num_batched_tokens, step_s=max(step_s, 1e-6),
+                   prefill_token_s=per_token, attn_pair_s=quad, decode_seq_s=decode_seq_s,
+                   decode_ctx_s=decode_ctx_s, request_overhead_s=max(0.0, base - step_s))
+
+
+# -- the shell: measuring a live engine ---------------------------------------------------------
+
+def make_text(rng: random.Random, chars: int) -> str:
+    words = [f"n{rng.getrandbits(48):x}"]  # a nonce first: every block hash differs, no prefix hits
+    while sum(len(w) + 1 for w in words) < chars:
+        words.append(rng.choice(_WORDS))
+    return " ".join(words)
+
+
+@dataclass(slots=True)
+class Timed:
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float
+    chunk_times: list[float]
+    start: float
+
+
+async def stream_completion(session: aiohttp.ClientSession, base_url: str, model: str, prompt: str,
+                            max_tokens: int) -> Timed:
+    """One streamed completion; chunk arrival times relative to the request's start."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}, "temperature": 0}
+    start = time.perf_counter()
+    times: list[float] = []
+    usage: dict[str, Any] = {}
+    async with session.post(base_url.rstrip("/") + "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        buf = b""
+        async for data in resp.content.iter_any():
+            buf += data
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                line = event.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                payload = json.loads(line[5:])
+                if payload.get("choices") and payload["choices"][0].get("text") is not None:
+                    times.append(time.perf_counter() - start)
+                if payload.get("usage"):
+                    usage = payload["usage"]
+    if not times:
+        raise RuntimeError("the engine streamed no tokens")
+    return Timed(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", len(times))), times[0],
+                 times, start)
+
+
+def itl(t: Timed) -> float | None:
+    """Mean time between tokens after the first (the decode steps)."""
+    if len(t.chunk_times) < 3:
+        return None
+    return (t.chunk_times[-1] - t.chunk_times[0]) / (len(t.chunk_times) - 1)
+
+
+async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], batches: Sequence[int],
+                  decode_prompts: Sequence[int], decode_tokens: int, repeats: int, seed: int = 0
+                  ) -> tuple[list[PrefillPoint], list[DecodePoint]]:
+    rng = random.Random(seed)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        # Characters per token of this tokenizer on this text, from one probe request.
+        probe = await stream_completion(session, base_url, model, make_text(rng, 2000), 2)
+        chars_per_token = 2000 / max(1, probe.prompt_tokens)
+        for _ in range(2):  # warm-up: first requests pay one-off costs
+            await stream_completion(session, base_url, model, make_text(rng, 400), 4)
+        # Medians over the repeats of each setting: robust to the odd slow request on a shared machine.
+        prefill: list[PrefillPoint] = []
+        for n in prompt_lengths:
+            runs = [await stream_completion(session, base_url, model, make_text(rng, int(n * chars_per_token)), 2)
+                    for _ in range(repeats)]
+            prefill.append(PrefillPoint(int(statistics.median(t.prompt_tokens for t in runs)),
+                                        statistics.median(t.ttft_s for t in runs)))
+        decode: list[DecodePoint] = []
+        for n in decode_prompts:
+            for b in batches:
+                itls: list[float] = []
+                contexts: list[float] = []
+                for _ in range(repeats):
+                    runs = await asyncio.gather(*(stream_completion(
+                        session, base_url, model, make_text(rng, int(n * chars_per_token)), decode_tokens)
+                        for _ in range(b)))
+                    itls.append(statistics.median(x for x in map(itl, runs) if x is not None))
+                    contexts.append(statistics.mean(r.prompt_tokens for r in runs) + decode_tokens / 2)
+                decode.append(DecodePoint(b, statistics.mean(contexts), statistics.median(itls)))
+    return prefill, decode
+
+
+def engine_cache_info(base_url: str) -> dict[str, str]:
+    """vLLM's `cache_config_info` labels (block_size, num_gpu_blocks, …) from /metrics."""
+    with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "vllm:cache_config_info":
+            for s in family.samples:
+                return dict(s.labels)
+    return {}
+
+
+def kv_geometry(info: dict[str, str]) -> tuple[int, int]:
+    """(block size, KV capacity in tokens) from `cache_config_info` labels (absent ones read "None")."""
+    def num(key: str) -> int:
+        value = info.get(key, "")
+        return int(value) if value.isdigit() else 0
+
+    block_size = num("block_size") or 16
+    return block_size, max(1, (num("num_gpu_blocks_override") or num("num_gpu_blocks")) * block_size)

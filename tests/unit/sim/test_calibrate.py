@@ -1,0 +1,37 @@
+"""Profile fitting recovers the step-time coefficients it is given, and never fits negative work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvpilot.sim.calibrate import DecodePoint, PrefillPoint, fit_profile, nonneg_fit
+from kvpilot.sim.profiles import get_profile
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    step, seq, ctx, tok, pair, overhead = 4e-3, 2e-4, 1e-7, 3e-5, 2e-9, 6e-3
+    prefill = [PrefillPoint(n, overhead + step + tok * n + pair * n * n / 2) for n in (64, 128, 256, 512, 768)]
+    decode = [DecodePoint(b, c, step + seq * b + ctx * b * c) for b in (1, 2, 4, 8, 16) for c in (40.0, 400.0)]
+    p = fit_profile(prefill, decode, name="t", model="m", hardware="h", source="s", block_size=128,
+                    kv_capacity_tokens=1024, kv_bytes_per_token=2)
+    assert p.step_s == pytest.approx(step, rel=1e-6) and p.decode_seq_s == pytest.approx(seq, rel=1e-6)
+    assert p.decode_ctx_s == pytest.approx(ctx, rel=1e-6) and p.prefill_token_s == pytest.approx(tok, rel=1e-6)
+    assert p.attn_pair_s == pytest.approx(pair, rel=1e-5) and p.request_overhead_s == pytest.approx(overhead, rel=1e-6)
+
+
+def test_negative_coefficients_are_dropped_and_refitted() -> None:
+    rows = [[1.0, x] for x in (1.0, 2.0, 3.0, 4.0)]
+    coef = nonneg_fit(rows, [5.0, 4.9, 4.8, 4.7])   # falling with work: the slope is set to 0
+    assert coef[1] == 0 and coef[0] == pytest.approx(4.85)
+
+
+def test_a_calibrated_profile_file_is_a_simulator_profile(tmp_path: Path) -> None:
+    p = fit_profile([PrefillPoint(n, 1e-3 + 1e-5 * n) for n in (10, 100, 1000)],
+                    [DecodePoint(b, 50.0, 1e-3 + 1e-4 * b) for b in (1, 4, 16)], name="cal", model="m",
+                    hardware="h", source="s", block_size=128, kv_capacity_tokens=4096, kv_bytes_per_token=2)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"profile": p.model_dump(), "points": {}}))
+    assert get_profile(str(path)) == p

@@ -1,0 +1,51 @@
+"""The router's KV-event index: vLLM's BlockStored/BlockRemoved batches in, leading-hit counts out."""
+
+from __future__ import annotations
+
+from kvpilot.router.kv_events import KVEventIndex, token_block_keys
+from kvpilot.router.policy import RequestView
+
+BS = 4
+
+
+def _stored(hashes: list[int], parent: int | None, tokens: list[int]) -> dict[str, object]:
+    return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent, "token_ids": tokens,
+            "block_size": BS, "lora_id": None, "medium": "GPU"}
+
+
+def _view(tokens: list[int]) -> RequestView:
+    return RequestView("r", len(tokens), [], engine_blocks=tuple(token_block_keys(tokens, BS)))
+
+
+def test_stored_chains_across_batches_and_removed_cuts_the_prefix() -> None:
+    index = KVEventIndex(BS)
+    prompt = list(range(100, 114))                       # 3 full blocks + 2 tokens
+    index.apply("a", 0, [0.0, [_stored([11, 12], None, prompt[:8])], 0])
+    index.apply("a", 1, [0.1, [_stored([13], 12, prompt[8:12])], 0])   # parent from the earlier batch
+    assert index.cached_tokens("a", _view(prompt)) == 12
+    assert index.cached_tokens("b", _view(prompt)) == 0
+    assert index.cached_tokens("a", _view([1, 2, 3, 4, *prompt])) == 0   # same blocks, different prefix
+    index.apply("a", 2, [0.2, [{"type": "BlockRemoved", "block_hashes": [12], "medium": "GPU"}], 0])
+    assert index.cached_tokens("a", _view(prompt)) == 4  # a hit stops at the first missing block
+    index.apply("a", 3, [0.3, [{"type": "AllBlocksCleared"}], 0])
+    assert index.cached_tokens("a", _view(prompt)) == 0 and index.summary() == {"a": 0}
+
+
+def test_unknown_parent_is_ignored_and_a_restart_clears() -> None:
+    index = KVEventIndex(BS)
+    index.apply("a", 5, [0.0, [_stored([21], 999, [1, 2, 3, 4])], 0])    # parent never seen: lost events
+    assert index.summary() == {"a": 0}
+    index.apply("a", 6, [0.0, [_stored([1], None, [1, 2, 3, 4])], 0])
+    assert index.summary() == {"a": 1}
+    index.apply("a", 0, [0.0, [], 0])                                       # seq went back: engine restarted
+    assert index.summary() == {"a": 0}
+
+
+def test_tagged_array_events_are_read_too() -> None:
+    index = KVEventIndex(BS)
+    index.apply("a", 0, [0.0, [["BlockStored", [7], None, [5, 6, 7, 8], BS]], 0])
+    assert index.cached_tokens("a", _view([5, 6, 7, 8, 9])) == 4
+
+
+def test_requests_without_engine_keys_defer_to_the_shadow_estimate() -> None:
+    assert KVEventIndex(BS).cached_tokens("a", RequestView("r", 10, [1, 2])) is None

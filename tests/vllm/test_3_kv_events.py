@@ -1,0 +1,57 @@
+"""The router's cache view from real vLLM KV events over ZMQ, checked against what the engine reports.
+
+The router keys blocks by their token ids (`kvpilot.router.kv_events`); the engine says how many
+prompt tokens it found cached (`usage.prompt_tokens_details.cached_tokens`). They must agree before
+and after eviction (BlockRemoved), on both instances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vllm_stage import Stage, kv_match, make_prompt, post_json, router_model
+
+from kvpilot.procs import wait_for
+from kvpilot.testing.router import RouterProcess
+from kvpilot.testing.vllm import BLOCK_SIZE
+
+CAPACITY_BLOCKS = 16  # --num-gpu-blocks-override in the stage
+
+
+def _engine_cached(stage: Stage, name: str, prompt: str) -> int:
+    usage = stage.servers[name].post("/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 1})["usage"]
+    return int(usage["prompt_tokens_details"]["cached_tokens"])
+
+
+def test_cache_view_from_kv_events_agrees_with_the_engine(pair: Stage,
+                                                           router_factory: Callable[..., RouterProcess]) -> None:
+    router = router_factory([router_model(pair)])
+    base = make_prompt("kv-events", 4 * BLOCK_SIZE + 30)           # four full blocks
+    _, headers = post_json(router.url + "/v1/completions", {"model": "tiny", "prompt": base, "max_tokens": 1})
+    home = headers["X-Kvpilot-Endpoint"]
+    other = next(n for n in pair.servers if n != home)
+    wait_for(lambda: kv_match(router.url, base)["cached_tokens"].get(home, 0) >= 4 * BLOCK_SIZE, 15,
+             "BlockStored events for the prompt to reach the router")
+
+    # A longer prompt sharing the four blocks: the router's prediction is the engine's count, per instance.
+    longer = base + " " + make_prompt("kv-events-tail", 2 * BLOCK_SIZE)
+    predicted = kv_match(router.url, longer)["cached_tokens"]
+    assert predicted.get(home) == 4 * BLOCK_SIZE and predicted.get(other, 0) == 0, predicted
+    assert _engine_cached(pair, home, longer) == predicted[home]
+    assert _engine_cached(pair, other, longer) == predicted.get(other, 0)
+
+    # The policy uses the observed view: a third prompt on the same prefix goes where the blocks are.
+    third = base + " " + make_prompt("kv-events-third", 50)
+    seen = kv_match(router.url, third)["cached_tokens"]
+    _, headers = post_json(router.url + "/v1/completions", {"model": "tiny", "prompt": third, "max_tokens": 1})
+    assert seen[headers["X-Kvpilot-Endpoint"]] == max(seen.values())
+
+    # Fill the home instance's 16 blocks with other prompts: BlockRemoved must take the prefix out.
+    for i in range(5):
+        pair.servers[home].post("/v1/completions", {"model": "tiny", "max_tokens": 1,
+                                                    "prompt": make_prompt(f"evict-{i}", 5 * BLOCK_SIZE + 10)})
+    wait_for(lambda: kv_match(router.url, base)["cached_tokens"][home] < 4 * BLOCK_SIZE, 15,
+             "BlockRemoved events to reach the router")
+    state = kv_match(router.url, base)
+    assert state["blocks"][home] <= CAPACITY_BLOCKS, state
+    assert _engine_cached(pair, home, base) == state["cached_tokens"][home]
