@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from kvpilot.autoscaler.baselines import Concurrency, Fixed, QueueThreshold
@@ -103,10 +104,14 @@ def main() -> None:
         specs = bursty(args.minutes) if wname == "bursty" else daily(args.minutes)
         console.rule(f"{wname}: {len(specs)} requests over {args.minutes:g} min")
         rows: dict[str, Any] = {}
-        for pname, factory in planners().items():
-            t0 = time.perf_counter()
-            report = run(specs, factory(), 2)
-            wall = time.perf_counter() - t0
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"{wname}: autoscalers", total=len(planners()))
+            reports = {}
+            for pname, factory in planners().items():
+                t0 = time.perf_counter()
+                reports[pname] = (run(specs, factory(), 2), time.perf_counter() - t0)
+                progress.advance(task)
+        for pname, (report, wall) in reports.items():
             rows[pname] = {**report.summary, "wall_s": wall,
                            "timeline": [(d.time, d.asked, d.ready, d.desired) for d in report.decisions],
                            "bad_minutes": [(m, a) for m, a in report.minutes() if a < 0.9]}

@@ -26,6 +26,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import Progress
+
 from kvpilot.router.policies import POLICIES
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import PolicyContext
@@ -97,7 +100,11 @@ def main() -> None:
     parser.add_argument("--profile", default="h100-llama3-8b")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/out/routing_quality.json"))
+    parser.add_argument("--replot", type=Path, help="only draw the PNG from an earlier --out file")
     args = parser.parse_args()
+    if args.replot:
+        print(f"plot: {plot(json.loads(args.replot.read_text()), args.replot.with_suffix('.png'))}")
+        return
     base = trace(args.skip, args.requests, 1.0)
     base_rate = len(base) / (base[-1].arrival - base[0].arrival)
     ablations = [] if args.ablations is None else [a for a in ABLATIONS if not args.ablations or a in args.ablations]
@@ -106,8 +113,11 @@ def main() -> None:
                            "profile": args.profile,
                            "base_rate": base_rate, "block_size": args.block_size, "results": {}}
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs) as pool:
+    with ProcessPoolExecutor(args.jobs) as pool, Progress(console=Console(stderr=True)) as progress:
         futures = {(slo, p): pool.submit(curve, p, slo, args, base_rate) for slo in args.slo for p in policies}
+        task = progress.add_task("curves", total=len(futures))
+        for f in futures.values():
+            f.add_done_callback(lambda _: progress.advance(task))
         for slo in args.slo:
             rows = []
             for policy in policies:
@@ -132,6 +142,36 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     print(f"\n(wall {time.perf_counter() - t0:.0f} s; base trace rate {base_rate:.2f} req/s)")
+    print(f"plot: {plot(doc, args.out.with_suffix('.png'))}")
+
+
+def plot(doc: dict[str, Any], path: Path) -> Path:
+    """SLO attainment against request rate, one panel per TTFT SLO, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slos = list(doc["results"])
+    fig, axes = plt.subplots(1, len(slos), figsize=(6 * len(slos), 4.2), squeeze=False)
+    for ax, slo in zip(axes[0], slos, strict=True):
+        for policy, res in doc["results"][slo].items():
+            if policy not in POLICIES:
+                continue  # ablations stay in the table
+            pts = [(d["rate"], d["slo_attainment"]) for d in res["points"]]
+            ax.plot([r for r, _ in pts], [a for _, a in pts], marker=".",
+                    label=f"{policy} ({res['capacity_rps']:.2f} req/s)", linewidth=2.5 if policy == "dualmap" else 1)
+        ax.axhline(0.9, color="gray", linestyle=":")
+        ax.set_title(f"TTFT SLO {float(slo):g} s")
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel("share of requests within SLO")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{doc['requests']} Mooncake requests, {doc['instances']} × {doc.get('profile', '')}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
