@@ -53,6 +53,7 @@ class PlannerConfig:
     forecast_s: float = 0.0                # plan for demand this far ahead (≈ 2 × cold start + interval)
     forecast_points: int = 3               # intervals the demand trend is fitted over (short: bursts)
     forecast_max_growth: float = 3.0       # a trend is not trusted beyond this factor over current demand
+    forecast_confidence: float = 0.0       # follow slope − this × its standard error (0: the fitted slope)
     scale_down_window_s: float = 300.0
     max_step: int = 4                      # most replicas added or removed in one decision
     kv_high: float = 0.9                   # KV usage above this needs another decode replica
@@ -135,6 +136,11 @@ class PoolPlanner:
         if var <= 0:
             return tps, seqs
         slope = sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys, strict=True)) / var
+        if c.forecast_confidence > 0 and len(ys) > 2:
+            # Follow a trend only as far as the points bear it out: the slope's lower confidence
+            # bound. A clean ramp keeps nearly all of it; a level that jumps around keeps none.
+            resid = sum((y - mean_y - slope * (t - mean_t)) ** 2 for t, y in zip(ts, ys, strict=True))
+            slope -= c.forecast_confidence * math.sqrt(resid / (len(ys) - 2) / var)
         growth = min(c.forecast_max_growth, 1 + max(0.0, slope) * c.forecast_s / driver)
         return (tps * growth if tps is not None else None), (seqs * growth if seqs is not None else None)
 
