@@ -39,14 +39,19 @@ def _services(custom: Any, namespaces: list[str]) -> list[tuple[str, str, dict[s
     return [(o["metadata"]["namespace"], o["metadata"]["name"], o.get("spec") or {}) for o in items]
 
 
-def _write_status(custom: Any, decisions: list[Any]) -> None:
-    """One status patch per service: `status.autoscaling.<role>` = the last decision."""
+def _write_status(custom: Any, decisions: list[Any], written: dict[tuple[str, str, str], tuple[Any, ...]]) -> None:
+    """One status patch per service whose decisions changed: `status.autoscaling.<role>` = the
+    last decision. Unchanged holds are not rewritten, so a steady pool costs the API nothing."""
     from kvpilot.crds import API_VERSION
 
     group, version = API_VERSION.split("/")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     by_service: dict[tuple[str, str], dict[str, Any]] = {}
     for d in decisions:
+        key, value = (d.pool.namespace, d.pool.service, d.pool.role), (d.desired, d.asked, d.ready, d.reason)
+        if written.get(key) == value:
+            continue
+        written[key] = value
         by_service.setdefault((d.pool.namespace, d.pool.service), {})[d.pool.role] = {
             "desired": d.desired, "current": d.asked, "ready": d.ready, "reason": d.reason,
             "lastDecisionTime": stamp}
@@ -77,13 +82,14 @@ def _run(args: argparse.Namespace) -> int:
     scaler = Autoscaler(KubernetesActuator(api), metrics=Metrics(),
                         base=PlannerConfig(forecast_s=2 * args.cold_start + args.interval))
     stop = threading.Event()
+    written: dict[tuple[str, str, str], tuple[Any, ...]] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     log.info("autoscaler started", extra={"namespaces": args.namespace or ["*"], "interval": args.interval})
     while not stop.is_set():
         try:
             decisions = scaler.tick(_services(custom, args.namespace))
-            _write_status(custom, decisions)
+            _write_status(custom, decisions, written)
         except Exception:
             log.exception("autoscaler interval failed")
         stop.wait(args.interval)

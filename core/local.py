@@ -73,6 +73,7 @@ class Worker:
     role: str                      # the pool's role: aggregated | prefill | decode
     url: str
     proc: ManagedProcess
+    seq: int = 0                   # start order: the newest is retired first
     healthy: bool = False
     drain_until: float | None = None
 
@@ -140,7 +141,7 @@ class LocalControlPlane:
         if self.kv_store and role != "aggregated":
             args += ["--kv-store", self.kv_store]
         proc = ManagedProcess(name, _kvpilot(*args), self.dir / f"{name}.log")
-        worker = Worker(name, role, f"http://127.0.0.1:{port}", proc)
+        worker = Worker(name, role, f"http://127.0.0.1:{port}", proc, self._seq)
         self.pool[name] = worker
         return worker
 
@@ -151,8 +152,8 @@ class LocalControlPlane:
             live = [w for w in self.pool.values() if w.role == role and w.drain_until is None]
             for _ in range(n - len(live)):
                 self._spawn(role)
-            # Retire the ones not serving yet first, then the newest.
-            for w in sorted(live, key=lambda w: (w.healthy, w.name), reverse=False)[:max(0, len(live) - n)]:
+            # Retire the ones not serving yet first, then the newest (the coldest cache).
+            for w in sorted(live, key=lambda w: (w.healthy, -w.seq))[:max(0, len(live) - n)]:
                 w.drain_until = time.monotonic() + (DRAIN_S if w.healthy else 0.0)
             self._publish()
 
