@@ -30,9 +30,10 @@ def _up(args: argparse.Namespace) -> int:
     with LocalControlPlane(load_service(args.file), time_scale=args.time_scale, port=args.port) as plane:
         # Block only now: children inherit the signal mask, and they must still die on SIGTERM.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        scaling = "autoscaled" if plane.autoscale else "fixed size"
         print(f"kvpilot is up: OpenAI base URL {plane.url}/v1, model {plane.model!r}, "
-              f"{len(plane.workers)} simulated worker(s); logs in {plane.dir}. Ctrl-C stops everything.",
-              flush=True)
+              f"{len(plane.workers)} simulated worker(s), {scaling}; dashboard {plane.url}/dashboard; "
+              f"logs in {plane.dir}. Ctrl-C stops everything.", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     print("stopped", flush=True)
     return 0
