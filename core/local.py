@@ -33,6 +33,7 @@ from kvpilot.crds import LLMService
 from kvpilot.procs import ManagedProcess, free_port, tcp_open, wait_for
 from kvpilot.router.config import Endpoint
 from kvpilot.router.endpoints_file import EndpointsDoc, write_endpoints
+from kvpilot.sim.profiles import get_profile
 
 log = logging.getLogger("kvpilot.local")
 
@@ -236,7 +237,10 @@ class LocalControlPlane:
             "name": self.model, "policy": self.policy, "mode": spec.mode,
             "endpointsFile": str(self._endpoints_path),
             # The router measures wall time; workers run time_scale× faster than the modelled GPUs.
-            "ttftMs": spec.slo.ttft_ms / self.time_scale, "tpotMs": spec.slo.tpot_ms / self.time_scale}]}
+            "ttftMs": spec.slo.ttft_ms / self.time_scale, "tpotMs": spec.slo.tpot_ms / self.time_scale,
+            # The predictor's prior, in the router's wall time: the modelled GPU's, time_scale× faster.
+            "prefillTokenSeconds": get_profile(spec.engine.profile or "h100-llama3-8b").prefill_token_s
+            / self.time_scale}]}
         cfg_path = self.dir / "router.yaml"
         cfg_path.write_text(yaml.safe_dump(config))
         router = ManagedProcess("router", _kvpilot("router", "--config", str(cfg_path)), self.dir / "router.log")

@@ -62,6 +62,8 @@ class ModelConfig(BaseModel):
     max_hashed_blocks: int = Field(256, gt=0, alias="maxHashedBlocks")
     slo_ttft_ms: float = Field(2000, gt=0, alias="ttftMs")
     slo_tpot_ms: float = Field(100, gt=0, alias="tpotMs")
+    prefill_token_s: float = Field(30e-6, gt=0, alias="prefillTokenSeconds",
+                                   description="prior per-token prefill time (wall), calibrated online from TTFTs")
     kv_capacity_tokens: int = Field(400_000, gt=0, alias="kvCapacityTokens")
     max_inflight_per_endpoint: int = Field(256, gt=0, alias="maxInflightPerEndpoint")
     kv_events: KVEvents | None = Field(None, alias="kvEvents")

@@ -101,10 +101,10 @@ class LoadEstimator:
     per-token time cannot fit both a 2k and an 80k prompt: the long one costs 3× more per token,
     and an online average over a mix of both mispredicts every request."""
 
-    def __init__(self, context: PolicyContext, prefill_token_s: float = 30e-6, ewma: float = 0.1,
+    def __init__(self, context: PolicyContext, prefill_token_s: float | None = None, ewma: float = 0.1,
                  attention_tokens: int = 20_000) -> None:
         self.context = context
-        self.initial_token_s = prefill_token_s
+        self.initial_token_s = prefill_token_s or context.prefill_token_s
         self.ewma = ewma
         self.attention_tokens = attention_tokens
         self.caches: dict[str, ShadowCache] = {}

@@ -50,6 +50,7 @@ class PolicyContext:
     block_size: int = 16
     kv_capacity_tokens: int = 400_000   # per instance, for cache-state estimates
     seed: int = 0
+    prefill_token_s: float = 30e-6      # prior for one prompt token's prefill time, until calibrated online
 
 
 class Policy(Protocol):

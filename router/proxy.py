@@ -83,7 +83,8 @@ class Router:
         self._kv_tasks: list[asyncio.Task[None]] = []
         for m in cfg.models:
             ctx = PolicyContext(slo_ttft_s=m.slo_ttft_ms / 1000, block_size=m.block_size,
-                                kv_capacity_tokens=m.kv_capacity_tokens, seed=cfg.seed)
+                                kv_capacity_tokens=m.kv_capacity_tokens, seed=cfg.seed,
+                                prefill_token_s=m.prefill_token_s)
 
             def pool(policy: str, m: ModelConfig = m, ctx: PolicyContext = ctx) -> Pool:
                 return Pool([], make_policy(policy, ctx), breaker_failures=cfg.breaker_failures,

@@ -43,7 +43,7 @@ class DualMap(BasePolicy):
     name = "dualmap"
 
     def __init__(self, context: PolicyContext | None = None, *, key_tokens: int = 1024, theta: float = 0.5,
-                 vnodes: int = 128, prefill_token_s: float = 30e-6, ewma: float = 0.1,
+                 vnodes: int = 128, prefill_token_s: float | None = None, ewma: float = 0.1,
                  release_tokens: int = 8192, adaptive_depth: bool = True, steal: bool = True,
                  max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000,
                  kv_high: float | None = 0.9) -> None:
