@@ -140,3 +140,53 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+class ShardedStore:
+    """Blocks spread over several stores (e.g. one Redis per node) by rendezvous hashing of the
+    block key: every reader finds a block where its writer put it with no shared state, and adding
+    a shard moves only the keys the new shard wins (about 1/n), not a reshuffle of all of them."""
+
+    def __init__(self, shards: list[BlockStore], names: list[str] | None = None) -> None:
+        if not shards:
+            raise ValueError("a sharded store needs at least one shard")
+        self.shards = shards
+        self._seeds = [xxhash.xxh64_intdigest(n.encode()) for n in (names or [str(i) for i in range(len(shards))])]
+
+    def shard_of(self, key: str) -> int:
+        kb = key.encode()
+        return max(range(len(self.shards)), key=lambda i: xxhash.xxh64_intdigest(kb, seed=self._seeds[i]))
+
+    def _split(self, keys: list[str]) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for pos, key in enumerate(keys):
+            groups.setdefault(self.shard_of(key), []).append(pos)
+        return groups
+
+    async def put(self, blocks: list[tuple[str, bytes]]) -> None:
+        groups = self._split([k for k, _ in blocks])
+        await asyncio.gather(*(self.shards[s].put([blocks[p] for p in ps]) for s, ps in groups.items()))
+
+    async def get(self, keys: list[str]) -> list[bytes | None]:
+        groups = self._split(keys)
+        results = await asyncio.gather(*(self.shards[s].get([keys[p] for p in ps]) for s, ps in groups.items()))
+        out: list[bytes | None] = [None] * len(keys)
+        for ps, got in zip(groups.values(), results, strict=True):
+            for p, data in zip(ps, got, strict=True):
+                out[p] = data
+        return out
+
+    async def delete(self, keys: list[str]) -> None:
+        groups = self._split(keys)
+        await asyncio.gather(*(self.shards[s].delete([keys[p] for p in ps]) for s, ps in groups.items()))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.shards))
+
+
+def open_store(urls: str, **options: float | int | str) -> BlockStore:
+    """A Redis-backed store from `redis://…`, or sharded over several from a comma-separated list."""
+    parts = [u.strip() for u in urls.split(",") if u.strip()]
+    if len(parts) == 1:
+        return RedisStore(parts[0], **options)  # type: ignore[arg-type]
+    return ShardedStore([RedisStore(u, **options) for u in parts], parts)  # type: ignore[arg-type]

@@ -29,7 +29,8 @@ def register(sub: Any) -> None:
     serve.add_argument("--error-rate", type=float, default=0.0, help="share of requests failed with 500")
     serve.add_argument("--crash-after-tokens", type=int, help="exit after generating this many tokens")
     serve.add_argument("--slow-start", type=float, default=0.0, help="seconds /health answers 503")
-    serve.add_argument("--kv-store", help="redis://HOST:PORT/DB: P/D hands real KV bytes over through it")
+    serve.add_argument("--kv-store", help="redis://HOST:PORT/DB (several, comma-separated: sharded by block): "
+                       "P/D hands real KV bytes over through it")
     serve.add_argument("--seed", type=int, default=0)
     serve.set_defaults(handler=_serve)
 

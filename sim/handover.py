@@ -18,7 +18,7 @@ from aiohttp import web
 
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.scaling import HotPrefix, Manifest, PrefixHandover, block_hash_of
-from kvpilot.kvtransfer.store import BlockDescriptor, RedisStore
+from kvpilot.kvtransfer.store import BlockDescriptor, open_store
 from kvpilot.sim.server import SimServer
 
 
@@ -26,7 +26,7 @@ class PrefixEndpoints:
     def __init__(self, server: SimServer) -> None:
         self.server = server
         cfg = server.cfg
-        self.handover = PrefixHandover(KVAgent(f"{cfg.engine_id}-pfx", RedisStore(cfg.kv_store, namespace="pfx"))) \
+        self.handover = PrefixHandover(KVAgent(f"{cfg.engine_id}-pfx", open_store(cfg.kv_store, namespace="pfx"))) \
             if cfg.kv_store else None
 
     def add_routes(self, app: web.Application) -> None:

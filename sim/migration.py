@@ -36,7 +36,7 @@ from prometheus_client import Counter, Histogram
 
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.migration import CopyTuning, Step, block_bytes, block_key, blocks_to_copy, next_step
-from kvpilot.kvtransfer.store import BlockDescriptor, RedisStore, TransferError
+from kvpilot.kvtransfer.store import BlockDescriptor, TransferError, open_store
 from kvpilot.sim.engine import Phase, Sequence
 from kvpilot.sim.server import MIGRATED, SimServer, Stream
 
@@ -71,7 +71,7 @@ class Migrations:
         self.server = server
         self.tuning = tuning or CopyTuning(block_tokens=server.block_size)
         cfg = server.cfg
-        self.agent = KVAgent(f"{cfg.engine_id}-mig", RedisStore(cfg.kv_store, namespace="mig", timeout_s=1.0)) \
+        self.agent = KVAgent(f"{cfg.engine_id}-mig", open_store(cfg.kv_store, namespace="mig", timeout_s=1.0)) \
             if cfg.kv_store else None
         self.incoming: dict[str, Incoming] = {}
         self.session: aiohttp.ClientSession | None = None

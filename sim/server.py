@@ -30,7 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from kvpilot.kvtransfer.agent import KVAgent
-from kvpilot.kvtransfer.store import RedisStore
+from kvpilot.kvtransfer.store import open_store
 from kvpilot.sim.engine import Engine, Phase, Sequence
 from kvpilot.sim.kv_connector import KVConnector, LocalKVConnector, StoreKVConnector
 from kvpilot.sim.metrics import EngineCollector
@@ -136,7 +136,7 @@ class SimServer:
     def _connector(self) -> KVConnector:
         cfg = self.cfg
         if cfg.kv_store:
-            agent = KVAgent(cfg.engine_id, RedisStore(cfg.kv_store, namespace="sim"))
+            agent = KVAgent(cfg.engine_id, open_store(cfg.kv_store, namespace="sim"))
             return StoreKVConnector(agent, cfg.engine_id, cfg.host, cfg.port, cfg.profile.kv_bytes_per_token)
         return LocalKVConnector(cfg.engine_id, cfg.host, cfg.port, cfg.profile.kv_bytes_per_token, cfg.time_scale)
 

@@ -118,3 +118,19 @@ def test_redis_down_degrades_to_recompute_and_counts_the_failure(tmp_path: Path,
     assert len(out.choices[0].text.split()) == 6  # the request still completes
     assert _metric(decode, "vllm:nixl_num_failed_transfers_total") == 1
     assert 'source="local_compute"} 800.0' in decode.metrics_text()  # it recomputed the prompt
+
+
+def test_pd_handoff_sharded_over_two_redis_servers(redis_server: RedisServer, sim_worker_factory: Workers,
+                                                   tmp_path: Path) -> None:
+    second = RedisServer(tmp_path / "redis-2")
+    redis.Redis.from_url(redis_server.url).flushdb()  # earlier tests' blocks must not count here
+    try:
+        flags = ("--profile", "h100-qwen2.5-0.5b", "--kv-store", f"{redis_server.url},{second.url}")
+        prefill, decode = sim_worker_factory(*flags), sim_worker_factory(*flags)
+        assert len(_pd(prefill, decode, block_text(22, 1000)).split()) == 6
+        assert _metric(decode, "vllm:nixl_bytes_transferred_total") == 1000 * 12 * 1024  # every byte arrived
+        assert _metric(decode, "vllm:nixl_num_failed_transfers_total") == 0
+        assert redis.Redis.from_url(redis_server.url).keys("kvp:sim:blk:*")   # both shards hold blocks
+        assert redis.Redis.from_url(second.url).keys("kvp:sim:blk:*")
+    finally:
+        second.stop()
