@@ -214,13 +214,6 @@ class PoolPlanner:
         return Plan(s.current, f"steady: {reason}")
 
 
-def roofline_prefill_tps(params_billion: float, gpu_tflops: float, mfu: float = 0.5) -> float:
-    """A spec-sheet prior for one replica's prefill rate, tokens/s: a dense transformer spends
-    about 2 × parameters FLOPs per prompt token, at `mfu` of the GPU's peak. No profiling: the
-    planner corrects it online (down on a breach, up when the pool does more within SLO)."""
-    return gpu_tflops * 1e12 * mfu / (2 * params_billion * 1e9)
-
-
 def _nudge(estimate: float, observed: float, met_slo: bool, c: PlannerConfig) -> float:
     """Move a per-replica capacity toward an interval's load per replica: up when the pool met
     its SLO while busier than planned, down when it missed the SLO at less than the estimate."""
