@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import openai
+import redis
 
+from kvpilot.local import LocalControlPlane, load_service
 from kvpilot.procs import tcp_open, wait_for
 
 KVPILOT = [sys.executable, "-P", "-m", "kvpilot.cli"]
@@ -95,13 +101,6 @@ def test_demo_runs_to_completion_and_reports(tmp_path: Path) -> None:
 
 
 def test_local_autoscaler_grows_and_shrinks_the_pool_and_the_router_follows(tmp_path: Path) -> None:
-    import json
-    import threading
-    import urllib.request
-    import uuid
-
-    from kvpilot.local import LocalControlPlane, load_service
-
     spec = tmp_path / "svc.yaml"
     spec.write_text("""
 apiVersion: kvpilot.io/v1alpha1
@@ -151,11 +150,6 @@ spec:
 
 
 def test_local_pd_hands_kv_over_through_a_private_redis(tmp_path: Path) -> None:
-    import json
-    import urllib.request
-
-    from kvpilot.local import LocalControlPlane, load_service
-
     spec = tmp_path / "svc.yaml"
     spec.write_text("""
 apiVersion: kvpilot.io/v1alpha1
@@ -179,7 +173,5 @@ spec:
             metrics = resp.read().decode()
         moved = [line for line in metrics.splitlines() if line.startswith("vllm:nixl_bytes_transferred")]
         assert moved and float(moved[0].rsplit(" ", 1)[1]) > 0, metrics[-1500:]
-        import redis
-
         stats = redis.Redis.from_url(plane.kv_store).info("stats")
         assert stats["keyspace_hits"] > 0  # the decode worker read the prefill's KV blocks from this Redis
