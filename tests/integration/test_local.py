@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import openai
@@ -20,6 +19,7 @@ import redis
 
 from kvpilot.local import LocalControlPlane, load_service
 from kvpilot.procs import tcp_open, wait_for
+from kvpilot.testing.load import uncacheable_completion
 
 KVPILOT = [sys.executable, "-P", "-m", "kvpilot.cli"]
 
@@ -119,13 +119,7 @@ spec:
 
     def load(url: str) -> None:
         while not stop.is_set():
-            body = json.dumps({"model": "llama", "prompt": uuid.uuid4().hex + "word " * 8000, "max_tokens": 4})
-            req = urllib.request.Request(url + "/v1/completions", body.encode(), {"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    resp.read()
-            except OSError:
-                pass
+            uncacheable_completion(url, "llama", max_tokens=4)
 
     def data(url: str) -> dict[str, object]:
         with urllib.request.urlopen(url + "/dashboard/data", timeout=5) as resp:

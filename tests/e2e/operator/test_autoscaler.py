@@ -8,7 +8,6 @@ import json
 import sys
 import threading
 import urllib.request
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from kvpilot.procs import ManagedProcess, free_port, wait_for
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
 from kvpilot.testing.kubelet import ProcessKubelet
+from kvpilot.testing.load import uncacheable_completion
 
 Get = Callable[..., Any]
 
@@ -30,26 +30,12 @@ SERVICE = {
         "autoscaling": {"enabled": True, "scaleDownStabilizationSeconds": 8},
     },
 }
-PROMPT = "word " * 8000  # ≈ 10k tokens at 4 bytes a token: 0.3 s of prefill each on the modelled H100
-
-
-def _post(url: str) -> None:
-    # A unique head per request: a shared prompt would be served from the prefix cache, no load at all.
-    body = json.dumps({"model": "llama-8b", "prompt": uuid.uuid4().hex + PROMPT, "max_tokens": 8}).encode()
-    req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            resp.read()
-    except OSError:
-        pass  # a worker going away mid-request is part of scaling; the load just goes on
-
-
 def _load(kubelet: ProcessKubelet, stop: threading.Event) -> None:
     k = 0
     while not stop.is_set():
         urls = sorted(kubelet.urls.values())
         if urls:
-            _post(urls[k % len(urls)])
+            uncacheable_completion(urls[k % len(urls)], "llama-8b")
             k += 1
         else:
             stop.wait(0.2)
