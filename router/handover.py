@@ -48,7 +48,7 @@ RECENT_S = 30.0  # a finished handover answers repeated triggers for this long
 
 @dataclass(slots=True)
 class Outcome:
-    outcome: str              # ok | partial | failed | noop
+    outcome: str              # ok | partial | failed | noop | unsupported
     prefixes: int = 0         # prefixes now in a target's cache
     bytes: int = 0
     detail: str = ""
@@ -72,11 +72,16 @@ class _Failed(Exception):
     pass
 
 
+class _Unsupported(Exception):
+    """The pod has no KV store to hand over through (HTTP 409): not a failure, nothing to do."""
+
+
 class Handovers:
     def __init__(self, metrics: RouterMetrics) -> None:
         r = metrics.registry
         self.total = Counter("kvpilot_router_handovers", "Scale-event KV handovers by kind (scale_in, scale_out) "
-                             "and outcome (ok, partial, failed, noop).", ["model", "kind", "outcome"], registry=r)
+                             "and outcome (ok, partial, failed, noop, unsupported).", ["model", "kind", "outcome"],
+                             registry=r)
         self.moved = Counter("kvpilot_router_handover_prefixes", "Hot prefixes put in a pod's cache by handovers.",
                              ["model", "kind"], registry=r)
         self.moved_bytes = Counter("kvpilot_router_handover_bytes", "KV bytes imported by handovers.",
@@ -161,6 +166,8 @@ class Handovers:
                     out = await self._scale_in(m, pod, url, members)
                 else:
                     out = await self._scale_out(m, pod, url, members)
+        except _Unsupported as e:
+            out = Outcome("unsupported", detail=str(e))
         except (TimeoutError, aiohttp.ClientError, _Failed, ValueError) as e:
             out = Outcome("failed", detail=str(e) or type(e).__name__)
         self.total.labels(m.name, kind, out.outcome).inc()
@@ -195,6 +202,8 @@ class Handovers:
         for part in got:
             if isinstance(part, dict):
                 manifest.update(part)
+        if not manifest and got and all(isinstance(part, _Unsupported) for part in got):
+            raise _Unsupported("no source has a KV store")
         if not manifest and any(isinstance(part, BaseException) for part in got):
             raise _Failed("; ".join(str(p) or type(p).__name__ for p in got if isinstance(p, BaseException)))
         return await self._deliver(m, {joining: [h for s in sources for h in plan[s]]}, manifest, {joining: url})
@@ -203,6 +212,8 @@ class Handovers:
         assert self.session is not None
         body = {"prefixes": [{"key": h.key, "text": h.text, "hits": h.hits} for h in prefixes]}
         async with self.session.post(url + "/kvpilot/prefixes/export", json=body) as resp:
+            if resp.status == 409:
+                raise _Unsupported(f"{url} has no KV store")
             if resp.status != 200:
                 raise _Failed(f"export from {url}: HTTP {resp.status} {(await resp.text())[:200]}")
             manifest: dict[str, Any] = (await resp.json())["manifest"]
