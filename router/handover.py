@@ -16,8 +16,9 @@ handover is done — local mode calls it before it stops a retired worker and be
 a new one. One handover per (model, kind, pod) runs at a time; a trigger that finds one running
 or just finished joins it instead of starting another.
 
-Guarantees: a handover runs in the background of request routing and never blocks it; it is
-bounded by `timeoutSeconds`; any failure (pod gone, store down, timeout) only means the target
+Prefixes move in rounds of `BATCH`, hottest first, so a handover cut short by its time bound
+has delivered the ones that matter most. Guarantees: a handover runs beside request routing and
+never blocks it; it is bounded by `timeoutSeconds`; any failure (pod gone, store down, timeout) only means the target
 recomputes, as without handover, and is counted in `kvpilot_router_handovers_total{outcome}`.
 """
 
@@ -36,7 +37,7 @@ from prometheus_client import Counter
 
 from kvpilot.kvtransfer.scaling import Owners, dual_ring_owners
 from kvpilot.router.config import HandoverConfig
-from kvpilot.router.hot_prefixes import Hot, HotPrefixes, moves_in, moves_out
+from kvpilot.router.hot_prefixes import Hot, HotPrefixes, Move, Outcome, batches, combine, moves_in, moves_out
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.policies.dualmap import DualMap, affinity_key
 from kvpilot.router.policy import InstanceLoad, RequestView
@@ -44,17 +45,7 @@ from kvpilot.router.pool import Member, Pool
 
 log = logging.getLogger("kvpilot.router.handover")
 RECENT_S = 30.0  # a finished handover answers repeated triggers for this long
-
-
-@dataclass(slots=True)
-class Outcome:
-    outcome: str              # ok | partial | failed | noop | unsupported
-    prefixes: int = 0         # prefixes now in a target's cache
-    bytes: int = 0
-    detail: str = ""
-
-    def body(self) -> dict[str, Any]:
-        return {"outcome": self.outcome, "prefixes": self.prefixes, "bytes": self.bytes, "detail": self.detail}
+BATCH = 8         # prefixes per export/import round
 
 
 @dataclass(slots=True)
@@ -116,8 +107,8 @@ class Handovers:
 
     # -- triggers -------------------------------------------------------------------------------
     def _changed(self, m: _Model, joined: list[Member], left: list[Member]) -> None:
-        if self.session is None:
-            return  # the initial endpoint list, before serving: nothing is hot yet
+        if self.session is None or not m.tracker.hot(1):
+            return  # before serving (the initial endpoint list), or nothing hot: nothing to move
         names = frozenset(x.endpoint.name for x in m.pool.healthy())
         for x in left:
             m.gone[x.endpoint.name] = x.url
@@ -160,16 +151,20 @@ class Handovers:
     # -- the moves ---------------------------------------------------------------------------------
     async def _run(self, m: _Model, kind: str, pod: str, url: str, members: frozenset[str]) -> Outcome:
         started = time.monotonic()
-        try:
-            async with asyncio.timeout(m.cfg.timeout_s):
-                if kind == "scale_in":
-                    out = await self._scale_in(m, pod, url, members)
-                else:
-                    out = await self._scale_out(m, pod, url, members)
-        except _Unsupported as e:
-            out = Outcome("unsupported", detail=str(e))
-        except (TimeoutError, aiohttp.ClientError, _Failed, ValueError) as e:
-            out = Outcome("failed", detail=str(e) or type(e).__name__)
+        deadline = asyncio.get_running_loop().time() + m.cfg.timeout_s
+        moves, urls = self._plan(m, kind, pod, url, members)
+        parts: list[Outcome] = []
+        for batch in batches(moves, BATCH):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    parts.append(await self._round(m, batch, urls))
+            except _Unsupported as e:
+                parts.append(Outcome("unsupported", detail=str(e)))
+                break
+            except (TimeoutError, aiohttp.ClientError, _Failed, ValueError) as e:
+                parts.append(Outcome("failed", detail=str(e) or type(e).__name__))
+                break
+        out = combine(parts) if moves else Outcome("noop", detail="no hot prefix changes owner")
         self.total.labels(m.name, kind, out.outcome).inc()
         self.moved.labels(m.name, kind).inc(out.prefixes)
         self.moved_bytes.labels(m.name, kind).inc(out.bytes)
@@ -178,25 +173,28 @@ class Handovers:
                         "seconds": round(time.monotonic() - started, 3)})
         return out
 
-    async def _scale_in(self, m: _Model, leaving: str, url: str, members: frozenset[str]) -> Outcome:
-        plan = moves_in(m.tracker.hot(m.cfg.max_prefixes), leaving, members, m.owners)
-        if not plan:
-            return Outcome("noop", detail="no hot prefix changes owner")
-        prefixes = list({h.key: h for hs in plan.values() for h in hs}.values())
-        manifest = await self._export(url, prefixes)
-        return await self._deliver(m, plan, manifest, {})
-
-    async def _scale_out(self, m: _Model, joining: str, url: str, members: frozenset[str]) -> Outcome:
+    def _plan(self, m: _Model, kind: str, pod: str, url: str,
+              members: frozenset[str]) -> tuple[list[Move], dict[str, str]]:
+        """Who exports which prefix to whom, and every pod's URL."""
+        hot = m.tracker.hot(m.cfg.max_prefixes)
+        urls = {x.endpoint.name: x.url for x in m.pool.members} | {pod: url}
+        if kind == "scale_in":
+            plan = moves_in(hot, pod, members, m.owners)
+            return [Move(pod, target, h) for target, hs in plan.items() for h in hs if target in urls], urls
         caches = m.policy.estimate.caches
 
-        def held(pod: str, h: Hot) -> int:
-            return caches[pod].match(list(h.hashes)) if pod in caches else 0
+        def held(owner: str, h: Hot) -> int:
+            return caches[owner].match(list(h.hashes)) if owner in caches else 0
 
-        plan = moves_out(m.tracker.hot(m.cfg.max_prefixes), joining, members, m.owners, held)
-        if not plan:
-            return Outcome("noop", detail="the new pod owns no hot prefix")
-        sources = [s for s in plan if s in m.pool.by_name]
-        got = await asyncio.gather(*(self._export(m.pool.by_name[s].url, plan[s]) for s in sources),
+        plan = moves_out(hot, pod, members, m.owners, held)
+        return [Move(source, pod, h) for source, hs in plan.items() for h in hs if source in urls], urls
+
+    async def _round(self, m: _Model, moves: list[Move], urls: dict[str, str]) -> Outcome:
+        """One round: every source exports its prefixes (in parallel), every target imports its share."""
+        by_source: dict[str, dict[int, Hot]] = {}
+        for mv in moves:
+            by_source.setdefault(mv.source, {})[mv.prefix.key] = mv.prefix
+        got = await asyncio.gather(*(self._export(urls[s], list(hs.values())) for s, hs in by_source.items()),
                                    return_exceptions=True)
         manifest: dict[str, Any] = {}
         for part in got:
@@ -206,7 +204,10 @@ class Handovers:
             raise _Unsupported("no source has a KV store")
         if not manifest and any(isinstance(part, BaseException) for part in got):
             raise _Failed("; ".join(str(p) or type(p).__name__ for p in got if isinstance(p, BaseException)))
-        return await self._deliver(m, {joining: [h for s in sources for h in plan[s]]}, manifest, {joining: url})
+        plan: dict[str, list[Hot]] = {}
+        for mv in moves:
+            plan.setdefault(mv.target, []).append(mv.prefix)
+        return await self._deliver(m, plan, manifest, urls)
 
     async def _export(self, url: str, prefixes: list[Hot]) -> dict[str, Any]:
         assert self.session is not None
@@ -226,7 +227,7 @@ class Handovers:
         jobs = []
         for pod, hot in plan.items():
             part = {str(h.key): manifest[str(h.key)] for h in hot if str(h.key) in manifest}
-            url = urls.get(pod) or (m.pool.by_name[pod].url if pod in m.pool.by_name else "")
+            url = urls.get(pod, "")
             if part and url:
                 jobs.append((pod, url, [h for h in hot if str(h.key) in part], part))
         if not jobs:

@@ -16,8 +16,9 @@ just the first ring owner, which may never have served it). No I/O here:
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvpilot.kvtransfer.scaling import HotPrefix, Owners, plan_scale_in, plan_scale_out
 from kvpilot.tokens import BYTES_PER_TOKEN
@@ -115,4 +116,44 @@ def moves_out(hot: list[Hot], joining: str, members: frozenset[str], owners: Own
             out.setdefault(source, []).append(h)
     for moved in out.values():
         moved.sort(key=lambda h: (-h.hits, h.key))
+    return out
+
+
+@dataclass(slots=True, frozen=True)
+class Move:
+    source: str               # the pod that exports the prefix
+    target: str               # the pod that imports it
+    prefix: Hot
+
+
+def batches(moves: Sequence[Move], size: int) -> list[list[Move]]:
+    """The moves in rounds of `size` prefixes, hottest first: a handover cut short by its time
+    bound has then delivered the prefixes that matter most."""
+    order = sorted({mv.prefix.key: mv.prefix for mv in moves}.values(), key=lambda h: (-h.hits, h.key))
+    rounds = [{h.key for h in order[i : i + size]} for i in range(0, len(order), size)]
+    return [[mv for mv in moves if mv.prefix.key in keys] for keys in rounds]
+
+
+@dataclass(slots=True)
+class Outcome:
+    outcome: str              # ok | partial | failed | noop | unsupported
+    prefixes: int = 0         # prefixes now in a target's cache
+    bytes: int = 0
+    detail: str = ""
+
+    def body(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "prefixes": self.prefixes, "bytes": self.bytes, "detail": self.detail}
+
+
+def combine(parts: Sequence[Outcome]) -> Outcome:
+    """One handover's outcome from its rounds': failed only when nothing arrived anywhere."""
+    kinds = {p.outcome for p in parts}
+    out = Outcome("noop", sum(p.prefixes for p in parts), sum(p.bytes for p in parts),
+                  "; ".join(p.detail for p in parts if p.detail))
+    if kinds & {"failed", "partial"}:
+        out.outcome = "partial" if out.prefixes else "failed"
+    elif "ok" in kinds:
+        out.outcome = "ok"
+    elif "unsupported" in kinds:
+        out.outcome = "unsupported"
     return out

@@ -6,7 +6,18 @@ from __future__ import annotations
 from kvpilot.kvtransfer.scaling import dual_ring_owners
 from kvpilot.router.config import Endpoint
 from kvpilot.router.depth import AdaptiveDepth
-from kvpilot.router.hot_prefixes import Hot, HotPrefixes, common_blocks, moves_in, moves_out, text_head
+from kvpilot.router.hot_prefixes import (
+    Hot,
+    HotPrefixes,
+    Move,
+    Outcome,
+    batches,
+    combine,
+    common_blocks,
+    moves_in,
+    moves_out,
+    text_head,
+)
 from kvpilot.router.policies import make_policy
 from kvpilot.router.pool import Member, Pool
 from kvpilot.tokens import block_hashes, block_text
@@ -139,3 +150,20 @@ def test_peek_gives_the_key_without_counting() -> None:
     counts = dict(depth._counts)
     depth.peek(hashes)
     assert dict(depth._counts) == counts
+
+
+def test_batches_move_the_hottest_prefixes_first_and_keep_a_prefixes_moves_together() -> None:
+    a, b, c = hot(1, hits=2), hot(2, hits=9), hot(3, hits=5)
+    moves = [Move("x", "p", a), Move("x", "p", b), Move("x", "q", b), Move("x", "q", c)]
+    assert batches(moves, 2) == [[Move("x", "p", b), Move("x", "q", b), Move("x", "q", c)], [Move("x", "p", a)]]
+    assert batches(moves, 5) == [moves] and batches([], 3) == []
+
+
+def test_combine_fails_only_when_nothing_arrived() -> None:
+    ok, failed, noop = Outcome("ok", 2, 100), Outcome("failed", detail="store down"), Outcome("noop")
+    assert combine([ok, ok]).outcome == "ok" and combine([ok, ok]).prefixes == 4
+    assert combine([ok, noop]).outcome == "ok"
+    out = combine([ok, failed])
+    assert (out.outcome, out.prefixes, out.bytes, out.detail) == ("partial", 2, 100, "store down")
+    assert combine([failed]).outcome == "failed" and combine([noop]).outcome == "noop"
+    assert combine([Outcome("unsupported")]).outcome == "unsupported" and combine([]).outcome == "noop"
