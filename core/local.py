@@ -160,7 +160,7 @@ class LocalControlPlane:
             # Retire the ones not serving yet first, then the newest (the coldest cache).
             for w in sorted(live, key=lambda w: (w.healthy, -w.seq))[:max(0, len(live) - n)]:
                 w.drain_until = time.monotonic() + (DRAIN_S if w.healthy else 0.0)
-                if w.healthy and self._handovers:
+                if w.healthy and self._handovers and w.role != "decode":
                     self._handover(w, "leaving")
             self._publish()
 
@@ -210,7 +210,7 @@ class LocalControlPlane:
                         up = _healthy(w.url)
                     except OSError:
                         up = False
-                    if up and self._handovers:
+                    if up and self._handovers and w.role != "decode":  # P/D: the prefill pool holds the cache
                         self._handover(w, "joining")  # published once pre-warmed
                     elif up:
                         w.healthy = changed = True

@@ -107,11 +107,14 @@ class Handovers:
 
     # -- triggers -------------------------------------------------------------------------------
     def _changed(self, m: _Model, joined: list[Member], left: list[Member]) -> None:
+        for x in left:
+            m.gone[x.endpoint.name] = x.url
+        while len(m.gone) > 256:
+            del m.gone[next(iter(m.gone))]
         if self.session is None or not m.tracker.hot(1):
             return  # before serving (the initial endpoint list), or nothing hot: nothing to move
         names = frozenset(x.endpoint.name for x in m.pool.healthy())
         for x in left:
-            m.gone[x.endpoint.name] = x.url
             self._start(m, "scale_in", x.endpoint.name, x.url, names | {x.endpoint.name})
         for x in joined:
             self._start(m, "scale_out", x.endpoint.name, x.url, names)
@@ -140,6 +143,9 @@ class Handovers:
         except (ValueError, TypeError, AttributeError):
             return web.json_response({"error": "body must be JSON"}, status=400)
         member = m.pool.by_name.get(pod)
+        if kind == "scale_in" and member is None and pod not in m.gone:
+            # Never in this pool (a P/D decode worker: the cache affinity is the prefill pool's).
+            return web.json_response(Outcome("noop", detail=f"{pod} is not in the cache-affinity pool").body())
         url = str(body.get("url") or (member.url if member else m.gone.get(pod, ""))).rstrip("/")
         if not url:
             return web.json_response({"error": f"unknown pod {pod!r}: give its url"}, status=404)
