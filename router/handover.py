@@ -64,7 +64,7 @@ class _Failed(Exception):
 
 
 class _Unsupported(Exception):
-    """The pod has no KV store to hand over through (HTTP 409): not a failure, nothing to do."""
+    """The pod cannot export prefixes (no such endpoint, or no KV store): not a failure, nothing to do."""
 
 
 class Handovers:
@@ -219,8 +219,8 @@ class Handovers:
         assert self.session is not None
         body = {"prefixes": [{"key": h.key, "text": h.text, "hits": h.hits} for h in prefixes]}
         async with self.session.post(url + "/kvpilot/prefixes/export", json=body) as resp:
-            if resp.status == 409:
-                raise _Unsupported(f"{url} has no KV store")
+            if resp.status in (404, 409):  # no such endpoint (stock vLLM), or no KV store configured
+                raise _Unsupported(f"{url} cannot export prefixes (HTTP {resp.status})")
             if resp.status != 200:
                 raise _Failed(f"export from {url}: HTTP {resp.status} {(await resp.text())[:200]}")
             manifest: dict[str, Any] = (await resp.json())["manifest"]
