@@ -17,6 +17,10 @@ from kvpilot import __version__
 from kvpilot.crds import API_VERSION, LLMServiceSpec, PoolSpec, Role, WorkerPoolSpec
 
 PORT = 8000
+# A deleted engine pod keeps serving this long after it leaves the router's pool (not Ready, then
+# terminating): its in-flight requests finish and the router hands its hot prefixes' KV to the
+# pods that inherit their keys before SIGTERM stops the engine.
+DRAIN_SECONDS = 20
 KV_EVENTS_PORT = 5557  # the router's ZMQ SUB socket; vLLM instances connect and publish KV-cache events
 MANAGER = "kvpilot-operator"
 LABEL_SERVICE = "kvpilot.io/service"
@@ -267,6 +271,7 @@ def pool_deployment(spec: WorkerPoolSpec, owner: Owner) -> Obj:
         "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 180 if slow else 30},
         "readinessProbe": {**health, "periodSeconds": 5},
         "livenessProbe": {**health, "periodSeconds": 10, "failureThreshold": 3},
+        "lifecycle": {"preStop": {"sleep": {"seconds": DRAIN_SECONDS}}},
     }
     resources = engine_resources(spec)
     if resources:
@@ -274,7 +279,8 @@ def pool_deployment(spec: WorkerPoolSpec, owner: Owner) -> Obj:
     volumes, mounts = _volumes(spec)
     if mounts:
         container["volumeMounts"] = mounts
-    pod: Obj = {"containers": [container], "enableServiceLinks": False}
+    pod: Obj = {"containers": [container], "enableServiceLinks": False,
+                "terminationGracePeriodSeconds": DRAIN_SECONDS + 30}
     if volumes:
         pod["volumes"] = volumes
     for key, value in (("nodeSelector", spec.node_selector), ("tolerations", spec.tolerations),

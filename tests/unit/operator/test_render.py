@@ -173,3 +173,12 @@ def test_pod_monitor_scrapes_every_pod_of_the_service_on_http_metrics() -> None:
     for dep in [render.pool_deployment(*_pool(spec, "decode")), router]:
         ports = dep["spec"]["template"]["spec"]["containers"][0]["ports"]
         assert {"name": "http", "containerPort": render.PORT} in ports
+
+
+def test_engine_pods_drain_before_sigterm_within_their_grace_period() -> None:
+    """The router hands a leaving pod's hot KV to its successors while the pod still answers."""
+    for engine in ({"type": "simulator"}, {"type": "vllm"}):
+        pool, owner = _pool(_spec(engine=engine), "decode")
+        pod = render.pool_deployment(pool, owner)["spec"]["template"]["spec"]
+        drain = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert 0 < drain < pod["terminationGracePeriodSeconds"]
