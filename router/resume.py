@@ -150,16 +150,17 @@ class ResumeState:
         for choice in data["choices"]:
             if not isinstance(choice, dict):
                 continue
-            if "prompt_token_ids" in choice:
+            # What vLLM sends when the ids are not asked for (or after the first chunk): null.
+            if choice.get("prompt_token_ids") is not None:
                 if self.offset == 0 and self.prompt_ids is None:
-                    self.prompt_ids = list(choice["prompt_token_ids"] or [])
+                    self.prompt_ids = list(choice["prompt_token_ids"])
                 if self.offset or not keep:
-                    del choice["prompt_token_ids"]
+                    choice["prompt_token_ids"] = None
                     changed = True
-            if "token_ids" in choice:
-                self.generated.extend(choice["token_ids"] or [])
+            if choice.get("token_ids") is not None:
+                self.generated.extend(choice["token_ids"])
                 if not keep:
-                    del choice["token_ids"]
+                    choice["token_ids"] = None
                     changed = True
             if choice.get("finish_reason") is not None:
                 self.finished = True

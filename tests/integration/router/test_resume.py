@@ -96,7 +96,7 @@ def test_resumed_stream_equals_the_unmigrated_one(sim_worker_factory: Workers, r
     # One stream as far as the client can tell: one id, no token ids it did not ask for, usage
     # counted against its own prompt.
     assert {p["id"] for p in payloads} == {payloads[0]["id"]}
-    assert not any("token_ids" in c or "prompt_token_ids" in c for p in payloads for c in p["choices"])
+    assert not any(c.get("token_ids") or c.get("prompt_token_ids") for p in payloads for c in p["choices"])
     usage = payloads[-1]["usage"]
     assert usage["completion_tokens"] == MAX_TOKENS and usage["prompt_tokens"] == len(PROMPT) // 4, usage
     # The source stopped at the cut (its request was cancelled); the target re-read the prompt from
@@ -127,7 +127,7 @@ def test_a_failing_target_leaves_the_request_on_its_source(sim_worker_factory: W
     assert _words(payloads) == _words(baseline)
     ids = [t for p in payloads for c in p["choices"] for t in c["token_ids"]]
     assert ids == [t for p in baseline for c in p["choices"] for t in c["token_ids"]]
-    assert [c["prompt_token_ids"] for p in payloads for c in p["choices"] if "prompt_token_ids" in c] == \
+    assert [c["prompt_token_ids"] for p in payloads for c in p["choices"] if c.get("prompt_token_ids")] == \
         [baseline[0]["choices"][0]["prompt_token_ids"]]
     assert _metric(router.metrics_text(), "kvpilot_router_migrations_total", outcome="aborted") == 1
 
