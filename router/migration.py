@@ -276,7 +276,8 @@ class Migrator:
     # -- the automatic trigger ---------------------------------------------------------------
     def signals(self, name: str) -> list[InstanceSignal]:
         """The policy's view of each healthy endpoint. A request that moved within the last few
-        intervals is not a candidate again (no ping-pong while the picture settles)."""
+        intervals is not a candidate again (no ping-pong while the picture settles), nor one that
+        resume cannot move (engine vllm: chat, stop strings, …)."""
         m = self.models[name]
         settle = time.monotonic() - COOLDOWN_INTERVALS * m.cfg.interval_s
         out = []
@@ -285,7 +286,8 @@ class Migrator:
             gaps = [a.gap_s for a in streams if a.gap_s is not None]
             cands = tuple(Candidate(a.request_id, a.prompt_tokens + a.events,
                                     (a.max_tokens - a.events) if a.max_tokens is not None else 1 << 30)
-                          for a in streams if not a.migrating and a.moved_at < settle)
+                          for a in streams if not a.migrating and a.moved_at < settle
+                          and (a.resume is None or a.resume.not_now() is None))
             backlog = member.load.pending_prefill_tokens * m.cfg.prefill_token_s
             out.append(InstanceSignal(member.endpoint.name, sum(gaps) / len(gaps) if gaps else None, backlog, cands))
         return out

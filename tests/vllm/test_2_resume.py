@@ -21,7 +21,8 @@ MAX_TOKENS = 600     # with a ~300-token prompt: within the 1,024-token context,
 CUT_AFTER = 40       # chunks (one token each) the client reads before the move
 
 
-def _stream(url: str, body: dict[str, Any], rid: str, during: Callable[[str], None]) -> tuple[list[dict[str, Any]], str]:
+def _stream(url: str, body: dict[str, Any], rid: str,
+            during: Callable[[str], None]) -> tuple[list[dict[str, Any]], str]:
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
                                  headers={"Content-Type": "application/json", "X-Request-Id": rid})
     payloads: list[dict[str, Any]] = []
