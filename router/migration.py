@@ -242,8 +242,10 @@ class Migrator:
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         active.resume.pending = Pending(target, done)
         active.resume.wake.set()
-        try:
-            result = await done
+        try:  # the relay answers within the resume timeout, or as its stream ends
+            result = await asyncio.wait_for(done, self.models[active.model].cfg.resume_timeout_s + 10)
+        except TimeoutError:
+            result = {"outcome": "aborted", "reason": "the stream's relay did not answer"}
         finally:
             active.migrating = False
         status = {"migrated": 200, "rejected": 409}.get(str(result.get("outcome")), 502)

@@ -200,6 +200,7 @@ async def relay(session: aiohttp.ClientSession, up: aiohttp.ClientResponse, st: 
     held: list[bytes] = []
     read: asyncio.Task[bytes] | None = None
     opening: asyncio.Task[tuple[aiohttp.ClientResponse, bytes]] | None = None
+    waker: asyncio.Task[bool] | None = None
     cut_at, cut = 0.0, 0
 
     def resolve(result: dict[str, Any]) -> None:
@@ -219,11 +220,13 @@ async def relay(session: aiohttp.ClientSession, up: aiohttp.ClientResponse, st: 
                 body = continuation(st.body, st.prompt_ids or [], st.generated)
                 opening = asyncio.ensure_future(asyncio.wait_for(
                     open_target(session, st.pending.target, body, headers), timeout_s))
-            st.wake.clear()
-            waker = asyncio.ensure_future(st.wake.wait())
+            if waker is None:
+                waker = asyncio.ensure_future(st.wake.wait())
             await asyncio.wait([t for t in (read, opening, waker) if t is not None],
                                return_when=asyncio.FIRST_COMPLETED)
-            waker.cancel()
+            if waker.done():
+                st.wake.clear()
+                waker = None
             if opening is not None and opening.done():
                 assert st.pending is not None
                 target, task, opening = st.pending.target, opening, None
@@ -271,8 +274,9 @@ async def relay(session: aiohttp.ClientSession, up: aiohttp.ClientResponse, st: 
                 on_events(len(out))
                 yield b"".join(out)
     finally:
-        if read is not None:
-            read.cancel()
+        for waiting in (read, waker):
+            if waiting is not None:
+                waiting.cancel()
         if opening is not None:
             if opening.done() and not opening.cancelled() and opening.exception() is None:
                 opening.result()[0].close()
