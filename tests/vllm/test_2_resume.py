@@ -88,3 +88,22 @@ def test_a_stream_resumed_on_another_instance_equals_the_unmigrated_one(
     # The target found the resumed prompt's full blocks (the baseline's prompt and output) in its cache.
     full_blocks = (len(prompt_ids) + cut - 1) // BLOCK_SIZE
     assert after[target][0] - before[target][0] >= full_blocks * BLOCK_SIZE, (after, before, cut)
+
+
+def test_a_sampled_stream_resumed_elsewhere_keeps_every_token_before_the_cut(
+        pair: Stage, router_factory: Callable[..., RouterProcess]) -> None:
+    """With sampling the continuation is T's own (a seed does not carry over a cut): what holds is
+    one stream, the tokens before the cut exactly once, the length asked for."""
+    router = router_factory([router_model(pair, "round-robin", engine="vllm", migration={})])
+    body = {"model": SERVED, "prompt": make_prompt("sampled", 200), "max_tokens": 400, "temperature": 0.8,
+            "seed": 7, "ignore_eos": True, "return_token_ids": True}
+    base = {n: s.post("/v1/completions", body)["choices"][0]["token_ids"] for n, s in pair.servers.items()}
+    results: list[tuple[int, dict[str, Any]]] = []
+    other = {"tiny-worker-a": "tiny-worker-b", "tiny-worker-b": "tiny-worker-a"}
+    payloads, source = _stream(router.url, body, "resume-2",
+                               lambda src: results.append(_migrate(router, "resume-2", other[src])))
+    status, result = results[0]
+    assert status == 200 and result["outcome"] == "migrated", result
+    cut = result["resumed_tokens"]
+    got = [t for p in payloads for c in p["choices"] for t in c["token_ids"]]
+    assert got[:cut] == base[source][:cut] and len(got) == 400
