@@ -232,10 +232,11 @@ async def relay(session: aiohttp.ClientSession, up: aiohttp.ClientResponse, st: 
                 target, task, opening = st.pending.target, opening, None
                 try:
                     resp, first = task.result()
-                except (ResumeFailed, aiohttp.ClientError, TimeoutError) as e:
+                except Exception as e:  # whatever went wrong on the target, R goes on on the source
                     resolve({"outcome": "aborted", "reason": f"target {target.endpoint.name}: {e or type(e).__name__}"})
-                    for event in held:
-                        yield event
+                    if held:
+                        on_events(len(held))
+                        yield b"".join(held)
                     held = []
                     continue
                 # Commit: the target has the request. Cancel it on the source, forget what it sent since the cut.
