@@ -146,3 +146,16 @@ def test_chat_streams_are_not_migratable_by_resume(sim_worker_factory: Workers, 
                 results.append(_post(router.url + "/kvpilot/migrate", {"request_id": "chat-1"}))
     status, result = results[0]
     assert status == 409 and result["outcome"] == "rejected" and "chat" in result["reason"], result
+
+
+def test_the_automatic_trigger_moves_streams_by_resume(sim_worker_factory: Workers, router_factory: Routers) -> None:
+    workers = [sim_worker_factory(*FLAGS), sim_worker_factory(*FLAGS)]
+    body = {"model": "sim-model", "prompt": PROMPT, "max_tokens": MAX_TOKENS}
+    expected = _words(_stream(workers[0].url, body, "base")[0])
+    eps = [{"name": f"w{w.port}", "url": w.url} for w in workers]
+    # A 1 ms TPOT SLO: any instance streaming is a hot spot, an idle one is cool.
+    migration = {"enabled": True, "tpotMs": 1, "theta": 0.8, "intervalSeconds": 0.5}
+    router = router_factory([{"name": "sim-model", "policy": "round-robin", "endpoints": eps, "engine": "vllm",
+                              "migration": migration}], scrapeIntervalSeconds=30)
+    assert _words(_stream(router.url, body, "auto-1")[0]) == expected
+    assert _metric(router.metrics_text(), "kvpilot_router_migrations_total", outcome="migrated") >= 1
