@@ -15,6 +15,7 @@ scale-down window read as on the real hardware.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import shutil
 import sys
@@ -52,6 +53,7 @@ spec:
 """
 ROLES = {"aggregated": "both", "prefill": "prefill", "decode": "decode"}
 DRAIN_S = 5.0  # wall seconds a removed worker keeps serving what it already has
+HANDOVER_S = 15.0  # wall seconds to wait for the router's scale-event handover (it bounds itself at 10)
 
 
 def load_service(path: Path | None) -> LLMService:
@@ -77,6 +79,7 @@ class Worker:
     seq: int = 0                   # start order: the newest is retired first
     healthy: bool = False
     drain_until: float | None = None
+    handover: threading.Event | None = None   # set once the router's handover for it is done
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,8 @@ class LocalControlPlane:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._endpoints_path = self.dir / "endpoints.yaml"
-        self.kv_store: str | None = None   # Redis URL the P/D workers hand KV over through, if any
+        self.kv_store: str | None = None   # Redis URL workers hand KV over through (P/D, scale events), if any
+        self._serving = False              # the router is up: scale events get a prefix handover
 
     @property
     def name(self) -> str:
@@ -139,7 +143,7 @@ class LocalControlPlane:
         port = free_port()
         args = ["sim", "serve", "--profile", spec.engine.profile or "h100-llama3-8b", "--model", self.model,
                 "--port", str(port), "--time-scale", str(self.time_scale)]
-        if self.kv_store and role != "aggregated":
+        if self.kv_store:
             args += ["--kv-store", self.kv_store]
         proc = ManagedProcess(name, _kvpilot(*args), self.dir / f"{name}.log")
         worker = Worker(name, role, f"http://127.0.0.1:{port}", proc, self._seq)
@@ -156,7 +160,38 @@ class LocalControlPlane:
             # Retire the ones not serving yet first, then the newest (the coldest cache).
             for w in sorted(live, key=lambda w: (w.healthy, -w.seq))[:max(0, len(live) - n)]:
                 w.drain_until = time.monotonic() + (DRAIN_S if w.healthy else 0.0)
+                if w.healthy and self._handovers and w.role != "decode":
+                    self._handover(w, "leaving")
             self._publish()
+
+    @property
+    def _handovers(self) -> bool:
+        """Scale events move hot prefixes when the router is up and workers share a KV store."""
+        return self._serving and self.kv_store is not None
+
+    def _handover(self, w: Worker, kind: str) -> None:
+        """Ask the router to hand `w`'s hot prefixes over (`leaving`: to its ring successors,
+        before `refresh` stops it) or to pre-warm it (`joining`: before it is published)."""
+        w.handover = threading.Event()
+        done = w.handover
+
+        def run() -> None:
+            body = json.dumps({"model": self.model, kind: w.name, "url": w.url}).encode()
+            req = urllib.request.Request(self.url + "/kvpilot/handover", body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=HANDOVER_S) as resp:
+                    log.info("handover %s %s: %s", kind, w.name, json.loads(resp.read()).get("outcome"))
+            except (OSError, ValueError) as e:
+                log.warning("handover %s %s failed: %s", kind, w.name, e)
+            finally:
+                done.set()
+                if kind == "joining":
+                    with self._lock:
+                        if self.pool.get(w.name) is w and w.drain_until is None:
+                            w.healthy = True
+                            self._publish()
+
+        self._thread(run, f"handover-{w.name}")
 
     def refresh(self) -> None:
         """Health-check starting workers, stop drained ones, publish the serving set."""
@@ -164,16 +199,21 @@ class LocalControlPlane:
             changed = False
             for w in list(self.pool.values()):
                 if w.drain_until is not None:
-                    if time.monotonic() >= w.drain_until:
+                    now = time.monotonic()
+                    handing_over = w.handover is not None and not w.handover.is_set()
+                    if now >= w.drain_until and (not handing_over or now >= w.drain_until + HANDOVER_S):
                         w.proc.stop()
                         del self.pool[w.name]
                     continue
-                if not w.healthy:
+                if not w.healthy and w.handover is None:
                     try:
-                        w.healthy = _healthy(w.url)
-                        changed |= w.healthy
+                        up = _healthy(w.url)
                     except OSError:
-                        pass
+                        up = False
+                    if up and self._handovers and w.role != "decode":  # P/D: the prefill pool holds the cache
+                        self._handover(w, "joining")  # published once pre-warmed
+                    elif up:
+                        w.healthy = changed = True
             if changed:
                 self._publish()
 
@@ -202,17 +242,20 @@ class LocalControlPlane:
         return self
 
     def _start_kv_store(self) -> None:
-        """P/D hands KV over through Redis: the spec's, else a private one when redis-server is
-        installed; without either, workers fall back to handing KV over directly to each other."""
+        """P/D hands KV over through Redis, and so do scale events under DualMap (a retired
+        worker's hot prefixes to its ring successors, a new worker's pre-warm): the spec's Redis,
+        else a private one when redis-server is installed. Without either, P/D workers hand KV
+        over directly to each other and scale events leave the moved prefixes to recompute."""
         spec = self.service.spec
-        if spec.mode != "disaggregated":
+        if spec.mode != "disaggregated" and self.policy != "dualmap":
             return
         if spec.kv_transfer is not None and spec.kv_transfer.redis_url:
             self.kv_store = spec.kv_transfer.redis_url
             return
         binary = shutil.which("redis-server")
         if binary is None:
-            log.info("redis-server not installed: P/D workers hand KV over directly")
+            log.info("redis-server not installed: P/D workers hand KV over directly; scale events hand no "
+                     "prefixes over")
             return
         port = free_port()
         redis = ManagedProcess("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -246,6 +289,7 @@ class LocalControlPlane:
         router = ManagedProcess("router", _kvpilot("router", "--config", str(cfg_path)), self.dir / "router.log")
         self.procs.append(router)
         wait_for(lambda: _healthy(self.url), 30, "the router", router)
+        self._serving = True
         self._thread(self._maintain, "local-pools")
         if self.autoscale:
             self._thread(self._autoscale, "local-autoscaler")

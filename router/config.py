@@ -46,6 +46,20 @@ class KVEvents(BaseModel):
     block_size: int = Field(128, gt=0, alias="blockSize", description="the engine's KV block size (CPU 128, GPU 16)")
 
 
+class HandoverConfig(BaseModel):
+    """Cache-preserving scale-in and pre-warmed scale-out (`kvpilot.router.handover`): which
+    prefixes count as hot, how many move, and the time bound of one handover."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    enabled: bool = True
+    window: int = Field(1000, gt=0, description="recent requests the hotness counts cover")
+    min_hits: int = Field(2, gt=0, alias="minHits", description="requests in the window that make a prefix hot")
+    max_prefixes: int = Field(64, gt=0, alias="maxPrefixes", description="the hottest prefixes moved per event")
+    max_blocks: int = Field(32, gt=0, alias="maxBlocks", description="router blocks of a prompt's head kept per key")
+    timeout_s: float = Field(10.0, gt=0, alias="timeoutSeconds", description="bound on one handover, all calls")
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -71,6 +85,7 @@ class ModelConfig(BaseModel):
     engine: Literal["simulator", "vllm"] = Field(
         "simulator", description="how streams migrate: simulator workers copy a running request's KV themselves; "
                                  "stock vLLM cannot, so the router moves its streams by resume (router/resume.py)")
+    handover: HandoverConfig = Field(default_factory=HandoverConfig)
 
     @model_validator(mode="after")
     def _roles_fit_mode(self) -> ModelConfig:

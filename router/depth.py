@@ -30,16 +30,28 @@ class AdaptiveDepth:
         """(affinity key, depth used) for a prompt's block hashes, and count it in the window."""
         if not hashes:
             raise ValueError("adaptive depth needs at least one block hash")
-        d = min(self.base, len(hashes))
-        limit = min(len(hashes), self.base + self.max_extra)
-        while d < limit and hashes[d - 1] in self.hot:
-            d += 1
+        d, limit = self._depth(hashes)
         path = tuple(hashes[self.base - 1 : d]) if d >= self.base else (hashes[d - 1],)
         self._observe(path)
         key = hashes[d - 1]
         if self._counts[key] > self.expand_share * self.window and d < limit:
             self.hot.add(key)
         return key & _MASK64, d
+
+    def peek(self, hashes: list[int]) -> tuple[int, int]:
+        """What `key` would answer now, without counting the request (the router's handover
+        asks which key a prompt maps to)."""
+        if not hashes:
+            raise ValueError("adaptive depth needs at least one block hash")
+        d = self._depth(hashes)[0]
+        return hashes[d - 1] & _MASK64, d
+
+    def _depth(self, hashes: list[int]) -> tuple[int, int]:
+        d = min(self.base, len(hashes))
+        limit = min(len(hashes), self.base + self.max_extra)
+        while d < limit and hashes[d - 1] in self.hot:
+            d += 1
+        return d, limit
 
     def _observe(self, path: tuple[int, ...]) -> None:
         self._recent.append(path)

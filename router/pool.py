@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvpilot.router.config import Endpoint
@@ -45,6 +46,8 @@ class Pool:
         self._healthy: list[Member] | None = None
         self._healthy_loads: list[InstanceLoad] = []
         self._healthy_until = 0.0
+        # Called with (joined, left) after a membership change (the router's scale-event handover).
+        self.on_change: Callable[[list[Member], list[Member]], None] | None = None
         self.set_endpoints(endpoints)
 
     def set_endpoints(self, endpoints: list[Endpoint]) -> None:
@@ -58,6 +61,11 @@ class Pool:
         self.members = members
         self.by_name = {m.endpoint.name: m for m in self.members}
         self._healthy = None
+        if self.on_change is not None:
+            joined = [m for m in members if m.endpoint.name not in old]
+            left = [m for name, m in old.items() if name not in self.by_name]
+            if joined or left:
+                self.on_change(joined, left)
 
     def healthy(self, exclude: frozenset[str] = frozenset()) -> list[Member]:
         """Members whose breaker is closed. Without exclusions the same list object is returned

@@ -29,6 +29,7 @@ from kvpilot.router.dashboard import Timeline, page
 from kvpilot.router.discovery import PodWatcher
 from kvpilot.router.endpoints_file import EndpointsFile
 from kvpilot.router.estimate import LoadEstimator
+from kvpilot.router.handover import Handovers
 from kvpilot.router.kv_events import KVEventIndex, load_tokenizer
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.migration import Migrator
@@ -77,6 +78,7 @@ class Router:
         self.cfg = cfg
         self.metrics = RouterMetrics()
         self.migrator = Migrator(self.metrics)
+        self.handovers = Handovers(self.metrics)
         self.models: dict[str, Served] = {}
         self.timelines: dict[str, Timeline] = {}
         self.kv_indexes: dict[str, KVEventIndex] = {}
@@ -99,6 +101,7 @@ class Router:
             if m.kv_events is not None:
                 self._follow_kv_events(m, served)
             self.migrator.add_model(m.name, served.main, m.migration, m.slo_ttft_ms / 1000, m.engine)
+            self.handovers.add_model(m.name, served.prefill or served.main, m.handover)
             self.timelines[m.name] = Timeline()
             self._set_endpoints(served, m.endpoints)
         self.session: aiohttp.ClientSession | None = None
@@ -158,6 +161,7 @@ class Router:
             index = self.kv_indexes.get(model_name)
             if index is not None and not chat:  # chat templates are the engine's: only raw prompts are keyed
                 view.engine_blocks = index.prompt_keys(prompt)
+            self.handovers.observe(model_name, view, prompt)
             path = "/v1/chat/completions" if chat else "/v1/completions"
             if served.prefill is not None:
                 body = await self._prefill(served, view, path, body)
@@ -464,6 +468,7 @@ class Router:
             assert kv is not None
             self._kv_tasks.append(asyncio.create_task(index.listen(kv.bind)))
         self.migrator.start(self.session)
+        self.handovers.start(self.session)
         loop = asyncio.get_running_loop()
         for served in self.models.values():
             d = served.config.discovery
@@ -500,6 +505,7 @@ class Router:
         app.router.add_get("/dashboard/data", self.dashboard_data)
         app.router.add_post("/debug/kv-match", self.kv_match)
         app.router.add_post("/kvpilot/migrate", self.migrator.handle)
+        app.router.add_post("/kvpilot/handover", self.handovers.handle)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app

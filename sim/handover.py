@@ -1,7 +1,8 @@
 """Prefix-cache handover on a simulator instance: the HTTP side of `kvpilot.kvtransfer.scaling`.
 
-`POST /kvpilot/prefixes/export {"prefixes": [{"key", "block_hashes", "hits"?}]}` writes this
-instance's cached blocks of those prefixes to the KV store and answers the manifest;
+`POST /kvpilot/prefixes/export {"prefixes": [{"key", "block_hashes" | "text", "hits"?}]}` writes
+this instance's cached blocks of those prefixes to the KV store and answers the manifest (502
+when the blocks are here but the store did not take them);
 `POST /kvpilot/prefixes/import {"manifest": {key: [[block key, size, checksum], …]}}` pulls a
 manifest and puts the blocks in this instance's prefix cache (`Engine.warm`), so requests for
 those prefixes hit at once. A leaving pod exports before it goes and its ring successors import
@@ -20,6 +21,7 @@ from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.scaling import HotPrefix, Manifest, PrefixHandover, block_hash_of
 from kvpilot.kvtransfer.store import BlockDescriptor, open_store
 from kvpilot.sim.server import SimServer
+from kvpilot.tokens import block_hashes
 
 
 class PrefixEndpoints:
@@ -37,6 +39,13 @@ class PrefixEndpoints:
         if self.handover is not None:
             await self.handover.agent.store.close()
 
+    def _hashes(self, prefix: dict[str, Any]) -> tuple[int, ...]:
+        """The prefix's block hashes as given, or hashed here from its text at this engine's
+        block size (the router knows prompts, not the engine's block size)."""
+        if "text" in prefix:
+            return tuple(block_hashes(str(prefix["text"]), self.server.block_size))
+        return tuple(int(h) for h in prefix["block_hashes"])
+
     def _read_block(self, block_hash: int) -> bytes | None:
         """The block's KV if cached here (stand-in bytes of the right size)."""
         engine = self.server.engine
@@ -49,11 +58,14 @@ class PrefixEndpoints:
             return web.json_response({"error": "this instance has no KV store (--kv-store)"}, status=409)
         try:
             body: dict[str, Any] = await request.json()
-            prefixes = [HotPrefix(int(p["key"]), tuple(int(h) for h in p["block_hashes"]), int(p.get("hits", 0)))
-                        for p in body["prefixes"]]
+            prefixes = [HotPrefix(int(p["key"]), self._hashes(p), int(p.get("hits", 0))) for p in body["prefixes"]]
         except (ValueError, KeyError, TypeError):
-            return web.json_response({"error": "prefixes: [{key, block_hashes, hits?}] required"}, status=400)
+            return web.json_response({"error": "prefixes: [{key, block_hashes | text, hits?}] required"}, status=400)
         manifest = await self.handover.export(prefixes, self._read_block)
+        cached = self.server.engine.pool.cached
+        if not manifest.prefixes and any(p.block_hashes and p.block_hashes[0] in cached for p in prefixes):
+            # Blocks were here but the store write failed: say so, so the caller counts a failure.
+            return web.json_response({"error": "the KV store did not take the blocks"}, status=502)
         return web.json_response({"manifest": {str(k): [[d.key, d.size, d.checksum] for d in descs]
                                                for k, descs in manifest.prefixes.items()},
                                   "bytes": manifest.bytes})

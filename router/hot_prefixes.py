@@ -1,0 +1,159 @@
+"""Which prefixes are hot, as the router sees them, and where their KV should go on a scale event.
+
+The engines know their cached blocks; only the router knows which prefixes its traffic keeps
+coming back to and which ring key each one maps to. `HotPrefixes` keeps a sliding window over
+the affinity keys of the last `window` requests and, per key still in the window, the latest
+prompt's head. The prefix worth moving is what the last two requests of a key shared (at least
+the blocks that make up the key: every request with that key shares them), so a hot document
+moves whole and a shared system prompt moves without the users' tails.
+
+Planning is pure: `moves_in` / `moves_out` wrap `kvpilot.kvtransfer.scaling`'s plans and, for a
+joining pod, pick as source the current owner the router believes holds most of the prefix (not
+just the first ring owner, which may never have served it). No I/O here:
+`kvpilot.router.handover` does the HTTP.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvpilot.kvtransfer.scaling import HotPrefix, Owners, plan_scale_in, plan_scale_out
+from kvpilot.tokens import BYTES_PER_TOKEN
+
+
+@dataclass(slots=True)
+class Hot:
+    key: int                  # the ring key the policy routes the prefix by
+    hits: int                 # requests in the window with this key
+    hashes: tuple[int, ...]   # the router's block hashes of the prefix to move
+    text: str                 # the prefix's text: the engine hashes it at its own block size
+
+    def plan_view(self) -> HotPrefix:
+        return HotPrefix(self.key, (), self.hits)
+
+
+@dataclass(slots=True)
+class _Sample:
+    hashes: tuple[int, ...]
+    text: str
+    common: int               # leading router blocks shared by the last two requests
+
+
+def common_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Length of the shared head of two chained-hash lists (equal hash at i ⇒ equal prefix)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def text_head(text: str, tokens: int) -> str:
+    """The first `tokens` tokens of `text` (4 UTF-8 bytes each); a character cut in two is dropped."""
+    return text.encode()[: tokens * BYTES_PER_TOKEN].decode(errors="ignore")
+
+
+class HotPrefixes:
+    def __init__(self, block_size: int, *, window: int = 1000, min_hits: int = 2, max_blocks: int = 32) -> None:
+        self.block_size = block_size
+        self.window = window
+        self.min_hits = min_hits
+        self.max_blocks = max_blocks
+        self._recent: deque[int] = deque()
+        self._counts: Counter[int] = Counter()
+        self._samples: dict[int, _Sample] = {}
+
+    def observe(self, key: int, depth: int, hashes: list[int], prompt: str) -> None:
+        """Count one request whose affinity key is `hashes[depth - 1]` (= `key`)."""
+        if depth <= 0 or depth > len(hashes):
+            return  # keyed by something other than its prefix (a short prompt): nothing to move
+        head = tuple(hashes[: self.max_blocks])
+        old = self._samples.get(key)
+        common = min(depth, len(head)) if old is None else max(min(depth, len(head)), common_blocks(old.hashes, head))
+        self._samples[key] = _Sample(head, prompt[: len(head) * self.block_size * BYTES_PER_TOKEN], common)
+        self._recent.append(key)
+        self._counts[key] += 1
+        if len(self._recent) > self.window:
+            gone = self._recent.popleft()
+            self._counts[gone] -= 1
+            if self._counts[gone] <= 0:
+                del self._counts[gone]
+                self._samples.pop(gone, None)
+
+    def hot(self, limit: int) -> list[Hot]:
+        """The `limit` most requested keys with at least `min_hits` requests, hottest first."""
+        out = []
+        for key, hits in sorted(self._counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]:
+            if hits < self.min_hits:
+                break
+            s = self._samples[key]
+            out.append(Hot(key, hits, s.hashes[: s.common], text_head(s.text, s.common * self.block_size)))
+        return out
+
+
+def moves_in(hot: list[Hot], leaving: str, members: frozenset[str], owners: Owners) -> dict[str, list[Hot]]:
+    """Per remaining pod, the hot prefixes it inherits from `leaving` (which must be in `members`)."""
+    by_key = {h.key: h for h in hot}
+    plan = plan_scale_in([h.plan_view() for h in hot], leaving, members | {leaving}, owners)
+    return {pod: [by_key[p.key] for p in prefixes] for pod, prefixes in plan.items()}
+
+
+def moves_out(hot: list[Hot], joining: str, members: frozenset[str], owners: Owners,
+              held: Callable[[str, Hot], int]) -> dict[str, list[Hot]]:
+    """Per current owner, the hot prefixes to export for `joining`: each from the owner that
+    `held(owner, prefix)` (blocks believed cached) ranks highest, ring order breaking ties."""
+    before = members - {joining}
+    by_key = {h.key: h for h in hot}
+    out: dict[str, list[Hot]] = {}
+    for prefixes in plan_scale_out([h.plan_view() for h in hot], joining, before, owners).values():
+        for p in prefixes:
+            h = by_key[p.key]
+            candidates = owners(p.key, before)
+            source = max(candidates, key=lambda pod: (held(pod, h), -candidates.index(pod)))
+            out.setdefault(source, []).append(h)
+    for moved in out.values():
+        moved.sort(key=lambda h: (-h.hits, h.key))
+    return out
+
+
+@dataclass(slots=True, frozen=True)
+class Move:
+    source: str               # the pod that exports the prefix
+    target: str               # the pod that imports it
+    prefix: Hot
+
+
+def batches(moves: Sequence[Move], size: int) -> list[list[Move]]:
+    """The moves in rounds of `size` prefixes, hottest first: a handover cut short by its time
+    bound has then delivered the prefixes that matter most."""
+    order = sorted({mv.prefix.key: mv.prefix for mv in moves}.values(), key=lambda h: (-h.hits, h.key))
+    rounds = [{h.key for h in order[i : i + size]} for i in range(0, len(order), size)]
+    return [[mv for mv in moves if mv.prefix.key in keys] for keys in rounds]
+
+
+@dataclass(slots=True)
+class Outcome:
+    outcome: str              # ok | partial | failed | noop | unsupported
+    prefixes: int = 0         # prefixes now in a target's cache
+    bytes: int = 0
+    detail: str = ""
+
+    def body(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "prefixes": self.prefixes, "bytes": self.bytes, "detail": self.detail}
+
+
+def combine(parts: Sequence[Outcome]) -> Outcome:
+    """One handover's outcome from its rounds': failed only when nothing arrived anywhere."""
+    kinds = {p.outcome for p in parts}
+    out = Outcome("noop", sum(p.prefixes for p in parts), sum(p.bytes for p in parts),
+                  "; ".join(p.detail for p in parts if p.detail))
+    if kinds & {"failed", "partial"}:
+        out.outcome = "partial" if out.prefixes else "failed"
+    elif "ok" in kinds:
+        out.outcome = "ok"
+    elif "unsupported" in kinds:
+        out.outcome = "unsupported"
+    return out
