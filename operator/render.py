@@ -118,7 +118,9 @@ def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
             "ttftMs": spec.slo.ttft_ms,
             "discovery": {"namespace": owner.namespace, "port": PORT,
                           "pools": {ROUTER_ROLES[role]: pool_selector(owner.name, role) for role in spec.pools()}},
-            **({"kvEvents": {"bind": f"tcp://0.0.0.0:{KV_EVENTS_PORT}", "blockSize": spec.routing.block_size}}
+            # engine vllm: KV events to follow, and streams migrate by resume (router/resume.py).
+            **({"engine": "vllm",
+                "kvEvents": {"bind": f"tcp://0.0.0.0:{KV_EVENTS_PORT}", "blockSize": spec.routing.block_size}}
                if spec.engine.type == "vllm" else {}),
         }],
     }

@@ -81,7 +81,10 @@ class ModelConfig(BaseModel):
     kv_capacity_tokens: int = Field(400_000, gt=0, alias="kvCapacityTokens")
     max_inflight_per_endpoint: int = Field(256, gt=0, alias="maxInflightPerEndpoint")
     kv_events: KVEvents | None = Field(None, alias="kvEvents")
-    migration: MigrationConfig | None = Field(None, description="live migration of running streams (simulator)")
+    migration: MigrationConfig | None = Field(None, description="migration of running streams")
+    engine: Literal["simulator", "vllm"] = Field(
+        "simulator", description="how streams migrate: simulator workers copy a running request's KV themselves; "
+                                 "stock vLLM cannot, so the router moves its streams by resume (router/resume.py)")
     handover: HandoverConfig = Field(default_factory=HandoverConfig)
 
     @model_validator(mode="after")

@@ -10,6 +10,9 @@ first token it did not send, so nothing is missing or repeated.
 Moves are asked for on `POST /kvpilot/migrate {"request_id", "target"?}` (operators, tests) or
 by a loop that feeds `migration_policy.plan_migrations` each interval (`enabled: true`). The
 source worker does the copy; a failed or refused migration leaves the request where it was.
+
+A model with `engine: vllm` has no worker-side migration: its streams are moved by *resume*
+(`kvpilot.router.resume`), the router re-issuing prompt + generated token ids to the target.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from kvpilot.router.migration_policy import (
     plan_migrations,
 )
 from kvpilot.router.pool import Member, Pool
+from kvpilot.router.resume import Pending, ResumeState, upstream_body
+from kvpilot.router.resume import relay as resume_relay
 
 log = logging.getLogger("kvpilot.router.migration")
 MIGRATED_EVENT = b"event: kvpilot.migrated\n"
@@ -82,6 +87,7 @@ class ActiveStream:
     migrating: bool = False
     moves: list[str] = field(default_factory=list)
     moved_at: float = -1e18
+    resume: ResumeState | None = None   # engine vllm: what a move by resume needs
 
     def on_events(self, n: int, now: float) -> None:
         if self.last_event is not None:
@@ -96,6 +102,7 @@ class _Model:
     pool: Pool
     cfg: MigrationConfig
     slo_ttft_s: float
+    engine: str = "simulator"
 
 
 class Migrator:
@@ -107,9 +114,15 @@ class Migrator:
         self.session: aiohttp.ClientSession | None = None
         self._loop: asyncio.Task[None] | None = None
 
-    def add_model(self, name: str, pool: Pool, cfg: MigrationConfig | None, slo_ttft_s: float) -> None:
+    def add_model(self, name: str, pool: Pool, cfg: MigrationConfig | None, slo_ttft_s: float,
+                  engine: str = "simulator") -> None:
         if cfg is not None:
-            self.models[name] = _Model(pool, cfg, slo_ttft_s)
+            self.models[name] = _Model(pool, cfg, slo_ttft_s, engine)
+
+    def upstream_body(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The body to send upstream: with token ids asked for when streams of the model move by resume."""
+        m = self.models.get(model)
+        return upstream_body(body) if m is not None and m.engine == "vllm" else body
 
     def headers(self, model: str, request_id: str) -> dict[str, str] | None:
         """Upstream headers that make a stream migratable (None: migration is off for the model)."""
@@ -132,6 +145,10 @@ class Migrator:
         first = member
         source, opened = up, None
         try:
+            if self.models[model].engine == "vllm":
+                async for data in self._resume_relay(up, active, body):
+                    yield data
+                return
             while True:
                 splicer, handoff = SseSplicer(), None
                 async for data in source.content.iter_any():
@@ -168,6 +185,22 @@ class Migrator:
                 first.load.in_flight += 1
             self.active.pop(request_id, None)
 
+    def _resume_relay(self, up: aiohttp.ClientResponse, active: ActiveStream,
+                      body: dict[str, Any]) -> AsyncIterator[bytes]:
+        assert self.session is not None
+        active.resume = ResumeState(body)
+
+        def moved(target: Member) -> None:
+            active.member.load.in_flight -= 1   # the load follows the request (restored by `relay`)
+            target.load.in_flight += 1
+            active.member = target
+            active.moves.append(target.url)
+            active.moved_at = time.monotonic()
+
+        return resume_relay(self.session, up, active.resume, self.headers(active.model, active.request_id),
+                            self.models[active.model].cfg.resume_timeout_s,
+                            lambda n: active.on_events(n, time.monotonic()), moved)
+
     # -- moves -------------------------------------------------------------------------------
     async def migrate(self, request_id: str, target_name: str | None = None,
                       round_delay_s: float = 0.0) -> tuple[int, dict[str, Any]]:
@@ -178,6 +211,8 @@ class Migrator:
         if active.migrating:
             return 409, {"outcome": "rejected", "reason": "a migration of this request is under way"}
         pool, source = active.pool, active.member
+        if active.resume is not None and (why := active.resume.not_now()) is not None:
+            return 409, self._count(active.model, {"outcome": "rejected", "reason": why})
         candidates = [m for m in pool.healthy() if m is not source]
         if target_name is not None:
             candidates = [m for m in candidates if m.endpoint.name == target_name]
@@ -185,6 +220,8 @@ class Migrator:
             return 409, self._count(active.model, {"outcome": "no_target", "reason": "no other healthy endpoint"})
         target = min(candidates, key=lambda m: (m.load.in_flight, m.load.engine_running, m.endpoint.name))
         active.migrating = True
+        if active.resume is not None:
+            return await self._resume(active, source, target)
         try:
             async with self.session.post(source.url + "/kvpilot/migrate", json={
                     "request_id": request_id, "target": target.url, "round_delay_s": round_delay_s}) as resp:
@@ -197,6 +234,24 @@ class Migrator:
         result.update(source=source.endpoint.name, target_endpoint=target.endpoint.name)
         log.info("migration %s", result.get("outcome"), extra={"request_id": request_id, "model": active.model,
                                                                "endpoint": source.endpoint.name})
+        return status, self._count(active.model, result)
+
+    async def _resume(self, active: ActiveStream, source: Member, target: Member) -> tuple[int, dict[str, Any]]:
+        """Hand the move to the stream's relay, which owns both connections, and wait for its outcome."""
+        assert active.resume is not None
+        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        active.resume.pending = Pending(target, done)
+        active.resume.wake.set()
+        try:  # the relay answers within the resume timeout, or as its stream ends
+            result = await asyncio.wait_for(done, self.models[active.model].cfg.resume_timeout_s + 10)
+        except TimeoutError:
+            result = {"outcome": "aborted", "reason": "the stream's relay did not answer"}
+        finally:
+            active.migrating = False
+        status = {"migrated": 200, "rejected": 409}.get(str(result.get("outcome")), 502)
+        result.update(source=source.endpoint.name, target_endpoint=target.endpoint.name)
+        log.info("migration by resume %s", result.get("outcome"),
+                 extra={"request_id": active.request_id, "model": active.model, "endpoint": source.endpoint.name})
         return status, self._count(active.model, result)
 
     def _count(self, model: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +278,8 @@ class Migrator:
     # -- the automatic trigger ---------------------------------------------------------------
     def signals(self, name: str) -> list[InstanceSignal]:
         """The policy's view of each healthy endpoint. A request that moved within the last few
-        intervals is not a candidate again (no ping-pong while the picture settles)."""
+        intervals is not a candidate again (no ping-pong while the picture settles), nor one that
+        resume cannot move (engine vllm: chat, stop strings, …)."""
         m = self.models[name]
         settle = time.monotonic() - COOLDOWN_INTERVALS * m.cfg.interval_s
         out = []
@@ -232,7 +288,8 @@ class Migrator:
             gaps = [a.gap_s for a in streams if a.gap_s is not None]
             cands = tuple(Candidate(a.request_id, a.prompt_tokens + a.events,
                                     (a.max_tokens - a.events) if a.max_tokens is not None else 1 << 30)
-                          for a in streams if not a.migrating and a.moved_at < settle)
+                          for a in streams if not a.migrating and a.moved_at < settle
+                          and (a.resume is None or a.resume.not_now() is None))
             backlog = member.load.pending_prefill_tokens * m.cfg.prefill_token_s
             out.append(InstanceSignal(member.endpoint.name, sum(gaps) / len(gaps) if gaps else None, backlog, cands))
         return out

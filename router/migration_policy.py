@@ -32,6 +32,9 @@ class MigrationConfig(BaseModel):
     max_moves: int = Field(1, ge=1, alias="maxMovesPerInterval")
     prefill_token_s: float = Field(30e-6, gt=0, alias="prefillTokenSeconds",
                                    description="to turn pending prompt tokens into a backlog time")
+    resume_timeout_s: float = Field(30.0, gt=0, alias="resumeTimeoutSeconds",
+                                    description="engine vllm: how long a move by resume waits for the target's "
+                                                "first token before it gives up (the request stays on the source)")
 
 
 @dataclass(slots=True, frozen=True)

@@ -100,7 +100,7 @@ class Router:
             self.models[m.name] = served
             if m.kv_events is not None:
                 self._follow_kv_events(m, served)
-            self.migrator.add_model(m.name, served.main, m.migration, m.slo_ttft_ms / 1000)
+            self.migrator.add_model(m.name, served.main, m.migration, m.slo_ttft_ms / 1000, m.engine)
             self.handovers.add_model(m.name, served.prefill or served.main, m.handover)
             self.timelines[m.name] = Timeline()
             self._set_endpoints(served, m.endpoints)
@@ -317,7 +317,8 @@ class Router:
         first_at = 0.0
         try:
             headers = self.migrator.headers(served.config.name, view.request_id)
-            async with self.session.post(member.url + path, json=body, headers=headers) as up:
+            up_body = self.migrator.upstream_body(served.config.name, body)
+            async with self.session.post(member.url + path, json=up_body, headers=headers) as up:
                 if up.status >= 500:
                     raise UpstreamFailed(f"HTTP {up.status}")
                 if up.status >= 400:

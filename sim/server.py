@@ -35,6 +35,7 @@ from kvpilot.sim.engine import Engine, Phase, Sequence
 from kvpilot.sim.kv_connector import KVConnector, LocalKVConnector, StoreKVConnector
 from kvpilot.sim.metrics import EngineCollector
 from kvpilot.sim.profiles import Profile
+from kvpilot.sim.token_ids import WORD_BASE, decode_prompt, encode
 from kvpilot.tokens import block_hashes, chain_hash, render_chat, token_count
 from kvpilot.vllm_metrics import LATENCY_BUCKETS
 
@@ -90,6 +91,7 @@ class Stream:
     migratable: bool = False                 # the client splices `kvpilot.migrated` events
     migrating: bool = False
     handoff: dict[str, Any] | None = None
+    prompt_ids: list[int] | None = None      # `return_token_ids`: ids to report (then each chunk's ids too)
 
 
 MIGRATED = -1
@@ -220,8 +222,14 @@ class SimServer:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
+            if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+                try:  # a token-id prompt (vLLM's form; the router's resume migration sends one)
+                    text, generated = decode_prompt(prompt, _WORDS)
+                except ValueError as e:
+                    raise ApiError(400, str(e), param="prompt") from None
+                return await self._generate(request, body, text, chat=False, ids=prompt, generated=generated)
             if not isinstance(prompt, str) or not prompt:
-                raise ApiError(400, "prompt must be a non-empty string", param="prompt")
+                raise ApiError(400, "prompt must be a non-empty string or list of token ids", param="prompt")
             return await self._generate(request, body, prompt, chat=False)
         except ApiError as e:
             return e.response()
@@ -236,10 +244,11 @@ class SimServer:
         except ApiError as e:
             return e.response()
 
-    async def _generate(self, request: web.Request, body: dict[str, Any], prompt: str,
-                        chat: bool) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, body: dict[str, Any], prompt: str, chat: bool,
+                        ids: list[int] | None = None, generated: int = 0) -> web.StreamResponse:
+        """`ids`: the prompt as given in token ids, ending with `generated` words of this prompt's answer."""
         cfg = self.cfg
-        prompt_tokens = token_count(prompt)
+        prompt_tokens = len(ids) if ids is not None else token_count(prompt)
         max_tokens = self._max_tokens(body, 256 if chat else 16, prompt_tokens)
         kv_params = body.get("kv_transfer_params") or {}
         if not isinstance(kv_params, dict):
@@ -261,10 +270,12 @@ class SimServer:
         except ValueError as e:
             raise ApiError(400, str(e), param="prompt") from None
         streaming = bool(body.get("stream"))
-        stream = Stream(seq, hashes[0] if hashes else chain_hash(0, prompt.encode()), chat=chat,
+        seed = (hashes[0] if hashes else chain_hash(0, prompt.encode())) + generated  # greedy: go on at word k
+        stream = Stream(seq, seed, chat=chat,
                         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
                         created=int(time.time()),
-                        migratable=streaming and request.headers.get("X-Kvpilot-Migratable") == "1")
+                        migratable=streaming and request.headers.get("X-Kvpilot-Migratable") == "1",
+                        prompt_ids=(ids or encode(prompt)) if body.get("return_token_ids") and not chat else None)
         self.streams[seq] = stream
         external_id = request.headers.get("X-Request-Id")
         if external_id:
@@ -283,6 +294,9 @@ class SimServer:
 
     def _text(self, stream: Stream, start: int, count: int) -> str:
         return "".join(" " + _WORDS[(stream.seed + i) % len(_WORDS)] for i in range(start, start + count))
+
+    def _ids(self, stream: Stream, start: int, count: int) -> list[int]:
+        return [WORD_BASE + (stream.seed + i) % len(_WORDS) for i in range(start, start + count)]
 
     def _usage(self, seq: Sequence) -> dict[str, Any]:
         return {"prompt_tokens": seq.prompt_tokens, "completion_tokens": seq.output,
@@ -305,6 +319,8 @@ class SimServer:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
+        if stream.prompt_ids is not None:
+            choice.update(prompt_token_ids=stream.prompt_ids, token_ids=self._ids(stream, 0, seq.output))
         out: dict[str, Any] = {"id": seq.request_id, "object": "chat.completion" if chat else "text_completion",
                                "created": int(time.time()), "model": self.cfg.model, "choices": [choice],
                                "usage": self._usage(seq)}
@@ -353,6 +369,9 @@ class SimServer:
                     choice["delta"] = {"content": text}
                 else:
                     choice["text"] = text
+                if stream.prompt_ids is not None:  # like vLLM: the prompt's ids ride on the first chunk
+                    choice.update({"prompt_token_ids": stream.prompt_ids} if sent == count else {},
+                                  token_ids=self._ids(stream, sent - count, count))
                 await resp.write(chunk(choice))
                 stream.sent = sent
         if moved:  # the request continues on another instance: tell the router where, and stop here

@@ -121,6 +121,7 @@ def test_router_config_selectors_match_engine_pod_labels() -> None:
     # The router accepts what the operator renders (one schema, checked at both ends).
     parsed = RouterConfig.model_validate(config)
     assert parsed.models[0].mode == "disaggregated" and parsed.models[0].discovery is not None
+    assert parsed.models[0].engine == spec.engine.type == "vllm"   # its streams migrate by resume
     assert all(o["metadata"]["ownerReferences"][0]["uid"] == "uid-1" for o in objs.values())
 
 
