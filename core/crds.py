@@ -127,6 +127,8 @@ class PoolSpec(PoolTemplate):
 class Routing(Model):
     policy: RoutingPolicy = "dualmap"
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block for prefix hashing.")
+    migration: bool = Field(False, description="Move running streams off hot spots: live KV migration on "
+                                               "simulator engines (needs a redis kvTransfer), resume on vLLM.")
 
 
 class SLO(Model):
@@ -151,6 +153,10 @@ SERVICE_RULES = [
         "prefill is only used in disaggregated mode; an aggregated service runs the single pool from decode"),
     cel("!has(self.kvTransfer) || self.kvTransfer.backend != 'redis' || has(self.kvTransfer.redisURL)",
         "kvTransfer.redisURL is required when kvTransfer.backend is redis"),
+    cel("!has(self.routing) || !has(self.routing.migration) || !self.routing.migration"
+        " || !has(self.engine) || !has(self.engine.type) || self.engine.type != 'simulator'"
+        " || (has(self.kvTransfer) && self.kvTransfer.backend == 'redis')",
+        "routing.migration on simulator engines needs kvTransfer.backend redis (the KV moves through it)"),
 ]
 
 
@@ -173,6 +179,9 @@ class LLMServiceSpec(Model):
             raise ValueError(SERVICE_RULES[0]["message"])
         if self.kv_transfer and self.kv_transfer.backend == "redis" and not self.kv_transfer.redis_url:
             raise ValueError(SERVICE_RULES[1]["message"])
+        if self.routing.migration and self.engine.type == "simulator" and (
+                self.kv_transfer is None or self.kv_transfer.backend != "redis"):
+            raise ValueError(SERVICE_RULES[2]["message"])
         return self
 
     def pools(self) -> dict[Role, PoolSpec]:

@@ -122,6 +122,7 @@ def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
             **({"engine": "vllm",
                 "kvEvents": {"bind": f"tcp://0.0.0.0:{KV_EVENTS_PORT}", "blockSize": spec.routing.block_size}}
                if spec.engine.type == "vllm" else {}),
+            **({"migration": {"enabled": True, "tpotMs": spec.slo.tpot_ms}} if spec.routing.migration else {}),
         }],
     }
 

@@ -27,8 +27,10 @@ MODEL = {"name": "m"}
     ({"model": MODEL, "mode": "aggregated", "prefill": {}}, "prefill is only used in disaggregated mode"),
     ({"model": MODEL, "kvTransfer": {"backend": "redis"}}, "kvTransfer.redisURL is required"),
     ({"model": MODEL, "slo": {"attainment": 0}}, "spec.slo.attainment"),
+    ({"model": MODEL, "engine": {"type": "simulator"}, "routing": {"migration": True}},
+     "routing.migration on simulator engines needs kvTransfer.backend redis"),
 ], ids=["negative-replicas", "min-gt-max", "unknown-engine", "missing-model", "prefill-in-aggregated",
-        "redis-without-url", "zero-attainment"])
+        "redis-without-url", "zero-attainment", "sim-migration-without-redis"])
 def test_invalid_llmservice_rejected(crds: ControlPlane, spec: dict[str, Any], message: str) -> None:
     out = crds.kubectl("create", "--dry-run=server", "-n", "default", "-f", "-", input=_svc("bad", spec))
     assert out.returncode != 0

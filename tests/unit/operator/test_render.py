@@ -183,3 +183,20 @@ def test_engine_pods_drain_before_sigterm_within_their_grace_period() -> None:
         pod = render.pool_deployment(pool, owner)["spec"]["template"]["spec"]
         drain = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert 0 < drain < pod["terminationGracePeriodSeconds"]
+
+
+def test_routing_migration_renders_a_router_config_the_router_accepts() -> None:
+    from pydantic import ValidationError
+
+    from kvpilot.router.config import RouterConfig
+
+    spec = _spec(routing={"migration": True}, slo={"tpotMs": 80})
+    model = RouterConfig.model_validate(render.router_config(spec, OWNER)).models[0]
+    assert model.engine == "vllm" and model.migration is not None and model.migration.enabled
+    assert model.migration.slo_tpot_ms == 80
+    assert "migration" not in render.router_config(_spec(), OWNER)["models"][0]
+    try:  # the simulator moves KV through the store, so it needs one
+        _spec(engine={"type": "simulator"}, routing={"migration": True})
+        raise AssertionError("accepted migration on simulator engines without a redis kvTransfer")
+    except ValidationError as e:
+        assert "needs kvTransfer.backend redis" in str(e)
