@@ -6,10 +6,12 @@ replica sustains within SLO", not "what it does when overloaded"):
 - prefill: uncached prompt tokens per second per replica while TTFT p90 ≤ SLO;
 - decode: concurrent sequences per replica that fit the TPOT SLO, from the batch and TPOT seen.
 Desired replicas = demand / (capacity × headroom), corrected upward when observed attainment
-falls short of the target, and at least one more while the SLO is being breached. Scale-up acts
-in one interval; scale-down only when every desired value over the stabilisation window was
-lower, and by at most `max_step`. While replicas are still starting, no new decision is made;
-with missing or stale metrics the size is held, never read as zero load.
+falls short of the target, and at least one more while the SLO is being breached. Prompt demand
+counts what piled up unserved (the waiting queue's growth), not only what was computed. Scale-up
+acts in one interval; scale-down only when every desired value over the stabilisation window was
+lower, and by at most `max_step`. While replicas are still starting, nothing is decided on the
+breach they are starting for; only demand beyond what was already asked for adds more. With
+missing or stale metrics the size is held, never read as zero load.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class PlannerConfig:
     forecast_points: int = 3               # intervals the demand trend is fitted over (short: bursts)
     forecast_max_growth: float = 3.0       # a trend is not trusted beyond this factor over current demand
     forecast_confidence: float = 0.0       # follow slope − this × its standard error (0: the fitted slope)
+    grow_while_starting: bool = True       # demand beyond what starting replicas were asked for adds more
     scale_down_window_s: float = 300.0
     max_step: int = 4                      # most replicas added or removed in one decision
     kv_high: float = 0.9                   # KV usage above this needs another decode replica
@@ -87,6 +90,7 @@ class PoolPlanner:
     _history: deque[tuple[float, int]] = field(default_factory=deque)
     _since: float | None = None
     _demand: deque[tuple[float, float]] = field(default_factory=deque)  # (t, external demand)
+    _waiting: tuple[float, float] | None = None  # (t, requests waiting) at the last interval
 
     def __post_init__(self) -> None:
         self.prefill_tps = self.prefill_tps or self.config.prefill_tps_prior
@@ -122,7 +126,7 @@ class PoolPlanner:
         sequences for a decode pool); the other follows it in proportion, because an overloaded
         pool's running-sequence count balloons with its own queue, not with the arrivals."""
         c = self.config
-        tps, seqs = s.uncached_prompt_tps, s.running_seqs
+        tps, seqs = self._backlogged(s), s.running_seqs
         driver = tps if self.role != "decode" else seqs
         self._demand.append((s.time, driver or 0.0))
         while len(self._demand) > c.forecast_points:
@@ -142,10 +146,27 @@ class PoolPlanner:
             resid = sum((y - mean_y - slope * (t - mean_t)) ** 2 for t, y in zip(ts, ys, strict=True))
             slope -= c.forecast_confidence * math.sqrt(resid / (len(ys) - 2) / var)
         growth = min(c.forecast_max_growth, 1 + max(0.0, slope) * c.forecast_s / driver)
+        if self.role == "aggregated":
+            # An aggregated pool's running sequences include prompts still being prefilled; while
+            # prompt demand ramps up they pile up with the prefill queue, so scaling them by the
+            # same trend counts the ramp twice (it made bursts ask for twice the replicas needed).
+            return (tps * growth if tps is not None else None), seqs
         return (tps * growth if tps is not None else None), (seqs * growth if seqs is not None else None)
 
-    def _needed(self, s: PoolSignals, headroom: float, tps: float | None, seqs: float | None) -> tuple[int, str]:
-        c = self.config
+    def _backlogged(self, s: PoolSignals) -> float | None:
+        """Prompt-token demand including what piled up unserved. An overloaded pool computes only
+        what it can, so its computed-token rate flattens exactly when demand runs away; the growth
+        of its waiting queue, at the prompt size it serves, is the part it did not compute."""
+        tps, last = s.uncached_prompt_tps, self._waiting
+        if s.waiting is not None:
+            self._waiting = (s.time, s.waiting)
+        if tps is None or last is None or s.waiting is None or not s.first_tokens_per_s or s.time <= last[0]:
+            return tps
+        grew = (s.waiting - last[1]) / (s.time - last[0])
+        return tps + max(0.0, grew) * tps / s.first_tokens_per_s
+
+    def _demand_need(self, s: PoolSignals, headroom: float, tps: float | None, seqs: float | None) -> tuple[int, str]:
+        """Replicas the demand alone asks for at `headroom` of the learned per-replica capacity."""
         needs: list[tuple[int, str]] = []
         if self.role != "decode" and tps is not None:
             cap = self.prefill_tps * headroom
@@ -161,7 +182,13 @@ class PoolPlanner:
         if self.role != "prefill" and seqs is not None:
             n = math.ceil(seqs / (self.decode_seqs * headroom))
             needs.append((n, f"{seqs:.0f} running sequences over {self.decode_seqs:.0f} per replica"))
-        desired, reason = max(needs, key=lambda x: x[0]) if needs else (s.current, "no demand signal")
+        return max(needs, key=lambda x: x[0]) if needs else (s.current, "no demand signal")
+
+    def _needed(self, s: PoolSignals, headroom: float, tps: float | None, seqs: float | None) -> tuple[int, str]:
+        """The demand's need, raised while the SLO is breached: capacity learned in good times can be
+        stale, and attainment below target says by how much."""
+        c = self.config
+        desired, reason = self._demand_need(s, headroom, tps, seqs)
         breach = self._breach(s)
         if breach:
             if desired <= s.ready:
@@ -182,14 +209,30 @@ class PoolPlanner:
             return f"TPOT p90 {s.tpot_p90_s * 1e3:.0f}ms > SLO {c.tpot_slo_s * 1e3:.0f}ms"
         return ""
 
+    def _while_starting(self, s: PoolSignals, starting: int) -> Plan:
+        """No decision on what the starting replicas are for: the breach they will cure, and capacity
+        learned from a pool that is short-handed, both say nothing new. Only demand beyond what the
+        replicas already asked for can serve adds more (`grow_while_starting`), so a ramp that
+        outgrows the last order is answered within an interval instead of after a cold start."""
+        c = self.config
+        tps, seqs = self._forecast(s)
+        if c.grow_while_starting:
+            up, reason = self._demand_need(s, c.headroom, tps, seqs)
+            up = min(up, c.max_replicas)
+            if up > s.current:
+                return Plan(min(up, s.current + c.max_step), f"scale up ({starting} still starting): {reason}")
+        return Plan(s.current, f"holding: {starting} replica(s) still starting")
+
     def plan(self, s: PoolSignals) -> Plan:
         c = self.config
-        if s.ready < s.current:
-            return Plan(s.current, f"holding: {s.current - s.ready} replica(s) still starting")
+        starting = s.current - s.ready
         demand_missing = (self.role != "decode" and s.uncached_prompt_tps is None) or (
             self.role != "prefill" and s.running_seqs is None)
         if demand_missing:
-            return Plan(s.current, "holding: metrics missing or stale")
+            return Plan(s.current, f"holding: {starting} replica(s) still starting" if starting > 0
+                        else "holding: metrics missing or stale")
+        if starting > 0:
+            return self._while_starting(s, starting)
         self._learn(s)
         tps, seqs = self._forecast(s)
         up, reason = self._needed(s, c.headroom, tps, seqs)

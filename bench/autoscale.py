@@ -55,8 +55,12 @@ def daily(minutes: float) -> list[RequestSpec]:
 
 def planners() -> dict[str, Callable[[], Planner]]:
     bounds: dict[str, Any] = {"min_replicas": 1, "max_replicas": MAX_REPLICAS}
-    cfg = PlannerConfig(ttft_slo_s=TTFT_SLO, tpot_slo_s=TPOT_SLO, forecast_s=2 * COLD_START + INTERVAL, **bounds)
-    out: dict[str, Callable[[], Planner]] = {"kvpilot": lambda: PoolPlanner("aggregated", cfg)}
+    out: dict[str, Callable[[], Planner]] = {}
+    for window in (300.0, 240.0, 120.0):  # 300 s: the LLMService default (scaleDownStabilizationSeconds)
+        cfg = PlannerConfig(ttft_slo_s=TTFT_SLO, tpot_slo_s=TPOT_SLO, forecast_s=2 * COLD_START + INTERVAL,
+                            scale_down_window_s=window, **bounds)
+        name = "kvpilot" if window == 300 else f"kvpilot(window={window:g}s)"
+        out[name] = lambda c=cfg: PoolPlanner("aggregated", c)
     for target in (2.0, 5.0):
         out[f"hpa-queue(waiting={target:g})"] = lambda t=target: QueueThreshold(target_waiting=t, **bounds)
     for target in (64.0, 128.0):

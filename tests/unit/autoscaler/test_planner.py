@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from kvpilot.autoscaler.planner import PlannerConfig, PoolPlanner, PoolSignals
 
 CFG = PlannerConfig(ttft_slo_s=2.0, tpot_slo_s=0.1, min_replicas=1, max_replicas=10, scale_down_window_s=300,
@@ -44,8 +46,21 @@ def test_missing_metrics_hold_the_size() -> None:
     p = PoolPlanner("decode", CFG)
     plan = p.plan(sig(0, 5, seqs=None))
     assert plan.desired == 5 and "missing" in plan.reason
-    plan = p.plan(sig(15, 5, ready=3, seqs=500))   # replicas still starting: no new decision
+    plan = p.plan(sig(15, 5, ready=3, seqs=None))  # still missing while replicas start
     assert plan.desired == 5 and "starting" in plan.reason
+
+
+def test_while_replicas_start_only_demand_beyond_the_order_adds_more() -> None:
+    p = PoolPlanner("prefill", CFG)
+    # 5 asked for, 3 serving and breaching: the breach is what the 2 starting replicas are for.
+    plan = p.plan(sig(0, 5, ready=3, tps=30_000, ttft=6.0, att=0.2))
+    assert plan.desired == 5 and "starting" in plan.reason
+    # Demand outgrows what 5 replicas serve (60k / (10k × 0.8) → 8): more, without waiting a cold start.
+    plan = p.plan(sig(10, 5, ready=3, tps=60_000, ttft=6.0, att=0.2))
+    assert plan.desired == 8 and "still starting" in plan.reason
+    # Turned off, the size is held whatever the demand.
+    held = PoolPlanner("prefill", dataclasses.replace(CFG, grow_while_starting=False))
+    assert held.plan(sig(0, 5, ready=3, tps=60_000, ttft=6.0, att=0.2)).desired == 5
 
 
 def test_prefill_heavy_load_grows_prefill_only_and_decode_heavy_decode_only() -> None:
@@ -89,3 +104,29 @@ def test_scale_out_counts_the_cache_hits_that_remapped_keys_lose() -> None:
     aware = PoolPlanner("prefill", cfg).plan(replace(base, cached_prompt_tps=40_000))
     assert blind.desired == 8
     assert aware.desired == 10 and "remapped" in aware.reason   # (60k + 40k × 4/8) / 8k → 10
+
+
+def _at(p: PoolPlanner, t: float, current: int, tps: float, waiting: float, seqs: float = 20) -> int:
+    s = PoolSignals(t, current, current, tps, seqs, 0.5, 0.03, 1.0, 0.3, waiting, 0.4, tps / 1_000)
+    return p.plan(s).desired
+
+
+def test_a_growing_queue_counts_as_demand_the_pool_did_not_compute() -> None:
+    # An overloaded pool computes 15k tok/s (15 prompts of 1k tokens per second) whatever arrives;
+    # its queue growing by 10 prompts a second is 10k tok/s more demand than it computed.
+    flat, queued = PoolPlanner("prefill", CFG), PoolPlanner("prefill", CFG)
+    for t in (0, 10):
+        flat_n = _at(flat, t, 2, 15_000, waiting=0)
+        queued_n = _at(queued, t, 2, 15_000, waiting=10 * t)
+    assert flat_n == 2           # 15k / (10k × 0.8) → 2
+    assert queued_n == 4         # (15k + 10 × 1k) / 8k → 4
+
+
+def test_aggregated_forecast_follows_prompt_demand_not_the_running_queue() -> None:
+    cfg = dataclasses.replace(CFG, forecast_s=120, forecast_max_growth=3.0)
+    p = PoolPlanner("aggregated", cfg)
+    # Prompt demand ramps 2k → 6k tok/s in 20 s (the trend triples it: 18k / 8k → 3 replicas) while
+    # 200 sequences run: 200 / (50 × 0.8) → 5. Tripling the sequences too would ask for 15 (10, the max).
+    for t, tps in ((0, 2_000), (10, 4_000), (20, 6_000)):
+        plan = p.plan(PoolSignals(t, 4, 4, tps, 200, 0.5, None, 1.0, 0.3, 0, 0.4, tps / 1_000))
+    assert plan.desired == 5 and "running sequences" in plan.reason
