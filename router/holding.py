@@ -20,7 +20,7 @@ Nothing is lost or duplicated: every held request is in exactly one queue until 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from kvpilot.router.estimate import LoadEstimator
@@ -69,6 +69,24 @@ class HoldQueues:
             self.clock = max(self.clock, held.request.arrival)
         bisect.insort(self.queues.setdefault(held.home, []), held, key=_key)
         self.queued_tokens[held.home] = self.queued_tokens.get(held.home, 0) + held.uncached
+
+    def advance(self, now: float) -> None:
+        """Move the router's clock on between arrivals (the live proxy's periodic tick), so the
+        starvation bound and the waited-too-long trigger also fire when no one new arrives."""
+        self.clock = max(self.clock, now)
+
+    def drop(self, unwanted: Callable[[Held], bool]) -> list[Held]:
+        """Take every held request for which `unwanted` is true off its queue (a client gone, an
+        instance gone); returns them, still in no queue, for the caller to forget or re-route."""
+        out: list[Held] = []
+        for queue in self.queues.values():
+            for i in range(len(queue) - 1, -1, -1):
+                if unwanted(queue[i]):
+                    out.append(self._remove(queue, i))
+        return out
+
+    def depths(self) -> dict[str, int]:
+        return {name: len(queue) for name, queue in self.queues.items()}
 
     def _remove(self, queue: list[Held], i: int) -> Held:
         held = queue.pop(i)
@@ -167,14 +185,16 @@ class HoldQueues:
         self.steals += 1
         return held
 
-    def release(self, kv_room: Callable[[str, Held], bool] | None = None) -> list[Held]:
+    def release(self, kv_room: Callable[[str, Held], bool] | None = None,
+                names: Iterable[str] | None = None) -> list[Held]:
         """Requests whose instance can start them now, in queue order; idle instances with an
         empty queue take over waiting requests from elsewhere (late binding). `kv_room` says
         whether an instance's KV cache has room for a request's prompt (the release budget):
-        past it a request waits here rather than in an engine that would have to preempt."""
+        past it a request waits here rather than in an engine that would have to preempt.
+        `names`: the instances that may take requests now (default: every one ever tracked)."""
         out: list[Held] = []
         backlog = self.estimate.backlog
-        for name in list(backlog):
+        for name in list(backlog if names is None else names):
             queue = self.queues.get(name)
             while queue and (backlog[name] == 0 or backlog[name] + queue[0].uncached <= self.release_tokens):
                 nxt = self._next(queue)
