@@ -27,7 +27,10 @@ def endpoints(workers: list[SimWorker]) -> list[dict[str, str]]:
     return [{"name": f"w{w.port}", "url": w.url} for w in workers]
 
 
-def post(router: RouterProcess, body: dict[str, Any], timeout: float = 60) -> tuple[int, dict[str, Any], dict[str, str]]:
+Answer = tuple[int, dict[str, Any], dict[str, str]]
+
+
+def post(router: RouterProcess, body: dict[str, Any], timeout: float = 60) -> Answer:
     req = urllib.request.Request(router.url + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     try:
