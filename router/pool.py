@@ -131,6 +131,8 @@ class Pool:
         members = self.healthy()
         if not members:
             raise NoEndpoint
+        if all(m.load.in_flight >= self.max_inflight for m in members):
+            return None   # saturated: shed load at once, as without holding
         if len(self.waiting) >= self.max_queued:
             raise QueueFull
         loads = self._healthy_loads
