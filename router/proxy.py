@@ -427,6 +427,12 @@ class Router:
                 if pool is not None:
                     self.metrics.members.labels(name, role).set(len(pool.healthy()))
             for role, pool in self._roles(s):
+                estimate = getattr(pool.policy, "estimate", None)
+                if isinstance(estimate, LoadEstimator):
+                    for m in pool.members:
+                        if m.endpoint.name in estimate.token_s:
+                            self.metrics.prefill_token_s.labels(name, role, m.endpoint.name).set(
+                                estimate.token_s[m.endpoint.name])
                 if pool.holder is not None:
                     depths = pool.queued()
                     for m in pool.members:
