@@ -1,0 +1,72 @@
+"""The grouped shadow cache is the same LRU as the per-block one it replaced (so routing
+decisions do not change), while an insert no longer costs Python work per tracked block."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvpilot.router import estimate
+from kvpilot.router.estimate import ShadowCache
+from kvpilot.router.policies.dualmap import DualMap
+from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
+from kvpilot.testing.shadow_lru import PerBlockLRU
+from kvpilot.tokens import segment_block_hashes
+
+
+def workload(n: int, seed: int, block: int = 256) -> list[RequestView]:
+    """Mooncake-like: shared heads, Zipf-ish conversations that grow, unique tails, 1k-64k tokens."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        convo = int(rng.paretovariate(1.1)) % 300
+        turns = rng.randint(1, 12)
+        segs = [0, 1_000_000 + convo] + [2_000_000 + convo * 100 + t for t in range(turns)] + [3_000_000 + i]
+        tokens = rng.choice([1024, 3000, 8192, 20_000, 32_768, 65_536])
+        out.append(RequestView(f"r{i}", tokens, segment_block_hashes(segs, 512, tokens, block)[:256], float(i)))
+    return out
+
+
+@pytest.mark.parametrize("capacity", [40, 300, 5_000])
+def test_grouped_cache_is_the_per_block_lru(capacity: int) -> None:
+    new, ref = ShadowCache(capacity), PerBlockLRU(capacity)
+    rng = random.Random(capacity)
+    reqs = workload(3000, seed=capacity)
+    for req in reqs:
+        probe = rng.choice(reqs).block_hashes
+        assert new.match(probe) == ref.match(probe)
+        assert new.match(req.block_hashes) == ref.match(req.block_hashes)
+        new.insert(req.block_hashes)
+        ref.insert(req.block_hashes)
+        assert len(new) == len(ref)
+
+
+def test_repeated_prompts_do_not_grow_the_cache_state() -> None:
+    cache = ShadowCache(10_000)
+    hashes = workload(1, seed=1)[0].block_hashes
+    for _ in range(5_000):
+        cache.insert(hashes)
+    assert len(cache._groups) <= 64 + 2 * len(cache._owner) + 1
+
+
+def test_dualmap_decisions_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    def decisions(cache_class: type) -> list[tuple[int, str]]:
+        with monkeypatch.context() as m:
+            m.setattr(estimate, "ShadowCache", cache_class)
+            policy = DualMap(PolicyContext(slo_ttft_s=5.0, block_size=256, kv_capacity_tokens=445_000))
+            loads = [InstanceLoad(f"pod-{i}") for i in range(16)]
+            out = []
+            pending: list[str] = []
+            for req in workload(4000, seed=11):
+                d = policy.route(req, loads)
+                policy.on_dispatch(req, d.index, loads)
+                out.append((d.index, d.reason))
+                pending.append(req.request_id)
+                if len(pending) > 40:   # keep a backlog so the SLO switch is exercised too
+                    policy.on_first_token(pending.pop(0), 0.5)
+            return out
+
+    new, ref = decisions(ShadowCache), decisions(PerBlockLRU)
+    assert new == ref
+    assert {reason for _, reason in new} == {"affinity", "slo-fallback"}
