@@ -15,11 +15,10 @@ every prediction after it is many times too high, and DualMap takes SLO fallback
 
 from __future__ import annotations
 
-import bisect
 import functools
-from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Protocol
 
 from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
 
@@ -42,41 +41,25 @@ def ladder(n: int, dense: int = 16) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _drain(it: Iterable[object]) -> None:
-    deque(it, maxlen=0)
-
-
 class ShadowCache:
     """An LRU set of block hashes the router believes an instance holds.
 
     A request's blocks are inserted tail first, so its head is the most recent and is evicted
     last, as in the engine; cached blocks then form a prefix of each prompt, and `match` can
     binary-search for the end of it. Only the `ladder` positions of the first `max_blocks`
-    blocks are tracked.
-
-    The LRU is kept per insert ("group"), not per block, so that an insert costs a few Python
-    operations whatever the prompt's length (the per-block work is C-level `dict` updates): a
-    block belongs to the last group that inserted it; groups are evicted oldest first, each from
-    its tail down. Chained hashes make this the same LRU as a per-block one: a prompt's present
-    blocks are exactly a prefix of its ladder (any request that touched block j touched every
-    block before it, later), so the blocks a group still owns are a contiguous run of its ladder
-    and its unowned head is a prefix. Each tracked position stands for the blocks back to the
-    previous one (its weight), and the same position always has the same weight.
+    blocks are tracked, which keeps a decision's cost nearly flat in prompt length.
     """
 
-    __slots__ = ("_groups", "_last", "_next", "_owner", "capacity", "dense", "max_blocks", "size")
+    __slots__ = ("_blocks", "_last", "capacity", "dense", "max_blocks", "size")
 
     def __init__(self, capacity_blocks: int, max_blocks: int = 1 << 16, dense: int = 16) -> None:
         self.capacity = max(1, capacity_blocks)
         self.max_blocks = max_blocks
         self.dense = dense
-        self._owner: dict[int, int] = {}      # block hash → the group that inserted it last
-        # Oldest first: [group id, hashes at its ladder positions, the ladder, highest position not evicted].
-        self._groups: deque[list[Any]] = deque()
-        self._next = 0
-        self.size = 0                         # blocks represented, against capacity
-        # The last prompt matched and its present positions: a decision matches the chosen
-        # instance's cache again when it dispatches (and inserts); nothing changes in between.
+        self._blocks: OrderedDict[int, int] = OrderedDict()  # hash → blocks it stands for
+        self.size = 0                                        # blocks represented, against capacity
+        # The last prompt matched and its matched ladder positions: a decision matches both
+        # candidates, then the chosen one again when it dispatches; nothing changes in between.
         self._last: tuple[list[int] | None, int] = (None, 0)
 
     def __len__(self) -> int:
@@ -87,11 +70,11 @@ class ShadowCache:
         last, present = self._last
         if hashes is last:
             return present
-        owner = self._owner
+        blocks = self._blocks
         lo, hi = 0, len(steps)  # invariant: steps[:lo] cached, steps[hi:] not
         while lo < hi:
             mid = (lo + hi) // 2
-            if hashes[steps[mid]] in owner:
+            if hashes[steps[mid]] in blocks:
                 lo = mid + 1
             else:
                 hi = mid
@@ -105,57 +88,19 @@ class ShadowCache:
         return steps[lo - 1] + 1 if lo else 0
 
     def insert(self, hashes: list[int]) -> None:
-        n = min(len(hashes), self.max_blocks)
-        if not n:
-            return
-        steps = ladder(n, self.dense)
-        lo = self._present(hashes, steps)
         self._last = (None, 0)
-        picked = tuple(map(hashes.__getitem__, steps))   # C-level gather of the tracked positions
-        gid = self._next
-        self._next += 1
-        self._owner.update(dict.fromkeys(picked, gid))      # present ones change group: they are the newest now
-        self.size += steps[-1] - (steps[lo - 1] if lo else -1)   # the weights of the new positions
-        self._groups.append([gid, picked, steps, len(steps) - 1])
-        if self.size > self.capacity:
-            self._evict()
-        elif len(self._groups) > 64 + 2 * len(self._owner):
-            self._compact()
-
-    def _first_owned(self, group: list[Any]) -> int:
-        """The lowest position `group` still owns (its head may belong to newer groups): binary search."""
-        gid, picked, _, top = group
-        owner = self._owner
-        lo, hi = 0, top + 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if owner.get(picked[mid]) == gid:
-                hi = mid
+        blocks = self._blocks
+        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
+        for j in range(len(steps) - 1, -1, -1):
+            h = hashes[steps[j]]
+            if h in blocks:
+                blocks.move_to_end(h)
             else:
-                lo = mid + 1
-        return lo
-
-    def _evict(self) -> None:
-        groups, owner = self._groups, self._owner
+                weight = steps[j] - steps[j - 1] if j else 1
+                blocks[h] = weight
+                self.size += weight
         while self.size > self.capacity:
-            group = groups[0]
-            _, picked, steps, top = group
-            first = self._first_owned(group)
-            if first > top:
-                groups.popleft()
-                continue
-            # The fewest tail positions whose weights cover the excess, as popping one at a time would.
-            s = max(first, bisect.bisect_right(steps, steps[top] - (self.size - self.capacity), 0, top))
-            self.size -= steps[top] - (steps[s - 1] if s else -1)
-            _drain(map(owner.__delitem__, picked[s : top + 1]))
-            if s == first:
-                groups.popleft()
-            else:
-                group[3] = s - 1
-
-    def _compact(self) -> None:
-        """Drop groups whose blocks all moved to newer ones (repeated prompts never evict)."""
-        self._groups = deque(g for g in self._groups if self._first_owned(g) <= g[3])
+            self.size -= blocks.popitem(last=False)[1]
 
 
 class CacheView(Protocol):
