@@ -20,7 +20,7 @@ Nothing is lost or duplicated: every held request is in exactly one queue until 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kvpilot.router.estimate import LoadEstimator
@@ -54,13 +54,14 @@ class HoldQueues:
         # sum instead of a Python walk over a long queue (the proxy's hot path under overload).
         self.works: dict[str, list[int]] = {}
         self.queued_tokens: dict[str, int] = {}
+        self.held = 0                     # requests in all queues together
         self.moves = 0
         self.steals = 0
         self.clock = 0.0                  # latest arrival seen: the router's notion of now
         self._order = 0
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        return self.held
 
     def waiting_tokens(self, name: str) -> int:
         return self.queued_tokens.get(name, 0)
@@ -74,6 +75,7 @@ class HoldQueues:
         i = bisect.bisect_right(queue, _key(held), key=_key)
         queue.insert(i, held)
         self.works.setdefault(held.home, []).insert(i, held.uncached)
+        self.held += 1
         self.queued_tokens[held.home] = self.queued_tokens.get(held.home, 0) + held.uncached
 
     def advance(self, now: float) -> None:
@@ -97,6 +99,7 @@ class HoldQueues:
     def _remove(self, queue: list[Held], i: int) -> Held:
         held = queue.pop(i)
         del self.works[held.home][i]
+        self.held -= 1
         self.queued_tokens[held.home] -= held.uncached
         return held
 
@@ -116,6 +119,8 @@ class HoldQueues:
 
     def rebalance(self) -> None:
         """Move tail requests off instances whose predicted wait exceeds the limit."""
+        if not self.held:
+            return
         limit = self.limit_s()
         for name, queue in list(self.queues.items()):
             moved_any = True
@@ -160,12 +165,14 @@ class HoldQueues:
                 return oldest
         return 0
 
-    def _steal_for(self, name: str, kv_room: Callable[[str, Held], bool] | None = None) -> Held | None:
-        """The held request whose predicted TTFT an idle `name` lowers most, taken off its queue."""
+    def _steal_for(self, name: str, kv_room: Callable[[str, Held], bool] | None,
+                   queues: list[tuple[str, list[Held]]]) -> Held | None:
+        """The held request whose predicted TTFT an idle `name` lowers most, taken off its queue
+        (`queues`: the non-empty queues, in `self.queues` order)."""
         est = self.estimate
         limit = self.limit_s()
         best: tuple[float, str, int, int] | None = None   # (gain, home, index, work here)
-        for home, queue in self.queues.items():
+        for home, queue in queues:
             if home == name or not queue:
                 continue
             ahead = est.backlog[home]
@@ -197,10 +204,16 @@ class HoldQueues:
         empty queue take over waiting requests from elsewhere (late binding). `kv_room` says
         whether an instance's KV cache has room for a request's prompt (the release budget):
         past it a request waits here rather than in an engine that would have to preempt.
-        `names`: the instances that may take requests now (default: every one ever tracked)."""
+        `names`: the instances that may take requests now (default: every one ever tracked); given
+        as a name → position mapping, only the instances that can act are visited (same result)."""
         out: list[Held] = []
+        if not self.held:
+            return out
         backlog = self.estimate.backlog
-        for name in list(backlog if names is None else names):
+        nonempty = [(home, queue) for home, queue in self.queues.items() if queue]
+        for name in self._visit(names, nonempty):
+            if not self.held:
+                break   # nothing left to release or take over
             queue = self.queues.get(name)
             while queue and (backlog[name] == 0 or backlog[name] + queue[0].uncached <= self.release_tokens):
                 nxt = self._next(queue)
@@ -210,10 +223,27 @@ class HoldQueues:
                 backlog[name] += held.uncached  # reserved now; the driver's on_dispatch records it for real
                 out.append(held)
             if self.steal and backlog[name] == 0 and not queue:
-                stolen = self._steal_for(name, kv_room)
+                stolen = self._steal_for(name, kv_room, nonempty)
                 if stolen is not None:
                     backlog[name] += stolen.uncached
                     out.append(stolen)
         for held in out:
             backlog[held.home] -= held.uncached
         return out
+
+    def _visit(self, names: Iterable[str] | None, nonempty: list[tuple[str, list[Held]]]) -> list[str]:
+        """The instances `release` must visit, in order. Only two kinds can act: one with a queue,
+        and an idle one taking a request over, which it may only do for a request it is the other
+        candidate of, unless that request's wait at home is past the limit. While no instance's
+        whole predicted wait is past it, none can get there during the visit (a release moves work
+        from an instance's queue to its own backlog, a takeover off a queue), so at 1,000
+        instances a release looks at a few of them instead of all."""
+        if not isinstance(names, Mapping):
+            return list(self.estimate.backlog if names is None else names)
+        limit = self.limit_s()
+        if any(self.predicted_wait(home) > limit for home, _ in nonempty):
+            return list(names)
+        relevant = {home for home, _ in nonempty}
+        if self.steal:
+            relevant.update(held.other for _, queue in nonempty for held in queue)
+        return sorted((n for n in relevant if n in names), key=names.__getitem__)

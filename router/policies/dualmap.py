@@ -120,18 +120,17 @@ class DualMap(BasePolicy):
         if now is not None:
             self.holding.advance(now)
         self.holding.rebalance()
+        index = self._members.index
         room = None
         if self.kv_high is not None:
-            kv = {inst.name: inst.kv_usage for inst in instances}
-            busy = {inst.name: inst.in_flight > 0 for inst in instances}
             capacity = self.context.kv_capacity_tokens
             high = self.kv_high
 
             def room(name: str, held: Held) -> bool:
                 # An instance with nothing in flight always has room; otherwise its scraped usage
                 # plus this prompt must stay under kv_high, or decodes there would start preempting.
-                return not busy[name] or kv[name] + held.request.prompt_tokens / capacity <= high
-        index = self._members.index
+                inst = instances[index[name]]
+                return inst.in_flight <= 0 or inst.kv_usage + held.request.prompt_tokens / capacity <= high
         return [(h.request, index[h.home], h.reason) for h in self.holding.release(room, index)]
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:

@@ -42,3 +42,30 @@ def test_wait_for_equals_the_queue_walk_through_pushes_moves_and_removals() -> N
                 assert q.wait_for(name, work) == walked_wait(q, name, work)
             assert q.works.get(name, []) == [h.uncached for h in q.queues.get(name, [])]
     assert q.moves > 0 and len(q) > 0
+
+
+def test_release_visiting_only_instances_that_can_act_is_the_full_visit() -> None:
+    names = [f"i{k}" for k in range(40)]
+    position = {n: k for k, n in enumerate(names)}
+
+    def setup() -> HoldQueues:
+        est = LoadEstimator(PolicyContext(), prefill_token_s=1e-5)
+        est.track([InstanceLoad(n) for n in names])
+        return HoldQueues(est, lambda: 0.5, release_tokens=4000)
+
+    fast, full = setup(), setup()
+    rng = random.Random(9)
+    released = 0
+    for i in range(3000):
+        home, other = rng.sample(names, 2)
+        work = rng.choice([1, 50, 300, 2000, 9000, 30_000])
+        backlog = {n: rng.choice([0, 0, 0, 500, 5000, 60_000]) for n in rng.sample(names, 3)}
+        outs = []
+        for q, visit in ((fast, position), (full, names)):
+            q.push(Held(RequestView(f"r{i}", 100, [], arrival=float(i)), home, other, "affinity", work))
+            q.estimate.backlog.update(backlog)
+            q.rebalance()
+            outs.append([(h.request.request_id, h.home, h.reason) for h in q.release(names=visit)])
+        assert outs[0] == outs[1]
+        released += len(outs[0])
+    assert fast.steals > 0 and fast.moves > 0 and 0 < released < 3000
