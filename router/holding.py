@@ -53,6 +53,8 @@ class HoldQueues:
         # Each queue's work in queue order, so a decision's predicted wait is a bisect and a C-level
         # sum instead of a Python walk over a long queue (the proxy's hot path under overload).
         self.works: dict[str, list[int]] = {}
+        self.active: set[str] = set()     # instances whose queue is not empty
+        self.rank: dict[str, int] = {}    # each queue's position in `self.queues`
         self.queued_tokens: dict[str, int] = {}
         self.held = 0                     # requests in all queues together
         self.moves = 0
@@ -71,10 +73,14 @@ class HoldQueues:
             self._order += 1
             held.order = self._order
             self.clock = max(self.clock, held.request.arrival)
-        queue = self.queues.setdefault(held.home, [])
+        queue = self.queues.get(held.home)
+        if queue is None:
+            queue = self.queues[held.home] = []
+            self.rank[held.home] = len(self.rank)
         i = bisect.bisect_right(queue, _key(held), key=_key)
         queue.insert(i, held)
         self.works.setdefault(held.home, []).insert(i, held.uncached)
+        self.active.add(held.home)
         self.held += 1
         self.queued_tokens[held.home] = self.queued_tokens.get(held.home, 0) + held.uncached
 
@@ -99,6 +105,8 @@ class HoldQueues:
     def _remove(self, queue: list[Held], i: int) -> Held:
         held = queue.pop(i)
         del self.works[held.home][i]
+        if not queue:
+            self.active.discard(held.home)
         self.held -= 1
         self.queued_tokens[held.home] -= held.uncached
         return held
@@ -122,6 +130,8 @@ class HoldQueues:
         if not self.held:
             return
         limit = self.limit_s()
+        if not any(self.predicted_wait(n) > limit or self._waited(self.queues[n]) > limit for n in self.active):
+            return   # no trigger anywhere: the walk below would move nothing (cheap at 1,000 instances)
         for name, queue in list(self.queues.items()):
             moved_any = True
             while queue and moved_any and self.predicted_wait(name) > limit:
@@ -139,6 +149,10 @@ class HoldQueues:
                     moved_any = True
             if queue:
                 self._move_oldest(name, queue, limit)
+
+    def _waited(self, queue: list[Held]) -> float:
+        """How long the longest-queued request (the earliest pushed) has waited by the clock."""
+        return self.clock - min(queue, key=lambda h: h.order).request.arrival
 
     def _move_oldest(self, name: str, queue: list[Held], limit: float) -> None:
         """The other trigger: a request that has already waited θ·SLO moves to its other candidate
@@ -210,7 +224,8 @@ class HoldQueues:
         if not self.held:
             return out
         backlog = self.estimate.backlog
-        nonempty = [(home, queue) for home, queue in self.queues.items() if queue]
+        rank = self.rank   # in `self.queues` order, which breaks ties between equal gains
+        nonempty = [(home, self.queues[home]) for home in sorted(self.active, key=rank.__getitem__)]
         for name in self._visit(names, nonempty):
             if not self.held:
                 break   # nothing left to release or take over
