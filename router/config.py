@@ -80,6 +80,11 @@ class ModelConfig(BaseModel):
                                    description="prior per-token prefill time (wall), calibrated online from TTFTs")
     kv_capacity_tokens: int = Field(400_000, gt=0, alias="kvCapacityTokens")
     max_inflight_per_endpoint: int = Field(256, gt=0, alias="maxInflightPerEndpoint")
+    hold_requests: bool = Field(True, alias="holdRequests",
+                                description="keep requests in router-side queues until their instance can start "
+                                            "them (late binding, rebalancing); policies that hold: dualmap")
+    max_queued: int = Field(1024, gt=0, alias="maxQueuedRequests",
+                            description="router-side queue limit per pool; past it requests get 429")
     kv_events: KVEvents | None = Field(None, alias="kvEvents")
     migration: MigrationConfig | None = Field(None, description="migration of running streams")
     engine: Literal["simulator", "vllm"] = Field(
@@ -117,6 +122,8 @@ class RouterConfig(BaseModel):
     breaker_failures: int = Field(3, gt=0, alias="breakerFailures")
     breaker_cooldown_s: float = Field(10.0, gt=0, alias="breakerCooldownSeconds")
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, alias="maxBodyBytes")
+    hold_tick_s: float = Field(0.05, gt=0, alias="holdTickSeconds",
+                               description="how often held requests are rebalanced and re-checked for release")
     seed: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="logLevel")
     log_format: Literal["json", "text"] = Field("json", alias="logFormat")

@@ -20,7 +20,7 @@ Nothing is lost or duplicated: every held request is in exactly one queue until 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kvpilot.router.estimate import LoadEstimator
@@ -50,14 +50,20 @@ class HoldQueues:
         self.release_tokens = release_tokens
         self.steal = steal
         self.queues: dict[str, list[Held]] = {}
+        # Each queue's work in queue order, so a decision's predicted wait is a bisect and a C-level
+        # sum instead of a Python walk over a long queue (the proxy's hot path under overload).
+        self.works: dict[str, list[int]] = {}
+        self.active: set[str] = set()     # instances whose queue is not empty
+        self.rank: dict[str, int] = {}    # each queue's position in `self.queues`
         self.queued_tokens: dict[str, int] = {}
+        self.held = 0                     # requests in all queues together
         self.moves = 0
         self.steals = 0
         self.clock = 0.0                  # latest arrival seen: the router's notion of now
         self._order = 0
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        return self.held
 
     def waiting_tokens(self, name: str) -> int:
         return self.queued_tokens.get(name, 0)
@@ -67,11 +73,41 @@ class HoldQueues:
             self._order += 1
             held.order = self._order
             self.clock = max(self.clock, held.request.arrival)
-        bisect.insort(self.queues.setdefault(held.home, []), held, key=_key)
+        queue = self.queues.get(held.home)
+        if queue is None:
+            queue = self.queues[held.home] = []
+            self.rank[held.home] = len(self.rank)
+        i = bisect.bisect_right(queue, _key(held), key=_key)
+        queue.insert(i, held)
+        self.works.setdefault(held.home, []).insert(i, held.uncached)
+        self.active.add(held.home)
+        self.held += 1
         self.queued_tokens[held.home] = self.queued_tokens.get(held.home, 0) + held.uncached
+
+    def advance(self, now: float) -> None:
+        """Move the router's clock on between arrivals (the live proxy's periodic tick), so the
+        starvation bound and the waited-too-long trigger also fire when no one new arrives."""
+        self.clock = max(self.clock, now)
+
+    def drop(self, unwanted: Callable[[Held], bool]) -> list[Held]:
+        """Take every held request for which `unwanted` is true off its queue (a client gone, an
+        instance gone); returns them, still in no queue, for the caller to forget or re-route."""
+        out: list[Held] = []
+        for queue in self.queues.values():
+            for i in range(len(queue) - 1, -1, -1):
+                if unwanted(queue[i]):
+                    out.append(self._remove(queue, i))
+        return out
+
+    def depths(self) -> dict[str, int]:
+        return {name: len(queue) for name, queue in self.queues.items()}
 
     def _remove(self, queue: list[Held], i: int) -> Held:
         held = queue.pop(i)
+        del self.works[held.home][i]
+        if not queue:
+            self.active.discard(held.home)
+        self.held -= 1
         self.queued_tokens[held.home] -= held.uncached
         return held
 
@@ -84,15 +120,18 @@ class HoldQueues:
         the backlog in flight, the queued requests that would start before it (less work), its own."""
         est = self.estimate
         ahead = est.backlog[name] + work
-        for held in self.queues.get(name, ()):
-            if held.uncached > work:
-                break
-            ahead += held.uncached
+        works = self.works.get(name)
+        if works:
+            ahead += sum(works[: bisect.bisect_right(works, work)])
         return est.token_s[name] * ahead
 
     def rebalance(self) -> None:
         """Move tail requests off instances whose predicted wait exceeds the limit."""
+        if not self.held:
+            return
         limit = self.limit_s()
+        if not any(self.predicted_wait(n) > limit or self._waited(self.queues[n]) > limit for n in self.active):
+            return   # no trigger anywhere: the walk below would move nothing (cheap at 1,000 instances)
         for name, queue in list(self.queues.items()):
             moved_any = True
             while queue and moved_any and self.predicted_wait(name) > limit:
@@ -110,6 +149,10 @@ class HoldQueues:
                     moved_any = True
             if queue:
                 self._move_oldest(name, queue, limit)
+
+    def _waited(self, queue: list[Held]) -> float:
+        """How long the longest-queued request (the earliest pushed) has waited by the clock."""
+        return self.clock - min(queue, key=lambda h: h.order).request.arrival
 
     def _move_oldest(self, name: str, queue: list[Held], limit: float) -> None:
         """The other trigger: a request that has already waited θ·SLO moves to its other candidate
@@ -136,12 +179,14 @@ class HoldQueues:
                 return oldest
         return 0
 
-    def _steal_for(self, name: str, kv_room: Callable[[str, Held], bool] | None = None) -> Held | None:
-        """The held request whose predicted TTFT an idle `name` lowers most, taken off its queue."""
+    def _steal_for(self, name: str, kv_room: Callable[[str, Held], bool] | None,
+                   queues: list[tuple[str, list[Held]]]) -> Held | None:
+        """The held request whose predicted TTFT an idle `name` lowers most, taken off its queue
+        (`queues`: the non-empty queues, in `self.queues` order)."""
         est = self.estimate
         limit = self.limit_s()
         best: tuple[float, str, int, int] | None = None   # (gain, home, index, work here)
-        for home, queue in self.queues.items():
+        for home, queue in queues:
             if home == name or not queue:
                 continue
             ahead = est.backlog[home]
@@ -167,14 +212,23 @@ class HoldQueues:
         self.steals += 1
         return held
 
-    def release(self, kv_room: Callable[[str, Held], bool] | None = None) -> list[Held]:
+    def release(self, kv_room: Callable[[str, Held], bool] | None = None,
+                names: Iterable[str] | None = None) -> list[Held]:
         """Requests whose instance can start them now, in queue order; idle instances with an
         empty queue take over waiting requests from elsewhere (late binding). `kv_room` says
         whether an instance's KV cache has room for a request's prompt (the release budget):
-        past it a request waits here rather than in an engine that would have to preempt."""
+        past it a request waits here rather than in an engine that would have to preempt.
+        `names`: the instances that may take requests now (default: every one ever tracked); given
+        as a name → position mapping, only the instances that can act are visited (same result)."""
         out: list[Held] = []
+        if not self.held:
+            return out
         backlog = self.estimate.backlog
-        for name in list(backlog):
+        rank = self.rank   # in `self.queues` order, which breaks ties between equal gains
+        nonempty = [(home, self.queues[home]) for home in sorted(self.active, key=rank.__getitem__)]
+        for name in self._visit(names, nonempty):
+            if not self.held:
+                break   # nothing left to release or take over
             queue = self.queues.get(name)
             while queue and (backlog[name] == 0 or backlog[name] + queue[0].uncached <= self.release_tokens):
                 nxt = self._next(queue)
@@ -184,10 +238,27 @@ class HoldQueues:
                 backlog[name] += held.uncached  # reserved now; the driver's on_dispatch records it for real
                 out.append(held)
             if self.steal and backlog[name] == 0 and not queue:
-                stolen = self._steal_for(name, kv_room)
+                stolen = self._steal_for(name, kv_room, nonempty)
                 if stolen is not None:
                     backlog[name] += stolen.uncached
                     out.append(stolen)
         for held in out:
             backlog[held.home] -= held.uncached
         return out
+
+    def _visit(self, names: Iterable[str] | None, nonempty: list[tuple[str, list[Held]]]) -> list[str]:
+        """The instances `release` must visit, in order. Only two kinds can act: one with a queue,
+        and an idle one taking a request over, which it may only do for a request it is the other
+        candidate of, unless that request's wait at home is past the limit. While no instance's
+        whole predicted wait is past it, none can get there during the visit (a release moves work
+        from an instance's queue to its own backlog, a takeover off a queue), so at 1,000
+        instances a release looks at a few of them instead of all."""
+        if not isinstance(names, Mapping):
+            return list(self.estimate.backlog if names is None else names)
+        limit = self.limit_s()
+        if any(self.predicted_wait(home) > limit for home, _ in nonempty):
+            return list(names)
+        relevant = {home for home, _ in nonempty}
+        if self.steal:
+            relevant.update(held.other for _, queue in nonempty for held in queue)
+        return sorted((n for n in relevant if n in names), key=names.__getitem__)

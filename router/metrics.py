@@ -31,5 +31,12 @@ class RouterMetrics:
         self.migration_blocking = Histogram("kvpilot_router_migration_blocking_seconds",
                                             "Stop-and-copy window of completed migrations.", ["model"],
                                             buckets=_LATENCY, registry=r)
+        self.queued = Counter("kvpilot_router_queued_requests", "Requests that waited in a router-side queue.",
+                              ["model", "role"], registry=r)
+        self.queue_depth = Gauge("kvpilot_router_queue_depth", "Requests held in the router-side queue per endpoint.",
+                                 ["model", "role", "endpoint"], registry=r)
+        self.prefill_token_s = Gauge("kvpilot_router_prefill_token_seconds",
+                                     "The TTFT predictor's per-token prefill time per endpoint, calibrated online.",
+                                     ["model", "role", "endpoint"], registry=r)
         self.members = Gauge("kvpilot_router_healthy_endpoints", "Endpoints the policy may choose.",
                              ["model", "role"], registry=r)

@@ -70,11 +70,19 @@ class HoldingPolicy(Policy, Protocol):
     """A policy that keeps requests in router-side queues and releases them late (DualMap).
 
     The driver calls `hold` instead of dispatching, then dispatches whatever `release` returns
-    (calling `on_dispatch` for each as usual) after every arrival and every first token."""
+    (calling `on_dispatch` for each as usual) after every arrival and every first token; the live
+    proxy also after completions, membership changes and on a periodic tick (passing `now`)."""
 
     def hold(self, request: RequestView, index: int, instances: Sequence[InstanceLoad], reason: str) -> None: ...
 
-    def release(self, instances: Sequence[InstanceLoad]) -> list[tuple[RequestView, int, str]]: ...
+    def release(self, instances: Sequence[InstanceLoad],
+                now: float | None = None) -> list[tuple[RequestView, int, str]]: ...
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a held request whose client went away; False when it is not held."""
+
+    def queued(self) -> dict[str, int]:
+        """Held requests per instance name."""
 
 
 class BasePolicy:

@@ -4,17 +4,31 @@ The pool is the bridge between the pure policy (which sees `InstanceLoad`s and r
 index) and the proxy (which sees URLs and HTTP failures). An endpoint whose breaker is open is
 left out of the list the policy sees, so a dead worker's keys move to ring neighbours and come
 back when it recovers.
+
+A pool whose policy holds requests (DualMap) keeps them in the policy's router-side queues: the
+proxy `admit`s a request and awaits its release, which `pump` hands out after every first token,
+completion, membership change and the proxy's periodic tick. Late binding happens there: the
+instance is fixed only when the request leaves the queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvpilot.router.config import Endpoint
-from kvpilot.router.policy import Decision, InstanceLoad, Policy, RequestView
+from kvpilot.router.policy import Decision, HoldingPolicy, InstanceLoad, Policy, RequestView
+
+
+class QueueFull(Exception):
+    """The pool's router-side queue is at its limit: the caller should answer 429."""
+
+
+class NoEndpoint(Exception):
+    """No healthy endpoint to route or release to: the caller should answer 503."""
 
 
 @dataclass(slots=True)
@@ -36,8 +50,13 @@ class Member:
 
 class Pool:
     def __init__(self, endpoints: list[Endpoint], policy: Policy, *, breaker_failures: int = 3,
-                 breaker_cooldown_s: float = 10.0, max_inflight: int = 256) -> None:
+                 breaker_cooldown_s: float = 10.0, max_inflight: int = 256, hold: bool = True,
+                 max_queued: int = 1024) -> None:
         self.policy = policy
+        self.holder: HoldingPolicy | None = policy if hold and isinstance(policy, HoldingPolicy) else None
+        self.max_queued = max_queued
+        self.waiting: dict[str, asyncio.Future[tuple[Member, str]]] = {}   # held request id → its release
+        self.on_queued: Callable[[], None] | None = None     # called when a request has to wait (a metric)
         self.members: list[Member] = []
         self.by_name: dict[str, Member] = {}
         self.breaker_failures = breaker_failures
@@ -66,6 +85,8 @@ class Pool:
             left = [m for name, m in old.items() if name not in self.by_name]
             if joined or left:
                 self.on_change(joined, left)
+        if self.waiting:
+            self.pump()
 
     def healthy(self, exclude: frozenset[str] = frozenset()) -> list[Member]:
         """Members whose breaker is closed. Without exclusions the same list object is returned
@@ -97,17 +118,89 @@ class Pool:
             loads = [m.load for m in members]
             decision = self.policy.route(request, loads)
         member = members[decision.index]
-        self.policy.on_dispatch(request, decision.index, loads)
+        self._dispatch(request, member, decision.index, loads)
+        return member, decision
+
+    def _dispatch(self, request: RequestView, member: Member, index: int, loads: list[InstanceLoad]) -> None:
+        self.policy.on_dispatch(request, index, loads)
         member.load.in_flight += 1
         member.load.pending_prefill_tokens += request.prompt_tokens
-        return member, decision
+
+    async def admit(self, request: RequestView, exclude: frozenset[str] = frozenset()) -> tuple[Member, str] | None:
+        """The endpoint a request goes to, and why. A holding pool keeps the request in its
+        policy's queue until released (`pump`); a retry (`exclude`) skips the queue. None: no
+        endpoint has room (non-holding pools only). Cancelling the caller while it waits takes the
+        request off the queue, so nothing is sent upstream and its slot is free at once."""
+        holder = self.holder
+        if holder is None or exclude or request.request_id in self.waiting:
+            chosen = self.choose(request, exclude)
+            return None if chosen is None else (chosen[0], chosen[1].reason)
+        members = self.healthy()
+        if not members:
+            raise NoEndpoint
+        if all(m.load.in_flight >= self.max_inflight for m in members):
+            return None   # saturated: shed load at once, as without holding
+        if len(self.waiting) >= self.max_queued:
+            raise QueueFull
+        loads = self._healthy_loads
+        decision = holder.route(request, loads)
+        holder.hold(request, decision.index, loads, decision.reason)
+        released: asyncio.Future[tuple[Member, str]] = asyncio.get_running_loop().create_future()
+        self.waiting[request.request_id] = released
+        self.pump()
+        if released.done():
+            return released.result()  # released at once: no suspension on the common path
+        if self.on_queued is not None:
+            self.on_queued()
+        try:
+            return await released
+        except asyncio.CancelledError:
+            if released.done() and not released.cancelled():
+                # Released in the same loop turn as the client left: undo the dispatch.
+                member = released.result()[0]
+                self.first_token(member, request, None)
+                self.finish(member)
+            else:
+                self.waiting.pop(request.request_id, None)
+                holder.cancel(request.request_id)
+            raise
+
+    def pump(self, now: float | None = None) -> None:
+        """Hand out whatever the policy releases now (late binding: the instance is the one the
+        request is queued at when it leaves, possibly moved there by rebalancing)."""
+        holder = self.holder
+        if holder is None or not self.waiting:
+            return
+        members = self.healthy()
+        if not members:
+            for request_id, released in list(self.waiting.items()):
+                holder.cancel(request_id)
+                if not released.done():
+                    released.set_exception(NoEndpoint())
+            self.waiting.clear()
+            return
+        loads = self._healthy_loads
+        for request, index, reason in holder.release(loads, now):
+            released = self.waiting.pop(request.request_id)
+            if released.done():
+                continue  # its client left in this loop turn; the request was never dispatched
+            member = members[index]
+            self._dispatch(request, member, index, loads)
+            released.set_result((member, reason))
+
+    def queued(self) -> dict[str, int]:
+        return {} if self.holder is None else self.holder.queued()
 
     def first_token(self, member: Member, request: RequestView, ttft_s: float | None) -> None:
         member.load.pending_prefill_tokens -= request.prompt_tokens
         self.policy.on_first_token(request.request_id, ttft_s)
+        if self.waiting:
+            self.pump()
 
     def finish(self, member: Member) -> None:
         member.load.in_flight -= 1
+        if self.waiting:
+            self.pump()
 
     def succeeded(self, member: Member) -> None:
         member.breaker.failures = 0

@@ -35,7 +35,7 @@ from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.migration import Migrator
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import PolicyContext, RequestView
-from kvpilot.router.pool import Member, Pool
+from kvpilot.router.pool import Member, NoEndpoint, Pool, QueueFull
 from kvpilot.tokens import block_hashes, render_chat, token_count
 
 log = logging.getLogger("kvpilot.router")
@@ -90,13 +90,16 @@ class Router:
 
             def pool(policy: str, m: ModelConfig = m, ctx: PolicyContext = ctx) -> Pool:
                 return Pool([], make_policy(policy, ctx), breaker_failures=cfg.breaker_failures,
-                            breaker_cooldown_s=cfg.breaker_cooldown_s, max_inflight=m.max_inflight_per_endpoint)
+                            breaker_cooldown_s=cfg.breaker_cooldown_s, max_inflight=m.max_inflight_per_endpoint,
+                            hold=m.hold_requests, max_queued=m.max_queued)
 
             if m.mode == "disaggregated":
                 # The cache lives where prefill runs: the model's policy picks prefill; decode balances load.
                 served = Served(m, pool("least-loaded"), pool(m.policy))
             else:
                 served = Served(m, pool(m.policy), None)
+            for role, p in self._roles(served):
+                p.on_queued = self.metrics.queued.labels(m.name, role).inc
             self.models[m.name] = served
             if m.kv_events is not None:
                 self._follow_kv_events(m, served)
@@ -106,6 +109,7 @@ class Router:
             self._set_endpoints(served, m.endpoints)
         self.session: aiohttp.ClientSession | None = None
         self._scraper: asyncio.Task[None] | None = None
+        self._holder: asyncio.Task[None] | None = None
         self._watchers: list[PodWatcher] = []
         self._discovered: dict[tuple[str, str], list[Endpoint]] = {}
         self._files = {name: EndpointsFile(s.config.endpoints_file) for name, s in self.models.items()
@@ -122,6 +126,12 @@ class Router:
         estimate = getattr((served.prefill or served.main).policy, "estimate", None)
         if isinstance(estimate, LoadEstimator):
             estimate.observed = index
+
+    @staticmethod
+    def _roles(served: Served) -> list[tuple[str, Pool]]:
+        if served.prefill is None:
+            return [("main", served.main)]
+        return [("prefill", served.prefill), ("decode", served.main)]
 
     @staticmethod
     def _set_endpoints(served: Served, endpoints: list[Endpoint]) -> None:
@@ -209,18 +219,26 @@ class Router:
         return prompt
 
     # -- dispatch --------------------------------------------------------------------------
-    def _pick(self, served: Served, pool: Pool, view: RequestView, role: str,
-              tried: frozenset[str]) -> Member:
-        chosen = pool.choose(view, tried)
+    async def _pick(self, served: Served, pool: Pool, view: RequestView, role: str,
+                    tried: frozenset[str]) -> Member:
+        """The endpoint for this attempt; with a holding policy, after waiting in its queue."""
+        name = served.config.name
+        try:
+            chosen = await pool.admit(view, tried)
+        except QueueFull:
+            raise ApiError(429, f"the router's queue for model `{name}` is full; retry later",
+                           "rate_limit_exceeded", retry_after=RETRY_AFTER_S) from None
+        except NoEndpoint:
+            chosen = None
         if chosen is None:
             if pool.saturated():
-                raise ApiError(429, f"all endpoints of model `{served.config.name}` are at their limit; retry later",
+                raise ApiError(429, f"all endpoints of model `{name}` are at their limit; retry later",
                                "rate_limit_exceeded", retry_after=RETRY_AFTER_S)
-            raise ApiError(503, f"no healthy endpoint for model `{served.config.name}`", "service_unavailable",
+            raise ApiError(503, f"no healthy endpoint for model `{name}`", "service_unavailable",
                            retry_after=RETRY_AFTER_S)
-        member, decision = chosen
-        self.metrics.decisions.labels(served.config.name, role, decision.reason).inc()
-        self.timelines[served.config.name].decided(decision.reason)
+        member, reason = chosen
+        self.metrics.decisions.labels(name, role, reason).inc()
+        self.timelines[name].decided(reason)
         return member
 
     def _attempt_failed(self, served: Served, pool: Pool, member: Member, why: str, rid: str) -> None:
@@ -242,7 +260,7 @@ class Router:
         prefill_body.pop("max_completion_tokens", None)
         tried: frozenset[str] = frozenset()
         for attempt in range(self.cfg.max_retries + 1):
-            member = self._pick(served, pool, view, "prefill", tried)
+            member = await self._pick(served, pool, view, "prefill", tried)
             started = time.monotonic()
             try:
                 async with self.session.post(member.url + path, json=prefill_body) as up:
@@ -272,7 +290,7 @@ class Router:
         stream = bool(body.get("stream"))
         tried: frozenset[str] = frozenset()
         for attempt in range(self.cfg.max_retries + 1):
-            member = self._pick(served, pool, view, role, tried)
+            member = await self._pick(served, pool, view, role, tried)
             self.metrics.inflight.labels(served.config.name, member.endpoint.name).inc()
             try:
                 if stream:
@@ -413,6 +431,17 @@ class Router:
             for role, pool in (("main", s.main), ("prefill", s.prefill)):
                 if pool is not None:
                     self.metrics.members.labels(name, role).set(len(pool.healthy()))
+            for role, pool in self._roles(s):
+                estimate = getattr(pool.policy, "estimate", None)
+                if isinstance(estimate, LoadEstimator):
+                    for m in pool.members:
+                        if m.endpoint.name in estimate.token_s:
+                            self.metrics.prefill_token_s.labels(name, role, m.endpoint.name).set(
+                                estimate.token_s[m.endpoint.name])
+                if pool.holder is not None:
+                    depths = pool.queued()
+                    for m in pool.members:
+                        self.metrics.queue_depth.labels(name, role, m.endpoint.name).set(depths.get(m.endpoint.name, 0))
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -- engine metrics scraping -------------------------------------------------------------
@@ -422,6 +451,19 @@ class Router:
             if doc is not None:
                 self._set_endpoints(self.models[name], doc.endpoints)
                 self.scaling_events[name] = doc.events[-50:]
+
+    async def _hold_loop(self) -> None:
+        """The periodic tick of the router-side queues: rebalance hot spots and release what the
+        clock alone makes releasable (the starvation bound), even when no event arrives."""
+        holding = [p for s in self.models.values() for _, p in self._roles(s) if p.holder is not None]
+        if not holding:
+            return
+        while True:
+            await asyncio.sleep(self.cfg.hold_tick_s)
+            now = time.monotonic()
+            for pool in holding:
+                if pool.waiting:
+                    pool.pump(now)
 
     async def _scrape_loop(self) -> None:
         while True:
@@ -463,6 +505,7 @@ class Router:
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=self.cfg.connect_timeout_s)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         self._scraper = asyncio.create_task(self._scrape_loop())
+        self._holder = asyncio.create_task(self._hold_loop())
         for name, index in self.kv_indexes.items():
             kv = self.models[name].config.kv_events
             assert kv is not None
@@ -487,6 +530,8 @@ class Router:
             watcher.stop()
         if self._scraper is not None:
             self._scraper.cancel()
+        if self._holder is not None:
+            self._holder.cancel()
         for task in self._kv_tasks:
             task.cancel()
         self.migrator.stop()

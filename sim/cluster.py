@@ -169,15 +169,16 @@ class Cluster:
             engine = engines[i]
             st = stats[i]
             dur = t - plan.start
-            first_tokens = False
+            wake = False   # a first token or a finish: held requests may be released
             st.busy_s += dur
             st.kv_usage_s += engine.pool.usage() * dur
             for seq in engine.commit(plan, t):
                 if seq.output == 1:  # first token: its prompt is no longer pending prefill
                     loads[i].pending_prefill_tokens -= seq.prompt_tokens
                     policy.on_first_token(seq.request_id, t - seq.arrival)
-                    first_tokens = True
+                    wake = True
                 if seq.finish_time is not None:
+                    wake = True   # a finish frees KV: a request held on the KV budget may go now
                     spec, inst, reason = meta.pop(seq)
                     loads[inst].in_flight -= 1
                     ttft = (seq.first_token_time or t) - spec.arrival
@@ -194,7 +195,7 @@ class Cluster:
                 self.rebalancer.on_step(i, t, plan, engines, moved)
             loads[i].kv_usage = engine.pool.usage()  # what the proxy scrapes as vllm:kv_cache_usage_perc
             start_step(i, t)
-            if first_tokens and self._release is not None:
+            if wake and self._release is not None:
                 self._release(t)
 
         holding = isinstance(policy, HoldingPolicy)

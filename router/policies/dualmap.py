@@ -10,11 +10,12 @@ of the two.
 
 Hot prefixes get longer keys (`AdaptiveDepth`); requests wait in router-side queues ordered by
 expected prefill work, are released while the instance's prefill backlog and KV budget allow,
-move off hot spots while queued, and are taken over by idle instances (`HoldQueues`, used where
-the driver supports holding: the virtual-time cluster today). The predicted TTFT for the switch
-counts only the queued work that would start first. bench/results/routing_quality.md has what
-each part is worth. Where the router follows vLLM's KV events (`kvEvents`), the cache hit comes
-from them (`kvpilot.router.kv_events`) instead of the shadow cache.
+move off hot spots while queued, and are taken over by idle instances (`HoldQueues`; the
+virtual-time cluster and the live proxy's pools both drive it through `hold`/`release`). The
+predicted TTFT for the switch counts only the queued work that would start first.
+bench/results/routing_quality.md has what each part is worth. Where the router follows vLLM's
+KV events (`kvEvents`), the cache hit comes from them (`kvpilot.router.kv_events`) instead of
+the shadow cache.
 Paper: DualMap, arXiv 2602.06502 (read, not copied).
 """
 
@@ -59,10 +60,12 @@ class DualMap(BasePolicy):
         self._other: dict[str, str] = {}
         self._ring = DualRing(vnodes=vnodes)
         self._members = Membership(self._ring)
+        self._rehome = False   # membership changed since the last release: held requests may be orphaned
 
     def _sync(self, instances: Sequence[InstanceLoad]) -> None:
         if self._members.sync(instances):
             self.estimate.track(instances)
+            self._rehome = bool(self.holding.queues)
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
         if not instances:
@@ -89,21 +92,46 @@ class DualMap(BasePolicy):
         other = self._other.pop(request.request_id, name)
         self.holding.push(Held(request, name, other, reason, self.estimate.uncached(name, request)))
 
-    def release(self, instances: Sequence[InstanceLoad]) -> list[tuple[RequestView, int, str]]:
+    def cancel(self, request_id: str) -> bool:
+        """Forget a held request (its client went away); False when it is not held here."""
+        self._other.pop(request_id, None)
+        return bool(self.holding.drop(lambda h: h.request.request_id == request_id))
+
+    def queued(self) -> dict[str, int]:
+        return self.holding.depths()
+
+    def _rehome_orphans(self, instances: Sequence[InstanceLoad]) -> None:
+        """Held requests whose instance (or other candidate) left the membership are routed again
+        over the current rings, keeping their place in arrival order."""
+        alive = self._members.index
+        for held in self.holding.drop(lambda h: h.home not in alive or h.other not in alive):
+            decision = self.route(held.request, instances)
+            name = instances[decision.index].name
+            other = self._other.pop(held.request.request_id, name)
+            self.holding.push(Held(held.request, name, other, decision.reason,
+                                   self.estimate.uncached(name, held.request), held.order))
+
+    def release(self, instances: Sequence[InstanceLoad],
+                now: float | None = None) -> list[tuple[RequestView, int, str]]:
         self._sync(instances)
+        if self._rehome:
+            self._rehome = False
+            self._rehome_orphans(instances)
+        if now is not None:
+            self.holding.advance(now)
         self.holding.rebalance()
+        index = self._members.index
         room = None
         if self.kv_high is not None:
-            kv = {inst.name: inst.kv_usage for inst in instances}
-            busy = {inst.name: inst.in_flight > 0 for inst in instances}
             capacity = self.context.kv_capacity_tokens
             high = self.kv_high
 
             def room(name: str, held: Held) -> bool:
                 # An instance with nothing in flight always has room; otherwise its scraped usage
                 # plus this prompt must stay under kv_high, or decodes there would start preempting.
-                return not busy[name] or kv[name] + held.request.prompt_tokens / capacity <= high
-        return [(h.request, self._members.index[h.home], h.reason) for h in self.holding.release(room)]
+                inst = instances[index[name]]
+                return inst.in_flight <= 0 or inst.kv_usage + held.request.prompt_tokens / capacity <= high
+        return [(h.request, index[h.home], h.reason) for h in self.holding.release(room, index)]
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         self._other.pop(request.request_id, None)

@@ -1,0 +1,102 @@
+"""The shadow cache's match memo (a decision matches the chosen instance again when it
+dispatches) changes nothing: the same cache answers and the same routing decisions as without it."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+
+import pytest
+
+from kvpilot.router import estimate
+from kvpilot.router.estimate import ShadowCache, ladder
+from kvpilot.router.policies.dualmap import DualMap
+from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
+from kvpilot.tokens import segment_block_hashes
+
+
+class PerBlockLRU:
+    """The reference: the shadow LRU as it was before the memo."""
+
+    def __init__(self, capacity_blocks: int, max_blocks: int = 1 << 16, dense: int = 16) -> None:
+        self.capacity, self.max_blocks, self.dense = max(1, capacity_blocks), max_blocks, dense
+        self._blocks: OrderedDict[int, int] = OrderedDict()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def match(self, hashes: list[int]) -> int:
+        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
+        lo, hi = 0, len(steps)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if hashes[steps[mid]] in self._blocks:
+                lo = mid + 1
+            else:
+                hi = mid
+        return steps[lo - 1] + 1 if lo else 0
+
+    def insert(self, hashes: list[int]) -> None:
+        blocks = self._blocks
+        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
+        for j in range(len(steps) - 1, -1, -1):
+            h = hashes[steps[j]]
+            if h in blocks:
+                blocks.move_to_end(h)
+            else:
+                weight = steps[j] - steps[j - 1] if j else 1
+                blocks[h] = weight
+                self.size += weight
+        while self.size > self.capacity:
+            self.size -= blocks.popitem(last=False)[1]
+
+
+def workload(n: int, seed: int, block: int = 256) -> list[RequestView]:
+    """Mooncake-like: shared heads, Zipf-ish conversations that grow, unique tails, 1k-64k tokens."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        convo = int(rng.paretovariate(1.1)) % 300
+        turns = rng.randint(1, 12)
+        segs = [0, 1_000_000 + convo] + [2_000_000 + convo * 100 + t for t in range(turns)] + [3_000_000 + i]
+        tokens = rng.choice([1024, 3000, 8192, 20_000, 32_768, 65_536])
+        out.append(RequestView(f"r{i}", tokens, segment_block_hashes(segs, 512, tokens, block)[:256], float(i)))
+    return out
+
+
+@pytest.mark.parametrize("capacity", [40, 300, 5_000])
+def test_memoized_cache_is_the_plain_lru(capacity: int) -> None:
+    new, ref = ShadowCache(capacity), PerBlockLRU(capacity)
+    rng = random.Random(capacity)
+    reqs = workload(3000, seed=capacity)
+    for req in reqs:
+        probe = rng.choice(reqs).block_hashes
+        assert new.match(probe) == ref.match(probe)
+        assert new.match(req.block_hashes) == ref.match(req.block_hashes)
+        new.insert(req.block_hashes)
+        ref.insert(req.block_hashes)
+        assert new.match(req.block_hashes) == ref.match(req.block_hashes)   # the memo is not stale after an insert
+        assert len(new) == len(ref)
+
+
+def test_dualmap_decisions_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    def decisions(cache_class: type) -> list[tuple[int, str]]:
+        with monkeypatch.context() as m:
+            m.setattr(estimate, "ShadowCache", cache_class)
+            policy = DualMap(PolicyContext(slo_ttft_s=5.0, block_size=256, kv_capacity_tokens=445_000))
+            loads = [InstanceLoad(f"pod-{i}") for i in range(16)]
+            out = []
+            pending: list[str] = []
+            for req in workload(4000, seed=11):
+                d = policy.route(req, loads)
+                policy.on_dispatch(req, d.index, loads)
+                out.append((d.index, d.reason))
+                pending.append(req.request_id)
+                if len(pending) > 40:   # keep a backlog so the SLO switch is exercised too
+                    policy.on_first_token(pending.pop(0), 0.5)
+            return out
+
+    new, ref = decisions(ShadowCache), decisions(PerBlockLRU)
+    assert new == ref
+    assert {reason for _, reason in new} == {"affinity", "slo-fallback"}
