@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot import vllm_metrics as m
 from kvpilot.crds import API_VERSION
+from kvpilot.operator.render import LABEL_COMPONENT, LABEL_SERVICE
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
@@ -35,6 +36,7 @@ class PoolState:
     asked: int                 # spec.replicas
     ready: int                 # replicas serving
     metrics_urls: list[str]    # base URLs of the ready replicas (…/metrics is scraped)
+    router_urls: tuple[str, ...] = ()  # the service's routers: requests they hold are demand too
 
 
 class Actuator(Protocol):
@@ -103,7 +105,10 @@ class KubernetesActuator:
         if not selector:
             return None
         ready = [p for p in self._pods(pool, selector) if self._ready(p)]
-        return PoolState(int(wp["spec"].get("replicas", 0)), len(ready), sorted(self._url(p) for p in ready))
+        routers = [p for p in self._pods(pool, f"{LABEL_SERVICE}={pool.service},{LABEL_COMPONENT}=router")
+                   if self._ready(p)]
+        return PoolState(int(wp["spec"].get("replicas", 0)), len(ready), sorted(self._url(p) for p in ready),
+                         tuple(sorted(self._url(p) for p in routers)))
 
     def _mark_deletion_costs(self, pool: PoolRef, selector: str) -> None:
         texts: dict[str, str | None] = {}

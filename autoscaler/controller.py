@@ -21,7 +21,7 @@ from kvpilot.autoscaler.actuators import Actuator, PoolRef
 from kvpilot.autoscaler.planner import Plan, PlannerConfig, PoolPlanner, Role
 from kvpilot.autoscaler.signals import ScrapeSignals
 from kvpilot.crds import LLMServiceSpec, PoolSpec
-from kvpilot.operator.render import pool_name
+from kvpilot.operator.render import ROUTER_ROLES, pool_name
 
 log = logging.getLogger("kvpilot.autoscaler")
 
@@ -111,7 +111,8 @@ class Autoscaler:
         state = self.actuator.observe(ref)
         if state is None:
             return None  # the operator has not created the pool yet
-        signals = reader.read(state.metrics_urls, now, state.asked) if state.metrics_urls else None
+        signals = reader.read(state.metrics_urls, now, state.asked, state.router_urls,
+                              ROUTER_ROLES[_role(ref.role)]) if state.metrics_urls else None
         if signals is None:
             plan = Plan(state.asked, "holding: no ready replica to read metrics from")
         else:

@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvpilot import vllm_metrics as m
 from kvpilot.autoscaler.planner import PoolSignals
 
+ROUTER_QUEUE_DEPTH = "kvpilot_router_queue_depth"
+
 
 def quantile_from_buckets(buckets: dict[float, float], q: float) -> float | None:
     """The q-quantile of a histogram given cumulative bucket counts by upper bound (Prometheus'
@@ -78,6 +80,13 @@ def _parse(text: str) -> tuple[dict[str, float], dict[str, float], dict[float, f
     return gauges, counters, ttft, itl
 
 
+def held_by_router(text: str | None, role: str) -> float:
+    if not text:
+        return 0.0
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == ROUTER_QUEUE_DEPTH and s.labels.get("role") == role)
+
+
 class ScrapeSignals:
     """Scrapes each worker of a pool directly; keeps the previous scrape to take deltas."""
 
@@ -86,14 +95,21 @@ class ScrapeSignals:
         self.timeout_s = timeout_s
         self._last: _Sample | None = None
 
-    def read(self, urls: list[str], now: float, current: int) -> PoolSignals:
-        texts = []
-        for url in urls:
-            try:
-                with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=self.timeout_s) as resp:
-                    texts.append(resp.read().decode())
-            except OSError:
-                texts.append(None)
+    def _get(self, url: str) -> str | None:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=self.timeout_s) as resp:
+                text: str = resp.read().decode()
+                return text
+        except OSError:
+            return None
+
+    def read(self, urls: list[str], now: float, current: int, router_urls: tuple[str, ...] = (),
+             router_role: str = "") -> PoolSignals:
+        """`router_urls`: the service's routers. Requests they hold back for this pool (their
+        `kvpilot_router_queue_depth{role=router_role}`) wait as surely as the engines' own queue
+        does, so they count as waiting; a router that does not answer adds nothing."""
+        held = sum(held_by_router(self._get(u), router_role) for u in router_urls)
+        texts = [self._get(url) for url in urls]
         ready = sum(1 for t in texts if t is not None)
         if not urls or ready < len(urls):
             self._last = None  # a gap: the next delta would mix populations
@@ -110,7 +126,7 @@ class ScrapeSignals:
                     dst[k] += v  # type: ignore[index]
         sample = _Sample(now, dict(counters), dict(ttft), dict(itl))
         last, self._last = self._last, sample
-        running, waiting = gauges[m.RUNNING], gauges[m.WAITING]
+        running, waiting = gauges[m.RUNNING], gauges[m.WAITING] + held
         kv = gauges[m.KV_USAGE] / len(urls)
         if last is None or now <= last.time:
             return PoolSignals(now, current, ready, None, running, None, None, None, kv, waiting)

@@ -230,7 +230,7 @@ class LocalControlPlane:
         with self._lock:
             live = [w for w in self.pool.values() if w.role == role and w.drain_until is None]
             ready = [w.url for w in live if w.healthy]
-            return PoolState(len(live), len(ready), sorted(ready))
+            return PoolState(len(live), len(ready), sorted(ready), (self.url,) if self._serving else ())
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> LocalControlPlane:

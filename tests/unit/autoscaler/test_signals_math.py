@@ -21,3 +21,19 @@ def test_share_within_uses_the_bucket_at_or_below_the_limit() -> None:
     assert share_within(buckets, 2.5) == 0.95
     assert share_within(buckets, 0.1) == 0.0
     assert share_within({}, 1.0) is None
+
+
+def test_requests_the_router_holds_for_a_pool_count_as_waiting() -> None:
+    from prometheus_client import generate_latest
+
+    from kvpilot.autoscaler.signals import held_by_router
+    from kvpilot.router.metrics import RouterMetrics
+
+    metrics = RouterMetrics()
+    metrics.queue_depth.labels("llama", "prefill", "pod-a").set(3)
+    metrics.queue_depth.labels("llama", "prefill", "pod-b").set(4)
+    metrics.queue_depth.labels("llama", "decode", "pod-c").set(9)
+    text = generate_latest(metrics.registry).decode()
+    assert held_by_router(text, "prefill") == 7 and held_by_router(text, "decode") == 9
+    assert held_by_router(text, "both") == 0        # another pool's
+    assert held_by_router(None, "prefill") == 0     # a router that did not answer
