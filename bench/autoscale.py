@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from kvpilot import plots
 from kvpilot.autoscaler.baselines import Concurrency, Fixed, QueueThreshold
 from kvpilot.autoscaler.planner import Planner, PlannerConfig, PoolPlanner
 from kvpilot.sim.elastic import ElasticCluster, ElasticConfig, ElasticReport
@@ -143,12 +144,7 @@ def main() -> None:
 
 def plot(results: dict[str, Any], path: Path) -> Path:
     """Replicas over time per autoscaler (and the static peak), with the minutes that missed the SLO."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(results), 1, figsize=(10, 3.6 * len(results)), squeeze=False)
+    fig, axes = plots.subplots(len(results), 1, figsize=(10, 3.6 * len(results)), squeeze=False)
     for ax, (wname, res) in zip(axes[:, 0], results.items(), strict=True):
         for name, row in res["rows"].items():
             if name.startswith("static"):
@@ -165,11 +161,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("minute")
         ax.set_ylabel("replicas asked for")
         ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 
+from kvpilot import plots
 from kvpilot.router.policies import POLICIES
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import PolicyContext
@@ -147,13 +148,8 @@ def main() -> None:
 
 def plot(doc: dict[str, Any], path: Path) -> Path:
     """SLO attainment against request rate, one panel per TTFT SLO, one line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     slos = list(doc["results"])
-    fig, axes = plt.subplots(1, len(slos), figsize=(6 * len(slos), 4.2), squeeze=False)
+    fig, axes = plots.subplots(1, len(slos), figsize=(6 * len(slos), 4.2), squeeze=False)
     for ax, slo in zip(axes[0], slos, strict=True):
         for policy, res in doc["results"][slo].items():
             if policy not in POLICIES:
@@ -167,11 +163,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("share of requests within SLO")
         ax.legend(fontsize=7)
     fig.suptitle(f"{doc['requests']} Mooncake requests, {doc['instances']} × {doc.get('profile', '')}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvpilot import plots
 from kvpilot.local import LocalControlPlane, load_service
 from kvpilot.sim.cluster import percentile
 from kvpilot.sim.workload import RequestSpec, mooncake
@@ -152,13 +153,7 @@ def run_demo(spec_path: Path | None = None, *, requests: int = 300, policies: tu
 
 def plot_demo(results: list[RunResult], slo_s: float, out_dir: Path) -> list[Path]:
     """TTFT over time against the SLO, and replicas over time, one line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[3, 1])
+    fig, (top, bottom) = plots.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[3, 1])
     for r in results:
         pts = sorted(r.ttft_at)
         top.plot([t for t, _ in pts], [v for _, v in pts], ".", markersize=3, alpha=0.6, label=r.policy)
@@ -173,11 +168,7 @@ def plot_demo(results: list[RunResult], slo_s: float, out_dir: Path) -> list[Pat
     bottom.set_ylabel("replicas")
     bottom.set_xlabel("time since start (s, modelled)")
     fig.suptitle("kvpilot demo")
-    fig.tight_layout()
-    path = out_dir / "demo.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [plots.save(fig, out_dir / "demo.png", dpi=110)]
 
 
 def summary_json(results: list[RunResult]) -> list[dict[str, Any]]:
