@@ -76,12 +76,11 @@ async def run_real(base_url: str, model: str, reqs: list[Req], seed: int) -> Non
         await asyncio.gather(*(one(r, p) for r, p in zip(reqs, prompts, strict=True)))
 
 
-def run_sim(profile: Profile, reqs: list[Req], seed: int, shared_core: bool) -> list[tuple[float, float | None]]:
+def run_sim(profile: Profile, reqs: list[Req], seed: int) -> list[tuple[float, float | None]]:
     """Single-step virtual time over the simulator's engine: arrivals join at the next step.
 
-    `shared_core`: the API server runs on the engine's one core (a pinned CPU engine), so its
-    per-request work (`request_overhead_s`: HTTP, tokenization) holds up the steps instead of
-    overlapping them; it is then spent between steps, as the request enters the engine."""
+    With `profile.frontend_shares_core` (a pinned CPU engine) the engine model serializes each
+    request's front-end work with the steps; otherwise it runs elsewhere and only adds to TTFT."""
     rng = random.Random(seed)
     engine = Engine(profile)
     pending = sorted(enumerate(reqs), key=lambda x: x[1].arrival)
@@ -90,8 +89,6 @@ def run_sim(profile: Profile, reqs: list[Req], seed: int, shared_core: bool) -> 
     while k < len(pending) or engine.has_work:
         while k < len(pending) and pending[k][1].arrival <= t:
             i, r = pending[k]
-            if shared_core:
-                t += profile.request_overhead_s
             hashes = [rng.getrandbits(63) for _ in range(r.prompt_tokens // engine.block_size)]
             seqs[i] = Sequence(f"r{i}", r.arrival, r.prompt_tokens, hashes, r.max_tokens)
             engine.add(seqs[i])
@@ -106,7 +103,7 @@ def run_sim(profile: Profile, reqs: list[Req], seed: int, shared_core: bool) -> 
     for i, r in enumerate(reqs):
         s = seqs[i]
         assert s.first_token_time is not None and s.finish_time is not None
-        ttft = s.first_token_time - r.arrival + (0.0 if shared_core else profile.request_overhead_s)
+        ttft = s.first_token_time - r.arrival + (0.0 if profile.frontend_shares_core else engine.frontend_s(s))
         tpot = (s.finish_time - s.first_token_time) / (r.max_tokens - 1) if r.max_tokens > 1 else None
         out.append((ttft, tpot))
     return out
@@ -154,7 +151,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 cal_s += took
                 profile, drift = average(before, after)
             profiles.append(profile)
-            sim = run_sim(profile, reqs, args.seed, shared_core=args.cpu is not None)
+            sim = run_sim(profile.model_copy(update={"frontend_shares_core": args.cpu is not None}), reqs, args.seed)
             real_ttft = [r.ttft for r in reqs]
             real_tpot = [r.tpot for r in reqs if r.tpot is not None]
             sim_ttft = [s[0] for s in sim]

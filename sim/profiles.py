@@ -42,6 +42,9 @@ class Profile(BaseModel):
     decode_ctx_s: float = Field(ge=0)
     request_overhead_s: float = Field(0.0, ge=0, description="frontend time per request outside the steps (HTTP, "
                                       "tokenization), seen in TTFT; measured by `kvpilot sim calibrate`")
+    frontend_token_s: float = Field(0.0, ge=0, description="frontend time per prompt token (tokenization)")
+    frontend_shares_core: bool = Field(False, description="the API server runs on the engine's CPU (a pinned CPU "
+                                       "engine): its per-request time is serialized with the steps (sim.engine)")
 
 
 def _kv_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
