@@ -25,10 +25,12 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.sim.calibrate import (
     engine_cache_info,
@@ -139,24 +141,29 @@ async def main_async(args: argparse.Namespace) -> None:
             reqs = mix(args.requests, rate, probe, args.seed)
             if args.profile is not None:  # reuse a calibration (e.g. to re-run only the replay)
                 profile = get_profile(str(args.profile))
-                drift = 0.0
+                drift = (0.0, 0.0)
             else:
                 before, took = await calibrate(args, base_url, model, block_size, capacity)
                 cal_s += took
             t0 = time.perf_counter()
+            m0 = server_latencies(base_url)
             await run_real(base_url, model, reqs, args.seed)
             real_s = time.perf_counter() - t0
+            breakdown = per_request_ms(m0, server_latencies(base_url))
+            breakdown["client_ttft"] = 1e3 * statistics.mean(r.ttft for r in reqs)
             if args.profile is None:
                 after, took = await calibrate(args, base_url, model, block_size, capacity)
                 cal_s += took
                 profile, drift = average(before, after)
             profiles.append(profile)
             sim = run_sim(profile.model_copy(update={"frontend_shares_core": args.cpu is not None}), reqs, args.seed)
+            sim_ttft_mean = 1e3 * statistics.mean(x[0] for x in sim)
             real_ttft = [r.ttft for r in reqs]
             real_tpot = [r.tpot for r in reqs if r.tpot is not None]
             sim_ttft = [s[0] for s in sim]
             sim_tpot = [s[1] for s in sim if s[1] is not None]
-            row = {"rate": rate, "requests": len(reqs), "real_s": real_s, "drift": drift,
+            row = {"rate": rate, "requests": len(reqs), "real_s": real_s, "drift": drift, "breakdown": breakdown,
+                   "sim_ttft_mean": sim_ttft_mean,
                    "ttft": [statistics.median(real_ttft), statistics.median(sim_ttft),
                             pct(real_ttft, 90), pct(sim_ttft, 90)],
                    "tpot": [statistics.median(real_tpot), statistics.median(sim_tpot),
@@ -169,22 +176,46 @@ async def main_async(args: argparse.Namespace) -> None:
             server.stop()
 
 
-COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s")
+COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s",
+                "frontend_token_s")
+LATENCIES = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds")
 
 
-def average(a: Profile, b: Profile) -> tuple[Profile, float]:
+def server_latencies(base_url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of vLLM's own latency histograms: TTFT as the API server sees it (from the
+    request's arrival in the input processor), time queued in the scheduler, and prefill (scheduled
+    to first token, inside the engine core)."""
+    with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {name: (0.0, 0.0) for name in LATENCIES}
+    for family in text_string_to_metric_families(text):
+        name = family.name.removeprefix("vllm:")
+        if name not in out:
+            continue
+        total = sum(s.value for s in family.samples if s.name.endswith("_sum"))
+        count = sum(s.value for s in family.samples if s.name.endswith("_count"))
+        out[name] = (total, count)
+    return out
+
+
+def per_request_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    return {k: 1e3 * (after[k][0] - before[k][0]) / max(1.0, after[k][1] - before[k][1]) for k in LATENCIES}
+
+
+def average(a: Profile, b: Profile) -> tuple[Profile, tuple[float, float]]:
     """The mean of two calibrations, and how far apart they are (relative change of a single decode
-    step's and a 400-token prefill's modelled time, the larger)."""
+    step's and of a 400-token request's modelled TTFT, front-end included)."""
     mean = a.model_copy(update={k: (getattr(a, k) + getattr(b, k)) / 2 for k in COEFFICIENTS})
 
     def decode(p: Profile) -> float:
         return p.step_s + p.decode_seq_s + p.decode_ctx_s * 400
 
     def prefill(p: Profile) -> float:
-        return p.request_overhead_s + p.step_s + p.prefill_token_s * 400 + p.attn_pair_s * 400 * 400 / 2
+        return (p.request_overhead_s + p.frontend_token_s * 400 + p.step_s + p.prefill_token_s * 400
+                + p.attn_pair_s * 400 * 400 / 2)
 
-    drift = max(abs(f(a) - f(b)) / max(1e-9, (f(a) + f(b)) / 2) for f in (decode, prefill))
-    return mean, drift
+    d, p = (abs(f(a) - f(b)) / max(1e-9, (f(a) + f(b)) / 2) for f in (decode, prefill))
+    return mean, (d, p)
 
 
 async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_size: int,
@@ -193,16 +224,19 @@ async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_s
     prefill, decode = await measure(base_url, model, prompt_lengths=[64, 128, 256, 384, 512, 768],
                                     batches=[1, 2, 4, 8, 16], decode_prompts=[32, 384], decode_tokens=48,
                                     repeats=args.repeats, seed=args.seed)
+    shares = args.cpu is not None
     cal_s = time.perf_counter() - t0
     profile = fit_profile(prefill, decode, name="cpu-tiny-llama", model="tiny random Llama (820k params)",
                           hardware=args.hardware, block_size=block_size, kv_capacity_tokens=capacity,
                           kv_bytes_per_token=2 * 2 * 2 * 32 * 4,  # 2 layers × (K, V) × 2 KV heads × 32 × fp32
-                          source=f"measured: bench/sim_fidelity.py calibration ({cal_s:.0f} s)")
+                          source=f"measured: bench/sim_fidelity.py calibration ({cal_s:.0f} s)",
+                          frontend_shares_core=shares)
     print(json.dumps(profile.model_dump(), indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     (args.out.parent / "sim_fidelity_profile.json").write_text(json.dumps(
-        {"profile": profile.model_dump(), "points": {"prefill": [[p.prompt_tokens, p.ttft_s] for p in prefill],
-                                                     "decode": [[p.batch, p.context, p.itl_s] for p in decode]}},
+        {"profile": profile.model_dump(),
+         "points": {"prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
+                    "decode": [[p.batch, p.context, p.itl_s] for p in decode]}},
         indent=1))
     return profile, cal_s
 
@@ -217,6 +251,11 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
     def err(real: float, sim: float) -> str:
         return f"{(sim - real) / real:+.0%}"
 
+    def drift(r: dict[str, object], i: int) -> str:
+        d = r["drift"]
+        assert isinstance(d, tuple)
+        return f"{d[i]:.0%}"
+
     placement = f"pinned to core {args.cpu} (taskset)" if args.cpu is not None else "vLLM's own CPU binding"
     lines = [
         "# Simulator fidelity against real vLLM (CPU, tiny model)", "",
@@ -226,15 +265,16 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
         f"1 GiB KV cache. Machine: {args.hardware}, Python {platform.python_version()}, load average "
         f"{args.load_before:.1f} before and {os.getloadavg()[0]:.1f} after (other jobs shared the cores). "
         f"Calibration took {cal_s:.0f} s in all.", "",
-        "Profiles: the mean of calibrations right before and right after each replay (seconds; drift: how much "
-        "a decode step or a 400-token prefill changed between the two; the last calibration is in "
-        "`sim_fidelity_profile.json`):", "",
+        "Profiles: the mean of calibrations right before and right after each replay (seconds; agreement: how "
+        "much a decode step and a 400-token request's modelled TTFT differ between the two; the last calibration "
+        "is in `sim_fidelity_profile.json`):", "",
         *(f"- rate {r['rate']}: " + ", ".join(f"{k} {getattr(p, k):.3g}" for k in COEFFICIENTS)
-          + f"; before/after drift {r['drift']:.0%}" for r, p in zip(rows, profiles, strict=True)), "",
+          + f"; before/after differ by {drift(r, 0)} (decode step) and {drift(r, 1)} (TTFT)"
+          for r, p in zip(rows, profiles, strict=True)), "",
         "Mix per rate: Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, unique prompts, seed "
         f"{args.seed}. TTFT and TPOT are client-side on the real engine. The simulator spends the profile's "
-        "per-request overhead " + ("between steps (the API server shares the engine's core)" if args.cpu is not None
-                                   else "in TTFT only") + ".", "",
+        "front-end time " + ("on the engine's core (`frontend_shares_core`: it lengthens the step it overlaps, and "
+                             "the request joins the next step)" if args.cpu is not None else "in TTFT only") + ".", "",
         "| rate req/s | requests | TTFT p50 real / sim (err) | TTFT p90 real / sim | TPOT p50 real / sim (err) "
         "| TPOT p90 real / sim |",
         "|---:|---:|---|---|---|---|",
@@ -245,6 +285,19 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
         lines.append(f"| {r['rate']} | {r['requests']} | {t[0] * 1e3:.1f} / {t[1] * 1e3:.1f} ms ({err(t[0], t[1])}) "
                      f"| {t[2] * 1e3:.1f} / {t[3] * 1e3:.1f} ms | {p[0] * 1e3:.2f} / {p[1] * 1e3:.2f} ms "
                      f"({err(p[0], p[1])}) | {p[2] * 1e3:.2f} / {p[3] * 1e3:.2f} ms |")
+    lines += ["", "Where the real TTFT goes (means, ms; vLLM's histograms over the replay): the client's TTFT, vLLM's "
+              "own TTFT (from the request's arrival in the API server's input processor), queued in the scheduler, "
+              "prefill inside the engine core; the rest of the client's TTFT is front-end work (HTTP, tokenizing, "
+              "the hand-offs to and from the engine core) and waiting for the step in flight.", "",
+              "| rate req/s | client TTFT | vLLM TTFT | queued | prefill | rest | sim TTFT |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        b = r["breakdown"]
+        assert isinstance(b, dict)
+        rest = b["client_ttft"] - b["request_queue_time_seconds"] - b["request_prefill_time_seconds"]
+        lines.append(f"| {r['rate']} | {b['client_ttft']:.1f} | {b['time_to_first_token_seconds']:.1f} | "
+                     f"{b['request_queue_time_seconds']:.1f} | {b['request_prefill_time_seconds']:.1f} | {rest:.1f} | "
+                     f"{r['sim_ttft_mean']:.1f} |")
     args.out.write_text("\n".join(lines) + "\n")
     print(f"written {args.out}")
 
