@@ -185,7 +185,10 @@ async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], b
                   decode_prompts: Sequence[int], decode_tokens: int, repeats: int, seed: int = 0,
                   warmup: int = 6) -> tuple[list[PrefillPoint], list[DecodePoint]]:
     rng = random.Random(seed)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+    # Idle pooled connections are dropped before the server's keep-alive timeout (uvicorn: 5 s) can
+    # close them under a new request.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                     connector=aiohttp.TCPConnector(keepalive_timeout=2)) as session:
         # Characters per token of this tokenizer on this text, from one probe request.
         probe = await stream_completion(session, base_url, model, make_text(rng, 2000), 2)
         chars_per_token = 2000 / max(1, probe.prompt_tokens)
