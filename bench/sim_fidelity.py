@@ -8,7 +8,8 @@ scripts/vllm-cpu-env.sh; --cpu N pins it to one core). Then:
 2. a seeded mix (Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, no shared prefixes)
    is streamed to the engine, recording each request's TTFT and TPOT (client side);
 3. the same requests (same arrival offsets, the prompt token counts the engine reported, same
-   output lengths) run through the simulator's engine model in virtual time;
+   output lengths) run through the simulator's engine model in virtual time (pinned with --cpu,
+   the profile says the API server shares the engine's core: `frontend_shares_core`);
 4. TTFT and TPOT distributions are compared. Goal: medians within 15%.
 Results: bench/results/sim_fidelity.md.
 """
