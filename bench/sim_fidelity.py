@@ -129,6 +129,7 @@ async def main_async(args: argparse.Namespace) -> None:
         server = VLLMServer.tiny(name="fidelity", workdir=Path(tempfile.mkdtemp(prefix="kvpilot-fidelity-")),
                                  cpu=args.cpu, nice=args.nice)
         base_url, model = server.url, "tiny"
+    pid = None if server is None else server.proc.pid
     try:
         info = engine_cache_info(base_url)
         block_size, capacity = kv_geometry(info)
@@ -147,9 +148,10 @@ async def main_async(args: argparse.Namespace) -> None:
                 before, took = await calibrate(args, base_url, model, block_size, capacity)
                 cal_s += took
             t0 = time.perf_counter()
-            m0 = server_latencies(base_url)
+            m0, w0 = server_latencies(base_url), cpu_wait_s(pid)
             await run_real(base_url, model, reqs, args.seed)
             real_s = time.perf_counter() - t0
+            cpu_wait = (cpu_wait_s(pid) - w0) / real_s
             breakdown = per_request_ms(m0, server_latencies(base_url))
             breakdown["client_ttft"] = 1e3 * statistics.mean(r.ttft for r in reqs)
             if args.profile is None:
@@ -164,6 +166,7 @@ async def main_async(args: argparse.Namespace) -> None:
             sim_ttft = [s[0] for s in sim]
             sim_tpot = [s[1] for s in sim if s[1] is not None]
             row = {"rate": rate, "requests": len(reqs), "real_s": real_s, "drift": drift, "breakdown": breakdown,
+                   "cpu_wait": cpu_wait,
                    "sim_ttft_mean": sim_ttft_mean,
                    "ttft": [statistics.median(real_ttft), statistics.median(sim_ttft),
                             pct(real_ttft, 90), pct(sim_ttft, 90)],
@@ -180,6 +183,30 @@ async def main_async(args: argparse.Namespace) -> None:
 COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s",
                 "frontend_token_s")
 LATENCIES = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds")
+
+
+def cpu_wait_s(root: int | None) -> float:
+    """Time the engine's processes (root and descendants) spent runnable but waiting for a CPU
+    (`run_delay` in /proc/PID/task/TID/schedstat): how much other jobs held them back."""
+    if root is None:
+        return 0.0
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        for sched in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                total += int(sched.read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total / 1e9
 
 
 def server_latencies(base_url: str) -> dict[str, tuple[float, float]]:
@@ -290,15 +317,17 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
               "own TTFT (from the request's arrival in the API server's input processor), queued in the scheduler, "
               "prefill inside the engine core; the rest of the client's TTFT is front-end work (HTTP, tokenizing, "
               "the hand-offs to and from the engine core) and waiting for the step in flight.", "",
-              "| rate req/s | client TTFT | vLLM TTFT | queued | prefill | rest | sim TTFT |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "CPU wait: the time the engine's processes were runnable but waited for the core, per second of "
+              "the replay (other jobs on the machine; 0 on an idle one).", "",
+              "| rate req/s | client TTFT | vLLM TTFT | queued | prefill | rest | sim TTFT | CPU wait |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = r["breakdown"]
         assert isinstance(b, dict)
         rest = b["client_ttft"] - b["request_queue_time_seconds"] - b["request_prefill_time_seconds"]
         lines.append(f"| {r['rate']} | {b['client_ttft']:.1f} | {b['time_to_first_token_seconds']:.1f} | "
                      f"{b['request_queue_time_seconds']:.1f} | {b['request_prefill_time_seconds']:.1f} | {rest:.1f} | "
-                     f"{r['sim_ttft_mean']:.1f} |")
+                     f"{r['sim_ttft_mean']:.1f} | {r['cpu_wait']:.0%} |")
     args.out.write_text("\n".join(lines) + "\n")
     print(f"written {args.out}")
 
