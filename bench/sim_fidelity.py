@@ -148,10 +148,10 @@ async def main_async(args: argparse.Namespace) -> None:
                 before, took = await calibrate(args, base_url, model, block_size, capacity)
                 cal_s += took
             t0 = time.perf_counter()
-            m0, w0 = server_latencies(base_url), cpu_wait_s(pid)
+            m0, w0 = server_latencies(base_url), others_on_core_s(pid, args.cpu)
             await run_real(base_url, model, reqs, args.seed)
             real_s = time.perf_counter() - t0
-            cpu_wait = (cpu_wait_s(pid) - w0) / real_s
+            cpu_wait = (others_on_core_s(pid, args.cpu) - w0) / real_s
             breakdown = per_request_ms(m0, server_latencies(base_url))
             breakdown["client_ttft"] = 1e3 * statistics.mean(r.ttft for r in reqs)
             if args.profile is None:
@@ -185,28 +185,34 @@ COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "dec
 LATENCIES = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds")
 
 
-def cpu_wait_s(root: int | None) -> float:
-    """Time the engine's processes (root and descendants) spent runnable but waiting for a CPU
-    (`run_delay` in /proc/PID/task/TID/schedstat): how much other jobs held them back."""
-    if root is None:
+def others_on_core_s(root: int | None, cpu: int | None) -> float:
+    """CPU time the engine's core spent on anything but the engine's processes (root and its
+    descendants), steal included: other jobs' share of the core, 0 on an idle machine."""
+    if root is None or cpu is None:
         return 0.0
-    children: dict[int, list[int]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[str]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            stats[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0, [root]
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    engine_ticks, todo = 0, [root]
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
-        for sched in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-            try:
-                total += int(sched.read_text().split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    return total / 1e9
+        if pid in stats:
+            engine_ticks += int(stats[pid][11]) + int(stats[pid][12])  # utime, stime
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name == f"cpu{cpu}":
+            v = [int(x) for x in values]
+            busy = sum(v) - v[3] - v[4]   # all but idle and iowait
+            return (busy - engine_ticks) / tick
+    return 0.0
 
 
 def server_latencies(base_url: str) -> dict[str, tuple[float, float]]:
@@ -317,9 +323,9 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
               "own TTFT (from the request's arrival in the API server's input processor), queued in the scheduler, "
               "prefill inside the engine core; the rest of the client's TTFT is front-end work (HTTP, tokenizing, "
               "the hand-offs to and from the engine core) and waiting for the step in flight.", "",
-              "CPU wait: the time the engine's processes were runnable but waited for the core, per second of "
-              "the replay (other jobs on the machine; 0 on an idle one).", "",
-              "| rate req/s | client TTFT | vLLM TTFT | queued | prefill | rest | sim TTFT | CPU wait |",
+              "Others on core: the share of the engine's core that went to other jobs during the replay "
+              "(/proc/stat of the core less the engine's processes' CPU time; 0 on an idle machine).", "",
+              "| rate req/s | client TTFT | vLLM TTFT | queued | prefill | rest | sim TTFT | others on core |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = r["breakdown"]
