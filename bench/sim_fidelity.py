@@ -135,6 +135,7 @@ async def main_async(args: argparse.Namespace) -> None:
         block_size, capacity = kv_geometry(info)
         probe = await _chars_per_token(base_url, model)
         rows = []
+        replays: list[dict[str, object]] = []
         profiles: list[Profile] = []
         cal_s = 0.0
         for rate in args.rates:
@@ -173,8 +174,13 @@ async def main_async(args: argparse.Namespace) -> None:
                    "tpot": [statistics.median(real_tpot), statistics.median(sim_tpot),
                             pct(real_tpot, 90), pct(sim_tpot, 90)]}
             rows.append(row)
+            replays.append({"rate": rate, "profile": profile.model_dump(), "requests": [
+                [r.arrival, r.prompt_tokens, r.max_tokens, r.ttft, r.tpot] for r in reqs]})
             print(json.dumps(row), flush=True)
         write_md(args, profiles, rows, cal_s)
+        # What the real engine did, per request, with the profile each rate was simulated with: a
+        # model change can be re-checked against it offline (`run_sim`), without the engine.
+        (args.out.parent / "sim_fidelity_replay.json").write_text(json.dumps(replays))
     finally:
         if server is not None:
             server.stop()
