@@ -11,10 +11,11 @@ a request computes KV for `num_tokens - computed` tokens, and when it has caught
 one token. Preemption is by recompute: the youngest running request loses its blocks and goes
 back to the head of the queue.
 
-A CPU engine whose API server shares its core (`Profile.frontend_shares_core`) adds a stage in
-front of the queue: a new request's front-end work (HTTP, tokenization: `frontend_s`) runs on
-that core while the engine steps, so it lengthens the step it overlaps and the request reaches
-the scheduler only when that step ends. An idle engine spends a step on front-end work alone.
+A CPU engine whose API server shares its core (`Profile.frontend_shares_core`) serializes the
+two: a request that arrived during a step has its front-end work (HTTP, tokenization:
+`frontend_s`) done on that core before the next step's forward pass, which it then joins; that
+step takes longer by the work. (Deferring the request one more step, as if the work overlapped the
+step after, over-predicted the real engine's TTFT by 37-47% at 6 req/s: bench/results/sim_fidelity.md.)
 
 Virtual time adds one thing: a step that only decodes, with nobody admissible waiting, is
 repeated until the first request finishes, in closed form (`StepPlan.steps` > 1). A driver
@@ -298,8 +299,9 @@ class Engine:
     def schedule(self, now: float = 0.0, max_steps: int = 1) -> StepPlan | None:
         """Pick the next step's work and allocate its blocks. `max_steps` > 1 lets a pure decode
         step cover that many identical steps (virtual time). Requests still in the front-end stage
-        have their front-end work done during this step and join the next one."""
+        have their front-end work done first, in this step's time, and join it."""
         frontend, self.frontend = self.frontend, []
+        self.waiting.extend(frontend)
         budget = self.max_num_batched_tokens
         items: list[tuple[Sequence, int]] = []
         preempted = False
@@ -339,7 +341,7 @@ class Engine:
             return None
         plan = self._timing(items)
         plan.start = now
-        if frontend:  # one core: the step's forward pass (none if idle) plus the API server's work
+        if frontend:  # one core: the API server's work, then the step's forward pass
             plan.frontend = frontend
             plan.first_step_s = (plan.first_step_s if items else 0.0) + sum(map(self.frontend_s, frontend))
         elif max_steps > 1 and not preempted and all_running_scheduled:
@@ -431,5 +433,4 @@ class Engine:
                     del seq.blocks[-extra:]
         if finished:
             self.running = [s for s in self.running if s.phase == Phase.RUNNING]
-        self.waiting.extend(s for s in plan.frontend if s.phase == Phase.WAITING)
         return emitted
