@@ -313,8 +313,8 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
           for r, p in zip(rows, profiles, strict=True)), "",
         "Mix per rate: Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, unique prompts, seed "
         f"{args.seed}. TTFT and TPOT are client-side on the real engine. The simulator spends the profile's "
-        "front-end time " + ("on the engine's core (`frontend_shares_core`: it lengthens the step it overlaps, and "
-                             "the request joins the next step)" if args.cpu is not None else "in TTFT only") + ".", "",
+        "front-end time " + ("on the engine's core (`frontend_shares_core`: done before the next step's forward "
+                             "pass, which the request joins)" if args.cpu is not None else "in TTFT only") + ".", "",
         "| rate req/s | requests | TTFT p50 real / sim (err) | TTFT p90 real / sim | TPOT p50 real / sim (err) "
         "| TPOT p90 real / sim |",
         "|---:|---:|---|---|---|---|",
