@@ -4,6 +4,8 @@
 
 Without --base-url it starts the CPU vLLM of the `vllm` test tier (tiny random Llama,
 scripts/vllm-cpu-env.sh; --cpu N pins it to one core). Then:
+0. one request of every prompt length up to --warm-shapes tokens (the CPU engine is slow the first
+   time it meets a token count; a server in service has met them all);
 1. `kvpilot.sim.calibrate` measures the engine and fits a profile (written next to the results);
 2. a seeded mix (Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, no shared prefixes)
    is streamed to the engine, recording each request's TTFT and TPOT (client side);
@@ -134,6 +136,7 @@ async def main_async(args: argparse.Namespace) -> None:
         info = engine_cache_info(base_url)
         block_size, capacity = kv_geometry(info)
         probe = await _chars_per_token(base_url, model)
+        args.warm_s = await warm_shapes(base_url, model, args.warm_shapes) if args.warm_shapes else 0.0
         rows = []
         replays: list[dict[str, object]] = []
         profiles: list[Profile] = []
@@ -281,6 +284,22 @@ async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_s
     return profile, cal_s
 
 
+async def warm_shapes(base_url: str, model: str, max_tokens: int) -> float:
+    """One request of every prompt length up to `max_tokens` (random token ids: no prefix hits).
+    The CPU engine (eager) pays several ms extra the first time it meets a batch of a new token
+    count, so a fresh server's first pass over a mix of unique lengths runs far slower than the
+    calibration's repeated lengths; a server in service has met them all. Returns seconds taken."""
+    rng = random.Random(5)
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession() as session:
+        for n in range(1, max_tokens + 1):
+            body = {"model": model, "prompt": [rng.randrange(10, 4000) for _ in range(n)], "max_tokens": 1}
+            async with session.post(base_url.rstrip("/") + "/v1/completions", json=body) as resp:
+                resp.raise_for_status()
+                await resp.read()
+    return time.perf_counter() - t0
+
+
 async def _chars_per_token(base_url: str, model: str) -> float:
     async with aiohttp.ClientSession() as session:
         t = await stream_completion(session, base_url, model, make_text(random.Random(1), 3000), 2)
@@ -304,7 +323,8 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
         f"{placement}{'' if args.nice is None else f', nice {args.nice}'}, "
         f"1 GiB KV cache. Machine: {args.hardware}, Python {platform.python_version()}, load average "
         f"{args.load_before:.1f} before and {os.getloadavg()[0]:.1f} after (other jobs shared the cores). "
-        f"Calibration took {cal_s:.0f} s in all.", "",
+        f"Calibration took {cal_s:.0f} s in all; warming every prompt length up to {args.warm_shapes} tokens first "
+        f"took {args.warm_s:.0f} s.", "",
         "Profiles: the mean of calibrations right before and right after each replay (seconds; agreement: how "
         "much a decode step and a 400-token request's modelled TTFT differ between the two; the last calibration "
         "is in `sim_fidelity_profile.json`):", "",
@@ -356,6 +376,8 @@ def main() -> None:
     parser.add_argument("--nice", type=int, help="run engine and client at this niceness (negative needs root)")
     parser.add_argument("--profile", type=Path, help="skip calibration: use this profile JSON")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-shapes", type=int, default=1000,
+                        help="first send one request of each prompt length up to this (0: none)")
     parser.add_argument("--hardware", default="2-core x86_64 dev machine (AVX-512)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/sim_fidelity.md"))
     args = parser.parse_args()
