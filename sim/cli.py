@@ -65,6 +65,10 @@ def register(sub: Any) -> None:
     cal.add_argument("--decode-prompts", default="32,384", help="decode sweep prompt lengths, tokens")
     cal.add_argument("--decode-tokens", type=int, default=48)
     cal.add_argument("--repeats", type=int, default=3)
+    cal.add_argument("--warmup", type=int, default=6, help="requests sent first and discarded")
+    cal.add_argument("--frontend-shares-core", action="store_true",
+                     help="the API server runs on the engine's core (a CPU engine pinned to one core): the profile "
+                          "serializes its per-request work with the steps")
     cal.add_argument("--max-num-seqs", type=int, default=256)
     cal.add_argument("--max-num-batched-tokens", type=int, default=8192)
     cal.add_argument("--seed", type=int, default=0)
@@ -130,16 +134,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     prefill, decode = asyncio.run(measure(args.base_url, args.model, prompt_lengths=ints(args.prompt_lengths),
                                           batches=ints(args.batches), decode_prompts=ints(args.decode_prompts),
-                                          decode_tokens=args.decode_tokens, repeats=args.repeats, seed=args.seed))
+                                          decode_tokens=args.decode_tokens, repeats=args.repeats, seed=args.seed,
+                                          warmup=args.warmup))
     profile = fit_profile(
         prefill, decode, name=args.name or f"calibrated-{args.model}", model=args.model, hardware=args.hardware,
         source=f"measured: kvpilot sim calibrate against {args.base_url} ({len(prefill)} prefill and "
                f"{len(decode)} decode points, {time.perf_counter() - t0:.0f} s)",
         block_size=block_size, kv_capacity_tokens=capacity,
         kv_bytes_per_token=args.kv_bytes_per_token, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens)
+        max_num_batched_tokens=args.max_num_batched_tokens, frontend_shares_core=args.frontend_shares_core)
     doc = {"profile": profile.model_dump(), "points": {
-        "prefill": [[p.prompt_tokens, p.ttft_s] for p in prefill],
+        "prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
         "decode": [[p.batch, p.context, p.itl_s] for p in decode]}}
     args.out.write_text(json.dumps(doc, indent=1))
     print(json.dumps(profile.model_dump(), indent=1))

@@ -11,6 +11,12 @@ a request computes KV for `num_tokens - computed` tokens, and when it has caught
 one token. Preemption is by recompute: the youngest running request loses its blocks and goes
 back to the head of the queue.
 
+A CPU engine whose API server shares its core (`Profile.frontend_shares_core`) serializes the
+two: a request that arrived during a step has its front-end work (HTTP, tokenization:
+`frontend_s`) done on that core before the next step's forward pass, which it then joins; that
+step takes longer by the work. (Deferring the request one more step, as if the work overlapped the
+step after, over-predicted the real engine's TTFT by 37-47% at 6 req/s: bench/results/sim_fidelity.md.)
+
 Virtual time adds one thing: a step that only decodes, with nobody admissible waiting, is
 repeated until the first request finishes, in closed form (`StepPlan.steps` > 1). A driver
 that learns of an arrival mid-way truncates the plan to the steps done by then, so the result
@@ -78,6 +84,7 @@ class StepPlan:
     first_step_s: float                 # duration of the first step
     ctx_growth_s: float                 # extra duration of each later step (contexts grow)
     start: float = 0.0
+    frontend: list[Sequence] = field(default_factory=list)  # front-end work done during this step
 
     def duration(self, steps: int | None = None) -> float:
         k = self.steps if steps is None else steps
@@ -127,6 +134,7 @@ class Engine:
         self.max_num_batched_tokens = max_num_batched_tokens or profile.max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.frontend: list[Sequence] = []   # arrived, front-end work not started (frontend_shares_core)
         self.counters = EngineCounters()
 
     # -- requests ----------------------------------------------------------------------------
@@ -138,7 +146,12 @@ class Engine:
         if self._blocks_for(seq.prompt_tokens + 1) > self.pool.num_blocks:
             raise ValueError(f"prompt of {seq.prompt_tokens} tokens exceeds the KV cache "
                              f"({self.pool.num_blocks * self.block_size} tokens)")
-        self.waiting.append(seq)
+        (self.frontend if self.profile.frontend_shares_core else self.waiting).append(seq)
+
+    def frontend_s(self, seq: Sequence) -> float:
+        """The API server's CPU time for one new request (fixed + tokenizing the prompt)."""
+        p = self.profile
+        return p.request_overhead_s + p.frontend_token_s * seq.prompt_tokens
 
     def abort(self, seq: Sequence) -> None:
         """Drop a request wherever it is (client went away); frees its blocks."""
@@ -151,6 +164,8 @@ class Engine:
             seq.blocks = []
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.frontend:
+            self.frontend.remove(seq)
         seq.phase = Phase.ABORTED
 
     # -- live migration ------------------------------------------------------------------------
@@ -212,7 +227,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.frontend)
 
     @property
     def num_running(self) -> int:
@@ -283,7 +298,10 @@ class Engine:
 
     def schedule(self, now: float = 0.0, max_steps: int = 1) -> StepPlan | None:
         """Pick the next step's work and allocate its blocks. `max_steps` > 1 lets a pure decode
-        step cover that many identical steps (virtual time)."""
+        step cover that many identical steps (virtual time). Requests still in the front-end stage
+        have their front-end work done first, in this step's time, and join it."""
+        frontend, self.frontend = self.frontend, []
+        self.waiting.extend(frontend)
         budget = self.max_num_batched_tokens
         items: list[tuple[Sequence, int]] = []
         preempted = False
@@ -319,11 +337,14 @@ class Engine:
                 running.append(seq)
                 items.append((seq, n))
                 budget -= n
-        if not items:
+        if not items and not frontend:
             return None
         plan = self._timing(items)
         plan.start = now
-        if max_steps > 1 and not preempted and all_running_scheduled:
+        if frontend:  # one core: the API server's work, then the step's forward pass
+            plan.frontend = frontend
+            plan.first_step_s = (plan.first_step_s if items else 0.0) + sum(map(self.frontend_s, frontend))
+        elif max_steps > 1 and not preempted and all_running_scheduled:
             nobody_admissible = not self.waiting or admitted_blocked or len(running) >= self.max_num_seqs
             if nobody_admissible and all(n == 1 and s.output > 0 for s, n in items):
                 self._extend(plan, max_steps)

@@ -9,6 +9,10 @@ one step as one forward pass):
       + decode_seq_s × decoding sequences        per-sequence overheads
       + decode_ctx_s × Σ decoding context        reading each decoding sequence's KV
 
+The API server's per-request work (`request_overhead_s + frontend_token_s × prompt tokens`) is
+outside the steps on a GPU host (its own CPU cores); a CPU engine pinned to one core shares that
+core with it (`frontend_shares_core`), and the engine model then serializes the two.
+
 Sources are stated per profile. "roofline" means derived from the GPU's datasheet peak (bf16
 FLOP/s, HBM bandwidth) and the model's shape at a stated efficiency, then sanity-checked against
 published vLLM figures (cited per profile); "measured" means fitted from our own runs of real vLLM
@@ -42,6 +46,9 @@ class Profile(BaseModel):
     decode_ctx_s: float = Field(ge=0)
     request_overhead_s: float = Field(0.0, ge=0, description="frontend time per request outside the steps (HTTP, "
                                       "tokenization), seen in TTFT; measured by `kvpilot sim calibrate`")
+    frontend_token_s: float = Field(0.0, ge=0, description="frontend time per prompt token (tokenization)")
+    frontend_shares_core: bool = Field(False, description="the API server runs on the engine's CPU (a pinned CPU "
+                                       "engine): its per-request time is serialized with the steps (sim.engine)")
 
 
 def _kv_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:

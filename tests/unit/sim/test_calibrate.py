@@ -35,3 +35,35 @@ def test_a_calibrated_profile_file_is_a_simulator_profile(tmp_path: Path) -> Non
     path = tmp_path / "profile.json"
     path.write_text(json.dumps({"profile": p.model_dump(), "points": {}}))
     assert get_profile(str(path)) == p
+
+
+def test_engine_prefill_times_split_front_end_from_step_time() -> None:
+    """With the engine's own prefill time per request, the per-token prefill cost and the front-end's
+    fixed and per-token costs come apart (from client TTFTs alone they cannot)."""
+    step, seq, tok, pair, overhead, fe_tok = 4e-3, 2e-4, 3e-6, 2e-9, 5e-3, 4e-6
+    lengths = (64, 128, 256, 384, 512, 768)
+    engine_intercept = 2.5e-3   # the engine core's own step, without the API server's per-token output work
+    prefill = [PrefillPoint(n, overhead + fe_tok * n + step + tok * n + pair * n * n / 2,
+                            engine_intercept + tok * n + pair * n * n / 2) for n in lengths]
+    decode = [DecodePoint(b, c, step + seq * b) for b in (1, 2, 4, 8, 16) for c in (40.0, 400.0)]
+    p = fit_profile(prefill, decode, name="t", model="m", hardware="h", source="s", block_size=128,
+                    kv_capacity_tokens=1024, kv_bytes_per_token=2, frontend_shares_core=True)
+    assert p.prefill_token_s == pytest.approx(tok, rel=1e-5) and p.attn_pair_s == pytest.approx(pair, rel=1e-4)
+    assert p.request_overhead_s == pytest.approx(overhead, rel=1e-5)
+    assert p.frontend_token_s == pytest.approx(fe_tok, rel=1e-5)
+    assert p.frontend_shares_core
+    # The client's TTFT is reproduced: front-end + the modelled step.
+    for pt in prefill:
+        n = pt.prompt_tokens
+        modelled = (p.request_overhead_s + p.frontend_token_s * n + p.step_s + p.prefill_token_s * n
+                    + p.attn_pair_s * n * n / 2)
+        assert modelled == pytest.approx(pt.ttft_s, rel=1e-6)
+
+
+def test_front_end_fit_on_noisy_points_stays_non_negative() -> None:
+    """Engine times that explain more than the client saw (noise) leave no negative front-end cost."""
+    prefill = [PrefillPoint(n, 5e-3 + 1e-5 * n, 1e-3 + 1.2e-5 * n) for n in (64, 256, 768)]
+    decode = [DecodePoint(b, 100.0, 4e-3 + 1e-4 * b) for b in (1, 4, 16)]
+    p = fit_profile(prefill, decode, name="t", model="m", hardware="h", source="s", block_size=128,
+                    kv_capacity_tokens=1024, kv_bytes_per_token=2)
+    assert p.request_overhead_s >= 0 and p.frontend_token_s >= 0 and not p.frontend_shares_core
