@@ -4,52 +4,24 @@ dispatches) changes nothing: the same cache answers and the same routing decisio
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 
 import pytest
 
 from kvpilot.router import estimate
-from kvpilot.router.estimate import ShadowCache, ladder
+from kvpilot.router.estimate import ShadowCache
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
 from kvpilot.tokens import segment_block_hashes
 
 
-class PerBlockLRU:
-    """The reference: the shadow LRU as it was before the memo."""
+class PerBlockLRU(ShadowCache):
+    """The reference: the same LRU, forgetting its memo before every match."""
 
-    def __init__(self, capacity_blocks: int, max_blocks: int = 1 << 16, dense: int = 16) -> None:
-        self.capacity, self.max_blocks, self.dense = max(1, capacity_blocks), max_blocks, dense
-        self._blocks: OrderedDict[int, int] = OrderedDict()
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
+    __slots__ = ()
 
     def match(self, hashes: list[int]) -> int:
-        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
-        lo, hi = 0, len(steps)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if hashes[steps[mid]] in self._blocks:
-                lo = mid + 1
-            else:
-                hi = mid
-        return steps[lo - 1] + 1 if lo else 0
-
-    def insert(self, hashes: list[int]) -> None:
-        blocks = self._blocks
-        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
-        for j in range(len(steps) - 1, -1, -1):
-            h = hashes[steps[j]]
-            if h in blocks:
-                blocks.move_to_end(h)
-            else:
-                weight = steps[j] - steps[j - 1] if j else 1
-                blocks[h] = weight
-                self.size += weight
-        while self.size > self.capacity:
-            self.size -= blocks.popitem(last=False)[1]
+        self._last = (None, 0)
+        return super().match(hashes)
 
 
 def workload(n: int, seed: int, block: int = 256) -> list[RequestView]:
