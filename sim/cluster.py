@@ -9,7 +9,6 @@ first token, on completion.
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -18,12 +17,11 @@ from typing import Any
 
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import HoldingPolicy, InstanceLoad, Policy, PolicyContext, RequestView
-from kvpilot.sim.engine import Engine, Sequence, StepPlan
+from kvpilot.sim.engine import Engine, Sequence
 from kvpilot.sim.migration_cluster import Rebalancer
 from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.stepping import StepLoop
 from kvpilot.sim.workload import RequestSpec
-
-MAX_DECODE_STEPS = 1 << 20  # a plan may cover this many decode steps
 
 
 @dataclass(slots=True)
@@ -141,30 +139,16 @@ class Cluster:
 
     def run(self, specs: Seq[RequestSpec]) -> ClusterReport:
         engines, loads, stats, policy = self.engines, self.loads, self.stats, self.policy
-        n = len(engines)
-        plans: list[StepPlan | None] = [None] * n
-        ends = [0.0] * n
-        versions = [0] * n
-        heap: list[tuple[float, int, int, int]] = []   # (time, tiebreak, instance, version)
-        tiebreak = 0
+        loop = StepLoop()
+        for engine in engines:
+            loop.add(engine)
         meta: dict[Sequence, tuple[RequestSpec, int, str]] = {}
         results: list[RequestResult] = []
         events = 0
         now = 0.0
 
-        def start_step(i: int, t: float) -> None:
-            nonlocal tiebreak
-            plan = engines[i].schedule(t, MAX_DECODE_STEPS)
-            plans[i] = plan
-            if plan is None:
-                return
-            ends[i] = t + plan.duration()
-            versions[i] += 1
-            tiebreak += 1
-            heapq.heappush(heap, (ends[i], tiebreak, i, versions[i]))
-
         def finish_step(i: int, t: float) -> None:
-            plan = plans[i]
+            plan = loop.clocks[i].plan
             assert plan is not None
             engine = engines[i]
             st = stats[i]
@@ -194,7 +178,7 @@ class Cluster:
             if self.rebalancer is not None:
                 self.rebalancer.on_step(i, t, plan, engines, moved)
             loads[i].kv_usage = engine.pool.usage()  # what the proxy scrapes as vllm:kv_cache_usage_perc
-            start_step(i, t)
+            loop.start(i, t)
             if wake and self._release is not None:
                 self._release(t)
 
@@ -202,7 +186,6 @@ class Cluster:
         held_specs: dict[str, RequestSpec] = {}
 
         def dispatch(spec: RequestSpec, view: RequestView, i: int, reason: str, t: float) -> None:
-            nonlocal tiebreak
             policy.on_dispatch(view, i, loads)
             # The engine sees the request when it is dispatched (after any router-side queue), so the
             # TTFT fed back to the policy is measured from here, as the live proxy measures it.
@@ -213,20 +196,10 @@ class Cluster:
             loads[i].pending_prefill_tokens += spec.prompt_tokens
             st = stats[i]
             st.max_waiting = max(st.max_waiting, engines[i].num_waiting)
-            plan = plans[i]
-            if plan is None:
-                start_step(i, t)
-            elif plan.steps > 1 and ends[i] > t:
-                # Cut a long decode run at the step in flight; the newcomer joins after it.
-                engines[i].truncate(plan, t)
-                ends[i] = plan.start + plan.duration()
-                versions[i] += 1
-                tiebreak += 1
-                heapq.heappush(heap, (ends[i], tiebreak, i, versions[i]))
+            loop.wake(i, t)
 
         def moved(seq: Sequence, src: int, dst: int, t: float) -> None:
             """A rebalancer moved `seq` from `src` to `dst`: it counts there now; wake `dst`."""
-            nonlocal tiebreak
             spec, _, reason = meta[seq]
             meta[seq] = (spec, dst, reason)
             loads[src].in_flight -= 1
@@ -234,15 +207,7 @@ class Cluster:
             if seq.output == 0:
                 loads[src].pending_prefill_tokens -= seq.prompt_tokens
                 loads[dst].pending_prefill_tokens += seq.prompt_tokens
-            plan = plans[dst]
-            if plan is None:
-                start_step(dst, t)
-            elif plan.steps > 1 and ends[dst] > t:
-                engines[dst].truncate(plan, t)
-                ends[dst] = plan.start + plan.duration()
-                versions[dst] += 1
-                tiebreak += 1
-                heapq.heappush(heap, (ends[dst], tiebreak, dst, versions[dst]))
+            loop.wake(dst, t)
 
         def release(t: float) -> None:
             assert isinstance(policy, HoldingPolicy)
@@ -252,11 +217,9 @@ class Cluster:
         self._release = release if holding else None
         for spec in sorted(specs, key=lambda s: s.arrival):
             arrival = spec.arrival
-            while heap and heap[0][0] <= arrival:
-                t, _, i, version = heapq.heappop(heap)
-                if version == versions[i]:
-                    events += 1
-                    finish_step(i, t)
+            for t, _, i in loop.due(arrival):
+                events += 1
+                finish_step(i, t)
             now = max(now, arrival)
             view = RequestView(spec.request_id, spec.prompt_tokens, spec.block_hashes(self.block_size), arrival)
             decision = policy.route(view, loads)
@@ -267,12 +230,10 @@ class Cluster:
                 release(arrival)
             else:
                 dispatch(spec, view, decision.index, decision.reason, arrival)
-        while heap:
-            t, _, i, version = heapq.heappop(heap)
-            if version == versions[i]:
-                events += 1
-                now = t
-                finish_step(i, t)
+        for t, _, i in loop.due(math.inf):
+            events += 1
+            now = t
+            finish_step(i, t)
         makespan = now - (min(s.arrival for s in specs) if specs else 0.0)
         report = ClusterReport(self.config, results, stats, makespan, events)
         report.summary = summarize(results, stats, makespan, self.config.slo_ttft_s, self.config.slo_tpot_s)

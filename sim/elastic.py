@@ -12,7 +12,6 @@ replicas are asked for and ready. Steps use the same multi-step plans and trunca
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -21,12 +20,13 @@ from typing import Any
 from kvpilot.autoscaler.planner import Planner, PoolSignals
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
-from kvpilot.sim.cluster import MAX_DECODE_STEPS, percentile
-from kvpilot.sim.engine import Engine, Sequence, StepPlan
+from kvpilot.sim.cluster import percentile
+from kvpilot.sim.engine import Engine, Sequence
 from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.stepping import STEP, EngineClock, StepLoop
 from kvpilot.sim.workload import RequestSpec
 
-_STEP, _READY, _TICK = 0, 1, 2
+_READY, _TICK = 1, 2  # event kinds beside the loop's STEP
 
 
 @dataclass(slots=True)
@@ -46,15 +46,16 @@ class ElasticConfig:
 @dataclass(slots=True)
 class Replica:
     name: str
-    engine: Engine
+    clock: EngineClock                   # its engine and the plan it is running
     load: InstanceLoad
     asked_at: float
     ready_at: float
     draining: bool = False
     stopped_at: float | None = None
-    plan: StepPlan | None = None
-    end: float = 0.0
-    version: int = 0
+
+    @property
+    def engine(self) -> Engine:
+        return self.clock.engine
 
     @property
     def alive(self) -> bool:
@@ -112,8 +113,7 @@ class ElasticCluster:
             slo_ttft_s=config.slo_ttft_s, block_size=self.block_size,
             kv_capacity_tokens=self.profile.kv_capacity_tokens, seed=config.seed))
         self.replicas: list[Replica] = []
-        self._heap: list[tuple[float, int, int, int, int]] = []   # (time, order, kind, replica, version)
-        self._order = 0
+        self.loop = StepLoop()                                   # replica i steps engine i
         self._meta: dict[Sequence, Replica] = {}
         self._served: list[Served] = []
         # Interval accumulators, as the live signals would read them.
@@ -124,24 +124,9 @@ class ElasticCluster:
         self._last_tick = 0.0
 
     # -- events --------------------------------------------------------------------------------
-    def _push(self, t: float, kind: int, idx: int = -1, version: int = 0) -> None:
-        self._order += 1
-        heapq.heappush(self._heap, (t, self._order, kind, idx, version))
-
-    def _start_step(self, r: Replica, idx: int, t: float) -> None:
-        plan = r.engine.schedule(t, MAX_DECODE_STEPS)
-        r.plan = plan
-        if plan is None:
-            if r.draining:
-                r.stopped_at = t
-            return
-        r.end = t + plan.duration()
-        r.version += 1
-        self._push(r.end, _STEP, idx, r.version)
-
     def _finish_step(self, idx: int, t: float) -> None:
         r = self.replicas[idx]
-        plan = r.plan
+        plan = r.clock.plan
         assert plan is not None
         cfg = self.config
         for seq in r.engine.commit(plan, t):
@@ -160,7 +145,8 @@ class ElasticCluster:
                     self._tpots.append(tpot)
                 ok = ttft <= cfg.slo_ttft_s and (tpot is None or tpot <= cfg.slo_tpot_s)
                 self._served.append(Served(seq.arrival, ttft, tpot, ok))
-        self._start_step(r, idx, t)
+        if self.loop.start(idx, t) is None and r.draining:
+            r.stopped_at = t                  # drained
 
     def _dispatch(self, spec: RequestSpec, t: float) -> None:
         routable = [(i, r) for i, r in enumerate(self.replicas) if r.serving(t)]
@@ -174,21 +160,14 @@ class ElasticCluster:
         self._meta[seq] = r
         r.load.in_flight += 1
         r.load.pending_prefill_tokens += spec.prompt_tokens
-        if r.plan is None:
-            self._start_step(r, idx, t)
-        elif r.plan.steps > 1 and r.end > t:
-            r.engine.truncate(r.plan, t)      # the newcomer joins after the step in flight
-            r.end = r.plan.start + r.plan.duration()
-            r.version += 1
-            self._push(r.end, _STEP, idx, r.version)
+        self.loop.wake(idx, t)
 
     # -- scaling -------------------------------------------------------------------------------
     def _add_replica(self, t: float, cold_start: float) -> None:
-        n = len(self.replicas)
-        engine = Engine(self.profile, block_size=self.block_size)
-        self.replicas.append(Replica(f"sim-{n}", engine, InstanceLoad(f"sim-{n}"), t, t + cold_start))
+        n = self.loop.add(Engine(self.profile, block_size=self.block_size))
+        self.replicas.append(Replica(f"sim-{n}", self.loop.clocks[n], InstanceLoad(f"sim-{n}"), t, t + cold_start))
         if cold_start > 0:
-            self._push(t + cold_start, _READY, n)
+            self.loop.push(t + cold_start, _READY, n)
 
     def _signals(self, t: float) -> PoolSignals:
         alive = [r for r in self.replicas if r.alive and not r.draining]
@@ -235,7 +214,7 @@ class ElasticCluster:
         serving.sort(key=lambda r: (r.load.in_flight, r.engine.kv_usage()))
         for r in serving[:min(excess, len(serving) - 1)]:
             r.draining = True
-            if r.plan is None:
+            if r.clock.plan is None:
                 r.stopped_at = t
 
     # -- the run -------------------------------------------------------------------------------
@@ -246,29 +225,28 @@ class ElasticCluster:
         arrivals = sorted(specs, key=lambda s: s.arrival)
         last_arrival = arrivals[-1].arrival if arrivals else 0.0
         decisions: list[ScaleRecord] = []
-        self._push(cfg.interval_s, _TICK)
-        heap, a, now = self._heap, 0, 0.0
-        while a < len(arrivals) or heap:
-            if a < len(arrivals) and (not heap or arrivals[a].arrival < heap[0][0]):
+        self.loop.push(cfg.interval_s, _TICK)
+        now = 0.0
+        for a in range(len(arrivals) + 1):
+            # Events up to the next arrival (all of them after the last), then the arrival.
+            until = arrivals[a].arrival if a < len(arrivals) else math.inf
+            for t, kind, idx in self.loop.due(until):
+                now = t
+                if kind == STEP:
+                    self._finish_step(idx, t)
+                elif kind == _TICK:
+                    if a >= len(arrivals) and not self._meta:
+                        continue                       # all served: stop ticking
+                    plan = self.planner.plan(self._signals(t))
+                    alive = sum(1 for r in self.replicas if r.alive and not r.draining)
+                    ready = sum(1 for r in self.replicas if r.serving(t))
+                    decisions.append(ScaleRecord(t, alive, ready, plan.desired, plan.reason))
+                    if plan.desired != alive:
+                        self._resize(plan.desired, t)
+                    self.loop.push(t + cfg.interval_s, _TICK)
+            if a < len(arrivals):
                 now = arrivals[a].arrival
                 self._dispatch(arrivals[a], now)
-                a += 1
-                continue
-            t, _, kind, idx, version = heapq.heappop(heap)
-            now = t
-            if kind == _STEP:
-                if version == self.replicas[idx].version:
-                    self._finish_step(idx, t)
-            elif kind == _TICK:
-                if a >= len(arrivals) and not self._meta:
-                    continue                       # all served: stop ticking
-                plan = self.planner.plan(self._signals(t))
-                alive = sum(1 for r in self.replicas if r.alive and not r.draining)
-                ready = sum(1 for r in self.replicas if r.serving(t))
-                decisions.append(ScaleRecord(t, alive, ready, plan.desired, plan.reason))
-                if plan.desired != alive:
-                    self._resize(plan.desired, t)
-                self._push(t + cfg.interval_s, _TICK)
         end = max(now, last_arrival)
         for r in self.replicas:
             if r.stopped_at is None:
