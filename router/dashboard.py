@@ -39,9 +39,10 @@ class Timeline:
             self.buckets.append(Bucket(now))
         return self.buckets[-1]
 
-    def decided(self, reason: str) -> None:
+    def decided(self, reason: str, new_request: bool = True) -> None:
+        """A routing decision; a retry or a P/D request's decode leg is not a new request."""
         b = self._bucket()
-        b.requests += 1
+        b.requests += new_request
         b.reasons[reason] += 1
 
     def first_token(self, ttft_s: float) -> None:

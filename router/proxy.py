@@ -238,7 +238,7 @@ class Router:
                            retry_after=RETRY_AFTER_S)
         member, reason = chosen
         self.metrics.decisions.labels(name, role, reason).inc()
-        self.timelines[name].decided(reason)
+        self.timelines[name].decided(reason, new_request=not tried and role != "decode")
         return member
 
     def _attempt_failed(self, served: Served, pool: Pool, member: Member, why: str, rid: str) -> None:

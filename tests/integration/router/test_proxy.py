@@ -100,6 +100,8 @@ def test_worker_dead_before_first_byte_is_retried_elsewhere(sim_worker_factory: 
     failed = [line for line in lines if line["msg"].startswith("upstream attempt failed")]
     assert failed and all(line["request_id"].startswith("trace-") and line["endpoint"] == f"w{bad.port}"
                           for line in failed)
+    # The dashboard counts client requests, not attempts: a retry is a decision, not a request.
+    assert _dashboard_counts(router) == (6, 6 + len(failed))
 
 
 def test_killed_worker_leaves_the_pool(sim_worker_factory: Workers, router_factory: Routers) -> None:
@@ -124,6 +126,7 @@ def test_prefill_decode_request_completes_through_the_router(sim_worker_factory:
     oa = router.openai_client()
     stream = oa.completions.create(model="sim-model", prompt=block_text(9, 512), max_tokens=10, stream=True)
     assert len("".join(c.choices[0].text for c in stream if c.choices).split()) == 10
+    assert _dashboard_counts(router) == (1, 2)  # one request, a prefill and a decode decision
     pm, dm = prefill.metrics_text(), decode.metrics_text()
     assert 'vllm:generation_tokens_total{engine="0",model_name="sim-model"} 1.0' in pm
     assert 'vllm:generation_tokens_total{engine="0",model_name="sim-model"} 10.0' in dm
@@ -180,3 +183,10 @@ def test_saturated_pool_answers_429(sim_worker_factory: Workers, router_factory:
     conn.close()
     assert status == 429 and headers.get("Retry-After") == "1"
     assert body["error"]["type"] == "rate_limit_exceeded"
+
+
+def _dashboard_counts(router: RouterProcess) -> tuple[int, int]:
+    """(requests, routing decisions) in the router's dashboard timeline."""
+    with urllib.request.urlopen(router.url + "/dashboard/data", timeout=5) as resp:
+        series = json.loads(resp.read())["models"][0]["series"]
+    return sum(p["requests"] for p in series), sum(sum(p["reasons"].values()) for p in series)
