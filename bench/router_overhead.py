@@ -29,9 +29,10 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[200, 1000])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--policy", default="dualmap")
+    parser.add_argument("--no-hold", action="store_true", help="DualMap without its router-side queues")
     args = parser.parse_args()
     worker = SimWorker("--profile", "h100-qwen2.5-0.5b")
-    router = RouterProcess([{"name": "sim-model", "policy": args.policy,
+    router = RouterProcess([{"name": "sim-model", "policy": args.policy, "holdRequests": not args.no_hold,
                              "endpoints": [{"name": "w0", "url": worker.url}]}], maxRetries=0)
     try:
         print("| offered req/s | path | completed | TTFT p50 ms | TTFT p99 ms | added p50 ms | added p99 ms |")
