@@ -21,7 +21,8 @@ from kvpilot.autoscaler.actuators import Actuator, PoolRef
 from kvpilot.autoscaler.planner import Plan, PlannerConfig, PoolPlanner, Role
 from kvpilot.autoscaler.signals import ScrapeSignals
 from kvpilot.crds import LLMServiceSpec, PoolSpec
-from kvpilot.operator.render import ROUTER_ROLES, pool_name
+from kvpilot.operator.render import pool_name
+from kvpilot.router.metrics import POOL_ROLE_LABEL
 
 log = logging.getLogger("kvpilot.autoscaler")
 
@@ -112,7 +113,7 @@ class Autoscaler:
         if state is None:
             return None  # the operator has not created the pool yet
         signals = reader.read(state.metrics_urls, now, state.asked, state.router_urls,
-                              ROUTER_ROLES[_role(ref.role)]) if state.metrics_urls else None
+                              POOL_ROLE_LABEL[ref.role]) if state.metrics_urls else None
         if signals is None:
             plan = Plan(state.asked, "holding: no ready replica to read metrics from")
         else:

@@ -31,7 +31,7 @@ from kvpilot.router.endpoints_file import EndpointsFile
 from kvpilot.router.estimate import LoadEstimator
 from kvpilot.router.handover import Handovers
 from kvpilot.router.kv_events import KVEventIndex, load_tokenizer
-from kvpilot.router.metrics import RouterMetrics
+from kvpilot.router.metrics import POOL_ROLE_LABEL, RouterMetrics
 from kvpilot.router.migration import Migrator
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import PolicyContext, RequestView
@@ -130,8 +130,8 @@ class Router:
     @staticmethod
     def _roles(served: Served) -> list[tuple[str, Pool]]:
         if served.prefill is None:
-            return [("main", served.main)]
-        return [("prefill", served.prefill), ("decode", served.main)]
+            return [(POOL_ROLE_LABEL["aggregated"], served.main)]
+        return [(POOL_ROLE_LABEL["prefill"], served.prefill), (POOL_ROLE_LABEL["decode"], served.main)]
 
     @staticmethod
     def _set_endpoints(served: Served, endpoints: list[Endpoint]) -> None:
