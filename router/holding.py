@@ -20,6 +20,8 @@ Nothing is lost or duplicated: every held request is in exactly one queue until 
 from __future__ import annotations
 
 import bisect
+import heapq
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -35,6 +37,7 @@ class Held:
     reason: str
     uncached: int             # estimated prefill work at `home` (token-equivalents)
     order: int = field(default=0, compare=False)   # arrival order, the tie-breaker
+    queued: bool = field(default=False, compare=False)  # in a queue now (its `home`'s)
 
 
 def _key(held: Held) -> tuple[int, int]:
@@ -54,6 +57,11 @@ class HoldQueues:
         # sum instead of a Python walk over a long queue (the proxy's hot path under overload).
         self.works: dict[str, list[int]] = {}
         self.active: set[str] = set()     # instances whose queue is not empty
+        # Each queue's requests by arrival order, with lazy deletion (an entry whose request left
+        # the queue is dropped when it comes up): the oldest in O(log n), not a scan per event.
+        self._by_age: dict[str, list[tuple[int, int, Held]]] = {}
+        self._pushes = 0                  # tie-breaker there: one request may be pushed twice to a queue
+        self._others: Counter[str] = Counter()  # held requests by their other candidate (late binding's reach)
         self.rank: dict[str, int] = {}    # each queue's position in `self.queues`
         self.queued_tokens: dict[str, int] = {}
         self.held = 0                     # requests in all queues together
@@ -80,6 +88,10 @@ class HoldQueues:
         i = bisect.bisect_right(queue, _key(held), key=_key)
         queue.insert(i, held)
         self.works.setdefault(held.home, []).insert(i, held.uncached)
+        self._pushes += 1
+        heapq.heappush(self._by_age.setdefault(held.home, []), (held.order, self._pushes, held))
+        held.queued = True
+        self._others[held.other] += 1
         self.active.add(held.home)
         self.held += 1
         self.queued_tokens[held.home] = self.queued_tokens.get(held.home, 0) + held.uncached
@@ -104,9 +116,12 @@ class HoldQueues:
 
     def _remove(self, queue: list[Held], i: int) -> Held:
         held = queue.pop(i)
+        held.queued = False
+        self._others[held.other] -= 1
         del self.works[held.home][i]
         if not queue:
             self.active.discard(held.home)
+            self._by_age[held.home].clear()   # every entry left is for a request gone from it
         self.held -= 1
         self.queued_tokens[held.home] -= held.uncached
         return held
@@ -130,7 +145,7 @@ class HoldQueues:
         if not self.held:
             return
         limit = self.limit_s()
-        if not any(self.predicted_wait(n) > limit or self._waited(self.queues[n]) > limit for n in self.active):
+        if not any(self.predicted_wait(n) > limit or self._waited(n) > limit for n in self.active):
             return   # no trigger anywhere: the walk below would move nothing (cheap at 1,000 instances)
         for name, queue in list(self.queues.items()):
             moved_any = True
@@ -150,14 +165,22 @@ class HoldQueues:
             if queue:
                 self._move_oldest(name, queue, limit)
 
-    def _waited(self, queue: list[Held]) -> float:
-        """How long the longest-queued request (the earliest pushed) has waited by the clock."""
-        return self.clock - min(queue, key=lambda h: h.order).request.arrival
+    def _oldest(self, name: str) -> int:
+        """Index in `name`'s (non-empty) queue of its longest-queued request (the earliest pushed)."""
+        heap = self._by_age[name]
+        while not (heap[0][2].queued and heap[0][2].home == name):
+            heapq.heappop(heap)   # it left this queue since
+        held = heap[0][2]
+        return bisect.bisect_left(self.queues[name], _key(held), key=_key)
+
+    def _waited(self, name: str) -> float:
+        """How long the longest-queued request of `name`'s queue has waited by the clock."""
+        return self.clock - self.queues[name][self._oldest(name)].request.arrival
 
     def _move_oldest(self, name: str, queue: list[Held], limit: float) -> None:
         """The other trigger: a request that has already waited θ·SLO moves to its other candidate
         when it would start sooner there (even if this instance's total backlog looks fine)."""
-        i = min(range(len(queue)), key=lambda k: queue[k].order)
+        i = self._oldest(name)
         held = queue[i]
         if self.clock - held.request.arrival <= limit:
             return
@@ -171,10 +194,10 @@ class HoldQueues:
             self.push(held)
             self.moves += 1
 
-    def _next(self, queue: list[Held]) -> int:
+    def _next(self, name: str, queue: list[Held]) -> int:
         """Index of the request to start next: the least work, unless someone has waited too long."""
         if self.max_wait_s is not None:
-            oldest = min(range(len(queue)), key=lambda i: queue[i].order)
+            oldest = self._oldest(name)
             if self.clock - queue[oldest].request.arrival >= self.max_wait_s():
                 return oldest
         return 0
@@ -231,7 +254,7 @@ class HoldQueues:
                 break   # nothing left to release or take over
             queue = self.queues.get(name)
             while queue and (backlog[name] == 0 or backlog[name] + queue[0].uncached <= self.release_tokens):
-                nxt = self._next(queue)
+                nxt = self._next(name, queue)
                 if kv_room is not None and not kv_room(name, queue[nxt]):
                     break
                 held = self._remove(queue, nxt)
@@ -260,5 +283,5 @@ class HoldQueues:
             return list(names)
         relevant = {home for home, _ in nonempty}
         if self.steal:
-            relevant.update(held.other for _, queue in nonempty for held in queue)
+            relevant.update(name for name, n in self._others.items() if n > 0)
         return sorted((n for n in relevant if n in names), key=names.__getitem__)

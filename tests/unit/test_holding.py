@@ -69,3 +69,26 @@ def test_release_visiting_only_instances_that_can_act_is_the_full_visit() -> Non
         assert outs[0] == outs[1]
         released += len(outs[0])
     assert fast.steals > 0 and fast.moves > 0 and 0 < released < 3000
+
+
+def test_the_oldest_request_of_each_queue_is_the_scan_s_through_moves_drops_and_releases() -> None:
+    """The age index (lazily pruned) answers what a scan of the queue for the earliest push would."""
+    est = LoadEstimator(PolicyContext(), prefill_token_s=1e-5)
+    est.track([InstanceLoad(n) for n in NAMES])
+    q = HoldQueues(est, lambda: 0.5, release_tokens=4000, max_wait_s=lambda: 30.0)
+    rng = random.Random(7)
+    for i in range(3000):
+        home, other = rng.sample(NAMES, 2)
+        q.push(Held(RequestView(f"r{i}", 100, [], arrival=float(i) / 10), home, other, "affinity",
+                    rng.choice([1, 50, 300, 2000, 9000])))
+        if i % 5 == 0:
+            q.drop(lambda h: h.order % 7 == 0)
+        if i % 3 == 0:
+            for name in NAMES:
+                est.backlog[name] = rng.choice([0, 0, 5000, 60_000])
+            q.rebalance()
+            q.release()
+        for name, queue in q.queues.items():
+            if queue:
+                assert q._oldest(name) == min(range(len(queue)), key=lambda k: queue[k].order)
+    assert q.moves > 0 and len(q) > 0
