@@ -19,8 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot import vllm_metrics as m
 from kvpilot.autoscaler.planner import PoolSignals
-
-ROUTER_QUEUE_DEPTH = "kvpilot_router_queue_depth"
+from kvpilot.router.metrics import QUEUE_DEPTH
 
 
 def quantile_from_buckets(buckets: dict[float, float], q: float) -> float | None:
@@ -84,7 +83,7 @@ def held_by_router(text: str | None, role: str) -> float:
     if not text:
         return 0.0
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == ROUTER_QUEUE_DEPTH and s.labels.get("role") == role)
+               if s.name == QUEUE_DEPTH and s.labels.get("role") == role)
 
 
 class ScrapeSignals:
@@ -108,7 +107,6 @@ class ScrapeSignals:
         """`router_urls`: the service's routers. Requests they hold back for this pool (their
         `kvpilot_router_queue_depth{role=router_role}`) wait as surely as the engines' own queue
         does, so they count as waiting; a router that does not answer adds nothing."""
-        held = sum(held_by_router(self._get(u), router_role) for u in router_urls)
         texts = [self._get(url) for url in urls]
         ready = sum(1 for t in texts if t is not None)
         if not urls or ready < len(urls):
@@ -126,6 +124,7 @@ class ScrapeSignals:
                     dst[k] += v  # type: ignore[index]
         sample = _Sample(now, dict(counters), dict(ttft), dict(itl))
         last, self._last = self._last, sample
+        held = sum(held_by_router(self._get(u), router_role) for u in router_urls)  # only once the pool answered
         running, waiting = gauges[m.RUNNING], gauges[m.WAITING] + held
         kv = gauges[m.KV_USAGE] / len(urls)
         if last is None or now <= last.time:

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # The `role` label of per-pool metrics, by the pool's role in the LLMService (the autoscaler
 # reads the router's queue depth for a pool by it).
 POOL_ROLE_LABEL = {"aggregated": "main", "prefill": "prefill", "decode": "decode"}
+QUEUE_DEPTH = "kvpilot_router_queue_depth"
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 
@@ -37,7 +38,7 @@ class RouterMetrics:
                                             buckets=_LATENCY, registry=r)
         self.queued = Counter("kvpilot_router_queued_requests", "Requests that waited in a router-side queue.",
                               ["model", "role"], registry=r)
-        self.queue_depth = Gauge("kvpilot_router_queue_depth", "Requests held in the router-side queue per endpoint.",
+        self.queue_depth = Gauge(QUEUE_DEPTH, "Requests held in the router-side queue per endpoint.",
                                  ["model", "role", "endpoint"], registry=r)
         self.prefill_token_s = Gauge("kvpilot_router_prefill_token_seconds",
                                      "The TTFT predictor's per-token prefill time per endpoint, calibrated online.",

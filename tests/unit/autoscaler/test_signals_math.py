@@ -42,9 +42,8 @@ def test_requests_the_router_holds_for_a_pool_count_as_waiting() -> None:
 def test_the_autoscaler_reads_the_queue_depth_label_the_router_exports_for_each_pool() -> None:
     import asyncio
 
-    from kvpilot.autoscaler.signals import ROUTER_QUEUE_DEPTH
     from kvpilot.router.config import RouterConfig
-    from kvpilot.router.metrics import POOL_ROLE_LABEL
+    from kvpilot.router.metrics import POOL_ROLE_LABEL, QUEUE_DEPTH
     from kvpilot.router.proxy import Router
 
     def exported_roles(model: dict[str, object]) -> set[str]:
@@ -52,7 +51,7 @@ def test_the_autoscaler_reads_the_queue_depth_label_the_router_exports_for_each_
         body = asyncio.run(router.metrics_endpoint(None)).body  # type: ignore[arg-type]
         text = body.decode() if isinstance(body, bytes) else ""
         return {line.split('role="')[1].split('"')[0] for line in text.splitlines()
-                if line.startswith(ROUTER_QUEUE_DEPTH + "{")}
+                if line.startswith(QUEUE_DEPTH + "{")}
 
     eps = [{"name": "w0", "url": "http://127.0.0.1:9", "role": "both"}]
     assert exported_roles({"name": "m", "policy": "dualmap", "endpoints": eps}) == {POOL_ROLE_LABEL["aggregated"]}
