@@ -9,7 +9,7 @@ extension is dropped, and requests regroup on fewer instances (more cache reuse)
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 
 _MASK64 = (1 << 64) - 1
 
@@ -24,7 +24,7 @@ class AdaptiveDepth:
         self.max_extra = max_extra
         self.hot: set[int] = set()                   # prefix hashes whose key is extended
         self._recent: deque[tuple[int, ...]] = deque()
-        self._counts: Counter[int] = Counter()      # how many recent requests passed each prefix
+        self._counts: dict[int, int] = {}           # how many recent requests passed each prefix
 
     def key(self, hashes: list[int]) -> tuple[int, int]:
         """(affinity key, depth used) for a prompt's block hashes, and count it in the window."""
@@ -34,7 +34,7 @@ class AdaptiveDepth:
         path = tuple(hashes[self.base - 1 : d]) if d >= self.base else (hashes[d - 1],)
         self._observe(path)
         key = hashes[d - 1]
-        if self._counts[key] > self.expand_share * self.window and d < limit:
+        if d < limit and self._counts[key] > self.expand_share * self.window:
             self.hot.add(key)
         return key & _MASK64, d
 
@@ -54,13 +54,20 @@ class AdaptiveDepth:
         return d, limit
 
     def _observe(self, path: tuple[int, ...]) -> None:
-        self._recent.append(path)
-        self._counts.update(path)
-        if len(self._recent) > self.window:
-            old = self._recent.popleft()
-            self._counts.subtract(old)
-            for h in old:
-                if self._counts[h] <= 0:
-                    del self._counts[h]
-                if h in self.hot and self._counts.get(h, 0) < self.shrink_share * self.window:
-                    self.hot.discard(h)
+        # Plain dict arithmetic, not Counter.update/subtract: this runs on every request, and
+        # Counter's Python-level type checks cost more than the counting.
+        counts = self._counts
+        for h in path:
+            counts[h] = counts.get(h, 0) + 1
+        recent = self._recent
+        recent.append(path)
+        if len(recent) > self.window:
+            hot, floor = self.hot, self.shrink_share * self.window
+            for h in recent.popleft():
+                left = counts[h] - 1
+                if left > 0:
+                    counts[h] = left
+                else:
+                    del counts[h]
+                if h in hot and left < floor:
+                    hot.discard(h)

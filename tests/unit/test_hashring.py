@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import bisect
 import random
 
 import pytest
 
-from kvpilot.router.hashring import DualRing, HashRing
+from kvpilot.router.hashring import FAMILIES, DualRing, HashRing
 
 _RNG = random.Random(1)
 KEYS = [_RNG.getrandbits(64) for _ in range(100_000)]
 
 
-@pytest.mark.parametrize("family", ["blake2b", "sha256"])
+@pytest.mark.parametrize("family", ["blake2b", "sha256", "xxh64", "xxh3"])
 @pytest.mark.parametrize("n", [4, 8, 16])
 def test_adding_one_member_remaps_about_one_in_n_plus_one(family: str, n: int) -> None:
     names = [f"pod-{i}" for i in range(n)]
@@ -61,3 +62,16 @@ def test_walk_visits_each_member_once() -> None:
     ring = HashRing([f"pod-{i}" for i in range(5)], vnodes=16)
     order = list(ring.walk(123))
     assert sorted(order) == sorted(ring.members) and order[0] == ring.lookup(123)
+
+
+@pytest.mark.parametrize("n", [1, 3, 200])
+def test_bucketed_lookup_equals_a_plain_bisect_over_every_point(n: int) -> None:
+    """The bucket table only narrows the search: owners are exactly a full bisect's, wrap included."""
+    names = [f"pod-{i}" for i in range(n)]
+    ring = HashRing(names, vnodes=32, family="xxh3")
+    points = sorted((FAMILIES["xxh3"](f"{name}#{i}".encode()), name) for name in names for i in range(32))
+    positions = [p for p, _ in points]
+    keys = [*KEYS[:20_000], (1 << 64) - 1, 0]
+    for k in keys:
+        i = bisect.bisect_right(positions, ring.position(k))
+        assert ring.lookup(k) == points[i % len(points)][1]
