@@ -14,9 +14,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from kvpilot import vllm_metrics as m
+from kvpilot.autoscaler.signals import parse_engine_metrics
 from kvpilot.crds import API_VERSION
 from kvpilot.operator.render import LABEL_COMPONENT, LABEL_SERVICE
 
@@ -51,14 +50,8 @@ def deletion_costs(texts: dict[str, str | None]) -> dict[str, int]:
     so a broken replica goes first."""
     costs: dict[str, int] = {}
     for pod, text in texts.items():
-        running = kv = 0.0
-        if text:
-            for family in text_string_to_metric_families(text):
-                for s in family.samples:
-                    if s.name == m.RUNNING:
-                        running += s.value
-                    elif s.name == m.KV_USAGE:
-                        kv = max(kv, s.value)
+        gauges = parse_engine_metrics(text)[0] if text else {}
+        running, kv = gauges.get(m.RUNNING, 0.0), min(1.0, gauges.get(m.KV_USAGE, 0.0))
         costs[pod] = int(running * 1000 + kv * 999)
     return costs
 

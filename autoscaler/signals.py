@@ -59,7 +59,10 @@ class _Sample:
     itl: dict[float, float]
 
 
-def _parse(text: str) -> tuple[dict[str, float], dict[str, float], dict[float, float], dict[float, float]]:
+def parse_engine_metrics(text: str) -> tuple[dict[str, float], dict[str, float], dict[float, float],
+                                             dict[float, float]]:
+    """One worker's /metrics: gauges summed over its engines, prompt-token counters by source, and
+    the TTFT and inter-token latency histograms' cumulative buckets."""
     gauges: dict[str, float] = defaultdict(float)
     counters: dict[str, float] = defaultdict(float)
     ttft: dict[float, float] = defaultdict(float)
@@ -118,7 +121,7 @@ class ScrapeSignals:
         itl: dict[float, float] = defaultdict(float)
         for text in texts:
             assert text is not None
-            g, c, t, i = _parse(text)
+            g, c, t, i = parse_engine_metrics(text)
             for src, dst in ((g, gauges), (c, counters), (t, ttft), (i, itl)):
                 for k, v in src.items():
                     dst[k] += v  # type: ignore[index]

@@ -32,7 +32,7 @@ import yaml
 from kvpilot.autoscaler.actuators import PoolRef, PoolState
 from kvpilot.crds import LLMService
 from kvpilot.procs import ManagedProcess, free_port, tcp_open, wait_for
-from kvpilot.router.config import Endpoint
+from kvpilot.router.config import POOL_ENDPOINT_ROLE, Endpoint
 from kvpilot.router.endpoints_file import EndpointsDoc, write_endpoints
 from kvpilot.sim.profiles import get_profile
 
@@ -51,7 +51,6 @@ spec:
   slo: {ttftMs: 5000, tpotMs: 100, attainment: 0.9}
   autoscaling: {enabled: true, scaleDownStabilizationSeconds: 120}
 """
-ROLES = {"aggregated": "both", "prefill": "prefill", "decode": "decode"}
 DRAIN_S = 5.0  # wall seconds a removed worker keeps serving what it already has
 HANDOVER_S = 15.0  # wall seconds to wait for the router's scale-event handover (it bounds itself at 10)
 
@@ -219,7 +218,7 @@ class LocalControlPlane:
 
     def _publish(self) -> None:
         serving = [w for w in self.pool.values() if w.healthy and w.drain_until is None]
-        eps = [Endpoint(name=w.name, url=w.url, role=ROLES[w.role]) for w in serving]
+        eps = [Endpoint(name=w.name, url=w.url, role=POOL_ENDPOINT_ROLE[w.role]) for w in serving]
         events = [{"time": e.time, "pool": e.pool, "from": e.before, "to": e.after, "reason": e.reason}
                   for e in self.events[-50:]]
         write_endpoints(self._endpoints_path, EndpointsDoc(endpoints=eps, events=events))

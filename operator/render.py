@@ -15,6 +15,7 @@ import yaml
 
 from kvpilot import __version__
 from kvpilot.crds import API_VERSION, LLMServiceSpec, PoolSpec, Role, WorkerPoolSpec
+from kvpilot.router.config import POOL_ENDPOINT_ROLE
 
 PORT = 8000
 # A deleted engine pod keeps serving this long after it leaves the router's pool (not Ready, then
@@ -105,7 +106,6 @@ def pool_selector(service: str, role: Role) -> str:
 
 
 # Pool roles as the router names them: an aggregated pool serves both prefill and decode.
-ROUTER_ROLES: dict[Role, str] = {"aggregated": "both", "prefill": "prefill", "decode": "decode"}
 
 
 def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
@@ -117,7 +117,8 @@ def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
             "name": spec.model.served(), "policy": spec.routing.policy, "mode": spec.mode,
             "ttftMs": spec.slo.ttft_ms,
             "discovery": {"namespace": owner.namespace, "port": PORT,
-                          "pools": {ROUTER_ROLES[role]: pool_selector(owner.name, role) for role in spec.pools()}},
+                          "pools": {POOL_ENDPOINT_ROLE[role]: pool_selector(owner.name, role)
+                                    for role in spec.pools()}},
             # engine vllm: KV events to follow, and streams migrate by resume (router/resume.py).
             **({"engine": "vllm",
                 "kvEvents": {"bind": f"tcp://0.0.0.0:{KV_EVENTS_PORT}", "blockSize": spec.routing.block_size}}

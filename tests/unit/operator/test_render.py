@@ -7,7 +7,7 @@ from typing import Any
 
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
 from kvpilot.operator import render
-from kvpilot.router.config import RouterConfig
+from kvpilot.router.config import POOL_ENDPOINT_ROLE, RouterConfig
 
 OWNER = render.Owner("kvpilot.io/v1alpha1", "LLMService", "llama", "ml", "uid-1")
 
@@ -115,7 +115,7 @@ def test_router_config_selectors_match_engine_pod_labels() -> None:
     for role in ("prefill", "decode"):
         pool, owner = _pool(spec, role)
         labels = render.pool_deployment(pool, owner)["spec"]["template"]["metadata"]["labels"]
-        selector = config["models"][0]["discovery"]["pools"][render.ROUTER_ROLES[role]]
+        selector = config["models"][0]["discovery"]["pools"][POOL_ENDPOINT_ROLE[role]]
         wanted = dict(kv.split("=") for kv in selector.split(","))
         assert wanted.items() <= labels.items()
     # The router accepts what the operator renders (one schema, checked at both ends).
