@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections import Counter
 from pathlib import Path
 
 from kvpilot.sim.cluster import percentile
@@ -35,18 +36,21 @@ def main() -> None:
     router = RouterProcess([{"name": "sim-model", "policy": args.policy, "holdRequests": not args.no_hold,
                              "endpoints": [{"name": "w0", "url": worker.url}]}], maxRetries=0)
     try:
-        print("| offered req/s | path | completed | TTFT p50 ms | TTFT p99 ms | added p50 ms | added p99 ms |")
-        print("|---:|---|---:|---:|---:|---:|---:|")
+        print("| offered req/s | path | completed | answers | TTFT p50 ms | TTFT p99 ms | added p50 ms "
+              "| added p99 ms |")
+        print("|---:|---|---:|---|---:|---:|---:|---:|")
         for rate in args.rates:
             results = {}
             for path, url in (("direct", worker.url), ("router", router.url)):
-                done, _errors, _wall, ttfts = asyncio.run(drive(url, rate, args.seconds, model="sim-model"))
+                statuses: Counter[str] = Counter()
+                done, _errors, _wall, ttfts = asyncio.run(drive(url, rate, args.seconds, "sim-model", statuses))
                 results[path] = (percentile(ttfts, 50) * 1e3, percentile(ttfts, 99) * 1e3)
                 added = ("", "") if path == "direct" else (
                     f"{results['router'][0] - results['direct'][0]:.1f}",
                     f"{results['router'][1] - results['direct'][1]:.1f}")
-                print(f"| {rate:.0f} | {path} | {done}/{int(rate * args.seconds)} | {results[path][0]:.1f} | "
-                      f"{results[path][1]:.1f} | {added[0]} | {added[1]} |", flush=True)
+                answers = ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
+                print(f"| {rate:.0f} | {path} | {done}/{int(rate * args.seconds)} | {answers} | "
+                      f"{results[path][0]:.1f} | {results[path][1]:.1f} | {added[0]} | {added[1]} |", flush=True)
     finally:
         router.stop()
         worker.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections import Counter
 
 import aiohttp
 
@@ -23,7 +24,9 @@ from kvpilot.testing.sim import SimWorker
 from kvpilot.tokens import block_text
 
 
-async def drive(url: str, rate: float, seconds: float, model: str | None = None) -> tuple[int, int, float, list[float]]:
+async def drive(url: str, rate: float, seconds: float, model: str | None = None,
+                statuses: Counter[str] | None = None) -> tuple[int, int, float, list[float]]:
+    """Open-loop streaming load; `statuses`, when given, counts answers by HTTP status (or error)."""
     n = int(rate * seconds)
     ttfts: list[float] = []
     done = 0
@@ -46,8 +49,12 @@ async def drive(url: str, rate: float, seconds: float, model: str | None = None)
                             first = False
                     done += resp.status == 200
                     errors += resp.status != 200
-            except aiohttp.ClientError:
+                    if statuses is not None:
+                        statuses[str(resp.status)] += 1
+            except aiohttp.ClientError as e:
                 errors += 1
+                if statuses is not None:
+                    statuses[type(e).__name__] += 1
 
         start = time.monotonic() + 0.5
         t0 = time.monotonic()

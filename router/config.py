@@ -127,6 +127,11 @@ class RouterConfig(BaseModel):
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, alias="maxBodyBytes")
     hold_tick_s: float = Field(0.05, gt=0, alias="holdTickSeconds",
                                description="how often held requests are rebalanced and re-checked for release")
+    hold_bypass_lag_s: float = Field(
+        0.02, ge=0, alias="holdBypassLagSeconds",
+        description="when the router's own event loop runs this late (the router is CPU-bound), new requests skip "
+                    "the router-side queues until it catches up: first tokens then reach the router late, every "
+                    "backlog looks full, and holding only adds delay; 0 never bypasses")
     seed: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="logLevel")
     log_format: Literal["json", "text"] = Field("json", alias="logFormat")

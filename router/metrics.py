@@ -43,5 +43,11 @@ class RouterMetrics:
         self.prefill_token_s = Gauge("kvpilot_router_prefill_token_seconds",
                                      "The TTFT predictor's per-token prefill time per endpoint, calibrated online.",
                                      ["model", "role", "endpoint"], registry=r)
+        self.loop_lag = Gauge("kvpilot_router_event_loop_lag_seconds",
+                              "How late the router's periodic queue tick ran: high when the router is CPU-bound.",
+                              registry=r)
+        self.hold_bypassed = Gauge("kvpilot_router_hold_bypassed",
+                                   "1 while new requests skip the router-side queues because the router lags.",
+                                   registry=r)
         self.members = Gauge("kvpilot_router_healthy_endpoints", "Endpoints the policy may choose.",
                              ["model", "role"], registry=r)

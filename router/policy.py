@@ -78,6 +78,9 @@ class HoldingPolicy(Policy, Protocol):
     def release(self, instances: Sequence[InstanceLoad],
                 now: float | None = None) -> list[tuple[RequestView, int, str]]: ...
 
+    def release_all(self, instances: Sequence[InstanceLoad]) -> list[tuple[RequestView, int, str]]:
+        """Every held request at once, whatever the budget (the proxy stops holding while it lags)."""
+
     def cancel(self, request_id: str) -> bool:
         """Drop a held request whose client went away; False when it is not held."""
 

@@ -31,6 +31,29 @@ class NoEndpoint(Exception):
     """No healthy endpoint to route or release to: the caller should answer 503."""
 
 
+class LagGate:
+    """Whether new requests should skip the router-side queues, from how late the proxy's periodic
+    tick runs. Holding pays for better placement with router time; a router that has none (its
+    event loop lags) learns of first tokens late, sees every backlog full and only adds delay.
+    One late tick starts the bypass; it ends after `calm_ticks` ticks in a row under a quarter of
+    the threshold (the lag of a loaded loop swings from tick to tick)."""
+
+    def __init__(self, threshold_s: float, calm_ticks: int = 20) -> None:
+        self.threshold_s = threshold_s
+        self.calm_ticks = calm_ticks
+        self.on = False
+        self._calm = 0
+
+    def update(self, lag_s: float) -> bool:
+        if lag_s > self.threshold_s:
+            self.on, self._calm = True, 0
+        elif self.on:
+            self._calm = self._calm + 1 if lag_s < self.threshold_s / 4 else 0
+            if self._calm >= self.calm_ticks:
+                self.on = False
+        return self.on
+
+
 @dataclass(slots=True)
 class Breaker:
     failures: int = 0
@@ -56,6 +79,7 @@ class Pool:
         self.holder: HoldingPolicy | None = policy if hold and isinstance(policy, HoldingPolicy) else None
         self.max_queued = max_queued
         self.waiting: dict[str, asyncio.Future[tuple[Member, str]]] = {}   # held request id → its release
+        self.bypass = False   # set by the proxy while it lags: new requests are routed at once, not held
         self.on_queued: Callable[[], None] | None = None     # called when a request has to wait (a metric)
         self.members: list[Member] = []
         self.by_name: dict[str, Member] = {}
@@ -130,9 +154,10 @@ class Pool:
         """The endpoint a request goes to, and why. A holding pool keeps the request in its
         policy's queue until released (`pump`); a retry (`exclude`) skips the queue. None: no
         endpoint has room (non-holding pools only). Cancelling the caller while it waits takes the
-        request off the queue, so nothing is sent upstream and its slot is free at once."""
+        request off the queue, so nothing is sent upstream and its slot is free at once. While
+        `bypass` is set, new requests are routed at once; those already held leave as usual."""
         holder = self.holder
-        if holder is None or exclude or request.request_id in self.waiting:
+        if holder is None or exclude or self.bypass or request.request_id in self.waiting:
             chosen = self.choose(request, exclude)
             return None if chosen is None else (chosen[0], chosen[1].reason)
         members = self.healthy()
@@ -187,6 +212,24 @@ class Pool:
             member = members[index]
             self._dispatch(request, member, index, loads)
             released.set_result((member, reason))
+
+    def set_bypass(self, on: bool) -> None:
+        """Stop or resume holding new requests; stopping also sends every held one at once, or the
+        requests that bypass the queue would keep them there behind their own prefills."""
+        self.bypass = on
+        holder = self.holder
+        if not on or holder is None or not self.waiting:
+            return
+        members = self.healthy()
+        if not members:
+            self.pump()   # fails every waiter with NoEndpoint
+            return
+        loads = self._healthy_loads
+        for request, index, reason in holder.release_all(loads):
+            released = self.waiting.pop(request.request_id)
+            if not released.done():
+                self._dispatch(request, members[index], index, loads)
+                released.set_result((members[index], reason))
 
     def queued(self) -> dict[str, int]:
         return {} if self.holder is None else self.holder.queued()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from kvpilot.router.metrics import POOL_ROLE_LABEL, RouterMetrics
 from kvpilot.router.migration import Migrator
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import PolicyContext, RequestView
-from kvpilot.router.pool import Member, NoEndpoint, Pool, QueueFull
+from kvpilot.router.pool import LagGate, Member, NoEndpoint, Pool, QueueFull
 from kvpilot.tokens import block_hashes, render_chat, token_count
 
 log = logging.getLogger("kvpilot.router")
@@ -458,9 +459,20 @@ class Router:
         holding = [p for s in self.models.values() for _, p in self._roles(s) if p.holder is not None]
         if not holding:
             return
+        tick, threshold = self.cfg.hold_tick_s, self.cfg.hold_bypass_lag_s
+        gate = LagGate(threshold, calm_ticks=math.ceil(1.0 / tick))   # back to holding after 1 s of calm
         while True:
-            await asyncio.sleep(self.cfg.hold_tick_s)
+            due = time.monotonic() + tick
+            await asyncio.sleep(tick)
             now = time.monotonic()
+            lag = now - due
+            self.metrics.loop_lag.set(lag)
+            if threshold > 0 and gate.update(lag) != holding[0].bypass:
+                for pool in holding:
+                    pool.set_bypass(gate.on)
+                self.metrics.hold_bypassed.set(int(gate.on))
+                log.log(logging.WARNING if gate.on else logging.INFO, "event loop %.0f ms late: router-side "
+                        "queues %s", lag * 1000, "bypassed for new requests" if gate.on else "back in use")
             for pool in holding:
                 if pool.waiting:
                     pool.pump(now)

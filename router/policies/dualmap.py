@@ -133,6 +133,18 @@ class DualMap(BasePolicy):
                 return inst.in_flight <= 0 or inst.kv_usage + held.request.prompt_tokens / capacity <= high
         return [(h.request, index[h.home], h.reason) for h in self.holding.release(room, index)]
 
+    def release_all(self, instances: Sequence[InstanceLoad]) -> list[tuple[RequestView, int, str]]:
+        """Every held request, now, at the instance whose queue holds it (in arrival order)."""
+        self._sync(instances)
+        if self._rehome:
+            self._rehome = False
+            self._rehome_orphans(instances)
+        index = self._members.index
+        held = sorted(self.holding.drop(lambda h: True), key=lambda h: h.order)
+        for h in held:
+            self._other.pop(h.request.request_id, None)
+        return [(h.request, index[h.home], h.reason) for h in held]
+
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         self._other.pop(request.request_id, None)
         self.estimate.dispatched(request, instances[index].name)

@@ -10,7 +10,7 @@ import pytest
 from kvpilot.router.config import Endpoint
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import PolicyContext, RequestView
-from kvpilot.router.pool import NoEndpoint, Pool, QueueFull
+from kvpilot.router.pool import LagGate, NoEndpoint, Pool, QueueFull
 from kvpilot.tokens import block_hashes, block_text
 
 PROMPT_TOKENS = 6000   # two of these exceed the release budget (8,192 tokens) of one instance
@@ -105,3 +105,31 @@ async def test_held_requests_follow_membership_changes() -> None:
     assert all(t.done() for t in tasks)
     failed = [t for t in tasks if t.exception() is not None]
     assert failed and all(isinstance(t.exception(), NoEndpoint) for t in failed)
+
+
+async def test_a_bypassed_pool_sends_its_held_requests_and_routes_new_ones_at_once() -> None:
+    pool = make_pool(n=1)
+    first = await pool.admit(req(0))
+    held = [asyncio.create_task(pool.admit(req(i))) for i in (1, 2)]
+    await settle()
+    assert first is not None and not any(t.done() for t in held) and pool.queued() == {"w0": 2}
+    pool.set_bypass(True)   # the proxy's loop lags: holding would only add delay
+    await settle()
+    assert all(t.done() for t in held) and not pool.waiting and pool.queued() == {"w0": 0}
+    direct = await pool.admit(req(3))
+    assert direct is not None and direct[0].endpoint.name == "w0" and pool.queued() == {"w0": 0}
+    assert pool.by_name["w0"].load.in_flight == 4, "each request dispatched exactly once"
+    pool.set_bypass(False)
+    later = asyncio.create_task(pool.admit(req(4)))
+    await settle()
+    assert not later.done() and pool.queued() == {"w0": 1}, "holding again once the router caught up"
+
+
+def test_the_lag_gate_opens_on_one_late_tick_and_closes_after_a_calm_spell() -> None:
+    gate = LagGate(0.02, calm_ticks=3)
+    assert not gate.update(0.019)
+    assert gate.update(0.021)
+    assert gate.update(0.001) and gate.update(0.001), "two calm ticks are not yet a spell"
+    assert gate.update(0.01), "half the threshold is not calm"
+    assert gate.update(0.001) and gate.update(0.001)
+    assert not gate.update(0.001), "three calm ticks in a row close it"
