@@ -26,12 +26,14 @@ from kvpilot.sim.cluster import percentile
 from kvpilot.tokens import segment_block_hashes
 
 
-def requests(n: int, prompt_tokens: int, seed: int) -> Iterator[RequestView]:
+def requests(n: int, prompt_tokens: int, seed: int, spread: bool = False) -> Iterator[RequestView]:
     """Made one at a time, as the proxy parses them: a request's hashes live only while it is routed
-    (a precomputed list of 20k long prompts would fill the CPU caches with the benchmark's own data)."""
+    (a precomputed list of 20k long prompts would fill the CPU caches with the benchmark's own data).
+    `spread`: conversations drawn uniformly from 100,000, so every decision lands on instances
+    whose state is as cold as any other's, whatever the prompt length."""
     rng = random.Random(seed)
     for i in range(n):
-        convo = int(rng.paretovariate(1.2)) % 5000
+        convo = rng.randrange(100_000) if spread else int(rng.paretovariate(1.2)) % 5000
         segs = [0, 1_000_000 + convo, 2_000_000 + convo] + [3_000_000 + i * 100 + j for j in range(64)]
         yield RequestView(f"r{i}", prompt_tokens, segment_block_hashes(segs, 512, prompt_tokens, 256)[:256])
 
@@ -46,6 +48,10 @@ def main() -> None:
     parser.add_argument("--cpu-clock", action="store_true",
                         help="time with the thread's CPU clock: on a shared, overloaded machine it leaves out "
                              "the time this process was not running, which otherwise owns the p99")
+    parser.add_argument("--spread", action="store_true",
+                        help="uniform conversations instead of Zipf-like ones: with Zipf-like keys, short prompts "
+                             "(too short for adaptive depth to split hot keys) keep landing on a few instances whose "
+                             "state stays in the CPU caches, long ones spread over all; this isolates prompt length")
     parser.add_argument("--hold", action="store_true",
                         help="time the live proxy's holding path instead (DualMap): route, hold in the router-side "
                              "queue, release, dispatch")
@@ -62,7 +68,7 @@ def main() -> None:
                 loads = [InstanceLoad(f"pod-{i}") for i in range(n)]
                 holds = args.hold and isinstance(policy, HoldingPolicy)   # (a slow check: not in the timing)
                 times, decisions = [], []
-                for k, req in enumerate(requests(args.requests + 2000, tokens, seed=n)):
+                for k, req in enumerate(requests(args.requests + 2000, tokens, seed=n, spread=args.spread)):
                     t0 = clock()
                     d = policy.route(req, loads)
                     t1 = clock()
