@@ -68,18 +68,21 @@ class ShadowCache:
     def __len__(self) -> int:
         return self.size
 
-    def _present(self, hashes: list[int], steps: tuple[int, ...]) -> int:
-        """How many leading ladder positions are cached (they form a prefix: binary search)."""
+    def _present(self, hashes: list[int], steps: tuple[int, ...], known: int = 0) -> int:
+        """How many leading ladder positions are cached (they form a prefix: binary search);
+        `known`: how many are already known to be."""
         last, present = self._last
         if hashes is last:
             return present
         blocks = self._blocks
-        # Probe the first block alone first: an instance that has never seen this prefix (one of the
-        # two candidates, often) answers in one lookup instead of a full binary search.
-        if not steps or hashes[steps[0]] not in blocks:
-            self._last = (hashes, 0)
-            return 0
-        lo, hi = 1, len(steps)  # invariant: steps[:lo] cached, steps[hi:] not
+        if not known:
+            # Probe the first block alone first: an instance that has never seen this prefix
+            # answers in one lookup instead of a full binary search.
+            if not steps or hashes[steps[0]] not in blocks:
+                self._last = (hashes, 0)
+                return 0
+            known = 1
+        lo, hi = known, len(steps)  # invariant: steps[:lo] cached, steps[hi:] not
         while lo < hi:
             mid = (lo + hi) // 2
             if hashes[steps[mid]] in blocks:
@@ -88,6 +91,19 @@ class ShadowCache:
                 hi = mid
         self._last = (hashes, lo)
         return lo
+
+    def positions(self, hashes: list[int]) -> tuple[tuple[int, ...], int]:
+        """The prompt's ladder, and how many of its leading positions are cached."""
+        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
+        return steps, self._present(hashes, steps)
+
+    def holds_more(self, hashes: list[int], steps: tuple[int, ...], lo: int) -> bool:
+        """Whether more than the first `lo` ladder positions are cached here: one probe, since
+        cached positions form a prefix. When they are, the rest of the match starts from there."""
+        if lo >= len(steps) or hashes[steps[lo]] not in self._blocks:
+            return False
+        self._present(hashes, steps, lo + 1)
+        return True
 
     def match(self, hashes: list[int]) -> int:
         """Leading blocks of `hashes` believed cached (to the precision of the ladder)."""
@@ -164,6 +180,20 @@ class LoadEstimator:
         if self.attention_tokens <= 0:
             return new
         return new + new * (hit + new // 2) // self.attention_tokens
+
+    def better_of(self, a: str, b: str, request: RequestView) -> tuple[str, str, int]:
+        """(the candidate with the larger expected cache hit, `a` on a tie; the other; the prefill
+        work at the first). Fewer uncached tokens is the same order as a longer hit, so matching
+        `a` and one probe of `b` where `a`'s hit ends decide it: `b` is matched in full only when
+        it wins, which keeps a decision's lookups from doubling with the prompt's ladder."""
+        if self.observed is not None or a == b:
+            ua, ub = self.uncached(a, request), self.uncached(b, request)
+            return (a, b, ua) if ua <= ub else (b, a, ub)
+        hashes = request.block_hashes
+        steps, lo = self.caches[a].positions(hashes)
+        if self.caches[b].holds_more(hashes, steps, lo):
+            return b, a, self.uncached(b, request)
+        return a, b, self.uncached(a, request)
 
     def predicted_ttft(self, name: str, uncached: int) -> float:
         return self.token_s[name] * (self.backlog[name] + uncached)

@@ -76,12 +76,11 @@ class DualMap(BasePolicy):
             key = self.adaptive.key(request.block_hashes)[0]
         else:
             key = affinity_key(request, self.depth)
-        c1, c2 = self._ring.candidates(key)
-        u1, u2 = est.uncached(c1, request), est.uncached(c2, request)
-        best, other, ub, uo = (c1, c2, u1, u2) if u1 <= u2 else (c2, c1, u2, u1)
+        best, other, ub = est.better_of(*self._ring.candidates(key), request)
         wait = self.holding.wait_for
-        t_best, t_other = wait(best, ub), wait(other, uo)
-        if t_best > self.theta * self.context.slo_ttft_s and t_other < t_best:
+        t_best = wait(best, ub)
+        # The other candidate's work and wait matter only past the switch (most decisions skip them).
+        if t_best > self.theta * self.context.slo_ttft_s and wait(other, est.uncached(other, request)) < t_best:
             self._other[request.request_id] = best
             return Decision(self._members.index[other], "slo-fallback")
         self._other[request.request_id] = other

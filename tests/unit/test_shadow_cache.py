@@ -1,5 +1,7 @@
-"""The shadow cache's match memo (a decision matches the chosen instance again when it
-dispatches) changes nothing: the same cache answers and the same routing decisions as without it."""
+"""The shadow cache's shortcuts change nothing: its match memo (a decision matches the chosen
+instance again when it dispatches) and DualMap's lazy comparison (the second candidate is probed
+once where the first one's hit ends, and matched in full only when it wins) give the same cache
+answers and the same routing decisions as the plain computation."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 from kvpilot.router import estimate
 from kvpilot.router.estimate import ShadowCache
 from kvpilot.router.policies.dualmap import DualMap
-from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
+from kvpilot.router.policy import Decision, InstanceLoad, PolicyContext, RequestView
 from kvpilot.tokens import segment_block_hashes
 
 
@@ -22,6 +24,23 @@ class PerBlockLRU(ShadowCache):
     def match(self, hashes: list[int]) -> int:
         self._last = (None, 0)
         return super().match(hashes)
+
+
+class EagerDualMap(DualMap):
+    """The reference decision: both candidates matched in full, both waits computed."""
+
+    def route(self, request: RequestView, instances: list[InstanceLoad]) -> Decision:  # type: ignore[override]
+        self._sync(instances)
+        assert self.adaptive is not None
+        c1, c2 = self._ring.candidates(self.adaptive.key(request.block_hashes)[0])
+        u1, u2 = self.estimate.uncached(c1, request), self.estimate.uncached(c2, request)
+        best, other, ub, uo = (c1, c2, u1, u2) if u1 <= u2 else (c2, c1, u2, u1)
+        t_best, t_other = self.holding.wait_for(best, ub), self.holding.wait_for(other, uo)
+        if t_best > self.theta * self.context.slo_ttft_s and t_other < t_best:
+            self._other[request.request_id] = best
+            return Decision(self._members.index[other], "slo-fallback")
+        self._other[request.request_id] = other
+        return Decision(self._members.index[best], "affinity")
 
 
 def workload(n: int, seed: int, block: int = 256) -> list[RequestView]:
@@ -52,11 +71,12 @@ def test_memoized_cache_is_the_plain_lru(capacity: int) -> None:
         assert len(new) == len(ref)
 
 
-def test_dualmap_decisions_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
-    def decisions(cache_class: type) -> list[tuple[int, str]]:
+@pytest.mark.parametrize("capacity_tokens", [445_000, 60_000])   # roomy, and evicting all the time
+def test_dualmap_decisions_are_unchanged(monkeypatch: pytest.MonkeyPatch, capacity_tokens: int) -> None:
+    def decisions(cache_class: type, policy_class: type[DualMap]) -> list[tuple[int, str]]:
         with monkeypatch.context() as m:
             m.setattr(estimate, "ShadowCache", cache_class)
-            policy = DualMap(PolicyContext(slo_ttft_s=5.0, block_size=256, kv_capacity_tokens=445_000))
+            policy = policy_class(PolicyContext(slo_ttft_s=5.0, block_size=256, kv_capacity_tokens=capacity_tokens))
             loads = [InstanceLoad(f"pod-{i}") for i in range(16)]
             out = []
             pending: list[str] = []
@@ -69,6 +89,6 @@ def test_dualmap_decisions_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> Non
                     policy.on_first_token(pending.pop(0), 0.5)
             return out
 
-    new, ref = decisions(ShadowCache), decisions(PerBlockLRU)
+    new, ref = decisions(ShadowCache, DualMap), decisions(PerBlockLRU, EagerDualMap)
     assert new == ref
     assert {reason for _, reason in new} == {"affinity", "slo-fallback"}
