@@ -10,7 +10,12 @@ without the model's tokenizer and vLLM's hashing scheme. Instead the index keys 
 router-side chained hash over the block's token ids, which `BlockStored` carries: the router then
 needs only the tokenizer (`tokenizers`, one file) to key a prompt the same way, and never depends
 on vLLM's hash function or seed. `cached_tokens` answers the policies' question "how many leading
-prompt tokens does this instance hold" (`kvpilot.router.estimate.CacheView`).
+prompt tokens does this instance hold" (`kvpilot.router.estimate.CacheView`). A chat request's
+prompt is built by the engine from the model's chat template; the router renders the same
+template (`ChatTemplate`) so chats are keyed too. The router always passes a message's content as
+one string (text parts joined by newlines, as vLLM does for most templates). A template that vLLM
+detects as iterating over content parts gets a list from vLLM instead, so it may render
+differently here: its chats then find no keys, and routing falls back to the shadow estimate.
 
 Wire format (vLLM 0.32, msgspec): frames `[topic, seq(8 bytes BE), msgpack([ts, [event…], dp_rank])]`,
 each event a map tagged by `type` (older builds wrote `[tag, field…]` arrays; both are read).
@@ -19,6 +24,8 @@ each event a map tagged by `type` (older builds wrote `[tag, field…]` arrays; 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -99,9 +106,10 @@ def _fields(event: Any) -> tuple[str, dict[str, Any]]:
 class KVEventIndex:
     """Per-instance block indexes fed by KV events, and the prompt → keys function that matches them."""
 
-    def __init__(self, block_size: int = 128, tokenizer: Any = None) -> None:
+    def __init__(self, block_size: int = 128, tokenizer: Any = None, chat_template: ChatTemplate | None = None) -> None:
         self.block_size = block_size
         self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`; None: only events, no prompt matching
+        self.chat_template = chat_template   # None: chat requests are not matched against events
         self.instances: dict[str, BlockIndex] = {}
         self.batches = 0
 
@@ -126,6 +134,20 @@ class KVEventIndex:
         if self.tokenizer is None:
             return ()
         return tuple(token_block_keys(self.tokenizer.encode(prompt).ids, self.block_size))
+
+    def chat_keys(self, messages: Any) -> tuple[int, ...]:
+        """Keys of a chat request's prompt as the engine builds it: the model's own chat template,
+        then its tokenizer without added special tokens (the template writes them), as vLLM does.
+        Empty when the model has no template or the messages do not render."""
+        if self.tokenizer is None or self.chat_template is None:
+            return ()
+        try:
+            text = self.chat_template.render(messages)
+        except Exception as e:   # a template error means no cache view, not a failed request
+            log.debug("chat template did not render: %s", e)
+            return ()
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return tuple(token_block_keys(ids, self.block_size))
 
     def cached_tokens(self, name: str, request: RequestView) -> int | None:
         """Leading prompt tokens `name` holds, or None when the router cannot tell (no keys)."""
@@ -168,6 +190,64 @@ class KVEventIndex:
             with contextlib.suppress(Exception):
                 sock.close(linger=0)
             ctx.term()
+
+
+class ChatTemplate:
+    """A Hugging Face chat template rendered as `transformers`' `apply_chat_template` renders it
+    (a sandboxed Jinja environment, trimmed blocks, the tokenizer's special tokens as variables,
+    the assistant's turn opened), so the router's prompt text is the engine's, token for token."""
+
+    def __init__(self, source: str, special: dict[str, str]) -> None:
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(message)
+
+        def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+                   separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = tojson   # not Jinja's HTML-escaping one
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        self.template = env.from_string(source)
+        self.special = special
+
+    def render(self, messages: Any) -> str:
+        if not isinstance(messages, list):
+            raise ValueError("messages must be a list")
+        conversation = []
+        for m in messages:
+            content = m.get("content", "")
+            if isinstance(content, list):   # OpenAI content parts: vLLM joins the text ones with newlines
+                content = "\n".join(str(p.get("text", "")) for p in content
+                                    if isinstance(p, dict) and p.get("type") == "text")
+            conversation.append({**m, "content": content})
+        return str(self.template.render(messages=conversation, add_generation_prompt=True, **self.special))
+
+
+def load_chat_template(path: str) -> ChatTemplate | None:
+    """The chat template of a model directory (`chat_template.jinja`, or `chat_template` in
+    `tokenizer_config.json`), with its special tokens; None when it has none."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    config: dict[str, Any] = {}
+    if (p / "tokenizer_config.json").is_file():
+        config = json.loads((p / "tokenizer_config.json").read_text())
+    source = config.get("chat_template")
+    if isinstance(source, list):   # named templates: the default one
+        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+    if (p / "chat_template.jinja").is_file():
+        source = (p / "chat_template.jinja").read_text()
+    if not isinstance(source, str):
+        return None
+    special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    return ChatTemplate(source, special)
 
 
 def load_tokenizer(path: str) -> Any:

@@ -31,7 +31,7 @@ from kvpilot.router.discovery import PodWatcher
 from kvpilot.router.endpoints_file import EndpointsFile
 from kvpilot.router.estimate import LoadEstimator
 from kvpilot.router.handover import Handovers
-from kvpilot.router.kv_events import KVEventIndex, load_tokenizer
+from kvpilot.router.kv_events import KVEventIndex, load_chat_template, load_tokenizer
 from kvpilot.router.metrics import POOL_ROLE_LABEL, RouterMetrics
 from kvpilot.router.migration import Migrator
 from kvpilot.router.policies import make_policy
@@ -121,8 +121,9 @@ class Router:
     def _follow_kv_events(self, m: ModelConfig, served: Served) -> None:
         """Observed cache contents replace the shadow estimate of the pool whose policy uses the cache."""
         assert m.kv_events is not None
-        tok = load_tokenizer(m.kv_events.tokenizer) if m.kv_events.tokenizer else None
-        index = KVEventIndex(m.kv_events.block_size, tok)
+        path = m.kv_events.tokenizer
+        tok = load_tokenizer(path) if path else None
+        index = KVEventIndex(m.kv_events.block_size, tok, load_chat_template(path) if path else None)
         self.kv_indexes[m.name] = index
         estimate = getattr((served.prefill or served.main).policy, "estimate", None)
         if isinstance(estimate, LoadEstimator):
@@ -170,8 +171,8 @@ class Router:
             view = RequestView(rid, token_count(prompt), block_hashes(prompt, cfg.block_size, cfg.max_hashed_blocks),
                                time.monotonic())
             index = self.kv_indexes.get(model_name)
-            if index is not None and not chat:  # chat templates are the engine's: only raw prompts are keyed
-                view.engine_blocks = index.prompt_keys(prompt)
+            if index is not None:   # chat: rendered with the model's own template, as the engine does
+                view.engine_blocks = index.chat_keys(body.get("messages")) if chat else index.prompt_keys(prompt)
             self.handovers.observe(model_name, view, prompt)
             path = "/v1/chat/completions" if chat else "/v1/completions"
             if served.prefill is not None:
@@ -407,13 +408,17 @@ class Router:
         return web.json_response({"models": models})
 
     async def kv_match(self, request: web.Request) -> web.Response:
-        """What the KV-event index says each instance holds of a prompt (`{"model", "prompt"}`):
-        for checking the router's view against the engines'."""
+        """What the KV-event index says each instance holds of a prompt (`{"model", "prompt"}`, or
+        `{"model", "messages"}` for a chat): for checking the router's view against the engines'."""
         body = await request.json()
         index = self.kv_indexes.get(str(body.get("model")))
         if index is None:
             return web.json_response({"error": "model does not follow KV events"}, status=404)
-        view = RequestView("kv-match", 0, [], engine_blocks=index.prompt_keys(str(body.get("prompt", ""))))
+        if "messages" in body:
+            keys = index.chat_keys(body["messages"])
+        else:
+            keys = index.prompt_keys(str(body.get("prompt", "")))
+        view = RequestView("kv-match", 0, [], engine_blocks=keys)
         return web.json_response({"prompt_blocks": len(view.engine_blocks), "blocks": index.summary(),
                                   "cached_tokens": {n: index.cached_tokens(n, view) for n in index.instances}})
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from kvpilot.router.kv_events import KVEventIndex, token_block_keys
+import json
+from pathlib import Path
+
+from kvpilot.router.kv_events import KVEventIndex, load_chat_template, token_block_keys
 from kvpilot.router.policy import RequestView
 
 BS = 4
@@ -49,3 +52,53 @@ def test_tagged_array_events_are_read_too() -> None:
 
 def test_requests_without_engine_keys_defer_to_the_shadow_estimate() -> None:
     assert KVEventIndex(BS).cached_tokens("a", RequestView("r", 10, [1, 2])) is None
+
+
+class _Encoding:
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+
+class _ByteTokenizer:
+    """One token per byte; records whether special tokens were asked for."""
+
+    def __init__(self) -> None:
+        self.special: list[bool] = []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> _Encoding:
+        self.special.append(add_special_tokens)
+        return _Encoding(list(text.encode()))
+
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
+            "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m.get('meta') %}{{ m['meta'] | tojson }}{% endif %}"
+            "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_prompts_render_with_the_models_template_and_its_special_tokens(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "bos_token": "<s>",
+                                                                 "eos_token": "</s>"}))
+    template = load_chat_template(str(tmp_path))
+    assert template is not None
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"},
+                                             {"type": "text", "text": "there"}], "meta": {"é": 1}}]
+    # Jinja's own tojson would escape to \\u00e9 and HTML-quote; transformers' (and so vLLM's) does not.
+    # trim_blocks, as transformers sets it, drops the newline right after each `{% endif %}`.
+    assert template.render(messages) == '<s><|system|>be brief<|user|>hi\nthere{"é": 1}<|assistant|>'
+    tok = _ByteTokenizer()
+    index = KVEventIndex(BS, tok, template)
+    keys = index.chat_keys(messages)
+    assert keys == tuple(token_block_keys(list(template.render(messages).encode()), BS))
+    assert tok.special == [False], "the template writes the special tokens; the tokenizer must not add more"
+    assert index.chat_keys([{"role": "tool", "content": "x"}]) == (), "a template error means no view, not a crash"
+    assert index.chat_keys("not a list") == ()
+
+
+def test_a_model_without_a_chat_template_matches_no_chats(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    assert load_chat_template(str(tmp_path)) is None
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    template = load_chat_template(str(tmp_path))   # the newer layout: the template in its own file
+    assert template is not None and template.render([{"role": "user", "content": "a"}]) == "a"
+    assert KVEventIndex(BS, _ByteTokenizer(), None).chat_keys([{"role": "user", "content": "a"}]) == ()

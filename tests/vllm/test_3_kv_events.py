@@ -55,3 +55,29 @@ def test_cache_view_from_kv_events_agrees_with_the_engine(pair: Stage,
     state = kv_match(router.url, base)
     assert state["blocks"][home] <= CAPACITY_BLOCKS, state
     assert _engine_cached(pair, home, base) == state["cached_tokens"][home]
+
+
+def _engine_cached_chat(stage: Stage, name: str, messages: list[dict[str, str]]) -> int:
+    usage = stage.servers[name].post("/v1/chat/completions",
+                                     {"model": "tiny", "messages": messages, "max_tokens": 1})["usage"]
+    return int(usage["prompt_tokens_details"]["cached_tokens"])
+
+
+def test_chat_requests_are_keyed_through_the_models_chat_template(pair: Stage,
+                                                                  router_factory: Callable[..., RouterProcess]) -> None:
+    """The engine builds a chat's prompt with the model's template; the router renders the same
+    template, so a chat's cached prefix is seen in the events too."""
+    router = router_factory([router_model(pair)])
+    system = {"role": "system", "content": make_prompt("chat-system", 3 * BLOCK_SIZE + 20)}
+    first = [system, {"role": "user", "content": "hello"}]
+    _, headers = post_json(router.url + "/v1/chat/completions", {"model": "tiny", "messages": first, "max_tokens": 1})
+    home = headers["X-Kvpilot-Endpoint"]
+    other = next(n for n in pair.servers if n != home)
+    wait_for(lambda: kv_match(router.url, messages=first)["cached_tokens"].get(home, 0) >= 3 * BLOCK_SIZE, 15,
+             "BlockStored events for the chat to reach the router")
+    # Another question after the same system prompt: the shared blocks, as the engine counts them.
+    second = [system, {"role": "user", "content": make_prompt("chat-question", 60)}]
+    predicted = kv_match(router.url, messages=second)["cached_tokens"]
+    assert predicted.get(home) == 3 * BLOCK_SIZE and predicted.get(other, 0) == 0, predicted
+    assert _engine_cached_chat(pair, home, second) == predicted[home]
+    assert _engine_cached_chat(pair, other, second) == predicted.get(other, 0)

@@ -132,5 +132,9 @@ def make_prompt(tag: str, tokens: int) -> str:
     return " ".join(words)
 
 
-def kv_match(router_url: str, prompt: str) -> dict[str, Any]:
-    return post_json(router_url + "/debug/kv-match", {"model": SERVED, "prompt": prompt})[0]
+def kv_match(router_url: str, prompt: str = "", messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """The router's view of what each instance holds of a prompt, or of a chat's `messages`."""
+    body: dict[str, Any] = {"model": SERVED, "prompt": prompt}
+    if messages is not None:
+        body = {"model": SERVED, "messages": messages}
+    return post_json(router_url + "/debug/kv-match", body)[0]
