@@ -15,7 +15,7 @@ prompt is built by the engine from the model's chat template; the router renders
 template (`ChatTemplate`) so chats are keyed too. The router always passes a message's content as
 one string (text parts joined by newlines, as vLLM does for most templates). A template that vLLM
 detects as iterating over content parts gets a list from vLLM instead, so it may render
-differently here: its chats then find no keys, and routing falls back to the shadow estimate.
+differently here: its chats' keys then match no cached blocks, as if nothing were cached.
 
 Wire format (vLLM 0.32, msgspec): frames `[topic, seq(8 bytes BE), msgpack([ts, [event…], dp_rank])]`,
 each event a map tagged by `type` (older builds wrote `[tag, field…]` arrays; both are read).
