@@ -23,6 +23,7 @@ PORT = 8000
 # pods that inherit their keys before SIGTERM stops the engine.
 DRAIN_SECONDS = 20
 KV_EVENTS_PORT = 5557  # the router's ZMQ SUB socket; vLLM instances connect and publish KV-cache events
+KV_REPLAY_PORT = 5558  # each vLLM instance's replay socket: a (re)started router fetches what it missed
 MANAGER = "kvpilot-operator"
 LABEL_SERVICE = "kvpilot.io/service"
 LABEL_ROLE = "kvpilot.io/role"
@@ -121,7 +122,8 @@ def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
                                     for role in spec.pools()}},
             # engine vllm: KV events to follow, and streams migrate by resume (router/resume.py).
             **({"engine": "vllm",
-                "kvEvents": {"bind": f"tcp://0.0.0.0:{KV_EVENTS_PORT}", "blockSize": spec.routing.block_size}}
+                "kvEvents": {"bind": f"tcp://0.0.0.0:{KV_EVENTS_PORT}", "blockSize": spec.routing.block_size,
+                             "replayPort": KV_REPLAY_PORT}}
                if spec.engine.type == "vllm" else {}),
             **({"migration": {"enabled": True, "tpotMs": spec.slo.tpot_ms}} if spec.routing.migration else {}),
         }],
@@ -222,9 +224,11 @@ def kv_transfer_config(spec: WorkerPoolSpec) -> Obj:
 
 def kv_events_config(spec: WorkerPoolSpec) -> Obj:
     """vLLM's --kv-events-config: dial the router's KV-event socket (a host:port endpoint makes vLLM
-    connect rather than bind) and publish under the pod's name, which is the router's endpoint name."""
+    connect rather than bind) and publish under the pod's name, which is the router's endpoint name;
+    keep recent batches on a replay socket for a router that starts after them."""
     return {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "$(POD_NAME)",
-            "endpoint": f"tcp://{router_name(spec.service)}:{KV_EVENTS_PORT}"}
+            "endpoint": f"tcp://{router_name(spec.service)}:{KV_EVENTS_PORT}",
+            "replay_endpoint": f"tcp://*:{KV_REPLAY_PORT}"}
 
 
 def _vllm_model_arg(spec: WorkerPoolSpec) -> str:
@@ -271,7 +275,8 @@ def pool_deployment(spec: WorkerPoolSpec, owner: Owner) -> Obj:
     container: Obj = {
         "name": "engine", "image": spec.engine.image or (DEFAULT_VLLM_IMAGE if slow else kvpilot_image()),
         "command": command, "args": args, "env": engine_env(spec),
-        "ports": [{"name": "http", "containerPort": PORT}],
+        "ports": [{"name": "http", "containerPort": PORT},
+                  *([{"name": "kv-replay", "containerPort": KV_REPLAY_PORT}] if slow else [])],
         "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 180 if slow else 30},
         "readinessProbe": {**health, "periodSeconds": 5},
         "livenessProbe": {**health, "periodSeconds": 10, "failureThreshold": 3},

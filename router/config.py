@@ -21,11 +21,14 @@ POOL_ENDPOINT_ROLE: dict[str, Role] = {"aggregated": "both", "prefill": "prefill
 
 
 class Endpoint(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = Field(description="stable identity (pod name): ring membership follows names, not URLs")
     url: HttpUrl
     role: Role = "both"
+    kv_replay: str | None = Field(None, alias="kvReplay",
+                                  description="the instance's KV-event replay socket (vLLM `replay_endpoint`), when "
+                                              "it is not the endpoint's host at `kvEvents.replayPort`")
 
 
 class Discovery(BaseModel):
@@ -47,6 +50,9 @@ class KVEvents(BaseModel):
     bind: str = "tcp://0.0.0.0:5557"
     tokenizer: str | None = Field(None, description="tokenizer.json or a model dir: to key prompts like the engine")
     block_size: int = Field(128, gt=0, alias="blockSize", description="the engine's KV block size (CPU 128, GPU 16)")
+    replay_port: int | None = Field(None, gt=0, le=65535, alias="replayPort",
+                                    description="each instance's KV-event replay port (vLLM `replay_endpoint`): "
+                                                "events missed while the router was away are fetched from there")
 
 
 class HandoverConfig(BaseModel):

@@ -28,7 +28,7 @@ import datetime
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,12 +106,19 @@ def _fields(event: Any) -> tuple[str, dict[str, Any]]:
 class KVEventIndex:
     """Per-instance block indexes fed by KV events, and the prompt → keys function that matches them."""
 
-    def __init__(self, block_size: int = 128, tokenizer: Any = None, chat_template: ChatTemplate | None = None) -> None:
+    def __init__(self, block_size: int = 128, tokenizer: Any = None, chat_template: ChatTemplate | None = None,
+                 replay_address: Callable[[str], str | None] | None = None, replay_timeout_s: float = 5.0) -> None:
         self.block_size = block_size
         self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`; None: only events, no prompt matching
         self.chat_template = chat_template   # None: chat requests are not matched against events
         self.instances: dict[str, BlockIndex] = {}
         self.batches = 0
+        # Instance name → its replay socket (vLLM `replay_endpoint`), None where it has none.
+        self.replay_address = replay_address
+        self.replay_timeout_s = replay_timeout_s
+        self.replays: Counter[str] = Counter()              # outcome → count
+        self.on_replay: Callable[[str, str], None] | None = None   # (instance, outcome): a metric
+        self._held: dict[str, list[tuple[int, Any]]] = {}    # live batches of an instance being replayed
 
     def apply(self, name: str, seq: int, payload: Any) -> None:
         """One decoded batch `[ts, events, dp_rank]` from instance `name`."""
@@ -159,8 +166,70 @@ class KVEventIndex:
     def summary(self) -> dict[str, int]:
         return {name: len(index.by_engine) for name, index in self.instances.items()}
 
+    def receive(self, name: str, seq: int, payload: Any) -> int | None:
+        """One live batch. Returns the sequence number to replay from when batches before it were
+        missed (a router that started after the engine, or lost messages) and the instance has a
+        replay socket; the batch is then held until `replayed`."""
+        held = self._held.get(name)
+        if held is not None:
+            held.append((seq, payload))
+            return None
+        index = self.instances.get(name)
+        start = 0 if index is None else index.last_seq + 1
+        if seq > start and self.replay_address is not None and self.replay_address(name):
+            self._held[name] = [(seq, payload)]
+            return start
+        self.apply(name, seq, payload)
+        return None
+
+    def replayed(self, name: str, batches: list[tuple[int, Any]], outcome: str) -> None:
+        """Apply what a replay returned, then the live batches held meanwhile, each once in order."""
+        self.replays[outcome] += 1
+        if self.on_replay is not None:
+            self.on_replay(name, outcome)
+        held = self._held.pop(name, [])
+        index = self.instances.setdefault(name, BlockIndex())
+        for seq, payload in [*batches, *held]:
+            if seq > index.last_seq:   # the replay and the live stream overlap: skip what was applied
+                self.apply(name, seq, payload)
+
+    async def replay(self, ctx: Any, name: str, address: str, start: int) -> None:
+        """Fetch `name`'s buffered batches from `start` over its replay socket (a DEALER to vLLM's
+        ROUTER: send the start sequence, read batches until the end marker, sequence -1)."""
+        import msgpack
+        import zmq
+
+        batches: list[tuple[int, Any]] = []
+        outcome = "error"   # until the end marker arrives; the held live batches are applied whatever happens
+        sock = ctx.socket(zmq.DEALER)
+        try:
+            sock.connect(address)
+            await sock.send_multipart([b"", start.to_bytes(8, "big", signed=True)])
+            while True:
+                if not await sock.poll(self.replay_timeout_s * 1000):
+                    outcome = "timeout"
+                    break
+                frames = await sock.recv_multipart()
+                if len(frames) != 4:
+                    continue
+                seq = int.from_bytes(frames[2], "big", signed=True)
+                if seq < 0:
+                    outcome = "ok"
+                    break
+                batches.append((seq, msgpack.unpackb(frames[3])))
+        except (zmq.ZMQError, ValueError) as e:
+            log.warning("KV-event replay from %s failed: %s", address, e, extra={"endpoint": name})
+        finally:
+            sock.close(linger=0)
+            log.info("KV-event replay from seq %d: %s, %d batches", start, outcome, len(batches),
+                     extra={"endpoint": name})
+            self.replayed(name, batches, outcome)
+
     async def listen(self, endpoint: str) -> None:
-        """Bind a SUB socket at `endpoint` and apply batches until cancelled."""
+        """Bind a SUB socket at `endpoint` and apply batches until cancelled; fetch missed batches
+        from an instance's replay socket when its sequence jumps."""
+        import asyncio
+
         import msgpack
         import zmq
         import zmq.asyncio
@@ -176,17 +245,27 @@ class KVEventIndex:
             ctx.term()
             return
         log.info("listening for KV events", extra={"endpoint": endpoint})
+        replays: set[asyncio.Task[None]] = set()
         try:
             while True:
                 frames = await sock.recv_multipart()
                 if len(frames) != 3:
                     continue
                 topic, seq, payload = frames
+                name = topic.decode(errors="replace")
                 try:
-                    self.apply(topic.decode(), int.from_bytes(seq, "big", signed=True), msgpack.unpackb(payload))
+                    start = self.receive(name, int.from_bytes(seq, "big", signed=True), msgpack.unpackb(payload))
                 except (ValueError, KeyError, TypeError, IndexError) as e:
-                    log.warning("bad KV event batch: %s", e, extra={"endpoint": topic.decode(errors="replace")})
+                    log.warning("bad KV event batch: %s", e, extra={"endpoint": name})
+                    continue
+                address = self.replay_address(name) if start is not None and self.replay_address else None
+                if start is not None and address:
+                    task = asyncio.create_task(self.replay(ctx, name, address, start))
+                    replays.add(task)
+                    task.add_done_callback(replays.discard)
         finally:
+            for task in replays:
+                task.cancel()
             with contextlib.suppress(Exception):
                 sock.close(linger=0)
             ctx.term()

@@ -49,5 +49,7 @@ class RouterMetrics:
         self.hold_bypassed = Gauge("kvpilot_router_hold_bypassed",
                                    "1 while new requests skip the router-side queues because the router lags.",
                                    registry=r)
+        self.kv_replays = Counter("kvpilot_router_kv_event_replays", "KV-event replays fetched from an instance "
+                                  "after missed batches, by outcome.", ["model", "endpoint", "outcome"], registry=r)
         self.members = Gauge("kvpilot_router_healthy_endpoints", "Endpoints the policy may choose.",
                              ["model", "role"], registry=r)

@@ -121,9 +121,21 @@ class Router:
     def _follow_kv_events(self, m: ModelConfig, served: Served) -> None:
         """Observed cache contents replace the shadow estimate of the pool whose policy uses the cache."""
         assert m.kv_events is not None
-        path = m.kv_events.tokenizer
+        path, replay_port = m.kv_events.tokenizer, m.kv_events.replay_port
+
+        def replay_address(name: str) -> str | None:
+            """An instance's KV-event replay socket: its own setting, else its host at the model's port."""
+            for pool in (served.main, served.prefill):
+                member = None if pool is None else pool.by_name.get(name)
+                if member is not None:
+                    e = member.endpoint
+                    return e.kv_replay or (f"tcp://{e.url.host}:{replay_port}" if replay_port else None)
+            return None
+
         tok = load_tokenizer(path) if path else None
-        index = KVEventIndex(m.kv_events.block_size, tok, load_chat_template(path) if path else None)
+        index = KVEventIndex(m.kv_events.block_size, tok, load_chat_template(path) if path else None,
+                             replay_address)
+        index.on_replay = lambda name, outcome: self.metrics.kv_replays.labels(m.name, name, outcome).inc()
         self.kv_indexes[m.name] = index
         estimate = getattr((served.prefill or served.main).policy, "estimate", None)
         if isinstance(estimate, LoadEstimator):

@@ -157,12 +157,13 @@ def expand(value: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
 
 
-def pod_from_operator(deployment: dict[str, Any], *, pod: str, port: int, kv_events: str,
+def pod_from_operator(deployment: dict[str, Any], *, pod: str, port: int, kv_events: str, kv_replay: str,
                       nixl_port: int | None = None) -> tuple[list[str], dict[str, str]]:
     """(args after `vllm serve`, env) for one pod of an engine Deployment the operator rendered, run
     on loopback: what Kubernetes would do (fieldRef env, `$(VAR)` expansion) plus what a pod's own IP
     and cluster DNS give for free there: its own port instead of 0.0.0.0:8000, the router Service's
-    KV-event address at `kv_events`, and, for NIXL, its own side-channel port. Nothing else changes."""
+    KV-event address at `kv_events`, its own KV-event replay socket at `kv_replay` (pods on one host
+    cannot share the rendered port), and, for NIXL, its own side-channel port. Nothing else changes."""
     from kvpilot.operator import render
 
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -182,5 +183,7 @@ def pod_from_operator(deployment: dict[str, Any], *, pod: str, port: int, kv_eve
     i = args.index("--kv-events-config")
     events = json.loads(args[i + 1])
     events["endpoint"] = kv_events
+    assert events["replay_endpoint"] == f"tcp://*:{render.KV_REPLAY_PORT}", events
+    events["replay_endpoint"] = kv_replay
     args[i + 1] = json.dumps(events, separators=(",", ":"))
     return args, env

@@ -102,3 +102,28 @@ def test_a_model_without_a_chat_template_matches_no_chats(tmp_path: Path) -> Non
     template = load_chat_template(str(tmp_path))   # the newer layout: the template in its own file
     assert template is not None and template.render([{"role": "user", "content": "a"}]) == "a"
     assert KVEventIndex(BS, _ByteTokenizer(), None).chat_keys([{"role": "user", "content": "a"}]) == ()
+
+
+def test_missed_batches_are_replayed_before_the_live_ones_and_each_applies_once() -> None:
+    """A router that starts after the engine sees seq 5 first: batches 0-4 hold the parents of what
+    follows. It holds the live batches, replays from 0, then applies everything once, in order."""
+    prompt = list(range(200, 220))   # 5 blocks
+    batches = [(i, [0.0, [_stored([30 + i], 29 + i if i else None, prompt[i * BS:(i + 1) * BS])], 0])
+               for i in range(5)]
+    index = KVEventIndex(BS, replay_address=lambda name: "tcp://127.0.0.1:1" if name == "a" else None)
+    assert index.receive("a", 3, batches[3][1]) == 0, "sequence starts mid-stream: replay from 0"
+    assert index.receive("a", 4, batches[4][1]) is None and index.summary() == {}, "held while replaying"
+    index.replayed("a", batches[:4], "ok")     # the replay overlaps the held live batch 3
+    assert index.cached_tokens("a", _view(prompt)) == 5 * BS and index.replays == {"ok": 1}
+    assert index.receive("a", 5, [0.0, [{"type": "BlockRemoved", "block_hashes": [34]}], 0]) is None
+    assert index.cached_tokens("a", _view(prompt)) == 4 * BS, "live again after the replay"
+    # An instance without a replay socket applies what it can: the orphaned block is dropped.
+    assert index.receive("b", 2, batches[1][1]) is None and index.summary()["b"] == 0
+
+
+def test_a_failed_replay_still_applies_the_held_batches() -> None:
+    index = KVEventIndex(BS, replay_address=lambda name: "tcp://127.0.0.1:1")
+    assert index.receive("a", 7, [0.0, [_stored([1], None, [1, 2, 3, 4])], 0]) == 0
+    index.replayed("a", [], "timeout")
+    assert index.summary() == {"a": 1} and index.replays == {"timeout": 1}
+    assert index.receive("a", 8, [0.0, [], 0]) is None, "no replay while the sequence is contiguous"

@@ -81,3 +81,28 @@ def test_chat_requests_are_keyed_through_the_models_chat_template(pair: Stage,
     assert predicted.get(home) == 3 * BLOCK_SIZE and predicted.get(other, 0) == 0, predicted
     assert _engine_cached_chat(pair, home, second) == predicted[home]
     assert _engine_cached_chat(pair, other, second) == predicted.get(other, 0)
+
+
+def test_a_router_started_after_the_engines_replays_what_it_missed(
+        pair: Stage, router_factory: Callable[..., RouterProcess]) -> None:
+    """The engines keep recent KV-event batches on their replay sockets (rendered by the operator).
+    A router that (re)starts later sees their sequence jump and fetches the batches it missed,
+    so prefixes cached before it started are in its view, as the engines count them."""
+    first = router_factory([router_model(pair)])
+    base = make_prompt("kv-replay", 3 * BLOCK_SIZE + 20)
+    _, headers = post_json(first.url + "/v1/completions", {"model": "tiny", "prompt": base, "max_tokens": 1})
+    home = headers["X-Kvpilot-Endpoint"]
+    wait_for(lambda: kv_match(first.url, base)["cached_tokens"].get(home, 0) >= 3 * BLOCK_SIZE, 15,
+             "the first router to see the prefix")
+    first.stop()
+
+    second = router_factory([router_model(pair)])   # binds the same KV-event port; the engines reconnect
+    assert kv_match(second.url, base)["cached_tokens"].get(home, 0) == 0, "nothing seen yet"
+    # Any new batch from the instance shows the second router that it missed the earlier ones.
+    pair.servers[home].post("/v1/completions", {"model": "tiny", "max_tokens": 1,
+                                                "prompt": make_prompt("kv-replay-poke", 2 * BLOCK_SIZE)})
+    wait_for(lambda: kv_match(second.url, base)["cached_tokens"].get(home, 0) >= 3 * BLOCK_SIZE, 20,
+             "the second router to replay the missed batches")
+    assert kv_match(second.url, base)["cached_tokens"][home] == _engine_cached(pair, home, base)
+    replayed = f'kvpilot_router_kv_event_replays_total{{endpoint="{home}",model="tiny",outcome="ok"}}'
+    assert replayed in second.metrics_text()

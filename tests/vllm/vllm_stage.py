@@ -48,6 +48,7 @@ class Stage:
     servers: dict[str, VLLMServer]
     kv_port: int                        # the router binds here; the instances dial in
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)   # pod → rendered Deployment
+    kv_replay: dict[str, str] = field(default_factory=dict)                # pod → its KV-event replay socket
 
     def kv_events(self) -> dict[str, Any]:
         return {"bind": f"tcp://127.0.0.1:{self.kv_port}", "tokenizer": str(tiny_model()), "blockSize": 128}
@@ -74,12 +75,14 @@ class Stages:
                 "pd": [("tiny-prefill-a", "prefill"), ("tiny-decode-a", "decode")]}[kind]
         servers: dict[str, VLLMServer] = {}
         deployments: dict[str, dict[str, Any]] = {}
+        replay: dict[str, str] = {}
         try:
             for cpu, (pod, role) in enumerate(pods):
                 dep = rendered_deployment(spec, role)
                 port = free_port()
+                replay[pod] = f"tcp://127.0.0.1:{free_port()}"
                 args, env = pod_from_operator(dep, pod=pod, port=port, kv_events=f"tcp://127.0.0.1:{kv_port}",
-                                              nixl_port=free_port() if kind == "pd" else None)
+                                              kv_replay=replay[pod], nixl_port=free_port() if kind == "pd" else None)
                 deployments[pod] = dep
                 servers[pod] = VLLMServer(args, name=pod, port=port, workdir=self.workdir, cpu=cpu, env=env,
                                           wait=False)
@@ -89,7 +92,7 @@ class Stages:
             for server in servers.values():
                 server.stop()
             raise
-        return Stage(kind, servers, kv_port, deployments)
+        return Stage(kind, servers, kv_port, deployments, replay)
 
     def stop(self) -> None:
         if self.current is not None:
@@ -102,7 +105,8 @@ def router_model(stage: Stage, policy: str = "dualmap", **extra: Any) -> dict[st
     """The router's model entry for a stage: its instances by pod name (the KV-event topic)."""
     roles = {"tiny-worker-a": "both", "tiny-worker-b": "both", "tiny-prefill-a": "prefill", "tiny-decode-a": "decode"}
     return {"name": SERVED, "policy": policy, "mode": "aggregated" if stage.kind == "pair" else "disaggregated",
-            "endpoints": [{"name": n, "url": s.url, "role": roles[n]} for n, s in stage.servers.items()],
+            "endpoints": [{"name": n, "url": s.url, "role": roles[n], "kvReplay": stage.kv_replay[n]}
+                          for n, s in stage.servers.items()],
             "kvEvents": stage.kv_events(), **extra}
 
 
