@@ -44,6 +44,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "dualmap, no idle takeover": {"steal": False},
     "dualmap, linear predictor": {"attention_tokens": 0},
     "dualmap, no KV budget": {"kv_high": None},
+    "dualmap, no starvation bound": {"max_wait_slos": None},
 }
 
 
