@@ -64,7 +64,7 @@ def test_walk_visits_each_member_once() -> None:
     assert sorted(order) == sorted(ring.members) and order[0] == ring.lookup(123)
 
 
-@pytest.mark.parametrize("n", [1, 3, 200])
+@pytest.mark.parametrize("n", [1, 3, 200, 1000])
 def test_bucketed_lookup_equals_a_plain_bisect_over_every_point(n: int) -> None:
     """The bucket table only narrows the search: owners are exactly a full bisect's, wrap included."""
     names = [f"pod-{i}" for i in range(n)]
