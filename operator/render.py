@@ -123,11 +123,42 @@ def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
             # engine vllm: KV events to follow, and streams migrate by resume (router/resume.py).
             **({"engine": "vllm",
                 "kvEvents": {"bind": f"tcp://0.0.0.0:{KV_EVENTS_PORT}", "blockSize": spec.routing.block_size,
-                             "replayPort": KV_REPLAY_PORT}}
+                             "replayPort": KV_REPLAY_PORT,
+                             **({"tokenizer": tok} if (tok := tokenizer_source(spec)) else {})}}
                if spec.engine.type == "vllm" else {}),
             **({"migration": {"enabled": True, "tpotMs": spec.slo.tpot_ms}} if spec.routing.migration else {}),
         }],
     }
+
+
+# Engine env the router needs too, to fetch the model's tokenizer from the Hugging Face hub.
+HF_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE")
+
+
+def tokenizer_source(spec: LLMServiceSpec) -> str | None:
+    """Where the router reads the model's tokenizer and chat template, to key prompts as the engine
+    does for its KV events: the engine's own model directory on a PVC (mounted into the router
+    too), or the Hugging Face hub. None for S3: the router does not stream from S3, and without
+    a tokenizer it routes vLLM pools on its shadow estimate."""
+    uri = spec.model.uri or ""
+    if uri.startswith("pvc://"):
+        return _pvc_model_path(uri)
+    if uri.startswith("s3://"):
+        return None
+    return "hf://" + (uri.removeprefix("hf://") or spec.model.name)
+
+
+def _pvc_model_path(uri: str) -> str:
+    return "/models/" + uri.removeprefix("pvc://")
+
+
+def _model_volume(uri: str | None) -> tuple[Obj, Obj] | None:
+    """(volume, mount) of a pvc:// model: the claim, read-only under /models/<claim>."""
+    if not uri or not uri.startswith("pvc://"):
+        return None
+    claim = uri.removeprefix("pvc://").split("/", 1)[0]
+    return ({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
+            {"name": "model", "mountPath": f"/models/{claim}", "readOnly": True})
 
 
 def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None) -> list[Obj]:
@@ -142,13 +173,19 @@ def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None)
         "name": "router", "image": image or kvpilot_image(),
         "command": ["kvpilot", "router", "--config", ROUTER_CONFIG],
         "ports": [{"name": "http", "containerPort": PORT}, {"name": "kv-events", "containerPort": KV_EVENTS_PORT}],
-        "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+        "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                *([e.wire() for e in spec.engine.env if e.name in HF_ENV] if spec.engine.type == "vllm" else [])],
         "readinessProbe": probe, "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
-        "volumeMounts": [{"name": "config", "mountPath": "/etc/kvpilot", "readOnly": True}],
     }
-    pod = {"serviceAccountName": name, "containers": [container],
-           "volumes": [{"name": "config", "configMap": {"name": name}}]}
+    volumes: list[Obj] = [{"name": "config", "configMap": {"name": name}}]
+    mounts: list[Obj] = [{"name": "config", "mountPath": "/etc/kvpilot", "readOnly": True}]
+    model = _model_volume(spec.model.uri) if spec.engine.type == "vllm" else None
+    if model is not None:   # the engine's model directory, for its tokenizer (tokenizer_source)
+        volumes.append(model[0])
+        mounts.append(model[1])
+    container["volumeMounts"] = mounts
+    pod = {"serviceAccountName": name, "containers": [container], "volumes": volumes}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(name, owner, labels)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(name, owner, labels),
@@ -234,7 +271,7 @@ def kv_events_config(spec: WorkerPoolSpec) -> Obj:
 def _vllm_model_arg(spec: WorkerPoolSpec) -> str:
     uri = spec.model.uri or ""
     if uri.startswith("pvc://"):
-        return "/models/" + uri.removeprefix("pvc://")
+        return _pvc_model_path(uri)
     if uri.startswith("s3://"):
         return uri
     return uri.removeprefix("hf://") or spec.model.name
@@ -308,11 +345,10 @@ def _volumes(spec: WorkerPoolSpec) -> tuple[list[Obj], list[Obj]]:
     if spec.engine.type == "vllm":  # NCCL and torch workers share tensors through /dev/shm
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    uri = spec.model.uri or ""
-    if uri.startswith("pvc://"):
-        claim = uri.removeprefix("pvc://").split("/", 1)[0]
-        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-        mounts.append({"name": "model", "mountPath": f"/models/{claim}", "readOnly": True})
+    model = _model_volume(spec.model.uri)
+    if model is not None:
+        volumes.append(model[0])
+        mounts.append(model[1])
     return volumes, mounts
 
 

@@ -48,7 +48,8 @@ class KVEvents(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     bind: str = "tcp://0.0.0.0:5557"
-    tokenizer: str | None = Field(None, description="tokenizer.json or a model dir: to key prompts like the engine")
+    tokenizer: str | None = Field(None, description="tokenizer.json, a model dir or hf://org/name (the hub): to key "
+                                                    "prompts like the engine")
     block_size: int = Field(128, gt=0, alias="blockSize", description="the engine's KV block size (CPU 128, GPU 16)")
     replay_port: int | None = Field(None, gt=0, le=65535, alias="replayPort",
                                     description="each instance's KV-event replay port (vLLM `replay_endpoint`): "

@@ -307,35 +307,60 @@ class ChatTemplate:
         return str(self.template.render(messages=conversation, add_generation_prompt=True, **self.special))
 
 
-def load_chat_template(path: str) -> ChatTemplate | None:
-    """The chat template of a model directory (`chat_template.jinja`, or `chat_template` in
-    `tokenizer_config.json`), with its special tokens; None when it has none."""
+HUB = "hf://"   # a tokenizer source on the Hugging Face hub: hf://org/name
+
+
+def _model_file(source: str, filename: str) -> str | None:
+    """A file of a model directory, or of a hub repository (downloaded, and cached by
+    huggingface_hub); None when the model has no such file."""
     from pathlib import Path
 
-    p = Path(path)
-    if not p.is_dir():
+    if source.startswith(HUB):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return str(hf_hub_download(source.removeprefix(HUB), filename))
+        except EntryNotFoundError:
+            return None
+    path = Path(source) / filename
+    return str(path) if path.is_file() else None
+
+
+def load_chat_template(source: str) -> ChatTemplate | None:
+    """The chat template of a model directory or hub repository (`chat_template.jinja`, or
+    `chat_template` in `tokenizer_config.json`), with its special tokens; None when it has none."""
+    from pathlib import Path
+
+    if not source.startswith(HUB) and not Path(source).is_dir():
         return None
-    config: dict[str, Any] = {}
-    if (p / "tokenizer_config.json").is_file():
-        config = json.loads((p / "tokenizer_config.json").read_text())
-    source = config.get("chat_template")
-    if isinstance(source, list):   # named templates: the default one
-        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
-    if (p / "chat_template.jinja").is_file():
-        source = (p / "chat_template.jinja").read_text()
-    if not isinstance(source, str):
+    config_file = _model_file(source, "tokenizer_config.json")
+    config: dict[str, Any] = json.loads(Path(config_file).read_text()) if config_file else {}
+    template = config.get("chat_template")
+    if isinstance(template, list):   # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    jinja_file = _model_file(source, "chat_template.jinja")
+    if jinja_file:
+        template = Path(jinja_file).read_text()
+    if not isinstance(template, str):
         return None
     special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
-    return ChatTemplate(source, special)
+    return ChatTemplate(template, special)
 
 
-def load_tokenizer(path: str) -> Any:
-    """A `tokenizers.Tokenizer` from a tokenizer.json file or a model directory holding one."""
+def load_tokenizer(source: str) -> Any:
+    """A `tokenizers.Tokenizer` from a tokenizer.json file, a model directory holding one, or a
+    hub repository (`hf://org/name`)."""
     from pathlib import Path
 
     from tokenizers import Tokenizer
 
-    p = Path(path)
+    if source.startswith(HUB):   # through huggingface_hub: its cache, HF_TOKEN and HF_HUB_OFFLINE apply
+        path = _model_file(source, "tokenizer.json")
+        if path is None:
+            raise FileNotFoundError(f"{source} has no tokenizer.json")
+        return Tokenizer.from_file(path)
+    p = Path(source)
     return Tokenizer.from_file(str(p / "tokenizer.json" if p.is_dir() else p))
 
 

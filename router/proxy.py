@@ -132,9 +132,14 @@ class Router:
                     return e.kv_replay or (f"tcp://{e.url.host}:{replay_port}" if replay_port else None)
             return None
 
-        tok = load_tokenizer(path) if path else None
-        index = KVEventIndex(m.kv_events.block_size, tok, load_chat_template(path) if path else None,
-                             replay_address)
+        tok, template = None, None
+        if path:
+            try:
+                tok, template = load_tokenizer(path), load_chat_template(path)
+            except Exception as e:   # an unreachable hub must not stop the router: it routes on its estimate
+                log.error("cannot load the tokenizer from %s (%s): KV events are followed, prompts not keyed",
+                          path, e, extra={"model": m.name})
+        index = KVEventIndex(m.kv_events.block_size, tok, template, replay_address)
         index.on_replay = lambda name, outcome: self.metrics.kv_replays.labels(m.name, name, outcome).inc()
         self.kv_indexes[m.name] = index
         estimate = getattr((served.prefill or served.main).policy, "estimate", None)

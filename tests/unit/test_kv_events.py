@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from kvpilot.router.kv_events import KVEventIndex, load_chat_template, token_block_keys
 from kvpilot.router.policy import RequestView
 
@@ -127,3 +129,38 @@ def test_a_failed_replay_still_applies_the_held_batches() -> None:
     index.replayed("a", [], "timeout")
     assert index.summary() == {"a": 1} and index.replays == {"timeout": 1}
     assert index.receive("a", 8, [0.0, [], 0]) is None, "no replay while the sequence is contiguous"
+
+
+def test_a_hub_model_gives_its_chat_template_from_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}x",
+                                                                 "bos_token": "<s>"}))
+    asked: list[tuple[str, str]] = []
+
+    def download(repo: str, filename: str) -> str:   # the hub, served from a folder
+        asked.append((repo, filename))
+        if not (tmp_path / filename).is_file():
+            raise EntryNotFoundError(filename)
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    template = load_chat_template("hf://org/model")
+    assert template is not None and template.render([]) == "<s>x"
+    assert asked == [("org/model", "tokenizer_config.json"), ("org/model", "chat_template.jinja")]
+
+
+def test_a_router_whose_tokenizer_cannot_be_loaded_still_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub in reach (an air-gapped cluster): the router follows events but keys no prompts."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")   # and nothing leaves loopback
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    from kvpilot.router.config import RouterConfig
+    from kvpilot.router.proxy import Router
+
+    cfg = RouterConfig.model_validate({"models": [{
+        "name": "m", "policy": "dualmap", "endpoints": [{"name": "w0", "url": "http://127.0.0.1:9"}],
+        "kvEvents": {"bind": "tcp://127.0.0.1:0", "tokenizer": "hf://kvpilot-test/not-cached-anywhere"}}]})
+    router = Router(cfg)
+    index = router.kv_indexes["m"]
+    assert index.tokenizer is None and index.chat_template is None

@@ -200,3 +200,27 @@ def test_routing_migration_renders_a_router_config_the_router_accepts() -> None:
         raise AssertionError("accepted migration on simulator engines without a redis kvTransfer")
     except ValidationError as e:
         assert "needs kvTransfer.backend redis" in str(e)
+
+
+def test_the_router_reads_the_engines_tokenizer_from_where_the_engine_reads_its_model() -> None:
+    """KV events are keyed by token ids: the router needs the model's tokenizer and chat template."""
+    def router(spec: LLMServiceSpec) -> tuple[Any, dict[str, Any]]:
+        dep = next(o for o in render.router_objects(spec, OWNER) if o["kind"] == "Deployment")
+        kv = RouterConfig.model_validate(render.router_config(spec, OWNER)).models[0].kv_events
+        return kv, dep["spec"]["template"]["spec"]
+
+    hf_token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    kv, pod = router(_spec(engine={"type": "vllm", "env": [hf_token, {"name": "OTHER", "value": "x"}]}))
+    assert kv is not None and kv.tokenizer == "hf://meta-llama/Llama-3.1-8B-Instruct"
+    env = pod["containers"][0]["env"]
+    assert hf_token in env and all(e["name"] != "OTHER" for e in env), "only the hub's settings follow"
+    assert [v["name"] for v in pod["volumes"]] == ["config"]
+
+    kv, pod = router(_spec(model={"name": "m", "uri": "pvc://weights/llama/8b"}))
+    assert kv is not None and kv.tokenizer == "/models/weights/llama/8b"   # the engine's model path
+    claim = {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}
+    assert claim in pod["volumes"]
+    assert {"name": "model", "mountPath": "/models/weights", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+
+    kv, _ = router(_spec(model={"name": "m", "uri": "s3://bucket/llama"}))
+    assert kv is not None and kv.tokenizer is None, "the router does not stream from S3"
