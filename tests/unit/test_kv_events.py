@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpilot.router.kv_events import KVEventIndex, load_chat_template, token_block_keys
+from kvpilot.router.kv_events import BlockIndex, KVEventIndex, load_chat_template, token_block_keys
 from kvpilot.router.policy import RequestView
 
 BS = 4
@@ -30,9 +30,12 @@ def test_stored_chains_across_batches_and_removed_cuts_the_prefix() -> None:
     assert index.cached_tokens("a", _view(prompt)) == 12
     assert index.cached_tokens("b", _view(prompt)) == 0
     assert index.cached_tokens("a", _view([1, 2, 3, 4, *prompt])) == 0   # same blocks, different prefix
-    index.apply("a", 2, [0.2, [{"type": "BlockRemoved", "block_hashes": [12], "medium": "GPU"}], 0])
+    # vLLM evicts a request's blocks tail first: the last block goes, the hit shrinks to the first two.
+    index.apply("a", 2, [0.2, [{"type": "BlockRemoved", "block_hashes": [13], "medium": "GPU"}], 0])
+    assert index.cached_tokens("a", _view(prompt)) == 8
+    index.apply("a", 3, [0.2, [{"type": "BlockRemoved", "block_hashes": [12], "medium": "GPU"}], 0])
     assert index.cached_tokens("a", _view(prompt)) == 4  # a hit stops at the first missing block
-    index.apply("a", 3, [0.3, [{"type": "AllBlocksCleared"}], 0])
+    index.apply("a", 4, [0.3, [{"type": "AllBlocksCleared"}], 0])
     assert index.cached_tokens("a", _view(prompt)) == 0 and index.summary() == {"a": 0}
 
 
@@ -164,3 +167,19 @@ def test_a_router_whose_tokenizer_cannot_be_loaded_still_starts(monkeypatch: pyt
     router = Router(cfg)
     index = router.kv_indexes["m"]
     assert index.tokenizer is None and index.chat_template is None
+
+
+def test_matching_a_long_prompt_agrees_with_a_scan_of_its_blocks() -> None:
+    """Binary search over 2,000 blocks: the same leading hit as a block-by-block scan, whatever
+    prefix of the prompt the instance holds."""
+    import random
+
+    rng = random.Random(5)
+    tokens = [rng.randrange(50_000) for _ in range(2000 * BS)]
+    keys = token_block_keys(tokens, BS)
+    for held in (0, 1, 2, 999, 1000, 1999, 2000):
+        index = BlockIndex()
+        for k in keys[:held]:
+            index.keys[k] += 1
+        index.keys[rng.getrandbits(64)] += 1   # someone else's block
+        assert index.match(keys) == held
