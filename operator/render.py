@@ -106,9 +106,6 @@ def pool_selector(service: str, role: Role) -> str:
     return f"{LABEL_SERVICE}={service},{LABEL_ROLE}={role},{LABEL_COMPONENT}=engine"
 
 
-# Pool roles as the router names them: an aggregated pool serves both prefill and decode.
-
-
 def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
     """What `kvpilot router --config` reads (`kvpilot.router.config.RouterConfig`): one model,
     whose endpoints are the ready pods of each pool, found by label in this namespace."""

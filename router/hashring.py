@@ -99,7 +99,7 @@ class HashRing:
 
     def _rebuild(self) -> None:
         """Points, owners and bucket tables for the current members. It runs on the event loop at
-        every membership change (≈ 0.1 s per ring at 1,000 members), so a member's points are
+        every membership change (≈ 0.2 s per ring at 1,000 members), so a member's points are
         hashed once and kept while it stays, and the tables are filled a bucket run at a time."""
         cached = self._member_points
         self._member_points = {name: cached.get(name) or [self._hash(f"{name}#{i}".encode())

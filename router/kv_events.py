@@ -47,7 +47,7 @@ def token_block_keys(token_ids: Sequence[int], block_size: int, parent: int = RO
     XXH3 of each block's ids as 4-byte little-endian integers, seeded with the parent's key. Only
     the router computes these keys (from events and from prompts alike), so they need not match
     any hash of vLLM's; they run on every request, so they are packed once per prompt and hashed
-    without a cryptographic hash (32k tokens in 16-token blocks: 5.3 ms before, ≈ 0.6 ms now)."""
+    without a cryptographic hash (32k tokens in 16-token blocks: 5.3 ms before, ≈ 0.5 ms now)."""
     packed = array("I", token_ids)   # 4-byte unsigned on every platform CPython supports
     if sys.byteorder != "little":
         packed.byteswap()
