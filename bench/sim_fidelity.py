@@ -42,7 +42,6 @@ from kvpilot.sim.calibrate import (
     kv_geometry,
     make_text,
     measure,
-    measure_wakeup,
     stream_completion,
 )
 from kvpilot.sim.engine import Engine, Sequence
@@ -269,13 +268,12 @@ async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_s
                                     batches=[1, 2, 4, 8, 16], decode_prompts=[32, 384], decode_tokens=48,
                                     repeats=args.repeats, seed=args.seed)
     shares = args.cpu is not None
-    wakeup = await measure_wakeup(base_url, model, seed=args.seed) if args.wakeup else 0.0
     cal_s = time.perf_counter() - t0
     profile = fit_profile(prefill, decode, name="cpu-tiny-llama", model="tiny random Llama (820k params)",
                           hardware=args.hardware, block_size=block_size, kv_capacity_tokens=capacity,
                           kv_bytes_per_token=2 * 2 * 2 * 32 * 4,  # 2 layers × (K, V) × 2 KV heads × 32 × fp32
                           source=f"measured: bench/sim_fidelity.py calibration ({cal_s:.0f} s)",
-                          frontend_shares_core=shares, idle_wakeup_s=wakeup)
+                          frontend_shares_core=shares)
     print(json.dumps(profile.model_dump(), indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     (args.out.parent / "sim_fidelity_profile.json").write_text(json.dumps(
@@ -378,8 +376,6 @@ def main() -> None:
     parser.add_argument("--nice", type=int, help="run engine and client at this niceness (negative needs root)")
     parser.add_argument("--profile", type=Path, help="skip calibration: use this profile JSON")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-wakeup", dest="wakeup", action="store_false",
-                        help="do not measure the idle engine's wake-up (Profile.idle_wakeup_s stays 0)")
     parser.add_argument("--warm-shapes", type=int, default=1000,
                         help="first send one request of each prompt length up to this (0: none)")
     parser.add_argument("--hardware", default="2-core x86_64 dev machine (AVX-512)")

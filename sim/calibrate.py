@@ -104,7 +104,7 @@ class DecodePoint:
 def fit_profile(prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint], *, name: str, model: str,
                 hardware: str, source: str, block_size: int, kv_capacity_tokens: int, kv_bytes_per_token: int,
                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                frontend_shares_core: bool = False, idle_wakeup_s: float = 0.0) -> Profile:
+                frontend_shares_core: bool = False) -> Profile:
     step_s, decode_seq_s, decode_ctx_s = nonneg_fit([[1.0, p.batch, p.batch * p.context] for p in decode],
                                                     [p.itl_s for p in decode])
     step_s = max(step_s, 1e-6)
@@ -124,7 +124,7 @@ def fit_profile(prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint], 
                    max_num_batched_tokens=max_num_batched_tokens, step_s=step_s,
                    prefill_token_s=per_token, attn_pair_s=quad, decode_seq_s=decode_seq_s,
                    decode_ctx_s=decode_ctx_s, request_overhead_s=overhead, frontend_token_s=frontend_token_s,
-                   frontend_shares_core=frontend_shares_core, idle_wakeup_s=idle_wakeup_s)
+                   frontend_shares_core=frontend_shares_core)
 
 
 # -- the shell: measuring a live engine ---------------------------------------------------------
@@ -226,32 +226,6 @@ async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], b
                 contexts[n, b].append(statistics.mean(r.prompt_tokens for r in runs) + decode_tokens / 2)
         decode = [DecodePoint(b, statistics.mean(contexts[n, b]), statistics.median(itls[n, b])) for n, b in settings]
     return prefill, decode
-
-
-async def measure_wakeup(base_url: str, model: str, *, tokens: int = 400, gap_s: float = 0.3, rounds: int = 12,
-                         seed: int = 0) -> float:
-    """Extra engine prefill time after an idle spell: the same prefill sent right after the
-    previous one finished and after `gap_s` of idleness, alternating; the difference of the
-    medians of vLLM's own prefill times (0 when idleness costs nothing). The prefill measurement
-    above sends requests back to back, so it never sees an engine that went cold."""
-    rng = random.Random(seed)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
-                                     connector=aiohttp.TCPConnector(keepalive_timeout=2)) as session:
-        probe = await stream_completion(session, base_url, model, make_text(rng, 2000), 2)
-        chars = int(tokens * 2000 / max(1, probe.prompt_tokens))
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(rounds):
-            for idle in rng.sample([False, True], 2):
-                before = await prefill_time_total(session, base_url)
-                if idle:
-                    await asyncio.sleep(gap_s)   # after the scrape, which itself wakes the server
-                await stream_completion(session, base_url, model, make_text(rng, chars), 2)
-                after = await prefill_time_total(session, base_url)
-                if before is not None and after is not None and after[1] - before[1] == 1:
-                    times[idle].append(after[0] - before[0])
-    if not times[False] or not times[True]:
-        return 0.0
-    return max(0.0, statistics.median(times[True]) - statistics.median(times[False]))
 
 
 async def prefill_time_total(session: aiohttp.ClientSession, base_url: str) -> tuple[float, float] | None:

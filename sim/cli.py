@@ -66,9 +66,6 @@ def register(sub: Any) -> None:
     cal.add_argument("--decode-tokens", type=int, default=48)
     cal.add_argument("--repeats", type=int, default=3)
     cal.add_argument("--warmup", type=int, default=6, help="requests sent first and discarded")
-    cal.add_argument("--wakeup-gap", type=float, default=0.0,
-                     help="also measure the extra prefill time after this many seconds of idleness (a CPU "
-                          "engine's wake-up: Profile.idle_wakeup_s); 0 skips it")
     cal.add_argument("--frontend-shares-core", action="store_true",
                      help="the API server runs on the engine's core (a CPU engine pinned to one core): the profile "
                           "serializes its per-request work with the steps")
@@ -127,7 +124,7 @@ def _cluster(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import asyncio
 
-    from kvpilot.sim.calibrate import engine_cache_info, fit_profile, kv_geometry, measure, measure_wakeup
+    from kvpilot.sim.calibrate import engine_cache_info, fit_profile, kv_geometry, measure
 
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x]
@@ -139,16 +136,13 @@ def _calibrate(args: argparse.Namespace) -> int:
                                           batches=ints(args.batches), decode_prompts=ints(args.decode_prompts),
                                           decode_tokens=args.decode_tokens, repeats=args.repeats, seed=args.seed,
                                           warmup=args.warmup))
-    wakeup = asyncio.run(measure_wakeup(args.base_url, args.model, gap_s=args.wakeup_gap, seed=args.seed)) \
-        if args.wakeup_gap > 0 else 0.0
     profile = fit_profile(
         prefill, decode, name=args.name or f"calibrated-{args.model}", model=args.model, hardware=args.hardware,
         source=f"measured: kvpilot sim calibrate against {args.base_url} ({len(prefill)} prefill and "
                f"{len(decode)} decode points, {time.perf_counter() - t0:.0f} s)",
         block_size=block_size, kv_capacity_tokens=capacity,
         kv_bytes_per_token=args.kv_bytes_per_token, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, frontend_shares_core=args.frontend_shares_core,
-        idle_wakeup_s=wakeup)
+        max_num_batched_tokens=args.max_num_batched_tokens, frontend_shares_core=args.frontend_shares_core)
     doc = {"profile": profile.model_dump(), "points": {
         "prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
         "decode": [[p.batch, p.context, p.itl_s] for p in decode]}}

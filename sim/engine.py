@@ -17,9 +17,6 @@ two: a request that arrived during a step has its front-end work (HTTP, tokeniza
 step takes longer by the work. (Deferring the request one more step, as if the work overlapped the
 step after, over-predicted the real engine's TTFT by 37-47% at 6 req/s: bench/results/sim_fidelity.md.)
 
-A CPU engine that sat idle pays `Profile.idle_wakeup_s` on its next step (its worker threads and
-caches went cold: +2-4 ms measured on the tiny CPU model after 50 ms-1.5 s idle gaps).
-
 Virtual time adds one thing: a step that only decodes, with nobody admissible waiting, is
 repeated until the first request finishes, in closed form (`StepPlan.steps` > 1). A driver
 that learns of an arrival mid-way truncates the plan to the steps done by then, so the result
@@ -139,7 +136,6 @@ class Engine:
         self.running: list[Sequence] = []
         self.frontend: list[Sequence] = []   # arrived, front-end work not started (frontend_shares_core)
         self.counters = EngineCounters()
-        self._idle_since: float | None = 0.0  # when the last step left nothing to do (Profile.idle_wakeup_s)
 
     # -- requests ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -345,19 +341,13 @@ class Engine:
             return None
         plan = self._timing(items)
         plan.start = now
-        p = self.profile
-        idle = self._idle_since
-        waking = bool(p.idle_wakeup_s) and idle is not None and now - idle >= p.idle_wakeup_after_s
-        self._idle_since = None
         if frontend:  # one core: the API server's work, then the step's forward pass
             plan.frontend = frontend
             plan.first_step_s = (plan.first_step_s if items else 0.0) + sum(map(self.frontend_s, frontend))
-        elif max_steps > 1 and not preempted and all_running_scheduled and not waking:
+        elif max_steps > 1 and not preempted and all_running_scheduled:
             nobody_admissible = not self.waiting or admitted_blocked or len(running) >= self.max_num_seqs
             if nobody_admissible and all(n == 1 and s.output > 0 for s, n in items):
                 self._extend(plan, max_steps)
-        if waking:   # the first step after an idle spell (a single step: it is never extended)
-            plan.first_step_s += p.idle_wakeup_s
         return plan
 
     def _timing(self, items: list[tuple[Sequence, int]]) -> StepPlan:
@@ -443,6 +433,4 @@ class Engine:
                     del seq.blocks[-extra:]
         if finished:
             self.running = [s for s in self.running if s.phase == Phase.RUNNING]
-        if not self.has_work:
-            self._idle_since = now
         return emitted

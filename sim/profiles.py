@@ -49,10 +49,6 @@ class Profile(BaseModel):
     frontend_token_s: float = Field(0.0, ge=0, description="frontend time per prompt token (tokenization)")
     frontend_shares_core: bool = Field(False, description="the API server runs on the engine's CPU (a pinned CPU "
                                        "engine): its per-request time is serialized with the steps (sim.engine)")
-    idle_wakeup_s: float = Field(0.0, ge=0, description="extra time of the first step after the engine sat idle for "
-                                 "`idle_wakeup_after_s` (a CPU engine's threads and caches go cold); measured by "
-                                 "`kvpilot sim calibrate --wakeup-gap`")
-    idle_wakeup_after_s: float = Field(0.02, ge=0, description="idle time after which the next step pays the wake-up")
 
 
 def _kv_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
