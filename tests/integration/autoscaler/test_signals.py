@@ -80,8 +80,10 @@ def test_requests_held_by_the_router_count_as_waiting(
         wait_for(lambda: held(router) >= 4 and first_tokens(worker) >= 1, 60, "the router to hold the overload")
         s_router, s_engines = read()
         assert all(a.result().choices[0].text for a in answers), "every held request is served"
-    assert s_engines.waiting == 0, "the router released only what the engine could start"
-    assert s_router.waiting is not None and s_router.waiting >= 4
+    # The router releases one 6k prompt at a time (its release budget): the engine's own queue holds
+    # at most the one just released, waiting for the next step.
+    assert s_engines.waiting is not None and s_engines.waiting <= 1
+    assert s_router.waiting is not None and s_router.waiting - s_engines.waiting >= 4
     after = read()[0]
     assert after.waiting == 0, "served requests leave the count"
 
