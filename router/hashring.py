@@ -111,8 +111,8 @@ class HashRing:
     def _rebuild(self) -> None:
         """Points, owners and bucket tables for the current members. It runs on the event loop at
         every membership change, so a member's points are hashed once and kept while it stays, and
-        the tables are built with array operations (1,000 members: ≈ 0.05 s per ring, against
-        0.3 s with Python loops)."""
+        the tables are built with array operations (adding one of 1,000 members: ≈ 0.035 s per
+        ring, against 0.37 s with Python loops)."""
         names = sorted(self._members)
         cached = self._member_points
         self._member_points = {name: cached.get(name) or [self._hash(f"{name}#{i}".encode())
