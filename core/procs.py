@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,11 +20,43 @@ from pathlib import Path
 _LIVE: set[ManagedProcess] = set()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; else its default)."""
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port the kernel says is free now; two parallel runs never get the same one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port that is free now and stays free until its process binds it: picked at random
+    below the kernel's ephemeral range, so no outgoing connection is handed it in the meantime
+    (a port from `bind(0)` comes from that range, and a vLLM instance that took a minute to start
+    once found its NIXL port taken)."""
+    low = _ephemeral_range()[0]
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(15000, max(15001, low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:   # a crowded range: let the kernel pick
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct free ports (separate `free_port` calls may repeat one nothing has bound yet)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: ManagedProcess | None = None) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
 from kvpilot.operator import render
-from kvpilot.procs import free_port
+from kvpilot.procs import free_ports
 from kvpilot.testing.vllm import BASE_ARGS, SERVED, VLLMServer, pod_from_operator, tiny_model
 
 OWNER = render.Owner("kvpilot.io/v1alpha1", "LLMService", "tiny", "default", "uid-tiny")
@@ -68,7 +68,10 @@ class Stages:
         return self.current
 
     def _start(self, kind: str) -> Stage:
-        kv_port = free_port()
+        # Every port at once: the servers start without waiting, so a port handed to one is not yet
+        # bound when the next is picked (a NIXL side channel once collided with a replay socket).
+        ports = iter(free_ports(1 + 3 * 2))
+        kv_port = next(ports)
         mode = "aggregated" if kind == "pair" else "disaggregated"
         spec = service_spec(mode)
         pods = {"pair": [("tiny-worker-a", "aggregated"), ("tiny-worker-b", "aggregated")],
@@ -79,10 +82,10 @@ class Stages:
         try:
             for cpu, (pod, role) in enumerate(pods):
                 dep = rendered_deployment(spec, role)
-                port = free_port()
-                replay[pod] = f"tcp://127.0.0.1:{free_port()}"
+                port, replay_port, nixl_port = next(ports), next(ports), next(ports)
+                replay[pod] = f"tcp://127.0.0.1:{replay_port}"
                 args, env = pod_from_operator(dep, pod=pod, port=port, kv_events=f"tcp://127.0.0.1:{kv_port}",
-                                              kv_replay=replay[pod], nixl_port=free_port() if kind == "pd" else None)
+                                              kv_replay=replay[pod], nixl_port=nixl_port if kind == "pd" else None)
                 deployments[pod] = dep
                 servers[pod] = VLLMServer(args, name=pod, port=port, workdir=self.workdir, cpu=cpu, env=env,
                                           wait=False)
