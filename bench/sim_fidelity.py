@@ -4,14 +4,18 @@
 
 Without --base-url it starts the CPU vLLM of the `vllm` test tier (tiny random Llama,
 scripts/vllm-cpu-env.sh; --cpu N pins it to one core). Then:
-0. one request of every prompt length up to --warm-shapes tokens (the CPU engine is slow the first
-   time it meets a token count; a server in service has met them all);
-1. `kvpilot.sim.calibrate` measures the engine and fits a profile (written next to the results);
+0. optionally, one request of every prompt length up to --warm-shapes tokens (off by default: the
+   CPU engine keeps kernels for only its last ~256 token counts, so this leaves 745-1000 built);
+1. `kvpilot.sim.calibrate` measures the engine and fits a profile (written next to the results),
+   including `new_shape_s`, the extra time of a step of a token count whose kernels are not built;
 2. a seeded mix (Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, no shared prefixes)
    is streamed to the engine, recording each request's TTFT and TPOT (client side);
 3. the same requests (same arrival offsets, the prompt token counts the engine reported, same
    output lengths) run through the simulator's engine model in virtual time (pinned with --cpu,
-   the profile says the API server shares the engine's core: `frontend_shares_core`);
+   the profile says the API server shares the engine's core: `frontend_shares_core`); the token
+   counts whose kernels are built carry over as on the engine: the calibrations' prompt counts and
+   each replay's steps, in the order the engine ran them (approximately: a calibration's concurrent
+   prompts may share steps);
 4. TTFT and TPOT distributions are compared. Goal: medians within 15%.
 Results: bench/results/sim_fidelity.md.
 """
@@ -29,6 +33,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,13 +87,18 @@ async def run_real(base_url: str, model: str, reqs: list[Req], seed: int) -> Non
         await asyncio.gather(*(one(r, p) for r, p in zip(reqs, prompts, strict=True)))
 
 
-def run_sim(profile: Profile, reqs: list[Req], seed: int) -> list[tuple[float, float | None]]:
+def run_sim(profile: Profile, reqs: list[Req], seed: int,
+            shapes: OrderedDict[int, None] | None = None) -> list[tuple[float, float | None]]:
     """Single-step virtual time over the simulator's engine: arrivals join at the next step.
 
     With `profile.frontend_shares_core` (a pinned CPU engine) the engine model serializes each
-    request's front-end work with the steps; otherwise it runs elsewhere and only adds to TTFT."""
+    request's front-end work with the steps; otherwise it runs elsewhere and only adds to TTFT.
+    `shapes`: the step token counts the engine has built kernels for (`Profile.new_shape_s`), carried
+    from one replay to the next as the real engine carries them; updated in place."""
     rng = random.Random(seed)
     engine = Engine(profile)
+    if shapes is not None:
+        engine.shapes = shapes
     pending = sorted(enumerate(reqs), key=lambda x: x[1].arrival)
     seqs: dict[int, Sequence] = {}
     t, k = 0.0, 0
@@ -137,6 +148,8 @@ async def main_async(args: argparse.Namespace) -> None:
         block_size, capacity = kv_geometry(info)
         probe = await _chars_per_token(base_url, model)
         args.warm_s = await warm_shapes(base_url, model, args.warm_shapes) if args.warm_shapes else 0.0
+        shapes: OrderedDict[int, None] = OrderedDict()   # the simulated engine's built token counts
+        built(shapes, range(1, args.warm_shapes + 1))
         rows = []
         replays: list[dict[str, object]] = []
         profiles: list[Profile] = []
@@ -149,7 +162,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 profile = get_profile(str(args.profile))
                 drift = (0.0, 0.0)
             else:
-                before, took = await calibrate(args, base_url, model, block_size, capacity)
+                before, took, counts = await calibrate(args, base_url, model, block_size, capacity)
+                built(shapes, counts)
                 cal_s += took
             t0 = time.perf_counter()
             m0, w0 = server_latencies(base_url), others_on_core_s(pid, args.cpu)
@@ -158,12 +172,15 @@ async def main_async(args: argparse.Namespace) -> None:
             cpu_wait = (others_on_core_s(pid, args.cpu) - w0) / real_s
             breakdown = per_request_ms(m0, server_latencies(base_url))
             breakdown["client_ttft"] = 1e3 * statistics.mean(r.ttft for r in reqs)
+            counts = []
             if args.profile is None:
-                after, took = await calibrate(args, base_url, model, block_size, capacity)
+                after, took, counts = await calibrate(args, base_url, model, block_size, capacity)
                 cal_s += took
                 profile, drift = average(before, after)
             profiles.append(profile)
-            sim = run_sim(profile.model_copy(update={"frontend_shares_core": args.cpu is not None}), reqs, args.seed)
+            sim = run_sim(profile.model_copy(update={"frontend_shares_core": args.cpu is not None}), reqs, args.seed,
+                          shapes)
+            built(shapes, counts)
             sim_ttft_mean = 1e3 * statistics.mean(x[0] for x in sim)
             real_ttft = [r.ttft for r in reqs]
             real_tpot = [r.tpot for r in reqs if r.tpot is not None]
@@ -190,7 +207,16 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s",
-                "frontend_token_s")
+                "frontend_token_s", "new_shape_s")
+
+
+def built(shapes: OrderedDict[int, None], counts: Iterable[int], capacity: int = 256) -> None:
+    """Record token counts the real engine ran outside the simulated replays (newest last)."""
+    for n in counts:
+        shapes[n] = None
+        shapes.move_to_end(n)
+    while len(shapes) > capacity:
+        shapes.popitem(last=False)
 LATENCIES = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds")
 
 
@@ -262,33 +288,35 @@ def average(a: Profile, b: Profile) -> tuple[Profile, tuple[float, float]]:
 
 
 async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_size: int,
-                    capacity: int) -> tuple[Profile, float]:
+                    capacity: int) -> tuple[Profile, float, list[int]]:
     t0 = time.perf_counter()
-    prefill, decode = await measure(base_url, model, prompt_lengths=[64, 128, 256, 384, 512, 768],
-                                    batches=[1, 2, 4, 8, 16], decode_prompts=[32, 384], decode_tokens=48,
-                                    repeats=args.repeats, seed=args.seed)
+    m = await measure(base_url, model, prompt_lengths=[64, 128, 256, 384, 512, 768], batches=[1, 2, 4, 8, 16],
+                      decode_prompts=[32, 384], decode_tokens=48, repeats=args.repeats, seed=args.seed,
+                      shape_pairs=args.shape_pairs)
+    prefill, decode = m.prefill, m.decode
     shares = args.cpu is not None
     cal_s = time.perf_counter() - t0
     profile = fit_profile(prefill, decode, name="cpu-tiny-llama", model="tiny random Llama (820k params)",
                           hardware=args.hardware, block_size=block_size, kv_capacity_tokens=capacity,
                           kv_bytes_per_token=2 * 2 * 2 * 32 * 4,  # 2 layers × (K, V) × 2 KV heads × 32 × fp32
                           source=f"measured: bench/sim_fidelity.py calibration ({cal_s:.0f} s)",
-                          frontend_shares_core=shares)
+                          frontend_shares_core=shares, shapes=m.shapes)
     print(json.dumps(profile.model_dump(), indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     (args.out.parent / "sim_fidelity_profile.json").write_text(json.dumps(
         {"profile": profile.model_dump(),
          "points": {"prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
-                    "decode": [[p.batch, p.context, p.itl_s] for p in decode]}},
+                    "decode": [[p.batch, p.context, p.itl_s] for p in decode],
+                    "shapes": [[p.prompt_tokens, p.first_s, p.again_s] for p in m.shapes]}},
         indent=1))
-    return profile, cal_s
+    return profile, cal_s, m.counts
 
 
 async def warm_shapes(base_url: str, model: str, max_tokens: int) -> float:
     """One request of every prompt length up to `max_tokens` (random token ids: no prefix hits).
-    The CPU engine (eager) pays several ms extra the first time it meets a batch of a new token
-    count, so a fresh server's first pass over a mix of unique lengths runs far slower than the
-    calibration's repeated lengths; a server in service has met them all. Returns seconds taken."""
+    The CPU engine pays several ms extra on a step of a token count whose kernels it has not built
+    (`Profile.new_shape_s`); it keeps them for its last ~256 counts only, so this does not make a
+    mix of unique lengths fast: kept as an option to show that. Returns seconds taken."""
     rng = random.Random(5)
     t0 = time.perf_counter()
     async with aiohttp.ClientSession() as session:
@@ -376,8 +404,10 @@ def main() -> None:
     parser.add_argument("--nice", type=int, help="run engine and client at this niceness (negative needs root)")
     parser.add_argument("--profile", type=Path, help="skip calibration: use this profile JSON")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warm-shapes", type=int, default=1000,
+    parser.add_argument("--warm-shapes", type=int, default=0,
                         help="first send one request of each prompt length up to this (0: none)")
+    parser.add_argument("--shape-pairs", type=int, default=24,
+                        help="calibration pairs measuring a new token count's extra step time (0: not modelled)")
     parser.add_argument("--hardware", default="2-core x86_64 dev machine (AVX-512)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/sim_fidelity.md"))
     args = parser.parse_args()

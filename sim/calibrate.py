@@ -17,12 +17,20 @@ fitted on that, and what the step model leaves of the client's TTFT is front-end
 `request_overhead_s + frontend_token_s·L`. Without the metric the whole prefill intercept beyond a
 decode step is `request_overhead_s`.
 
-Stability on a shared machine: warm-up requests are discarded, the settings are measured in
-interleaved rounds (a slow minute then hits every setting alike instead of skewing one), and each
-point is the median of its repeats.
+A CPU engine (vLLM's oneDNN GEMMs) builds kernels per batched token count and keeps a bounded
+cache of them, so a step of a token count it has not run lately is slower: 16 ms instead of 10 ms
+for a 400-token prefill of the tiny CPU model (bench/results/sim_fidelity.md). The sweeps therefore
+repeat exact token counts (each request of a setting is the same words shuffled: same count, no
+prefix hit), and a separate step measures the extra cost: pairs of prefills, one of a token count
+this calibration has not sent, then the same count again; the median difference is
+`new_shape_s` (0 on an engine without the effect, e.g. a GPU with CUDA graphs or the simulator).
 
-Every prompt starts with a fresh nonce, so no request hits the prefix cache. The same command makes
-a profile for a GPU: point it at a vLLM serving the model on that GPU.
+Stability on a shared machine: warm-up requests are discarded (they also build each setting's
+kernels), the settings are measured in interleaved rounds (a slow minute then hits every setting
+alike instead of skewing one), and each point is the median of its repeats.
+
+No request hits the prefix cache (each is a fresh shuffle of its words). The same command makes a
+profile for a GPU: point it at a vLLM serving the model on that GPU.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import random
 import statistics
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +103,15 @@ class PrefillPoint:
 
 
 @dataclass(frozen=True, slots=True)
+class ShapePoint:
+    """One pair of prefills of the same token count: the first of that count, then again (its
+    kernels built). Times are the engine's own prefill times where exported, else client TTFTs."""
+    prompt_tokens: int
+    first_s: float
+    again_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class DecodePoint:
     batch: int
     context: float      # mean tokens in each decoding sequence's context
@@ -104,7 +121,8 @@ class DecodePoint:
 def fit_profile(prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint], *, name: str, model: str,
                 hardware: str, source: str, block_size: int, kv_capacity_tokens: int, kv_bytes_per_token: int,
                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                frontend_shares_core: bool = False) -> Profile:
+                frontend_shares_core: bool = False, shapes: Sequence[ShapePoint] = (),
+                shape_cache_size: int = 256) -> Profile:
     step_s, decode_seq_s, decode_ctx_s = nonneg_fit([[1.0, p.batch, p.batch * p.context] for p in decode],
                                                     [p.itl_s for p in decode])
     step_s = max(step_s, 1e-6)
@@ -124,7 +142,16 @@ def fit_profile(prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint], 
                    max_num_batched_tokens=max_num_batched_tokens, step_s=step_s,
                    prefill_token_s=per_token, attn_pair_s=quad, decode_seq_s=decode_seq_s,
                    decode_ctx_s=decode_ctx_s, request_overhead_s=overhead, frontend_token_s=frontend_token_s,
-                   frontend_shares_core=frontend_shares_core)
+                   frontend_shares_core=frontend_shares_core, new_shape_s=new_shape_cost(shapes),
+                   shape_cache_size=shape_cache_size)
+
+
+def new_shape_cost(shapes: Sequence[ShapePoint]) -> float:
+    """The median extra time of a token count's first step over the same count's next one (paired,
+    so a drift of the machine's speed between pairs cancels); 0 without pairs or if not positive."""
+    if not shapes:
+        return 0.0
+    return max(0.0, statistics.median(p.first_s - p.again_s for p in shapes))
 
 
 # -- the shell: measuring a live engine ---------------------------------------------------------
@@ -134,6 +161,28 @@ def make_text(rng: random.Random, chars: int) -> str:
     while sum(len(w) + 1 for w in words) < chars:
         words.append(rng.choice(_WORDS))
     return " ".join(words)
+
+
+class Prompts:
+    """Prompts of repeatable token counts: one word list per setting, each prompt a fresh shuffle
+    of it after a fixed first word. The tokenizer splits at spaces before merging (byte-level BPE),
+    so a shuffle has the same token count, and no two prompts share a first block (no prefix hit)."""
+
+    def __init__(self, rng: random.Random, chars_per_token: float) -> None:
+        self.rng = rng
+        self.chars_per_token = chars_per_token
+        self.words: dict[tuple[int, int], list[str]] = {}
+
+    def text(self, tokens: int, variant: int = 0) -> str:
+        """A prompt of about `tokens` tokens, the same count every time for the same (tokens,
+        variant); another variant draws other words, so likely another count."""
+        if (tokens, variant) not in self.words:
+            body: list[str] = []
+            while sum(len(w) + 1 for w in body) < tokens * self.chars_per_token:
+                body.append(self.rng.choice(_WORDS))
+            self.words[tokens, variant] = body
+        body = self.words[tokens, variant]
+        return " ".join(["begin", *self.rng.sample(body, len(body))])
 
 
 @dataclass(slots=True)
@@ -181,31 +230,43 @@ def itl(t: Timed) -> float | None:
     return (t.chunk_times[-1] - t.chunk_times[0]) / (len(t.chunk_times) - 1)
 
 
+@dataclass(slots=True)
+class Measured:
+    prefill: list[PrefillPoint]
+    decode: list[DecodePoint]
+    shapes: list[ShapePoint]
+    counts: list[int]           # the prompt token counts sent, in order (the kernels they built)
+
+
 async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], batches: Sequence[int],
                   decode_prompts: Sequence[int], decode_tokens: int, repeats: int, seed: int = 0,
-                  warmup: int = 6) -> tuple[list[PrefillPoint], list[DecodePoint]]:
+                  warmup: int = 6, shape_pairs: int = 24) -> Measured:
     rng = random.Random(seed)
+    counts: list[int] = []
     # Idle pooled connections are dropped before the server's keep-alive timeout (uvicorn: 5 s) can
     # close them under a new request.
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
                                      connector=aiohttp.TCPConnector(keepalive_timeout=2)) as session:
         # Characters per token of this tokenizer on this text, from one probe request.
         probe = await stream_completion(session, base_url, model, make_text(rng, 2000), 2)
-        chars_per_token = 2000 / max(1, probe.prompt_tokens)
+        prompts = Prompts(rng, 2000 / max(1, probe.prompt_tokens))
 
-        def text(tokens: int) -> str:
-            return make_text(rng, int(tokens * chars_per_token))
+        async def send(tokens: int, max_tokens: int, variant: int = 0) -> Timed:
+            t = await stream_completion(session, base_url, model, prompts.text(tokens, variant), max_tokens)
+            counts.append(t.prompt_tokens)
+            return t
 
-        for k in range(warmup):  # first requests pay one-off costs (allocations, lazy imports): discarded
-            await stream_completion(session, base_url, model, text(prompt_lengths[k % len(prompt_lengths)]), 4)
-        await asyncio.gather(*(stream_completion(session, base_url, model, text(64), 8) for _ in range(max(batches))))
+        # First requests pay one-off costs (allocations, lazy imports, each setting's kernels): discarded.
+        for k in range(max(warmup, len(prompt_lengths))):
+            await send(prompt_lengths[k % len(prompt_lengths)], 4)
+        await asyncio.gather(*(send(64, 8) for _ in range(max(batches))))
         # Prefill: one request at a time, in interleaved rounds over the lengths; two scrapes bracket each.
         ttfts: dict[int, list[Timed]] = {n: [] for n in prompt_lengths}
         engine: dict[int, list[float]] = {n: [] for n in prompt_lengths}
         before = await prefill_time_total(session, base_url)
         for _ in range(repeats):
             for n in rng.sample(list(prompt_lengths), len(prompt_lengths)):
-                ttfts[n].append(await stream_completion(session, base_url, model, text(n), 2))
+                ttfts[n].append(await send(n, 2))
                 after = await prefill_time_total(session, base_url)
                 if before is not None and after is not None and after[1] - before[1] == 1:
                     engine[n].append(after[0] - before[0])
@@ -214,18 +275,44 @@ async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], b
                                 statistics.median(t.ttft_s for t in ttfts[n]),
                                 statistics.median(engine[n]) if len(engine[n]) == len(ttfts[n]) else None)
                    for n in prompt_lengths]
+        shapes = await _shape_pairs(session, base_url, send, shape_pairs, min(prompt_lengths),
+                                    max(prompt_lengths), rng, counts)
         # Decode: B concurrent streams, settings interleaved the same way.
         settings = [(n, b) for n in decode_prompts for b in batches]
         itls: dict[tuple[int, int], list[float]] = {k: [] for k in settings}
         contexts: dict[tuple[int, int], list[float]] = {k: [] for k in settings}
         for _ in range(repeats):
             for n, b in rng.sample(settings, len(settings)):
-                runs = await asyncio.gather(*(stream_completion(session, base_url, model, text(n), decode_tokens)
-                                              for _ in range(b)))
+                runs = await asyncio.gather(*(send(n, decode_tokens) for _ in range(b)))
                 itls[n, b].append(statistics.median(x for x in map(itl, runs) if x is not None))
                 contexts[n, b].append(statistics.mean(r.prompt_tokens for r in runs) + decode_tokens / 2)
         decode = [DecodePoint(b, statistics.mean(contexts[n, b]), statistics.median(itls[n, b])) for n, b in settings]
-    return prefill, decode
+    return Measured(prefill, decode, shapes, counts)
+
+
+async def _shape_pairs(session: aiohttp.ClientSession, base_url: str, send: Callable[..., Awaitable[Timed]],
+                       pairs: int, lo: int, hi: int, rng: random.Random, counts: list[int]) -> list[ShapePoint]:
+    """Prefills of a token count this calibration has not sent, each followed by the same count
+    again; a pair whose first count was already sent is skipped (both would reuse its kernels)."""
+    out: list[ShapePoint] = []
+    for k in range(pairs):
+        n = rng.randint(lo, hi)
+        sent = set(counts)
+        times: list[tuple[Timed, float | None]] = []
+        for _ in range(2):
+            before = await prefill_time_total(session, base_url)
+            t = await send(n, 2, k + 1)
+            after = await prefill_time_total(session, base_url)
+            one = before is not None and after is not None and after[1] - before[1] == 1
+            times.append((t, after[0] - before[0] if one and before is not None and after is not None else None))
+        (first, first_engine), (again, again_engine) = times
+        if first.prompt_tokens in sent or first.prompt_tokens != again.prompt_tokens:
+            continue
+        if first_engine is not None and again_engine is not None:
+            out.append(ShapePoint(first.prompt_tokens, first_engine, again_engine))
+        else:
+            out.append(ShapePoint(first.prompt_tokens, first.ttft_s, again.ttft_s))
+    return out
 
 
 async def prefill_time_total(session: aiohttp.ClientSession, base_url: str) -> tuple[float, float] | None:

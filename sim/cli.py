@@ -66,6 +66,12 @@ def register(sub: Any) -> None:
     cal.add_argument("--decode-tokens", type=int, default=48)
     cal.add_argument("--repeats", type=int, default=3)
     cal.add_argument("--warmup", type=int, default=6, help="requests sent first and discarded")
+    cal.add_argument("--shape-pairs", type=int, default=24,
+                     help="prefill pairs (a token count not sent before, then again) measuring the cost of a step "
+                          "whose kernels are not built yet (a CPU engine); 0: skip, new_shape_s 0")
+    cal.add_argument("--shape-cache-size", type=int, default=256,
+                     help="distinct step token counts the engine keeps kernels for (oneDNN: 1024 primitives, "
+                          "4 GEMM shapes per count)")
     cal.add_argument("--frontend-shares-core", action="store_true",
                      help="the API server runs on the engine's core (a CPU engine pinned to one core): the profile "
                           "serializes its per-request work with the steps")
@@ -132,20 +138,23 @@ def _calibrate(args: argparse.Namespace) -> int:
     info = engine_cache_info(args.base_url)
     block_size, capacity = kv_geometry(info)
     t0 = time.perf_counter()
-    prefill, decode = asyncio.run(measure(args.base_url, args.model, prompt_lengths=ints(args.prompt_lengths),
-                                          batches=ints(args.batches), decode_prompts=ints(args.decode_prompts),
-                                          decode_tokens=args.decode_tokens, repeats=args.repeats, seed=args.seed,
-                                          warmup=args.warmup))
+    m = asyncio.run(measure(args.base_url, args.model, prompt_lengths=ints(args.prompt_lengths),
+                            batches=ints(args.batches), decode_prompts=ints(args.decode_prompts),
+                            decode_tokens=args.decode_tokens, repeats=args.repeats, seed=args.seed,
+                            warmup=args.warmup, shape_pairs=args.shape_pairs))
+    prefill, decode = m.prefill, m.decode
     profile = fit_profile(
         prefill, decode, name=args.name or f"calibrated-{args.model}", model=args.model, hardware=args.hardware,
         source=f"measured: kvpilot sim calibrate against {args.base_url} ({len(prefill)} prefill and "
                f"{len(decode)} decode points, {time.perf_counter() - t0:.0f} s)",
         block_size=block_size, kv_capacity_tokens=capacity,
         kv_bytes_per_token=args.kv_bytes_per_token, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, frontend_shares_core=args.frontend_shares_core)
+        max_num_batched_tokens=args.max_num_batched_tokens, frontend_shares_core=args.frontend_shares_core,
+        shapes=m.shapes, shape_cache_size=args.shape_cache_size)
     doc = {"profile": profile.model_dump(), "points": {
         "prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
-        "decode": [[p.batch, p.context, p.itl_s] for p in decode]}}
+        "decode": [[p.batch, p.context, p.itl_s] for p in decode],
+        "shapes": [[p.prompt_tokens, p.first_s, p.again_s] for p in m.shapes]}}
     args.out.write_text(json.dumps(doc, indent=1))
     print(json.dumps(profile.model_dump(), indent=1))
     return 0

@@ -17,6 +17,10 @@ two: a request that arrived during a step has its front-end work (HTTP, tokeniza
 step takes longer by the work. (Deferring the request one more step, as if the work overlapped the
 step after, over-predicted the real engine's TTFT by 37-47% at 6 req/s: bench/results/sim_fidelity.md.)
 
+A CPU engine also pays `Profile.new_shape_s` on a step whose batched token count is not among
+the last `shape_cache_size` distinct counts it ran (oneDNN builds GEMM kernels per size and keeps
+a bounded cache of them; bench/results/sim_fidelity.md); `shapes` holds those counts, oldest first.
+
 Virtual time adds one thing: a step that only decodes, with nobody admissible waiting, is
 repeated until the first request finishes, in closed form (`StepPlan.steps` > 1). A driver
 that learns of an arrival mid-way truncates the plan to the steps done by then, so the result
@@ -26,7 +30,7 @@ equals single-stepping.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -136,6 +140,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.frontend: list[Sequence] = []   # arrived, front-end work not started (frontend_shares_core)
         self.counters = EngineCounters()
+        self.shapes: OrderedDict[int, None] = OrderedDict()   # step token counts with kernels built (new_shape_s)
 
     # -- requests ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -341,14 +346,31 @@ class Engine:
             return None
         plan = self._timing(items)
         plan.start = now
+        new_shape = self._shape_miss(sum(n for _, n in items))
+        plan.first_step_s += new_shape
         if frontend:  # one core: the API server's work, then the step's forward pass
             plan.frontend = frontend
             plan.first_step_s = (plan.first_step_s if items else 0.0) + sum(map(self.frontend_s, frontend))
-        elif max_steps > 1 and not preempted and all_running_scheduled:
+        elif max_steps > 1 and not preempted and all_running_scheduled and not new_shape:
             nobody_admissible = not self.waiting or admitted_blocked or len(running) >= self.max_num_seqs
             if nobody_admissible and all(n == 1 and s.output > 0 for s, n in items):
                 self._extend(plan, max_steps)
         return plan
+
+    def _shape_miss(self, tokens: int) -> float:
+        """`new_shape_s` if a step of `tokens` batched tokens needs its kernels built (not among the
+        last `shape_cache_size` distinct counts run), else 0; records the count as the newest."""
+        p = self.profile
+        if p.new_shape_s <= 0 or tokens <= 0:
+            return 0.0
+        shapes = self.shapes
+        if tokens in shapes:
+            shapes.move_to_end(tokens)
+            return 0.0
+        shapes[tokens] = None
+        while len(shapes) > p.shape_cache_size:
+            shapes.popitem(last=False)
+        return p.new_shape_s
 
     def _timing(self, items: list[tuple[Sequence, int]]) -> StepPlan:
         p = self.profile

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
-from kvpilot.sim.calibrate import DecodePoint, PrefillPoint, fit_profile, nonneg_fit
-from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.calibrate import (
+    DecodePoint,
+    PrefillPoint,
+    Prompts,
+    ShapePoint,
+    fit_profile,
+    new_shape_cost,
+    nonneg_fit,
+)
+from kvpilot.sim.profiles import Profile, get_profile
 
 
 def test_fit_recovers_known_coefficients() -> None:
@@ -67,3 +76,41 @@ def test_front_end_fit_on_noisy_points_stays_non_negative() -> None:
     p = fit_profile(prefill, decode, name="t", model="m", hardware="h", source="s", block_size=128,
                     kv_capacity_tokens=1024, kv_bytes_per_token=2)
     assert p.request_overhead_s >= 0 and p.frontend_token_s >= 0 and not p.frontend_shares_core
+
+
+def test_new_shape_cost_is_the_median_paired_difference_under_drift() -> None:
+    """Pairs (a token count's first prefill, then the same count again) give the kernel-building
+    cost even while the machine's speed drifts between pairs, and outliers do not move it."""
+    rng = random.Random(4)
+    cost = 5e-3
+    pairs = []
+    for i in range(25):
+        speed = 1.0 + 0.03 * i   # the machine slows down over the run
+        base = speed * (2e-3 + 2e-5 * (n := rng.randint(64, 768)))
+        noise = 3e-2 if i % 8 == 0 else rng.gauss(0, 3e-4)   # a few pairs hit by other jobs
+        pairs.append(ShapePoint(n, base + cost + noise, base))
+    assert new_shape_cost(pairs) == pytest.approx(cost, abs=5e-4)
+    assert new_shape_cost([]) == 0.0
+    assert new_shape_cost([ShapePoint(100, 1e-3, 2e-3)]) == 0.0   # never negative
+
+
+def test_fitted_profile_carries_the_shape_cost() -> None:
+    prefill = [PrefillPoint(n, 5e-3 + 1e-5 * n) for n in (64, 256, 768)]
+    decode = [DecodePoint(b, 100.0, 4e-3 + 1e-4 * b) for b in (1, 4, 16)]
+
+    def fit(shapes: list[ShapePoint]) -> Profile:
+        return fit_profile(prefill, decode, name="t", model="m", hardware="h", source="s", block_size=128,
+                           kv_capacity_tokens=1024, kv_bytes_per_token=2, shapes=shapes, shape_cache_size=100)
+
+    assert fit([]).new_shape_s == 0
+    p = fit([ShapePoint(300, 9e-3, 4e-3)] * 3)
+    assert p.new_shape_s == pytest.approx(5e-3) and p.shape_cache_size == 100
+
+
+def test_prompts_repeat_their_words_in_a_new_order() -> None:
+    """Same (tokens, variant): the same words (so the same token count) shuffled (no prefix hit)."""
+    prompts = Prompts(random.Random(0), 4.0)
+    a, b = prompts.text(300), prompts.text(300)
+    assert a != b and sorted(a.split()) == sorted(b.split()) and a.split()[0] == b.split()[0]
+    assert sorted(prompts.text(300, variant=1).split()) != sorted(a.split())
+    assert abs(len(a) - 1200) < 50
