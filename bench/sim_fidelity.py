@@ -207,7 +207,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s",
-                "frontend_token_s", "new_shape_s")
+                "frontend_token_s", "new_shape_s", "new_shape_token_s")
 
 
 def built(shapes: OrderedDict[int, None], counts: Iterable[int], capacity: int = 256) -> None:

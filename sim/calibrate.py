@@ -22,8 +22,10 @@ cache of them, so a step of a token count it has not run lately is slower: 16 ms
 for a 400-token prefill of the tiny CPU model (bench/results/sim_fidelity.md). The sweeps therefore
 repeat exact token counts (each request of a setting is the same words shuffled: same count, no
 prefix hit), and a separate step measures the extra cost: pairs of prefills, one of a token count
-this calibration has not sent, then the same count again; the median difference is
-`new_shape_s` (0 on an engine without the effect, e.g. a GPU with CUDA graphs or the simulator).
+this calibration has not sent, then the same count again; the differences, fitted as
+`new_shape_s + new_shape_token_s × tokens`, give the cost (0 on an engine without the effect, e.g.
+a GPU with CUDA graphs or the simulator). It grows with the count: about 2-3 ms up to 500 tokens,
+11-16 ms at 700-850 on the tiny CPU model.
 
 Stability on a shared machine: warm-up requests are discarded (they also build each setting's
 kernels), the settings are measured in interleaved rounds (a slow minute then hits every setting
@@ -123,6 +125,7 @@ def fit_profile(prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint], 
                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                 frontend_shares_core: bool = False, shapes: Sequence[ShapePoint] = (),
                 shape_cache_size: int = 256) -> Profile:
+    fixed, per_token_shape = new_shape_cost(shapes)
     step_s, decode_seq_s, decode_ctx_s = nonneg_fit([[1.0, p.batch, p.batch * p.context] for p in decode],
                                                     [p.itl_s for p in decode])
     step_s = max(step_s, 1e-6)
@@ -142,16 +145,28 @@ def fit_profile(prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint], 
                    max_num_batched_tokens=max_num_batched_tokens, step_s=step_s,
                    prefill_token_s=per_token, attn_pair_s=quad, decode_seq_s=decode_seq_s,
                    decode_ctx_s=decode_ctx_s, request_overhead_s=overhead, frontend_token_s=frontend_token_s,
-                   frontend_shares_core=frontend_shares_core, new_shape_s=new_shape_cost(shapes),
+                   frontend_shares_core=frontend_shares_core, new_shape_s=fixed, new_shape_token_s=per_token_shape,
                    shape_cache_size=shape_cache_size)
 
 
-def new_shape_cost(shapes: Sequence[ShapePoint]) -> float:
-    """The median extra time of a token count's first step over the same count's next one (paired,
-    so a drift of the machine's speed between pairs cancels); 0 without pairs or if not positive."""
+def new_shape_cost(shapes: Sequence[ShapePoint]) -> tuple[float, float]:
+    """(fixed, per token): the extra time of a token count's first step over the same count's next
+    one (paired, so a drift of the machine's speed between pairs cancels), as a line through the
+    medians of the smallest, middle and largest thirds of the counts (robust to pairs that other
+    jobs hit); non-negative; (0, 0) without pairs."""
     if not shapes:
-        return 0.0
-    return max(0.0, statistics.median(p.first_s - p.again_s for p in shapes))
+        return 0.0, 0.0
+    ordered = sorted(shapes, key=lambda p: p.prompt_tokens)
+    k = max(1, len(ordered) // 3)
+    groups = [ordered[:k], ordered[k:len(ordered) - k], ordered[len(ordered) - k:]] if len(ordered) >= 3 else [ordered]
+    rows, ys = [], []
+    for g in (g for g in groups if g):
+        rows.append([1.0, float(statistics.median(p.prompt_tokens for p in g))])
+        ys.append(statistics.median(p.first_s - p.again_s for p in g))
+    if len({r[1] for r in rows}) < 2:
+        return max(0.0, statistics.mean(ys)), 0.0
+    fixed, per_token = nonneg_fit(rows, ys)
+    return fixed, per_token
 
 
 # -- the shell: measuring a live engine ---------------------------------------------------------

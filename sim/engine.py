@@ -17,9 +17,10 @@ two: a request that arrived during a step has its front-end work (HTTP, tokeniza
 step takes longer by the work. (Deferring the request one more step, as if the work overlapped the
 step after, over-predicted the real engine's TTFT by 37-47% at 6 req/s: bench/results/sim_fidelity.md.)
 
-A CPU engine also pays `Profile.new_shape_s` on a step whose batched token count is not among
-the last `shape_cache_size` distinct counts it ran (oneDNN builds GEMM kernels per size and keeps
-a bounded cache of them; bench/results/sim_fidelity.md); `shapes` holds those counts, oldest first.
+A CPU engine also pays `Profile.new_shape_s` (+ `new_shape_token_s` per token) on a step whose
+batched token count is not among the last `shape_cache_size` distinct counts it ran (oneDNN builds
+GEMM kernels per size and keeps a bounded cache of them; bench/results/sim_fidelity.md); `shapes`
+holds those counts, oldest first.
 
 Virtual time adds one thing: a step that only decodes, with nobody admissible waiting, is
 repeated until the first request finishes, in closed form (`StepPlan.steps` > 1). A driver
@@ -358,10 +359,10 @@ class Engine:
         return plan
 
     def _shape_miss(self, tokens: int) -> float:
-        """`new_shape_s` if a step of `tokens` batched tokens needs its kernels built (not among the
-        last `shape_cache_size` distinct counts run), else 0; records the count as the newest."""
+        """The time to build a step's kernels if its count of batched `tokens` is not among the last
+        `shape_cache_size` distinct counts run, else 0; records the count as the newest."""
         p = self.profile
-        if p.new_shape_s <= 0 or tokens <= 0:
+        if (p.new_shape_s <= 0 and p.new_shape_token_s <= 0) or tokens <= 0:
             return 0.0
         shapes = self.shapes
         if tokens in shapes:
@@ -370,7 +371,7 @@ class Engine:
         shapes[tokens] = None
         while len(shapes) > p.shape_cache_size:
             shapes.popitem(last=False)
-        return p.new_shape_s
+        return p.new_shape_s + p.new_shape_token_s * tokens
 
     def _timing(self, items: list[tuple[Sequence, int]]) -> StepPlan:
         p = self.profile

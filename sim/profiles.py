@@ -14,8 +14,9 @@ outside the steps on a GPU host (its own CPU cores); a CPU engine pinned to one 
 core with it (`frontend_shares_core`), and the engine model then serializes the two.
 
 A CPU engine (vLLM's oneDNN GEMMs) also builds its kernels per batched token count and keeps the
-last ones built: a step whose token count it has not run recently pays `new_shape_s` on top (an
-LRU of `shape_cache_size` distinct counts in the engine model). 0, off, in every GPU profile here.
+last ones built: a step of N tokens, a count it has not run recently, pays `new_shape_s +
+new_shape_token_s × N` on top (an LRU of `shape_cache_size` distinct counts in the engine model).
+0, off, in every GPU profile here.
 
 Sources are stated per profile. "roofline" means derived from the GPU's datasheet peak (bf16
 FLOP/s, HBM bandwidth) and the model's shape at a stated efficiency, then sanity-checked against
@@ -56,6 +57,8 @@ class Profile(BaseModel):
     new_shape_s: float = Field(0.0, ge=0, description="extra time of a step whose batched token count is not among "
                                "the engine's last `shape_cache_size` distinct ones (a CPU engine builds its oneDNN "
                                "GEMM kernels per token count); 0: off; measured by `kvpilot sim calibrate`")
+    new_shape_token_s: float = Field(0.0, ge=0, description="the same, per token of the step (building kernels "
+                                     "for a larger count costs more)")
     shape_cache_size: int = Field(256, gt=0, description="distinct step token counts whose kernels stay built "
                                   "(oneDNN's primitive cache, 1024 entries, over the 4 GEMM shapes of a layer)")
 

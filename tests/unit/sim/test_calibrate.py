@@ -78,20 +78,25 @@ def test_front_end_fit_on_noisy_points_stays_non_negative() -> None:
     assert p.request_overhead_s >= 0 and p.frontend_token_s >= 0 and not p.frontend_shares_core
 
 
-def test_new_shape_cost_is_the_median_paired_difference_under_drift() -> None:
+def test_new_shape_cost_is_fitted_on_paired_differences_under_drift() -> None:
     """Pairs (a token count's first prefill, then the same count again) give the kernel-building
-    cost even while the machine's speed drifts between pairs, and outliers do not move it."""
+    cost, fixed and per token, even while the machine's speed drifts between pairs, and the pairs
+    that other jobs hit do not move it."""
     rng = random.Random(4)
-    cost = 5e-3
+    fixed, per_token = 2e-3, 1e-5
     pairs = []
-    for i in range(25):
+    for i in range(30):
         speed = 1.0 + 0.03 * i   # the machine slows down over the run
-        base = speed * (2e-3 + 2e-5 * (n := rng.randint(64, 768)))
-        noise = 3e-2 if i % 8 == 0 else rng.gauss(0, 3e-4)   # a few pairs hit by other jobs
-        pairs.append(ShapePoint(n, base + cost + noise, base))
-    assert new_shape_cost(pairs) == pytest.approx(cost, abs=5e-4)
-    assert new_shape_cost([]) == 0.0
-    assert new_shape_cost([ShapePoint(100, 1e-3, 2e-3)]) == 0.0   # never negative
+        n = rng.randint(64, 768)
+        base = speed * (2e-3 + 2e-5 * n)
+        noise = 3e-2 if i % 8 == 0 else rng.gauss(0, 2e-4)
+        pairs.append(ShapePoint(n, base + fixed + per_token * n + noise, base))
+    got = new_shape_cost(pairs)
+    assert got[0] == pytest.approx(fixed, abs=6e-4) and got[1] == pytest.approx(per_token, rel=0.15)
+    assert new_shape_cost([]) == (0.0, 0.0)
+    assert new_shape_cost([ShapePoint(100, 1e-3, 2e-3)]) == (0.0, 0.0)   # never negative
+    flat = [ShapePoint(n, 5e-3 + 1e-3, 1e-3) for n in (100, 200, 300, 400, 500, 600)]
+    assert new_shape_cost(flat) == pytest.approx((5e-3, 0.0), abs=1e-9)
 
 
 def test_fitted_profile_carries_the_shape_cost() -> None:
@@ -102,9 +107,10 @@ def test_fitted_profile_carries_the_shape_cost() -> None:
         return fit_profile(prefill, decode, name="t", model="m", hardware="h", source="s", block_size=128,
                            kv_capacity_tokens=1024, kv_bytes_per_token=2, shapes=shapes, shape_cache_size=100)
 
-    assert fit([]).new_shape_s == 0
-    p = fit([ShapePoint(300, 9e-3, 4e-3)] * 3)
-    assert p.new_shape_s == pytest.approx(5e-3) and p.shape_cache_size == 100
+    assert fit([]).new_shape_s == 0 and fit([]).new_shape_token_s == 0
+    p = fit([ShapePoint(n, 4e-3 + 1e-3 + 1e-5 * n, 4e-3) for n in (100, 300, 500)])
+    assert p.new_shape_s == pytest.approx(1e-3) and p.new_shape_token_s == pytest.approx(1e-5)
+    assert p.shape_cache_size == 100
 
 
 def test_prompts_repeat_their_words_in_a_new_order() -> None:

@@ -11,7 +11,11 @@ from kvpilot.sim.profiles import PROFILES, Profile
 
 CPU = Profile(name="cpu", model="m", hardware="h", source="test", kv_bytes_per_token=2, kv_capacity_tokens=1 << 20,
               block_size=128, step_s=4e-3, prefill_token_s=5e-6, attn_pair_s=0.0, decode_seq_s=1e-4,
-              decode_ctx_s=0.0, new_shape_s=5e-3, shape_cache_size=4)
+              decode_ctx_s=0.0, new_shape_s=5e-3, new_shape_token_s=1e-5, shape_cache_size=4)
+
+
+def miss(tokens: int) -> float:
+    return CPU.new_shape_s + CPU.new_shape_token_s * tokens
 
 
 def seq(rid: str, prompt: int, max_tokens: int = 1, arrival: float = 0.0) -> Sequence:
@@ -32,7 +36,7 @@ def prefill_step(engine: Engine, prompt: int, t: float = 0.0) -> float:
 def test_a_token_count_pays_once_until_it_falls_out_of_the_cache() -> None:
     engine = Engine(CPU)
     warm = CPU.step_s + CPU.prefill_token_s * 300
-    assert prefill_step(engine, 300) == pytest.approx(warm + CPU.new_shape_s)
+    assert prefill_step(engine, 300) == pytest.approx(warm + miss(300))
     assert prefill_step(engine, 300) == pytest.approx(warm)
     for n in (301, 302, 303):   # the cache holds 4 counts: 300 is still in it
         prefill_step(engine, n)
@@ -40,7 +44,7 @@ def test_a_token_count_pays_once_until_it_falls_out_of_the_cache() -> None:
     for n in (304, 305, 306, 307):   # 4 newer counts: 300 is out
         prefill_step(engine, n)
     assert list(engine.shapes) == [304, 305, 306, 307]
-    assert prefill_step(engine, 300) == pytest.approx(warm + CPU.new_shape_s)
+    assert prefill_step(engine, 300) == pytest.approx(warm + miss(300))
 
 
 def test_the_count_is_the_whole_step_prefill_and_decodes_together() -> None:
@@ -57,7 +61,7 @@ def test_the_count_is_the_whole_step_prefill_and_decodes_together() -> None:
     plan = engine.schedule(t)
     assert plan is not None and sum(n for _, n in plan.items) == 201
     assert plan.duration() == pytest.approx(CPU.step_s + CPU.prefill_token_s * 200 + CPU.decode_seq_s
-                                            + CPU.new_shape_s)
+                                            + miss(201))
     assert list(engine.shapes) == [100, 1, 201]
 
 
@@ -93,7 +97,7 @@ def test_virtual_time_multi_step_plans_equal_single_stepping() -> None:
 
 
 def test_off_in_every_gpu_profile_so_their_timings_are_unchanged() -> None:
-    assert all(p.new_shape_s == 0 for p in PROFILES.values())
+    assert all(p.new_shape_s == p.new_shape_token_s == 0 for p in PROFILES.values())
     for name in ("h100-llama3-8b", "a100-llama3-8b"):
         base = PROFILES[name]
         results = []
