@@ -150,6 +150,7 @@ async def main_async(args: argparse.Namespace) -> None:
         args.warm_s = await warm_shapes(base_url, model, args.warm_shapes) if args.warm_shapes else 0.0
         shapes: OrderedDict[int, None] = OrderedDict()   # the simulated engine's built token counts
         built(shapes, range(1, args.warm_shapes + 1))
+        ran: set[int] = set(shapes)   # token counts the engine has run (the new-count pairs avoid them)
         rows = []
         replays: list[dict[str, object]] = []
         profiles: list[Profile] = []
@@ -162,8 +163,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 profile = get_profile(str(args.profile))
                 drift = (0.0, 0.0)
             else:
-                before, took, counts = await calibrate(args, base_url, model, block_size, capacity)
+                before, took, counts = await calibrate(args, base_url, model, block_size, capacity, ran)
                 built(shapes, counts)
+                ran.update(counts)
                 cal_s += took
             t0 = time.perf_counter()
             m0, w0 = server_latencies(base_url), others_on_core_s(pid, args.cpu)
@@ -172,9 +174,12 @@ async def main_async(args: argparse.Namespace) -> None:
             cpu_wait = (others_on_core_s(pid, args.cpu) - w0) / real_s
             breakdown = per_request_ms(m0, server_latencies(base_url))
             breakdown["client_ttft"] = 1e3 * statistics.mean(r.ttft for r in reqs)
-            counts = []
+            counts: list[int] = []
             if args.profile is None:
-                after, took, counts = await calibrate(args, base_url, model, block_size, capacity)
+                # The replay's steps: a prompt alone or with a few decodes alongside.
+                ran.update(r.prompt_tokens + k for r in reqs for k in range(9))
+                after, took, counts = await calibrate(args, base_url, model, block_size, capacity, ran)
+                ran.update(counts)
                 cal_s += took
                 profile, drift = average(before, after)
             profiles.append(profile)
@@ -288,11 +293,14 @@ def average(a: Profile, b: Profile) -> tuple[Profile, tuple[float, float]]:
 
 
 async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_size: int,
-                    capacity: int) -> tuple[Profile, float, list[int]]:
+                    capacity: int, ran: set[int]) -> tuple[Profile, float, list[int]]:
     t0 = time.perf_counter()
+    # A new seed each time: the new-count pairs must not repeat an earlier calibration's counts,
+    # nor any count the engine ran lately (`ran`: the replays' steps, the calibrations' prompts).
+    args.calibrations = getattr(args, "calibrations", 0) + 1
     m = await measure(base_url, model, prompt_lengths=[64, 128, 256, 384, 512, 768], batches=[1, 2, 4, 8, 16],
-                      decode_prompts=[32, 384], decode_tokens=48, repeats=args.repeats, seed=args.seed,
-                      shape_pairs=args.shape_pairs)
+                      decode_prompts=[32, 384], decode_tokens=48, repeats=args.repeats,
+                      seed=args.seed + 1000 * args.calibrations, shape_pairs=args.shape_pairs, ran=ran)
     prefill, decode = m.prefill, m.decode
     shares = args.cpu is not None
     cal_s = time.perf_counter() - t0

@@ -43,7 +43,7 @@ import random
 import statistics
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,7 +255,9 @@ class Measured:
 
 async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], batches: Sequence[int],
                   decode_prompts: Sequence[int], decode_tokens: int, repeats: int, seed: int = 0,
-                  warmup: int = 6, shape_pairs: int = 24) -> Measured:
+                  warmup: int = 6, shape_pairs: int = 24, ran: Collection[int] = ()) -> Measured:
+    """`ran`: token counts the caller knows the engine has run lately (their kernels are built, so
+    the new-count pairs avoid them)."""
     rng = random.Random(seed)
     counts: list[int] = []
     # Idle pooled connections are dropped before the server's keep-alive timeout (uvicorn: 5 s) can
@@ -291,7 +293,7 @@ async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], b
                                 statistics.median(engine[n]) if len(engine[n]) == len(ttfts[n]) else None)
                    for n in prompt_lengths]
         shapes = await _shape_pairs(session, base_url, send, shape_pairs, min(prompt_lengths),
-                                    max(prompt_lengths), rng, counts)
+                                    max(prompt_lengths), rng, counts, ran)
         # Decode: B concurrent streams, settings interleaved the same way.
         settings = [(n, b) for n in decode_prompts for b in batches]
         itls: dict[tuple[int, int], list[float]] = {k: [] for k in settings}
@@ -306,13 +308,17 @@ async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], b
 
 
 async def _shape_pairs(session: aiohttp.ClientSession, base_url: str, send: Callable[..., Awaitable[Timed]],
-                       pairs: int, lo: int, hi: int, rng: random.Random, counts: list[int]) -> list[ShapePoint]:
-    """Prefills of a token count this calibration has not sent, each followed by the same count
-    again; a pair whose first count was already sent is skipped (both would reuse its kernels)."""
+                       pairs: int, lo: int, hi: int, rng: random.Random, counts: list[int],
+                       ran: Collection[int]) -> list[ShapePoint]:
+    """`pairs` prefills of a token count neither this calibration nor (as far as `ran` says) anyone
+    else has sent, each followed by the same count again; a pair whose first count was already
+    sent is discarded (both would reuse its kernels) and another is tried, up to 3 × `pairs`."""
     out: list[ShapePoint] = []
-    for k in range(pairs):
+    for k in range(3 * pairs):
+        if len(out) >= pairs:
+            break
         n = rng.randint(lo, hi)
-        sent = set(counts)
+        sent = set(counts) | set(ran)
         times: list[tuple[Timed, float | None]] = []
         for _ in range(2):
             before = await prefill_time_total(session, base_url)
