@@ -88,13 +88,14 @@ async def run_real(base_url: str, model: str, reqs: list[Req], seed: int) -> Non
 
 
 def run_sim(profile: Profile, reqs: list[Req], seed: int,
-            shapes: OrderedDict[int, None] | None = None) -> list[tuple[float, float | None]]:
+            shapes: OrderedDict[int, None] | None = None) -> list[tuple[float, float | None, float]]:
     """Single-step virtual time over the simulator's engine: arrivals join at the next step.
 
     With `profile.frontend_shares_core` (a pinned CPU engine) the engine model serializes each
     request's front-end work with the steps; otherwise it runs elsewhere and only adds to TTFT.
     `shapes`: the step token counts the engine has built kernels for (`Profile.new_shape_s`), carried
-    from one replay to the next as the real engine carries them; updated in place."""
+    from one replay to the next as the real engine carries them; updated in place.
+    Per request: (TTFT, TPOT, prefill: scheduled to first token, as vLLM's histogram counts it)."""
     rng = random.Random(seed)
     engine = Engine(profile)
     if shapes is not None:
@@ -115,13 +116,15 @@ def run_sim(profile: Profile, reqs: list[Req], seed: int,
             continue
         t += plan.duration()
         engine.commit(plan, t)
-    out: list[tuple[float, float | None]] = []
+    out: list[tuple[float, float | None, float]] = []
     for i, r in enumerate(reqs):
         s = seqs[i]
         assert s.first_token_time is not None and s.finish_time is not None
         ttft = s.first_token_time - r.arrival + (0.0 if profile.frontend_shares_core else engine.frontend_s(s))
         tpot = (s.finish_time - s.first_token_time) / (r.max_tokens - 1) if r.max_tokens > 1 else None
-        out.append((ttft, tpot))
+        assert s.first_scheduled is not None
+        own = engine.frontend_s(s) if profile.frontend_shares_core else 0.0   # before vLLM's engine core sees it
+        out.append((ttft, tpot, s.first_token_time - s.first_scheduled - own))
     return out
 
 
@@ -187,13 +190,14 @@ async def main_async(args: argparse.Namespace) -> None:
                           shapes)
             built(shapes, counts)
             sim_ttft_mean = 1e3 * statistics.mean(x[0] for x in sim)
+            sim_prefill_mean = 1e3 * statistics.mean(x[2] for x in sim)
             real_ttft = [r.ttft for r in reqs]
             real_tpot = [r.tpot for r in reqs if r.tpot is not None]
             sim_ttft = [s[0] for s in sim]
             sim_tpot = [s[1] for s in sim if s[1] is not None]
             row = {"rate": rate, "requests": len(reqs), "real_s": real_s, "drift": drift, "breakdown": breakdown,
                    "cpu_wait": cpu_wait,
-                   "sim_ttft_mean": sim_ttft_mean,
+                   "sim_ttft_mean": sim_ttft_mean, "sim_prefill_mean": sim_prefill_mean,
                    "ttft": [statistics.median(real_ttft), statistics.median(sim_ttft),
                             pct(real_ttft, 90), pct(sim_ttft, 90)],
                    "tpot": [statistics.median(real_tpot), statistics.median(sim_tpot),
@@ -383,19 +387,23 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
                      f"({err(p[0], p[1])}) | {p[2] * 1e3:.2f} / {p[3] * 1e3:.2f} ms |")
     lines += ["", "Where the real TTFT goes (means, ms; vLLM's histograms over the replay): the client's TTFT, vLLM's "
               "own TTFT (from the request's arrival in the API server's input processor), queued in the scheduler, "
-              "prefill inside the engine core; the rest of the client's TTFT is front-end work (HTTP, tokenizing, "
+              "prefill inside the engine core (sim prefill: the same span in the simulator, the step that "
+              "prefills it, less its own front-end work, which vLLM does before the engine core sees the request); "
+              "the rest of the client's TTFT is "
+              "front-end work (HTTP, tokenizing, "
               "the hand-offs to and from the engine core) and waiting for the step in flight.", "",
               "Others on core: the share of the engine's core that went to other jobs during the replay "
               "(/proc/stat of the core less the engine's processes' CPU time; 0 on an idle machine).", "",
-              "| rate req/s | client TTFT | vLLM TTFT | queued | prefill | rest | sim TTFT | others on core |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| rate req/s | client TTFT | vLLM TTFT | queued | prefill | rest | sim TTFT | sim prefill "
+              "| others on core |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = r["breakdown"]
         assert isinstance(b, dict)
         rest = b["client_ttft"] - b["request_queue_time_seconds"] - b["request_prefill_time_seconds"]
         lines.append(f"| {r['rate']} | {b['client_ttft']:.1f} | {b['time_to_first_token_seconds']:.1f} | "
                      f"{b['request_queue_time_seconds']:.1f} | {b['request_prefill_time_seconds']:.1f} | {rest:.1f} | "
-                     f"{r['sim_ttft_mean']:.1f} | {r['cpu_wait']:.0%} |")
+                     f"{r['sim_ttft_mean']:.1f} | {r['sim_prefill_mean']:.1f} | {r['cpu_wait']:.0%} |")
     args.out.write_text("\n".join(lines) + "\n")
     print(f"written {args.out}")
 
