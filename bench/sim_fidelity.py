@@ -363,8 +363,9 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
         f"{placement}{'' if args.nice is None else f', nice {args.nice}'}, "
         f"1 GiB KV cache. Machine: {args.hardware}, Python {platform.python_version()}, load average "
         f"{args.load_before:.1f} before and {os.getloadavg()[0]:.1f} after (other jobs shared the cores). "
-        f"Calibration took {cal_s:.0f} s in all; warming every prompt length up to {args.warm_shapes} tokens first "
-        f"took {args.warm_s:.0f} s.", "",
+        f"Calibration took {cal_s:.0f} s in all"
+        + (f"; warming every prompt length up to {args.warm_shapes} tokens first took {args.warm_s:.0f} s."
+           if args.warm_shapes else "."), "",
         "Profiles: the mean of calibrations right before and right after each replay (seconds; agreement: how "
         "much a decode step and a 400-token request's modelled TTFT differ between the two; the last calibration "
         "is in `sim_fidelity_profile.json`):", "",

@@ -18,14 +18,14 @@ fitted on that, and what the step model leaves of the client's TTFT is front-end
 decode step is `request_overhead_s`.
 
 A CPU engine (vLLM's oneDNN GEMMs) builds kernels per batched token count and keeps a bounded
-cache of them, so a step of a token count it has not run lately is slower: 16 ms instead of 10 ms
-for a 400-token prefill of the tiny CPU model (bench/results/sim_fidelity.md). The sweeps therefore
+cache of them, so a step of a token count it has not run lately is slower (a 400-token prefill of
+the tiny CPU model: 2-5 ms more than its 10 ms; bench/results/sim_fidelity.md). The sweeps therefore
 repeat exact token counts (each request of a setting is the same words shuffled: same count, no
 prefix hit), and a separate step measures the extra cost: pairs of prefills, one of a token count
 this calibration has not sent, then the same count again; the differences, fitted as
 `new_shape_s + new_shape_token_s × tokens`, give the cost (0 on an engine without the effect, e.g.
-a GPU with CUDA graphs or the simulator). It grows with the count: about 2-3 ms up to 500 tokens,
-11-16 ms at 700-850 on the tiny CPU model.
+a GPU with CUDA graphs or the simulator). On the tiny CPU model it is a median 2-4 ms up to 700
+tokens and 7-16 ms at 850, with a long tail (bench/cpu_new_shape.py).
 
 Stability on a shared machine: warm-up requests are discarded (they also build each setting's
 kernels), the settings are measured in interleaved rounds (a slow minute then hits every setting
