@@ -68,6 +68,7 @@ class PlannerConfig:
     learn_rate: float = 0.3
     decode_learn_min_seqs: float = 8.0     # too small a batch says little about TPOT at scale
     prefill_utilisation: float = 0.85      # share of a replica's raw prefill rate usable within the TTFT SLO
+    raw_bound_aggregated: bool = True      # let an aggregated pool's raw prefill rate raise its capacity too
 
 
 @dataclass(slots=True, frozen=True)
@@ -105,7 +106,8 @@ class PoolPlanner:
         c, n = self.config, max(1, s.ready)
         if self.role != "decode" and s.uncached_prompt_tps and s.ttft_p90_s is not None:
             self.prefill_tps = _nudge(self.prefill_tps, s.uncached_prompt_tps / n, s.ttft_p90_s <= c.ttft_slo_s, c)
-            if s.first_tokens_per_s and s.ttft_p50_s and s.ttft_p90_s <= c.ttft_slo_s:
+            raw_ok = self.role == "prefill" or c.raw_bound_aggregated
+            if raw_ok and s.first_tokens_per_s and s.ttft_p50_s and s.ttft_p90_s <= c.ttft_slo_s:
                 # A typical prompt's first token took at least its own prefill: tokens over TTFT is a
                 # lower bound on the replica's raw prefill rate (queueing and batching only lower it).
                 bound = s.uncached_prompt_tps / s.first_tokens_per_s / s.ttft_p50_s

@@ -12,8 +12,8 @@ given every advantage a causal policy could have and more:
 - it calls a burst the first time a reading exceeds a threshold θ; at θ = the base's highest
   10-s reading it never raises a false alarm; lower θ calls bursts earlier and pays for every
   false alarm by holding the burst size for one cold start + interval;
-- once a burst is called it knows its end, orders `burst` replicas at once (no step limit) and
-  holds them exactly to the burst's end;
+- once a burst is called it knows its shape: it orders `burst` replicas at once (no step limit)
+  and holds them until the burst's ramp down, then steps down with the ramp to the burst's end;
 - outside bursts it holds a constant `hold` replicas (the base never needs more than 3).
 
 For each θ it searches the smallest `hold` that keeps every minute within SLO (the goal's
@@ -22,7 +22,16 @@ next burst starts, it must hold that many whenever the base is at the level it w
 onsets (the three onsets sit at the base's typical level), so `hold` × span is a lower bound on
 its GPU time, before any burst is served.
 
+The diurnal workload has no injected bursts, but one step of its own (minute 45: ≈ 3× within
+one compressed ServeGen window) that only the static peak's full size carries through a cold
+start. `--workload diurnal` finds that step (the minute one replica fewer than the static peak
+loses) and prices the family of policies that hold k × the highest demand read over the last W
+seconds (what a scale-down window does), with k just large enough to have the static peak's
+size at the step: the mean of that rolling maximum over the day, over its value at the step,
+is the share of the static peak's GPU time such a policy spends even with instant starts.
+
     .venv/bin/python -P bench/autoscale_bound.py [--holds 4 5 6] [--quantiles 1.0 0.95]
+    .venv/bin/python -P bench/autoscale_bound.py --workload diurnal [--static-replicas 9]
 """
 
 from __future__ import annotations
@@ -30,12 +39,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from kvpilot.autoscaler.baselines import Fixed
 from kvpilot.autoscaler.planner import Plan, PoolSignals
 from kvpilot.sim.workload import RequestSpec, azure_conv, superpose
 
@@ -46,7 +57,8 @@ A = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(A)
 COLD_START, GOAL_MINUTES, INTERVAL, MAX_REPLICAS = A.COLD_START, A.GOAL_MINUTES, A.INTERVAL, A.MAX_REPLICAS
 bursty, run, static_peak = A.bursty, A.run, A.static_peak
-BURSTS = (0.15, 0.45, 0.75)   # bursty(): onsets as shares of the span, 360 s long
+BURSTS = (0.15, 0.45, 0.75)   # bursty(): onsets as shares of the span, 360 s long, 120 s ramps
+RAMP_S = 120.0
 
 
 def readings(specs: list[RequestSpec], span_s: float) -> list[float]:
@@ -64,7 +76,7 @@ class OnsetOracle:
     cold start + interval."""
 
     hold: int
-    burst: int
+    burst: tuple[int, ...]                  # replicas ordered for each burst (one value: for all)
     threshold: float
     meter: list[float]
     bursts: list[tuple[float, float]]       # (start, end) s
@@ -81,13 +93,44 @@ class OnsetOracle:
                 if reading > self.threshold:
                     called.add(k)
                 if k in called:
-                    return Plan(self.burst, f"burst {k} called")
+                    # It knows the burst's shape from here on: the last ramp-length of it falls back
+                    # linearly to the base, and so does what it holds.
+                    left = min(1.0, (end - s.time) / RAMP_S)
+                    size = self.burst[min(k, len(self.burst) - 1)]
+                    return Plan(self.hold + math.ceil((size - self.hold) * left), f"burst {k} called")
                 return Plan(self.hold, f"burst {k} not yet distinguishable ({reading:.0f} tok/s)")
         if reading > self.threshold:
             self._alarm_until = s.time + COLD_START + INTERVAL
         if s.time < self._alarm_until:
-            return Plan(self.burst, "false alarm")
+            return Plan(max(self.burst), "false alarm")
         return Plan(self.hold, "holding")
+
+
+def diurnal_family(console: Console, minutes: float, static_n: int | None) -> dict[str, Any]:
+    """The window-hold family's price of carrying the diurnal workload's step; see the docstring."""
+    specs = A.daily(minutes)
+    if static_n is None:
+        static_n, _ = static_peak(specs, console, hi=MAX_REPLICAS // 2)
+    short = run(specs, Fixed(static_n - 1), static_n - 1)
+    lost = [m for m, a in short.minutes() if a < 0.9]
+    meter = readings(specs, minutes * 60)
+    console.print(f"static peak {static_n}; with {static_n - 1} the minutes lost are {lost}")
+    out: dict[str, Any] = {"static_replicas": static_n, "lost_with_one_fewer": lost, "steps": []}
+    for m in lost:
+        lo = max(1, int(m * 60 // INTERVAL) - 6)
+        i = max(range(lo, lo + 12), key=lambda j: meter[j] - meter[j - 1])   # the reading the step lands in
+        console.print(f"minute {m}: demand steps {meter[i - 1]:.0f} → {meter[i]:.0f} tok/s at {i * INTERVAL:.0f} s")
+        rows = []
+        for w in (60, 120, 300, 600, 1200):
+            k = int(w // INTERVAL)
+            roll = [max(meter[max(0, j - k):j], default=meter[0]) for j in range(1, len(meter))]
+            seen = max(meter[i - k:i])
+            share = sum(roll) / len(roll) / seen
+            rows.append({"window_s": w, "peak_before_step": seen, "x_static": share})
+            console.print(f"  hold k × the highest reading of the last {w:4d} s: that peak was {seen:.0f} tok/s; "
+                          f"≥ {share:.2f}× the static peak's GPU time")
+        out["steps"].append({"minute": m, "time_s": i * INTERVAL, "from": meter[i - 1], "to": meter[i], "rows": rows})
+    return out
 
 
 def main() -> None:
@@ -97,12 +140,20 @@ def main() -> None:
                     help="replicas held outside bursts, tried in order")
     ap.add_argument("--quantiles", type=float, nargs="+", default=[1.0, 0.95],
                     help="θ as a quantile of the base's 10-s readings (1.0: its maximum, no false alarm)")
-    ap.add_argument("--bursts", type=int, nargs="+", default=[7, 8, 10],
-                    help="replicas ordered when a burst is called, each tried")
+    ap.add_argument("--bursts", nargs="+", default=["7", "8", "10"],
+                    help="replicas ordered when a burst is called, each tried; '8,7,8': one per burst")
     ap.add_argument("--static-gpu-h", type=float, default=None, help="skip the static-peak search")
     ap.add_argument("--out", type=Path, default=Path("bench/out/autoscale-bound.json"))
+    ap.add_argument("--workload", choices=["bursty", "diurnal"], default="bursty")
+    ap.add_argument("--static-replicas", type=int, default=None, help="diurnal: skip the static-peak search")
     args = ap.parse_args()
     console = Console()
+    if args.workload == "diurnal":
+        result = diurnal_family(console, args.minutes, args.static_replicas)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        console.print(f"raw results: {args.out}")
+        return
     span = args.minutes * 60
     base = superpose([s for s in azure_conv() if s.arrival < span], 6, seed=1)   # as bursty() builds it
     specs = bursty(args.minutes)
@@ -126,16 +177,17 @@ def main() -> None:
         console.rule(f"θ = {theta:.0f} tok/s (q={q:g}): bursts called at "
                      f"{[f'onset+{c - a:.0f}s' if c else 'never' for c, (a, _) in zip(called, bursts, strict=True)]}, "
                      f"{alarms} base readings above θ")
-        for size in args.bursts:
+        for sizes in args.bursts:
+            size = tuple(int(x) for x in sizes.split(","))
             for hold in args.holds:
                 report = run(specs, OnsetOracle(hold, size, theta, meter, bursts), hold)
                 s = report.summary
                 bad = [m for m, a in report.minutes() if a < 0.9]
-                row = {"quantile": q, "theta": theta, "burst": size, "hold": hold, "bad_minutes": bad,
+                row = {"quantile": q, "theta": theta, "burst": sizes, "hold": hold, "bad_minutes": bad,
                        "minutes_within_slo": s["minutes_within_slo"], "gpu_hours": s["gpu_hours"],
                        "x_static": s["gpu_hours"] / static_gpu_h, "hold_floor_x_static": hold * span_h / static_gpu_h}
                 rows.append(row)
-                console.print(f"  burst {size}, hold {hold}: {s['minutes_within_slo']:.1%} of minutes (missed {bad}),"
+                console.print(f"  burst {sizes}, hold {hold}: {s['minutes_within_slo']:.1%} of minutes (missed {bad}),"
                               f" {s['gpu_hours']:.2f} GPU-h = {row['x_static']:.2f}× static; holding {hold} alone:"
                               f" {row['hold_floor_x_static']:.2f}×")
                 if s["minutes_within_slo"] >= GOAL_MINUTES:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from kvpilot.autoscaler.planner import PlannerConfig, PoolPlanner, PoolSignals
 
 CFG = PlannerConfig(ttft_slo_s=2.0, tpot_slo_s=0.1, min_replicas=1, max_replicas=10, scale_down_window_s=300,
@@ -164,3 +166,19 @@ def test_breakout_gate_follows_trends_only_beyond_the_windows_range() -> None:
     for i, tps in enumerate((45_000, 55_000), start=len(wander)):
         gated, ungated = _at(p, 10 * i, 6, tps, waiting=0), _at(plain, 10 * i, 6, tps, waiting=0)
     assert gated == ungated > 6
+
+
+def test_an_aggregated_pool_can_keep_its_raw_prefill_rate_out_of_its_capacity() -> None:
+    # Light load, fast first tokens: 1k-token prompts' first tokens in 40 ms say one replica
+    # prefills ≥ 25k tok/s when it does nothing else. An aggregated replica also decodes, so that
+    # rate (× 0.85 usable) overstates what it sustains under load; it may be left out.
+    light = PoolSignals(0, 2, 2, 5_000, 20, 0.05, 0.03, 1.0, 0.3, 0, 0.04, 5.0)
+    counted = PoolPlanner("aggregated", CFG)
+    counted.plan(light)
+    assert counted.prefill_tps == pytest.approx(25_000 * CFG.prefill_utilisation)
+    left_out = PoolPlanner("aggregated", dataclasses.replace(CFG, raw_bound_aggregated=False))
+    left_out.plan(light)
+    assert left_out.prefill_tps == CFG.prefill_tps_prior     # not busier than planned: nothing learned
+    prefill = PoolPlanner("prefill", dataclasses.replace(CFG, raw_bound_aggregated=False))
+    prefill.plan(light)
+    assert prefill.prefill_tps == pytest.approx(25_000 * CFG.prefill_utilisation)  # it does nothing else
