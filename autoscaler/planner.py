@@ -11,7 +11,10 @@ counts what piled up unserved (the waiting queue's growth), not only what was co
 acts in one interval; scale-down only when every desired value over the stabilisation window was
 lower, and by at most `max_step`. While replicas are still starting, nothing is decided on the
 breach they are starting for; only demand beyond what was already asked for adds more. With
-missing or stale metrics the size is held, never read as zero load.
+missing or stale metrics the size is held, never read as zero load. Opt-in, off by default (measured
+in bench/results/autoscale.md, session 5): a step-robust trend (`forecast_robust`), a trend followed
+only beyond the window's demand range (`forecast_breakout`), and keeping an aggregated pool's
+light-load raw prefill rate out of its capacity (`raw_bound_aggregated=False`).
 """
 
 from __future__ import annotations

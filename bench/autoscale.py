@@ -63,7 +63,7 @@ def planners(windows: tuple[float, ...] = (300.0, 240.0, 120.0), overrides: dict
         cfg = PlannerConfig(ttft_slo_s=TTFT_SLO, tpot_slo_s=TPOT_SLO, forecast_s=2 * COLD_START + INTERVAL,
                             scale_down_window_s=window, **bounds, **(overrides or {}))
         name = "kvpilot" if window == 300 else f"kvpilot(window={window:g}s)"
-        out[name if not tag else f"{name}[{tag}]"] = lambda c=cfg: PoolPlanner("aggregated", c)
+        out[name if not tag else f"{name} ({tag})"] = lambda c=cfg: PoolPlanner("aggregated", c)
     if not baselines:
         return out
     for target in (2.0, 5.0):
