@@ -11,7 +11,10 @@ counts what piled up unserved (the waiting queue's growth), not only what was co
 acts in one interval; scale-down only when every desired value over the stabilisation window was
 lower, and by at most `max_step`. While replicas are still starting, nothing is decided on the
 breach they are starting for; only demand beyond what was already asked for adds more. With
-missing or stale metrics the size is held, never read as zero load.
+missing or stale metrics the size is held, never read as zero load. Opt-in, off by default (measured
+in bench/results/autoscale.md, session 5): a step-robust trend (`forecast_robust`), a trend followed
+only beyond the window's demand range (`forecast_breakout`), and keeping an aggregated pool's
+light-load raw prefill rate out of its capacity (`raw_bound_aggregated=False`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class PlannerConfig:
     forecast_points: int = 3               # intervals the demand trend is fitted over (short: bursts)
     forecast_max_growth: float = 3.0       # a trend is not trusted beyond this factor over current demand
     forecast_confidence: float = 0.0       # follow slope − this × its standard error (0: the fitted slope)
+    forecast_robust: bool = False          # median interval slope (needs ≥ 4 points): a step is no trend
+    forecast_breakout: bool = False        # follow a trend only above every reading of the last window
     grow_while_starting: bool = True       # demand beyond what starting replicas were asked for adds more
     scale_down_window_s: float = 300.0
     max_step: int = 4                      # most replicas added or removed in one decision
@@ -66,6 +71,7 @@ class PlannerConfig:
     learn_rate: float = 0.3
     decode_learn_min_seqs: float = 8.0     # too small a batch says little about TPOT at scale
     prefill_utilisation: float = 0.85      # share of a replica's raw prefill rate usable within the TTFT SLO
+    raw_bound_aggregated: bool = True      # let an aggregated pool's raw prefill rate raise its capacity too
 
 
 @dataclass(slots=True, frozen=True)
@@ -90,6 +96,7 @@ class PoolPlanner:
     _history: deque[tuple[float, int]] = field(default_factory=deque)
     _since: float | None = None
     _demand: deque[tuple[float, float]] = field(default_factory=deque)  # (t, external demand)
+    _range: deque[tuple[float, float]] = field(default_factory=deque)   # the same, over the window
     _waiting: tuple[float, float] | None = None  # (t, requests waiting) at the last interval
 
     def __post_init__(self) -> None:
@@ -102,7 +109,8 @@ class PoolPlanner:
         c, n = self.config, max(1, s.ready)
         if self.role != "decode" and s.uncached_prompt_tps and s.ttft_p90_s is not None:
             self.prefill_tps = _nudge(self.prefill_tps, s.uncached_prompt_tps / n, s.ttft_p90_s <= c.ttft_slo_s, c)
-            if s.first_tokens_per_s and s.ttft_p50_s and s.ttft_p90_s <= c.ttft_slo_s:
+            raw_ok = self.role == "prefill" or c.raw_bound_aggregated
+            if raw_ok and s.first_tokens_per_s and s.ttft_p50_s and s.ttft_p90_s <= c.ttft_slo_s:
                 # A typical prompt's first token took at least its own prefill: tokens over TTFT is a
                 # lower bound on the replica's raw prefill rate (queueing and batching only lower it).
                 bound = s.uncached_prompt_tps / s.first_tokens_per_s / s.ttft_p50_s
@@ -131,7 +139,8 @@ class PoolPlanner:
         self._demand.append((s.time, driver or 0.0))
         while len(self._demand) > c.forecast_points:
             self._demand.popleft()
-        if c.forecast_s <= 0 or len(self._demand) < 3 or not driver:
+        inside = self._inside_range(s.time, driver or 0.0)
+        if c.forecast_s <= 0 or len(self._demand) < 3 or not driver or inside:
             return tps, seqs
         ts = [d[0] for d in self._demand]
         ys = [d[1] for d in self._demand]
@@ -140,6 +149,8 @@ class PoolPlanner:
         if var <= 0:
             return tps, seqs
         slope = sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys, strict=True)) / var
+        if c.forecast_robust:
+            slope = _median_slope(ts, ys)
         if c.forecast_confidence > 0 and len(ys) > 2:
             # Follow a trend only as far as the points bear it out: the slope's lower confidence
             # bound. A clean ramp keeps nearly all of it; a level that jumps around keeps none.
@@ -152,6 +163,19 @@ class PoolPlanner:
             # same trend counts the ramp twice (it made bursts ask for twice the replicas needed).
             return (tps * growth if tps is not None else None), seqs
         return (tps * growth if tps is not None else None), (seqs * growth if seqs is not None else None)
+
+    def _inside_range(self, t: float, driver: float) -> bool:
+        """Whether demand is within the range it already reached over the last scale-down window
+        (`forecast_breakout`). Such demand is covered without a forecast: the window holds the
+        size its peak asked for, which runs at most at the scale-down headroom. Extrapolating the
+        ups and downs inside that range is what made noisy plateaus ask for bursts' worth of
+        replicas; a burst or a new daily high shows itself by leaving the range."""
+        c = self.config
+        while self._range and self._range[0][0] < t - c.scale_down_window_s:
+            self._range.popleft()
+        prior = max((d for _, d in self._range), default=None)
+        self._range.append((t, driver))
+        return c.forecast_breakout and prior is not None and driver <= prior
 
     def _backlogged(self, s: PoolSignals) -> float | None:
         """Prompt-token demand including what piled up unserved. An overloaded pool computes only
@@ -263,3 +287,15 @@ def _nudge(estimate: float, observed: float, met_slo: bool, c: PlannerConfig) ->
     if (met_slo and observed > estimate * c.headroom) or (not met_slo and observed < estimate):
         return estimate + c.learn_rate * (observed - estimate)
     return estimate
+
+
+def _median_slope(ts: list[float], ys: list[float]) -> float:
+    """The median of the interval-to-interval slopes. A ramp rises in most intervals and keeps its
+    slope; a level that stepped once is one rise among flat intervals, so it reads as a new level
+    to follow rather than a trend to extrapolate two cold starts ahead (a least-squares line
+    through the same points is steep)."""
+    slopes = sorted((y1 - y0) / (t1 - t0) for t0, y0, t1, y1 in zip(ts, ys, ts[1:], ys[1:], strict=False) if t1 > t0)
+    if not slopes:
+        return 0.0
+    mid = len(slopes) // 2
+    return slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2

@@ -54,14 +54,18 @@ def daily(minutes: float) -> list[RequestSpec]:
     return diurnal(shape, window_s=minutes * 60 / len(shape), mean_rate=50.0, sizes=sizes, seed=3)
 
 
-def planners() -> dict[str, Callable[[], Planner]]:
+def planners(windows: tuple[float, ...] = (300.0, 240.0, 120.0), overrides: dict[str, Any] | None = None,
+             baselines: bool = True) -> dict[str, Callable[[], Planner]]:
     bounds: dict[str, Any] = {"min_replicas": 1, "max_replicas": MAX_REPLICAS}
     out: dict[str, Callable[[], Planner]] = {}
-    for window in (300.0, 240.0, 120.0):  # 300 s: the LLMService default (scaleDownStabilizationSeconds)
+    tag = ", ".join(f"{k}={v}" for k, v in (overrides or {}).items())
+    for window in windows:  # 300 s: the LLMService default (scaleDownStabilizationSeconds)
         cfg = PlannerConfig(ttft_slo_s=TTFT_SLO, tpot_slo_s=TPOT_SLO, forecast_s=2 * COLD_START + INTERVAL,
-                            scale_down_window_s=window, **bounds)
+                            scale_down_window_s=window, **bounds, **(overrides or {}))
         name = "kvpilot" if window == 300 else f"kvpilot(window={window:g}s)"
-        out[name] = lambda c=cfg: PoolPlanner("aggregated", c)
+        out[name if not tag else f"{name} ({tag})"] = lambda c=cfg: PoolPlanner("aggregated", c)
+    if not baselines:
+        return out
     for target in (2.0, 5.0):
         out[f"hpa-queue(waiting={target:g})"] = lambda t=target: QueueThreshold(target_waiting=t, **bounds)
     for target in (64.0, 128.0):
@@ -97,7 +101,15 @@ def main() -> None:
     ap.add_argument("--workload", choices=["bursty", "diurnal", "both"], default="both")
     ap.add_argument("--out", type=Path, default=Path("bench/out/autoscale.json"))
     ap.add_argument("--replot", type=Path, nargs="+", help="only draw the PNG from earlier --out files")
+    ap.add_argument("--windows", type=float, nargs="+", default=[300.0, 240.0, 120.0],
+                    help="kvpilot's scale-down windows to run, s")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a PlannerConfig field for the kvpilot rows (repeatable), e.g. forecast_robust=true")
+    ap.add_argument("--kvpilot-only", action="store_true", help="skip the baselines")
+    ap.add_argument("--static-replicas", type=int, help="the static peak's size (skips its search)")
     args = ap.parse_args()
+    overrides = dict(_override(kv) for kv in args.set)
+    chosen = planners(tuple(args.windows), overrides, baselines=not args.kvpilot_only)
     if args.replot:
         results = {k: v for f in args.replot for k, v in json.loads(f.read_text()).items()}
         print(f"plot: {plot(results, args.replot[0].with_suffix('.png'))}")
@@ -110,9 +122,9 @@ def main() -> None:
         console.rule(f"{wname}: {len(specs)} requests over {args.minutes:g} min")
         rows: dict[str, Any] = {}
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task(f"{wname}: autoscalers", total=len(planners()))
+            task = progress.add_task(f"{wname}: autoscalers", total=len(chosen))
             reports = {}
-            for pname, factory in planners().items():
+            for pname, factory in chosen.items():
                 t0 = time.perf_counter()
                 reports[pname] = (run(specs, factory(), 2), time.perf_counter() - t0)
                 progress.advance(task)
@@ -123,7 +135,11 @@ def main() -> None:
             console.print(f"  {pname}: {report.summary['minutes_within_slo']:.1%} minutes, "
                           f"{report.summary['gpu_hours']:.2f} GPU-h ({wall:.1f}s)")
         # The static reference: searched up to twice the most replicas any autoscaler used.
-        n, report = static_peak(specs, console, hi=min(MAX_REPLICAS, 2 * max(r["max_replicas"] for r in rows.values())))
+        if args.static_replicas:
+            n, report = args.static_replicas, run(specs, Fixed(args.static_replicas), args.static_replicas)
+        else:
+            n, report = static_peak(specs, console,
+                                    hi=min(MAX_REPLICAS, 2 * max(r["max_replicas"] for r in rows.values())))
         rows = {f"static peak ({n})": {**report.summary, "timeline": []}, **rows}
         peak_gpu_h = report.summary["gpu_hours"]
         table = Table(title=f"{wname} — TTFT {TTFT_SLO:g}s / TPOT {TPOT_SLO * 1e3:g}ms, cold start {COLD_START:g}s")
@@ -140,6 +156,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     console.print(f"raw results: {args.out}\nplot: {plot(results, args.out.with_suffix('.png'))}")
+
+
+def _override(kv: str) -> tuple[str, Any]:
+    """FIELD=VALUE for PlannerConfig, the value parsed as the field's default is typed."""
+    key, _, raw = kv.partition("=")
+    default = getattr(PlannerConfig(), key)
+    if isinstance(default, bool):
+        return key, raw.lower() in ("1", "true", "yes")
+    return key, type(default)(raw)
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from kvpilot.autoscaler.planner import PlannerConfig, PoolPlanner, PoolSignals
 
 CFG = PlannerConfig(ttft_slo_s=2.0, tpot_slo_s=0.1, min_replicas=1, max_replicas=10, scale_down_window_s=300,
@@ -130,3 +132,53 @@ def test_aggregated_forecast_follows_prompt_demand_not_the_running_queue() -> No
     for t, tps in ((0, 2_000), (10, 4_000), (20, 6_000)):
         plan = p.plan(PoolSignals(t, 4, 4, tps, 200, 0.5, None, 1.0, 0.3, 0, 0.4, tps / 1_000))
     assert plan.desired == 5 and "running sequences" in plan.reason
+
+
+def test_robust_forecast_follows_a_step_but_extrapolates_a_ramp() -> None:
+    cfg = dataclasses.replace(CFG, forecast_s=120, forecast_points=4, forecast_robust=True, max_replicas=40,
+                              max_step=40)
+
+    def last(levels: tuple[float, ...], c: PlannerConfig = cfg) -> int:
+        p = PoolPlanner("prefill", c)
+        for i, tps in enumerate(levels):
+            n = _at(p, 10 * i, 2, tps, waiting=0)
+        return n
+
+    step, ramp = (10_000, 10_000, 10_000, 30_000), (10_000, 20_000, 30_000, 40_000)
+    unforecast = dataclasses.replace(cfg, forecast_s=0)
+    # One interval's jump from a flat level is a new level to serve, not a trend to extrapolate.
+    assert last(step) == last(step, unforecast)
+    # A climb over every interval is a trend: 1k tok/s per s for 120 s more, capped at 3 × 40k.
+    assert last(ramp) >= 2.5 * last(ramp, unforecast)
+    # The least-squares trend (the default) reads the same step as a steep ramp.
+    assert last(step, dataclasses.replace(cfg, forecast_robust=False)) >= 2 * last(step, unforecast)
+
+
+def test_breakout_gate_follows_trends_only_beyond_the_windows_range() -> None:
+    cfg = dataclasses.replace(CFG, forecast_s=120, forecast_breakout=True, max_replicas=40, max_step=40)
+    p, plain = PoolPlanner("prefill", cfg), PoolPlanner("prefill", dataclasses.replace(cfg, forecast_breakout=False))
+    # A plateau that wanders between 20k and 40k tok/s: its upswings stay inside the range it has shown.
+    wander = [40_000, 30_000, 20_000, 25_000, 30_000, 35_000]
+    for i, tps in enumerate(wander):
+        gated, ungated = _at(p, 10 * i, 6, tps, waiting=0), _at(plain, 10 * i, 6, tps, waiting=0)
+    assert gated < ungated      # the ungated trend extrapolates the last upswing two cold starts ahead
+    # Leaving the range (a new high that keeps climbing) is followed like any trend.
+    for i, tps in enumerate((45_000, 55_000), start=len(wander)):
+        gated, ungated = _at(p, 10 * i, 6, tps, waiting=0), _at(plain, 10 * i, 6, tps, waiting=0)
+    assert gated == ungated > 6
+
+
+def test_an_aggregated_pool_can_keep_its_raw_prefill_rate_out_of_its_capacity() -> None:
+    # Light load, fast first tokens: 1k-token prompts' first tokens in 40 ms say one replica
+    # prefills ≥ 25k tok/s when it does nothing else. An aggregated replica also decodes, so that
+    # rate (× 0.85 usable) overstates what it sustains under load; it may be left out.
+    light = PoolSignals(0, 2, 2, 5_000, 20, 0.05, 0.03, 1.0, 0.3, 0, 0.04, 5.0)
+    counted = PoolPlanner("aggregated", CFG)
+    counted.plan(light)
+    assert counted.prefill_tps == pytest.approx(25_000 * CFG.prefill_utilisation)
+    left_out = PoolPlanner("aggregated", dataclasses.replace(CFG, raw_bound_aggregated=False))
+    left_out.plan(light)
+    assert left_out.prefill_tps == CFG.prefill_tps_prior     # not busier than planned: nothing learned
+    prefill = PoolPlanner("prefill", dataclasses.replace(CFG, raw_bound_aggregated=False))
+    prefill.plan(light)
+    assert prefill.prefill_tps == pytest.approx(25_000 * CFG.prefill_utilisation)  # it does nothing else
