@@ -35,6 +35,9 @@ def register(sub: Any) -> None:
     run.add_argument("--resync-seconds", type=float, default=60.0, help="periodic full reconcile interval")
     run.add_argument("--liveness", help="serve kopf's liveness probe here, e.g. http://0.0.0.0:8080/healthz")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (all interfaces)")
+    run.add_argument("--max-workers", type=int, default=16,
+                     help="threads running handlers: at most this many objects reconciled at once (protects "
+                          "the API server during a burst of changes)")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.set_defaults(handler=_run)
 
@@ -58,7 +61,8 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger("kvpilot.operator").info("peering %r as %s with priority %d", me.peering, me.identity,
                                                    priority)
     memo = kopf.Memo(image=args.image, namespaces=args.namespace, monitors=args.pod_monitors, me=me,
-                     peering_lifetime=args.peering_lifetime, resync_seconds=args.resync_seconds)
+                     peering_lifetime=args.peering_lifetime, resync_seconds=args.resync_seconds,
+                     max_workers=max(1, args.max_workers))
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=args.standalone,
              peering_name=None if me is None else me.peering, priority=priority,
              identity=None if me is None else cast(Any, me.identity),  # kopf types it as a NewType of str

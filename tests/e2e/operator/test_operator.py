@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -172,12 +173,24 @@ def test_killed_mid_burst_converges_without_duplicates(
              "spec": {"model": {"name": "Qwen/Qwen2.5-0.5B-Instruct"},
                       "engine": {"type": "simulator", "profile": "h100-qwen2.5-0.5b"},
                       "mode": "aggregated", "decode": {"replicas": 1, "gpus": 0}}} for name in names]
-    out = crds.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                                               "items": docs}))
-    assert out.returncode == 0, out.stderr
-    # SIGKILL the operator (no cleanup, no goodbye) as soon as it has started on the burst.
-    wait_for(lambda: len(kget("workerpools")["items"]) > 0, 60, f"a first WorkerPool\n{operator.log_tail()}")
-    operator.kill()
+    # SIGKILL the operator (no cleanup, no goodbye) as soon as it has started on the burst: at the
+    # first WorkerPool's watch event. It reconciles one object at a time until then, or 16 at once
+    # could all be done by the time the event arrives.
+    operator.stop()
+    operator.args, default_args = (*operator.args, "--max-workers", "1"), operator.args
+    operator.start()
+    operator.args = default_args
+    watch = subprocess.Popen([str(crds.bin / "kubectl"), "get", "workerpools", "-n", namespace, "--watch",
+                              "-o", "name"], env=crds.env(), stdout=subprocess.PIPE, text=True)
+    try:
+        out = crds.kubectl("apply", "-n", namespace, "-f", "-",
+                           input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+        assert out.returncode == 0, out.stderr
+        assert watch.stdout is not None and watch.stdout.readline(), f"no WorkerPool\n{operator.log_tail()}"
+        operator.kill()
+    finally:
+        watch.kill()
+        watch.wait()
     at_kill = {d["metadata"]["name"] for d in kget("deployments")["items"]}
     assert len(at_kill) < 2 * len(names), "the burst was done before the kill; make it bigger"
     operator.start()
