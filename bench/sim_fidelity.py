@@ -158,10 +158,13 @@ async def main_async(args: argparse.Namespace) -> None:
         replays: list[dict[str, object]] = []
         profiles: list[Profile] = []
         cal_s = 0.0
-        for rate in args.rates:
+        for index, rate in enumerate(args.rates):
             # Calibrate right before and right after each replay and average: on a shared machine the
             # engine's speed drifts within minutes; the difference between the two is reported.
-            reqs = mix(args.requests, rate, probe, args.seed)
+            # Each rate draws its own mix: with one seed for all, a later rate's prompts had the
+            # earlier one's token counts, whose kernels the CPU engine had just built.
+            seed = args.seed + index
+            reqs = mix(args.requests, rate, probe, seed)
             if args.profile is not None:  # reuse a calibration (e.g. to re-run only the replay)
                 profile = get_profile(str(args.profile))
                 drift = (0.0, 0.0)
@@ -172,7 +175,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 cal_s += took
             t0 = time.perf_counter()
             m0, w0 = server_latencies(base_url), others_on_core_s(pid, args.cpu)
-            await run_real(base_url, model, reqs, args.seed)
+            await run_real(base_url, model, reqs, seed)
             real_s = time.perf_counter() - t0
             cpu_wait = (others_on_core_s(pid, args.cpu) - w0) / real_s
             breakdown = per_request_ms(m0, server_latencies(base_url))
@@ -186,7 +189,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 cal_s += took
                 profile, drift = average(before, after)
             profiles.append(profile)
-            sim = run_sim(profile.model_copy(update={"frontend_shares_core": args.cpu is not None}), reqs, args.seed,
+            sim = run_sim(profile.model_copy(update={"frontend_shares_core": args.cpu is not None}), reqs, seed,
                           shapes)
             built(shapes, counts)
             sim_ttft_mean = 1e3 * statistics.mean(x[0] for x in sim)
@@ -373,7 +376,8 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
           + f"; before/after differ by {drift(r, 0)} (decode step) and {drift(r, 1)} (TTFT)"
           for r, p in zip(rows, profiles, strict=True)), "",
         "Mix per rate: Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, unique prompts, seed "
-        f"{args.seed}. TTFT and TPOT are client-side on the real engine. The simulator spends the profile's "
+        f"{args.seed} for the first rate, +1 for each next. TTFT and TPOT are client-side on the real engine. "
+        "The simulator spends the profile's "
         "front-end time " + ("on the engine's core (`frontend_shares_core`: done before the next step's forward "
                              "pass, which the request joins)" if args.cpu is not None else "in TTFT only") + ".", "",
         "| rate req/s | requests | TTFT p50 real / sim (err) | TTFT p90 real / sim | TPOT p50 real / sim (err) "
@@ -414,7 +418,7 @@ def main() -> None:
     parser.add_argument("--base-url")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 6.0])
-    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--requests", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu", type=int, default=0,
                         help="pin the engine (API server included) to this core; -1: vLLM's own binding")
