@@ -220,7 +220,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s", "request_overhead_s",
-                "frontend_token_s", "new_shape_s", "new_shape_token_s")
+                "frontend_token_s", "busy_frontend_s", "new_shape_s", "new_shape_token_s")
 
 
 def built(shapes: OrderedDict[int, None], counts: Iterable[int], capacity: int = 256) -> None:
@@ -308,7 +308,8 @@ async def calibrate(args: argparse.Namespace, base_url: str, model: str, ran: se
     # nor any count the engine ran lately (`ran`: the replays' steps, the calibrations' prompts).
     m = await measure(base_url, model, prompt_lengths=[64, 128, 256, 384, 512, 768], batches=[1, 2, 4, 8, 16],
                       decode_prompts=[32, 384], decode_tokens=48, repeats=args.repeats,
-                      seed=args.seed + 1000 * (len(measured) + 1), shape_pairs=args.shape_pairs, ran=ran)
+                      seed=args.seed + 1000 * (len(measured) + 1), shape_pairs=args.shape_pairs, ran=ran,
+                      busy_rounds=args.repeats if args.cpu is not None else 0)
     measured.append(m)
     ran.update(m.counts)
     return time.perf_counter() - t0
@@ -320,11 +321,12 @@ def fit(args: argparse.Namespace, measured: list[Measured], block_size: int, cap
     prefill = [p for m in measured for p in m.prefill]
     decode = [p for m in measured for p in m.decode]
     shapes = [p for m in measured for p in m.shapes]
+    busy = [p for m in measured for p in m.busy]
     profile = fit_profile(prefill, decode, name="cpu-tiny-llama", model="tiny random Llama (820k params)",
                           hardware=args.hardware, block_size=block_size, kv_capacity_tokens=capacity,
                           kv_bytes_per_token=2 * 2 * 2 * 32 * 4,  # 2 layers × (K, V) × 2 KV heads × 32 × fp32
                           source=f"measured: bench/sim_fidelity.py, {len(measured)} calibration(s), {cal_s:.0f} s",
-                          frontend_shares_core=args.cpu is not None, shapes=shapes)
+                          frontend_shares_core=args.cpu is not None, shapes=shapes, busy=busy)
     if len(measured) > 1:
         print(json.dumps(profile.model_dump(), indent=1), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -332,7 +334,8 @@ def fit(args: argparse.Namespace, measured: list[Measured], block_size: int, cap
             {"profile": profile.model_dump(),
              "points": {"prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
                         "decode": [[p.batch, p.context, p.itl_s] for p in decode],
-                        "shapes": [[p.prompt_tokens, p.first_s, p.again_s] for p in shapes]}},
+                        "shapes": [[p.prompt_tokens, p.first_s, p.again_s] for p in shapes],
+                        "busy": [[p.prompt_tokens, p.ttft_s, p.context] for p in busy]}},
             indent=1))
     return profile
 

@@ -27,6 +27,12 @@ this calibration has not sent, then the same count again; the differences, fitte
 a GPU with CUDA graphs or the simulator). On the tiny CPU model it is a median 2-4 ms up to 700
 tokens and 7-16 ms at 850, with a long tail (bench/cpu_new_shape.py).
 
+Where the API server shares the engine's core (`--frontend-shares-core`), a request that arrives
+while another decodes takes longer than the step it joins accounts for: the two processes wait on
+each other's time slices. Busy rounds send the prefill sweep's prompts while a long stream decodes;
+what their TTFT holds beyond the idle TTFT of the same count, half a decode step (arriving mid-step)
+and the decode sharing their step is `busy_frontend_s` (median).
+
 Stability on a shared machine: warm-up requests are discarded (they also build each setting's
 kernels), the settings are measured in interleaved rounds (a slow minute then hits every setting
 alike instead of skewing one), and each point is the median of its repeats.
@@ -44,7 +50,7 @@ import statistics
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -114,6 +120,14 @@ class ShapePoint:
 
 
 @dataclass(frozen=True, slots=True)
+class BusyPoint:
+    """A prefill sent while another request decodes (client TTFT), and that stream's context."""
+    prompt_tokens: int
+    ttft_s: float
+    context: float
+
+
+@dataclass(frozen=True, slots=True)
 class DecodePoint:
     batch: int
     context: float      # mean tokens in each decoding sequence's context
@@ -124,7 +138,7 @@ def fit_profile(prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint], 
                 hardware: str, source: str, block_size: int, kv_capacity_tokens: int, kv_bytes_per_token: int,
                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                 frontend_shares_core: bool = False, shapes: Sequence[ShapePoint] = (),
-                shape_cache_size: int = 256) -> Profile:
+                shape_cache_size: int = 256, busy: Sequence[BusyPoint] = ()) -> Profile:
     fixed, per_token_shape = new_shape_cost(shapes)
     step_s, decode_seq_s, decode_ctx_s = nonneg_fit([[1.0, p.batch, p.batch * p.context] for p in decode],
                                                     [p.itl_s for p in decode])
@@ -146,7 +160,24 @@ def fit_profile(prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint], 
                    prefill_token_s=per_token, attn_pair_s=quad, decode_seq_s=decode_seq_s,
                    decode_ctx_s=decode_ctx_s, request_overhead_s=overhead, frontend_token_s=frontend_token_s,
                    frontend_shares_core=frontend_shares_core, new_shape_s=fixed, new_shape_token_s=per_token_shape,
-                   shape_cache_size=shape_cache_size)
+                   shape_cache_size=shape_cache_size,
+                   busy_frontend_s=busy_frontend_cost(prefill, busy, step_s, decode_seq_s, decode_ctx_s)
+                   if frontend_shares_core else 0.0)
+
+
+def busy_frontend_cost(prefill: Sequence[PrefillPoint], busy: Sequence[BusyPoint], step_s: float,
+                       decode_seq_s: float, decode_ctx_s: float) -> float:
+    """What a prefill sent while another request decodes takes beyond what the engine model
+    already charges it: the same count's TTFT on an idle engine, half a decode step (it arrives
+    mid-step and joins the next), and the decode sharing its step. The median over the points
+    whose count the idle sweep also ran; 0 when there are none or it comes out negative."""
+    idle = {p.prompt_tokens: p.ttft_s for p in prefill}
+    extra = []
+    for b in busy:
+        if b.prompt_tokens in idle:
+            decode = decode_seq_s + decode_ctx_s * b.context
+            extra.append(b.ttft_s - idle[b.prompt_tokens] - (step_s + decode) / 2 - decode)
+    return max(0.0, statistics.median(extra)) if extra else 0.0
 
 
 def new_shape_cost(shapes: Sequence[ShapePoint]) -> tuple[float, float]:
@@ -251,13 +282,16 @@ class Measured:
     decode: list[DecodePoint]
     shapes: list[ShapePoint]
     counts: list[int]           # the prompt token counts sent, in order (the kernels they built)
+    busy: list[BusyPoint] = field(default_factory=list)
 
 
 async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], batches: Sequence[int],
                   decode_prompts: Sequence[int], decode_tokens: int, repeats: int, seed: int = 0,
-                  warmup: int = 6, shape_pairs: int = 24, ran: Collection[int] = ()) -> Measured:
+                  warmup: int = 6, shape_pairs: int = 24, ran: Collection[int] = (),
+                  busy_rounds: int = 0) -> Measured:
     """`ran`: token counts the caller knows the engine has run lately (their kernels are built, so
-    the new-count pairs avoid them)."""
+    the new-count pairs avoid them). `busy_rounds`: rounds of the prefill sweep's prompts sent
+    while another request decodes (`Profile.busy_frontend_s`; 0: skip)."""
     rng = random.Random(seed)
     counts: list[int] = []
     # Idle pooled connections are dropped before the server's keep-alive timeout (uvicorn: 5 s) can
@@ -294,6 +328,7 @@ async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], b
                    for n in prompt_lengths]
         shapes = await _shape_pairs(session, base_url, send, shape_pairs, min(prompt_lengths),
                                     max(prompt_lengths), rng, counts, ran)
+        busy = [b for _ in range(busy_rounds) for b in await _busy_round(send, prompt_lengths, rng)]
         # Decode: B concurrent streams, settings interleaved the same way.
         settings = [(n, b) for n in decode_prompts for b in batches]
         itls: dict[tuple[int, int], list[float]] = {k: [] for k in settings}
@@ -304,7 +339,29 @@ async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], b
                 itls[n, b].append(statistics.median(x for x in map(itl, runs) if x is not None))
                 contexts[n, b].append(statistics.mean(r.prompt_tokens for r in runs) + decode_tokens / 2)
         decode = [DecodePoint(b, statistics.mean(contexts[n, b]), statistics.median(itls[n, b])) for n, b in settings]
-    return Measured(prefill, decode, shapes, counts)
+    return Measured(prefill, decode, shapes, counts, busy)
+
+
+async def _busy_round(send: Callable[..., Awaitable[Timed]], prompt_lengths: Sequence[int],
+                      rng: random.Random, background_prompt: int = 64) -> list[BusyPoint]:
+    """Each of the prefill sweep's prompts (the same token counts) sent twice while one long
+    stream decodes; the second of each is kept (the first builds the kernels of its count plus
+    the decode's token), if it finished before the stream did."""
+    tokens = 60 * len(prompt_lengths)   # ≈ 10 decode steps per probe sent
+    background = asyncio.ensure_future(send(background_prompt, tokens))
+    await asyncio.sleep(0.2)             # until it decodes
+    probes = []
+    for n in rng.sample(list(prompt_lengths), len(prompt_lengths)):
+        await send(n, 2)
+        probes.append(await send(n, 2))
+    stream = await background
+    first, end = stream.start + stream.ttft_s, stream.start + stream.chunk_times[-1]
+    out = []
+    for t in probes:
+        if first < t.start and t.start + t.chunk_times[-1] < end:
+            decoded = tokens * (t.start - first) / max(1e-9, end - first)   # the stream's context then
+            out.append(BusyPoint(t.prompt_tokens, t.ttft_s, stream.prompt_tokens + decoded))
+    return out
 
 
 async def _shape_pairs(session: aiohttp.ClientSession, base_url: str, send: Callable[..., Awaitable[Timed]],

@@ -141,7 +141,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     m = asyncio.run(measure(args.base_url, args.model, prompt_lengths=ints(args.prompt_lengths),
                             batches=ints(args.batches), decode_prompts=ints(args.decode_prompts),
                             decode_tokens=args.decode_tokens, repeats=args.repeats, seed=args.seed,
-                            warmup=args.warmup, shape_pairs=args.shape_pairs))
+                            warmup=args.warmup, shape_pairs=args.shape_pairs,
+                            busy_rounds=args.repeats if args.frontend_shares_core else 0))
     prefill, decode = m.prefill, m.decode
     profile = fit_profile(
         prefill, decode, name=args.name or f"calibrated-{args.model}", model=args.model, hardware=args.hardware,
@@ -150,11 +151,12 @@ def _calibrate(args: argparse.Namespace) -> int:
         block_size=block_size, kv_capacity_tokens=capacity,
         kv_bytes_per_token=args.kv_bytes_per_token, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, frontend_shares_core=args.frontend_shares_core,
-        shapes=m.shapes, shape_cache_size=args.shape_cache_size)
+        shapes=m.shapes, shape_cache_size=args.shape_cache_size, busy=m.busy)
     doc = {"profile": profile.model_dump(), "points": {
         "prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
         "decode": [[p.batch, p.context, p.itl_s] for p in decode],
-        "shapes": [[p.prompt_tokens, p.first_s, p.again_s] for p in m.shapes]}}
+        "shapes": [[p.prompt_tokens, p.first_s, p.again_s] for p in m.shapes],
+        "busy": [[p.prompt_tokens, p.ttft_s, p.context] for p in m.busy]}}
     args.out.write_text(json.dumps(doc, indent=1))
     print(json.dumps(profile.model_dump(), indent=1))
     return 0

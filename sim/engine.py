@@ -14,8 +14,10 @@ back to the head of the queue.
 A CPU engine whose API server shares its core (`Profile.frontend_shares_core`) serializes the
 two: a request that arrived during a step has its front-end work (HTTP, tokenization:
 `frontend_s`) done on that core before the next step's forward pass, which it then joins; that
-step takes longer by the work. (Deferring the request one more step, as if the work overlapped the
-step after, over-predicted the real engine's TTFT by 37-47% at 6 req/s: bench/results/sim_fidelity.md.)
+step takes longer by the work, and by `busy_frontend_s` more when requests were already running
+(a request that finds the engine decoding waits longer than one that finds it idle, beyond the
+step it joins: bench/results/sim_fidelity.md). (Deferring the request one more step, as if the
+work overlapped the step after, over-predicted the real engine's TTFT by 37-47% at 6 req/s.)
 
 A CPU engine also pays `Profile.new_shape_s` (+ `new_shape_token_s` per token) on a step whose
 batched token count is not among the last `shape_cache_size` distinct counts it ran (oneDNN builds
@@ -308,6 +310,7 @@ class Engine:
         have their front-end work done first, in this step's time, and join it."""
         frontend, self.frontend = self.frontend, []
         self.waiting.extend(frontend)
+        busy = bool(self.running)
         budget = self.max_num_batched_tokens
         items: list[tuple[Sequence, int]] = []
         preempted = False
@@ -351,7 +354,10 @@ class Engine:
         plan.first_step_s += new_shape
         if frontend:  # one core: the API server's work, then the step's forward pass
             plan.frontend = frontend
-            plan.first_step_s = (plan.first_step_s if items else 0.0) + sum(map(self.frontend_s, frontend))
+            work = sum(map(self.frontend_s, frontend))
+            if busy:
+                work += self.profile.busy_frontend_s * len(frontend)
+            plan.first_step_s = (plan.first_step_s if items else 0.0) + work
         elif max_steps > 1 and not preempted and all_running_scheduled and not new_shape:
             nobody_admissible = not self.waiting or admitted_blocked or len(running) >= self.max_num_seqs
             if nobody_admissible and all(n == 1 and s.output > 0 for s, n in items):

@@ -54,6 +54,10 @@ class Profile(BaseModel):
     frontend_token_s: float = Field(0.0, ge=0, description="frontend time per prompt token (tokenization)")
     frontend_shares_core: bool = Field(False, description="the API server runs on the engine's CPU (a pinned CPU "
                                        "engine): its per-request time is serialized with the steps (sim.engine)")
+    busy_frontend_s: float = Field(0.0, ge=0, description="with `frontend_shares_core`: extra front-end time of a "
+                                   "request that arrives while the engine has requests running (the API server and "
+                                   "the engine wait on each other's time slices); measured by `kvpilot sim calibrate "
+                                   "--frontend-shares-core`")
     new_shape_s: float = Field(0.0, ge=0, description="extra time of a step whose batched token count is not among "
                                "the engine's last `shape_cache_size` distinct ones (a CPU engine builds its oneDNN "
                                "GEMM kernels per token count); 0: off; measured by `kvpilot sim calibrate`")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvpilot.sim.calibrate import (
+    BusyPoint,
     DecodePoint,
     PrefillPoint,
     Prompts,
@@ -111,6 +112,29 @@ def test_fitted_profile_carries_the_shape_cost() -> None:
     p = fit([ShapePoint(n, 4e-3 + 1e-3 + 1e-5 * n, 4e-3) for n in (100, 300, 500)])
     assert p.new_shape_s == pytest.approx(1e-3) and p.new_shape_token_s == pytest.approx(1e-5)
     assert p.shape_cache_size == 100
+
+
+def test_busy_rounds_give_the_front_end_cost_beyond_the_step_the_request_joins() -> None:
+    step, seq, ctx, extra = 4e-3, 1e-4, 1e-7, 3e-3
+    prefill = [PrefillPoint(n, 5e-3 + 1e-5 * n) for n in (64, 256, 768)]
+    decode = [DecodePoint(b, c, step + seq * b + ctx * b * c) for b in (1, 4, 16) for c in (40.0, 400.0)]
+
+    def joined(n: int, context: float) -> float:   # idle TTFT, half a decode step, the decode alongside
+        return 5e-3 + 1e-5 * n + (step + seq + ctx * context) / 2 + seq + ctx * context
+
+    busy = [BusyPoint(n, joined(n, 300.0) + e, 300.0)
+            for n, e in ((64, 2e-3), (256, extra), (768, extra), (64, 4e-3), (256, 0.05))]
+    busy.append(BusyPoint(999, 1.0, 300.0))   # a count the idle sweep never ran: not compared
+
+    def fit(points: list[BusyPoint], shared: bool = True) -> Profile:
+        return fit_profile(prefill, decode, name="t", model="m", hardware="h", source="s", block_size=128,
+                           kv_capacity_tokens=1024, kv_bytes_per_token=2, frontend_shares_core=shared, busy=points)
+
+    assert fit(busy).busy_frontend_s == pytest.approx(extra)   # the median: one slow outlier does not move it
+    assert fit([]).busy_frontend_s == 0
+    assert fit(busy, shared=False).busy_frontend_s == 0   # a front-end on other cores waits on nobody
+    faster = [BusyPoint(b.prompt_tokens, b.ttft_s - 0.01, b.context) for b in busy[:5]]
+    assert fit(faster).busy_frontend_s == 0   # never negative
 
 
 def test_prompts_repeat_their_words_in_a_new_order() -> None:

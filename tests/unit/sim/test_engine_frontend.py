@@ -73,6 +73,22 @@ def test_a_request_arriving_mid_decode_joins_the_next_step_lengthened_by_its_fro
     assert old.output == decode_before + 1 and new.output == 1
 
 
+def test_a_busy_engine_charges_the_busy_front_end_cost_an_idle_one_does_not() -> None:
+    busy = CPU.model_copy(update={"busy_frontend_s": 3e-3})
+    alone = seq("alone", 0.0)
+    replay(busy, [(0.0, alone)])
+    assert ttft(alone) == pytest.approx(CPU.request_overhead_s + CPU.frontend_token_s * 300 + CPU.step_s
+                                        + CPU.prefill_token_s * 300)   # found the engine idle: no extra
+    firsts = []
+    for profile in (CPU, busy):
+        old, new = seq("old", 0.0, max_tokens=50), seq("new", 0.1)   # `old` decodes until ≈ 0.24 s
+        replay(profile, [(0.0, old), (0.1, new)])
+        firsts.append((ttft(new), old.finish_time))
+    (plain_ttft, plain_finish), (busy_ttft, busy_finish) = firsts
+    assert busy_ttft == pytest.approx(plain_ttft + 3e-3)
+    assert busy_finish == pytest.approx((plain_finish or 0.0) + 3e-3)   # on the shared core: others wait too
+
+
 def test_front_end_work_queues_behind_and_ahead_of_steps_as_the_rate_grows() -> None:
     """Against the same costs counted in TTFT only (a front-end on other cores), the shared core
     changes nothing when requests never overlap, and delays first tokens (other requests' front-end
@@ -100,7 +116,7 @@ def test_front_end_work_queues_behind_and_ahead_of_steps_as_the_rate_grows() -> 
 
 
 def test_off_by_default_so_gpu_profiles_time_as_before() -> None:
-    assert not any(p.frontend_shares_core for p in PROFILES.values())
+    assert not any(p.frontend_shares_core or p.busy_frontend_s for p in PROFILES.values())
     base = PROFILES["h100-llama3-8b"]
     costly = base.model_copy(update={"request_overhead_s": 0.05, "frontend_token_s": 1e-4})
     times = []
