@@ -39,3 +39,23 @@ def test_calibrate_fits_the_profile_the_simulator_runs(sim_worker_factory: Calla
     # jitter, small beside the step itself.
     extra = fitted.new_shape_s + fitted.new_shape_token_s * 1000
     assert extra < 0.15 * (truth.step_s + truth.prefill_token_s * 1000)
+
+
+def test_calibrate_measures_the_busy_front_end_cost_of_a_shared_core(
+        sim_worker_factory: Callable[..., SimWorker], tmp_path: Path) -> None:
+    """A simulated CPU engine whose arrivals cost 20 ms more when it is decoding: the busy rounds
+    (prompts sent while a long stream decodes) find that cost, and only that."""
+    truth = get_profile("a100-llama3-8b").model_copy(update={
+        "name": "shared-core", "frontend_shares_core": True, "request_overhead_s": 0.005, "busy_frontend_s": 0.02})
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps({"profile": truth.model_dump()}))
+    worker = sim_worker_factory("--profile", str(path))
+    out = tmp_path / "profile.json"
+    subprocess.run([sys.executable, "-P", "-m", "kvpilot.cli", "sim", "calibrate", "--base-url", worker.url,
+                    "--model", worker.model, "--out", str(out), "--prompt-lengths", "128,512,1024",
+                    "--batches", "1,8", "--decode-prompts", "64,512", "--decode-tokens", "24", "--repeats", "3",
+                    "--shape-pairs", "0", "--frontend-shares-core"],
+                   check=True, timeout=240, stdout=subprocess.DEVNULL)
+    fitted = get_profile(str(out))
+    assert len(json.loads(out.read_text())["points"]["busy"]) >= 6
+    assert fitted.busy_frontend_s == pytest.approx(truth.busy_frontend_s, abs=0.01)
