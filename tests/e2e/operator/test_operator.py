@@ -177,9 +177,12 @@ def test_killed_mid_burst_converges_without_duplicates(
     # first WorkerPool's watch event. It reconciles one object at a time until then, or 16 at once
     # could all be done by the time the event arrives.
     operator.stop()
-    operator.args, default_args = (*operator.args, "--max-workers", "1"), operator.args
-    operator.start()
-    operator.args = default_args
+    default_args = operator.args
+    operator.args = (*default_args, "--max-workers", "1")
+    try:
+        operator.start()
+    finally:
+        operator.args = default_args   # the restart after the kill runs the default
     watch = subprocess.Popen([str(crds.bin / "kubectl"), "get", "workerpools", "-n", namespace, "--watch",
                               "-o", "name"], env=crds.env(), stdout=subprocess.PIPE, text=True)
     try:

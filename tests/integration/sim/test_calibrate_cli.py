@@ -44,7 +44,7 @@ def test_calibrate_fits_the_profile_the_simulator_runs(sim_worker_factory: Calla
 def test_calibrate_measures_the_busy_front_end_cost_of_a_shared_core(
         sim_worker_factory: Callable[..., SimWorker], tmp_path: Path) -> None:
     """A simulated CPU engine whose arrivals cost 20 ms more when it is decoding: the busy rounds
-    (prompts sent while a long stream decodes) find that cost, and only that."""
+    (prompts sent while a long stream decodes) find it."""
     truth = get_profile("a100-llama3-8b").model_copy(update={
         "name": "shared-core", "frontend_shares_core": True, "request_overhead_s": 0.005, "busy_frontend_s": 0.02})
     path = tmp_path / "truth.json"
