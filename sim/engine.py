@@ -144,6 +144,7 @@ class Engine:
         self.frontend: list[Sequence] = []   # arrived, front-end work not started (frontend_shares_core)
         self.counters = EngineCounters()
         self.shapes: OrderedDict[int, None] = OrderedDict()   # step token counts with kernels built (new_shape_s)
+        self._shapes_on = profile.new_shape_s > 0 or profile.new_shape_token_s > 0   # off: no bookkeeping per step
 
     # -- requests ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -350,7 +351,7 @@ class Engine:
             return None
         plan = self._timing(items)
         plan.start = now
-        new_shape = self._shape_miss(sum(n for _, n in items))
+        new_shape = self._shape_miss(items) if self._shapes_on else 0.0
         plan.first_step_s += new_shape
         if frontend:  # one core: the API server's work, then the step's forward pass
             plan.frontend = frontend
@@ -364,11 +365,12 @@ class Engine:
                 self._extend(plan, max_steps)
         return plan
 
-    def _shape_miss(self, tokens: int) -> float:
-        """The time to build a step's kernels if its count of batched `tokens` is not among the last
+    def _shape_miss(self, items: list[tuple[Sequence, int]]) -> float:
+        """The time to build a step's kernels if its count of batched tokens is not among the last
         `shape_cache_size` distinct counts run, else 0; records the count as the newest."""
         p = self.profile
-        if (p.new_shape_s <= 0 and p.new_shape_token_s <= 0) or tokens <= 0:
+        tokens = sum(n for _, n in items)
+        if tokens <= 0:
             return 0.0
         shapes = self.shapes
         if tokens in shapes:
