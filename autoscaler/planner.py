@@ -20,6 +20,7 @@ light-load raw prefill rate out of its capacity (`raw_bound_aggregated=False`).
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -294,8 +295,5 @@ def _median_slope(ts: list[float], ys: list[float]) -> float:
     slope; a level that stepped once is one rise among flat intervals, so it reads as a new level
     to follow rather than a trend to extrapolate two cold starts ahead (a least-squares line
     through the same points is steep)."""
-    slopes = sorted((y1 - y0) / (t1 - t0) for t0, y0, t1, y1 in zip(ts, ys, ts[1:], ys[1:], strict=False) if t1 > t0)
-    if not slopes:
-        return 0.0
-    mid = len(slopes) // 2
-    return slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
+    slopes = [(y1 - y0) / (t1 - t0) for t0, y0, t1, y1 in zip(ts, ys, ts[1:], ys[1:], strict=False) if t1 > t0]
+    return statistics.median(slopes) if slopes else 0.0
