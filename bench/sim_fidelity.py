@@ -89,19 +89,21 @@ async def run_real(base_url: str, model: str, reqs: list[Req], seed: int) -> Non
         await asyncio.gather(*(one(r, p) for r, p in zip(reqs, prompts, strict=True)))
 
 
-def run_sim(profile: Profile, reqs: list[Req], seed: int,
-            shapes: OrderedDict[int, None] | None = None) -> list[tuple[float, float | None, float]]:
+def run_sim(profile: Profile, reqs: list[Req], seed: int, shapes: OrderedDict[int, None] | None = None,
+            built: Iterable[int] = ()) -> list[tuple[float, float | None, float]]:
     """Single-step virtual time over the simulator's engine: arrivals join at the next step.
 
     With `profile.frontend_shares_core` (a pinned CPU engine) the engine model serializes each
     request's front-end work with the steps; otherwise it runs elsewhere and only adds to TTFT.
     `shapes`: the step token counts the engine has built kernels for (`Profile.new_shape_s`), carried
-    from one replay to the next as the real engine carries them; updated in place.
+    from one replay to the next as the real engine carries them; updated in place. `built`: counts
+    the real engine ran since (the calibration before this replay), recorded first.
     Per request: (TTFT, TPOT, prefill: scheduled to first token, as vLLM's histogram counts it)."""
     rng = random.Random(seed)
     engine = Engine(profile)
     if shapes is not None:
         engine.shapes = shapes
+    engine.mark_built(built)
     pending = sorted(enumerate(reqs), key=lambda x: x[1].arrival)
     seqs: dict[int, Sequence] = {}
     t, k = 0.0, 0
@@ -154,8 +156,8 @@ async def main_async(args: argparse.Namespace) -> None:
         probe = await _chars_per_token(base_url, model)
         args.warm_s = await warm_shapes(base_url, model, args.warm_shapes) if args.warm_shapes else 0.0
         shapes: OrderedDict[int, None] = OrderedDict()   # the simulated engine's built token counts
-        built(shapes, range(1, args.warm_shapes + 1))
-        ran: set[int] = set(shapes)   # token counts the engine has run (the new-count pairs avoid them)
+        warmed = list(range(1, args.warm_shapes + 1))
+        ran: set[int] = set(warmed)   # token counts the engine has run (the new-count pairs avoid them)
         # Calibrate before the first replay, between replays and after the last; the simulator runs
         # every replay with one profile fitted to all calibrations' points (the engine's speed
         # drifts within minutes on a shared machine, and one calibration can be an outlier: a
@@ -171,7 +173,7 @@ async def main_async(args: argparse.Namespace) -> None:
             reqs = mix(args.requests, rate, probe, seed)
             if args.profile is None and not measured:
                 cal_s += await calibrate(args, base_url, model, ran, measured)
-            before.append(measured[-1].counts if measured else [])
+            before.append((warmed if index == 0 else []) + (measured[-1].counts if measured else []))
             t0 = time.perf_counter()
             m0, w0 = server_latencies(base_url), others_on_core_s(pid, args.cpu)
             await run_real(base_url, model, reqs, seed)
@@ -187,13 +189,17 @@ async def main_async(args: argparse.Namespace) -> None:
         if args.profile is not None:  # reuse a calibration (e.g. to re-run only the replays)
             profile, spread = get_profile(str(args.profile)), (0.0, 0.0)
         else:
-            profile = fit(args, measured, block_size, capacity, cal_s)
-            spread = disagreement([fit(args, [m], block_size, capacity, cal_s) for m in measured])
+            pooled = Measured.pooled(measured)
+            profile = fit(args, pooled, block_size, capacity, cal_s, len(measured))
+            spread = disagreement([fit(args, m, block_size, capacity, cal_s, 1) for m in measured])
+            print(json.dumps(profile.model_dump(), indent=1), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            (args.out.parent / "sim_fidelity_profile.json").write_text(json.dumps(pooled.document(profile),
+                                                                                  indent=1))
         profile = profile.model_copy(update={"frontend_shares_core": args.cpu is not None})
         rows, replays = [], []
         for (rate, seed, reqs, real_s, cpu_wait, breakdown), counts in zip(runs, before, strict=True):
-            built(shapes, counts)
-            sim = run_sim(profile, reqs, seed, shapes)
+            sim = run_sim(profile, reqs, seed, shapes, counts)
             real_ttft = [r.ttft for r in reqs]
             real_tpot = [r.tpot for r in reqs if r.tpot is not None]
             sim_ttft = [s[0] for s in sim]
@@ -223,13 +229,6 @@ COEFFICIENTS = ("step_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "dec
                 "frontend_token_s", "busy_frontend_s", "new_shape_s", "new_shape_token_s")
 
 
-def built(shapes: OrderedDict[int, None], counts: Iterable[int], capacity: int = 256) -> None:
-    """Record token counts the real engine ran outside the simulated replays (newest last)."""
-    for n in counts:
-        shapes[n] = None
-        shapes.move_to_end(n)
-    while len(shapes) > capacity:
-        shapes.popitem(last=False)
 LATENCIES = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds")
 
 
@@ -315,29 +314,13 @@ async def calibrate(args: argparse.Namespace, base_url: str, model: str, ran: se
     return time.perf_counter() - t0
 
 
-def fit(args: argparse.Namespace, measured: list[Measured], block_size: int, capacity: int,
-        cal_s: float) -> Profile:
-    """One profile through the points of every calibration in `measured`."""
-    prefill = [p for m in measured for p in m.prefill]
-    decode = [p for m in measured for p in m.decode]
-    shapes = [p for m in measured for p in m.shapes]
-    busy = [p for m in measured for p in m.busy]
-    profile = fit_profile(prefill, decode, name="cpu-tiny-llama", model="tiny random Llama (820k params)",
-                          hardware=args.hardware, block_size=block_size, kv_capacity_tokens=capacity,
-                          kv_bytes_per_token=2 * 2 * 2 * 32 * 4,  # 2 layers × (K, V) × 2 KV heads × 32 × fp32
-                          source=f"measured: bench/sim_fidelity.py, {len(measured)} calibration(s), {cal_s:.0f} s",
-                          frontend_shares_core=args.cpu is not None, shapes=shapes, busy=busy)
-    if len(measured) > 1:
-        print(json.dumps(profile.model_dump(), indent=1), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        (args.out.parent / "sim_fidelity_profile.json").write_text(json.dumps(
-            {"profile": profile.model_dump(),
-             "points": {"prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
-                        "decode": [[p.batch, p.context, p.itl_s] for p in decode],
-                        "shapes": [[p.prompt_tokens, p.first_s, p.again_s] for p in shapes],
-                        "busy": [[p.prompt_tokens, p.ttft_s, p.context] for p in busy]}},
-            indent=1))
-    return profile
+def fit(args: argparse.Namespace, m: Measured, block_size: int, capacity: int, cal_s: float,
+        calibrations: int) -> Profile:
+    return fit_profile(m.prefill, m.decode, name="cpu-tiny-llama", model="tiny random Llama (820k params)",
+                       hardware=args.hardware, block_size=block_size, kv_capacity_tokens=capacity,
+                       kv_bytes_per_token=2 * 2 * 2 * 32 * 4,  # 2 layers × (K, V) × 2 KV heads × 32 × fp32
+                       source=f"measured: bench/sim_fidelity.py, {calibrations} calibration(s), {cal_s:.0f} s",
+                       frontend_shares_core=args.cpu is not None, shapes=m.shapes, busy=m.busy)
 
 
 async def warm_shapes(base_url: str, model: str, max_tokens: int) -> float:

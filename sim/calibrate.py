@@ -284,6 +284,22 @@ class Measured:
     counts: list[int]           # the prompt token counts sent, in order (the kernels they built)
     busy: list[BusyPoint] = field(default_factory=list)
 
+    @classmethod
+    def pooled(cls, runs: Sequence[Measured]) -> Measured:
+        """Every point of several calibrations, as one (to fit one profile through them all)."""
+        return cls([p for m in runs for p in m.prefill], [p for m in runs for p in m.decode],
+                   [p for m in runs for p in m.shapes], [n for m in runs for n in m.counts],
+                   [p for m in runs for p in m.busy])
+
+    def document(self, profile: Profile) -> dict[str, Any]:
+        """The profile with the points it was fitted on: what a calibration writes (the simulator
+        loads the file as a profile)."""
+        return {"profile": profile.model_dump(), "points": {
+            "prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in self.prefill],
+            "decode": [[p.batch, p.context, p.itl_s] for p in self.decode],
+            "shapes": [[p.prompt_tokens, p.first_s, p.again_s] for p in self.shapes],
+            "busy": [[p.prompt_tokens, p.ttft_s, p.context] for p in self.busy]}}
+
 
 async def measure(base_url: str, model: str, *, prompt_lengths: Sequence[int], batches: Sequence[int],
                   decode_prompts: Sequence[int], decode_tokens: int, repeats: int, seed: int = 0,

@@ -152,11 +152,6 @@ def _calibrate(args: argparse.Namespace) -> int:
         kv_bytes_per_token=args.kv_bytes_per_token, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, frontend_shares_core=args.frontend_shares_core,
         shapes=m.shapes, shape_cache_size=args.shape_cache_size, busy=m.busy)
-    doc = {"profile": profile.model_dump(), "points": {
-        "prefill": [[p.prompt_tokens, p.ttft_s, p.engine_s] for p in prefill],
-        "decode": [[p.batch, p.context, p.itl_s] for p in decode],
-        "shapes": [[p.prompt_tokens, p.first_s, p.again_s] for p in m.shapes],
-        "busy": [[p.prompt_tokens, p.ttft_s, p.context] for p in m.busy]}}
-    args.out.write_text(json.dumps(doc, indent=1))
+    args.out.write_text(json.dumps(m.document(profile), indent=1))
     print(json.dumps(profile.model_dump(), indent=1))
     return 0

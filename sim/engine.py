@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -365,21 +366,27 @@ class Engine:
                 self._extend(plan, max_steps)
         return plan
 
+    def mark_built(self, counts: Iterable[int]) -> None:
+        """Record step token counts whose kernels are built (newest last), keeping the last
+        `shape_cache_size` distinct ones: the engine's own steps, or what a driver knows the real
+        engine ran outside this model (bench/sim_fidelity.py)."""
+        shapes = self.shapes
+        for n in counts:
+            shapes[n] = None
+            shapes.move_to_end(n)
+        while len(shapes) > self.profile.shape_cache_size:
+            shapes.popitem(last=False)
+
     def _shape_miss(self, items: list[tuple[Sequence, int]]) -> float:
         """The time to build a step's kernels if its count of batched tokens is not among the last
         `shape_cache_size` distinct counts run, else 0; records the count as the newest."""
-        p = self.profile
         tokens = sum(n for _, n in items)
         if tokens <= 0:
             return 0.0
-        shapes = self.shapes
-        if tokens in shapes:
-            shapes.move_to_end(tokens)
-            return 0.0
-        shapes[tokens] = None
-        while len(shapes) > p.shape_cache_size:
-            shapes.popitem(last=False)
-        return p.new_shape_s + p.new_shape_token_s * tokens
+        built = tokens in self.shapes
+        self.mark_built((tokens,))
+        p = self.profile
+        return 0.0 if built else p.new_shape_s + p.new_shape_token_s * tokens
 
     def _timing(self, items: list[tuple[Sequence, int]]) -> StepPlan:
         p = self.profile
