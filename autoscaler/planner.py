@@ -140,7 +140,7 @@ class PoolPlanner:
         self._demand.append((s.time, driver or 0.0))
         while len(self._demand) > c.forecast_points:
             self._demand.popleft()
-        inside = self._inside_range(s.time, driver or 0.0)
+        inside = c.forecast_breakout and self._inside_range(s.time, driver or 0.0)
         if c.forecast_s <= 0 or len(self._demand) < 3 or not driver or inside:
             return tps, seqs
         ts = [d[0] for d in self._demand]
@@ -176,7 +176,7 @@ class PoolPlanner:
             self._range.popleft()
         prior = max((d for _, d in self._range), default=None)
         self._range.append((t, driver))
-        return c.forecast_breakout and prior is not None and driver <= prior
+        return prior is not None and driver <= prior
 
     def _backlogged(self, s: PoolSignals) -> float | None:
         """Prompt-token demand including what piled up unserved. An overloaded pool computes only
