@@ -275,7 +275,7 @@ class PoolPlanner:
             floor = max(d for _, d in self._history)
             if s.time - self._since < c.scale_down_window_s:
                 floor = s.current  # not yet a full window of evidence
-            target = max(floor, s.current - c.max_step, c.min_replicas)
+            target = max(floor, s.current - c.max_step)  # floor ≥ min_replicas (see _needed)
             if target < s.current:
                 return Plan(target, f"scale down: {down_reason} (stable for {c.scale_down_window_s:.0f}s)")
             return Plan(s.current, f"holding: scale-down stabilising ({down_reason})")

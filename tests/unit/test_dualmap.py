@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
@@ -12,7 +14,8 @@ INSTANCES = [InstanceLoad(f"pod-{i}") for i in range(8)]
 
 
 def request(rid: str, prefix: int, tokens: int = 2048) -> RequestView:
-    segments = [prefix, prefix + 1, 10_000 + hash(rid) % 10_000, 20_000 + hash(rid) % 10_000]
+    own = zlib.crc32(rid.encode())   # stable across processes, unlike hash(str)
+    segments = [prefix, prefix + 1, 10_000 + own % 10_000, 20_000 + own % 10_000]
     return RequestView(rid, tokens, segment_block_hashes(segments, 512, tokens, 16))
 
 
@@ -100,15 +103,17 @@ def test_rebalancing_moves_queued_requests_without_losing_or_duplicating() -> No
     assert policy.holding.moves > 0
     homes = {h.home for q in policy.holding.queues.values() for h in q} | {INSTANCES[i].name for _, i, _ in released}
     assert len(homes) == 2  # spread over the prefix's two candidates, no further
-    # As first tokens come back, the rest drain; nothing is left behind.
+    # As first tokens come back, the rest drain; nothing is left behind, nothing starts twice.
+    started = [r for r, _, _ in released]
     while policy.holding.queues and len(policy.holding):
         for rid, _, _ in released:
             policy.on_first_token(rid, 0.1)
         released = [(v.request_id, i, r) for v, i, r in policy.release(INSTANCES)]
         for rid, i, _ in released:
             policy.on_dispatch(request(rid, 555, 4096), i, INSTANCES)
-        ids += [r for r, _, _ in released]
+        started += [r for r, _, _ in released]
     assert len(policy.holding) == 0
+    assert sorted(started) == sorted(held)
 
 
 def test_attention_term_makes_long_prompts_cost_more_per_token() -> None:

@@ -36,12 +36,20 @@ def test_nothing_scales_down_inside_the_window() -> None:
 
 
 def test_bounds_hold() -> None:
+    # Far more demand than max_replicas serve, and room in max_step to overshoot (9 + 4 = 13): 10.
     p = PoolPlanner("prefill", CFG)
-    assert p.plan(sig(0, 8, tps=1e9, ttft=10.0, att=0.0)).desired == 10
-    q = PoolPlanner("prefill", CFG)
-    for t in range(0, 700, 15):
-        last = q.plan(sig(t, 1, tps=0.0))
-    assert last.desired == 1
+    assert p.plan(sig(0, 9, tps=1e9, ttft=10.0, att=0.0)).desired == 10
+    # No demand at all: down, a window later, by max_step at a time, to min_replicas and no lower.
+    floor3 = dataclasses.replace(CFG, min_replicas=3)
+    q = PoolPlanner("prefill", floor3)
+    sizes = []
+    current = 9
+    for t in range(0, 1500, 15):
+        current = q.plan(sig(t, current, tps=0.0)).desired
+        sizes.append(current)
+    assert sizes[-1] == 3 and min(sizes) == 3
+    # A pool someone scaled below min_replicas is brought back up to it.
+    assert PoolPlanner("prefill", floor3).plan(sig(0, 1, tps=0.0)).desired == 3
 
 
 def test_missing_metrics_hold_the_size() -> None:

@@ -3,6 +3,8 @@ served exactly once, and GPU time is paid from the moment a replica is asked for
 
 from __future__ import annotations
 
+import dataclasses
+
 from kvpilot.autoscaler.planner import Plan, PoolSignals
 from kvpilot.sim.elastic import ElasticCluster, ElasticConfig
 from kvpilot.sim.workload import RequestSpec, with_bursts
@@ -47,10 +49,17 @@ def test_cold_start_drain_and_gpu_time() -> None:
 
 def test_signals_report_demand_and_missing_latency_as_none() -> None:
     script = Script([1] * 100)
-    ElasticCluster(ElasticConfig(profile="h100-qwen2.5-0.5b", interval_s=10), script).run(steady(200, 5.0, 1024))
+    quiet_then_back = [dataclasses.replace(s, request_id=f"late{i}", arrival=100.0 + s.arrival)
+                       for i, s in enumerate(steady(50, 5.0, 1024))]
+    ElasticCluster(ElasticConfig(profile="h100-qwen2.5-0.5b", interval_s=10), script).run(
+        steady(200, 5.0, 1024) + quiet_then_back)
     busy = [s for s in script.seen if s.time <= 40]
     assert all(s.uncached_prompt_tps and 4000 < s.uncached_prompt_tps < 6500 for s in busy)  # 5 req/s × 1024
     assert all(s.ttft_p90_s is not None and s.attainment == 1.0 for s in busy)
+    # Traffic ends at 40 s: an interval that finished no request has no latency to report, and says
+    # so with None rather than a 0 the planner would read as "fast".
+    idle = [s for s in script.seen if 60 <= s.time <= 90]
+    assert idle and all(s.ttft_p90_s is None and s.attainment is None for s in idle)
 
 
 def test_bursts_add_copies_of_the_windows_own_requests() -> None:
