@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from kvpilot import vllm_metrics as m
 from kvpilot.autoscaler.signals import parse_engine_metrics
 from kvpilot.crds import API_VERSION
-from kvpilot.operator.render import LABEL_COMPONENT, LABEL_SERVICE
+from kvpilot.names import LABEL_COMPONENT, LABEL_SERVICE
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 

@@ -69,8 +69,8 @@ def _run(args: argparse.Namespace) -> int:
     from kvpilot.autoscaler.actuators import KubernetesActuator
     from kvpilot.autoscaler.controller import Autoscaler, Metrics
     from kvpilot.autoscaler.planner import PlannerConfig
+    from kvpilot.kubeconfig import load_client
     from kvpilot.logs import setup as setup_logging
-    from kvpilot.operator.kube import load_client
 
     setup_logging(args.log_level, args.log_format)
     if args.metrics_port:

@@ -21,8 +21,7 @@ from kvpilot.autoscaler.actuators import Actuator, PoolRef
 from kvpilot.autoscaler.planner import Plan, PlannerConfig, PoolPlanner, Role
 from kvpilot.autoscaler.signals import ScrapeSignals
 from kvpilot.crds import LLMServiceSpec, PoolSpec
-from kvpilot.operator.render import pool_name
-from kvpilot.router.metrics import POOL_ROLE_LABEL
+from kvpilot.names import POOL_ROLE_LABEL, pool_name
 
 log = logging.getLogger("kvpilot.autoscaler")
 

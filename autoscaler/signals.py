@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot import vllm_metrics as m
 from kvpilot.autoscaler.planner import PoolSignals
-from kvpilot.router.metrics import QUEUE_DEPTH
+from kvpilot.names import QUEUE_DEPTH
 
 
 def quantile_from_buckets(buckets: dict[float, float], q: float) -> float | None:

@@ -31,8 +31,9 @@ import yaml
 
 from kvpilot.autoscaler.actuators import PoolRef, PoolState
 from kvpilot.crds import LLMService
+from kvpilot.names import POOL_ENDPOINT_ROLE
 from kvpilot.procs import ManagedProcess, free_port, tcp_open, wait_for
-from kvpilot.router.config import POOL_ENDPOINT_ROLE, Endpoint
+from kvpilot.router.config import Endpoint
 from kvpilot.router.endpoints_file import EndpointsDoc, write_endpoints
 from kvpilot.sim.profiles import get_profile
 

@@ -13,7 +13,7 @@ burst of prefill recomputation exactly when capacity is changing. So:
 
 Blocks are stored content-addressed by their chained prefix hash (`pfx:{hash:016x}`), so a block
 shared by several prefixes moves once. Planning is pure (owners come from a function, e.g.
-`dual_ring_owners`); export/import go through a `KVAgent` and fail soft: a failed handover means
+`kvpilot.router.hashring.dual_ring_owners`); export/import go through a `KVAgent` and fail soft: a failed handover means
 the successor recomputes, as it would have without one.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.store import BlockDescriptor, TransferError
@@ -46,20 +45,6 @@ class Manifest:
     @property
     def bytes(self) -> int:
         return sum(d.size for descs in self.prefixes.values() for d in descs)
-
-
-def dual_ring_owners(vnodes: int = 128) -> Owners:
-    """Owners as DualMap sees them: a key's two candidates on the router's two rings."""
-    from kvpilot.router.hashring import DualRing
-
-    @lru_cache(maxsize=16)
-    def ring(members: frozenset[str]) -> DualRing:
-        return DualRing(sorted(members), vnodes=vnodes)
-
-    def owners(key: int, members: frozenset[str]) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(ring(members).candidates(key))) if members else ()
-
-    return owners
 
 
 def plan_scale_in(hot: Iterable[HotPrefix], leaving: str, members: frozenset[str],

@@ -16,14 +16,16 @@ from typing import Any
 
 import kopf
 
+from kvpilot import names
 from kvpilot.crds import GROUP, VERSION
+from kvpilot.kubeconfig import load_client
 from kvpilot.operator import peers, reconcile, render
 from kvpilot.operator.coalesce import Coalescer
-from kvpilot.operator.kube import Kube, load_client
+from kvpilot.operator.kube import Kube
 from kvpilot.operator.metrics import measured
 
 log = logging.getLogger("kvpilot.operator")
-MANAGED = {render.LABEL_MANAGED_BY: render.MANAGER}
+MANAGED = {names.LABEL_MANAGED_BY: render.MANAGER}
 RESYNC_SECONDS = 60.0
 
 
@@ -168,7 +170,7 @@ def child_event(type: str | None, body: kopf.Body, resource: kopf.Resource, memo
     deployment = resource.plural == "deployments"
     if not rewrite and not deployment:
         return
-    namespace, pool, service = meta["namespace"], labels.get(render.LABEL_POOL), labels.get(render.LABEL_SERVICE)
+    namespace, pool, service = meta["namespace"], labels.get(names.LABEL_POOL), labels.get(names.LABEL_SERVICE)
     if pool and rewrite:
         reconcile.reconcile_pool_named(memo.kube, namespace, pool)
     elif pool:

@@ -8,12 +8,11 @@ the kinds the operator can touch are exactly the ones in `KINDS`.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kvpilot.crds import API_VERSION
@@ -43,20 +42,6 @@ class KubeError(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(f"{status}: {reason}")
         self.status = status
-
-
-def load_client(connections: int = 32) -> client.ApiClient:
-    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config. The connection pool
-    holds one connection per handler thread: a smaller one makes threads open (and TLS-handshake)
-    throwaway connections under load."""
-    cfg = client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-    else:
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),  # type: ignore[no-untyped-call]
-                                client_configuration=cfg)
-    cfg.connection_pool_maxsize = connections
-    return client.ApiClient(cfg)
 
 
 def path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:

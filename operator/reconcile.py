@@ -13,7 +13,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kvpilot import names
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
+from kvpilot.names import SIM_PROFILE_NAMES
 from kvpilot.operator import render
 from kvpilot.operator.kube import Kube, KubeError
 from kvpilot.operator.status import Problem, llmservice_status, spec_problems, workerpool_status
@@ -36,9 +38,7 @@ def now() -> str:
 
 
 def known_profiles() -> list[str]:
-    from kvpilot.sim.profiles import PROFILES
-
-    return list(PROFILES)
+    return list(SIM_PROFILE_NAMES)
 
 
 def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, monitors: bool = True) -> Outcome:
@@ -59,7 +59,7 @@ def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, mon
             ensure_workerpool(kube, pool)
         keep = {p["metadata"]["name"] for p in wanted}
         pools = []
-        for pool in kube.list("WorkerPool", owner.namespace, f"{render.LABEL_SERVICE}={owner.name}"):
+        for pool in kube.list("WorkerPool", owner.namespace, f"{names.LABEL_SERVICE}={owner.name}"):
             if not _owned_by(pool, owner):
                 continue
             if pool["metadata"]["name"] in keep:
@@ -93,7 +93,7 @@ def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = N
     if children is not None:
         pools, router = children
     else:
-        pools = [p for p in kube.list("WorkerPool", meta["namespace"], f"{render.LABEL_SERVICE}={meta['name']}")
+        pools = [p for p in kube.list("WorkerPool", meta["namespace"], f"{names.LABEL_SERVICE}={meta['name']}")
                  if _owned_by(p, owner)]
         router = kube.get("Deployment", meta["namespace"], render.router_name(meta["name"]))
     old = svc.get("status") or {}
@@ -191,7 +191,7 @@ def propagate_replicas(kube: Kube, svc: Obj, edited: set[str]) -> None:
     meta = svc["metadata"]
     for role, pool in spec.pools().items():
         if ("decode" if role == "aggregated" else role) in edited:
-            name = render.pool_name(meta["name"], role)
+            name = names.pool_name(meta["name"], role)
             if kube.get("WorkerPool", meta["namespace"], name) is not None:
                 kube.merge_patch("WorkerPool", meta["namespace"], name, {"spec": {"replicas": pool.replicas}})
 

@@ -15,7 +15,15 @@ import yaml
 
 from kvpilot import __version__
 from kvpilot.crds import API_VERSION, LLMServiceSpec, PoolSpec, Role, WorkerPoolSpec
-from kvpilot.router.config import POOL_ENDPOINT_ROLE
+from kvpilot.names import (
+    LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+    LABEL_POOL,
+    LABEL_ROLE,
+    LABEL_SERVICE,
+    POOL_ENDPOINT_ROLE,
+    pool_name,
+)
 
 PORT = 8000
 # A deleted engine pod keeps serving this long after it leaves the router's pool (not Ready, then
@@ -25,14 +33,8 @@ DRAIN_SECONDS = 20
 KV_EVENTS_PORT = 5557  # the router's ZMQ SUB socket; vLLM instances connect and publish KV-cache events
 KV_REPLAY_PORT = 5558  # each vLLM instance's replay socket: a (re)started router fetches what it missed
 MANAGER = "kvpilot-operator"
-LABEL_SERVICE = "kvpilot.io/service"
-LABEL_ROLE = "kvpilot.io/role"
-LABEL_POOL = "kvpilot.io/workerpool"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 ROUTER_CONFIG = "/etc/kvpilot/router.yaml"
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
-POOL_SUFFIX: dict[Role, str] = {"prefill": "prefill", "decode": "decode", "aggregated": "worker"}
 
 Obj = dict[str, Any]
 
@@ -60,10 +62,6 @@ class Owner:
 def kvpilot_image() -> str:
     """The image holding the `kvpilot` command (router and simulator); the operator may override it."""
     return f"ghcr.io/kvpilot/kvpilot:{__version__.split('+')[0]}"
-
-
-def pool_name(service: str, role: Role) -> str:
-    return f"{service}-{POOL_SUFFIX[role]}"
 
 
 def router_name(service: str) -> str:

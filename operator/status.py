@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvpilot.crds import Condition, LLMServiceSpec, LLMServiceStatus, PoolStatus, WorkerPoolStatus
-from kvpilot.operator.render import LABEL_POOL, PORT, router_name
+from kvpilot.names import LABEL_POOL
+from kvpilot.operator.render import PORT, router_name
 
 Obj = dict[str, Any]
 

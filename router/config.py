@@ -17,7 +17,6 @@ from kvpilot.router.migration_policy import MigrationConfig
 Role = Literal["both", "prefill", "decode"]
 # The endpoint role that serves each LLMService pool role (`kvpilot.crds.Role`): an aggregated
 # pool's workers serve both phases. The operator's rendered config and local mode both use it.
-POOL_ENDPOINT_ROLE: dict[str, Role] = {"aggregated": "both", "prefill": "prefill", "decode": "decode"}
 
 
 class Endpoint(BaseModel):

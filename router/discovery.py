@@ -14,8 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from kubernetes import client, config, watch
+from kubernetes import client, watch
 
+from kvpilot.kubeconfig import load_client
 from kvpilot.router.config import Endpoint, Role
 
 log = logging.getLogger("kvpilot.router.discovery")
@@ -53,11 +54,7 @@ class PodWatcher:
             self._watch.stop()
 
     def _run(self) -> None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.CoreV1Api()
+        api = client.CoreV1Api(load_client(connections=2))
         while not self._stop.is_set():
             try:
                 self._list_and_watch(api)

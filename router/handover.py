@@ -35,8 +35,9 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter
 
-from kvpilot.kvtransfer.scaling import Owners, dual_ring_owners
+from kvpilot.kvtransfer.scaling import Owners
 from kvpilot.router.config import HandoverConfig
+from kvpilot.router.hashring import dual_ring_owners
 from kvpilot.router.hot_prefixes import Hot, HotPrefixes, Move, Outcome, batches, combine, moves_in, moves_out
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.policies.dualmap import DualMap, affinity_key

@@ -23,6 +23,7 @@ import bisect
 import hashlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -246,3 +247,16 @@ class Membership:
         self._names = names
         self.index = {name: i for i, name in enumerate(names)}
         return True
+
+
+def dual_ring_owners(vnodes: int = 128) -> Callable[[int, frozenset[str]], tuple[str, ...]]:
+    """Owners as DualMap sees them, for scale-event planning (`kvpilot.kvtransfer.scaling.Owners`):
+    a key's two candidates on the router's two rings."""
+    @lru_cache(maxsize=16)
+    def ring(members: frozenset[str]) -> DualRing:
+        return DualRing(sorted(members), vnodes=vnodes)
+
+    def owners(key: int, members: frozenset[str]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(ring(members).candidates(key))) if members else ()
+
+    return owners

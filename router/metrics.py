@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# The `role` label of per-pool metrics, by the pool's role in the LLMService (the autoscaler
-# reads the router's queue depth for a pool by it).
-POOL_ROLE_LABEL = {"aggregated": "main", "prefill": "prefill", "decode": "decode"}
-QUEUE_DEPTH = "kvpilot_router_queue_depth"
+# The `role` label of per-pool metrics and the queue-depth name: the autoscaler reads them back, so
+# they are spelled once, in kvpilot.names.
+from kvpilot.names import POOL_ROLE_LABEL as POOL_ROLE_LABEL
+from kvpilot.names import QUEUE_DEPTH
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 

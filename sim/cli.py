@@ -82,7 +82,8 @@ def register(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kvpilot.sim.server import ServeConfig, serve
+    from kvpilot.sim.server import ServeConfig
+    from kvpilot.sim.worker import serve
 
     serve(ServeConfig(
         profile=get_profile(args.profile), model=args.model, host=args.host, port=args.port,

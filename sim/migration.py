@@ -346,7 +346,7 @@ class Migrations:
             stream.migratable = request.headers.get("X-Kvpilot-Migratable") == "1"
             server.by_request_id[external_id] = stream
         try:
-            return await server._stream(request, stream, {})
+            return await server.stream_response(request, stream, {})
         finally:
             server.streams.pop(stream.seq, None)
             if external_id and server.by_request_id.get(external_id) is stream:

@@ -22,10 +22,10 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -97,8 +97,18 @@ class Stream:
 MIGRATED = -1
 
 
+class Extension(Protocol):
+    """Endpoints beside the OpenAI API (live migration, prefix handover), built with the server and
+    using only its public parts, so the server imports none of them (`kvpilot.sim.worker` wires them)."""
+
+    def add_routes(self, app: web.Application) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class SimServer:
-    def __init__(self, cfg: ServeConfig, connector: KVConnector | None = None) -> None:
+    def __init__(self, cfg: ServeConfig, connector: KVConnector | None = None,
+                 extensions: Iterable[Callable[[SimServer], Extension]] = ()) -> None:
         self.cfg = cfg
         self.engine = Engine(cfg.profile, block_size=cfg.block_size, kv_capacity_tokens=cfg.kv_capacity_tokens)
         self.block_size = self.engine.block_size
@@ -128,12 +138,7 @@ class SimServer:
                                    names, registry=self.registry).labels(**labels)
         self.h_queue = Histogram("vllm:request_queue_time_seconds", "Time spent waiting.", names,
                                  registry=self.registry, buckets=buckets).labels(**labels)
-        from kvpilot.sim.migration import Migrations  # late: it types against this module
-
-        self.migrations = Migrations(self)
-        from kvpilot.sim.handover import PrefixEndpoints
-
-        self.prefixes = PrefixEndpoints(self)
+        self.extensions = [make(self) for make in extensions]
 
     def _connector(self) -> KVConnector:
         cfg = self.cfg
@@ -283,7 +288,7 @@ class SimServer:
         self._wake.set()
         try:
             if streaming:
-                return await self._stream(request, stream, kv_params)
+                return await self.stream_response(request, stream, kv_params)
             return await self._collect(body, stream, chat, kv_params)
         finally:
             self.streams.pop(seq, None)
@@ -329,7 +334,8 @@ class SimServer:
             out["kv_transfer_params"] = kv_out
         return web.json_response(out)
 
-    async def _stream(self, request: web.Request, stream: Stream, kv_params: dict[str, Any]) -> web.StreamResponse:
+    async def stream_response(self, request: web.Request, stream: Stream,
+                              kv_params: dict[str, Any]) -> web.StreamResponse:
         """SSE from `stream.sent` on (0 for a new request, the migration point for a migrated one)."""
         seq, chat = stream.seq, stream.chat
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -412,8 +418,8 @@ class SimServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
-        self.migrations.add_routes(app)
-        self.prefixes.add_routes(app)
+        for extension in self.extensions:
+            extension.add_routes(app)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -425,10 +431,5 @@ class SimServer:
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._task is not None:
             self._task.cancel()
-        await self.migrations.close()
-        await self.prefixes.close()
-
-
-def serve(cfg: ServeConfig) -> None:
-    uvloop.install()
-    web.run_app(SimServer(cfg).app(), host=cfg.host, port=cfg.port, access_log=None, print=None)
+        for extension in self.extensions:
+            await extension.close()

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from kvpilot.kvtransfer.scaling import dual_ring_owners
 from kvpilot.router.config import Endpoint
 from kvpilot.router.depth import AdaptiveDepth
+from kvpilot.router.hashring import dual_ring_owners
 from kvpilot.router.hot_prefixes import (
     Hot,
     HotPrefixes,

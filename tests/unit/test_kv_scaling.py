@@ -11,11 +11,11 @@ from kvpilot.kvtransfer.scaling import (
     HotPrefix,
     Manifest,
     PrefixHandover,
-    dual_ring_owners,
     plan_scale_in,
     plan_scale_out,
 )
 from kvpilot.kvtransfer.store import MemoryStore, TransferError
+from kvpilot.router.hashring import dual_ring_owners
 from kvpilot.sim.engine import Engine, Sequence
 from kvpilot.sim.profiles import get_profile
 from kvpilot.tokens import block_hashes, block_text

@@ -13,8 +13,8 @@ from typing import Any
 
 from kubernetes import client, config
 
-from kvpilot.kvtransfer.scaling import dual_ring_owners
 from kvpilot.procs import free_port, wait_for
+from kvpilot.router.hashring import dual_ring_owners
 from kvpilot.testing.k8s import ControlPlane
 from kvpilot.testing.redis import RedisServer
 from kvpilot.testing.router import RouterProcess

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from kvpilot.autoscaler.actuators import PoolRef
-from kvpilot.kvtransfer.scaling import dual_ring_owners
 from kvpilot.local import LocalActuator, LocalControlPlane, load_service
 from kvpilot.procs import wait_for
+from kvpilot.router.hashring import dual_ring_owners
 from kvpilot.tokens import block_hashes, block_text
 
 ROUTER_BLOCK = 256  # the router's hashing granularity; its affinity key spans 1024 tokens = 4 blocks

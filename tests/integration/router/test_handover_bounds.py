@@ -13,9 +13,9 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from kvpilot.kvtransfer.scaling import dual_ring_owners
 from kvpilot.router.config import Endpoint, HandoverConfig
 from kvpilot.router.handover import Handovers
+from kvpilot.router.hashring import dual_ring_owners
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import PolicyContext, RequestView

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from kvpilot import names
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
+from kvpilot.names import POOL_ENDPOINT_ROLE
 from kvpilot.operator import render
-from kvpilot.router.config import POOL_ENDPOINT_ROLE, RouterConfig
+from kvpilot.router.config import RouterConfig
 
 OWNER = render.Owner("kvpilot.io/v1alpha1", "LLMService", "llama", "ml", "uid-1")
 
@@ -61,7 +63,7 @@ def test_vllm_prefill_args_gpus_and_probes() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert dep["spec"]["replicas"] == 2
-    assert dep["spec"]["selector"]["matchLabels"] == {render.LABEL_POOL: "llama-prefill"}
+    assert dep["spec"]["selector"]["matchLabels"] == {names.LABEL_POOL: "llama-prefill"}
     assert dep["metadata"]["ownerReferences"][0]["kind"] == "WorkerPool"
 
 
@@ -102,7 +104,7 @@ def test_scheduling_fields_reach_the_pod() -> None:
 def test_headless_service_selects_the_pool() -> None:
     pool, owner = _pool(_spec(), "decode")
     svc = render.pool_service(pool, owner)
-    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"] == {render.LABEL_POOL: "llama-decode"}
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"] == {names.LABEL_POOL: "llama-decode"}
 
 
 def test_router_config_selectors_match_engine_pod_labels() -> None:
@@ -168,9 +170,9 @@ def test_pod_monitor_scrapes_every_pod_of_the_service_on_http_metrics() -> None:
     pod_labels.append(router["spec"]["template"]["metadata"]["labels"])
     for labels in pod_labels:
         assert selector.items() <= labels.items()
-        assert labels[render.LABEL_COMPONENT] in ("engine", "router")
+        assert labels[names.LABEL_COMPONENT] in ("engine", "router")
     other = render.pool_deployment(*_pool(spec, "decode"))["spec"]["template"]["metadata"]["labels"]
-    assert not selector.items() <= {**other, render.LABEL_SERVICE: "other"}.items()
+    assert not selector.items() <= {**other, names.LABEL_SERVICE: "other"}.items()
     for dep in [render.pool_deployment(*_pool(spec, "decode")), router]:
         ports = dep["spec"]["template"]["spec"]["containers"][0]["ports"]
         assert {"name": "http", "containerPort": render.PORT} in ports
