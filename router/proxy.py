@@ -29,14 +29,13 @@ from kvpilot.router.config import Endpoint, ModelConfig, RouterConfig
 from kvpilot.router.dashboard import Timeline, page
 from kvpilot.router.discovery import PodWatcher
 from kvpilot.router.endpoints_file import EndpointsFile
-from kvpilot.router.estimate import LoadEstimator
 from kvpilot.router.handover import Handovers
 from kvpilot.router.kv_events import KVEventIndex, load_chat_template, load_tokenizer
 from kvpilot.router.metrics import POOL_ROLE_LABEL, RouterMetrics
 from kvpilot.router.migration import Migrator
 from kvpilot.router.policies import make_policy
-from kvpilot.router.policy import PolicyContext, RequestView
-from kvpilot.router.pool import LagGate, Member, NoEndpoint, Pool, QueueFull
+from kvpilot.router.policy import DecodeSide, Policy, PolicyContext, RequestView
+from kvpilot.router.pool import Attempt, LagGate, Member, NoEndpoint, Pool, QueueFull
 from kvpilot.tokens import block_hashes, render_chat, token_count
 
 log = logging.getLogger("kvpilot.router")
@@ -89,23 +88,25 @@ class Router:
                                 kv_capacity_tokens=m.kv_capacity_tokens, seed=cfg.seed,
                                 prefill_token_s=m.prefill_token_s)
 
-            def pool(policy: str, m: ModelConfig = m, ctx: PolicyContext = ctx) -> Pool:
-                return Pool([], make_policy(policy, ctx), breaker_failures=cfg.breaker_failures,
+            policy = make_policy(m.policy, ctx)
+
+            def pool(policy: Policy, m: ModelConfig = m) -> Pool:
+                return Pool([], policy, breaker_failures=cfg.breaker_failures,
                             breaker_cooldown_s=cfg.breaker_cooldown_s, max_inflight=m.max_inflight_per_endpoint,
                             hold=m.hold_requests, max_queued=m.max_queued)
 
             if m.mode == "disaggregated":
-                # The cache lives where prefill runs: the model's policy picks prefill; decode balances load.
-                served = Served(m, pool("least-loaded"), pool(m.policy))
+                # The model's policy picks prefill, and the decode half of the pair (`route_decode`).
+                served = Served(m, pool(DecodeSide(policy)), pool(policy))
             else:
-                served = Served(m, pool(m.policy), None)
+                served = Served(m, pool(policy), None)
             for role, p in self._roles(served):
                 p.on_queued = self.metrics.queued.labels(m.name, role).inc
             self.models[m.name] = served
             if m.kv_events is not None:
                 self._follow_kv_events(m, served)
             self.migrator.add_model(m.name, served.main, m.migration, m.slo_ttft_ms / 1000, m.engine)
-            self.handovers.add_model(m.name, served.prefill or served.main, m.handover)
+            self.handovers.add_model(m.name, served.prefill or served.main, m.handover, m.block_size)
             self.timelines[m.name] = Timeline()
             self._set_endpoints(served, m.endpoints)
         self.session: aiohttp.ClientSession | None = None
@@ -142,9 +143,12 @@ class Router:
         index = KVEventIndex(m.kv_events.block_size, tok, template, replay_address)
         index.on_replay = lambda name, outcome: self.metrics.kv_replays.labels(m.name, name, outcome).inc()
         self.kv_indexes[m.name] = index
-        estimate = getattr((served.prefill or served.main).policy, "estimate", None)
-        if isinstance(estimate, LoadEstimator):
-            estimate.observed = index
+        estimate = (served.prefill or served.main).policy.cache_estimate()
+        if estimate is not None:
+            estimate.follow(index)
+        else:
+            log.warning("policy %s keeps no cache estimate: KV events are followed but not used for routing",
+                        m.policy, extra={"model": m.name})
 
     @staticmethod
     def _roles(served: Served) -> list[tuple[str, Pool]]:
@@ -278,8 +282,9 @@ class Router:
                             kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False})
         prefill_body.pop("max_completion_tokens", None)
         tried: frozenset[str] = frozenset()
-        for attempt in range(self.cfg.max_retries + 1):
+        for attempt_no in range(self.cfg.max_retries + 1):
             member = await self._pick(served, pool, view, "prefill", tried)
+            attempt = Attempt(pool, member, view)
             started = time.monotonic()
             try:
                 async with self.session.post(member.url + path, json=prefill_body) as up:
@@ -287,19 +292,22 @@ class Router:
                     if up.status >= 500:
                         raise UpstreamFailed(f"HTTP {up.status}")
                     if up.status >= 400:
+                        attempt.status = "rejected"
                         raise _passthrough_error(up.status, payload)
                     params = json.loads(payload).get("kv_transfer_params")
-                pool.first_token(member, view, time.monotonic() - started)
+                attempt.first_token(time.monotonic() - started)
+                attempt.status = "ok"
                 pool.succeeded(member)
+                view.prefill_instance = member.endpoint.name   # the decode half is paired with it
                 return {**body, "kv_transfer_params": params}
             except (TimeoutError, UpstreamFailed, aiohttp.ClientError) as e:
-                pool.first_token(member, view, None)
+                attempt.status = "failed"
                 self._attempt_failed(served, pool, member, str(e) or type(e).__name__, view.request_id)
                 tried |= {member.endpoint.name}
-                if attempt < self.cfg.max_retries:
+                if attempt_no < self.cfg.max_retries:
                     self.metrics.retries.labels(served.config.name).inc()
             finally:
-                pool.finish(member)
+                attempt.end()
         raise ApiError(502, f"prefill failed on {len(tried)} endpoint(s) of model `{served.config.name}`",
                        "upstream_error", retry_after=RETRY_AFTER_S)
 
@@ -308,95 +316,94 @@ class Router:
         assert self.session is not None
         stream = bool(body.get("stream"))
         tried: frozenset[str] = frozenset()
-        for attempt in range(self.cfg.max_retries + 1):
+        for attempt_no in range(self.cfg.max_retries + 1):
             member = await self._pick(served, pool, view, role, tried)
+            attempt = Attempt(pool, member, view)
             self.metrics.inflight.labels(served.config.name, member.endpoint.name).inc()
             try:
                 if stream:
-                    return await self._relay_stream(request, served, pool, member, view, path, body)
-                return await self._relay_whole(pool, member, view, path, body)
+                    return await self._relay_stream(request, served, attempt, path, body)
+                return await self._relay_whole(attempt, path, body)
             except (TimeoutError, UpstreamFailed, aiohttp.ClientError) as e:
+                attempt.status = "failed"
                 self._attempt_failed(served, pool, member, str(e) or type(e).__name__, view.request_id)
                 tried |= {member.endpoint.name}
-                if attempt < self.cfg.max_retries:
+                if attempt_no < self.cfg.max_retries:
                     self.metrics.retries.labels(served.config.name).inc()
             finally:
-                pool.finish(member)
+                attempt.end()
                 self.metrics.inflight.labels(served.config.name, member.endpoint.name).dec()
         raise ApiError(502, f"request failed on {len(tried)} endpoint(s) of model `{served.config.name}`",
                        "upstream_error", retry_after=RETRY_AFTER_S)
 
-    async def _relay_whole(self, pool: Pool, member: Member, view: RequestView, path: str,
-                           body: dict[str, Any]) -> web.Response:
+    async def _relay_whole(self, attempt: Attempt, path: str, body: dict[str, Any]) -> web.Response:
         assert self.session is not None
-        got_first = False
-        try:
-            async with self.session.post(member.url + path, json=body) as up:
-                payload = await up.read()
-                if up.status >= 500:
-                    raise UpstreamFailed(f"HTTP {up.status}")
-                pool.first_token(member, view, None)
-                got_first = True
-                pool.succeeded(member)
-                return web.Response(body=payload, status=up.status, content_type="application/json",
-                                    headers={"X-Kvpilot-Endpoint": member.endpoint.name,
-                                             "X-Request-Id": view.request_id})
-        finally:
-            if not got_first:
-                pool.first_token(member, view, None)
+        member, view = attempt.member, attempt.request
+        async with self.session.post(member.url + path, json=body) as up:
+            payload = await up.read()
+            if up.status >= 500:
+                raise UpstreamFailed(f"HTTP {up.status}")
+            if up.status >= 400:
+                attempt.status = "rejected"
+            else:
+                attempt.first_token(None)
+                attempt.status = "ok"
+            attempt.pool.succeeded(member)
+            return web.Response(body=payload, status=up.status, content_type="application/json",
+                                headers={"X-Kvpilot-Endpoint": member.endpoint.name,
+                                         "X-Request-Id": view.request_id})
 
-    async def _relay_stream(self, request: web.Request, served: Served, pool: Pool, member: Member,
-                            view: RequestView, path: str, body: dict[str, Any]) -> web.StreamResponse:
+    async def _relay_stream(self, request: web.Request, served: Served, attempt: Attempt, path: str,
+                            body: dict[str, Any]) -> web.StreamResponse:
         assert self.session is not None
+        pool, member, view = attempt.pool, attempt.member, attempt.request
         started = time.monotonic()
         resp: web.StreamResponse | None = None
         chunks = 0
         first_at = 0.0
-        try:
-            headers = self.migrator.headers(served.config.name, view.request_id)
-            up_body = self.migrator.upstream_body(served.config.name, body)
-            async with self.session.post(member.url + path, json=up_body, headers=headers) as up:
-                if up.status >= 500:
-                    raise UpstreamFailed(f"HTTP {up.status}")
-                if up.status >= 400:
-                    return web.Response(body=await up.read(), status=up.status, content_type="application/json")
-                try:
-                    async for data in self.migrator.relay(up, view.request_id, served.config.name, pool, member,
-                                                          view.prompt_tokens, body):
-                        if resp is None:
-                            first_at = time.monotonic()
-                            pool.first_token(member, view, first_at - started)
-                            self.metrics.ttft.labels(served.config.name).observe(first_at - view.arrival)
-                            self.timelines[served.config.name].first_token(first_at - view.arrival)
-                            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                               "Cache-Control": "no-cache",
-                                                               "X-Kvpilot-Endpoint": member.endpoint.name,
-                                                               "X-Request-Id": view.request_id})
-                            await resp.prepare(request)
-                        chunks += 1
-                        await resp.write(data)
-                except (TimeoutError, aiohttp.ClientError) as e:
+        headers = self.migrator.headers(served.config.name, view.request_id)
+        up_body = self.migrator.upstream_body(served.config.name, body)
+        async with self.session.post(member.url + path, json=up_body, headers=headers) as up:
+            if up.status >= 500:
+                raise UpstreamFailed(f"HTTP {up.status}")
+            if up.status >= 400:
+                attempt.status = "rejected"
+                return web.Response(body=await up.read(), status=up.status, content_type="application/json")
+            try:
+                async for data in self.migrator.relay(up, view.request_id, served.config.name, pool, member,
+                                                      view.prompt_tokens, body):
                     if resp is None:
-                        raise
-                    # Past the first byte no retry is possible: end the stream with an explicit error.
-                    self._attempt_failed(served, pool, member, f"mid-stream: {e or type(e).__name__}",
-                                         view.request_id)
-                    err = ApiError(502, f"upstream {member.endpoint.name} failed mid-stream", "upstream_error")
-                    await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
-                    await resp.write_eof()
-                    return resp
+                        first_at = time.monotonic()
+                        attempt.first_token(first_at - started)
+                        self.metrics.ttft.labels(served.config.name).observe(first_at - view.arrival)
+                        self.timelines[served.config.name].first_token(first_at - view.arrival)
+                        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                           "Cache-Control": "no-cache",
+                                                           "X-Kvpilot-Endpoint": member.endpoint.name,
+                                                           "X-Request-Id": view.request_id})
+                        await resp.prepare(request)
+                    chunks += 1
+                    await resp.write(data)
+            except (TimeoutError, aiohttp.ClientError) as e:
                 if resp is None:
-                    raise UpstreamFailed("upstream closed the stream before any data")
-                pool.succeeded(member)
-                if chunks > 1:
-                    tpot = (time.monotonic() - first_at) / (chunks - 1)
-                    self.metrics.tpot.labels(served.config.name).observe(tpot)
-                    self.timelines[served.config.name].tpot(tpot)
+                    raise
+                # Past the first byte no retry is possible: end the stream with an explicit error.
+                attempt.status = "failed"
+                self._attempt_failed(served, pool, member, f"mid-stream: {e or type(e).__name__}", view.request_id)
+                err = ApiError(502, f"upstream {member.endpoint.name} failed mid-stream", "upstream_error")
+                await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
                 await resp.write_eof()
                 return resp
-        finally:
             if resp is None:
-                pool.first_token(member, view, None)
+                raise UpstreamFailed("upstream closed the stream before any data")
+            attempt.status = "ok"
+            pool.succeeded(member)
+            if chunks > 1:
+                tpot = (time.monotonic() - first_at) / (chunks - 1)
+                self.metrics.tpot.labels(served.config.name).observe(tpot)
+                self.timelines[served.config.name].tpot(tpot)
+            await resp.write_eof()
+            return resp
 
     # -- other endpoints -------------------------------------------------------------------
     async def list_models(self, request: web.Request) -> web.Response:
@@ -455,8 +462,8 @@ class Router:
                 if pool is not None:
                     self.metrics.members.labels(name, role).set(len(pool.healthy()))
             for role, pool in self._roles(s):
-                estimate = getattr(pool.policy, "estimate", None)
-                if isinstance(estimate, LoadEstimator):
+                estimate = pool.policy.cache_estimate()
+                if estimate is not None:
                     for m in pool.members:
                         if m.endpoint.name in estimate.token_s:
                             self.metrics.prefill_token_s.labels(name, role, m.endpoint.name).set(
