@@ -18,9 +18,10 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Protocol
 
-from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
+from kvpilot.router.policy import CacheView, InstanceLoad, PolicyContext, RequestView
+
+__all__ = ["CacheView", "LoadEstimator", "ShadowCache", "ladder"]
 
 
 @functools.lru_cache(maxsize=512)
@@ -53,7 +54,7 @@ class ShadowCache:
     blocks are tracked, which keeps a decision's cost nearly flat in prompt length.
     """
 
-    __slots__ = ("_blocks", "_last", "capacity", "dense", "max_blocks", "size")
+    __slots__ = ("_blocks", "_last", "_pending", "capacity", "dense", "max_blocks", "size")
 
     def __init__(self, capacity_blocks: int, max_blocks: int = 1 << 16, dense: int = 8) -> None:
         self.capacity = max(1, capacity_blocks)
@@ -64,6 +65,8 @@ class ShadowCache:
         # The last prompt matched and its matched ladder positions: a decision matches both
         # candidates, then the chosen one again when it dispatches; nothing changes in between.
         self._last: tuple[list[int] | None, int] = (None, 0)
+        # Blocks held only on the word of dispatches not yet seen to prefill: hash → how many rely on it.
+        self._pending: dict[int, int] = {}
 
     def __len__(self) -> int:
         return self.size
@@ -111,26 +114,55 @@ class ShadowCache:
         lo = self._present(hashes, steps)
         return steps[lo - 1] + 1 if lo else 0
 
-    def insert(self, hashes: list[int]) -> None:
+    def insert(self, hashes: list[int], claim: list[int] | None = None) -> None:
+        """Record a prompt sent here. With `claim`, the insert is tentative until `confirm`: the
+        blocks this prompt added, and those it found still tentative, are appended to `claim`, and
+        `retract(claim)` takes out whichever of them no confirmed dispatch has since vouched for."""
         self._last = (None, 0)
         blocks = self._blocks
+        pending = self._pending
         steps = ladder(min(len(hashes), self.max_blocks), self.dense)
         for j in range(len(steps) - 1, -1, -1):
             h = hashes[steps[j]]
             if h in blocks:
                 blocks.move_to_end(h)
+                if claim is not None and pending and h in pending:
+                    pending[h] += 1
+                    claim.append(h)
             else:
                 weight = steps[j] - steps[j - 1] if j else 1
                 blocks[h] = weight
                 self.size += weight
+                if claim is not None:
+                    pending[h] = pending.get(h, 0) + 1   # (a stale count if it was evicted while pending)
+                    claim.append(h)
         while self.size > self.capacity:
             self.size -= blocks.popitem(last=False)[1]
 
+    def confirm(self, claim: list[int]) -> None:
+        """The claiming dispatch was prefilled: its blocks are really cached there."""
+        pending = self._pending
+        for h in claim:
+            pending.pop(h, None)
 
-class CacheView(Protocol):
-    """Observed cache contents (vLLM KV events) that override the shadow cache where known."""
-
-    def cached_tokens(self, name: str, request: RequestView) -> int | None: ...
+    def retract(self, claim: list[int]) -> None:
+        """The claiming dispatch never ran its prefill: blocks that only it, or other unconfirmed
+        dispatches that have all failed, vouched for leave the cache."""
+        if not claim:
+            return
+        self._last = (None, 0)
+        pending, blocks = self._pending, self._blocks
+        for h in claim:
+            n = pending.get(h)
+            if n is None:
+                continue   # confirmed by another dispatch meanwhile
+            if n > 1:
+                pending[h] = n - 1
+                continue
+            del pending[h]
+            weight = blocks.pop(h, None)
+            if weight is not None:
+                self.size -= weight
 
 
 class LoadEstimator:
@@ -156,6 +188,7 @@ class LoadEstimator:
         self._fit: dict[str, list[float]] = {}                    # weighted [n, Σx, Σy, Σx², Σxy]
         self.backlog: dict[str, int] = {}                         # uncached tokens not yet prefilled
         self._inflight: dict[str, tuple[str, int, int]] = {}      # request → (instance, uncached, backlog seen)
+        self._claims: dict[str, tuple[str, list[int]]] = {}       # request → (instance, its tentative blocks)
         self.observed: CacheView | None = None                    # set by the proxy when KV events are on
 
     def track(self, instances: Sequence[InstanceLoad]) -> None:
@@ -195,6 +228,18 @@ class LoadEstimator:
             return b, a, self.uncached(b, request)
         return a, b, self.uncached(a, request)
 
+    # -- CacheEstimate: what consumers outside the policy may ask and tell ----------------------------
+    def cached_blocks(self, name: str, block_hashes: list[int]) -> int:
+        cache = self.caches.get(name)
+        return 0 if cache is None else cache.match(block_hashes)
+
+    def learn(self, name: str, block_hashes: list[int]) -> None:
+        self.track([InstanceLoad(name)])
+        self.caches[name].insert(block_hashes)
+
+    def follow(self, observed: CacheView) -> None:
+        self.observed = observed
+
     def predicted_ttft(self, name: str, uncached: int) -> float:
         return self.token_s[name] * (self.backlog[name] + uncached)
 
@@ -203,9 +248,23 @@ class LoadEstimator:
         seen = self.backlog[name] + uncached
         self.backlog[name] = seen
         self._inflight[request.request_id] = (name, uncached, seen)
-        self.caches[name].insert(request.block_hashes)
+        claim: list[int] = []
+        self.caches[name].insert(request.block_hashes, claim)
+        if claim:
+            self._claims[request.request_id] = (name, claim)
+
+    def completed(self, request_id: str, prefilled: bool) -> None:
+        """A dispatch ended: its prompt stays in the shadow cache only if the instance prefilled it."""
+        entry = self._claims.pop(request_id, None)
+        if entry is not None:
+            name, claim = entry
+            cache = self.caches.get(name)
+            if cache is not None:
+                (cache.confirm if prefilled else cache.retract)(claim)
 
     def first_token(self, request_id: str, ttft_s: float | None) -> None:
+        if ttft_s is not None:
+            self.completed(request_id, True)   # a first token: the prompt was prefilled there
         entry = self._inflight.pop(request_id, None)
         if entry is None:
             return

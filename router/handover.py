@@ -40,8 +40,7 @@ from kvpilot.router.config import HandoverConfig
 from kvpilot.router.hashring import dual_ring_owners
 from kvpilot.router.hot_prefixes import Hot, HotPrefixes, Move, Outcome, batches, combine, moves_in, moves_out
 from kvpilot.router.metrics import RouterMetrics
-from kvpilot.router.policies.dualmap import DualMap, affinity_key
-from kvpilot.router.policy import InstanceLoad, RequestView
+from kvpilot.router.policy import CacheEstimate, RequestView, RingPlacement
 from kvpilot.router.pool import Member, Pool
 
 log = logging.getLogger("kvpilot.router.handover")
@@ -53,7 +52,8 @@ BATCH = 8         # prefixes per export/import round
 class _Model:
     name: str
     pool: Pool
-    policy: DualMap
+    placement: RingPlacement    # the policy's ring key for a prompt: who owns a hot prefix
+    estimate: CacheEstimate     # the policy's belief of what each pod caches
     cfg: HandoverConfig
     tracker: HotPrefixes
     owners: Owners
@@ -82,13 +82,15 @@ class Handovers:
         self.session: aiohttp.ClientSession | None = None
         self._tasks: dict[tuple[str, str, str], tuple[asyncio.Task[Outcome], float]] = {}
 
-    def add_model(self, name: str, pool: Pool, cfg: HandoverConfig) -> None:
-        """Hand over for the pool whose policy keeps the cache affinity (DualMap's rings)."""
-        if not cfg.enabled or not isinstance(pool.policy, DualMap):
+    def add_model(self, name: str, pool: Pool, cfg: HandoverConfig, block_size: int) -> None:
+        """Hand over for the pool whose policy keeps the cache affinity: one that places prompts
+        on DualMap's rings and keeps a cache estimate (both declared capabilities of the policy)."""
+        placement, estimate = pool.policy.ring_placement(), pool.policy.cache_estimate()
+        if not cfg.enabled or placement is None or estimate is None:
             return
-        m = _Model(name, pool, pool.policy, cfg,
-                   HotPrefixes(pool.policy.context.block_size, window=cfg.window, min_hits=cfg.min_hits,
-                               max_blocks=cfg.max_blocks), dual_ring_owners())
+        m = _Model(name, pool, placement, estimate, cfg,
+                   HotPrefixes(block_size, window=cfg.window, min_hits=cfg.min_hits, max_blocks=cfg.max_blocks),
+                   dual_ring_owners())
         self.models[name] = m
         pool.on_change = functools.partial(self._changed, m)
 
@@ -99,12 +101,8 @@ class Handovers:
         m = self.models.get(model)
         if m is None or not view.block_hashes:
             return
-        p, hashes = m.policy, view.block_hashes
-        if p.adaptive is not None:
-            key, depth = p.adaptive.peek(hashes)
-        else:
-            key, depth = affinity_key(view, p.depth), min(p.depth, len(hashes))
-        m.tracker.observe(key, depth, hashes, prompt)
+        key, depth = m.placement.placement_key(view.block_hashes)
+        m.tracker.observe(key, depth, view.block_hashes, prompt)
 
     # -- triggers -------------------------------------------------------------------------------
     def _changed(self, m: _Model, joined: list[Member], left: list[Member]) -> None:
@@ -188,10 +186,8 @@ class Handovers:
         if kind == "scale_in":
             plan = moves_in(hot, pod, members, m.owners)
             return [Move(pod, target, h) for target, hs in plan.items() for h in hs if target in urls], urls
-        caches = m.policy.estimate.caches
-
         def held(owner: str, h: Hot) -> int:
-            return caches[owner].match(list(h.hashes)) if owner in caches else 0
+            return m.estimate.cached_blocks(owner, list(h.hashes))
 
         plan = moves_out(hot, pod, members, m.owners, held)
         return [Move(source, pod, h) for source, hs in plan.items() for h in hs if source in urls], urls
@@ -249,9 +245,8 @@ class Handovers:
                 continue
             out.prefixes += len(hot)
             out.bytes += sum(blocks.values())
-            m.policy.estimate.track([InstanceLoad(pod)])
             for h in hot:
-                m.policy.estimate.caches[pod].insert(list(h.hashes))
+                m.estimate.learn(pod, list(h.hashes))
         if failed:
             out.outcome, out.detail = ("partial" if out.prefixes else "failed"), "; ".join(failed)
         return out

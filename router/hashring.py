@@ -23,6 +23,7 @@ import bisect
 import hashlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -212,15 +213,22 @@ class DualRing:
         self.first.set_members(names)
         self.second.set_members(names)
 
-    def candidates(self, key: int) -> tuple[str, str]:
+    def candidates(self, key: int, excluded: AbstractSet[str] = frozenset()) -> tuple[str, str]:
+        """The key's two candidates. `excluded` members are skipped as if they had left both rings
+        (the next owner clockwise takes their keys), with no rebuild: a retry or a full pick
+        filters the candidates and leaves the membership alone."""
         c1 = self.first.lookup(key)
+        if excluded and c1 in excluded:
+            c1 = next((m for m in self.first.walk(key) if m not in excluded), "")
+            if not c1:
+                raise LookupError("every member is excluded")
         c2 = self.second.lookup(key)
-        if c2 != c1:   # all but ~1/N of keys
+        if c2 != c1 and c2 not in excluded:   # all but ~1/N of keys
             return c1, c2
         for c2 in self.second.walk(key):
-            if c2 != c1:
+            if c2 != c1 and c2 not in excluded:
                 return c1, c2
-        return c1, c1  # a single member: both candidates are it
+        return c1, c1  # a single member left: both candidates are it
 
 
 class Membership:

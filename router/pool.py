@@ -9,6 +9,10 @@ A pool whose policy holds requests (DualMap) keeps them in the policy's router-s
 proxy `admit`s a request and awaits its release, which `pump` hands out after every first token,
 completion, membership change and the proxy's periodic tick. Late binding happens there: the
 instance is fixed only when the request leaves the queue.
+
+A retry's tried endpoints and a pick that is full are excluded from the decision as a filter:
+the policy gets the same member list as every other request (so its rings are not rebuilt) and
+the names it must not pick.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvpilot.router.config import Endpoint
-from kvpilot.router.policy import Decision, HoldingPolicy, InstanceLoad, Policy, RequestView
+from kvpilot.router.policy import Decision, HoldingPolicy, InstanceLoad, Outcome, Policy, RequestView, Status
 
 
 class QueueFull(Exception):
@@ -71,6 +75,33 @@ class Member:
     url: str = ""
 
 
+class Attempt:
+    """One dispatch of a request to a member, from the pick to its end. It reports the first token
+    at most once and ends exactly once, so the pool's counters and the policy's feedback stay
+    balanced whichever way the request leaves (success, upstream error, 4xx, client gone).
+    `status` starts as "cancelled": an attempt that ends without being told otherwise was cut off."""
+
+    __slots__ = ("_reported", "member", "pool", "prefilled", "request", "status")
+
+    def __init__(self, pool: Pool, member: Member, request: RequestView) -> None:
+        self.pool, self.member, self.request = pool, member, request
+        self.status: Status = "cancelled"
+        self.prefilled = False
+        self._reported = False
+
+    def first_token(self, ttft_s: float | None) -> None:
+        """The instance answered its first token (`ttft_s` when observed: streaming)."""
+        if not self._reported:
+            self._reported, self.prefilled = True, True
+            self.pool.first_token(self.member, self.request, ttft_s)
+
+    def end(self) -> None:
+        if not self._reported:
+            self._reported = True
+            self.pool.first_token(self.member, self.request, None)
+        self.pool.finish(self.member, self.request, Outcome(self.member.endpoint.name, self.status, self.prefilled))
+
+
 class Pool:
     def __init__(self, endpoints: list[Endpoint], policy: Policy, *, breaker_failures: int = 3,
                  breaker_cooldown_s: float = 10.0, max_inflight: int = 256, hold: bool = True,
@@ -112,17 +143,15 @@ class Pool:
         if self.waiting:
             self.pump()
 
-    def healthy(self, exclude: frozenset[str] = frozenset()) -> list[Member]:
-        """Members whose breaker is closed. Without exclusions the same list object is returned
-        until a breaker opens or closes, so policies can skip re-syncing their rings."""
+    def healthy(self) -> list[Member]:
+        """Members whose breaker is closed: the membership the policy sees. The same list object
+        is returned until a breaker opens or closes, so policies can skip re-syncing their rings."""
         now = time.monotonic()
         if self._healthy is None or now >= self._healthy_until:
             self._healthy = [m for m in self.members if not m.breaker.is_open(now)]
             self._healthy_loads = [m.load for m in self._healthy]
             self._healthy_until = min((m.breaker.open_until for m in self.members if m.breaker.open_until > now),
                                       default=math.inf)
-        if exclude:
-            return [m for m in self._healthy if m.endpoint.name not in exclude]
         return self._healthy
 
     def saturated(self) -> bool:
@@ -131,17 +160,22 @@ class Pool:
         return bool(live) and all(m.load.in_flight >= self.max_inflight for m in live)
 
     def choose(self, request: RequestView, exclude: frozenset[str] = frozenset()) -> tuple[Member, Decision] | None:
-        members = self.healthy(exclude)
-        loads = self._healthy_loads if members is self._healthy else [m.load for m in members]
-        if not members or all(m.load.in_flight >= self.max_inflight for m in members):
+        """Route now, skipping `exclude` (a retry's tried endpoints) and endpoints at their limit.
+        None: no endpoint is left to take it."""
+        members = self.healthy()
+        loads = self._healthy_loads
+        limit = self.max_inflight
+        if not any(m.load.in_flight < limit and m.endpoint.name not in exclude for m in members):
             return None
-        decision = self.policy.route(request, loads)
-        if members[decision.index].load.in_flight >= self.max_inflight:
-            # The policy's pick is full: choose again among those with room.
-            members = [m for m in members if m.load.in_flight < self.max_inflight]
-            loads = [m.load for m in members]
-            decision = self.policy.route(request, loads)
+        decision = self.policy.route(request, loads, exclude)
+        if members[decision.index].load.in_flight >= limit:
+            # The policy's pick is full: choose again among those with room (the rare path).
+            full = {m.endpoint.name for m in members if m.load.in_flight >= limit}
+            exclude = exclude | full
+            decision = self.policy.route(request, loads, exclude)
         member = members[decision.index]
+        if member.endpoint.name in exclude:
+            raise AssertionError(f"policy {self.policy.name} picked excluded endpoint {member.endpoint.name}")
         self._dispatch(request, member, decision.index, loads)
         return member, decision
 
@@ -184,7 +218,7 @@ class Pool:
                 # Released in the same loop turn as the client left: undo the dispatch.
                 member = released.result()[0]
                 self.first_token(member, request, None)
-                self.finish(member)
+                self.finish(member, request, Outcome(member.endpoint.name, "cancelled", False))
             else:
                 self.waiting.pop(request.request_id, None)
                 holder.cancel(request.request_id)
@@ -240,8 +274,10 @@ class Pool:
         if self.waiting:
             self.pump()
 
-    def finish(self, member: Member) -> None:
+    def finish(self, member: Member, request: RequestView, outcome: Outcome) -> None:
+        """A dispatch ended (once per dispatch, after its `first_token`): the policy hears how."""
         member.load.in_flight -= 1
+        self.policy.on_complete(request, outcome)
         if self.waiting:
             self.pump()
 

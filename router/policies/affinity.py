@@ -3,11 +3,11 @@ shows what DualMap's second candidate and SLO switch buy."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
 from kvpilot.router.hashring import HashRing, Membership
 from kvpilot.router.policies.dualmap import affinity_key
-from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
+from kvpilot.router.policy import NOTHING, BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
 
 
 class Affinity(BasePolicy):
@@ -19,8 +19,15 @@ class Affinity(BasePolicy):
         self._ring = HashRing()
         self._members = Membership(self._ring)
 
-    def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
+    def route(self, request: RequestView, instances: Sequence[InstanceLoad],
+              excluded: Set[str] = NOTHING) -> Decision:
         if not instances:
             raise LookupError("no instances to route to")
         self._members.sync(instances)
-        return Decision(self._members.index[self._ring.lookup(affinity_key(request, self.depth))], "affinity")
+        key = affinity_key(request, self.depth)
+        if not excluded:
+            return Decision(self._members.index[self._ring.lookup(key)], "affinity")
+        for name in self._ring.walk(key):   # the first owner clockwise that is not excluded
+            if name not in excluded:
+                return Decision(self._members.index[name], "affinity")
+        raise LookupError("every instance is excluded")

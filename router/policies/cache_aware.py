@@ -6,14 +6,28 @@ multiple of min) it sends the request to the least-loaded worker. Otherwise it p
 with the longest prefix match if the match covers more than `cache_threshold` of the prompt,
 else the worker whose tree is smallest (most room). Here the tree is a shadow LRU of block
 hashes per worker, which gives the same answers for prefix matches at block granularity.
+
+A prompt enters its worker's tree when it is dispatched, as in SGLang (the next request with the
+same prefix should follow it before the first has finished), but only tentatively: if the
+dispatch ends without a first token (`on_complete` says it failed or was rejected) the worker
+never computed those blocks, and they leave the tree again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
 from kvpilot.router.estimate import ShadowCache
-from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
+from kvpilot.router.policy import (
+    NOTHING,
+    BasePolicy,
+    Decision,
+    InstanceLoad,
+    Outcome,
+    PolicyContext,
+    RequestView,
+    allowed,
+)
 
 EXACT = 1 << 30
 
@@ -28,6 +42,7 @@ class CacheAware(BasePolicy):
         self.balance_abs = balance_abs_threshold
         self.balance_rel = balance_rel_threshold
         self.caches: dict[str, ShadowCache] = {}
+        self._claims: dict[str, tuple[str, list[int]]] = {}   # request → (worker, blocks it put there unconfirmed)
 
     def _cache(self, name: str) -> ShadowCache:
         cache = self.caches.get(name)
@@ -37,20 +52,37 @@ class CacheAware(BasePolicy):
                                                     max_blocks=EXACT, dense=EXACT)
         return cache
 
-    def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
-        if not instances:
-            raise LookupError("no instances to route to")
-        loads = [i.in_flight for i in instances]
+    def route(self, request: RequestView, instances: Sequence[InstanceLoad],
+              excluded: Set[str] = NOTHING) -> Decision:
+        ok = allowed(instances, excluded)
+        loads = [instances[i].in_flight for i in ok]
         hi, lo = max(loads), min(loads)
         if hi - lo > self.balance_abs and hi > self.balance_rel * lo:
-            return Decision(loads.index(lo), "balance")
+            return Decision(ok[loads.index(lo)], "balance")
         hashes = request.block_hashes
-        matches = [self._cache(i.name).match(hashes) for i in instances]
-        best = max(range(len(instances)), key=lambda i: (matches[i], -loads[i]))
+        matches = [self._cache(instances[i].name).match(hashes) for i in ok]
+        best = max(range(len(ok)), key=lambda k: (matches[k], -loads[k]))
         if hashes and matches[best] / len(hashes) > self.cache_threshold:
-            return Decision(best, "cache-hit")
-        smallest = min(range(len(instances)), key=lambda i: (len(self._cache(instances[i].name)), loads[i]))
-        return Decision(smallest, "smallest-tree")
+            return Decision(ok[best], "cache-hit")
+        smallest = min(range(len(ok)), key=lambda k: (len(self._cache(instances[ok[k]].name)), loads[k]))
+        return Decision(ok[smallest], "smallest-tree")
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
-        self._cache(instances[index].name).insert(request.block_hashes)
+        name = instances[index].name
+        claim: list[int] = []
+        self._cache(name).insert(request.block_hashes, claim)
+        if claim:
+            self._claims[request.request_id] = (name, claim)
+
+    def _settle(self, request_id: str, prefilled: bool) -> None:
+        entry = self._claims.pop(request_id, None)
+        if entry is not None:
+            cache = self._cache(entry[0])
+            (cache.confirm if prefilled else cache.retract)(entry[1])
+
+    def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
+        if ttft_s is not None:   # a first token came back: the worker prefilled the prompt
+            self._settle(request_id, True)
+
+    def on_complete(self, request: RequestView, outcome: Outcome) -> None:
+        self._settle(request.request_id, outcome.prefilled)

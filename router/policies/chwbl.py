@@ -5,11 +5,19 @@ walk clockwise from the key to the first instance whose in-flight load is within
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
 from kvpilot.router.hashring import HashRing, Membership
 from kvpilot.router.policies.dualmap import affinity_key
-from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
+from kvpilot.router.policy import (
+    NOTHING,
+    BasePolicy,
+    Decision,
+    InstanceLoad,
+    PolicyContext,
+    RequestView,
+    least_loaded,
+)
 
 
 class CHWBL(BasePolicy):
@@ -23,14 +31,18 @@ class CHWBL(BasePolicy):
         self._ring = HashRing(vnodes=vnodes, family="xxh64")
         self._members = Membership(self._ring)
 
-    def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
+    def route(self, request: RequestView, instances: Sequence[InstanceLoad],
+              excluded: Set[str] = NOTHING) -> Decision:
         if not instances:
             raise LookupError("no instances to route to")
         self._members.sync(instances)
         total = sum(i.in_flight for i in instances) + 1
         bound = math.ceil(self.load_factor * total / len(instances))
         for rank, name in enumerate(self._ring.walk(affinity_key(request, self.depth))):
+            if name in excluded:
+                continue
             i = self._members.index[name]
             if instances[i].in_flight + 1 <= bound:
                 return Decision(i, "affinity" if rank == 0 else "bounded-spill")
-        raise AssertionError("a bound ≥ the mean always admits some instance")
+        # A bound ≥ the mean always admits some instance; only exclusions can leave none in it.
+        return Decision(least_loaded(instances, excluded), "bounded-spill")

@@ -21,13 +21,22 @@ Paper: DualMap, arXiv 2602.06502 (read, not copied).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
 from kvpilot.router.depth import AdaptiveDepth
 from kvpilot.router.estimate import LoadEstimator
 from kvpilot.router.hashring import DualRing, Membership
 from kvpilot.router.holding import Held, HoldQueues
-from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
+from kvpilot.router.policy import (
+    NOTHING,
+    BasePolicy,
+    CacheEstimate,
+    Decision,
+    InstanceLoad,
+    Outcome,
+    PolicyContext,
+    RequestView,
+)
 
 _MASK64 = (1 << 64) - 1
 
@@ -67,7 +76,8 @@ class DualMap(BasePolicy):
             self.estimate.track(instances)
             self._rehome = bool(self.holding.queues)
 
-    def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
+    def route(self, request: RequestView, instances: Sequence[InstanceLoad],
+              excluded: Set[str] = NOTHING) -> Decision:
         if not instances:
             raise LookupError("no instances to route to")
         self._sync(instances)
@@ -76,7 +86,7 @@ class DualMap(BasePolicy):
             key = self.adaptive.key(request.block_hashes)[0]
         else:
             key = affinity_key(request, self.depth)
-        best, other, ub = est.better_of(*self._ring.candidates(key), request)
+        best, other, ub = est.better_of(*self._ring.candidates(key, excluded), request)
         wait = self.holding.wait_for
         t_best = wait(best, ub)
         # The other candidate's work and wait matter only past the switch (most decisions skip them).
@@ -150,3 +160,18 @@ class DualMap(BasePolicy):
 
     def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
         self.estimate.first_token(request_id, ttft_s)
+
+    def on_complete(self, request: RequestView, outcome: Outcome) -> None:
+        self.estimate.completed(request.request_id, outcome.prefilled)
+
+    def cache_estimate(self) -> CacheEstimate:
+        return self.estimate
+
+    def ring_placement(self) -> DualMap:
+        return self
+
+    def placement_key(self, block_hashes: list[int]) -> tuple[int, int]:
+        """The ring key a prompt is placed by and its depth in blocks (adaptive depth is peeked, not counted)."""
+        if self.adaptive is not None:
+            return self.adaptive.peek(block_hashes)
+        return block_hashes[min(self.depth, len(block_hashes)) - 1] & _MASK64, min(self.depth, len(block_hashes))

@@ -6,17 +6,14 @@ metrics lag by a scrape interval).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
-from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, RequestView
+from kvpilot.router.policy import NOTHING, BasePolicy, Decision, InstanceLoad, RequestView, least_loaded
 
 
 class LeastLoaded(BasePolicy):
     name = "least-loaded"
 
-    def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
-        if not instances:
-            raise LookupError("no instances to route to")
-        best = min(range(len(instances)),
-                   key=lambda i: (instances[i].pending_prefill_tokens, instances[i].in_flight, i))
-        return Decision(best, "least-loaded")
+    def route(self, request: RequestView, instances: Sequence[InstanceLoad],
+              excluded: Set[str] = NOTHING) -> Decision:
+        return Decision(least_loaded(instances, excluded), "least-loaded")

@@ -5,10 +5,20 @@ affinity: ties and near-ties scatter a prefix across instances."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
 from kvpilot.router.estimate import LoadEstimator
-from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
+from kvpilot.router.policy import (
+    NOTHING,
+    BasePolicy,
+    CacheEstimate,
+    Decision,
+    InstanceLoad,
+    Outcome,
+    PolicyContext,
+    RequestView,
+    allowed,
+)
 
 
 class MinTTFT(BasePolicy):
@@ -18,12 +28,13 @@ class MinTTFT(BasePolicy):
         super().__init__(context)
         self.estimate = LoadEstimator(self.context)
 
-    def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
+    def route(self, request: RequestView, instances: Sequence[InstanceLoad],
+              excluded: Set[str] = NOTHING) -> Decision:
         if not instances:
             raise LookupError("no instances to route to")
         est = self.estimate
         est.track(instances)
-        best = min(range(len(instances)),
+        best = min(allowed(instances, excluded),
                    key=lambda i: est.predicted_ttft(instances[i].name, est.uncached(instances[i].name, request)))
         return Decision(best, "min-ttft")
 
@@ -32,3 +43,9 @@ class MinTTFT(BasePolicy):
 
     def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
         self.estimate.first_token(request_id, ttft_s)
+
+    def on_complete(self, request: RequestView, outcome: Outcome) -> None:
+        self.estimate.completed(request.request_id, outcome.prefilled)
+
+    def cache_estimate(self) -> CacheEstimate:
+        return self.estimate

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
-from kvpilot.router.policy import BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
+from kvpilot.router.policy import NOTHING, BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
 
 
 class RoundRobin(BasePolicy):
@@ -14,9 +14,14 @@ class RoundRobin(BasePolicy):
         super().__init__(context)
         self._next = self.context.seed
 
-    def route(self, request: RequestView, instances: Sequence[InstanceLoad]) -> Decision:
-        if not instances:
+    def route(self, request: RequestView, instances: Sequence[InstanceLoad],
+              excluded: Set[str] = NOTHING) -> Decision:
+        n = len(instances)
+        if not n:
             raise LookupError("no instances to route to")
-        index = self._next % len(instances)
-        self._next = index + 1
-        return Decision(index, "round-robin")
+        for step in range(n):   # the next in turn that is not excluded
+            index = (self._next + step) % n
+            if instances[index].name not in excluded:
+                self._next = index + 1
+                return Decision(index, "round-robin")
+        raise LookupError("every instance is excluded")

@@ -159,14 +159,13 @@ def test_a_router_whose_tokenizer_cannot_be_loaded_still_starts(monkeypatch: pyt
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")   # and nothing leaves loopback
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     from kvpilot.router.config import RouterConfig
-    from kvpilot.router.proxy import Router
+    from kvpilot.router.runtime import Runtime
 
     cfg = RouterConfig.model_validate({"models": [{
         "name": "m", "policy": "dualmap", "endpoints": [{"name": "w0", "url": "http://127.0.0.1:9"}],
         "kvEvents": {"bind": "tcp://127.0.0.1:0", "tokenizer": "hf://kvpilot-test/not-cached-anywhere"}}]})
-    router = Router(cfg)
-    index = router.kv_indexes["m"]
-    assert index.tokenizer is None and index.chat_template is None
+    index = Runtime(cfg).models["m"].kv_index
+    assert index is not None and index.tokenizer is None and index.chat_template is None
 
 
 def test_matching_a_long_prompt_agrees_with_a_scan_of_its_blocks() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvpilot.router.config import Endpoint
 from kvpilot.router.policies import make_policy
-from kvpilot.router.policy import RequestView
+from kvpilot.router.policy import Outcome, RequestView
 from kvpilot.router.pool import Pool
 
 
@@ -38,7 +38,7 @@ def test_saturated_members_are_skipped_and_a_full_pool_refuses() -> None:
     b = pool.choose(req(1))
     assert a is not None and b is not None and a[0] is not b[0]
     assert pool.saturated() and pool.choose(req(2)) is None
-    pool.finish(a[0])
+    pool.finish(a[0], req(0), Outcome("w0", "ok", True))
     again = pool.choose(req(3))
     assert again is not None and again[0] is a[0]
 

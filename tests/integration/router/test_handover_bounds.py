@@ -57,7 +57,7 @@ async def _setup(workers: dict[str, Worker], timeout_s: float, hot: int) -> tupl
     pool = Pool([Endpoint(name=n, url=str(w.server.make_url("/"))) for n, w in workers.items()],  # type: ignore[arg-type]
                 make_policy("dualmap", PolicyContext(block_size=256)))
     handovers = Handovers(metrics)
-    handovers.add_model("m", pool, HandoverConfig(timeout_s=timeout_s))
+    handovers.add_model("m", pool, HandoverConfig(timeout_s=timeout_s), 256)
     owners = dual_ring_owners()
     prompts = [p for p in (block_text(s, 1024) for s in range(400))
                if "a" in owners(block_hashes(p, 256)[-1], MEMBERS)][:hot]

@@ -65,7 +65,7 @@ def test_overload_is_held_in_the_router_and_every_request_completes_once(sim_wor
                                                                           router_factory: Routers) -> None:
     workers = [sim_worker_factory(*SLOW) for _ in range(2)]
     router = router_factory([{"name": "sim-model", "policy": "dualmap", "endpoints": endpoints(workers),
-                              "ttftMs": 20000}])
+                              "ttftMs": 20000}], holdBypassLagSeconds=0)   # hold even when this host is loaded
     n = 16
     prompts = [block_text(500 + i, 6000) for i in range(n)]   # distinct: no cache hit shortens the work
     with ThreadPoolExecutor(max_workers=n) as pool:
@@ -87,7 +87,7 @@ def test_a_client_leaving_the_queue_frees_its_slot_and_never_reaches_a_worker(si
                                                                                router_factory: Routers) -> None:
     worker = sim_worker_factory(*SLOW)
     router = router_factory([{"name": "sim-model", "policy": "dualmap", "endpoints": endpoints([worker]),
-                              "ttftMs": 60000, "maxQueuedRequests": 1}])
+                              "ttftMs": 60000, "maxQueuedRequests": 1}], holdBypassLagSeconds=0)
     long_prompt = block_text(1, 24000)
     first = send_without_reading(router, {"model": "sim-model", "prompt": long_prompt, "max_tokens": 2})
     wait_for(lambda: metric(worker.metrics_text(), "vllm:num_requests_running") == 1, 10, "the first request to run")

@@ -42,13 +42,14 @@ def test_requests_the_router_holds_for_a_pool_count_as_waiting() -> None:
 def test_the_autoscaler_reads_the_queue_depth_label_the_router_exports_for_each_pool() -> None:
     import asyncio
 
+    from kvpilot.router.admin import Admin
     from kvpilot.router.config import RouterConfig
     from kvpilot.router.metrics import POOL_ROLE_LABEL, QUEUE_DEPTH
-    from kvpilot.router.proxy import Router
+    from kvpilot.router.runtime import Runtime
 
     def exported_roles(model: dict[str, object]) -> set[str]:
-        router = Router(RouterConfig.model_validate({"models": [model]}))
-        body = asyncio.run(router.metrics_endpoint(None)).body  # type: ignore[arg-type]
+        admin = Admin(Runtime(RouterConfig.model_validate({"models": [model]})))
+        body = asyncio.run(admin.metrics(None)).body
         text = body.decode() if isinstance(body, bytes) else ""
         return {line.split('role="')[1].split('"')[0] for line in text.splitlines()
                 if line.startswith(QUEUE_DEPTH + "{")}

@@ -1,0 +1,121 @@
+"""Request handling: the OpenAI-compatible surface of `kvpilot router`.
+
+A request is validated here (JSON body, model, prompt or messages), turned into what its
+policy sees (`ModelRuntime.request_view`), and handed to dispatch; every failure on the way is
+an `ApiError`, which the client gets as OpenAI's error JSON. Nothing here knows about pools,
+retries or upstreams.
+
+Cross-cutting request concerns (API keys, rate limits per key, tracing) belong in aiohttp
+middlewares passed to `build_app` (`kvpilot.router.proxy`): they wrap these handlers and see the
+request before its body is read. `public_routes` are what clients call; the operators' endpoints
+(`kvpilot.router.admin`) are kept apart so they can be served on another port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from kvpilot.router.dispatch import Dispatcher
+from kvpilot.router.errors import ApiError
+from kvpilot.router.runtime import Runtime
+from kvpilot.tokens import render_chat
+
+log = logging.getLogger("kvpilot.router")
+
+
+async def read_body(request: web.Request, max_body_bytes: int, models: dict[str, Any]) -> dict[str, Any]:
+    """The request's JSON object, with a `model` this router serves."""
+    if request.content_length is not None and request.content_length > max_body_bytes:
+        raise ApiError(413, f"request body exceeds {max_body_bytes} bytes")
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body exceeds {max_body_bytes} bytes") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "you must provide a model parameter", param="model")
+    if model not in models:
+        raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model", "model_not_found")
+    return body
+
+
+def prompt_of(body: dict[str, Any], chat: bool) -> str:
+    """The prompt text: a completion's `prompt`, or a chat's messages rendered (kvpilot's template)."""
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ApiError(400, "messages must be a non-empty list of message objects", param="messages")
+        return render_chat(messages)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "prompt must be a non-empty string", param="prompt")
+    return prompt
+
+
+class Api:
+    """The handlers clients call."""
+
+    def __init__(self, runtime: Runtime, dispatcher: Dispatcher) -> None:
+        self.runtime = runtime
+        self.dispatcher = dispatcher
+        self.max_body_bytes = runtime.cfg.max_body_bytes
+
+    def public_routes(self) -> list[web.RouteDef]:
+        return [web.post("/v1/completions", self.completions),
+                web.post("/v1/chat/completions", self.chat_completions),
+                web.get("/v1/models", self.list_models),
+                web.get("/health", self.health),
+                web.get("/ready", self.ready)]
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        model_name = "unknown"
+        metrics = self.runtime.metrics
+        try:
+            body = await read_body(request, self.max_body_bytes, self.runtime.models)
+            model_name = str(body["model"])
+            model = self.runtime.models[model_name]
+            prompt = prompt_of(body, chat)
+            view = model.request_view(rid, prompt)
+            await model.engine_keys(view, prompt, body.get("messages") if chat else None)
+            self.runtime.handovers.observe(model_name, view, prompt)
+            path = "/v1/chat/completions" if chat else "/v1/completions"
+            resp = await self.dispatcher.run(request, model, view, path, body)
+            metrics.requests.labels(model_name, "ok").inc()
+            return resp
+        except ApiError as e:
+            metrics.requests.labels(model_name, f"error_{e.status}").inc()
+            if e.status >= 500:
+                log.warning("request failed: %s", e.message,
+                            extra={"request_id": rid, "model": model_name, "status": e.status})
+            return e.response()
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "owned_by": "kvpilot"} for name in self.runtime.models]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def ready(self, request: web.Request) -> web.Response:
+        missing = [name for name, m in self.runtime.models.items() if not all(p.healthy() for p in m.pools())]
+        if missing:
+            return web.Response(status=503, text=f"no healthy endpoints for: {', '.join(missing)}")
+        return web.Response(text="ready")

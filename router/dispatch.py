@@ -1,0 +1,209 @@
+"""Dispatch: getting one request answered by an endpoint, with retries and P/D.
+
+For each attempt the model's pool picks an endpoint (`Pool.admit`: at once, or after waiting in
+a holding policy's queue); the request is forwarded and the answer streamed back chunk by chunk
+without buffering. Failures before the first byte reaches the client are retried on another
+endpoint, which the pool excludes from that request's next decision; after it, the client gets
+an SSE error event. Every attempt ends through `Attempt`, so the policy hears exactly one
+outcome per dispatch. In disaggregated mode a request runs vLLM's P/D flow: a prefill request
+(`max_tokens=1`, `kv_transfer_params`) to the prefill pool, then the real request with the
+returned params to the decode pool, whose pick the policy pairs with the prefill instance.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from kvpilot.router.errors import RETRY_AFTER_S, ApiError
+from kvpilot.router.policy import RequestView
+from kvpilot.router.pool import Attempt, Member, NoEndpoint, Pool, QueueFull
+from kvpilot.router.runtime import ModelRuntime, Runtime
+
+
+class UpstreamFailed(Exception):
+    """An attempt failed before any byte reached the client: safe to retry elsewhere."""
+
+
+def passthrough_error(status: int, payload: bytes) -> ApiError:
+    """An upstream 4xx becomes the client's 4xx with the upstream's message."""
+    try:
+        err = json.loads(payload)["error"]
+        return ApiError(status, str(err.get("message", "")), str(err.get("type", "invalid_request_error")),
+                        err.get("param"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ApiError(status, payload.decode(errors="replace")[:500])
+
+
+class Dispatcher:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.metrics = runtime.metrics
+        self.max_retries = runtime.cfg.max_retries
+        self.session: aiohttp.ClientSession | None = None   # set when the app starts
+
+    async def run(self, request: web.Request, model: ModelRuntime, view: RequestView, path: str,
+                  body: dict[str, Any]) -> web.StreamResponse:
+        """Answer one validated request: prefill first in P/D, then the (decode) request itself."""
+        if model.prefill is not None:
+            body = await self._prefill(model, model.prefill, view, path, body)
+            return await self._forward(request, model, model.main, view, path, body, "decode")
+        return await self._forward(request, model, model.main, view, path, body, "main")
+
+    async def _pick(self, model: ModelRuntime, pool: Pool, view: RequestView, role: str,
+                    tried: frozenset[str]) -> Member:
+        """The endpoint for this attempt; with a holding policy, after waiting in its queue."""
+        name = model.name
+        try:
+            chosen = await pool.admit(view, tried)
+        except QueueFull:
+            raise ApiError(429, f"the router's queue for model `{name}` is full; retry later",
+                           "rate_limit_exceeded", retry_after=RETRY_AFTER_S) from None
+        except NoEndpoint:
+            chosen = None
+        if chosen is None:
+            if pool.saturated():
+                raise ApiError(429, f"all endpoints of model `{name}` are at their limit; retry later",
+                               "rate_limit_exceeded", retry_after=RETRY_AFTER_S)
+            raise ApiError(503, f"no healthy endpoint for model `{name}`", "service_unavailable",
+                           retry_after=RETRY_AFTER_S)
+        member, reason = chosen
+        self.metrics.decisions.labels(name, role, reason).inc()
+        model.timeline.decided(reason, new_request=not tried and role != "decode")
+        return member
+
+    def _failed(self, model: ModelRuntime, attempt: Attempt, error: BaseException, attempt_no: int) -> None:
+        attempt.status = "failed"
+        self.runtime.attempt_failed(model, attempt.pool, attempt.member, str(error) or type(error).__name__,
+                                    attempt.request.request_id)
+        if attempt_no < self.max_retries:
+            self.metrics.retries.labels(model.name).inc()
+
+    async def _prefill(self, model: ModelRuntime, pool: Pool, view: RequestView, path: str,
+                       body: dict[str, Any]) -> dict[str, Any]:
+        """Run the prefill half of P/D; returns the decode request's body."""
+        assert self.session is not None
+        prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        prefill_body.update(max_tokens=1, stream=False,
+                            kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False})
+        prefill_body.pop("max_completion_tokens", None)
+        tried: frozenset[str] = frozenset()
+        for attempt_no in range(self.max_retries + 1):
+            member = await self._pick(model, pool, view, "prefill", tried)
+            attempt = Attempt(pool, member, view)
+            started = time.monotonic()
+            try:
+                async with self.session.post(member.url + path, json=prefill_body) as up:
+                    payload = await up.read()
+                    if up.status >= 500:
+                        raise UpstreamFailed(f"HTTP {up.status}")
+                    if up.status >= 400:
+                        attempt.status = "rejected"
+                        raise passthrough_error(up.status, payload)
+                    params = json.loads(payload).get("kv_transfer_params")
+                attempt.first_token(time.monotonic() - started)
+                attempt.status = "ok"
+                pool.succeeded(member)
+                view.prefill_instance = member.endpoint.name   # the decode half is paired with it
+                return {**body, "kv_transfer_params": params}
+            except (TimeoutError, UpstreamFailed, aiohttp.ClientError) as e:
+                self._failed(model, attempt, e, attempt_no)
+                tried |= {member.endpoint.name}
+            finally:
+                attempt.end()
+        raise ApiError(502, f"prefill failed on {len(tried)} endpoint(s) of model `{model.name}`",
+                       "upstream_error", retry_after=RETRY_AFTER_S)
+
+    async def _forward(self, request: web.Request, model: ModelRuntime, pool: Pool, view: RequestView, path: str,
+                       body: dict[str, Any], role: str) -> web.StreamResponse:
+        stream = bool(body.get("stream"))
+        tried: frozenset[str] = frozenset()
+        inflight = self.metrics.inflight
+        for attempt_no in range(self.max_retries + 1):
+            member = await self._pick(model, pool, view, role, tried)
+            attempt = Attempt(pool, member, view)
+            inflight.labels(model.name, member.endpoint.name).inc()
+            try:
+                if stream:
+                    return await self._relay_stream(request, model, attempt, path, body)
+                return await self._relay_whole(attempt, path, body)
+            except (TimeoutError, UpstreamFailed, aiohttp.ClientError) as e:
+                self._failed(model, attempt, e, attempt_no)
+                tried |= {member.endpoint.name}
+            finally:
+                attempt.end()
+                inflight.labels(model.name, member.endpoint.name).dec()
+        raise ApiError(502, f"request failed on {len(tried)} endpoint(s) of model `{model.name}`",
+                       "upstream_error", retry_after=RETRY_AFTER_S)
+
+    async def _relay_whole(self, attempt: Attempt, path: str, body: dict[str, Any]) -> web.Response:
+        assert self.session is not None
+        member, view = attempt.member, attempt.request
+        async with self.session.post(member.url + path, json=body) as up:
+            payload = await up.read()
+            if up.status >= 500:
+                raise UpstreamFailed(f"HTTP {up.status}")
+            if up.status >= 400:
+                attempt.status = "rejected"
+            else:
+                attempt.first_token(None)
+                attempt.status = "ok"
+            attempt.pool.succeeded(member)
+            return web.Response(body=payload, status=up.status, content_type="application/json",
+                                headers={"X-Kvpilot-Endpoint": member.endpoint.name, "X-Request-Id": view.request_id})
+
+    async def _relay_stream(self, request: web.Request, model: ModelRuntime, attempt: Attempt, path: str,
+                            body: dict[str, Any]) -> web.StreamResponse:
+        assert self.session is not None
+        pool, member, view = attempt.pool, attempt.member, attempt.request
+        migrator, name = self.runtime.migrator, model.name
+        started = time.monotonic()
+        resp: web.StreamResponse | None = None
+        chunks = 0
+        first_at = 0.0
+        async with self.session.post(member.url + path, json=migrator.upstream_body(name, body),
+                                     headers=migrator.headers(name, view.request_id)) as up:
+            if up.status >= 500:
+                raise UpstreamFailed(f"HTTP {up.status}")
+            if up.status >= 400:
+                attempt.status = "rejected"
+                return web.Response(body=await up.read(), status=up.status, content_type="application/json")
+            try:
+                async for data in migrator.relay(up, view.request_id, name, pool, member, view.prompt_tokens, body):
+                    if resp is None:
+                        first_at = time.monotonic()
+                        attempt.first_token(first_at - started)
+                        self.metrics.ttft.labels(name).observe(first_at - view.arrival)
+                        model.timeline.first_token(first_at - view.arrival)
+                        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                           "Cache-Control": "no-cache",
+                                                           "X-Kvpilot-Endpoint": member.endpoint.name,
+                                                           "X-Request-Id": view.request_id})
+                        await resp.prepare(request)
+                    chunks += 1
+                    await resp.write(data)
+            except (TimeoutError, aiohttp.ClientError) as e:
+                if resp is None:
+                    raise
+                # Past the first byte no retry is possible: end the stream with an explicit error.
+                attempt.status = "failed"
+                self.runtime.attempt_failed(model, pool, member, f"mid-stream: {e or type(e).__name__}",
+                                            view.request_id)
+                err = ApiError(502, f"upstream {member.endpoint.name} failed mid-stream", "upstream_error")
+                await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+                await resp.write_eof()
+                return resp
+            if resp is None:
+                raise UpstreamFailed("upstream closed the stream before any data")
+            attempt.status = "ok"
+            pool.succeeded(member)
+            if chunks > 1:
+                tpot = (time.monotonic() - first_at) / (chunks - 1)
+                self.metrics.tpot.labels(name).observe(tpot)
+                model.timeline.tpot(tpot)
+            await resp.write_eof()
+            return resp
