@@ -10,6 +10,7 @@ the same requests closer together (kvpilot.sim.families), so the curve is one wo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -59,9 +60,31 @@ def search(workload: str, seed: int, slos: list[float], policy: str, bound: floa
            ablations: dict[str, dict[str, Any]]) -> dict[float, dict[str, Any]]:
     """The capacity search for each SLO; runs are shared between SLOs where the rates meet."""
     runs: dict[float, dict[float, dict[str, Any]]] = {}
-    return {slo: _search(slo, bound, lambda r: runs.setdefault(r, run_at(workload, seed, r, slos, policy, args,
-                                                                         ablations)))
-            for slo in slos}
+
+    def run(rate: float) -> dict[float, dict[str, Any]]:
+        if rate not in runs:
+            runs[rate] = run_at(workload, seed, rate, slos, policy, args, ablations)
+        return runs[rate]
+    if args.grid:
+        return {slo: _grid(slo, [f * bound for f in args.grid], run) for slo in slos}
+    return {slo: _search(slo, bound, run) for slo in slos}
+
+
+def _grid(slo: float, rates: list[float], run: Any) -> dict[str, Any]:
+    """Attainment at fixed rates (fractions of the bound); capacity interpolated where the curve
+    crosses 90%, 0 when it is under 90% already at the lowest rate (read: below it), the
+    highest rate when it never crosses (read: at least that)."""
+    points = [run(r)[slo] for r in sorted(rates)]
+    cap = points[-1]["rate"] if points[-1]["slo_attainment"] >= TARGET else 0.0
+    for p0, p1 in itertools.pairwise(points):
+        a0, a1 = p0["slo_attainment"], p1["slo_attainment"]
+        if a0 >= TARGET > a1:
+            cap = p0["rate"] + (p1["rate"] - p0["rate"]) * (a0 - TARGET) / (a0 - a1)
+            break
+    good = [p for p in points if p["slo_attainment"] >= TARGET]
+    near = good[-1] if good else points[0]
+    return {"capacity_rps": cap, "hit_rate": near["cache_hit_rate"], "imbalance": near["load_imbalance"],
+            "points": points}
 
 
 def _search(slo: float, bound: float, run: Any) -> dict[str, Any]:
@@ -155,8 +178,9 @@ def _table(doc: dict[str, Any], w: str, slo: float, policies: list[str], args: a
           f"{args.instances} × {args.profile})\n")
     print(f"Service bound {bound:.2f} req/s (ideal hit rate {statistics.mean(x.ideal_hit_rate for x in b):.1%}, "
           f"{statistics.mean(x.too_long for x in b):.1%} of requests over the SLO even alone).\n")
-    print("| policy | capacity (req/s) per seed | mean | × best baseline | × bound | hit rate | imbalance |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    grid = " | attainment by rate (req/s: %)" if args.grid else ""
+    print(f"| policy | capacity (req/s) per seed | mean | × best baseline | × bound | hit rate | imbalance{grid} |")
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---|" if grid else ""))
     best = {seed: max((res[(seed, p)]["capacity_rps"] for p in policies if p in BASELINES), default=0.0)
             for seed in args.seeds}
     rows = []
@@ -168,8 +192,12 @@ def _table(doc: dict[str, Any], w: str, slo: float, policies: list[str], args: a
         hit = statistics.mean(res[(seed, p)]["hit_rate"] for seed in args.seeds)
         imb = statistics.mean(res[(seed, p)]["imbalance"] for seed in args.seeds)
         ratio = f"{statistics.mean(vs):.2f} ({min(vs):.2f}-{max(vs):.2f})" if vs else "-"
+        curve = ""
+        if args.grid:
+            curve = " " + "; ".join(", ".join(f"{d['rate']:.1f}: {d['slo_attainment']:.0%}"
+                                              for d in res[(seed, p)]["points"]) for seed in args.seeds) + " |"
         print(f"| {p} | {' / '.join(f'{c:.2f}' for c in caps)} | {mean:.2f} | {ratio} | {mean / bound:.2f} | "
-              f"{hit:.1%} | {imb:.2f} |", flush=True)
+              f"{hit:.1%} | {imb:.2f} |{curve}", flush=True)
 
 
 def main() -> None:  # pragma: no cover - routing_quality.py is the entry point

@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--replot", type=Path, help="only draw the PNG from an earlier --out file")
     parser.add_argument("--workloads", nargs="*", help="the workload family (kvpilot.sim.families) instead")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="--workloads: seeds, each its own run")
+    parser.add_argument("--grid", type=float, nargs="*",
+                        help="--workloads: attainment at these fractions of the service bound instead of a search")
     parser.add_argument("--duration", type=float, default=60.0,
                         help="--workloads: at least this many seconds of arrivals per run")
     args = parser.parse_args()
