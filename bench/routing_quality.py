@@ -14,6 +14,14 @@ trace's N-th request (a second slice checks that a result is not an accident of 
 3,000). `--ablations` adds DualMap with parts switched off, to say where its capacity comes
 from. Writes a Markdown table to stdout and JSON to
 bench/out/routing_quality.json.
+
+    .venv/bin/python -P bench/routing_quality.py --workloads agentic chat rag no-reuse mooncake \
+        --seeds 2 3 [--profile ...] [--slo 5 2] [--policies ...] [--ablations ...]
+
+With `--workloads`, the family in `kvpilot.sim.families` instead: for each workload, seed, SLO
+and policy a capacity search (rates ×1.25 from half the workload's service bound until attainment
+drops under 90%, then two bisections), and each workload's service bound (`bench/service_bound.py`).
+Seeds are the held-out discipline: develop on some, report on others.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -37,6 +46,9 @@ from kvpilot.sim.cluster import Cluster, ClusterConfig
 from kvpilot.sim.profiles import get_profile
 from kvpilot.sim.workload import RequestSpec, mooncake
 
+sys.path.insert(0, str(Path(__file__).parent))   # bench/ is not a package; -P keeps it off the path
+from family_capacity import run_family
+
 TARGET = 0.9
 # DualMap with one mechanism switched off each (same everything else).
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -45,6 +57,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "dualmap, linear predictor": {"attention_tokens": 0},
     "dualmap, no KV budget": {"kv_high": None},
     "dualmap, no starvation bound": {"max_wait_slos": None},
+    # Hot-prefix keying (router/depth.py): the earlier one-block-per-window extension of a fixed
+    # 1,024-token key, a fixed key, and hot prefixes marked at a full instance's share (not half).
+    "dualmap, extend keying (before)": {"keying": "extend"},
+    "dualmap, fixed key": {"keying": "fixed"},
+    "dualmap, hot at 1/N": {"spread_share": 1.0},
 }
 
 
@@ -103,7 +120,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/out/routing_quality.json"))
     parser.add_argument("--replot", type=Path, help="only draw the PNG from an earlier --out file")
+    parser.add_argument("--workloads", nargs="*", help="the workload family (kvpilot.sim.families) instead")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="--workloads: seeds, each its own run")
+    parser.add_argument("--grid", type=float, nargs="*",
+                        help="--workloads: attainment at these fractions of the service bound instead of a search")
+    parser.add_argument("--duration", type=float, default=60.0,
+                        help="--workloads: at least this many seconds of arrivals per run")
     args = parser.parse_args()
+    if args.workloads:
+        run_family(args, ABLATIONS)
+        return
     if args.replot:
         print(f"plot: {plot(json.loads(args.replot.read_text()), args.replot.with_suffix('.png'))}")
         return

@@ -18,7 +18,10 @@ def register(sub: Any) -> None:
     demo.add_argument("-f", "--file", type=Path)
     demo.add_argument("--requests", type=int, default=300)
     demo.add_argument("--time-scale", type=float, default=10.0)
-    demo.add_argument("--rate", type=float, default=1.0, help="load as a multiple of the trace's rate")
+    demo.add_argument("--rate", type=float, default=1.0,
+                      help="load as a multiple of the workload's rate (Mooncake: the trace's; generated: 10 req/s)")
+    demo.add_argument("--workload", default="mooncake", choices=["mooncake", "agentic", "chat", "rag", "no-reuse"],
+                      help="what to replay: the Mooncake trace's head, or a generated workload (kvpilot.sim.families)")
     demo.add_argument("--policies", nargs="+", default=["dualmap", "round-robin"])
     demo.add_argument("--out", type=Path, default=Path("kvpilot-demo"), help="where the PNG plots go")
     demo.set_defaults(handler=_demo)
@@ -43,5 +46,6 @@ def _demo(args: argparse.Namespace) -> int:
     from kvpilot.demo import run_demo
 
     results = run_demo(args.file, requests=args.requests, policies=tuple(args.policies),
-                       time_scale=args.time_scale, rate_multiplier=args.rate, out_dir=args.out)
+                       time_scale=args.time_scale, rate_multiplier=args.rate, out_dir=args.out,
+                       workload=args.workload)
     return 0 if all(r.ttft for r in results) else 1

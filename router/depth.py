@@ -71,3 +71,111 @@ class AdaptiveDepth:
                     del counts[h]
                 if h in hot and left < floor:
                     hot.discard(h)
+
+
+def common_depth(a: list[int], b: list[int]) -> int:
+    """Leading blocks two chained-hash lists share. Chained hashes are equal at i only if
+    equal before i, so a binary search finds the end: O(log n) on a 12k-token prompt."""
+    lo, hi = 0, min(len(a), len(b))   # invariant: a[:lo] == b[:lo]; a[hi] != b[hi] or hi = end
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class SplitDepth:
+    """Affinity keys at the first block that is not a hot shared prefix.
+
+    A prefix is hot when more than `hot_share` of the last `window` requests pass through it:
+    more demand than its two ring candidates can serve (`hot_share` ≈ one instance's fair share,
+    set from the member count by the policy). A hot prefix's requests are keyed past it, at
+    the first block where they diverge (found as the common depth of its requests seen so far,
+    binary-searched on chained hashes), so a hot tenant's 12k-token tool prompt splits by
+    session in one step, not one block per window, and the hot prefix is replicated wherever
+    its sessions land. A cold prefix keeps its key: all its requests stay on one pair. The key of
+    a conversation stays the same turn after turn (its first private block), where a fixed-depth
+    key of a prompt shorter than the depth moves as the prompt grows.
+
+    Deterministic given the traffic: router replicas seeing the same mix of traffic (any share
+    of it) mark the same prefixes hot, with no shared state; they may differ for a while on a
+    prefix right at the threshold.
+    """
+
+    def __init__(self, base_depth: int = 1, *, window: int = 1000, hot_share: float = 0.125,
+                 cool_share: float | None = None, warmup: int = 100) -> None:
+        self.base = max(1, base_depth)
+        self.warmup = warmup
+        self.window = window
+        self.hot_share = hot_share
+        self.cool_share = cool_share          # None: half of hot_share
+        self.hot: dict[int, int] = {}         # hot prefix hash → depth its requests share
+        self._recent: deque[tuple[int, ...]] = deque()
+        self._counts: dict[int, int] = {}
+        self._common: dict[int, tuple[list[int], int]] = {}   # key → (a prompt through it, common depth)
+
+    def _depth(self, hashes: list[int]) -> tuple[int, list[int]]:
+        n = len(hashes)
+        d = min(self.base, n)
+        path: list[int] = []
+        hot = self.hot
+        while d < n:
+            split = hot.get(hashes[d - 1])
+            if split is None:
+                break
+            path.append(hashes[d - 1])
+            d = min(n, max(d + 1, split + 1))
+        return d, path
+
+    def key(self, hashes: list[int]) -> tuple[int, int]:
+        """(affinity key, depth used) for a prompt's block hashes, and count it in the window."""
+        if not hashes:
+            raise ValueError("split depth needs at least one block hash")
+        d, path = self._depth(hashes)
+        key = hashes[d - 1]
+        if key in self.hot:
+            self._observe((*path,))
+            return key & _MASK64, d      # a hot prefix the prompt ends inside: nothing to split by
+        path.append(key)
+        self._observe((*path,))
+        seen = self._common.get(key)
+        if seen is None:
+            self._common[key] = (hashes, len(hashes))
+        else:
+            ref, common = seen
+            if common > d:
+                common = max(d, min(common, common_depth(ref, hashes)))
+                self._common[key] = (ref, common)
+            # Share of the window, or of what has been seen while it fills (at least `warmup`
+            # requests): a hot tenant is split within the first hundred or so requests, not after
+            # `window` of them have all landed on one pair.
+            if self._counts[key] > self.hot_share * max(len(self._recent), self.warmup):
+                self.hot[key] = common
+        return key & _MASK64, d
+
+    def peek(self, hashes: list[int]) -> tuple[int, int]:
+        """What `key` would answer now, without counting the request."""
+        if not hashes:
+            raise ValueError("split depth needs at least one block hash")
+        d = self._depth(hashes)[0]
+        return hashes[d - 1] & _MASK64, d
+
+    def _observe(self, path: tuple[int, ...]) -> None:
+        counts = self._counts
+        for h in path:
+            counts[h] = counts.get(h, 0) + 1
+        recent = self._recent
+        recent.append(path)
+        if len(recent) > self.window:
+            floor = (self.hot_share / 2 if self.cool_share is None else self.cool_share) * self.window
+            for h in recent.popleft():
+                left = counts[h] - 1
+                if left > 0:
+                    counts[h] = left
+                else:
+                    del counts[h]
+                    self._common.pop(h, None)
+                if left < floor:
+                    self.hot.pop(h, None)

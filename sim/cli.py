@@ -40,10 +40,13 @@ def register(sub: Any) -> None:
                        help=f"one of {', '.join(sorted(PROFILES))}, or a calibrated profile's JSON file")
     cluster.add_argument("--block-size", type=int, help="KV block size (default: the profile's)")
     cluster.add_argument("--policy", default="round-robin")
-    cluster.add_argument("--workload", choices=["mooncake", "azure-conv", "synthetic"], default="mooncake")
+    cluster.add_argument("--workload", choices=["mooncake", "azure-conv", "synthetic", "agentic", "chat", "rag",
+                                                "no-reuse"], default="mooncake",
+                         help="a trace (mooncake, azure-conv) or a generator of the family in kvpilot.sim.families "
+                              "(agentic, chat, rag, no-reuse: at --rate, seeded by --seed)")
     cluster.add_argument("--requests", type=int, default=2000, help="requests to take from the workload")
     cluster.add_argument("--speedup", type=float, default=1.0, help="compress the trace's time (rate ×)")
-    cluster.add_argument("--rate", type=float, default=10.0, help="synthetic: requests per second")
+    cluster.add_argument("--rate", type=float, default=10.0, help="generated workloads: requests per second")
     cluster.add_argument("--slo-ttft", type=float, default=5.0, help="TTFT SLO in seconds")
     cluster.add_argument("--slo-tpot", type=float, help="TPOT SLO in seconds (optional)")
     cluster.add_argument("--rebalance", choices=["none", "queued", "live"], default="none",
@@ -103,8 +106,12 @@ def _cluster(args: argparse.Namespace) -> int:
         specs = mooncake(speedup=args.speedup, limit=args.requests)
     elif args.workload == "azure-conv":
         specs = azure_conv(speedup=args.speedup, limit=args.requests)
-    else:
+    elif args.workload == "synthetic":
         specs = synthetic(SyntheticConfig(requests=args.requests, rate=args.rate, seed=args.seed))
+    else:
+        from kvpilot.sim.families import make_workload
+
+        specs = make_workload(args.workload, args.requests, args.rate, args.seed)
     cfg = ClusterConfig(instances=args.instances, profile=args.profile, block_size=args.block_size,
                         policy=args.policy, seed=args.seed, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot)
     cluster = Cluster(cfg)

@@ -124,6 +124,11 @@ class EngineCounters:
     prompt_tokens_external: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # A preempted request's lookups when it is scheduled again (it mostly hits its own freed
+    # blocks): vLLM records them apart (PrefixCacheStats.preempted_queries/_hits) and does not
+    # export them in vllm:prefix_cache_*, which would otherwise reward overload with "hits".
+    preempted_cache_queries: int = 0
+    preempted_cache_hits: int = 0
     generation_tokens: int = 0
     request_success: int = 0
     num_preemptions: int = 0
@@ -301,8 +306,12 @@ class Engine:
             c.prompt_tokens_local_cache_hit += computed
             c.prompt_tokens_external += external
             c.prompt_tokens_local_compute += seq.prompt_tokens - computed - external
-        c.prefix_cache_queries += seq.prompt_tokens
-        c.prefix_cache_hits += computed
+        if seq.preemptions:
+            c.preempted_cache_queries += seq.prompt_tokens
+            c.preempted_cache_hits += computed
+        else:
+            c.prefix_cache_queries += seq.prompt_tokens
+            c.prefix_cache_hits += computed
         seq.phase = Phase.RUNNING
         return n
 

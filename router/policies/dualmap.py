@@ -8,7 +8,10 @@ the cache hit and the TTFT it would see (`LoadEstimator`). It takes the candidat
 larger hit unless that one's predicted TTFT exceeds θ × SLO, in which case it takes the faster
 of the two.
 
-Hot prefixes get longer keys (`AdaptiveDepth`); requests wait in router-side queues ordered by
+Hot prefixes are keyed past their shared head (`SplitDepth`): a prefix that more than one
+instance's fair share of requests pass through is split at the first block where its requests
+diverge, so its demand spreads over as many instances as its distinct continuations reach, while
+a cold prefix keeps its single pair. Requests wait in router-side queues ordered by
 expected prefill work, are released while the instance's prefill backlog and KV budget allow,
 move off hot spots while queued, and are taken over by idle instances (`HoldQueues`; the
 virtual-time cluster and the live proxy's pools both drive it through `hold`/`release`). The
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence, Set
 
-from kvpilot.router.depth import AdaptiveDepth
+from kvpilot.router.depth import AdaptiveDepth, SplitDepth
 from kvpilot.router.estimate import LoadEstimator
 from kvpilot.router.hashring import DualRing, Membership
 from kvpilot.router.holding import Held, HoldQueues
@@ -56,10 +59,22 @@ class DualMap(BasePolicy):
                  vnodes: int = 128, prefill_token_s: float | None = None, ewma: float = 0.1,
                  release_tokens: int = 8192, adaptive_depth: bool = True, steal: bool = True,
                  max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000,
-                 kv_high: float | None = 0.9) -> None:
+                 kv_high: float | None = 0.9, keying: str = "split", spread_share: float = 0.5,
+                 split_base_tokens: int = 0) -> None:
         super().__init__(context)
         self.depth = max(1, key_tokens // self.context.block_size)
-        self.adaptive = AdaptiveDepth(self.depth) if adaptive_depth else None
+        # keying: "split" (hot prefixes keyed past their shared head), "extend" (the earlier
+        # one-block-per-window extension of a fixed-depth key) or "fixed"; kept for ablations.
+        self.spread_share = spread_share
+        self.adaptive: AdaptiveDepth | SplitDepth | None = None
+        if not adaptive_depth or keying == "fixed":
+            self.adaptive = None
+        elif keying == "extend":
+            self.adaptive = AdaptiveDepth(self.depth)
+        elif keying == "split":
+            self.adaptive = SplitDepth(max(1, split_base_tokens // self.context.block_size))
+        else:
+            raise ValueError(f"unknown keying {keying!r}: split, extend or fixed")
         self.theta = theta
         self.estimate = LoadEstimator(self.context, prefill_token_s, ewma, attention_tokens)
         max_wait = None if max_wait_slos is None else (lambda: max_wait_slos * self.context.slo_ttft_s)
@@ -74,6 +89,8 @@ class DualMap(BasePolicy):
     def _sync(self, instances: Sequence[InstanceLoad]) -> None:
         if self._members.sync(instances):
             self.estimate.track(instances)
+            if isinstance(self.adaptive, SplitDepth):
+                self.adaptive.hot_share = self.spread_share / max(1, len(instances))
             self._rehome = bool(self.holding.queues)
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad],

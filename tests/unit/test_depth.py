@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvpilot.router.depth import AdaptiveDepth
+from kvpilot.router.depth import AdaptiveDepth, SplitDepth, common_depth
 
 HOT = [101, 102, 103, 104, 105, 106]
 
@@ -46,3 +46,61 @@ def test_depth_is_bounded_by_prompt_length_and_max_extra() -> None:
     assert depth <= 3
     short = ad.key([HOT[0]])
     assert short[1] == 1
+
+
+def tenant_prompt(tenant: int, session: int, turns: int = 1) -> list[int]:
+    """A 40-block tool prompt per tenant, then the session's own blocks (chained: each hash
+    stands for its whole prefix, as in a real prompt)."""
+    out, h = [], tenant
+    for i in range(40):
+        h = hash((h, "sys", i))
+        out.append(h)
+    for i in range(2 + turns):
+        h = hash((h, "session", session, i))
+        out.append(h)
+    return out
+
+
+def test_common_depth_binary_searches_chained_hashes() -> None:
+    a, b = tenant_prompt(1, 1), tenant_prompt(1, 2)
+    assert common_depth(a, b) == 40
+    assert common_depth(a, a) == len(a)
+    assert common_depth(a, tenant_prompt(2, 1)) == 0
+    assert common_depth(a[:10], b) == 10
+
+
+def test_split_keys_a_hot_tenant_by_session_and_keeps_a_cold_one_together() -> None:
+    sd = SplitDepth(1, window=400, hot_share=0.125)
+    for i in range(400):
+        tenant = 1 if i % 2 else 100 + i % 40          # tenant 1 has half the traffic
+        sd.key(tenant_prompt(tenant, i))
+    hot = tenant_prompt(1, 0)
+    assert sd.hot.get(hot[0]) == 40                   # split where its sessions diverge
+    keys = {sd.peek(tenant_prompt(1, s))[0] for s in range(50)}
+    assert len(keys) == 50                            # one key per session: spread over the fleet
+    key, depth = sd.peek(tenant_prompt(1, 7))
+    assert depth == 41
+    # The same session keeps its key as its prompt grows turn by turn.
+    assert all(sd.peek(tenant_prompt(1, 7, turns=t))[0] == key for t in range(1, 6))
+    # A cold tenant (2.5% of traffic) keeps one key for all its sessions: one pair of instances.
+    cold = {sd.peek(tenant_prompt(105, s))[0] for s in range(20)}
+    assert len(cold) == 1
+
+
+def test_split_cools_down_when_the_tenant_goes_quiet() -> None:
+    sd = SplitDepth(1, window=200, hot_share=0.125)
+    for i in range(200):
+        sd.key(tenant_prompt(1, i))
+    assert sd.hot
+    for i in range(400):
+        sd.key(tenant_prompt(500 + i, i))            # other traffic only
+    assert tenant_prompt(1, 0)[0] not in sd.hot
+    assert sd.peek(tenant_prompt(1, 3))[1] == 1
+
+
+def test_split_key_of_a_prompt_inside_a_hot_prefix_stays_its_last_block() -> None:
+    sd = SplitDepth(1, window=100, hot_share=0.1)
+    for i in range(100):
+        sd.key(tenant_prompt(1, i))
+    short = tenant_prompt(1, 0)[:20]                  # ends inside the hot tool prompt
+    assert sd.key(short) == (short[-1] & (1 << 64) - 1, 20)
