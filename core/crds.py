@@ -126,6 +126,8 @@ class PoolSpec(PoolTemplate):
 
 class Routing(Model):
     policy: RoutingPolicy = "dualmap"
+    replicas: int = Field(2, ge=1, le=64, description="Router pods (spread over nodes, with a PodDisruptionBudget "
+                                                       "that lets one go at a time).")
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block for prefix hashing.")
     migration: bool = Field(False, description="Move running streams off hot spots: live KV migration on "
                                                "simulator engines (needs a redis kvTransfer), resume on vLLM.")

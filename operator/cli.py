@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -32,6 +33,10 @@ def register(sub: Any) -> None:
                      help="never create PodMonitors (by default: one per LLMService when the Prometheus "
                           "Operator's CRDs exist)")
     run.add_argument("--image", help="image with the kvpilot command, for routers (default: this version's)")
+    run.add_argument("--pod-defaults", type=_json_object, default=None, metavar="JSON",
+                     help="what every engine and router pod gets: {imagePullSecrets: [names], priorityClassName, "
+                          "extraVolumes, extraVolumeMounts, modelCache: {existingClaim | hostPath}} (the chart's "
+                          "`workloads` values)")
     run.add_argument("--resync-seconds", type=float, default=60.0, help="periodic full reconcile interval")
     run.add_argument("--liveness", help="serve kopf's liveness probe here, e.g. http://0.0.0.0:8080/healthz")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (all interfaces)")
@@ -40,6 +45,13 @@ def register(sub: Any) -> None:
                           "the API server during a burst of changes)")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.set_defaults(handler=_run)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -60,7 +72,10 @@ def _run(args: argparse.Namespace) -> int:
     if me is not None:
         logging.getLogger("kvpilot.operator").info("peering %r as %s with priority %d", me.peering, me.identity,
                                                    priority)
-    memo = kopf.Memo(image=args.image, namespaces=args.namespace, monitors=args.pod_monitors, me=me,
+    from kvpilot.operator.poddefaults import PodDefaults
+
+    memo = kopf.Memo(image=args.image, defaults=PodDefaults.parse(args.pod_defaults),
+                     namespaces=args.namespace, monitors=args.pod_monitors, me=me,
                      peering_lifetime=args.peering_lifetime, resync_seconds=args.resync_seconds,
                      max_workers=max(1, args.max_workers))
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=args.standalone,

@@ -23,6 +23,7 @@ from kvpilot.operator import peers, reconcile, render
 from kvpilot.operator.coalesce import Coalescer
 from kvpilot.operator.kube import Kube
 from kvpilot.operator.metrics import measured
+from kvpilot.operator.poddefaults import NO_DEFAULTS
 
 log = logging.getLogger("kvpilot.operator")
 MANAGED = {names.LABEL_MANAGED_BY: render.MANAGER}
@@ -91,7 +92,8 @@ def _resync_all(memo: kopf.Memo) -> None:
     log.info("periodic resync of %d LLMServices", len(services))
     for svc in services:
         with measured("LLMService"):
-            outcome = reconcile.reconcile_service(kube, svc, memo.get("image"), memo.get("monitors", True))
+            outcome = reconcile.reconcile_service(kube, svc, memo.get("image"), memo.get("monitors", True),
+                                                  memo.get("defaults", NO_DEFAULTS))
         _announce(kopf.Body(svc), outcome)
 
 
@@ -105,7 +107,8 @@ def _announce(body: kopf.Body, outcome: reconcile.Outcome) -> None:
 @kopf.on.create(GROUP, VERSION, "llmservices", id="llmservice-create")
 def llmservice_apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with measured("LLMService"):
-        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True))
+        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True),
+                                              memo.get("defaults", NO_DEFAULTS))
     _announce(body, outcome)
 
 
@@ -116,7 +119,8 @@ def llmservice_update(body: kopf.Body, memo: kopf.Memo, diff: kopf.Diff, **_: An
     edited |= {path[1] for _op, path, _old, new in diff
                if len(path) == 2 and path[0] == "spec" and isinstance(new, dict) and "replicas" in new}
     with measured("LLMService"):
-        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True))
+        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True),
+                                              memo.get("defaults", NO_DEFAULTS))
     if edited and outcome.phase != "Degraded":
         reconcile.propagate_replicas(memo.kube, dict(body), edited)
     _announce(body, outcome)
@@ -131,11 +135,12 @@ def workerpool_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: An
     spec_moved = (body.get("status") or {}).get("observedGeneration") != meta.get("generation")
     if type != "DELETED" and (type != "MODIFIED" or spec_moved):
         with measured("WorkerPool"):
-            reconcile.reconcile_pool(memo.kube, dict(body))
+            reconcile.reconcile_pool(memo.kube, dict(body), memo.get("defaults", NO_DEFAULTS))
     service = body.get("spec", {}).get("service")
     if service and type == "DELETED":  # recreated by a full reconcile
         outcome = reconcile.reconcile_service_named(memo.kube, meta["namespace"], service, memo.get("image"),
-                                                    monitors=memo.get("monitors", True))
+                                                    monitors=memo.get("monitors", True),
+                                                    defaults=memo.get("defaults", NO_DEFAULTS))
         _announce_named(memo, meta["namespace"], service, outcome)
     elif service:  # only the counts changed
         _refresh_service_later(memo, meta["namespace"], service)
@@ -172,12 +177,14 @@ def child_event(type: str | None, body: kopf.Body, resource: kopf.Resource, memo
         return
     namespace, pool, service = meta["namespace"], labels.get(names.LABEL_POOL), labels.get(names.LABEL_SERVICE)
     if pool and rewrite:
-        reconcile.reconcile_pool_named(memo.kube, namespace, pool)
+        reconcile.reconcile_pool_named(memo.kube, namespace, pool,
+                                       defaults=memo.get("defaults", NO_DEFAULTS))
     elif pool:
         memo.coalescer.submit(("WorkerPool", namespace, pool),
                               lambda: reconcile.reconcile_pool_named(memo.kube, namespace, pool, status_only=True))
     elif service and rewrite:
         reconcile.reconcile_service_named(memo.kube, namespace, service, memo.get("image"),
-                                          monitors=memo.get("monitors", True))
+                                          monitors=memo.get("monitors", True),
+                                          defaults=memo.get("defaults", NO_DEFAULTS))
     elif service:
         _refresh_service_later(memo, namespace, service)

@@ -18,7 +18,8 @@ from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
 from kvpilot.names import SIM_PROFILE_NAMES
 from kvpilot.operator import render
 from kvpilot.operator.kube import Kube, KubeError
-from kvpilot.operator.status import Problem, llmservice_status, spec_problems, workerpool_status
+from kvpilot.operator.poddefaults import NO_DEFAULTS, PodDefaults
+from kvpilot.operator.status import Problem, gpu_capacity, llmservice_status, spec_problems, workerpool_status
 
 Obj = dict[str, Any]
 log = logging.getLogger("kvpilot.operator")
@@ -41,9 +42,11 @@ def known_profiles() -> list[str]:
     return list(SIM_PROFILE_NAMES)
 
 
-def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, monitors: bool = True) -> Outcome:
+def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, monitors: bool = True,
+                      defaults: PodDefaults = NO_DEFAULTS) -> Outcome:
     """LLMService → WorkerPools, the router and (with `monitors`, when the Prometheus Operator's CRDs
-    exist) a PodMonitor. An invalid spec changes nothing but the status."""
+    exist) a PodMonitor. An invalid spec changes nothing but the status. Too few GPUs on the nodes
+    is no reason to wait: the children are made, and their pods wait for a GPU node (see gpu_capacity)."""
     owner = render.Owner.of(svc)
     try:
         spec: LLMServiceSpec | None = LLMServiceSpec.model_validate(svc.get("spec") or {})
@@ -52,7 +55,7 @@ def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, mon
         problems = [Problem("InvalidSpec", str(err).replace("\n", " "))]
     else:
         assert spec is not None
-        problems = spec_problems(spec, kube.max_node_gpus(), known_profiles())
+        problems = spec_problems(spec, known_profiles())
     if spec is not None and not problems:
         wanted = render.workerpools(spec, owner)
         for pool in wanted:
@@ -68,7 +71,7 @@ def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, mon
             log.info("deleting WorkerPool %s/%s: not in the spec any more", owner.namespace, pool["metadata"]["name"])
             kube.delete("WorkerPool", owner.namespace, pool["metadata"]["name"])
         router = None
-        for obj in render.router_objects(spec, owner, router_image):
+        for obj in render.router_objects(spec, owner, router_image, defaults):
             applied = kube.apply(obj)
             router = applied if obj["kind"] == "Deployment" else router
         if monitors:
@@ -86,7 +89,7 @@ def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = N
     if problems is None:
         try:
             spec = LLMServiceSpec.model_validate(svc.get("spec") or {})
-            problems = spec_problems(spec, kube.max_node_gpus(), known_profiles())
+            problems = spec_problems(spec, known_profiles())
         except ValidationError as err:
             spec, problems = None, [Problem("InvalidSpec", str(err).replace("\n", " "))]
     owner = render.Owner.of(svc)
@@ -97,7 +100,8 @@ def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = N
                  if _owned_by(p, owner)]
         router = kube.get("Deployment", meta["namespace"], render.router_name(meta["name"]))
     old = svc.get("status") or {}
-    new = llmservice_status(svc, spec, problems, pools, router, now()).wire()
+    gpu = gpu_capacity(spec, kube.max_node_gpus()) if spec is not None else None
+    new = llmservice_status(svc, spec, problems, pools, router, now(), gpu).wire()
     if {k: v for k, v in old.items() if k in new} != new:
         kube.merge_patch("LLMService", meta["namespace"], meta["name"], {"status": new}, sub="status")
     ready: Obj = next((c for c in new.get("conditions", []) if c["type"] == ("Degraded" if problems else "Ready")), {})
@@ -130,8 +134,9 @@ def ensure_workerpool(kube: Kube, pool: Obj) -> None:
     kube.apply(render.without_replicas(pool))
 
 
-def reconcile_pool(kube: Kube, pool: Obj) -> None:
-    """WorkerPool → Deployment + headless Service, then the pool's status from the Deployment."""
+def reconcile_pool(kube: Kube, pool: Obj, defaults: PodDefaults = NO_DEFAULTS) -> None:
+    """WorkerPool → Deployment, PodDisruptionBudget and headless Service, then the pool's status
+    from the Deployment."""
     meta = pool["metadata"]
     owner = render.Owner.of(pool)
     try:
@@ -139,7 +144,8 @@ def reconcile_pool(kube: Kube, pool: Obj) -> None:
     except ValidationError as err:
         log.warning("WorkerPool %s/%s does not parse: %s", meta["namespace"], meta["name"], err)
         return
-    deployment = kube.apply(render.pool_deployment(spec, owner))
+    deployment = kube.apply(render.pool_deployment(spec, owner, defaults))
+    kube.apply(render.pool_disruption_budget(spec, owner))
     kube.apply(render.pool_service(spec, owner))
     refresh_pool_status(kube, pool, deployment)
 
@@ -153,7 +159,8 @@ def refresh_pool_status(kube: Kube, pool: Obj, deployment: Obj | None) -> None:
         kube.merge_patch("WorkerPool", meta["namespace"], meta["name"], {"status": new}, sub="status")
 
 
-def reconcile_pool_named(kube: Kube, namespace: str, name: str, status_only: bool = False) -> None:
+def reconcile_pool_named(kube: Kube, namespace: str, name: str, status_only: bool = False,
+                         defaults: PodDefaults = NO_DEFAULTS) -> None:
     """Re-apply the pool's children, or (`status_only`) only refresh its status from its Deployment."""
     pool = kube.get("WorkerPool", namespace, name)
     if pool is None or pool["metadata"].get("deletionTimestamp") is not None:
@@ -161,7 +168,7 @@ def reconcile_pool_named(kube: Kube, namespace: str, name: str, status_only: boo
     if status_only:
         refresh_pool_status(kube, pool, kube.get("Deployment", namespace, name))  # named as its pool
     else:
-        reconcile_pool(kube, pool)
+        reconcile_pool(kube, pool, defaults)
 
 
 def edited_by_others(meta: Obj) -> bool:
@@ -177,11 +184,14 @@ def edited_by_others(meta: Obj) -> bool:
 
 
 def reconcile_service_named(kube: Kube, namespace: str, name: str, router_image: str | None = None,
-                            full: bool = True, monitors: bool = True) -> Outcome | None:
+                            full: bool = True, monitors: bool = True,
+                            defaults: PodDefaults = NO_DEFAULTS) -> Outcome | None:
     svc = kube.get("LLMService", namespace, name)
     if svc is None or svc["metadata"].get("deletionTimestamp") is not None:
         return None
-    return reconcile_service(kube, svc, router_image, monitors) if full else refresh_service_status(kube, svc)
+    if not full:
+        return refresh_service_status(kube, svc)
+    return reconcile_service(kube, svc, router_image, monitors, defaults)
 
 
 def propagate_replicas(kube: Kube, svc: Obj, edited: set[str]) -> None:

@@ -24,6 +24,7 @@ from kvpilot.names import (
     POOL_ENDPOINT_ROLE,
     pool_name,
 )
+from kvpilot.operator.poddefaults import NO_DEFAULTS, PodDefaults, spread
 
 PORT = 8000
 # A deleted engine pod keeps serving this long after it leaves the router's pool (not Ready, then
@@ -34,7 +35,8 @@ KV_EVENTS_PORT = 5557  # the router's ZMQ SUB socket; vLLM instances connect and
 KV_REPLAY_PORT = 5558  # each vLLM instance's replay socket: a (re)started router fetches what it missed
 MANAGER = "kvpilot-operator"
 ROUTER_CONFIG = "/etc/kvpilot/router.yaml"
-DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
+# The vLLM the tests run (scripts/vllm-cpu-env.sh); a unit test keeps the two in step.
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 
 Obj = dict[str, Any]
 
@@ -156,8 +158,10 @@ def _model_volume(uri: str | None) -> tuple[Obj, Obj] | None:
             {"name": "model", "mountPath": f"/models/{claim}", "readOnly": True})
 
 
-def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None) -> list[Obj]:
-    """ServiceAccount + Role (read pods) + RoleBinding, ConfigMap, Deployment and Service."""
+def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None,
+                   defaults: PodDefaults = NO_DEFAULTS) -> list[Obj]:
+    """ServiceAccount + Role (read pods) + RoleBinding, ConfigMap, Deployment (spec.routing.replicas,
+    spread over nodes and zones), its PodDisruptionBudget and Service."""
     name = router_name(owner.name)
     labels = _labels(owner.name, "router")
     config_text = yaml.safe_dump(router_config(spec, owner), sort_keys=False)
@@ -180,7 +184,9 @@ def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None)
         volumes.append(model[0])
         mounts.append(model[1])
     container["volumeMounts"] = mounts
-    pod = {"serviceAccountName": name, "containers": [container], "volumes": volumes}
+    pod: Obj = {"serviceAccountName": name, "containers": [container], "volumes": volumes,
+                "topologySpreadConstraints": spread(selector)}
+    defaults.apply(pod, container, cache=spec.engine.type == "vllm")
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(name, owner, labels)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(name, owner, labels),
@@ -191,17 +197,24 @@ def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None)
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, owner, labels),
          "data": {"router.yaml": config_text}},
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, owner, labels),
-         "spec": {"replicas": 1, "selector": {"matchLabels": selector},
+         "spec": {"replicas": spec.routing.replicas, "selector": {"matchLabels": selector},
                   "template": {"metadata": {"labels": labels,
                                             "annotations": {"kvpilot.io/config-hash": digest,
                                                             "prometheus.io/scrape": "true",
                                                             "prometheus.io/port": str(PORT)}},
                                "spec": pod}}},
+        disruption_budget(name, owner, labels, selector),
         {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, owner, labels),
          "spec": {"selector": selector, "ports": [{"name": "http", "port": PORT, "targetPort": "http"},
                                                   {"name": "kv-events", "port": KV_EVENTS_PORT,
                                                    "targetPort": "kv-events"}]}},
     ]
+
+
+def disruption_budget(name: str, owner: Owner, labels: dict[str, str], selector: dict[str, str]) -> Obj:
+    """A node drain (or a Karpenter consolidation) takes one pod of the set at a time."""
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(name, owner, labels),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}}}
 
 
 # Prometheus Operator: one PodMonitor per LLMService scrapes its engines and its router.
@@ -298,7 +311,7 @@ def engine_resources(spec: WorkerPoolSpec) -> Obj:
     return {k: v for k, v in (("limits", limits), ("requests", requests)) if v}
 
 
-def pool_deployment(spec: WorkerPoolSpec, owner: Owner) -> Obj:
+def pool_deployment(spec: WorkerPoolSpec, owner: Owner, defaults: PodDefaults = NO_DEFAULTS) -> Obj:
     """The pool's Deployment; `replicas` follows the WorkerPool (and so its scale subresource)."""
     labels = _labels(spec.service, "engine", **{LABEL_ROLE: spec.role, LABEL_POOL: owner.name})
     command, args = engine_command(spec)
@@ -324,6 +337,7 @@ def pool_deployment(spec: WorkerPoolSpec, owner: Owner) -> Obj:
                 "terminationGracePeriodSeconds": DRAIN_SECONDS + 30}
     if volumes:
         pod["volumes"] = volumes
+    defaults.apply(pod, container, cache=slow)
     for key, value in (("nodeSelector", spec.node_selector), ("tolerations", spec.tolerations),
                        ("affinity", spec.affinity)):
         if value:
@@ -345,6 +359,11 @@ def _volumes(spec: WorkerPoolSpec) -> tuple[list[Obj], list[Obj]]:
         volumes.append(model[0])
         mounts.append(model[1])
     return volumes, mounts
+
+
+def pool_disruption_budget(spec: WorkerPoolSpec, owner: Owner) -> Obj:
+    labels = _labels(spec.service, "engine", **{LABEL_ROLE: spec.role, LABEL_POOL: owner.name})
+    return disruption_budget(owner.name, owner, labels, {LABEL_POOL: owner.name})
 
 
 def pool_service(spec: WorkerPoolSpec, owner: Owner) -> Obj:

@@ -23,7 +23,7 @@ class Problem:
     message: str
 
 
-def spec_problems(spec: LLMServiceSpec, max_node_gpus: int, known_profiles: Iterable[str]) -> list[Problem]:
+def spec_problems(spec: LLMServiceSpec, known_profiles: Iterable[str]) -> list[Problem]:
     """What would make the children useless although the schema accepted the spec."""
     problems: list[Problem] = []
     if spec.engine.type == "ray-serve":
@@ -33,13 +33,25 @@ def spec_problems(spec: LLMServiceSpec, max_node_gpus: int, known_profiles: Iter
     if spec.engine.type == "simulator" and spec.engine.profile and spec.engine.profile not in profiles:
         problems.append(Problem("UnknownProfile", f"engine.profile {spec.engine.profile!r} is not a simulator "
                                                   f"profile; known: {', '.join(profiles)}"))
-    for role, pool in spec.pools().items():
-        if pool.gpus > max_node_gpus:
-            problems.append(Problem(
-                "InsufficientGPUCapacity",
-                f"{role} asks for {pool.gpus} nvidia.com/gpu per replica but the largest node has "
-                f"{max_node_gpus} allocatable; lower gpus (and tensorParallel) or add bigger nodes"))
     return problems
+
+
+def gpu_capacity(spec: LLMServiceSpec, max_node_gpus: int) -> Problem | None:
+    """Why some pool's pods cannot be scheduled on any node now, or None when each fits on one.
+
+    Not a reason to hold anything back: a GPU node pool that cluster-autoscaler or Karpenter grows
+    from zero has no GPU node until Pending pods ask for one, so the children are created and this
+    only explains (as the `GPUCapacity` condition) why their pods wait."""
+    short = {role: pool.gpus for role, pool in spec.pools().items() if pool.gpus > max_node_gpus}
+    if not short:
+        return None
+    asks = ", ".join(f"{role} {gpus}" for role, gpus in short.items())
+    if max_node_gpus == 0:
+        return Problem("NoGPUNodes", f"no node has allocatable nvidia.com/gpu (per replica: {asks}); the pods stay "
+                                     "Pending until a GPU node joins (a node autoscaler adds one for them)")
+    return Problem("InsufficientGPUCapacity",
+                   f"the largest node has {max_node_gpus} allocatable nvidia.com/gpu, less than a replica asks "
+                   f"for ({asks}); the pods stay Pending until a bigger node joins, or lower gpus and tensorParallel")
 
 
 def set_condition(conditions: list[Condition], type_: str, status: bool, reason: str, message: str,
@@ -73,8 +85,9 @@ def workerpool_status(pool: Obj, deployment: Obj | None, now: str) -> WorkerPool
 
 
 def llmservice_status(svc: Obj, spec: LLMServiceSpec | None, problems: list[Problem], pools: list[Obj],
-                      router: Obj | None, now: str) -> LLMServiceStatus:
-    """Aggregate WorkerPools and the router Deployment into the LLMService's status."""
+                      router: Obj | None, now: str, gpu: Problem | None = None) -> LLMServiceStatus:
+    """Aggregate WorkerPools and the router Deployment into the LLMService's status; `gpu` is
+    `gpu_capacity`'s answer (the GPUCapacity condition, which never makes the service Degraded)."""
     meta = svc["metadata"]
     generation = meta.get("generation")
     old = LLMServiceStatus.model_validate(svc.get("status") or {})
@@ -94,9 +107,10 @@ def llmservice_status(svc: Obj, spec: LLMServiceSpec | None, problems: list[Prob
         elif counts.ready < desired or pstatus.get("observedGeneration") != pool["metadata"].get("generation"):
             waiting.append(f"{role} {counts.ready}/{desired} ready")
     r_replicas, r_ready, _ = deployment_counts(router)
-    status.router = PoolStatus(desired=1, replicas=r_replicas, ready=r_ready)
-    if r_ready < 1:
-        waiting.append("router not ready")
+    r_desired = spec.routing.replicas if spec else 1
+    status.router = PoolStatus(desired=r_desired, replicas=r_replicas, ready=r_ready)
+    if r_ready < r_desired:
+        waiting.append(f"router {r_ready}/{r_desired} ready")
 
     degraded = bool(problems) or spec is None
     if degraded:
@@ -109,11 +123,16 @@ def llmservice_status(svc: Obj, spec: LLMServiceSpec | None, problems: list[Prob
         status.conditions = set_condition(status.conditions, "Degraded", False, "AsExpected", "", now, generation)
         status.conditions = set_condition(status.conditions, "Progressing", bool(waiting),
                                           "RollingOut" if waiting else "Complete", "; ".join(waiting), now, generation)
+    if spec is not None:
+        status.conditions = set_condition(status.conditions, "GPUCapacity", gpu is None,
+                                          gpu.reason if gpu else "Fits",
+                                          gpu.message if gpu else "every pool's replica fits on a node",
+                                          now, generation)
     ready = not degraded and not waiting
     status.conditions = set_condition(status.conditions, "Ready", ready, "AllReplicasReady" if ready else "NotReady",
                                       "all pools and the router are ready" if ready else "; ".join(waiting)
                                       or "see Degraded", now, generation)
-    status.conditions.sort(key=lambda c: ("Ready", "Progressing", "Degraded").index(c.type)
-                           if c.type in ("Ready", "Progressing", "Degraded") else 3)
+    order = ("Ready", "Progressing", "Degraded", "GPUCapacity")
+    status.conditions.sort(key=lambda c: order.index(c.type) if c.type in order else len(order))
     status.phase = "Degraded" if degraded else "Ready" if ready else "Progressing"
     return status

@@ -2,7 +2,8 @@
 # The one test command (`make test`): works on a fresh machine with no manual steps.
 #   1. Debian packages the tests start for real (redis-server, prometheus, chromium), only when missing;
 #   2. a venv with kvpilot and its test extras;
-#   3. the Kubernetes test binaries, built from Go modules into a versioned cache outside the clone;
+#   3. the Kubernetes test binaries, built from Go modules into a versioned cache outside the clone,
+#      and the container image (scripts/build-image.sh, cached by the hash of its inputs);
 #   4. ruff and mypy;
 #   5. pytest tier by tier (unit, integration, e2e, vllm). A tier with no tests yet passes; any
 #      failing tier fails the run, after the remaining tiers have run. The vllm tier's CPU vLLM venv
@@ -35,6 +36,15 @@ KVPILOT_VENV="$venv" bash scripts/bootstrap.sh
 say "Kubernetes test binaries"
 KVPILOT_K8S_BIN="$(bash scripts/build-k8s-harness.sh | tail -n1)"
 export KVPILOT_K8S_BIN
+
+# -- 3b. the container image (cached by the hash of its inputs) ------------------------------
+say "container image"
+if [ "$(id -u)" -eq 0 ]; then
+  KVPILOT_IMAGE_ARCHIVE="$(KVPILOT_VENV="$venv" bash scripts/build-image.sh | tail -n1)"
+  export KVPILOT_IMAGE_ARCHIVE
+else
+  echo "(not root: scripts/build-image.sh needs mmdebstrap's root mode; the image tests skip)"
+fi
 
 # -- 4. lint and types -------------------------------------------------------------------
 say "ruff + mypy"

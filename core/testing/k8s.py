@@ -205,7 +205,8 @@ class ControlPlane:
 
     def add_gpu_nodes(self, count: int, gpus: int = 8, product: str = "NVIDIA-H100-80GB-HBM3",
                       prefix: str = "gpu-node") -> list[str]:
-        """Create kwok-managed nodes advertising `gpus` × nvidia.com/gpu (full mode only)."""
+        """Create kwok-managed nodes advertising `gpus` × nvidia.com/gpu (full mode only); with
+        `gpus=0`, CPU nodes: no nvidia.com/gpu and no GPU labels."""
         if self.mode != "full":
             raise RuntimeError("fake nodes need the full control plane (kwok and the scheduler)")
         names, docs = [], []
@@ -214,13 +215,14 @@ class ControlPlane:
             self._next_node_ip += 1
             name = f"{prefix}-{i}"
             names.append(name)
-            capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+            capacity = {"cpu": "64", "memory": "512Gi", "pods": "110",
+                        **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
+            gpu_labels = {"nvidia.com/gpu.product": product, "nvidia.com/gpu.count": str(gpus)} if gpus else {}
             docs.append({
                 "apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
                              "labels": {"type": "kwok", "kubernetes.io/hostname": name,
-                                        "kubernetes.io/os": "linux", "nvidia.com/gpu.product": product,
-                                        "nvidia.com/gpu.count": str(gpus)}},
+                                        "kubernetes.io/os": "linux", **gpu_labels}},
                 "spec": {},
                 "status": {"addresses": [{"type": "InternalIP", "address": f"127.0.1.{i}"}],
                            "capacity": capacity, "allocatable": capacity},

@@ -113,3 +113,20 @@ def kget(crds: ControlPlane, namespace: str) -> Callable[..., Any]:
 
     return get
 
+
+
+@pytest.fixture
+def operator_on() -> Iterator[Callable[..., Operator]]:
+    """Operators against another control plane than the session's (a test that needs its own
+    cluster shape), all stopped after the test."""
+    made: list[Operator] = []
+
+    def start(plane: ControlPlane, *args: str) -> Operator:
+        op = Operator(plane, args or ("--standalone",), name=f"operator-{len(made)}")
+        made.append(op)
+        op.start()
+        return op
+
+    yield start
+    for op in made:
+        op.stop()

@@ -10,6 +10,9 @@ from typing import Any
 
 import yaml
 
+from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
+from kvpilot.operator import render
+from kvpilot.operator.poddefaults import PodDefaults
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
 
 CHART = str(REPO_ROOT / "helm" / "kvpilot")
@@ -132,3 +135,110 @@ def test_install_and_uninstall(crds: ControlPlane) -> None:
     _run_helm_test_hook(crds, release, ns)
     out = crds.helm("uninstall", release, "--namespace", ns, "--wait")
     assert out.returncode == 0, out.stderr
+
+
+# Each bad value and the words helm's error must carry: the value's path, so the user knows which.
+BAD_VALUES = [
+    ("replicaCount=two", "replicaCount"),
+    ("image.pullPolicy=Sometimes", "pullPolicy"),
+    ("logLevel=LOUD", "logLevel"),
+    ("watchNamespaces={Team_A}", "watchNamespaces"),
+    ("metrics.port=70000", "port"),
+    ("workloads.modelCache.hostPath=relative/dir", "hostPath"),
+    ("workloads.priorityClassName[0]=x", "priorityClassName"),
+]
+
+
+def test_bad_values_fail_lint_and_install_naming_the_value(crds: ControlPlane) -> None:
+    release, ns = f"bad{uuid.uuid4().hex[:6]}", f"kvpilot-{uuid.uuid4().hex[:6]}"
+    for value, named in BAD_VALUES:
+        lint = crds.helm("lint", "--strict", CHART, "--set", value)
+        assert lint.returncode != 0, f"{value} passed helm lint"
+        assert named in lint.stdout + lint.stderr and "schema" in lint.stdout + lint.stderr, lint.stdout
+        install = crds.helm("install", release, CHART, "--namespace", ns, "--create-namespace", "--set", value)
+        assert install.returncode != 0, f"{value} installed"
+        assert named in install.stderr, install.stderr
+    assert release not in crds.helm("list", "--all-namespaces", "-q").stdout   # nothing was installed
+    # Both model-cache sources at once is refused too (one directory, one source).
+    both = crds.helm("lint", CHART, "--set", "workloads.modelCache.hostPath=/mnt/hf",
+                     "--set", "workloads.modelCache.existingClaim=hf")
+    assert both.returncode != 0 and "modelCache" in both.stdout + both.stderr, both.stdout
+    good = crds.helm("lint", "--strict", CHART, "--set", "workloads.modelCache.hostPath=/mnt/hf",
+                     "--set", "workloads.imagePullSecrets[0].name=regcred")
+    assert good.returncode == 0, good.stdout + good.stderr
+
+
+WORKLOADS = ["--set", "imagePullSecrets[0].name=regcred", "--set", "workloads.priorityClassName=llm-serving",
+             "--set", "workloads.modelCache.existingClaim=hf-cache",
+             "--set-json", 'workloads.extraVolumes=[{"name":"ca","configMap":{"name":"corp-ca"}}]',
+             "--set-json", 'workloads.extraVolumeMounts=[{"name":"ca","mountPath":"/etc/ssl/corp"}]']
+
+
+def _pod_defaults(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    operator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "kv-kvpilot")
+    container = operator["spec"]["template"]["spec"]["containers"][0]
+    arg = next(a for a in container["args"] if a.startswith("--pod-defaults="))
+    parsed: dict[str, Any] = json.loads(arg.removeprefix("--pod-defaults="))
+    return parsed
+
+
+def test_workloads_values_reach_the_operator_and_its_pods_run_read_only(crds: ControlPlane) -> None:
+    out = crds.helm("template", "kv", CHART, "--namespace", "kvpilot-system", "--skip-tests", *WORKLOADS)
+    assert out.returncode == 0, out.stderr
+    docs = _docs(out.stdout)
+    defaults = PodDefaults.parse(_pod_defaults(docs))
+    # The operator's own pull secrets are the default for the pods it makes (they run the same image).
+    assert defaults.image_pull_secrets == ("regcred",) and defaults.priority_class_name == "llm-serving"
+    assert defaults.model_cache == {"persistentVolumeClaim": {"claimName": "hf-cache"}}
+    assert defaults.volumes == ({"name": "ca", "configMap": {"name": "corp-ca"}},)
+    for name in ("kv-kvpilot", "kv-kvpilot-autoscaler"):
+        pod = _named(docs, "Deployment", name)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == 65532
+        assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"name": "tmp", "mountPath": "/tmp"} in pod["containers"][0]["volumeMounts"]   # a writable /tmp
+    bare = _pod_defaults(_docs(crds.helm("template", "kv", CHART, "--skip-tests").stdout))
+    assert PodDefaults.parse(bare) == PodDefaults()
+
+
+def _render_children(doc: dict[str, Any], ns: str, defaults: PodDefaults) -> list[dict[str, Any]]:
+    """What the operator makes of one LLMService (and of each of its WorkerPools)."""
+    spec = LLMServiceSpec.model_validate(doc["spec"])
+    owner = render.Owner("kvpilot.io/v1alpha1", "LLMService", doc["metadata"]["name"], ns, str(uuid.uuid4()))
+    objs = [*render.workerpools(spec, owner), *render.router_objects(spec, owner, "ghcr.io/kvpilot/kvpilot:0.1.0",
+                                                                     defaults)]
+    for pool in render.workerpools(spec, owner):
+        pool_owner = render.Owner("kvpilot.io/v1alpha1", "WorkerPool", pool["metadata"]["name"], ns, str(uuid.uuid4()))
+        pspec = WorkerPoolSpec.model_validate(pool["spec"])
+        objs += [render.pool_deployment(pspec, pool_owner, defaults), render.pool_disruption_budget(pspec, pool_owner),
+                 render.pool_service(pspec, pool_owner)]
+    return objs
+
+
+def test_rendered_objects_pass_server_dry_run_for_every_example(crds: ControlPlane) -> None:
+    """The chart's objects and, for every example, the example and everything the operator renders
+    from it (with the chart's pod defaults) are accepted by the real apiserver's validation."""
+    out = crds.kubectl("apply", "-f", str(REPO_ROOT / "helm" / "kvpilot" / "crds"))   # as helm install would
+    assert out.returncode == 0, out.stderr
+    ns = f"dry-{uuid.uuid4().hex[:6]}"
+    assert crds.kubectl("create", "namespace", ns).returncode == 0
+    try:
+        out = crds.helm("template", "kv", CHART, "--namespace", ns, *WORKLOADS)
+        assert out.returncode == 0, out.stderr
+        chart_docs = _docs(out.stdout)
+        applied = crds.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=out.stdout)
+        assert applied.returncode == 0, applied.stderr
+        assert applied.stdout.count("(server dry run)") == len(chart_docs)
+        defaults = PodDefaults.parse(_pod_defaults(chart_docs))
+        examples = sorted((REPO_ROOT / "deploy" / "examples").glob("*.yaml"))
+        assert len(examples) >= 4
+        for path in examples:
+            doc = yaml.safe_load(path.read_text())
+            children = _render_children(doc, ns, defaults)
+            kinds = {c["kind"] for c in children}
+            assert {"WorkerPool", "Deployment", "PodDisruptionBudget", "Service", "ConfigMap"} <= kinds
+            listing = {"apiVersion": "v1", "kind": "List", "items": [doc, *children]}
+            applied = crds.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(listing))
+            assert applied.returncode == 0, f"{path.name}: {applied.stderr}"
+            assert applied.stdout.count("(server dry run)") == len(children) + 1, applied.stdout
+    finally:
+        crds.kubectl("delete", "namespace", ns, "--wait=false")

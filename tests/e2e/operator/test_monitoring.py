@@ -61,7 +61,7 @@ def test_pod_monitor_follows_the_prometheus_operator_crds(
         pods = kget("pods")["items"]
         picked = [p for p in pods if _matches(selector, p["metadata"]["labels"])]
         components = sorted(p["metadata"]["labels"]["app.kubernetes.io/component"] for p in picked)
-        assert components == ["engine", "engine", "engine", "router"]
+        assert components == ["engine", "engine", "engine", "router", "router"]
         for pod in picked:
             assert any(port.get("name") == "http" for port in pod["spec"]["containers"][0]["ports"])
         assert set(monitor["spec"]["podTargetLabels"]) >= {"kvpilot.io/role", "kvpilot.io/workerpool"}

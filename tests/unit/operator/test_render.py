@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 from kvpilot import names
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
 from kvpilot.names import POOL_ENDPOINT_ROLE
 from kvpilot.operator import render
+from kvpilot.operator.poddefaults import HF_CACHE_PATH, PodDefaults
 from kvpilot.router.config import RouterConfig
 
 OWNER = render.Owner("kvpilot.io/v1alpha1", "LLMService", "llama", "ml", "uid-1")
@@ -110,7 +113,8 @@ def test_headless_service_selects_the_pool() -> None:
 def test_router_config_selectors_match_engine_pod_labels() -> None:
     spec = _spec()
     objs = {o["kind"]: o for o in render.router_objects(spec, OWNER, "img:1")}
-    assert set(objs) == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service"}
+    assert set(objs) == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "PodDisruptionBudget",
+                         "Service"}
     container = objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["kvpilot", "router", "--config", render.ROUTER_CONFIG]
     config = render.router_config(spec, OWNER)
@@ -226,3 +230,78 @@ def test_the_router_reads_the_engines_tokenizer_from_where_the_engine_reads_its_
 
     kv, _ = router(_spec(model={"name": "m", "uri": "s3://bucket/llama"}))
     assert kv is not None and kv.tokenizer is None, "the router does not stream from S3"
+
+
+def test_router_replicas_spread_over_nodes_with_a_budget() -> None:
+    objs = {o["kind"]: o for o in render.router_objects(_spec(), OWNER)}
+    dep, pdb = objs["Deployment"], objs["PodDisruptionBudget"]
+    assert dep["spec"]["replicas"] == 2   # the CRD's default
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    spread = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in spread] == ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert all(c["labelSelector"]["matchLabels"].items() <= labels.items() for c in spread)
+    assert all(c["whenUnsatisfiable"] == "ScheduleAnyway" for c in spread)   # one node still runs them all
+    three = next(o for o in render.router_objects(_spec(routing={"replicas": 3}), OWNER) if o["kind"] == "Deployment")
+    assert three["spec"]["replicas"] == 3
+
+
+def test_each_pool_has_a_budget_over_its_own_pods() -> None:
+    pool, owner = _pool(_spec(), "decode")
+    pdb = render.pool_disruption_budget(pool, owner)
+    pod_labels = render.pool_deployment(pool, owner)["spec"]["template"]["metadata"]["labels"]
+    assert pdb["metadata"]["name"] == "llama-decode" and pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == {render.LABEL_POOL: "llama-decode"}
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["metadata"]["ownerReferences"][0]["uid"] == "uid-pool"
+
+
+DEFAULTS = PodDefaults.parse({
+    "imagePullSecrets": ["regcred"], "priorityClassName": "llm-serving",
+    "extraVolumes": [{"name": "certs", "secret": {"secretName": "ca"}}],
+    "extraVolumeMounts": [{"name": "certs", "mountPath": "/etc/ssl/extra", "readOnly": True}],
+    "modelCache": {"existingClaim": "hf-cache"}})
+
+
+def test_pod_defaults_reach_engines_and_routers() -> None:
+    spec = _spec()
+    pool, owner = _pool(spec, "decode")
+    router = next(o for o in render.router_objects(spec, OWNER, defaults=DEFAULTS) if o["kind"] == "Deployment")
+    for pod in (render.pool_deployment(pool, owner, DEFAULTS)["spec"]["template"]["spec"],
+                router["spec"]["template"]["spec"]):
+        container = pod["containers"][0]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["priorityClassName"] == "llm-serving"
+        assert {"name": "certs", "secret": {"secretName": "ca"}} in pod["volumes"]
+        assert {"name": "certs", "mountPath": "/etc/ssl/extra", "readOnly": True} in container["volumeMounts"]
+        # The model-weight cache: vLLM downloads weights into it and the router its tokenizer.
+        assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in pod["volumes"]
+        assert {"name": "model-cache", "mountPath": HF_CACHE_PATH} in container["volumeMounts"]
+        assert {"name": "HF_HOME", "value": HF_CACHE_PATH} in container["env"]
+    # Without defaults a pod has none of it.
+    bare = render.pool_deployment(pool, owner)["spec"]["template"]["spec"]
+    assert "imagePullSecrets" not in bare and "priorityClassName" not in bare
+    assert all(v["name"] != "model-cache" for v in bare["volumes"])
+
+
+def test_simulator_pods_get_pull_secrets_but_no_weight_cache() -> None:
+    spec = _spec(engine={"type": "simulator"}, prefill={"gpus": 0}, decode={"gpus": 0})
+    host = PodDefaults.parse({"imagePullSecrets": ["regcred"], "modelCache": {"hostPath": "/mnt/hf"}})
+    assert host.model_cache == {"hostPath": {"path": "/mnt/hf", "type": "DirectoryOrCreate"}}
+    pool, owner = _pool(spec, "decode")
+    router = next(o for o in render.router_objects(spec, OWNER, defaults=host) if o["kind"] == "Deployment")
+    for pod in (render.pool_deployment(pool, owner, host)["spec"]["template"]["spec"],
+                router["spec"]["template"]["spec"]):
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert all(v["name"] != "model-cache" for v in pod.get("volumes", []))
+        assert all(e["name"] != "HF_HOME" for e in pod["containers"][0]["env"])
+    assert "resources" not in render.pool_deployment(pool, owner)["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_default_vllm_image_is_the_vllm_the_tests_run() -> None:
+    script = (Path(__file__).parents[3] / "scripts" / "vllm-cpu-env.sh").read_text()
+    tested = re.search(r"^VLLM_VERSION=(\S+)$", script, re.M)
+    assert tested is not None
+    image = render.DEFAULT_VLLM_IMAGE
+    assert image == f"vllm/vllm-openai:v{tested.group(1)}"

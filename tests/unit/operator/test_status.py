@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvpilot.crds import LLMServiceSpec
-from kvpilot.operator.status import Problem, llmservice_status, spec_problems, workerpool_status
+from kvpilot.operator.status import Problem, gpu_capacity, llmservice_status, spec_problems, workerpool_status
 
 SVC: dict[str, Any] = {"metadata": {"name": "s", "namespace": "ns", "generation": 4}}
 SPEC = LLMServiceSpec.model_validate({"model": {"name": "m"}, "engine": {"type": "simulator"},
@@ -21,26 +21,53 @@ def _conds(status: Any) -> dict[str, str]:
     return {c.type: c.status for c in status.conditions}
 
 
-def test_more_gpus_than_any_node_is_a_problem_with_a_message() -> None:
-    spec = LLMServiceSpec.model_validate({"model": {"name": "m"}, "decode": {"gpus": 16}})
-    problems = spec_problems(spec, max_node_gpus=8, known_profiles=[])
-    assert [p.reason for p in problems] == ["InsufficientGPUCapacity"]
-    assert "16 nvidia.com/gpu" in problems[0].message and "largest node has 8" in problems[0].message
-    assert spec_problems(spec, max_node_gpus=16, known_profiles=[]) == []
+def test_gpu_capacity_says_why_pods_wait_without_making_it_a_spec_problem() -> None:
+    spec = LLMServiceSpec.model_validate({"model": {"name": "m"}, "prefill": {"gpus": 2, "tensorParallel": 2},
+                                          "decode": {"gpus": 16}})
+    assert spec_problems(spec, known_profiles=[]) == []   # nothing is held back for capacity
+    none = gpu_capacity(spec, max_node_gpus=0)
+    assert none is not None and none.reason == "NoGPUNodes"
+    assert "prefill 2, decode 16" in none.message and "Pending" in none.message
+    small = gpu_capacity(spec, max_node_gpus=8)
+    assert small is not None and small.reason == "InsufficientGPUCapacity"
+    assert "largest node has 8" in small.message and "decode 16" in small.message and "prefill" not in small.message
+    assert gpu_capacity(spec, max_node_gpus=16) is None
+    cpu = LLMServiceSpec.model_validate({"model": {"name": "m"}, "engine": {"type": "simulator"},
+                                         "prefill": {"gpus": 0}, "decode": {"gpus": 0}})
+    assert gpu_capacity(cpu, max_node_gpus=0) is None   # a simulator on CPU needs no GPU node
+
+
+def test_missing_gpus_leave_the_service_progressing_with_a_false_gpu_condition() -> None:
+    pending = [_pool("prefill", 1, 0), _pool("decode", 2, 0)]
+    gpu = Problem("NoGPUNodes", "no node has allocatable nvidia.com/gpu")
+    status = llmservice_status(SVC, SPEC, [], pending, None, "T1", gpu)
+    assert status.phase == "Progressing"
+    assert _conds(status) == {"Ready": "False", "Progressing": "True", "Degraded": "False", "GPUCapacity": "False"}
+    cond = next(c for c in status.conditions if c.type == "GPUCapacity")
+    assert (cond.reason, cond.message) == ("NoGPUNodes", gpu.message)
+    router = {"status": {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}}
+    later = llmservice_status({**SVC, "status": status.wire()}, SPEC, [], [_pool("prefill", 1, 1),
+                                                                          _pool("decode", 2, 2)], router, "T2")
+    assert later.phase == "Ready" and _conds(later)["GPUCapacity"] == "True"
+    assert next(c for c in later.conditions if c.type == "GPUCapacity").last_transition_time == "T2"
 
 
 def test_unknown_simulator_profile_and_ray_serve_are_problems() -> None:
     sim = LLMServiceSpec.model_validate({"model": {"name": "m"}, "engine": {"type": "simulator", "profile": "x"}})
-    assert [p.reason for p in spec_problems(sim, 8, ["h100-llama3-8b"])] == ["UnknownProfile"]
+    assert [p.reason for p in spec_problems(sim, ["h100-llama3-8b"])] == ["UnknownProfile"]
     ray = LLMServiceSpec.model_validate({"model": {"name": "m"}, "engine": {"type": "ray-serve"}})
-    assert [p.reason for p in spec_problems(ray, 8, [])] == ["UnsupportedEngine"]
+    assert [p.reason for p in spec_problems(ray, [])] == ["UnsupportedEngine"]
 
 
 def test_ready_when_every_pool_and_the_router_are_ready() -> None:
-    router = {"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}}
+    half = {"status": {"replicas": 2, "readyReplicas": 1, "updatedReplicas": 2}}
+    status = llmservice_status(SVC, SPEC, [], [_pool("prefill", 1, 1), _pool("decode", 2, 2)], half, "T1")
+    assert status.phase == "Progressing" and status.router is not None and status.router.desired == 2
+    assert "router 1/2 ready" in next(c for c in status.conditions if c.type == "Ready").message
+    router = {"status": {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}}
     status = llmservice_status(SVC, SPEC, [], [_pool("prefill", 1, 1), _pool("decode", 2, 2)], router, "T1")
     assert status.phase == "Ready" and _conds(status) == {"Ready": "True", "Progressing": "False",
-                                                          "Degraded": "False"}
+                                                          "Degraded": "False", "GPUCapacity": "True"}
     assert status.decode is not None and (status.decode.desired, status.decode.ready) == (2, 2)
     assert status.observed_generation == 4 and status.endpoint == "http://s-router.ns.svc:8000"
 
@@ -49,16 +76,16 @@ def test_progressing_names_what_is_missing_and_keeps_transition_times() -> None:
     first = llmservice_status(SVC, SPEC, [], [_pool("prefill", 1, 1), _pool("decode", 2, 1)], None, "T1")
     assert first.phase == "Progressing"
     ready = next(c for c in first.conditions if c.type == "Ready")
-    assert "decode 1/2 ready" in ready.message and "router not ready" in ready.message
+    assert "decode 1/2 ready" in ready.message and "router 0/2 ready" in ready.message
     again = llmservice_status({**SVC, "status": first.wire()}, SPEC, [], [_pool("prefill", 1, 1),
                                                                           _pool("decode", 2, 1)], None, "T2")
     assert again == first  # nothing changed, so nothing to write (and no transition time moves)
 
 
 def test_degraded_carries_the_problem() -> None:
-    status = llmservice_status(SVC, SPEC, [Problem("InsufficientGPUCapacity", "too big")], [], None, "T1")
+    status = llmservice_status(SVC, SPEC, [Problem("UnknownProfile", "no such profile")], [], None, "T1")
     degraded = next(c for c in status.conditions if c.type == "Degraded")
-    assert status.phase == "Degraded" and degraded.status == "True" and degraded.message == "too big"
+    assert status.phase == "Degraded" and degraded.status == "True" and degraded.message == "no such profile"
 
 
 def test_workerpool_status_feeds_the_scale_subresource() -> None:
