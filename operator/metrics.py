@@ -14,6 +14,9 @@ DURATION = Histogram("kvpilot_operator_reconcile_seconds", "Reconcile wall time 
 
 API_REQUESTS = Counter("kvpilot_operator_api_requests", "apiserver requests made by the reconcile code (not kopf's)",
                        ["method", "resource"])
+for _kind in ("LLMService", "WorkerPool"):   # every series from the start: an error rate reads 0, not "no data"
+    for _result in ("ok", "error"):
+        RECONCILES.labels(_kind, _result)
 CONDITIONS = Gauge("kvpilot_operator_llmservice_condition", "1 while the LLMService's condition of this type is True",
                    ["namespace", "service", "type"])
 
