@@ -15,7 +15,16 @@ from kvpilot.autoscaler.planner import PlannerConfig, PoolPlanner, PoolSignals
 from kvpilot.crds import LLMServiceSpec
 from kvpilot.dashboards.__main__ import generated, stale
 from kvpilot.dashboards.boards import ANNOTATION_EXTRAS, BOARDS
-from kvpilot.dashboards.queries import DASHBOARDS, always_answers, dashboard_exprs, instantiate, load_all, metric_names
+from kvpilot.dashboards.queries import (
+    DASHBOARDS,
+    REPO,
+    always_answers,
+    dashboard_exprs,
+    instantiate,
+    load_all,
+    metric_names,
+)
+from kvpilot.dashboards.rules import rule_groups
 from kvpilot.vllm_metrics import ITL_BUCKETS, LATENCY_BUCKETS
 
 
@@ -110,3 +119,13 @@ def test_autoscaler_metrics_record_reason_gpu_time_and_forecast() -> None:
     assert _value(registry, "kvpilot_autoscaler_demand", **key, signal="prompt_tokens") == 1000
     assert _value(registry, "kvpilot_autoscaler_replica_capacity", **key, signal="prompt_tokens") == planner.prefill_tps
     assert _value(registry, "kvpilot_autoscaler_demand", **key, signal="sequences") is None   # not a decode pool
+
+
+def test_every_alert_has_a_runbook_paragraph() -> None:
+    runbook = (REPO / "docs" / "alerts.md").read_text()
+    headings = {line[3:].strip() for line in runbook.splitlines() if line.startswith("## ")}
+    for group in rule_groups()["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                assert rule["alert"] in headings, rule["alert"]
+                assert rule["annotations"]["runbook_url"].endswith("docs/alerts.md#" + rule["alert"].lower())
