@@ -10,9 +10,11 @@ deploy/dashboards/*.json from its PromQL through this console's proxy to Prometh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -107,16 +109,18 @@ def _handler(mon: LocalMonitoring) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that gave up
+                self.wfile.write(body)
 
         def do_GET(self) -> None:
-            if self.path == "/metrics":
+            path = urllib.parse.urlsplit(self.path).path
+            if path == "/metrics":
                 self._send(200, generate_latest(mon.registry), "text/plain; version=0.0.4")
-            elif self.path in ("/", "/index.html"):
+            elif path in ("/", "/index.html"):
                 self._send(200, VIEWER.read_bytes(), "text/html; charset=utf-8")
-            elif self.path == "/dashboards.json":
+            elif path == "/dashboards.json":
                 self._send(200, json.dumps(dashboards()).encode(), "application/json")
-            elif self.path.startswith("/api/v1/") and mon.prometheus is not None:
+            elif path.startswith("/api/v1/") and mon.prometheus is not None:
                 try:
                     with urllib.request.urlopen(mon.prometheus.url + self.path, timeout=30) as resp:
                         self._send(resp.status, resp.read(), "application/json")

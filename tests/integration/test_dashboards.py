@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from kvpilot.crds import LLMService
+from kvpilot.dashboards.browser import panel_status
 from kvpilot.dashboards.queries import Expr, load_all, metric_names, problems
 from kvpilot.local import LocalControlPlane
 from kvpilot.procs import wait_for
@@ -169,3 +170,16 @@ def test_rules_loaded_are_the_checked_in_ones(plane: LocalControlPlane) -> None:
     assert loaded == checked_in
     assert all(r["health"] == "ok" for g in rules for r in g["rules"]), rules
     assert Path(plane.dir / "prometheus" / "rules.yaml").exists()
+
+
+@pytest.mark.parametrize("uid", ["kvpilot-service", "kvpilot-autoscaling", "kvpilot-router"])
+def test_viewer_renders_every_panel_in_chromium(plane: LocalControlPlane, uid: str) -> None:
+    """The dashboards load: headless Chromium draws every panel of each from its PromQL, with data."""
+    assert plane.monitoring is not None
+    with urllib.request.urlopen(plane.monitoring.viewer_url + "dashboards.json", timeout=5) as resp:
+        boards = {b["uid"]: b for b in json.loads(resp.read())}
+    assert set(boards) == {"kvpilot-service", "kvpilot-autoscaling", "kvpilot-router", "kvpilot-operator"}
+    rendered = panel_status(f"{plane.monitoring.viewer_url}?range=300#{uid}")
+    expected = sum(p["type"] != "row" for p in boards[uid]["panels"])
+    assert not rendered.error and rendered.panels == expected, rendered
+    assert rendered.ok == expected, rendered.failed
