@@ -94,8 +94,7 @@ class Metrics:
         last, self._last[key] = self._last.get(key), d.time
         if last is not None and d.time > last:
             self.gpu_seconds.labels(*key).inc(d.asked * gpus * (d.time - last))
-        if d.desired > d.asked:
-            self.started.labels(*key).inc(d.desired - d.asked)
+        self.started.labels(*key).inc(max(0, d.desired - d.asked))   # 0 too: the series exists from the start
         if planner is not None:
             tps, seqs = planner.last_forecast
             if planner.role != "decode":

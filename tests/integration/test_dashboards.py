@@ -36,7 +36,7 @@ spec:
   model: {name: meta-llama/Llama-3.1-8B-Instruct, servedName: llama-8b}
   engine: {type: simulator, profile: h100-llama3-8b}
   mode: aggregated
-  decode: {replicas: 2, minReplicas: 1, maxReplicas: 4}
+  decode: {replicas: 2, minReplicas: 2, maxReplicas: 4}
   routing: {policy: dualmap, migration: true}
   slo: {ttftMs: 2000, tpotMs: 100, attainment: 0.9}
   autoscaling: {enabled: true, scaleDownStabilizationSeconds: 60}
@@ -50,7 +50,7 @@ def operator_only(e: Expr) -> bool:
 
 
 def _load(url: str, model: str, stop: threading.Event) -> None:
-    """Streaming completions on shared prefixes (cache hits, TTFT and TPOT), 12 at a time."""
+    """Streaming completions on shared prefixes (cache hits, TTFT and TPOT), 24 at a time."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
 
     def one(i: int) -> None:
@@ -62,10 +62,10 @@ def _load(url: str, model: str, stop: threading.Event) -> None:
                     pass
             except openai.APIError:
                 time.sleep(0.1)
-            i += 12
+            i += 24
 
-    with ThreadPoolExecutor(12) as pool:
-        for i in range(12):
+    with ThreadPoolExecutor(24) as pool:
+        for i in range(24):
             pool.submit(one, i)
 
 
