@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from kvpilot import vllm_metrics
 from kvpilot.autoscaler.actuators import Actuator, PoolRef
 from kvpilot.autoscaler.planner import Plan, PlannerConfig, PoolPlanner, Role
 from kvpilot.autoscaler.signals import ScrapeSignals
@@ -50,21 +51,77 @@ def planner_config(spec: LLMServiceSpec, pool: PoolSpec, base: PlannerConfig) ->
 
 
 class Metrics:
+    """What the autoscaler exports: per pool its sizes, each decision by action and the kind of its
+    reason (a bounded label; the full text goes to the log and the status), the demand it sized for
+    against what a replica sustains, GPU time held and replicas started; per service its SLO, so
+    PromQL can count attainment against the same targets (deploy/prometheus/rules.yaml)."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         labels = ["namespace", "service", "pool"]
         kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
         self.desired = Gauge("kvpilot_autoscaler_desired_replicas", "Replicas the planner wants", labels, **kw)
         self.asked = Gauge("kvpilot_autoscaler_current_replicas", "Replicas asked for (spec.replicas)", labels, **kw)
         self.ready = Gauge("kvpilot_autoscaler_ready_replicas", "Replicas serving", labels, **kw)
-        self.decisions = Counter("kvpilot_autoscaler_decisions", "Decisions by action (up, down, hold)",
-                                 [*labels, "action"], **kw)
+        self.decisions = Counter("kvpilot_autoscaler_decisions", "Decisions by action (up, down, hold) and what "
+                                 "drove them (reason_kind)", [*labels, "action", "reason"], **kw)
+        self.demand = Gauge("kvpilot_autoscaler_demand", "Demand the planner sized for (its forecast), by signal: "
+                            "prompt_tokens (uncached, per second) or sequences (running)", [*labels, "signal"], **kw)
+        self.capacity = Gauge("kvpilot_autoscaler_replica_capacity", "What one replica sustains within the SLO, "
+                              "as learned, by signal", [*labels, "signal"], **kw)
+        self.gpu_seconds = Counter("kvpilot_autoscaler_gpu_seconds", "GPU time held by the replicas asked for",
+                                   labels, **kw)
+        self.started = Counter("kvpilot_autoscaler_replicas_started", "Replicas added by scale-ups (cold starts)",
+                               labels, **kw)
+        self.slo = Gauge("kvpilot_autoscaler_slo_seconds", "The service's latency SLO by kind (ttft, tpot); le: the "
+                         "engine histogram's bucket bound at or below it", ["namespace", "service", "slo", "le"], **kw)
+        self.slo_target = Gauge("kvpilot_autoscaler_slo_attainment_target", "Share of requests that must meet the "
+                                "SLO", ["namespace", "service"], **kw)
+        self._last: dict[tuple[str, str, str], float] = {}
 
-    def record(self, d: Decision) -> None:
+    def service(self, namespace: str, name: str, spec: LLMServiceSpec) -> None:
+        ttft, tpot = spec.slo.ttft_ms / 1000, spec.slo.tpot_ms / 1000
+        self.slo.labels(namespace, name, "ttft", slo_bucket(ttft, vllm_metrics.LATENCY_BUCKETS)).set(ttft)
+        self.slo.labels(namespace, name, "tpot", slo_bucket(tpot, vllm_metrics.ITL_BUCKETS)).set(tpot)
+        self.slo_target.labels(namespace, name).set(spec.slo.attainment)
+
+    def record(self, d: Decision, gpus: int = 0, planner: PoolPlanner | None = None) -> None:
         key = (d.pool.namespace, d.pool.service, d.pool.role)
         self.desired.labels(*key).set(d.desired)
         self.asked.labels(*key).set(d.asked)
         self.ready.labels(*key).set(d.ready)
-        self.decisions.labels(*key, d.action).inc()
+        self.decisions.labels(*key, d.action, reason_kind(d.reason)).inc()
+        last, self._last[key] = self._last.get(key), d.time
+        if last is not None and d.time > last:
+            self.gpu_seconds.labels(*key).inc(d.asked * gpus * (d.time - last))
+        self.started.labels(*key).inc(max(0, d.desired - d.asked))   # 0 too: the series exists from the start
+        if planner is not None:
+            tps, seqs = planner.last_forecast
+            if planner.role != "decode":
+                self.capacity.labels(*key, "prompt_tokens").set(planner.prefill_tps)
+                if tps is not None:
+                    self.demand.labels(*key, "prompt_tokens").set(tps)
+            if planner.role != "prefill":
+                self.capacity.labels(*key, "sequences").set(planner.decode_seqs)
+                if seqs is not None:
+                    self.demand.labels(*key, "sequences").set(seqs)
+
+
+def slo_bucket(limit: float, bounds: Sequence[float]) -> str:
+    """The histogram bucket bound at or below `limit`, as Prometheus prints it: the share of
+    observations in that bucket is the share known to meet the SLO."""
+    return repr(max((b for b in bounds if b <= limit), default=min(bounds)))
+
+
+# What drives a decision, as a short label (first match wins): the planner's reason texts.
+_REASON_KINDS = (("stabilising", "stabilising"), ("TTFT", "ttft_slo"), ("TPOT", "tpot_slo"), ("KV usage", "kv_usage"),
+                 ("prefill demand", "prompt_demand"), ("running sequences", "decode_demand"),
+                 ("still starting", "starting"), ("metrics missing", "no_metrics"), ("no ready replica", "no_metrics"),
+                 ("no demand signal", "no_metrics"))
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a decision's reason, from a small fixed set, so it can be a metric label."""
+    return next((kind for text, kind in _REASON_KINDS if text in reason), "other")
 
 
 class Autoscaler:
@@ -89,6 +146,8 @@ class Autoscaler:
             except ValueError as err:
                 log.warning("skipping %s/%s: invalid spec: %s", namespace, name, err)
                 continue
+            if self.metrics is not None:
+                self.metrics.service(namespace, name, spec)
             if not spec.autoscaling.enabled:
                 continue
             for role, pool_spec in spec.pools().items():
@@ -126,7 +185,7 @@ class Autoscaler:
                      extra={"service": ref.service, "pool": ref.role, "desired": d.desired})
             self.actuator.scale(ref, d.desired)
         if self.metrics is not None:
-            self.metrics.record(d)
+            self.metrics.record(d, pool_spec.gpus, planner)
         return d
 
 

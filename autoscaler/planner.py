@@ -99,6 +99,7 @@ class PoolPlanner:
     _demand: deque[tuple[float, float]] = field(default_factory=deque)  # (t, external demand)
     _range: deque[tuple[float, float]] = field(default_factory=deque)   # the same, over the window
     _waiting: tuple[float, float] | None = None  # (t, requests waiting) at the last interval
+    last_forecast: tuple[float | None, float | None] = (None, None)  # (prompt tok/s, sequences) last sized for
 
     def __post_init__(self) -> None:
         self.prefill_tps = self.prefill_tps or self.config.prefill_tps_prior
@@ -240,7 +241,7 @@ class PoolPlanner:
         replicas already asked for can serve adds more (`grow_while_starting`), so a ramp that
         outgrows the last order is answered within an interval instead of after a cold start."""
         c = self.config
-        tps, seqs = self._forecast(s)
+        tps, seqs = self.last_forecast = self._forecast(s)
         if c.grow_while_starting:
             up, reason = self._demand_need(s, c.headroom, tps, seqs)
             up = min(up, c.max_replicas)
@@ -259,7 +260,7 @@ class PoolPlanner:
         if starting > 0:
             return self._while_starting(s, starting)
         self._learn(s)
-        tps, seqs = self._forecast(s)
+        tps, seqs = self.last_forecast = self._forecast(s)
         up, reason = self._needed(s, c.headroom, tps, seqs)
         down, down_reason = self._needed(s, c.scale_down_headroom, s.uncached_prompt_tps, s.running_seqs)
         if self._since is None:

@@ -25,17 +25,23 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
+from prometheus_client import CollectorRegistry
 
 from kvpilot.autoscaler.actuators import PoolRef, PoolState
+from kvpilot.autoscaler.controller import Metrics
+from kvpilot.autoscaler.planner import Role
 from kvpilot.crds import LLMService
-from kvpilot.names import POOL_ENDPOINT_ROLE
+from kvpilot.names import POOL_ENDPOINT_ROLE, pool_name
 from kvpilot.procs import ManagedProcess, free_port, tcp_open, wait_for
 from kvpilot.router.config import Endpoint
 from kvpilot.router.endpoints_file import EndpointsDoc, write_endpoints
 from kvpilot.sim.profiles import get_profile
+
+if TYPE_CHECKING:
+    from kvpilot.local_monitoring import LocalMonitoring
 
 log = logging.getLogger("kvpilot.local")
 
@@ -96,7 +102,7 @@ class LocalControlPlane:
 
     def __init__(self, service: LLMService, *, time_scale: float = 1.0, policy: str | None = None,
                  port: int | None = None, workdir: Path | None = None, autoscale: bool | None = None,
-                 interval_s: float = 10.0) -> None:
+                 interval_s: float = 10.0, prometheus: bool = False, scrape_interval: str = "5s") -> None:
         self.service = service
         self.time_scale = time_scale
         self.policy = policy or service.spec.routing.policy
@@ -116,6 +122,11 @@ class LocalControlPlane:
         self._endpoints_path = self.dir / "endpoints.yaml"
         self.kv_store: str | None = None   # Redis URL workers hand KV over through (P/D, scale events), if any
         self._serving = False              # the router is up: scale events get a prefix handover
+        self.prometheus = prometheus       # run Prometheus (and the dashboards' viewer) beside the stack
+        self.scrape_interval = scrape_interval
+        self.registry = CollectorRegistry()   # the autoscaler's metrics, scraped through the console
+        self.monitoring: LocalMonitoring | None = None
+        self.metrics: Metrics | None = None
 
     @property
     def name(self) -> str:
@@ -223,6 +234,8 @@ class LocalControlPlane:
         events = [{"time": e.time, "pool": e.pool, "from": e.before, "to": e.after, "reason": e.reason}
                   for e in self.events[-50:]]
         write_endpoints(self._endpoints_path, EndpointsDoc(endpoints=eps, events=events))
+        if self.monitoring is not None:
+            self.monitoring.engines((w.name, w.role, pool_name(self.name, cast(Role, w.role)), w.url) for w in serving)
         if not self.replicas or self.replicas[-1][1] != len(serving):
             self.replicas.append((time.time(), len(serving)))
 
@@ -266,6 +279,12 @@ class LocalControlPlane:
 
     def _start(self) -> None:
         spec = self.service.spec
+        if self.prometheus:
+            from kvpilot.local_monitoring import NAMESPACE, LocalMonitoring
+
+            self.monitoring = LocalMonitoring(self.name, self.registry, self.dir / "prometheus", self.scrape_interval)
+            self.metrics = Metrics(self.registry)
+            self.metrics.service(NAMESPACE, self.name, spec)   # the SLO, with or without autoscaling
         self._start_kv_store()
         with self._lock:
             for role, pool in spec.pools().items():
@@ -283,12 +302,17 @@ class LocalControlPlane:
             "ttftMs": spec.slo.ttft_ms / self.time_scale, "tpotMs": spec.slo.tpot_ms / self.time_scale,
             # The predictor's prior, in the router's wall time: the modelled GPU's, time_scale× faster.
             "prefillTokenSeconds": get_profile(spec.engine.profile or "h100-llama3-8b").prefill_token_s
-            / self.time_scale}]}
+            / self.time_scale,
+            # As the operator renders it: running streams move off hot spots (the KV through Redis).
+            **({"migration": {"enabled": True, "tpotMs": spec.slo.tpot_ms / self.time_scale}}
+               if spec.routing.migration else {})}]}
         cfg_path = self.dir / "router.yaml"
         cfg_path.write_text(yaml.safe_dump(config))
         router = ManagedProcess("router", _kvpilot("router", "--config", str(cfg_path)), self.dir / "router.log")
         self.procs.append(router)
         wait_for(lambda: _healthy(self.url), 30, "the router", router)
+        if self.monitoring is not None:
+            self.monitoring.router(self.url)
         self._serving = True
         self._thread(self._maintain, "local-pools")
         if self.autoscale:
@@ -309,7 +333,7 @@ class LocalControlPlane:
 
         cold_start = 2.0 * self.time_scale  # a worker process is serving about 2 wall seconds after start
         scaler = Autoscaler(LocalActuator(self), clock=lambda: time.monotonic() * self.time_scale,
-                            base=PlannerConfig(forecast_s=2 * cold_start + self.interval_s))
+                            base=PlannerConfig(forecast_s=2 * cold_start + self.interval_s), metrics=self.metrics)
         raw = self.service.spec.model_dump(by_alias=True, exclude_none=True)
         while not self._stop.wait(self.interval_s / self.time_scale):
             for d in scaler.tick([("local", self.name, raw)]):
@@ -329,6 +353,9 @@ class LocalControlPlane:
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
+        if self.monitoring is not None:
+            self.monitoring.stop()
+            self.monitoring = None
 
     def __enter__(self) -> LocalControlPlane:
         return self.start()

@@ -13,6 +13,10 @@ def register(sub: Any) -> None:
     up.add_argument("-f", "--file", type=Path, help="an LLMService YAML (default: a built-in 4-GPU Llama-8B)")
     up.add_argument("--port", type=int, help="the router's port (default: a free one)")
     up.add_argument("--time-scale", type=float, default=1.0, help="workers run N× faster than the hardware")
+    up.add_argument("--prometheus", action="store_true",
+                    help="also run Debian's Prometheus scraping every process with kvpilot's rules, and a viewer "
+                         "of the Grafana dashboards (deploy/dashboards) drawn from it")
+    up.add_argument("--scrape-interval", default="5s", help="Prometheus' scrape and rule interval (--prometheus)")
     up.set_defaults(handler=_up)
     demo = sub.add_parser("demo", help="`up` under a replayed Mooncake trace: DualMap vs round-robin")
     demo.add_argument("-f", "--file", type=Path)
@@ -30,13 +34,17 @@ def register(sub: Any) -> None:
 def _up(args: argparse.Namespace) -> int:
     from kvpilot.local import LocalControlPlane, load_service
 
-    with LocalControlPlane(load_service(args.file), time_scale=args.time_scale, port=args.port) as plane:
+    with LocalControlPlane(load_service(args.file), time_scale=args.time_scale, port=args.port,
+                           prometheus=args.prometheus, scrape_interval=args.scrape_interval) as plane:
         # Block only now: children inherit the signal mask, and they must still die on SIGTERM.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         scaling = "autoscaled" if plane.autoscale else "fixed size"
         print(f"kvpilot is up: OpenAI base URL {plane.url}/v1, model {plane.model!r}, "
               f"{len(plane.workers)} simulated worker(s), {scaling}; dashboard {plane.url}/dashboard; "
               f"logs in {plane.dir}. Ctrl-C stops everything.", flush=True)
+        if plane.monitoring is not None:
+            print(f"Prometheus {plane.monitoring.url} (kvpilot's rules loaded); Grafana dashboards drawn from it "
+                  f"at {plane.monitoring.viewer_url}", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     print("stopped", flush=True)
     return 0

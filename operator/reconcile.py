@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from kvpilot import names
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
 from kvpilot.names import SIM_PROFILE_NAMES
-from kvpilot.operator import render
+from kvpilot.operator import metrics, render
 from kvpilot.operator.kube import Kube, KubeError
 from kvpilot.operator.poddefaults import NO_DEFAULTS, PodDefaults
 from kvpilot.operator.status import Problem, gpu_capacity, llmservice_status, spec_problems, workerpool_status
@@ -104,6 +104,7 @@ def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = N
     new = llmservice_status(svc, spec, problems, pools, router, now(), gpu).wire()
     if {k: v for k, v in old.items() if k in new} != new:
         kube.merge_patch("LLMService", meta["namespace"], meta["name"], {"status": new}, sub="status")
+    metrics.record_conditions(meta["namespace"], meta["name"], new.get("conditions", []))
     ready: Obj = next((c for c in new.get("conditions", []) if c["type"] == ("Degraded" if problems else "Ready")), {})
     return Outcome(old.get("phase"), new.get("phase"), ready.get("message", ""))
 

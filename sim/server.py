@@ -37,7 +37,7 @@ from kvpilot.sim.metrics import EngineCollector
 from kvpilot.sim.profiles import Profile
 from kvpilot.sim.token_ids import WORD_BASE, decode_prompt, encode
 from kvpilot.tokens import block_hashes, chain_hash, render_chat, token_count
-from kvpilot.vllm_metrics import LATENCY_BUCKETS
+from kvpilot.vllm_metrics import ITL_BUCKETS, LATENCY_BUCKETS
 
 _WORDS = ("alpha", "beta", "gamma", "delta", "cache", "token", "route", "block", "prefix", "decode", "serve", "queue",
           "model", "layer", "batch", "scale", "pool", "node", "kernel", "tensor", "stream", "event", "score", "vector")
@@ -129,7 +129,7 @@ class SimServer:
         self.h_ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", names,
                                 registry=self.registry, buckets=buckets).labels(**labels)
         self.h_itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency.", names,
-                               registry=self.registry, buckets=buckets).labels(**labels)
+                               registry=self.registry, buckets=ITL_BUCKETS).labels(**labels)
         self.h_e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", names,
                                registry=self.registry, buckets=buckets).labels(**labels)
         self.c_kv_bytes = Counter("vllm:nixl_bytes_transferred", "KV bytes received from remote instances.",

@@ -31,8 +31,9 @@ def test_lint_and_template(crds: ControlPlane) -> None:
     assert out.returncode == 0, out.stderr
     docs = _docs(out.stdout)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Deployment", "KopfPeering", "Role", "Role",
-                     "RoleBinding", "RoleBinding", "Service", "ServiceAccount", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", *["ConfigMap"] * 4, "Deployment", "Deployment",
+                     "KopfPeering", "Role", "Role", "RoleBinding", "RoleBinding", "Service", "Service",
+                     "ServiceAccount", "ServiceAccount"]   # ConfigMaps: dashboards; 2nd Service: autoscaler metrics
     args = _named(docs, "Deployment", "kv-kvpilot")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["operator", "run"] and "--peering=kv-kvpilot" in args and "--namespace=team-a" in args
     assert "--standalone" not in args and "--no-pod-monitors" not in args
