@@ -31,6 +31,14 @@ seconds (what a scale-down window does), with k just large enough to have the st
 size at the step: the mean of that rolling maximum over the day, over its value at the step,
 is the share of the static peak's GPU time such a policy spends even with instant starts.
 
+Every other workload (and any of them with `--oracle meter`) gets the workload-agnostic causal
+oracle, `MeterOracle`: each interval it holds enough replicas for the highest *work* (GPU-seconds
+per second, from the profile's step model) that arrived over the last `hold` seconds, at a
+utilisation found by bisection as the highest that keeps ≥ 99% of minutes. It reads arrivals
+exactly and at once, orders without step limits, and is tuned in hindsight on the run it is
+scored on. It knows nothing of a workload's shape, so on bursty the onset oracle is cheaper.
+
+    .venv/bin/python -P bench/autoscale_bound.py --workload pd --oracle meter --minutes 30 [--seed 0]
     .venv/bin/python -P bench/autoscale_bound.py [--holds 4 5] [--quantiles 1.0 0.9] [--bursts 8 8,7,8]
                      [--plateau 7] [--static-gpu-h 6.79]
     .venv/bin/python -P bench/autoscale_bound.py --workload diurnal [--static-replicas 9]

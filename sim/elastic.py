@@ -73,6 +73,7 @@ class Served:
     ttft: float
     tpot: float | None
     ok: bool
+    prefill_ttft: float | None = None    # P/D: arrival to the prefill pool's first token
 
 
 @dataclass(slots=True, frozen=True)
