@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--trace", action="append", default=[], metavar="ROW",
                     help="keep this row's per-interval signals (queue, TTFT, replicas) in the JSON and plot them")
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (processes)")
-    ap.add_argument("--static-replicas", type=int, help="the static peak's size (skips its search)")
+    ap.add_argument("--static-replicas", type=int, help="the static peak's size (skips its search; 0: no static row)")
     args = ap.parse_args()
     overrides = dict(_override(kv) for kv in args.set)
     grids = {f: GRIDS[f] for f in (GRIDS if args.grid == [] else args.grid or [])}
@@ -219,13 +219,16 @@ def main() -> None:
             console.print(f"  {pname}: {row['minutes_within_slo']:.1%} minutes, {row['gpu_hours']:.2f} GPU-h "
                           f"({row['wall_s']:.1f}s)")
         # The static reference: searched up to twice the most replicas any autoscaler used.
-        if args.static_replicas:
+        if args.static_replicas == 0:          # no static reference (a row run on its own)
+            n, peak_gpu_h = 0, float("nan")
+        elif args.static_replicas:
             n, report = args.static_replicas, run(specs, Fixed(args.static_replicas), args.static_replicas)
         else:
             most = max((r["max_replicas"] for r in rows.values()), default=MAX_REPLICAS // 2)
             n, report = static_peak(specs, console, hi=min(MAX_REPLICAS, 2 * most))
-        rows = {f"static peak ({n})": {**report.summary, "timeline": []}, **rows}
-        peak_gpu_h = report.summary["gpu_hours"]
+        if n:
+            rows = {f"static peak ({n})": {**report.summary, "timeline": []}, **rows}
+            peak_gpu_h = report.summary["gpu_hours"]
         best = {f: best_of({k: r for k, r in rows.items() if k.startswith(f + "=")}) for f in grids}
         table = Table(title=f"{wname} (seed {args.seed}) — TTFT {TTFT_SLO:g}s / TPOT {TPOT_SLO * 1e3:g}ms, "
                             f"cold start {COLD_START:g}s; * = the family's best setting")

@@ -43,28 +43,35 @@ def main() -> None:
         o = json.loads(f.read_text())
         if o.get("best"):
             oracles[(o["workload"], o.get("seed", 0))] = o["best"]
-    print("| workload (seed) | row | minutes in SLO | GPU-h | × oracle | × static |")
-    print("|---|---|---:|---:|---:|---:|")
-    for f in args.runs:
+    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    for f in args.runs:   # rows of one workload and seed may come from many files (one row each)
         for wname, res in json.loads(f.read_text()).items():
             counted = "warmup_s" not in res
-            seed = res.get("seed", 0)
-            rows = {k: {**r, "minutes_within_slo": rescored(r, counted)} for k, r in res["rows"].items()}
-            best = {fam: A.best_of({k: r for k, r in rows.items() if k.startswith(fam + "=")})
-                    for fam in A.GRIDS if any(k.startswith(fam + "=") for k in rows)}
-            oracle = oracles.get((wname, seed))
-            static = res["static_peak_gpu_hours"]
-            show = [k for k in rows if k.startswith(("static", "kvpilot"))] + list(best.values())
-            if oracle:
-                rows["meter oracle"] = {"minutes_within_slo": oracle["minutes_within_slo"],
-                                        "gpu_hours": oracle["gpu_hours"]}
-                show.append("meter oracle")
-            for k in show:
-                r = rows[k]
-                x_oracle = f"{r['gpu_hours'] / oracle['gpu_hours']:.2f}" if oracle else "—"
-                tag = " (best)" if k in best.values() else ""
-                print(f"| {wname} ({seed}) | {k}{tag} | {r['minutes_within_slo']:.1%} | {r['gpu_hours']:.2f} | "
-                      f"{x_oracle} | {r['gpu_hours'] / static:.2f} |")
+            rows = merged.setdefault((wname, res.get("seed", 0)), {})
+            rows.update({k: {**r, "minutes_within_slo": rescored(r, counted)} for k, r in res["rows"].items()})
+    print("| workload (seed) | row | minutes in SLO | GPU-h | × oracle | × static peak |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (wname, seed), rows in merged.items():
+        best = {fam: A.best_of({k: r for k, r in rows.items() if k.startswith(fam + "=")})
+                for fam in A.GRIDS if any(k.startswith(fam + "=") for k in rows)}
+        statics = sorted((int(k.split("(")[1].rstrip(")")), k) for k in rows if k.startswith("static"))
+        peak = next((k for _, k in statics if rows[k]["minutes_within_slo"] >= A.GOAL_MINUTES), None)
+        static = rows[peak]["gpu_hours"] if peak else float("nan")
+        oracle = oracles.get((wname, seed))
+        show = [k for _, k in statics] + [k for k in rows if k.startswith("kvpilot")] + list(best.values())
+        if oracle:
+            rows["meter oracle"] = {"minutes_within_slo": oracle["minutes_within_slo"],
+                                    "gpu_hours": oracle["gpu_hours"]}
+            show.append("meter oracle")
+        for k in show:
+            r = rows[k]
+            x_oracle = f"{r['gpu_hours'] / oracle['gpu_hours']:.2f}" if oracle else "—"
+            tag = " (family's best)" if k in best.values() else " ← the static peak" if k == peak else ""
+            print(f"| {wname} ({seed}) | {k}{tag} | {r['minutes_within_slo']:.1%} | {r['gpu_hours']:.2f} | "
+                  f"{x_oracle} | {r['gpu_hours'] / static:.2f} |")
+        grid = [k for k in rows if any(k.startswith(f + "=") for f in A.GRIDS)]
+        print("\ngrid: " + "; ".join(f"{k} {rows[k]['minutes_within_slo']:.1%} / {rows[k]['gpu_hours']:.2f}"
+                                     for k in grid) + "\n")
 
 
 if __name__ == "__main__":
