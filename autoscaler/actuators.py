@@ -10,6 +10,8 @@ the least: the one with the fewest running requests and the least KV cache in us
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,6 +22,7 @@ from kvpilot.crds import API_VERSION
 from kvpilot.names import LABEL_COMPONENT, LABEL_SERVICE
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+log = logging.getLogger("kvpilot.autoscaler")
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,6 +39,8 @@ class PoolState:
     ready: int                 # replicas serving
     metrics_urls: list[str]    # base URLs of the ready replicas (…/metrics is scraped)
     router_urls: tuple[str, ...] = ()  # the service's routers: requests they hold are demand too
+    unschedulable: int = 0     # pods Pending unscheduled past the deadline: no GPU for them now
+    conflict: str = ""         # another scaler that targets this pool (an HPA): nothing is decided
 
 
 class Actuator(Protocol):
@@ -56,16 +61,43 @@ def deletion_costs(texts: dict[str, str | None]) -> dict[str, int]:
     return costs
 
 
+def hpa_conflict(pool: PoolRef, targets: list[tuple[str, str | None, str, str]]) -> str:
+    """'' or why not to act: the HPAs among (name, apiVersion, kind, target name) that target
+    this pool's WorkerPool."""
+    group = API_VERSION.split("/")[0]
+    names = sorted(n for n, api, kind, target in targets
+                   if kind == "WorkerPool" and target == pool.name and (api or "").split("/")[0] == group)
+    if not names:
+        return ""
+    return f"refusing to scale: HorizontalPodAutoscaler {', '.join(names)} also targets WorkerPool {pool.name}"
+
+
+def unschedulable(pod: Any, now: dt.datetime, deadline_s: float) -> bool:
+    """A pod the scheduler has not placed (Pending, no node, PodScheduled not True) for longer
+    than `deadline_s`: in a GPU pool that means no GPU is free for it. Younger ones are still
+    starting; the deadline keeps a normal scheduling delay from reading as a shortage."""
+    status = pod.status
+    if status is None or status.phase != "Pending" or pod.spec.node_name:
+        return False
+    if any(c.type == "PodScheduled" and c.status == "True" for c in status.conditions or []):
+        return False
+    created = pod.metadata.creation_timestamp
+    return created is not None and (now - created).total_seconds() > deadline_s
+
+
 class KubernetesActuator:
     """WorkerPool scale subresource + pod deletion costs, through the official client."""
 
-    def __init__(self, api: Any, scrape_timeout_s: float = 2.0) -> None:
+    def __init__(self, api: Any, scrape_timeout_s: float = 2.0, pending_deadline_s: float = 120.0) -> None:
         from kubernetes import client
 
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self.hpa: Any = client.AutoscalingV2Api(api)
+        self._hpa_unreadable = False
         self.group, self.version = API_VERSION.split("/")
         self.timeout = scrape_timeout_s
+        self.pending_deadline_s = pending_deadline_s
 
     def _pods(self, pool: PoolRef, selector: str) -> list[Any]:
         pods: list[Any] = self.core.list_namespaced_pod(pool.namespace, label_selector=selector).items
@@ -100,8 +132,24 @@ class KubernetesActuator:
         ready = [p for p in self._pods(pool, selector) if self._ready(p)]
         routers = [p for p in self._pods(pool, f"{LABEL_SERVICE}={pool.service},{LABEL_COMPONENT}=router")
                    if self._ready(p)]
+        now = dt.datetime.now(dt.UTC)
+        stuck = sum(1 for p in self._pods(pool, selector) if unschedulable(p, now, self.pending_deadline_s))
         return PoolState(int(wp["spec"].get("replicas", 0)), len(ready), sorted(self._url(p) for p in ready),
-                         tuple(sorted(self._url(p) for p in routers)))
+                         tuple(sorted(self._url(p) for p in routers)), stuck, self._hpa_conflict(pool))
+
+    def _hpa_conflict(self, pool: PoolRef) -> str:
+        """The HorizontalPodAutoscalers that scale this WorkerPool too (two writers of one scale
+        subresource fight: each undoes the other every interval), named for the status."""
+        try:
+            hpas = self.hpa.list_namespaced_horizontal_pod_autoscaler(pool.namespace).items
+        except Exception as err:  # RBAC without horizontalpodautoscalers list: act, and say once
+            if not self._hpa_unreadable:
+                log.warning("cannot check for HPAs on WorkerPools (%s); grant list on "
+                            "autoscaling/horizontalpodautoscalers", getattr(err, "reason", err))
+                self._hpa_unreadable = True
+            return ""
+        return hpa_conflict(pool, [(h.metadata.name, h.spec.scale_target_ref.api_version,
+                                    h.spec.scale_target_ref.kind, h.spec.scale_target_ref.name) for h in hpas])
 
     def _mark_deletion_costs(self, pool: PoolRef, selector: str) -> None:
         texts: dict[str, str | None] = {}

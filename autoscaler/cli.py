@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import os
 import signal
+import socket
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger("kvpilot.autoscaler")
@@ -22,6 +25,15 @@ def register(sub: Any) -> None:
     run.add_argument("--cold-start", type=float, default=60.0,
                      help="seconds a new replica takes to serve; demand is forecast this far ahead")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    run.add_argument("--leader-elect", action="store_true",
+                     help="run as one of several replicas: only the holder of a coordination.k8s.io Lease acts")
+    run.add_argument("--lease-name", default="kvpilot-autoscaler", help="the Lease's name")
+    run.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
+                     help="the Lease's namespace (default: $POD_NAMESPACE, else default)")
+    run.add_argument("--lease-duration", type=int, default=15,
+                     help="seconds without a renewal after which a standby takes over")
+    run.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()),
+                     help="this replica's name in the Lease (default: $POD_NAME, else the host name)")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--log-format", default="json", choices=["json", "text"])
     run.set_defaults(handler=_run)
@@ -85,12 +97,26 @@ def _run(args: argparse.Namespace) -> int:
     written: dict[tuple[str, str, str], tuple[Any, ...]] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("autoscaler started", extra={"namespaces": args.namespace or ["*"], "interval": args.interval})
+    elector = None
+    if args.leader_elect:
+        from kvpilot.autoscaler.leader import LeaseElector
+
+        elector = LeaseElector(api, args.lease_namespace, args.lease_name, args.identity, args.lease_duration)
+    log.info("autoscaler started", extra={"namespaces": args.namespace or ["*"], "interval": args.interval,
+                                          "leader_elect": args.leader_elect})
+    # The lease is renewed at a third of its duration, decisions are taken every interval.
+    beat = min(args.interval, args.lease_duration / 3) if elector else args.interval
+    last = -float("inf")
     while not stop.is_set():
         try:
-            decisions = scaler.tick(_services(custom, args.namespace))
-            _write_status(custom, decisions, written)
+            leading = elector.acquire() if elector else True
+            if leading and time.monotonic() - last >= args.interval - 1e-3:
+                last = time.monotonic()
+                decisions = scaler.tick(_services(custom, args.namespace))
+                _write_status(custom, decisions, written)
+            elif not leading:
+                last = -float("inf")   # a new leader decides at once
         except Exception:
             log.exception("autoscaler interval failed")
-        stop.wait(args.interval)
+        stop.wait(beat)
     return 0

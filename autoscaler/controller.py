@@ -170,12 +170,21 @@ class Autoscaler:
         state = self.actuator.observe(ref)
         if state is None:
             return None  # the operator has not created the pool yet
+        if state.conflict:
+            d = Decision(ref, state.asked, state.ready, state.asked, state.conflict, now)
+            log.warning("%s/%s %s: %s", ref.namespace, ref.service, ref.role, state.conflict)
+            if self.metrics is not None:
+                self.metrics.record(d)
+            return d
         signals = reader.read(state.metrics_urls, now, state.asked, state.router_urls,
                               POOL_ROLE_LABEL[ref.role]) if state.metrics_urls else None
         if signals is None:
             plan = Plan(state.asked, "holding: no ready replica to read metrics from")
+            if state.unschedulable:
+                plan = Plan(state.asked, f"waiting for GPUs: {state.unschedulable} replica(s) unschedulable; "
+                                         "no ready replica to read metrics from")
         else:
-            signals = replace(signals, ready=min(signals.ready, state.ready))
+            signals = replace(signals, ready=min(signals.ready, state.ready), unschedulable=state.unschedulable)
             plan = planner.plan(signals)
         d = Decision(ref, state.asked, state.ready, plan.desired, plan.reason, now)
         if d.action == "hold":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 Role = Literal["prefill", "decode", "aggregated"]
@@ -45,6 +45,7 @@ class PoolSignals:
     ttft_p50_s: float | None = None
     first_tokens_per_s: float | None = None  # requests that got their first token, per second
     cached_prompt_tps: float | None = None   # prompt tokens served from the prefix cache, per second
+    unschedulable: int = 0                 # asked-for replicas Pending past the deadline (no free GPU)
 
 
 @dataclass(slots=True, frozen=True)
@@ -250,6 +251,21 @@ class PoolPlanner:
         return Plan(s.current, f"holding: {starting} replica(s) still starting")
 
     def plan(self, s: PoolSignals) -> Plan:
+        """The size to ask for, capped while GPUs are short: replicas that cannot schedule are not
+        "starting" (waiting on them would stall every decision), and asking for more than the
+        current size would only queue more pods behind them."""
+        if s.unschedulable <= 0:
+            return self._plan(s)
+        stuck = min(s.unschedulable, max(0, s.current - s.ready))
+        p = self._plan(replace(s, current=s.current - stuck))
+        short = f"waiting for GPUs: {stuck} replica(s) unschedulable"
+        if p.desired > s.current - stuck:
+            # Keep (up to) the pods already asked for: they take the next free GPUs. None beyond.
+            wanted = f", {p.desired} wanted" if p.desired > s.current else ""
+            return Plan(min(p.desired, s.current), f"{short}{wanted}; {p.reason}")
+        return Plan(p.desired, f"{p.reason} ({stuck} unschedulable replica(s) released)")
+
+    def _plan(self, s: PoolSignals) -> Plan:
         c = self.config
         starting = s.current - s.ready
         demand_missing = (self.role != "decode" and s.uncached_prompt_tps is None) or (

@@ -41,6 +41,8 @@ class ElasticConfig:
     initial_replicas: int = 1
     interval_s: float = 10.0
     cold_start_s: float = 60.0
+    warmup_s: float = 0.0                # minutes starting before this are not scored: no decision can
+                                         # have taken effect yet (every run starts at the same size)
 
 
 @dataclass(slots=True)
@@ -71,6 +73,7 @@ class Served:
     ttft: float
     tpot: float | None
     ok: bool
+    prefill_ttft: float | None = None    # P/D: arrival to the prefill pool's first token
 
 
 @dataclass(slots=True, frozen=True)
@@ -259,7 +262,7 @@ class ElasticCluster:
 
 def summarize(report: ElasticReport) -> dict[str, Any]:
     served, cfg = report.served, report.config
-    minutes = report.minutes()
+    minutes = [(m, a) for m, a in report.minutes() if m * 60 >= cfg.warmup_s]
     ttfts = [r.ttft for r in served]
     tpots = [r.tpot for r in served if r.tpot is not None]
     sizes = [d.asked for d in report.decisions]

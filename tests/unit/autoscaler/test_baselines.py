@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvpilot.autoscaler.baselines import Concurrency, QueueThreshold
+from kvpilot.autoscaler.baselines import Concurrency, LatencyThreshold, QueueThreshold
 from kvpilot.autoscaler.planner import PoolSignals
 
 
@@ -36,3 +36,16 @@ def test_concurrency_panics_on_a_burst_and_never_scales_down_while_panicking() -
         sizes.append(current)
     assert sizes[-1] == 1
     assert 2 in sizes                                          # 4 → 2 → 1: at most halving per step
+
+
+def test_latency_threshold_is_hpa_arithmetic_on_ttft() -> None:
+    keda = LatencyThreshold(target_ttft_s=0.5, scale_down_window_s=60, max_replicas=20)
+
+    def at(t: float, current: int, ttft: float | None) -> int:
+        return keda.plan(PoolSignals(t, current, current, None, 0.0, ttft, None, None)).desired
+
+    assert at(0, 4, 0.52) == 4            # inside the 10% band
+    assert at(10, 4, 1.5) == 8            # ×3, capped at +100%
+    assert at(20, 8, 0.1) == 8            # a healthy pool reads "shrink to 2"; the window holds it
+    assert at(90, 8, 0.1) == 2            # ...until the window has passed: the collapse
+    assert at(100, 2, None) == 2          # missing metrics hold

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvpilot.autoscaler.actuators import PoolRef, PoolState, deletion_costs
+from kvpilot.autoscaler.actuators import PoolRef, PoolState, deletion_costs, hpa_conflict
 from kvpilot.autoscaler.controller import Autoscaler, planner_config
 from kvpilot.autoscaler.planner import PlannerConfig
-from kvpilot.crds import LLMServiceSpec
+from kvpilot.crds import API_VERSION, LLMServiceSpec
 from kvpilot.testing.kubelet import worker_argv
 
 
@@ -68,3 +68,18 @@ def test_worker_argv_binds_the_pods_own_command_to_its_ip() -> None:
     assert argv[-6:] == ["--model", "m", "--host", "127.64.0.7", "--port", "8000"]
     with pytest.raises(ValueError):
         worker_argv({"command": ["vllm", "serve", "x"]}, "127.64.0.7")
+
+
+def test_a_pool_an_hpa_also_scales_is_left_alone_and_the_status_says_why() -> None:
+    ref = PoolRef("ns", "svc", "decode", "svc-decode")
+    targets: list[tuple[str, str | None, str, str]] = [
+        ("web", "apps/v1", "Deployment", "svc-decode"),                  # another kind: not ours
+        ("other", API_VERSION, "WorkerPool", "svc-prefill"),             # another pool
+        ("mine", API_VERSION, "WorkerPool", "svc-decode")]
+    why = hpa_conflict(ref, targets)
+    assert why.startswith("refusing to scale") and "mine" in why and "other" not in why and "web" not in why
+    assert hpa_conflict(ref, targets[:2]) == ""
+    act = FakeActuator(PoolState(3, 3, ["http://127.0.0.1:9"], (), 0, why))
+    decisions = Autoscaler(act, clock=lambda: 0.0).tick([("ns", "svc", spec().model_dump(by_alias=True))])
+    assert decisions and all(d.desired == 3 and d.reason == why for d in decisions)
+    assert act.scaled == []

@@ -1,0 +1,223 @@
+"""The elastic cluster disaggregated: a prefill pool and a decode pool, each sized by its own
+planner, in the same virtual time as `sim.elastic`.
+
+A request is routed (least loaded) to a serving prefill replica, which computes its prompt and
+its first token; the KV then crosses to a decode replica (prompt × KV bytes per token over the
+link's bandwidth) where the request joins the batch with its prompt's KV already there
+(`external_tokens`: no prefill) and decodes to the end. The client's TTFT is the decode side's
+first token, as with vLLM's P/D connectors; what the prefill pool controls is the part up to its
+own first token, recorded per request (`Served.prefill_ttft`) so a missed request can be put down
+to the pool whose SLO it broke. Each pool's planner sees its own pool's signals: the prefill
+planner prompt tokens computed, its queue and its TTFT; the decode planner running sequences,
+TPOT and KV usage. GPU time is kept per pool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from kvpilot.autoscaler.planner import Planner, PoolSignals
+from kvpilot.sim.cluster import percentile
+from kvpilot.sim.elastic import ElasticCluster, ElasticConfig, ElasticReport, Replica, ScaleRecord, Served, summarize
+from kvpilot.sim.engine import Sequence
+from kvpilot.sim.stepping import STEP
+from kvpilot.sim.workload import RequestSpec
+
+_READY, _TICK, _HANDOFF = 1, 2, 3
+ROLES = ("prefill", "decode")
+
+
+@dataclass
+class PDReport(ElasticReport):
+    pool_gpu_seconds: dict[str, float] | None = None
+    pool_decisions: dict[str, list[ScaleRecord]] | None = None
+
+
+class ElasticPDCluster(ElasticCluster):
+    """See the module docstring. `planners` maps "prefill" and "decode" to their planners."""
+
+    def __init__(self, config: ElasticConfig, planners: dict[str, Planner], link_gb_s: float = 10.0) -> None:
+        super().__init__(config, planners["prefill"])
+        self.planners = planners
+        self.link_bytes_s = link_gb_s * 1e9           # KV transfer, prefill → decode
+        self.role: dict[int, str] = {}                # replica index → pool
+        self._max_tokens: dict[str, int] = {}
+        self._handoffs: dict[int, Sequence] = {}      # KV in flight, by handoff id
+        self._next_handoff = 0
+        self._prefill_done: dict[str, float] = {}
+        self._acc: dict[str, dict[str, list[float]]] = {r: {"ttft": [], "tpot": []} for r in ROLES}
+        self._counted: dict[str, float] = {}
+        self._ticked = 0.0
+
+    def _add_role(self, t: float, cold_start: float, role: str) -> None:
+        self._add_replica(t, cold_start)
+        self.role[len(self.replicas) - 1] = role
+
+    def _pool(self, role: str) -> list[tuple[int, Replica]]:
+        return [(i, r) for i, r in enumerate(self.replicas) if self.role[i] == role]
+
+    def _dispatch(self, spec: RequestSpec, t: float) -> None:
+        routable = [(i, r) for i, r in self._pool("prefill") if r.serving(t)]
+        i, r = min(routable, key=lambda x: (x[1].load.pending_prefill_tokens, x[1].load.in_flight))
+        seq = Sequence(spec.request_id, spec.arrival, spec.prompt_tokens, spec.block_hashes(self.block_size), 1)
+        self._max_tokens[spec.request_id] = spec.max_tokens
+        r.engine.add(seq)
+        self._meta[seq] = r
+        r.load.in_flight += 1
+        r.load.pending_prefill_tokens += spec.prompt_tokens
+        self.loop.wake(i, t)
+
+    def _finish_step(self, idx: int, t: float) -> None:
+        r = self.replicas[idx]
+        plan = r.clock.plan
+        assert plan is not None
+        cfg = self.config
+        for seq in r.engine.commit(plan, t):
+            if self.role[idx] == "prefill":
+                if seq.finish_time is None:
+                    continue
+                self._meta.pop(seq)
+                r.load.in_flight -= 1
+                r.load.pending_prefill_tokens -= seq.prompt_tokens
+                self._acc["prefill"]["ttft"].append(t - seq.arrival)
+                self._prefill_done[seq.request_id] = t
+                hid = self._next_handoff = self._next_handoff + 1
+                self._handoffs[hid] = seq
+                xfer = seq.prompt_tokens * self.profile.kv_bytes_per_token / self.link_bytes_s
+                self.loop.push(t + xfer, _HANDOFF, hid)
+                continue
+            if seq.output == 1:
+                self._acc["decode"]["ttft"].append(t - seq.arrival)
+            if seq.finish_time is not None:
+                owner = self._meta.pop(seq)
+                owner.load.in_flight -= 1
+                ttft = (seq.first_token_time or t) - seq.arrival
+                tpot = (t - seq.first_token_time) / (seq.output - 1) \
+                    if seq.output > 1 and seq.first_token_time is not None else None
+                if tpot is not None:
+                    self._acc["decode"]["tpot"].append(tpot)
+                ok = ttft <= cfg.slo_ttft_s and (tpot is None or tpot <= cfg.slo_tpot_s)
+                self._served.append(Served(seq.arrival, ttft, tpot, ok,
+                                           self._prefill_done.pop(seq.request_id, t) - seq.arrival))
+        if self.loop.start(idx, t) is None and r.draining:
+            r.stopped_at = t
+
+    def _handoff(self, hid: int, t: float) -> None:
+        done = self._handoffs.pop(hid)
+        pool = [(i, r) for i, r in self._pool("decode") if r.serving(t)]
+        i, r = min(pool, key=lambda x: (x[1].load.in_flight, x[1].engine.kv_usage()))
+        seq = Sequence(done.request_id, done.arrival, done.prompt_tokens, done.block_hashes,
+                       self._max_tokens.pop(done.request_id), external_tokens=done.prompt_tokens)
+        r.engine.add(seq)
+        self._meta[seq] = r
+        r.load.in_flight += 1
+        self.loop.wake(i, t)
+
+    def _pool_signals(self, role: str, t: float) -> PoolSignals:
+        pool = [r for _, r in self._pool(role)]
+        alive = [r for r in pool if r.alive and not r.draining]
+        ready = [r for r in alive if r.ready_at <= t]
+        engines = [r.engine for r in pool if r.alive and r.ready_at <= t]
+        dt = t - self._ticked
+        acc = self._acc[role]
+        ttfts, tpots = acc["ttft"], acc["tpot"]
+        slo = self.config.slo_ttft_s
+        computed = float(sum(r.engine.counters.prompt_tokens_local_compute for r in pool))
+        key = f"computed-{role}"
+        tps = (computed - self._counted.get(key, 0.0)) / dt if dt > 0 else None
+        self._counted[key] = computed
+        s = PoolSignals(
+            time=t, current=len(alive), ready=len(ready), uncached_prompt_tps=tps,
+            running_seqs=float(sum(e.num_running for e in engines)),
+            ttft_p90_s=percentile(ttfts, 90) if ttfts else None,
+            tpot_p90_s=percentile(tpots, 90) if tpots else None,
+            attainment=sum(1 for x in ttfts if x <= slo) / len(ttfts) if ttfts else None,
+            kv_usage=sum(e.kv_usage() for e in engines) / len(engines) if engines else None,
+            waiting=float(sum(e.num_waiting for e in engines)),
+            ttft_p50_s=percentile(ttfts, 50) if ttfts else None,
+            first_tokens_per_s=len(ttfts) / dt if dt > 0 else None)
+        acc["ttft"], acc["tpot"] = [], []
+        return s
+
+    def _resize_role(self, role: str, desired: int, t: float) -> None:
+        pool = self._pool(role)
+        alive = [r for _, r in pool if r.alive and not r.draining]
+        if desired > len(alive):
+            need = desired - len(alive)
+            for _, r in pool:
+                if need and r.alive and r.draining:
+                    r.draining, need = False, need - 1
+            for _ in range(need):
+                self._add_role(t, self.config.cold_start_s, role)
+            return
+        excess = len(alive) - desired
+        for r in sorted((r for r in alive if r.ready_at > t), key=lambda r: -r.asked_at)[:excess]:
+            r.stopped_at, excess = t, excess - 1
+        serving = sorted((r for r in alive if r.ready_at <= t), key=lambda r: (r.load.in_flight, r.engine.kv_usage()))
+        for r in serving[:min(excess, len(serving) - 1)]:
+            r.draining = True
+            if r.clock.plan is None:
+                r.stopped_at = t
+
+    def run_pd(self, specs: Seq[RequestSpec], initial: dict[str, int]) -> PDReport:
+        cfg = self.config
+        for role in ROLES:
+            for _ in range(initial[role]):
+                self._add_role(0.0, 0.0, role)
+        arrivals = sorted(specs, key=lambda s: s.arrival)
+        decisions: dict[str, list[ScaleRecord]] = {r: [] for r in ROLES}
+        self.loop.push(cfg.interval_s, _TICK)
+        now = 0.0
+        for a in range(len(arrivals) + 1):
+            until = arrivals[a].arrival if a < len(arrivals) else math.inf
+            for t, kind, idx in self.loop.due(until):
+                now = t
+                if kind == STEP:
+                    self._finish_step(idx, t)
+                elif kind == _HANDOFF:
+                    self._handoff(idx, t)
+                elif kind == _TICK:
+                    if a >= len(arrivals) and not self._meta and not self._handoffs:
+                        continue
+                    for role in ROLES:
+                        plan = self.planners[role].plan(self._pool_signals(role, t))
+                        alive = sum(1 for _, r in self._pool(role) if r.alive and not r.draining)
+                        ready = sum(1 for _, r in self._pool(role) if r.serving(t))
+                        decisions[role].append(ScaleRecord(t, alive, ready, plan.desired, plan.reason))
+                        if plan.desired != alive:
+                            self._resize_role(role, plan.desired, t)
+                    self._ticked = t
+                    self.loop.push(t + cfg.interval_s, _TICK)
+            if a < len(arrivals):
+                now = arrivals[a].arrival
+                self._dispatch(arrivals[a], now)
+        end = max(now, arrivals[-1].arrival if arrivals else 0.0)
+        per = {r: 0.0 for r in ROLES}
+        for i, r in enumerate(self.replicas):
+            per[self.role[i]] += (r.stopped_at if r.stopped_at is not None else end) - r.asked_at
+        both = [ScaleRecord(p.time, p.asked + d.asked, p.ready + d.ready, p.desired + d.desired, "")
+                for p, d in zip(decisions["prefill"], decisions["decode"], strict=True)]
+        report = PDReport(cfg, self._served, both, sum(per.values()), end, pool_gpu_seconds=per,
+                          pool_decisions=decisions)
+        report.summary = summarize(report)
+        report.summary.update(pd_summary(report))
+        return report
+
+
+def pd_summary(report: PDReport) -> dict[str, float]:
+    """Each pool's GPU-hours and mean size, and which SLO the missed requests broke: TTFT with
+    the prefill side already over it (the prefill pool's), TTFT lost after the prefill (transfer
+    and the decode pool's queue), or TPOT (the decode pool's)."""
+    cfg, served = report.config, report.served
+    per = report.pool_gpu_seconds or {}
+    out: dict[str, float] = {f"{r}_gpu_hours": per.get(r, 0.0) / 3600 for r in ROLES}
+    out.update({f"{r}_mean_replicas": per.get(r, 0.0) / report.span_s for r in ROLES if report.span_s})
+    missed = [s for s in served if not s.ok]
+    out["missed_ttft_at_prefill"] = sum(1 for s in missed if (s.prefill_ttft or 0.0) > cfg.slo_ttft_s)
+    out["missed_ttft_after_prefill"] = sum(1 for s in missed if s.ttft > cfg.slo_ttft_s
+                                           and (s.prefill_ttft or 0.0) <= cfg.slo_ttft_s)
+    out["missed_tpot"] = sum(1 for s in missed if s.ttft <= cfg.slo_ttft_s)
+    return out
+
