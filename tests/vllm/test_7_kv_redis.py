@@ -20,6 +20,7 @@ import pytest
 import redis
 from vllm_stage import Stages, make_prompt, post_json
 
+from kvpilot.operator import render
 from kvpilot.testing.redis import RedisServer
 from kvpilot.testing.router import RouterProcess
 from kvpilot.testing.vllm import BLOCK_SIZE, SERVED, VLLMServer, kvpilot_overlay
@@ -30,10 +31,8 @@ LOCAL = {"source": "local_compute"}
 
 
 def kv_config(urls: str) -> str:
-    return json.dumps({"kv_connector": "KvpilotRedisConnector",
-                       "kv_connector_module_path": "kvpilot.kvtransfer.vllm_connector", "kv_role": "kv_both",
-                       "kv_load_failure_policy": "recompute",
-                       "kv_connector_extra_config": {"redis_url": urls, "ttl_s": 600}}, separators=(",", ":"))
+    """Exactly what the operator renders for `kvTransfer.backend: redis` (here with two shards)."""
+    return json.dumps(render.redis_kv_transfer_config(urls), separators=(",", ":"))
 
 
 class KVPair:
