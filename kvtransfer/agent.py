@@ -72,6 +72,11 @@ class KVAgent:
 
         return self._post(run())
 
+    async def present(self, keys: list[str]) -> list[bool]:
+        """Which blocks the store holds now (a lookup moves no data; another writer may still add
+        or evict one right after)."""
+        return await self.store.exists(keys)
+
     def post_read(self, descs: list[BlockDescriptor]) -> XferHandle:
         async def run() -> list[bytes]:
             got = await self.store.get([d.key for d in descs])

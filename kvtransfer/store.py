@@ -49,6 +49,8 @@ class BlockStore(Protocol):
 
     async def delete(self, keys: list[str]) -> None: ...
 
+    async def exists(self, keys: list[str]) -> list[bool]: ...
+
     async def close(self) -> None: ...
 
 
@@ -68,6 +70,9 @@ class MemoryStore:
     async def delete(self, keys: list[str]) -> None:
         for k in keys:
             self.blocks.pop(k, None)
+
+    async def exists(self, keys: list[str]) -> list[bool]:
+        return [k in self.blocks for k in keys]
 
     async def close(self) -> None:
         self.blocks.clear()
@@ -138,6 +143,16 @@ class RedisStore:
         except (aioredis.RedisError, OSError, TimeoutError) as e:
             raise TransferError(f"delete of {len(keys)} block(s) failed: {e or type(e).__name__}") from e
 
+    async def exists(self, keys: list[str]) -> list[bool]:
+        """Which blocks are stored (their header key; one pipelined round trip, no data moved)."""
+        pipe = self.client.pipeline(transaction=False)
+        for k in keys:
+            pipe.exists(self.prefix + k)
+        try:
+            return [bool(n) for n in await asyncio.wait_for(pipe.execute(), self.timeout_s)]
+        except (aioredis.RedisError, OSError, TimeoutError) as e:
+            raise TransferError(f"lookup of {len(keys)} block(s) failed: {e or type(e).__name__}") from e
+
     async def close(self) -> None:
         await self.client.aclose()
 
@@ -151,6 +166,7 @@ class ShardedStore:
         if not shards:
             raise ValueError("a sharded store needs at least one shard")
         self.shards = shards
+        self.shard_errors = 0
         self._seeds = [xxhash.xxh64_intdigest(n.encode()) for n in (names or [str(i) for i in range(len(shards))])]
 
     def shard_of(self, key: str) -> int:
@@ -179,6 +195,23 @@ class ShardedStore:
     async def delete(self, keys: list[str]) -> None:
         groups = self._split(keys)
         await asyncio.gather(*(self.shards[s].delete([keys[p] for p in ps]) for s, ps in groups.items()))
+
+    async def exists(self, keys: list[str]) -> list[bool]:
+        """Which blocks are stored; a shard that fails answers "absent" for its keys (a lost shard
+        costs its blocks, not the lookup), counted in `shard_errors`."""
+        groups = self._split(keys)
+        results = await asyncio.gather(*(self.shards[s].exists([keys[p] for p in ps]) for s, ps in groups.items()),
+                                       return_exceptions=True)
+        out = [False] * len(keys)
+        for ps, got in zip(groups.values(), results, strict=True):
+            if isinstance(got, BaseException):
+                if not isinstance(got, TransferError):
+                    raise got
+                self.shard_errors += 1
+                continue
+            for p, hit in zip(ps, got, strict=True):
+                out[p] = hit
+        return out
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.shards))

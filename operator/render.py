@@ -254,7 +254,7 @@ def engine_command(spec: WorkerPoolSpec) -> tuple[list[str], list[str]]:
 
 
 def kv_transfer_config(spec: WorkerPoolSpec) -> Obj:
-    """vLLM's --kv-transfer-config for one side of a P/D pair: NIXL by default, LMCache for Redis."""
+    """vLLM's --kv-transfer-config for one side of a P/D pair: NIXL by default, kvpilot's for Redis."""
     backend = spec.kv_transfer.backend if spec.kv_transfer else "nixl"
     if backend == "nixl":
         # Explicit roles (vLLM deprecates kv_both); a pool without GPUs stages KV in host memory.
@@ -263,8 +263,16 @@ def kv_transfer_config(spec: WorkerPoolSpec) -> Obj:
         if not spec.gpus:
             kv["kv_buffer_device"] = "cpu"
         return kv
-    return {"kv_connector": "LMCacheConnectorV1",
-            "kv_role": "kv_producer" if spec.role == "prefill" else "kv_consumer"}
+    return redis_kv_transfer_config(spec.kv_transfer.redis_url if spec.kv_transfer else None)
+
+
+def redis_kv_transfer_config(redis_url: str | None) -> Obj:
+    """kvpilot's own connector (`kvpilot.kvtransfer.vllm_connector`): full KV blocks in Redis by
+    vLLM's block hash. Both sides save and load (kv_both): prefill saves the prompt, decode loads it
+    and saves what it decodes, which a migration's target loads. A failed load recomputes."""
+    return {"kv_connector": "KvpilotRedisConnector", "kv_connector_module_path": "kvpilot.kvtransfer.vllm_connector",
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"redis_url": redis_url or "redis://127.0.0.1:6379/0"}}
 
 
 def kv_events_config(spec: WorkerPoolSpec) -> Obj:
@@ -290,11 +298,8 @@ def engine_env(spec: WorkerPoolSpec) -> list[Obj]:
     kv = spec.kv_transfer
     if spec.engine.type == "vllm":  # the KV-event topic (see kv_events_config)
         env.append({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
-    if spec.engine.type == "vllm" and spec.role != "aggregated":
-        if kv is None or kv.backend == "nixl":
-            env.append({"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "value": "$(POD_IP)"})
-        elif kv.redis_url:
-            env.append({"name": "LMCACHE_REMOTE_URL", "value": kv.redis_url})
+    if spec.engine.type == "vllm" and spec.role != "aggregated" and (kv is None or kv.backend == "nixl"):
+        env.append({"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "value": "$(POD_IP)"})
     if spec.engine.type == "simulator" and kv is not None:
         env.append({"name": "KVPILOT_KV_BACKEND", "value": kv.backend})
         if kv.redis_url:

@@ -64,6 +64,36 @@ def tiny_model() -> Path:
     return out
 
 
+def kvpilot_overlay() -> Path:
+    """A PYTHONPATH entry that makes this checkout's `kvpilot` and its KV store's dependencies
+    (redis-py, xxhash: kvpilot's, the same Python) importable in the vLLM venv, so vLLM can load
+    `kvpilot.kvtransfer.vllm_connector` in its processes. Symlinks, rebuilt per call (cheap)."""
+    import sys
+
+    import redis
+    import xxhash
+
+    key = hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
+    out = cache_root() / "vllm-overlay" / f"{key}-py{sys.version_info[0]}{sys.version_info[1]}"
+    tmp = Path(tempfile.mkdtemp(prefix="overlay-", dir=cache_root()))
+    pkg = tmp / "kvpilot"
+    pkg.mkdir()
+    for f in (REPO / "core").iterdir():
+        (pkg / f.name).symlink_to(f)
+    for sub in ("operator", "router", "autoscaler", "kvtransfer", "sim"):
+        (pkg / sub).symlink_to(REPO / sub)
+    for mod in (redis, xxhash):
+        assert mod.__file__ is not None
+        (tmp / mod.__name__).symlink_to(Path(mod.__file__).parent)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return out
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of `name` (a counter's `_total` sample included) matching `labels`."""
     family_name = name.removesuffix("_total")
@@ -104,7 +134,8 @@ class VLLMServer:
                     "VLLM_CPU_OMP_THREADS_BIND": str(cpu) if cpu is not None else "auto",
                     "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1",
                     "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}", **(env or {})}
-        full_env.pop("PYTHONPATH", None)
+        if "PYTHONPATH" not in (env or {}):  # a caller's own (the KV connector's overlay) is kept
+            full_env.pop("PYTHONPATH", None)
         self.proc = ManagedProcess(f"vllm-{name}", argv, workdir / f"vllm-{name}-{port}.log", env=full_env,
                                    cwd=workdir)
         self.timeout = timeout

@@ -70,12 +70,16 @@ def test_vllm_prefill_args_gpus_and_probes() -> None:
     assert dep["metadata"]["ownerReferences"][0]["kind"] == "WorkerPool"
 
 
-def test_lmcache_roles_follow_the_pool_role() -> None:
+def test_redis_backend_renders_kvpilots_connector_on_both_sides() -> None:
     spec = _spec(kvTransfer={"backend": "redis", "redisURL": "redis://127.0.0.1:6379"})
-    for role, kv_role in (("prefill", "kv_producer"), ("decode", "kv_consumer")):
+    for role in ("prefill", "decode"):
         pool, _ = _pool(spec, role)
-        assert render.kv_transfer_config(pool) == {"kv_connector": "LMCacheConnectorV1", "kv_role": kv_role}
-        assert {"name": "LMCACHE_REMOTE_URL", "value": "redis://127.0.0.1:6379"} in render.engine_env(pool)
+        kv = render.kv_transfer_config(pool)
+        assert kv["kv_connector"] == "KvpilotRedisConnector" and kv["kv_role"] == "kv_both"
+        assert kv["kv_connector_module_path"] == "kvpilot.kvtransfer.vllm_connector"
+        assert kv["kv_load_failure_policy"] == "recompute"  # vLLM's default "fail" would fail the request
+        assert kv["kv_connector_extra_config"] == {"redis_url": "redis://127.0.0.1:6379"}
+        assert not any(e["name"] == "VLLM_NIXL_SIDE_CHANNEL_HOST" for e in render.engine_env(pool))
 
 
 def test_simulator_runs_kvpilot_sim_serve_with_its_profile() -> None:

@@ -1,0 +1,173 @@
+"""KV over Redis between two real vLLM engines (CPU build, tiny model): migration blocking time and
+hot-prefix TTFT after a handover, with kvpilot's `KvpilotRedisConnector`.
+
+Two engines (one core each) share one Redis (maxmemory + allkeys-lru) through the connector:
+- migration: a greedy stream through `kvpilot router` (engine: vllm, migration) is cut after 40
+  tokens and resumed on the other engine (`POST /kvpilot/migrate`); blocking = the router's
+  `blocking_ms` (cut → the target's first token), and what the target loaded vs computed;
+- TTFT of a prompt of `ctx` tokens on engine B: cold (never seen), external (engine A computed it:
+  B loads it from Redis, the ring successor after A leaves), warm (B's own prefix cache).
+
+Usage: .venv/bin/python -P bench/kv_vllm.py [--contexts 2048 8192] [--reps 3] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from kvpilot.testing.redis import RedisServer
+from kvpilot.testing.router import RouterProcess
+from kvpilot.testing.vllm import SERVED, VLLMServer, kvpilot_overlay, tiny_model
+
+EXTERNAL = {"source": "external_kv_transfer"}
+LOCAL = {"source": "local_compute"}
+CUT_AFTER = 40
+
+
+def kv_config(url: str) -> str:
+    return json.dumps({"kv_connector": "KvpilotRedisConnector",
+                       "kv_connector_module_path": "kvpilot.kvtransfer.vllm_connector", "kv_role": "kv_both",
+                       "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"redis_url": url}})
+
+
+def ids(seed: str, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 4000) for _ in range(n)]
+
+
+def text(seed: str, n: int) -> str:
+    """About `n` tokens of text (the router takes string prompts): random words cut at `n` tokens."""
+    from kvpilot.router.kv_events import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model()))
+    rng = random.Random(seed)
+    words = " ".join(rng.choice(("return", "value", "import", "class", "self", "None", "list", "dict", "cache",
+                                 "block", "token", "yield", "while", "lambda")) for _ in range(n))
+    return str(tok.decode(tok.encode(words).ids[:n]))
+
+
+def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        out: dict[str, Any] = json.loads(resp.read())
+        return out
+
+
+def ttft(server: VLLMServer, prompt: list[int]) -> float:
+    body = {"model": SERVED, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
+    req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for raw in resp:
+            if raw.startswith(b"data: {"):
+                return (time.perf_counter() - start) * 1000
+    raise RuntimeError("no token")
+
+
+def migrate_once(router: RouterProcess, servers: dict[str, VLLMServer], prompt: str, rid: str) -> dict[str, Any]:
+    other = {"a": "b", "b": "a"}
+    body = {"model": SERVED, "prompt": prompt, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}
+    req = urllib.request.Request(router.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "X-Request-Id": rid})
+    result: dict[str, Any] = {}
+    before: dict[str, tuple[float, float]] = {}
+    thread: threading.Thread | None = None
+    n = 0
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        source = str(resp.headers["X-Kvpilot-Endpoint"])
+        target = other[source]
+        for raw in resp:
+            if raw.startswith(b"data: {"):
+                n += 1
+                if n == CUT_AFTER:
+                    t = servers[target]
+                    before[target] = (t.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL),
+                                      t.metric("vllm:prompt_tokens_by_source_total", **LOCAL))
+                    thread = threading.Thread(target=lambda: result.update(
+                        post(router.url + "/kvpilot/migrate", {"request_id": rid, "target": target})))
+                    thread.start()
+    assert thread is not None
+    thread.join()
+    t = servers[target]
+    result["loaded"] = t.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL) - before[target][0]
+    result["computed"] = t.metric("vllm:prompt_tokens_by_source_total", **LOCAL) - before[target][1]
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="kv-vllm-bench-"))
+    store = RedisServer(work / "redis")
+    r = redis.Redis(host=store.host, port=store.port)
+    r.config_set("maxmemory", "1gb")
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    # The tiny model declares 2,048 positions; RoPE extends past them (the output is noise anyway).
+    env = {"PYTHONPATH": str(kvpilot_overlay()), "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+    extra = ["--max-model-len", str(max(args.contexts) + 512), "--kv-transfer-config", kv_config(store.url)]
+    servers = {"a": VLLMServer.tiny(name="bench-a", workdir=work, cpu=0, env=env, extra=extra, wait=False),
+               "b": VLLMServer.tiny(name="bench-b", workdir=work, cpu=1, env=env, extra=extra, wait=False)}
+    router: RouterProcess | None = None
+    rows: list[str] = []
+    try:
+        for s in servers.values():
+            s.timeout = 1500  # a busy shared machine: startup has taken over 400 s
+            s.wait()
+        router = RouterProcess([{"name": SERVED, "policy": "round-robin", "engine": "vllm", "migration": {},
+                                 "endpoints": [{"name": n, "url": s.url} for n, s in servers.items()]}], workdir=work)
+        ttft(servers["a"], ids("warmup-a", 400))
+        ttft(servers["b"], ids("warmup-b", 400))
+        for ctx in args.contexts:
+            cold, ext, warm, blocking, loaded, computed = [], [], [], [], [], []
+            for rep in range(args.reps):
+                p = ids(f"ttft-{ctx}-{rep}", ctx)
+                cold.append(ttft(servers["b"], p))
+                q = ids(f"ext-{ctx}-{rep}", ctx)
+                ttft(servers["a"], q)                       # A computes it and saves it
+                time.sleep(0.5)                             # its background writes land
+                ext.append(ttft(servers["b"], q))           # B loads it from Redis
+                warm.append(ttft(servers["b"], q))          # B's own prefix cache
+                m = migrate_once(router, servers, text(f"mig-{ctx}-{rep}", ctx), f"bench-{ctx}-{rep}")
+                assert m.get("outcome") == "migrated", m
+                blocking.append(float(m["blocking_ms"]))
+                loaded.append(m["loaded"])
+                computed.append(m["computed"])
+            med = statistics.median
+            rows.append(f"| {ctx} | {args.reps} | {med(blocking):.1f} | {max(blocking):.1f} | {med(loaded):.0f} | "
+                        f"{max(computed):.0f} | {med(cold):.1f} | {med(ext):.1f} | {med(warm):.1f} | "
+                        f"{med(cold) / med(ext):.2f} | {med(ext) / med(warm):.2f} |")
+            print(rows[-1], flush=True)
+    finally:
+        if router is not None:
+            router.stop()
+        for s in servers.values():
+            s.stop()
+        store.stop()
+    table = "\n".join(["| context | reps | migration blocking median ms | max ms | target loaded tokens (median) | "
+                       "target computed tokens (max) | TTFT cold ms | TTFT external (Redis) ms | TTFT warm ms | "
+                       "cold / external | external / warm |",
+                       "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + f"\n\nload average at the end: {os.getloadavg()}\n")
+
+
+if __name__ == "__main__":
+    main()

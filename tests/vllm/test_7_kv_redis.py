@@ -1,0 +1,189 @@
+"""kvpilot's vLLM KV connector between two real engines over two real Redis shards.
+
+Both engines run `KvpilotRedisConnector` (kv_both) against the same two Redis servers, so any
+block one computes the other can load. In file order: P/D through the router (decode loads the
+prompt the prefill engine saved), live migration by resume (the target loads every full block,
+including the ones the source saved while decoding), one shard lost (misses only), and Redis
+killed under load (every request completes with the same tokens; the failures are counted)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from vllm_stage import Stages, make_prompt, post_json
+
+from kvpilot.operator import render
+from kvpilot.testing.redis import RedisServer
+from kvpilot.testing.router import RouterProcess
+from kvpilot.testing.vllm import BLOCK_SIZE, SERVED, VLLMServer, kvpilot_overlay
+
+BLOCK_BYTES = 2 * 2 * BLOCK_SIZE * 2 * 32 * 4      # layers × kv heads × tokens × (K|V) × head dim × fp32
+EXTERNAL = {"source": "external_kv_transfer"}
+LOCAL = {"source": "local_compute"}
+
+
+def kv_config(urls: str) -> str:
+    """Exactly what the operator renders for `kvTransfer.backend: redis` (here with two shards)."""
+    return json.dumps(render.redis_kv_transfer_config(urls), separators=(",", ":"))
+
+
+class KVPair:
+    def __init__(self, workdir: Path) -> None:
+        self.shards = [RedisServer(workdir / f"redis-{i}") for i in range(2)]
+        for s in self.shards:  # the documented production setting: bounded, least recently used goes first
+            r = redis.Redis(host=s.host, port=s.port)
+            r.config_set("maxmemory", "256mb")
+            r.config_set("maxmemory-policy", "allkeys-lru")
+        urls = ",".join(s.url for s in self.shards)
+        env = {"PYTHONPATH": str(kvpilot_overlay())}
+        self.x = VLLMServer.tiny(name="kv-x", workdir=workdir, cpu=0, env=env, wait=False,
+                                 extra=["--kv-transfer-config", kv_config(urls)])
+        self.y = VLLMServer.tiny(name="kv-y", workdir=workdir, cpu=1, env=env, wait=False,
+                                 extra=["--kv-transfer-config", kv_config(urls)])
+        self.x.wait()
+        self.y.wait()
+
+    def keys(self, shard: int) -> list[bytes]:
+        s = self.shards[shard]
+        return list(redis.Redis(host=s.host, port=s.port).scan_iter(match="kvp:vllm:*", count=1000))
+
+    def total_keys(self) -> int:
+        return sum(len(self.keys(i)) for i in range(2) if self.shards[i].proc.alive())
+
+    def stop(self) -> None:
+        for server in (self.x, self.y):
+            server.stop()
+        for s in self.shards:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def kv(vllm_stages: Stages, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KVPair]:
+    vllm_stages.stop()  # two engines at a time on this machine
+    pair = KVPair(tmp_path_factory.mktemp("kv-redis"))
+    try:
+        yield pair
+    finally:
+        pair.stop()
+
+
+def greedy(prompt: str | list[int], max_tokens: int = 16) -> dict[str, Any]:
+    return {"model": SERVED, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+
+
+def wait_keys(kv: KVPair, at_least: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while kv.total_keys() < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kv.total_keys() >= at_least, (kv.total_keys(), at_least)
+
+
+def test_pd_over_redis_decode_loads_the_prompt_and_answers_as_aggregated(
+        kv: KVPair, router_factory: Callable[..., RouterProcess]) -> None:
+    router = router_factory([{"name": SERVED, "policy": "round-robin", "mode": "disaggregated", "endpoints": [
+        {"name": "kv-x", "url": kv.x.url, "role": "prefill"}, {"name": "kv-y", "url": kv.y.url, "role": "decode"}]}])
+    prompt = make_prompt("kv-pd", 4 * BLOCK_SIZE + 40)
+    moved, computed = kv.y.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL), \
+        kv.y.metric("vllm:prompt_tokens_by_source_total", **LOCAL)
+    out, headers = post_json(router.url + "/v1/completions", greedy(prompt))
+    assert headers["X-Kvpilot-Endpoint"] == "kv-y"
+    transferred = kv.y.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL) - moved
+    local = kv.y.metric("vllm:prompt_tokens_by_source_total", **LOCAL) - computed
+    # Decode took every full prompt block from Redis and computed only the partial tail.
+    assert transferred == 4 * BLOCK_SIZE and local == out["usage"]["prompt_tokens"] - transferred, (transferred, local)
+    assert kv.y.metric("vllm:kvpilot_kv_loaded_blocks_total") >= 4
+    # The aggregated run (the prefill engine, start to end) gives the same greedy tokens.
+    agg = kv.x.post("/v1/completions", greedy(prompt))["choices"][0]
+    assert out["choices"][0]["token_ids"] == agg["token_ids"] and out["choices"][0]["text"] == agg["text"]
+    # The bytes are in Redis: whole blocks (all layers, plus the store's 16-byte header).
+    keys = kv.keys(0) + kv.keys(1)
+    assert len(keys) >= 4
+    sizes = {redis.Redis(host=s.host, port=s.port).strlen(k) for s in kv.shards for k in kv.keys(kv.shards.index(s))}
+    assert sizes == {BLOCK_BYTES + 16}, sizes
+
+
+def test_migrated_stream_loads_its_blocks_on_the_target(
+        kv: KVPair, router_factory: Callable[..., RouterProcess]) -> None:
+    router = router_factory([{"name": SERVED, "policy": "round-robin", "engine": "vllm", "migration": {},
+                              "endpoints": [{"name": "kv-x", "url": kv.x.url}, {"name": "kv-y", "url": kv.y.url}]}])
+    servers = {"kv-x": kv.x, "kv-y": kv.y}
+    other = {"kv-x": "kv-y", "kv-y": "kv-x"}
+    body = greedy(make_prompt("kv-migrate", 300), 400)
+    before = {n: (s.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL),
+                  s.metric("vllm:prompt_tokens_by_source_total", **LOCAL)) for n, s in servers.items()}
+    results: list[dict[str, Any]] = []
+
+    def move(source: str) -> None:
+        results.append(post_json(router.url + "/kvpilot/migrate", {"request_id": "kv-mig-1",
+                                                                   "target": other[source]})[0])
+
+    from test_2_resume import _stream  # the same client as the resume test: cut after 40 chunks
+
+    payloads, source = _stream(router.url, body, "kv-mig-1", move)
+    result = results[0]
+    assert result["outcome"] == "migrated" and result["mode"] == "resume", result
+    target, cut = other[source], result["resumed_tokens"]
+    got = [t for p in payloads for c in p["choices"] for t in c["token_ids"]]
+    prompt_ids = next(c["prompt_token_ids"] for p in payloads for c in p["choices"] if c.get("prompt_token_ids"))
+    # The unmigrated run on the source (its prefix cache is warm; greedy, so the same tokens).
+    base = servers[source].post("/v1/completions", body)["choices"][0]
+    assert got == base["token_ids"]
+    # The target loaded every full block of prompt + generated from Redis (the source saved the
+    # decoded ones as they filled) and computed less than one block.
+    loaded = servers[target].metric("vllm:prompt_tokens_by_source_total", **EXTERNAL) - before[target][0]
+    computed = servers[target].metric("vllm:prompt_tokens_by_source_total", **LOCAL) - before[target][1]
+    resumed = len(prompt_ids) + cut
+    assert loaded == (resumed - 1) // BLOCK_SIZE * BLOCK_SIZE and computed <= BLOCK_SIZE, (loaded, computed, resumed)
+    assert result["blocking_ms"] > 0
+
+
+def _run_on(server: VLLMServer, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: server.post("/v1/completions", b)["choices"][0], bodies))
+
+
+def test_one_shard_lost_means_misses_only(kv: KVPair) -> None:
+    bodies = [greedy(make_prompt(f"kv-shard-{i}", 7 * BLOCK_SIZE + 20)) for i in range(3)]
+    start = kv.total_keys()
+    ref = [kv.x.post("/v1/completions", b)["choices"][0] for b in bodies]
+    wait_keys(kv, start + 21)
+    assert len(kv.keys(0)) >= 5 and len(kv.keys(1)) >= 5  # blocks spread over both shards
+    on_first = len(kv.keys(0))
+    kv.shards[1].stop()
+    failed = kv.y.metric("vllm:kvpilot_kv_failed_loads_total")
+    moved = kv.y.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL)
+    got = _run_on(kv.y, bodies)
+    assert [g["token_ids"] for g in got] == [r["token_ids"] for r in ref]
+    loaded = kv.y.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL) - moved
+    # Only the leading blocks that sit on the live shard came from Redis; nothing failed to load.
+    assert 0 <= loaded <= on_first * BLOCK_SIZE and loaded % BLOCK_SIZE == 0
+    assert kv.y.metric("vllm:kvpilot_kv_failed_loads_total") == failed
+
+
+def test_redis_killed_mid_transfer_every_request_completes_and_is_counted(kv: KVPair) -> None:
+    bodies = [greedy(make_prompt(f"kv-kill-{i}", 2 * BLOCK_SIZE + 60), 200) for i in range(4)]
+    ref = [kv.x.post("/v1/completions", b)["choices"][0] for b in bodies]
+    failed = kv.y.metric("vllm:kvpilot_kv_num_failed_transfers_total")
+    killer = threading.Timer(0.3, kv.shards[0].stop)  # while Y loads and decodes (and saves) the four
+    killer.start()
+    try:
+        got = _run_on(kv.y, bodies)
+    finally:
+        killer.join()
+    assert [g["token_ids"] for g in got] == [r["token_ids"] for r in ref]
+    # With no store at all: served by recomputing, same tokens.
+    after = kv.y.post("/v1/completions", bodies[0])["choices"][0]
+    assert after["token_ids"] == ref[0]["token_ids"]
+    deadline = time.monotonic() + 15  # vLLM publishes connector stats with its periodic logging
+    while kv.y.metric("vllm:kvpilot_kv_num_failed_transfers_total") <= failed and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert kv.y.metric("vllm:kvpilot_kv_num_failed_transfers_total") > failed
