@@ -93,8 +93,11 @@ def test_demo_runs_to_completion_and_reports(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
     assert out.returncode == 0, out.stdout + out.stderr
     for policy in ("dualmap", "round-robin"):
-        row = next(line for line in out.stdout.splitlines() if line.split()[:1] == [policy])
-        assert "40/0" in row.split()  # every request answered, none failed
+        # The table's row: the policy, then ok/errors (the progress bar and autoscaler lines also
+        # start with the policy's name).
+        rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] == [policy]]
+        row = next(r for r in rows if len(r) > 1 and r[1].replace("/", "").isdigit())
+        assert row[1] == "40/0"  # every request answered, none failed
     assert "SLO" in out.stdout and "hit" in out.stdout and "GPUs" in out.stdout and "ideal" in out.stdout
     png = tmp_path / "demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

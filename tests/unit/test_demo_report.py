@@ -30,3 +30,12 @@ def test_report_fits_80_columns_without_cutting_headers_or_numbers() -> None:
 def test_ideal_hit_rate_is_high_for_agentic_and_nil_without_reuse() -> None:
     assert ideal_hit_rate(make_workload("agentic", 500, 10.0, seed=0), 4 * 445_000) > 0.6
     assert ideal_hit_rate(make_workload("no-reuse", 500, 10.0, seed=0), 4 * 445_000) == 0.0
+
+
+def test_demo_workload_is_the_mooncake_head_or_a_generated_one() -> None:
+    from kvpilot.demo import demo_workload
+
+    specs, label = demo_workload("mooncake", 50)
+    assert label == "Mooncake" and len(specs) == 50 and specs[0].request_id == "mc-0"
+    specs, label = demo_workload("agentic", 50)
+    assert label == "agentic" and len(specs) == 50 and all(s.tenant for s in specs)
