@@ -198,10 +198,13 @@ class ShardedStore:
 
     async def exists(self, keys: list[str]) -> list[bool]:
         """Which blocks are stored; a shard that fails answers "absent" for its keys (a lost shard
-        costs its blocks, not the lookup), counted in `shard_errors`."""
+        costs its blocks, not the lookup), counted in `shard_errors`. All of them failing raises."""
         groups = self._split(keys)
         results = await asyncio.gather(*(self.shards[s].exists([keys[p] for p in ps]) for s, ps in groups.items()),
                                        return_exceptions=True)
+        errors = [r for r in results if isinstance(r, TransferError)]
+        if errors and len(errors) == len(self.shards):
+            raise errors[0]  # every shard is down: the store is, not just a shard
         out = [False] * len(keys)
         for ps, got in zip(groups.values(), results, strict=True):
             if isinstance(got, BaseException):

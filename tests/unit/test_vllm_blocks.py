@@ -112,6 +112,8 @@ def test_sharded_lookup_counts_a_lost_shard_as_misses() -> None:
     got = asyncio.run(store.exists(keys))
     assert got == [store.shard_of(k) == 0 for k in keys] and any(got) and not all(got)
     assert store.shard_errors == 1
+    with pytest.raises(TransferError):  # every shard down: the store is down (counted, backed off)
+        asyncio.run(ShardedStore([Down(), Down()]).exists(keys))
 
 
 def test_connector_module_imports_without_vllm() -> None:
