@@ -16,8 +16,8 @@ FOLDERS = {"core": "kvpilot", "operator": "kvpilot.operator", "router": "kvpilot
            "autoscaler": "kvpilot.autoscaler", "kvtransfer": "kvpilot.kvtransfer", "sim": "kvpilot.sim"}
 # Top-level modules in core/ that wire components together (entry points, the local control plane,
 # test fixtures) may import anything; the rest of core is shared types and names.
-APPS = {"kvpilot.cli", "kvpilot.local", "kvpilot.local_cli", "kvpilot.demo", "kvpilot.bench_cli",
-        "kvpilot.plots", "kvpilot.testing"}
+APPS = {"kvpilot.cli", "kvpilot.local", "kvpilot.local_cli", "kvpilot.local_monitoring", "kvpilot.demo",
+        "kvpilot.bench_cli", "kvpilot.plots", "kvpilot.testing", "kvpilot.dashboards.screenshots"}
 ALLOWED = {
     "core": {"core"},
     "kvtransfer": {"core", "kvtransfer"},
