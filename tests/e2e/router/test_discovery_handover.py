@@ -59,8 +59,8 @@ def test_a_deleted_pods_hot_prefix_moves_to_its_ring_successor(
             "conditions": [{"type": "Ready", "status": "True"}]}})
     members, owners = frozenset(names), dual_ring_owners()
     prompt = next(p for p in (block_text(s, 1024) for s in range(500))
-                  if owners(block_hashes(p, 256)[-1], members)[0] == "engine-3")
-    key = block_hashes(prompt, 256)[-1]
+                  if owners(block_hashes(p, 256)[0], members)[0] == "engine-3")
+    key = block_hashes(prompt, 256)[0]
 
     monkeypatch.setenv("KUBECONFIG", str(k8s_api.kubeconfig))
     router = RouterProcess([{"name": "sim-model", "policy": "dualmap", "discovery": {

@@ -18,7 +18,9 @@ from kvpilot.procs import wait_for
 from kvpilot.router.hashring import dual_ring_owners
 from kvpilot.tokens import block_hashes, block_text
 
-ROUTER_BLOCK = 256  # the router's hashing granularity; its affinity key spans 1024 tokens = 4 blocks
+# The router's hashing granularity. DualMap keys a prefix that is not hot (fewer than its share of
+# the first hundred requests, as every prompt here) by its first block.
+ROUTER_BLOCK = 256
 POOL = PoolRef("local", "sc", "aggregated", "sc-aggregated")
 
 
@@ -59,7 +61,7 @@ def _prompt_owned_by(pod: str, members: frozenset[str]) -> tuple[str, int]:
     owners = dual_ring_owners()
     for seed in range(500):
         prompt = block_text(seed, 1024)
-        key = block_hashes(prompt, ROUTER_BLOCK)[-1]
+        key = block_hashes(prompt, ROUTER_BLOCK)[0]
         if owners(key, members)[0] == pod:
             return prompt, key
     raise AssertionError(f"no prompt keyed to {pod}")
@@ -91,7 +93,7 @@ def test_retired_workers_hot_prefix_is_a_hit_on_its_successor_and_a_new_worker_i
         # Scale out: the new worker owns the prompt's key on one ring and gets it before it serves.
         joining = "sc-aggregated-4"
         members = frozenset(plane.workers)
-        prompt2, key2 = next((p, k) for p, k in ((block_text(s, 1024), block_hashes(block_text(s, 1024), 256)[-1])
+        prompt2, key2 = next((p, k) for p, k in ((block_text(s, 1024), block_hashes(block_text(s, 1024), ROUTER_BLOCK)[0])
                                                  for s in range(1000, 1500))
                              if joining in owners(k, members | {joining}))
         first = owners(key2, members)[0]

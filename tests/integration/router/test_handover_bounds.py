@@ -60,7 +60,7 @@ async def _setup(workers: dict[str, Worker], timeout_s: float, hot: int) -> tupl
     handovers.add_model("m", pool, HandoverConfig(timeout_s=timeout_s), 256)
     owners = dual_ring_owners()
     prompts = [p for p in (block_text(s, 1024) for s in range(400))
-               if "a" in owners(block_hashes(p, 256)[-1], MEMBERS)][:hot]
+               if "a" in owners(block_hashes(p, 256)[0], MEMBERS)][:hot]
     pool.healthy()
     for i, prompt in enumerate(prompts * 2):  # twice each: all hot
         view = RequestView(f"r{i}", 1024, block_hashes(prompt, 256))
