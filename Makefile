@@ -1,5 +1,5 @@
 # kvpilot developer entry points. `make test` is the one command CI runs.
-.PHONY: demo test lint k8s-harness clean
+.PHONY: demo test lint dashboards k8s-harness clean
 
 # The main job: the local control plane on simulated GPUs under a replayed trace (kvpilot demo).
 demo:
@@ -10,6 +10,10 @@ test:
 
 lint:
 	bash scripts/lint.sh
+
+# Regenerate the Grafana dashboards and Prometheus rules (deploy/ and the chart's copies) from core/dashboards/.
+dashboards:
+	.venv/bin/python -P -m kvpilot.dashboards
 
 # Start the real test control plane by hand (full mode, 2 kwok GPU nodes); Ctrl-C stops it.
 k8s-harness:

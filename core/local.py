@@ -344,6 +344,10 @@ class LocalControlPlane:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._lock:   # first: quick, and nothing is left to watch (_publish holds the lock)
+            mon, self.monitoring = self.monitoring, None
+        if mon is not None:
+            mon.stop()
         for t in self._threads:
             t.join(timeout=5)
         with self._lock:
@@ -353,9 +357,6 @@ class LocalControlPlane:
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
-        if self.monitoring is not None:
-            self.monitoring.stop()
-            self.monitoring = None
 
     def __enter__(self) -> LocalControlPlane:
         return self.start()

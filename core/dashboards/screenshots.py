@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{uid}: {rendered.ok}/{rendered.panels} panels with data {rendered.failed or ''}")
             print(f"  {screenshot(url, args.out / name, height=1500)}")
     finally:
-        up.stop()
+        up.stop(timeout=60)   # it stops its workers and Prometheus first
     return 0
 
 

@@ -1,7 +1,7 @@
 """Every dashboard query and every rule expression answers on a real Prometheus scraping the local
 control plane under load (`kvpilot up --prometheus`), and the check catches a dropped metric.
 
-The operator's panels and rules need a real apiserver: tests/e2e/operator/test_dashboards.py.
+The operator's panels and rules need a real apiserver: tests/e2e/operator/test_operator_dashboard.py.
 """
 
 from __future__ import annotations
