@@ -25,6 +25,9 @@ def register(sub: Any) -> None:
     run.add_argument("--cold-start", type=float, default=60.0,
                      help="seconds a new replica takes to serve; demand is forecast this far ahead")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    run.add_argument("--prometheus-url",
+                     help="read every pool's signals by PromQL from this Prometheus instead of scraping its pods "
+                          "(the pods' series labelled namespace and pod, as Kubernetes discovery does)")
     run.add_argument("--leader-elect", action="store_true",
                      help="run as one of several replicas: only the holder of a coordination.k8s.io Lease acts")
     run.add_argument("--lease-name", default="kvpilot-autoscaler", help="the Lease's name")
@@ -92,7 +95,8 @@ def _run(args: argparse.Namespace) -> int:
     api = load_client()
     custom = client.CustomObjectsApi(api)
     scaler = Autoscaler(KubernetesActuator(api), metrics=Metrics(),
-                        base=PlannerConfig(forecast_s=2 * args.cold_start + args.interval))
+                        base=PlannerConfig(forecast_s=2 * args.cold_start + args.interval),
+                        prometheus_url=args.prometheus_url)
     stop = threading.Event()
     written: dict[tuple[str, str, str], tuple[Any, ...]] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):

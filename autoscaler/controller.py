@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvpilot import vllm_metrics
 from kvpilot.autoscaler.actuators import Actuator, PoolRef
-from kvpilot.autoscaler.planner import Plan, PlannerConfig, PoolPlanner, Role
-from kvpilot.autoscaler.signals import ScrapeSignals
+from kvpilot.autoscaler.planner import Plan, PlannerConfig, PoolPlanner, PoolSignals, Role
+from kvpilot.autoscaler.signals import PromSignals, ScrapeSignals
 from kvpilot.crds import LLMServiceSpec, PoolSpec
 from kvpilot.names import POOL_ROLE_LABEL, pool_name
 
@@ -128,8 +128,9 @@ class Autoscaler:
     """One autoscaler for every LLMService it is shown; `tick` is one interval."""
 
     def __init__(self, actuator: Actuator, *, base: PlannerConfig | None = None, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, prometheus_url: str | None = None) -> None:
         self.actuator = actuator
+        self.prometheus_url = prometheus_url   # set: signals by PromQL instead of scraping the pods
         self.base = base or PlannerConfig()
         self.metrics = metrics
         self.clock = clock
@@ -176,8 +177,14 @@ class Autoscaler:
             if self.metrics is not None:
                 self.metrics.record(d)
             return d
-        signals = reader.read(state.metrics_urls, now, state.asked, state.router_urls,
-                              POOL_ROLE_LABEL[ref.role]) if state.metrics_urls else None
+        if self.prometheus_url:
+            # The pool's pods as Prometheus' Kubernetes discovery labels them (namespace, pod).
+            prom = PromSignals(self.prometheus_url, f'namespace="{ref.namespace}",pod=~"{ref.name}-.*"',
+                               config.ttft_slo_s)
+            signals: PoolSignals | None = prom.read(now, state.asked, state.ready)
+        else:
+            signals = reader.read(state.metrics_urls, now, state.asked, state.router_urls,
+                                  POOL_ROLE_LABEL[ref.role]) if state.metrics_urls else None
         if signals is None:
             plan = Plan(state.asked, "holding: no ready replica to read metrics from")
             if state.unschedulable:

@@ -11,7 +11,8 @@ counts what piled up unserved (the waiting queue's growth), not only what was co
 acts in one interval; scale-down only when every desired value over the stabilisation window was
 lower, and by at most `max_step`. While replicas are still starting, nothing is decided on the
 breach they are starting for; only demand beyond what was already asked for adds more. With
-missing or stale metrics the size is held, never read as zero load. Opt-in, off by default (measured
+missing or stale metrics the size is held, never read as zero load. Replicas that cannot schedule
+(no free GPU) are not waited on and not added to: the size is capped where it is. Opt-in, off by default (measured
 in bench/results/autoscale.md, session 5): a step-robust trend (`forecast_robust`), a trend followed
 only beyond the window's demand range (`forecast_breakout`), and keeping an aggregated pool's
 light-load raw prefill rate out of its capacity (`raw_bound_aggregated=False`).
@@ -254,9 +255,9 @@ class PoolPlanner:
         """The size to ask for, capped while GPUs are short: replicas that cannot schedule are not
         "starting" (waiting on them would stall every decision), and asking for more than the
         current size would only queue more pods behind them."""
-        if s.unschedulable <= 0:
+        stuck = min(s.unschedulable, max(0, s.current - s.ready))   # only not-ready ones can be Pending
+        if stuck <= 0:
             return self._plan(s)
-        stuck = min(s.unschedulable, max(0, s.current - s.ready))
         p = self._plan(replace(s, current=s.current - stuck))
         short = f"waiting for GPUs: {stuck} replica(s) unschedulable"
         if p.desired > s.current - stuck:

@@ -83,3 +83,16 @@ def test_a_pool_an_hpa_also_scales_is_left_alone_and_the_status_says_why() -> No
     decisions = Autoscaler(act, clock=lambda: 0.0).tick([("ns", "svc", spec().model_dump(by_alias=True))])
     assert decisions and all(d.desired == 3 and d.reason == why for d in decisions)
     assert act.scaled == []
+
+
+def test_with_a_prometheus_url_the_signals_come_from_promql_not_the_pods() -> None:
+    """No pod to scrape, and a Prometheus that does not answer (nothing listens on port 9): the
+    scraping path says there is no replica to read; the PromQL path asks Prometheus, gets no
+    series, and holds on missing metrics. Neither scales on silence."""
+    act = FakeActuator(PoolState(2, 2, []))
+    scraped = Autoscaler(act, clock=lambda: 0.0).tick([("ns", "svc", spec().model_dump(by_alias=True))])
+    assert all("no ready replica" in d.reason for d in scraped)
+    promql = Autoscaler(act, clock=lambda: 0.0, prometheus_url="http://127.0.0.1:9")
+    decisions = promql.tick([("ns", "svc", spec().model_dump(by_alias=True))])
+    assert decisions and all(d.desired == 2 and "missing" in d.reason for d in decisions)
+    assert act.scaled == []
