@@ -22,7 +22,7 @@ RUN python -m venv /opt/kvpilot \
  && /opt/kvpilot/bin/pip install build \
  && /opt/kvpilot/bin/python -m build --wheel --outdir /dist . \
  && /opt/kvpilot/bin/pip uninstall -y build pyproject_hooks packaging \
- && /opt/kvpilot/bin/pip install /dist/kvpilot-*.whl \
+ && /opt/kvpilot/bin/pip install "$(ls /dist/kvpilot-*.whl)[all]" \
  && /opt/kvpilot/bin/pip uninstall -y pip setuptools wheel \
  && /opt/kvpilot/bin/python -m compileall -q /opt/kvpilot
 

@@ -62,6 +62,9 @@ trap 'rm -rf "$work" "${base:-/nonexistent}.tmp"' EXIT
 rm -rf "$work" && mkdir -p "$work/dist"
 
 # -- 1. the wheel ------------------------------------------------------------------------------
+# The image runs every component (operator, router, autoscaler, simulator, KV events), not the
+# benchmarks: kvpilot[all], no plotting stack.
+EXTRAS=all
 log "building the kvpilot $VERSION wheel"
 # From a copy of exactly the hashed files: nothing else (no build/ left in the clone).
 mkdir -p "$work/src"
@@ -77,7 +80,7 @@ wheel="$(ls "$work/dist"/kvpilot-*.whl)"
 # rest from the same index, trusting this machine's CA bundle for the duration of the install.
 if "$python" -P -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   log "fetching its dependencies as wheels"
-  "$python" -P -m pip wheel --quiet --wheel-dir "$work/dist" "$wheel" >&2
+  "$python" -P -m pip wheel --quiet --wheel-dir "$work/dist" "$wheel[$EXTRAS]" >&2
 fi
 ca="$("$python" -P -c 'import os, ssl; print(os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or ssl.get_default_verify_paths().cafile or "")')"
 if [ -n "$ca" ] && [ -f "$ca" ]; then cp "$ca" "$work/dist/host-ca.pem"; else : >"$work/dist/host-ca.pem"; fi
@@ -125,7 +128,7 @@ mkdir -p "$rootfs/tmp/dist" && cp "$work/dist"/* "$rootfs/tmp/dist/"
 cp -L /etc/resolv.conf "$rootfs/etc/resolv.conf" 2>/dev/null || true   # only used if a wheel is fetched
 chroot "$rootfs" /usr/bin/python3 -m venv /opt/kvpilot
 chroot "$rootfs" /usr/bin/env -i "${pip_env[@]}" /opt/kvpilot/bin/pip install --quiet \
-  --disable-pip-version-check --no-cache-dir --find-links /tmp/dist kvpilot >&2
+  --disable-pip-version-check --no-cache-dir --find-links /tmp/dist "kvpilot[$EXTRAS]" >&2
 chroot "$rootfs" /usr/bin/env -i /opt/kvpilot/bin/pip uninstall --quiet -y pip setuptools >&2
 chroot "$rootfs" /opt/kvpilot/bin/python -m compileall -q /opt/kvpilot >&2
 t_venv=$(date +%s)

@@ -93,8 +93,8 @@ def test_retired_workers_hot_prefix_is_a_hit_on_its_successor_and_a_new_worker_i
         # Scale out: the new worker owns the prompt's key on one ring and gets it before it serves.
         joining = "sc-aggregated-4"
         members = frozenset(plane.workers)
-        prompt2, key2 = next((p, k) for p, k in ((block_text(s, 1024), block_hashes(block_text(s, 1024), ROUTER_BLOCK)[0])
-                                                 for s in range(1000, 1500))
+        texts = (block_text(s, 1024) for s in range(1000, 1500))
+        prompt2, key2 = next((p, k) for p, k in ((t, block_hashes(t, ROUTER_BLOCK)[0]) for t in texts)
                              if joining in owners(k, members | {joining}))
         first = owners(key2, members)[0]
         _warm(plane.url, prompt2, first)
