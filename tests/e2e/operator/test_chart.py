@@ -53,7 +53,9 @@ def test_lint_and_template(crds: ControlPlane) -> None:
     scaler = _verbs(_named(docs, "Role", "kv-kvpilot-autoscaler"))
     assert scaler == {("kvpilot.io", "llmservices"): {"get", "list"}, ("kvpilot.io", "llmservices/status"): {"patch"},
                       ("kvpilot.io", "workerpools"): {"get"}, ("kvpilot.io", "workerpools/scale"): {"get", "patch"},
-                      ("", "pods"): {"list", "patch"}}
+                      ("", "pods"): {"list", "patch"},
+                      ("autoscaling", "horizontalpodautoscalers"): {"list"},          # refuses HPA-targeted pools
+                      ("coordination.k8s.io", "leases"): {"get", "create", "update"}}  # --leader-elect
     dep = _named(docs, "Deployment", "kv-kvpilot-autoscaler")["spec"]
     assert dep["replicas"] == 1 and dep["template"]["spec"]["serviceAccountName"] == "kv-kvpilot-autoscaler"
     assert dep["template"]["spec"]["containers"][0]["args"][:2] == ["autoscaler", "run"]
