@@ -19,6 +19,9 @@ def test_engine_panels_answer_on_plain_vllm(pair: Stage, prometheus_factory: Cal
     engine = [e for e in load_all() if e.kind == "panel" and (names := metric_names(e.expr))
               and all(n.startswith("vllm:") and "nixl" not in n for n in names)]
     assert len(engine) >= 12
+    # Counters must be seen before and after the requests: a first scrape that comes after them sees
+    # a flat counter, and every rate() stays 0.
+    wait_for(lambda: len(prom.query("up == 1")) == len(pair.servers), 60, "Prometheus to scrape both engines")
     for i, server in enumerate(pair.servers.values()):
         client = server.openai_client()
         for j in range(3):
