@@ -38,10 +38,12 @@ spec:
   mode: aggregated
   decode: {replicas: 2, minReplicas: 2, maxReplicas: 4}
   routing: {policy: dualmap, migration: true}
-  slo: {ttftMs: 2000, tpotMs: 100, attainment: 0.9}
+  slo: {ttftMs: 1, tpotMs: 100, attainment: 0.9}
   autoscaling: {enabled: true, scaleDownStabilizationSeconds: 60}
   kvTransfer: {backend: redis, redisURL: REDIS}
 """
+# A TTFT target no engine meets, so the autoscaler scales up whatever this machine's speed: on a quiet
+# machine the load alone stays inside a 2 s SLO and every decision is "hold".
 PREFIXES = [f"You are assistant {i}. " + "Answer briefly and cite the manual. " * 60 for i in range(6)]
 
 
