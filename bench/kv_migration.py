@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from kvpilot.kvtransfer import protocol
 from kvpilot.router.migration import SseSplicer
 from kvpilot.testing.redis import RedisServer
 from kvpilot.testing.sim import SimWorker
@@ -33,7 +34,7 @@ from kvpilot.tokens import block_text
 
 async def run_context(a: SimWorker, b: SimWorker, ctx: int, migrations: int, settle_s: float) -> dict[str, Any]:
     rid = f"bench-{ctx}"
-    headers = {"X-Request-Id": rid, "X-Kvpilot-Migratable": "1"}
+    headers = {protocol.REQUEST_ID: rid, protocol.MIGRATABLE: "1"}
     body = {"model": "sim-model", "prompt": block_text(ctx, ctx), "max_tokens": 100_000, "stream": True}
     times: list[float] = []
     handoffs: list[int] = []           # token index at which each continuation starts
@@ -53,7 +54,7 @@ async def run_context(a: SimWorker, b: SimWorker, ctx: int, migrations: int, set
                 if handoff is None:
                     return
                 handoffs.append(len(times))
-                resp = await s.get(str(handoff["target"]) + str(handoff["stream"]), headers=headers)
+                resp = await s.get(handoff.target + handoff.stream, headers=headers)
 
         reader = asyncio.create_task(read())
         while len(times) < 20:

@@ -55,6 +55,6 @@ def next_step(rounds_done: int, delta_tokens: int, tuning: CopyTuning) -> Step:
     return Step.COPY
 
 
-def block_key(migration_id: str, index: int) -> str:
+def migration_block_key(migration_id: str, index: int) -> str:
     """Store key of one copied block (see `kvpilot.kvtransfer.store` for the full Redis key)."""
     return f"mig:{migration_id}:{index}"

@@ -5,27 +5,26 @@ key's two candidates). When a pod leaves, its keys fall to ring successors, whic
 cold cache for them; when a pod joins, it takes over ~1/N of the keys, again cold. Both cost a
 burst of prefill recomputation exactly when capacity is changing. So:
 
-- scale-in: before the pod goes, `plan_scale_in` lists, per remaining pod, the hot prefixes it
-  newly owns once the pod is gone; `PrefixHandover.export` pushes the leaving pod's KV of those
-  prefixes to the store, and each successor `import_`s what it inherits;
+- scale-in: before the pod goes, the router's `plan_scale_in` (router/hot_prefixes.py) lists, per
+  remaining pod, the hot prefixes it newly owns once the pod is gone; `PrefixHandover.export`
+  pushes the leaving pod's KV of those prefixes to the store, and each successor `import_`s what
+  it inherits;
 - scale-out: `plan_scale_out` lists the hot prefixes the new pod newly owns; a current owner
   exports them and the new pod imports them before it takes traffic.
 
 Blocks are stored content-addressed by their chained prefix hash (`pfx:{hash:016x}`), so a block
-shared by several prefixes moves once. Planning is pure (owners come from a function, e.g.
-`kvpilot.router.hashring.dual_ring_owners`); export/import go through a `KVAgent` and fail soft: a failed handover means
-the successor recomputes, as it would have without one.
+shared by several prefixes moves once. Planning is the router's (it owns the rings); this module is
+the transport: export/import go through a `KVAgent` and fail soft: a failed handover means the
+successor recomputes, as it would have without one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.store import BlockDescriptor, TransferError
-
-Owners = Callable[[int, frozenset[str]], tuple[str, ...]]   # (affinity key, members) → the key's owners
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,41 +46,12 @@ class Manifest:
         return sum(d.size for descs in self.prefixes.values() for d in descs)
 
 
-def plan_scale_in(hot: Iterable[HotPrefix], leaving: str, members: frozenset[str],
-                  owners: Owners) -> dict[str, list[HotPrefix]]:
-    """Per remaining pod, the hot prefixes the leaving pod owns now that fall to that pod once
-    it is gone (pods that already owned a prefix have its KV and get nothing), most used first."""
-    after = members - {leaving}
-    out: dict[str, list[HotPrefix]] = {}
-    for p in sorted(hot, key=lambda p: (-p.hits, p.key)):
-        before = owners(p.key, members)
-        if leaving not in before:
-            continue
-        for pod in owners(p.key, after):
-            if pod not in before:
-                out.setdefault(pod, []).append(p)
-    return out
-
-
-def plan_scale_out(hot: Iterable[HotPrefix], joining: str, members: frozenset[str],
-                   owners: Owners) -> dict[str, list[HotPrefix]]:
-    """Per current owner, the hot prefixes the joining pod will newly own, to export for it."""
-    after = members | {joining}
-    out: dict[str, list[HotPrefix]] = {}
-    for p in sorted(hot, key=lambda p: (-p.hits, p.key)):
-        if joining in owners(p.key, after) and joining not in owners(p.key, members):
-            source = next(iter(owners(p.key, members)), None)
-            if source is not None:
-                out.setdefault(source, []).append(p)
-    return out
-
-
-def block_key(block_hash: int) -> str:
+def prefix_block_key(block_hash: int) -> str:
     return f"pfx:{block_hash:x}"
 
 
 def block_hash_of(key: str) -> int:
-    """The inverse of `block_key`."""
+    """The inverse of `prefix_block_key`."""
     return int(key[4:], 16)
 
 
@@ -103,7 +73,7 @@ class PrefixHandover:
                     data = read_block(h)
                     if data is None:
                         break
-                    written[h] = self.agent.describe([block_key(h)], [data])[0]
+                    written[h] = self.agent.describe([prefix_block_key(h)], [data])[0]
                     todo.append((h, data))
                 descs.append(written[h])
             if descs:

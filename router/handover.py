@@ -35,10 +35,20 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter
 
-from kvpilot.kvtransfer.scaling import Owners
+from kvpilot.kvtransfer import protocol
 from kvpilot.router.config import HandoverConfig
 from kvpilot.router.hashring import dual_ring_owners
-from kvpilot.router.hot_prefixes import Hot, HotPrefixes, Move, Outcome, batches, combine, moves_in, moves_out
+from kvpilot.router.hot_prefixes import (
+    Hot,
+    HotPrefixes,
+    Move,
+    Outcome,
+    Owners,
+    batches,
+    combine,
+    moves_in,
+    moves_out,
+)
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.policy import CacheEstimate, RequestView, RingPlacement
 from kvpilot.router.pool import Member, Pool
@@ -215,7 +225,7 @@ class Handovers:
     async def _export(self, url: str, prefixes: list[Hot]) -> dict[str, Any]:
         assert self.session is not None
         body = {"prefixes": [{"key": h.key, "text": h.text, "hits": h.hits} for h in prefixes]}
-        async with self.session.post(url + "/kvpilot/prefixes/export", json=body) as resp:
+        async with self.session.post(url + protocol.PREFIX_EXPORT, json=body) as resp:
             if resp.status in (404, 409):  # no such endpoint (stock vLLM), or no KV store configured
                 raise _Unsupported(f"{url} cannot export prefixes (HTTP {resp.status})")
             if resp.status != 200:
@@ -253,7 +263,7 @@ class Handovers:
 
     async def _import(self, url: str, manifest: dict[str, Any]) -> int:
         assert self.session is not None
-        async with self.session.post(url + "/kvpilot/prefixes/import", json={"manifest": manifest}) as resp:
+        async with self.session.post(url + protocol.PREFIX_IMPORT, json={"manifest": manifest}) as resp:
             if resp.status != 200:
                 raise _Failed(f"HTTP {resp.status}")
             return int((await resp.json())["blocks_received"])

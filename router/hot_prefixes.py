@@ -7,21 +7,25 @@ prompt's head. The prefix worth moving is what the last two requests of a key sh
 the blocks that make up the key: every request with that key shares them), so a hot document
 moves whole and a shared system prompt moves without the users' tails.
 
-Planning is pure: `moves_in` / `moves_out` wrap `kvpilot.kvtransfer.scaling`'s plans and, for a
-joining pod, pick as source the current owner the router believes holds most of the prefix (not
-just the first ring owner, which may never have served it). No I/O here:
+Planning is pure: `plan_scale_in` / `plan_scale_out` list, per pod, the hot prefixes it newly
+owns when a pod leaves or joins (owners come from a function, e.g. `hashring.dual_ring_owners`);
+`moves_in` / `moves_out` wrap them for the router's `Hot` view and, for a joining pod, pick as
+source the current owner the router believes holds most of the prefix (not just the first ring
+owner, which may never have served it). No I/O here:
 `kvpilot.router.handover` does the HTTP.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvpilot.kvtransfer.scaling import HotPrefix, Owners, plan_scale_in, plan_scale_out
+from kvpilot.kvtransfer.scaling import HotPrefix
 from kvpilot.tokens import BYTES_PER_TOKEN
+
+Owners = Callable[[int, frozenset[str]], tuple[str, ...]]   # (affinity key, members) → the key's owners
 
 
 @dataclass(slots=True)
@@ -92,6 +96,35 @@ class HotPrefixes:
             s = self._samples[key]
             out.append(Hot(key, hits, s.hashes[: s.common], text_head(s.text, s.common * self.block_size)))
         return out
+
+
+def plan_scale_in(hot: Iterable[HotPrefix], leaving: str, members: frozenset[str],
+                  owners: Owners) -> dict[str, list[HotPrefix]]:
+    """Per remaining pod, the hot prefixes the leaving pod owns now that fall to that pod once
+    it is gone (pods that already owned a prefix have its KV and get nothing), most used first."""
+    after = members - {leaving}
+    out: dict[str, list[HotPrefix]] = {}
+    for p in sorted(hot, key=lambda p: (-p.hits, p.key)):
+        before = owners(p.key, members)
+        if leaving not in before:
+            continue
+        for pod in owners(p.key, after):
+            if pod not in before:
+                out.setdefault(pod, []).append(p)
+    return out
+
+
+def plan_scale_out(hot: Iterable[HotPrefix], joining: str, members: frozenset[str],
+                   owners: Owners) -> dict[str, list[HotPrefix]]:
+    """Per current owner, the hot prefixes the joining pod will newly own, to export for it."""
+    after = members | {joining}
+    out: dict[str, list[HotPrefix]] = {}
+    for p in sorted(hot, key=lambda p: (-p.hits, p.key)):
+        if joining in owners(p.key, after) and joining not in owners(p.key, members):
+            source = next(iter(owners(p.key, members)), None)
+            if source is not None:
+                out.setdefault(source, []).append(p)
+    return out
 
 
 def moves_in(hot: list[Hot], leaving: str, members: frozenset[str], owners: Owners) -> dict[str, list[Hot]]:

@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvpilot.kvtransfer import protocol
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.migration_policy import (
     Candidate,
@@ -42,7 +43,6 @@ from kvpilot.router.resume import Pending, ResumeState, upstream_body
 from kvpilot.router.resume import relay as resume_relay
 
 log = logging.getLogger("kvpilot.router.migration")
-MIGRATED_EVENT = b"event: kvpilot.migrated\n"
 COOLDOWN_INTERVALS = 5
 
 
@@ -52,16 +52,15 @@ class SseSplicer:
     def __init__(self) -> None:
         self.buf = b""
 
-    def feed(self, data: bytes) -> tuple[bytes, dict[str, Any] | None]:
+    def feed(self, data: bytes) -> tuple[bytes, protocol.Handoff | None]:
         """Complete events to forward, and the handoff if this data ended the stream with one."""
         self.buf += data
         out: list[bytes] = []
         while (end := self.buf.find(b"\n\n")) >= 0:
             event, self.buf = self.buf[: end + 2], self.buf[end + 2 :]
-            if event.startswith(MIGRATED_EVENT):
+            if protocol.is_migrated_event(event):
                 self.buf = b""
-                line = next(x for x in event.split(b"\n") if x.startswith(b"data: "))
-                return b"".join(out), json.loads(line[6:])
+                return b"".join(out), protocol.parse_migrated_event(event)
             out.append(event)
         return b"".join(out), None
 
@@ -128,7 +127,7 @@ class Migrator:
         """Upstream headers that make a stream migratable (None: migration is off for the model)."""
         if model not in self.models:
             return None
-        return {"X-Request-Id": request_id, "X-Kvpilot-Migratable": "1"}
+        return {protocol.REQUEST_ID: request_id, protocol.MIGRATABLE: "1"}
 
     # -- splicing ----------------------------------------------------------------------------
     async def relay(self, up: aiohttp.ClientResponse, request_id: str, model: str, pool: Pool, member: Member,
@@ -164,8 +163,8 @@ class Migrator:
                     return
                 if opened is not None:
                     opened.release()
-                target = str(handoff["target"])
-                opened = await self.session.get(target + str(handoff["stream"]),
+                target = handoff.target
+                opened = await self.session.get(target + handoff.stream,
                                                 headers=self.headers(model, request_id))
                 if opened.status != 200:
                     raise aiohttp.ClientPayloadError(f"migration target {target} answered {opened.status}")
@@ -223,8 +222,8 @@ class Migrator:
         if active.resume is not None:
             return await self._resume(active, source, target)
         try:
-            async with self.session.post(source.url + "/kvpilot/migrate", json={
-                    "request_id": request_id, "target": target.url, "round_delay_s": round_delay_s}) as resp:
+            ask = protocol.MigrateRequest(request_id=request_id, target=target.url, round_delay_s=round_delay_s)
+            async with self.session.post(source.url + protocol.MIGRATE, json=ask.model_dump()) as resp:
                 result: dict[str, Any] = await resp.json(content_type=None)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:

@@ -17,9 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
+from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.scaling import HotPrefix, Manifest, PrefixHandover, block_hash_of
-from kvpilot.kvtransfer.store import BlockDescriptor, open_store
+from kvpilot.kvtransfer.store import open_store
 from kvpilot.sim.server import SimServer
 from kvpilot.tokens import block_hashes
 
@@ -32,8 +33,8 @@ class PrefixEndpoints:
             if cfg.kv_store else None
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/kvpilot/prefixes/export", self.export)
-        app.router.add_post("/kvpilot/prefixes/import", self.import_)
+        app.router.add_post(protocol.PREFIX_EXPORT, self.export)
+        app.router.add_post(protocol.PREFIX_IMPORT, self.import_)
 
     async def close(self) -> None:
         if self.handover is not None:
@@ -66,18 +67,15 @@ class PrefixEndpoints:
         if not manifest.prefixes and any(p.block_hashes and p.block_hashes[0] in cached for p in prefixes):
             # Blocks were here but the store write failed: say so, so the caller counts a failure.
             return web.json_response({"error": "the KV store did not take the blocks"}, status=502)
-        return web.json_response({"manifest": {str(k): [[d.key, d.size, d.checksum] for d in descs]
-                                               for k, descs in manifest.prefixes.items()},
-                                  "bytes": manifest.bytes})
+        return web.json_response({"manifest": protocol.encode_manifest(manifest.prefixes), "bytes": manifest.bytes})
 
     async def import_(self, request: web.Request) -> web.Response:
         if self.handover is None:
             return web.json_response({"error": "this instance has no KV store (--kv-store)"}, status=409)
         try:
             body: dict[str, Any] = await request.json()
-            manifest = Manifest({int(k): [BlockDescriptor(str(key), int(size), int(crc)) for key, size, crc in v]
-                                 for k, v in body["manifest"].items()})
-        except (ValueError, KeyError, TypeError, AttributeError):
+            manifest = Manifest(protocol.decode_manifest(body["manifest"]))
+        except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "manifest: {key: [[block key, size, checksum]]} required"},
                                      status=400)
         got = await self.handover.import_(manifest)

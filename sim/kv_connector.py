@@ -18,8 +18,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
-from kvpilot.kvtransfer.store import BlockDescriptor, TransferError
+from kvpilot.kvtransfer.store import TransferError
 
 
 @dataclass(slots=True)
@@ -77,17 +78,16 @@ class StoreKVConnector(LocalKVConnector):
             await self.agent.post_write(descs, buffers).wait()
         except TransferError:
             return {**params, "num_tokens": 0}  # nothing to pull: decode recomputes
-        params["kv_blocks"] = [[d.key, d.size, d.checksum] for d in descs]
+        params["kv_blocks"] = protocol.encode_blocks(descs)
         return params
 
     async def import_kv(self, params: dict[str, Any], prompt_tokens: int) -> KVImport:
         raw = params.get("kv_blocks")
         if not raw:
             return KVImport(0, failed=bool(params.get("do_remote_prefill")))
-        descs = [BlockDescriptor(str(k), int(size), int(crc)) for k, size, crc in raw]
         try:
-            data = await self.agent.post_read(descs).wait()
-        except TransferError:
+            data = await self.agent.post_read(protocol.decode_blocks(raw)).wait()
+        except (TransferError, ValueError):
             return KVImport(0, failed=True)
         tokens = min(prompt_tokens, sum(len(b) for b in data) // self.kv_bytes_per_token)
         return KVImport(tokens, sum(len(b) for b in data))

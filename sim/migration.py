@@ -34,9 +34,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
+from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
-from kvpilot.kvtransfer.migration import CopyTuning, Step, block_bytes, block_key, blocks_to_copy, next_step
-from kvpilot.kvtransfer.store import BlockDescriptor, TransferError, open_store
+from kvpilot.kvtransfer.migration import CopyTuning, Step, block_bytes, blocks_to_copy, migration_block_key, next_step
+from kvpilot.kvtransfer.store import TransferError, open_store
 from kvpilot.sim.engine import Phase, Sequence
 from kvpilot.sim.server import MIGRATED, SimServer, Stream
 
@@ -58,12 +59,6 @@ class Incoming:
     keys: set[str] = field(default_factory=set)
     stream: Stream | None = None
     expiry: asyncio.TimerHandle | None = None
-
-
-def _descs(raw: Any) -> list[BlockDescriptor]:
-    if not isinstance(raw, list):
-        raise web.HTTPBadRequest(text="blocks must be a list of [key, size, checksum]")
-    return [BlockDescriptor(str(k), int(size), int(crc)) for k, size, crc in raw]
 
 
 class Migrations:
@@ -90,11 +85,12 @@ class Migrations:
         self.c_migrations.labels(**self._labels, role=role, outcome=outcome).inc()
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/kvpilot/migrate", self.migrate)
-        app.router.add_post("/kvpilot/migrations/{mid}/blocks", self.pull_blocks)
-        app.router.add_post("/kvpilot/migrations/{mid}/commit", self.commit)
-        app.router.add_delete("/kvpilot/migrations/{mid}", self.drop)
-        app.router.add_get("/kvpilot/migrations/{mid}/stream", self.resume_stream)
+        route = protocol.MIGRATION_ROUTE
+        app.router.add_post(protocol.MIGRATE, self.migrate)
+        app.router.add_post(route + "/blocks", self.pull_blocks)
+        app.router.add_post(route + "/commit", self.commit)
+        app.router.add_delete(route, self.drop)
+        app.router.add_get(route + "/stream", self.resume_stream)
 
     async def close(self) -> None:
         if self.session is not None:
@@ -110,17 +106,14 @@ class Migrations:
     # -- source ------------------------------------------------------------------------------
     async def migrate(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
-            rid, target = body.get("request_id"), body.get("target")
-            round_delay_s = float(body.get("round_delay_s", 0.0))  # test knob: space the pre-copy rounds
-            if not isinstance(rid, str) or not isinstance(target, str) or not target.startswith("http"):
-                raise TypeError
-        except (ValueError, TypeError, AttributeError):
+            body = protocol.MigrateRequest.model_validate_json(await request.read())
+        except ValueError:
             return web.json_response({"error": "request_id and target (http URL) are required"}, status=400)
-        stream = self.server.by_request_id.get(rid)
+        stream = self.server.by_request_id.get(body.request_id)
         if stream is None:
-            return web.json_response({"outcome": "not_found", "reason": f"no running request {rid}"}, status=404)
-        result = await self.run(stream, target.rstrip("/"), round_delay_s)
+            return web.json_response({"outcome": "not_found", "reason": f"no running request {body.request_id}"},
+                                     status=404)
+        result = await self.run(stream, body.target.rstrip("/"), body.round_delay_s)
         return web.json_response(result, status=200 if result["outcome"] == "migrated" else 409)
 
     async def run(self, stream: Stream, target: str, round_delay_s: float = 0.0) -> dict[str, Any]:
@@ -169,7 +162,8 @@ class Migrations:
         # Committed: the target owns the request now. Drop ours and end our stream with a pointer.
         tokens_at_stop = seq.output
         self.server.engine.abort(seq)
-        stream.handoff = {"target": target, "migration_id": mid, "stream": f"/kvpilot/migrations/{mid}/stream"}
+        stream.handoff = protocol.Handoff(target=target, migration_id=mid,
+                                          stream=protocol.migration_path(mid, "stream"))
         stream.queue.put_nowait(MIGRATED)
         self.h_blocking.observe(blocking)
         self._count("source", "migrated")
@@ -182,7 +176,7 @@ class Migrations:
         if self.agent is None:
             return "this instance has no KV store (--kv-store)"
         if not stream.migratable:
-            return "the request's client cannot splice a migrated stream (not opened with X-Kvpilot-Migratable)"
+            return f"the request's client cannot splice a migrated stream (not opened with {protocol.MIGRATABLE})"
         if stream.migrating:
             return "a migration of this request is already under way"
         if seq.phase != Phase.RUNNING or not seq.decoding:
@@ -192,7 +186,7 @@ class Migrations:
         return None
 
     async def _copy(self, mid: str, target: str, copied: int, kv_tokens: int,
-                    commit: dict[str, Any] | None = None) -> int:
+                    commit: protocol.MigrationState | None = None) -> int:
         """Write the blocks between `copied` and `kv_tokens` and have the target pull them, in
         batches of about `BATCH_BYTES` so each store call stays well inside its timeout; with
         `commit`, the last batch goes with the commit. Returns the bytes written."""
@@ -204,32 +198,33 @@ class Migrations:
         written = 0
         for n, batch in enumerate(batches):
             buffers = [os.urandom(block_bytes(i, kv_tokens, bt, bpt)) for i in batch]
-            descs = self.agent.describe([block_key(mid, i) for i in batch], buffers)
+            descs = self.agent.describe([migration_block_key(mid, i) for i in batch], buffers)
             if descs:
                 await self.agent.post_write(descs, buffers).wait()
             written += sum(len(b) for b in buffers)
             final = commit is not None and n == len(batches) - 1
-            payload: dict[str, Any] = {"blocks": [[d.key, d.size, d.checksum] for d in descs]}
-            if final:
-                payload["state"] = commit
+            payload: dict[str, Any] = {"blocks": protocol.encode_blocks(descs)}
+            if final and commit is not None:
+                payload["state"] = commit.model_dump()
             path = "commit" if final else "blocks"
-            async with self._http().post(f"{target}/kvpilot/migrations/{mid}/{path}", json=payload) as resp:
+            async with self._http().post(target + protocol.migration_path(mid, path), json=payload) as resp:
                 answer = await resp.json(content_type=None)
                 if resp.status != 200:
                     raise MigrationAborted(f"target refused {path}: {answer.get('reason', resp.status)}")
         return written
 
-    def _state(self, stream: Stream, mid: str) -> dict[str, Any]:
+    def _state(self, stream: Stream, mid: str) -> protocol.MigrationState:
         seq = stream.seq
-        return {"request_id": seq.request_id, "prompt_tokens": seq.prompt_tokens, "block_hashes": seq.block_hashes,
-                "max_tokens": seq.max_tokens, "output": seq.output, "computed": seq.computed,
-                "cached_tokens": seq.cached_tokens, "seed": stream.seed, "chat": stream.chat,
-                "include_usage": stream.include_usage, "created": stream.created, "migration_id": mid}
+        return protocol.MigrationState(
+            migration_id=mid, request_id=seq.request_id, prompt_tokens=seq.prompt_tokens,
+            block_hashes=seq.block_hashes, max_tokens=seq.max_tokens, output=seq.output, computed=seq.computed,
+            cached_tokens=seq.cached_tokens, seed=stream.seed, chat=stream.chat, include_usage=stream.include_usage,
+            created=stream.created)
 
     async def _drop_remote(self, target: str, mid: str) -> None:
         try:
             quick = aiohttp.ClientTimeout(total=2)
-            async with self._http().delete(f"{target}/kvpilot/migrations/{mid}", timeout=quick):
+            async with self._http().delete(target + protocol.migration_path(mid), timeout=quick):
                 pass
         except (aiohttp.ClientError, TimeoutError):
             pass  # the target expires it on its own
@@ -242,7 +237,7 @@ class Migrations:
         if entry is None:
             entry = self.incoming[mid] = Incoming()
             self._expire_later(mid)
-        descs = _descs(raw)
+        descs = protocol.decode_blocks(raw)
         if descs:
             entry.keys.update(d.key for d in descs)
             data = await self.agent.post_read(descs).wait()
@@ -266,9 +261,11 @@ class Migrations:
 
     async def pull_blocks(self, request: web.Request) -> web.Response:
         mid = request.match_info["mid"]
-        body = await request.json()
         try:
+            body = await request.json()
             await self._pull(mid, body.get("blocks"))
+        except (ValueError, AttributeError) as e:
+            return web.json_response({"reason": f"bad blocks body: {e}"}, status=400)
         except (MigrationAborted, TransferError) as e:
             self._fail_incoming(mid, e)
             return web.json_response({"reason": str(e)}, status=502)
@@ -276,14 +273,14 @@ class Migrations:
 
     async def commit(self, request: web.Request) -> web.Response:
         mid = request.match_info["mid"]
-        body = await request.json()
-        state = body.get("state") or {}
         try:
-            if not self.server.engine.can_adopt(int(state["computed"])):
+            body = await request.json()
+            state = protocol.MigrationState.model_validate(body.get("state"))
+            if not self.server.engine.can_adopt(state.computed):
                 raise MigrationAborted("no room for the request here (batch slots or KV blocks)")
             entry = await self._pull(mid, body.get("blocks"))
             stream = self._adopt(state)
-        except (MigrationAborted, TransferError, ValueError, KeyError) as e:
+        except (MigrationAborted, TransferError, ValueError, KeyError, AttributeError) as e:
             self._fail_incoming(mid, e)
             return web.json_response({"reason": str(e)}, status=409)
         entry.stream = stream
@@ -291,16 +288,14 @@ class Migrations:
         self._count("target", "migrated")
         return web.json_response({"ok": True, "bytes": entry.bytes})
 
-    def _adopt(self, state: dict[str, Any]) -> Stream:
+    def _adopt(self, state: protocol.MigrationState) -> Stream:
         server = self.server
-        seq = Sequence(str(state["request_id"]), server.now(), int(state["prompt_tokens"]),
-                       [int(h) for h in state["block_hashes"]], int(state["max_tokens"]))
-        seq.output, seq.computed = int(state["output"]), int(state["computed"])
-        seq.cached_tokens = int(state.get("cached_tokens", 0))
+        seq = Sequence(state.request_id, server.now(), state.prompt_tokens, list(state.block_hashes), state.max_tokens)
+        seq.output, seq.computed, seq.cached_tokens = state.output, state.computed, state.cached_tokens
         seq.first_token_time = seq.first_scheduled = server.now()
         server.engine.adopt(seq)
-        stream = Stream(seq, int(state["seed"]), chat=bool(state["chat"]), include_usage=bool(state["include_usage"]),
-                        created=int(state["created"]), sent=seq.output)
+        stream = Stream(seq, state.seed, chat=state.chat, include_usage=state.include_usage, created=state.created,
+                        sent=seq.output)
         server.streams[seq] = stream
         server.wake()
         return stream
@@ -341,9 +336,9 @@ class Migrations:
         if entry.expiry is not None:
             entry.expiry.cancel()
         stream, server = entry.stream, self.server
-        external_id = request.headers.get("X-Request-Id")
+        external_id = request.headers.get(protocol.REQUEST_ID)
         if external_id:
-            stream.migratable = request.headers.get("X-Kvpilot-Migratable") == "1"
+            stream.migratable = request.headers.get(protocol.MIGRATABLE) == "1"
             server.by_request_id[external_id] = stream
         try:
             return await server.stream_response(request, stream, {})

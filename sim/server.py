@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.store import open_store
 from kvpilot.sim.engine import Engine, Phase, Sequence
@@ -90,7 +91,7 @@ class Stream:
     sent: int = 0                            # tokens already written to the client
     migratable: bool = False                 # the client splices `kvpilot.migrated` events
     migrating: bool = False
-    handoff: dict[str, Any] | None = None
+    handoff: protocol.Handoff | None = None
     prompt_ids: list[int] | None = None      # `return_token_ids`: ids to report (then each chunk's ids too)
 
 
@@ -279,10 +280,10 @@ class SimServer:
         stream = Stream(seq, seed, chat=chat,
                         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
                         created=int(time.time()),
-                        migratable=streaming and request.headers.get("X-Kvpilot-Migratable") == "1",
+                        migratable=streaming and request.headers.get(protocol.MIGRATABLE) == "1",
                         prompt_ids=(ids or encode(prompt)) if body.get("return_token_ids") and not chat else None)
         self.streams[seq] = stream
-        external_id = request.headers.get("X-Request-Id")
+        external_id = request.headers.get(protocol.REQUEST_ID)
         if external_id:
             self.by_request_id[external_id] = stream
         self._wake.set()
@@ -381,8 +382,8 @@ class SimServer:
                 await resp.write(chunk(choice))
                 stream.sent = sent
         if moved:  # the request continues on another instance: tell the router where, and stop here
-            handoff = json.dumps({**(stream.handoff or {}), "tokens_sent": sent}, separators=(",", ":"))
-            await resp.write(b"event: kvpilot.migrated\ndata: " + handoff.encode() + b"\n\n")
+            assert stream.handoff is not None   # set with MIGRATED
+            await resp.write(protocol.migrated_event(stream.handoff.model_copy(update={"tokens_sent": sent})))
             await resp.write_eof()
             return resp
         extra: dict[str, Any] = {}

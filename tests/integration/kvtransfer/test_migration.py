@@ -127,7 +127,9 @@ def test_redis_killed_mid_migration_leaves_the_request_on_the_source(
     source = next(w for w in workers if f"w{w.port}" == result["source"])
     text = source.metrics_text()
     assert _metric(text, "kvpilot:migrations_total", role="source", outcome="aborted") == 1
-    assert _metric(text, "vllm:nixl_num_failed_transfers_total") == 1
+    # One failed transfer: the source's write or, when Redis died between a write and its read, the
+    # target's pull (which the source then hears as a refusal). Which one depends on timing.
+    assert sum(_metric(w.metrics_text(), "vllm:nixl_num_failed_transfers_total") for w in workers) == 1
     assert _metric(router.metrics_text(), "kvpilot_router_migrations_total", outcome="aborted") == 1
 
 

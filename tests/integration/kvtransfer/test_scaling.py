@@ -8,8 +8,9 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from kvpilot.kvtransfer.scaling import HotPrefix, plan_scale_in
+from kvpilot.kvtransfer.scaling import HotPrefix
 from kvpilot.router.hashring import dual_ring_owners
+from kvpilot.router.hot_prefixes import plan_scale_in
 from kvpilot.testing.redis import RedisServer
 from kvpilot.testing.sim import SimWorker
 from kvpilot.tokens import block_hashes, block_text
