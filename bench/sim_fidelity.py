@@ -52,8 +52,9 @@ from kvpilot.sim.calibrate import (
     measure,
     stream_completion,
 )
-from kvpilot.sim.engine import Engine, Sequence
+from kvpilot.sim.engine import Engine
 from kvpilot.sim.profiles import Profile, get_profile
+from kvpilot.sim.sequence import Sequence
 
 
 @dataclass(slots=True)

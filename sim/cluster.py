@@ -17,9 +17,10 @@ from typing import Any
 
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import HoldingPolicy, InstanceLoad, Policy, PolicyContext, RequestView
-from kvpilot.sim.engine import Engine, Sequence
+from kvpilot.sim.engine import Engine
 from kvpilot.sim.migration_cluster import Rebalancer
 from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.sequence import Sequence
 from kvpilot.sim.stepping import StepLoop
 from kvpilot.sim.workload import RequestSpec
 

@@ -21,8 +21,9 @@ from kvpilot.autoscaler.planner import Planner, PoolSignals
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
 from kvpilot.sim.cluster import percentile
-from kvpilot.sim.engine import Engine, Sequence
+from kvpilot.sim.engine import Engine
 from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.sequence import Sequence
 from kvpilot.sim.stepping import STEP, EngineClock, StepLoop
 from kvpilot.sim.workload import RequestSpec
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from kvpilot.autoscaler.planner import Planner, PoolSignals
 from kvpilot.sim.cluster import percentile
 from kvpilot.sim.elastic import ElasticCluster, ElasticConfig, ElasticReport, Replica, ScaleRecord, Served, summarize
-from kvpilot.sim.engine import Sequence
+from kvpilot.sim.sequence import Sequence
 from kvpilot.sim.stepping import STEP
 from kvpilot.sim.workload import RequestSpec
 

@@ -38,7 +38,7 @@ from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.migration import CopyTuning, Step, block_bytes, blocks_to_copy, migration_block_key, next_step
 from kvpilot.kvtransfer.store import TransferError, open_store
-from kvpilot.sim.engine import Phase, Sequence
+from kvpilot.sim.sequence import Phase, Sequence
 from kvpilot.sim.server import MIGRATED, SimServer, Stream
 
 BATCH_BYTES = 4 << 20       # per store call during the copy

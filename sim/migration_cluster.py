@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kvpilot.router.migration_policy import Candidate, InstanceSignal, Thresholds, plan_migrations
-from kvpilot.sim.engine import Engine, Phase, StepPlan
-from kvpilot.sim.engine import Sequence as Seq
+from kvpilot.sim.engine import Engine
+from kvpilot.sim.sequence import Phase, StepPlan
+from kvpilot.sim.sequence import Sequence as Seq
 
 Mode = Literal["none", "queued", "live"]
 Moved = Callable[[Seq, int, int, float], None]   # (request, source, target, now)

@@ -32,10 +32,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.store import open_store
-from kvpilot.sim.engine import Engine, Phase, Sequence
+from kvpilot.sim.engine import Engine
 from kvpilot.sim.kv_connector import KVConnector, LocalKVConnector, StoreKVConnector
 from kvpilot.sim.metrics import EngineCollector
 from kvpilot.sim.profiles import Profile
+from kvpilot.sim.sequence import Phase, Sequence
 from kvpilot.sim.token_ids import WORD_BASE, decode_prompt, encode
 from kvpilot.tokens import block_hashes, chain_hash, render_chat, token_count
 from kvpilot.vllm_metrics import ITL_BUCKETS, LATENCY_BUCKETS

@@ -13,7 +13,8 @@ import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kvpilot.sim.engine import Engine, StepPlan
+from kvpilot.sim.engine import Engine
+from kvpilot.sim.sequence import StepPlan
 
 MAX_DECODE_STEPS = 1 << 20  # a plan may cover this many decode steps
 STEP = 0                    # the event kind of a finished plan; callers number their own from 1

@@ -11,8 +11,9 @@ from kvpilot.kvtransfer.scaling import HotPrefix, Manifest, PrefixHandover
 from kvpilot.kvtransfer.store import MemoryStore, TransferError
 from kvpilot.router.hashring import dual_ring_owners
 from kvpilot.router.hot_prefixes import plan_scale_in, plan_scale_out
-from kvpilot.sim.engine import Engine, Sequence
+from kvpilot.sim.engine import Engine
 from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.sequence import Sequence
 from kvpilot.tokens import block_hashes, block_text
 
 OWNERS = dual_ring_owners(vnodes=64)

@@ -7,8 +7,9 @@ import random
 import pytest
 
 from kvpilot.sim.blocks import BlockPool
-from kvpilot.sim.engine import Engine, Phase, Sequence
+from kvpilot.sim.engine import Engine
 from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.sequence import Phase, Sequence
 from kvpilot.tokens import block_hashes, block_text
 
 PROFILE = get_profile("h100-llama3-8b")

@@ -7,8 +7,9 @@ import statistics
 
 import pytest
 
-from kvpilot.sim.engine import Engine, Phase, Sequence
+from kvpilot.sim.engine import Engine
 from kvpilot.sim.profiles import PROFILES, Profile
+from kvpilot.sim.sequence import Phase, Sequence
 
 CPU = Profile(name="cpu", model="m", hardware="h", source="test", kv_bytes_per_token=2, kv_capacity_tokens=1 << 20,
               block_size=128, step_s=4e-3, prefill_token_s=5e-6, attn_pair_s=0.0, decode_seq_s=1e-4,

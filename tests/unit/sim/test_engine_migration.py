@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvpilot.sim.engine import Engine, Phase, Sequence
+from kvpilot.sim.engine import Engine
 from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.sequence import Phase, Sequence
 from kvpilot.tokens import block_hashes, block_text
 
 PROFILE = get_profile("h100-qwen2.5-0.5b")

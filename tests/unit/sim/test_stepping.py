@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import itertools
 
-from kvpilot.sim.engine import Engine, Sequence
+from kvpilot.sim.engine import Engine
 from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.sequence import Sequence
 from kvpilot.sim.stepping import STEP, StepLoop
 
 
