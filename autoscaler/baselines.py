@@ -31,51 +31,49 @@ def _bounded(n: int, lo: int, hi: int) -> int:
     return min(hi, max(lo, n))
 
 
-def _hpa(history: deque[tuple[float, int]], s: PoolSignals, ratio: float, tolerance: float, window_s: float,
-         lo: int, hi: int) -> int:
-    """HPA's arithmetic: ceil(current × metric / target) outside a tolerance band, up by at most
-    max(4 pods, 100%) per decision, down only to the highest recommendation of the window."""
-    raw = s.current if abs(ratio - 1) <= tolerance else math.ceil(s.current * ratio)
-    raw = _bounded(min(raw, max(s.current + 4, 2 * s.current)), lo, hi)
-    history.append((s.time, raw))
-    while history[0][0] < s.time - window_s:
-        history.popleft()
-    return _bounded(raw if raw >= s.current else max(d for _, d in history), lo, hi)
+@dataclass(kw_only=True)
+class _HpaArithmetic:
+    """HPA's arithmetic on one metric: ceil(current × metric / target) outside a tolerance band,
+    up by at most max(4 pods, 100%) per decision, down only to the highest recommendation of the
+    window. The baselines differ only in the metric they feed it."""
 
-
-@dataclass
-class QueueThreshold:
-    target_waiting: float = 5.0
     tolerance: float = 0.1
     scale_down_window_s: float = 300.0
     min_replicas: int = 1
     max_replicas: int = 16
     _history: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def _desired(self, s: PoolSignals, ratio: float) -> int:
+        lo, hi = self.min_replicas, self.max_replicas
+        raw = s.current if abs(ratio - 1) <= self.tolerance else math.ceil(s.current * ratio)
+        raw = _bounded(min(raw, max(s.current + 4, 2 * s.current)), lo, hi)
+        self._history.append((s.time, raw))
+        while self._history[0][0] < s.time - self.scale_down_window_s:
+            self._history.popleft()
+        return _bounded(raw if raw >= s.current else max(d for _, d in self._history), lo, hi)
+
+
+@dataclass(kw_only=True)
+class QueueThreshold(_HpaArithmetic):
+    target_waiting: float = 5.0
 
     def plan(self, s: PoolSignals) -> Plan:
         if s.waiting is None:
             return Plan(s.current, "holding: metrics missing")
         per = s.waiting / max(1, s.current)  # like HPA: replicas not yet ready count as zero load
-        desired = _hpa(self._history, s, per / self.target_waiting, self.tolerance, self.scale_down_window_s,
-                       self.min_replicas, self.max_replicas)
-        return Plan(desired, f"waiting/replica {per:.1f} vs target {self.target_waiting:g}")
+        return Plan(self._desired(s, per / self.target_waiting),
+                    f"waiting/replica {per:.1f} vs target {self.target_waiting:g}")
 
 
-@dataclass
-class LatencyThreshold:
+@dataclass(kw_only=True)
+class LatencyThreshold(_HpaArithmetic):
     target_ttft_s: float = 1.0
-    tolerance: float = 0.1
-    scale_down_window_s: float = 300.0
-    min_replicas: int = 1
-    max_replicas: int = 16
-    _history: deque[tuple[float, int]] = field(default_factory=deque)
 
     def plan(self, s: PoolSignals) -> Plan:
         if s.ttft_p90_s is None:
             return Plan(s.current, "holding: metrics missing")
-        desired = _hpa(self._history, s, s.ttft_p90_s / self.target_ttft_s, self.tolerance,
-                       self.scale_down_window_s, self.min_replicas, self.max_replicas)
-        return Plan(desired, f"TTFT p90 {s.ttft_p90_s:.2f}s vs target {self.target_ttft_s:g}s")
+        return Plan(self._desired(s, s.ttft_p90_s / self.target_ttft_s),
+                    f"TTFT p90 {s.ttft_p90_s:.2f}s vs target {self.target_ttft_s:g}s")
 
 
 @dataclass
