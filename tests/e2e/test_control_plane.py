@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,21 +50,21 @@ def test_crd_resource_read_back_and_watched(k8s_api: ControlPlane) -> None:
     wait_for(established, 30, "the CRD to be Established")
     custom = client.CustomObjectsApi(api)
     seen: list[tuple[str, int]] = []
-    started = threading.Event()
+    # Watch from the list's resourceVersion: the apiserver replays every event after it, however
+    # late the watch connects (a loaded machine connected it after both writes).
+    since = custom.list_namespaced_custom_object("harness.kvpilot.io", "v1", "default", "probes")
+    since_rv = since["metadata"]["resourceVersion"]
 
     def watch_probes() -> None:
         w = watch.Watch()
-        started.set()
         for event in w.stream(custom.list_namespaced_custom_object, "harness.kvpilot.io", "v1", "default",
-                              "probes", timeout_seconds=20):
+                              "probes", resource_version=since_rv, timeout_seconds=20):
             seen.append((event["type"], event["object"]["spec"]["size"]))
             if event["type"] == "MODIFIED":
                 w.stop()
 
     watcher = threading.Thread(target=watch_probes, daemon=True)
     watcher.start()
-    started.wait(5)
-    time.sleep(0.5)  # let the watch connect before the first write
     body = {"apiVersion": "harness.kvpilot.io/v1", "kind": "Probe", "metadata": {"name": "p1"},
             "spec": {"size": 3}}
     custom.create_namespaced_custom_object("harness.kvpilot.io", "v1", "default", "probes", body)
