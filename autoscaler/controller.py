@@ -187,7 +187,7 @@ class Autoscaler:
                              "(a request needs both)", now)
                 log.info("%s/%s %s: 0 → %d: %s", d.pool.namespace, d.pool.service, role, d.desired, d.reason)
                 self.actuator.scale(d.pool, d.desired)
-                planner.woke(now)
+                planner.woke()
                 if self.metrics is not None:
                     self.metrics.record(d, pool_spec.gpus, planner)
             out.append(d)
@@ -199,7 +199,7 @@ class Autoscaler:
         config = planner.config
         woken = wake_plan(state.asked, cold_held(state.router_urls, POOL_ROLE_LABEL[ref.role]), config)
         if woken is not None:
-            planner.woke(now)
+            planner.woke()
             return woken
         floor = min(config.min_replicas, config.max_replicas)
         if floor > 0:
@@ -242,6 +242,10 @@ class Autoscaler:
                 self.metrics.record(d)
             return d
         plan = self._at_zero(ref, state, planner, now) if state.asked == 0 else self._plan(ref, state, entry, now)
+        if plan.desired == 0 < state.asked:
+            held = cold_held(state.router_urls, POOL_ROLE_LABEL[ref.role])
+            if held > 0:   # requests wait for this pool (its replica may not have reached the routers yet)
+                plan = Plan(state.asked, f"holding: {held:.0f} request(s) held by the router wait for this pool")
         d = Decision(ref, state.asked, state.ready, plan.desired, plan.reason, now)
         if d.action == "hold":
             log.debug("%s/%s %s: %d: %s", ref.namespace, ref.service, ref.role, d.asked, d.reason)

@@ -251,12 +251,13 @@ class PoolPlanner:
                 return Plan(min(up, s.current + c.max_step), f"scale up ({starting} still starting): {reason}")
         return Plan(s.current, f"holding: {starting} replica(s) still starting")
 
-    def woke(self, now: float) -> None:
+    def woke(self) -> None:
         """The pool was woken from zero: what it wanted before says nothing about the demand that
-        woke it, so scale-down evidence starts again (a woken pool gets a full window before it
-        may go back to zero, instead of returning there one interval after its first request)."""
+        woke it, so scale-down evidence starts again at its first interval with metrics (a woken
+        pool gets a full window of serving before it may go back to zero, however long its cold
+        start took, instead of returning there one interval after its first request)."""
         self._history.clear()
-        self._since = now
+        self._since = None
 
     def plan(self, s: PoolSignals) -> Plan:
         """The size to ask for, capped while GPUs are short: replicas that cannot schedule are not

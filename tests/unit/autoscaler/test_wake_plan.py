@@ -48,7 +48,7 @@ def test_a_woken_pool_gets_a_full_window_before_it_may_return_to_zero() -> None:
     for t in range(0, 70, 10):
         last = p.plan(idle(t))
     assert last.desired == 0
-    p.woke(500.0)                     # a request held at t=500 woke it; it was served between two intervals
-    after = [p.plan(idle(t)).desired for t in range(510, 560, 10)]
-    assert after == [1] * 5                                 # within the window: held at one
-    assert p.plan(idle(560.0)).desired == 0
+    p.woke()                          # a request woke it; served between two intervals, the pool is idle again
+    after = [p.plan(idle(t)).desired for t in range(510, 570, 10)]
+    assert after == [1] * 6            # a full window from its first interval with metrics, however late
+    assert p.plan(idle(570.0)).desired == 0
