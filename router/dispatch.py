@@ -64,7 +64,7 @@ class Dispatcher:
         pools = model.pools()
         if needs_wake([len(p.members) for p in pools]):
             await self.cold.hold(model.name, [role for role, _ in model.roles()],
-                                 lambda: [[m.url for m in p.members] for p in pools], self._alive)
+                                 lambda: [[m.url for m in p.healthy()] for p in pools], self._alive)
         if model.prefill is not None:
             body = await self._prefill(model, model.prefill, view, path, body)
             return await self._forward(request, model, model.main, view, path, body, "decode")

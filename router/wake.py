@@ -10,7 +10,8 @@ than a wake call keeps the router free of any Kubernetes write access and needs 
 autoscaler; two routers' held counts simply add up.
 
 A request leaves the queue when every pool it needs has an instance that answers its health
-check (kwok-style readiness can run ahead of the process), with its wait shown to the client
+check and whose breaker is closed (readiness can run ahead of the process, and the router's
+scrapes of a starting instance may have opened its breaker), with its wait shown to the client
 only as a late first token. Past `max_held` a request gets 429; one that waited past the
 deadline gets 503; both with Retry-After, in OpenAI's error shape.
 """
@@ -74,7 +75,7 @@ class ColdStarts:
                            "role (the autoscaler wakes a pool at zero on it).", ["model", "role"], registry=registry)
 
     async def hold(self, model: str, roles: list[str], members: Callable[[], list[list[str]]], probe: Probe) -> None:
-        """Wait until every pool (`members()`: each pool's member URLs) has an instance that answers
+        """Wait until every pool (`members()`: each pool's routable member URLs) has an instance that answers
         `probe`; raises ApiError(429) when the queue is full, ApiError(503) past the deadline."""
         if not self.book.admit(model):
             raise ApiError(429, f"model `{model}` is starting from zero replicas and {self.book.max_held} requests "
