@@ -61,8 +61,9 @@ class Dispatcher:
                   body: dict[str, Any]) -> web.StreamResponse:
         """Answer one validated request: prefill first in P/D, then the (decode) request itself.
         While a pool it needs is at zero replicas, it first waits for the pools to wake."""
-        pools = model.pools()
-        if needs_wake([len(p.members) for p in pools]):
+        pools, cfg = model.pools(), model.config
+        dynamic = cfg.discovery is not None or cfg.endpoints_file is not None   # static endpoints never wake
+        if dynamic and needs_wake([len(p.members) for p in pools]):
             await self.cold.hold(model.name, [role for role, _ in model.roles()],
                                  lambda: [[m.url for m in p.healthy()] for p in pools], self._alive)
         if model.prefill is not None:

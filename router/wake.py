@@ -9,6 +9,9 @@ request counts for the prefill and the decode pool alike, so both wake together.
 than a wake call keeps the router free of any Kubernetes write access and needs no address of the
 autoscaler; two routers' held counts simply add up.
 
+Only models whose endpoints can come and go (discovery, an endpoints file) hold; a model with
+static endpoints and none listed answers 503 at once, as it never gets an instance.
+
 A request leaves the queue when every pool it needs has an instance that answers its health
 check and whose breaker is closed (readiness can run ahead of the process, and the router's
 scrapes of a starting instance may have opened its breaker), with its wait shown to the client
