@@ -64,8 +64,18 @@ class Dispatcher:
         pools, cfg = model.pools(), model.config
         dynamic = cfg.discovery is not None or cfg.endpoints_file is not None   # static endpoints never wake
         if dynamic and needs_wake([len(p.members) for p in pools]):
+            async def alive(url: str) -> bool:
+                """A starting instance that answers: its breaker, opened by scrapes before it listened, closes."""
+                if not await self._alive(url):
+                    return False
+                for p in pools:
+                    for m in p.members:
+                        if m.url == url and m.breaker.open_until:
+                            p.revive(m)
+                return True
+
             await self.cold.hold(model.name, [role for role, _ in model.roles()],
-                                 lambda: [[m.url for m in p.healthy()] for p in pools], self._alive)
+                                 lambda: [[m.url for m in p.members] for p in pools], alive)
         if model.prefill is not None:
             body = await self._prefill(model, model.prefill, view, path, body)
             return await self._forward(request, model, model.main, view, path, body, "decode")

@@ -13,8 +13,8 @@ Only models whose endpoints can come and go (discovery, an endpoints file) hold;
 static endpoints and none listed answers 503 at once, as it never gets an instance.
 
 A request leaves the queue when every pool it needs has an instance that answers its health
-check and whose breaker is closed (readiness can run ahead of the process, and the router's
-scrapes of a starting instance may have opened its breaker), with its wait shown to the client
+check (readiness can run ahead of the process; the router's scrapes of an instance not yet
+listening may have opened its breaker, which the caller closes once it answers), with its wait shown to the client
 only as a late first token. Past `max_held` a request gets 429; one that waited past the
 deadline gets 503; both with Retry-After, in OpenAI's error shape.
 """
@@ -78,7 +78,7 @@ class ColdStarts:
                            "role (the autoscaler wakes a pool at zero on it).", ["model", "role"], registry=registry)
 
     async def hold(self, model: str, roles: list[str], members: Callable[[], list[list[str]]], probe: Probe) -> None:
-        """Wait until every pool (`members()`: each pool's routable member URLs) has an instance that answers
+        """Wait until every pool (`members()`: each pool's member URLs) has an instance that answers
         `probe`; raises ApiError(429) when the queue is full, ApiError(503) past the deadline."""
         if not self.book.admit(model):
             raise ApiError(429, f"model `{model}` is starting from zero replicas and {self.book.max_held} requests "

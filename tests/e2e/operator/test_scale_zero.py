@@ -60,8 +60,6 @@ def test_both_pools_wake_for_the_first_request_and_go_back_to_zero(
             log = scaler.log_path.read_text()
             for role in ("prefill", "decode"):
                 assert f"zero {role}: 0 → 1: wake from zero" in log, log[-3000:]
-            assert kget("workerpool", "zero-prefill")["spec"]["replicas"] == 1
-            assert kget("workerpool", "zero-decode")["spec"]["replicas"] == 1
 
             def both_at_zero() -> bool:
                 return all(kget("workerpool", p)["spec"]["replicas"] == 0 for p in ("zero-prefill", "zero-decode"))
