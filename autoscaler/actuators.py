@@ -22,6 +22,7 @@ from kvpilot.crds import API_VERSION
 from kvpilot.names import LABEL_COMPONENT, LABEL_SERVICE
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+REFUSING = "refusing to scale"   # how a conflict's reason starts
 log = logging.getLogger("kvpilot.autoscaler")
 
 
@@ -69,7 +70,7 @@ def hpa_conflict(pool: PoolRef, targets: list[tuple[str, str | None, str, str]])
                    if kind == "WorkerPool" and target == pool.name and (api or "").split("/")[0] == group)
     if not names:
         return ""
-    return f"refusing to scale: HorizontalPodAutoscaler {', '.join(names)} also targets WorkerPool {pool.name}"
+    return f"{REFUSING}: HorizontalPodAutoscaler {', '.join(names)} also targets WorkerPool {pool.name}"
 
 
 def unschedulable(pod: Any, now: dt.datetime, deadline_s: float) -> bool:

@@ -24,6 +24,8 @@ def register(sub: Any) -> None:
     run.add_argument("--interval", type=float, default=10.0, help="seconds between decisions")
     run.add_argument("--cold-start", type=float, default=60.0,
                      help="seconds a new replica takes to serve; demand is forecast this far ahead")
+    run.add_argument("--pending-deadline", type=float, default=120.0,
+                     help="seconds a pod may wait unscheduled before it counts as no GPU for it (not as starting)")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     run.add_argument("--prometheus-url",
                      help="read every pool's signals by PromQL from this Prometheus instead of scraping its pods "
@@ -94,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         start_http_server(args.metrics_port)
     api = load_client()
     custom = client.CustomObjectsApi(api)
-    scaler = Autoscaler(KubernetesActuator(api), metrics=Metrics(),
+    scaler = Autoscaler(KubernetesActuator(api, pending_deadline_s=args.pending_deadline), metrics=Metrics(),
                         base=PlannerConfig(forecast_s=2 * args.cold_start + args.interval),
                         prometheus_url=args.prometheus_url)
     stop = threading.Event()

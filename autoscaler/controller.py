@@ -18,13 +18,23 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvpilot import vllm_metrics
-from kvpilot.autoscaler.actuators import Actuator, PoolRef
-from kvpilot.autoscaler.planner import Plan, PlannerConfig, PoolPlanner, PoolSignals, Role
-from kvpilot.autoscaler.signals import PromSignals, ScrapeSignals
+from kvpilot.autoscaler.actuators import REFUSING, Actuator, PoolRef, PoolState
+from kvpilot.autoscaler.planner import (
+    WAKE_REASON,
+    Plan,
+    PlannerConfig,
+    PoolPlanner,
+    PoolSignals,
+    Role,
+    wake_plan,
+    wake_together,
+)
+from kvpilot.autoscaler.signals import PromSignals, ScrapeSignals, cold_held
 from kvpilot.crds import LLMServiceSpec, PoolSpec
 from kvpilot.names import POOL_ROLE_LABEL, pool_name
 
 log = logging.getLogger("kvpilot.autoscaler")
+AT_ZERO = "at zero replicas"
 
 
 @dataclass(slots=True, frozen=True)
@@ -113,7 +123,8 @@ def slo_bucket(limit: float, bounds: Sequence[float]) -> str:
 
 
 # What drives a decision, as a short label (first match wins): the planner's reason texts.
-_REASON_KINDS = (("stabilising", "stabilising"), ("TTFT", "ttft_slo"), ("TPOT", "tpot_slo"), ("KV usage", "kv_usage"),
+_REASON_KINDS = ((WAKE_REASON, "wake"), (AT_ZERO, "at_zero"),
+                 ("stabilising", "stabilising"), ("TTFT", "ttft_slo"), ("TPOT", "tpot_slo"), ("KV usage", "kv_usage"),
                  ("prefill demand", "prompt_demand"), ("running sequences", "decode_demand"),
                  ("still starting", "starting"), ("metrics missing", "no_metrics"), ("no ready replica", "no_metrics"),
                  ("no demand signal", "no_metrics"))
@@ -151,15 +162,68 @@ class Autoscaler:
                 self.metrics.service(namespace, name, spec)
             if not spec.autoscaling.enabled:
                 continue
+            mine: dict[str, tuple[Decision, PoolSpec]] = {}
             for role, pool_spec in spec.pools().items():
                 ref = PoolRef(namespace, name, role, pool_name(name, role))
                 seen.add(ref)
                 d = self._decide(ref, spec, pool_spec, now)
                 if d is not None:
-                    out.append(d)
+                    mine[role] = (d, pool_spec)
+            out += self._wake_together(mine, now)
         for gone in set(self._pools) - seen:
             del self._pools[gone]
         return out
+
+    def _wake_together(self, mine: dict[str, tuple[Decision, PoolSpec]], now: float) -> list[Decision]:
+        """One service's decisions, with every pool at zero woken when another one of it wakes."""
+        free = {r: d for r, (d, _) in mine.items() if not d.reason.startswith(REFUSING)}  # not another scaler's
+        extra = wake_together({r: d.asked for r, d in free.items()}, {r: d.desired for r, d in free.items()},
+                              {r: self._pools[d.pool][0].config for r, d in free.items()})
+        out = []
+        for role, (d, pool_spec) in mine.items():
+            if role in extra:
+                planner = self._pools[d.pool][0]
+                d = Decision(d.pool, d.asked, d.ready, extra[role], f"{WAKE_REASON}: with the service's other pool "
+                             "(a request needs both)", now)
+                log.info("%s/%s %s: 0 → %d: %s", d.pool.namespace, d.pool.service, role, d.desired, d.reason)
+                self.actuator.scale(d.pool, d.desired)
+                planner.woke()
+                if self.metrics is not None:
+                    self.metrics.record(d, pool_spec.gpus, planner)
+            out.append(d)
+        return out
+
+    def _at_zero(self, ref: PoolRef, state: PoolState, planner: PoolPlanner, now: float) -> Plan:
+        """A pool at zero replicas: woken by requests the routers hold for it, else left there
+        (or raised to a minReplicas above zero)."""
+        config = planner.config
+        woken = wake_plan(state.asked, cold_held(state.router_urls, POOL_ROLE_LABEL[ref.role]), config)
+        if woken is not None:
+            planner.woke()
+            return woken
+        floor = min(config.min_replicas, config.max_replicas)
+        if floor > 0:
+            return Plan(floor, f"{AT_ZERO}, below minReplicas {config.min_replicas}")
+        return Plan(0, f"{AT_ZERO}: no request held by the router")
+
+    def _plan(self, ref: PoolRef, state: PoolState, entry: tuple[PoolPlanner, ScrapeSignals], now: float) -> Plan:
+        """A running pool's plan, from its signals (scraped, or by PromQL)."""
+        planner, reader = entry
+        if self.prometheus_url:
+            # The pool's pods as Prometheus' Kubernetes discovery labels them (namespace, pod).
+            prom = PromSignals(self.prometheus_url, f'namespace="{ref.namespace}",pod=~"{ref.name}-.*"',
+                               planner.config.ttft_slo_s)
+            signals: PoolSignals | None = prom.read(now, state.asked, state.ready)
+        else:
+            signals = reader.read(state.metrics_urls, now, state.asked, state.router_urls,
+                                  POOL_ROLE_LABEL[ref.role]) if state.metrics_urls else None
+        if signals is None:
+            if state.unschedulable:
+                return Plan(state.asked, f"waiting for GPUs: {state.unschedulable} replica(s) unschedulable; "
+                                         "no ready replica to read metrics from")
+            return Plan(state.asked, "holding: no ready replica to read metrics from")
+        signals = replace(signals, ready=min(signals.ready, state.ready), unschedulable=state.unschedulable)
+        return planner.plan(signals)
 
     def _decide(self, ref: PoolRef, spec: LLMServiceSpec, pool_spec: PoolSpec, now: float) -> Decision | None:
         config = planner_config(spec, pool_spec, self.base)
@@ -167,7 +231,7 @@ class Autoscaler:
         if entry is None or entry[0].config != config:
             entry = (PoolPlanner(_role(ref.role), config), ScrapeSignals(config.ttft_slo_s))
             self._pools[ref] = entry
-        planner, reader = entry
+        planner = entry[0]
         state = self.actuator.observe(ref)
         if state is None:
             return None  # the operator has not created the pool yet
@@ -177,22 +241,11 @@ class Autoscaler:
             if self.metrics is not None:
                 self.metrics.record(d)
             return d
-        if self.prometheus_url:
-            # The pool's pods as Prometheus' Kubernetes discovery labels them (namespace, pod).
-            prom = PromSignals(self.prometheus_url, f'namespace="{ref.namespace}",pod=~"{ref.name}-.*"',
-                               config.ttft_slo_s)
-            signals: PoolSignals | None = prom.read(now, state.asked, state.ready)
-        else:
-            signals = reader.read(state.metrics_urls, now, state.asked, state.router_urls,
-                                  POOL_ROLE_LABEL[ref.role]) if state.metrics_urls else None
-        if signals is None:
-            plan = Plan(state.asked, "holding: no ready replica to read metrics from")
-            if state.unschedulable:
-                plan = Plan(state.asked, f"waiting for GPUs: {state.unschedulable} replica(s) unschedulable; "
-                                         "no ready replica to read metrics from")
-        else:
-            signals = replace(signals, ready=min(signals.ready, state.ready), unschedulable=state.unschedulable)
-            plan = planner.plan(signals)
+        plan = self._at_zero(ref, state, planner, now) if state.asked == 0 else self._plan(ref, state, entry, now)
+        if plan.desired == 0 < state.asked:
+            held = cold_held(state.router_urls, POOL_ROLE_LABEL[ref.role])
+            if held > 0:   # requests wait for this pool (its replica may not have reached the routers yet)
+                plan = Plan(state.asked, f"holding: {held:.0f} request(s) held by the router wait for this pool")
         d = Decision(ref, state.asked, state.ready, plan.desired, plan.reason, now)
         if d.action == "hold":
             log.debug("%s/%s %s: %d: %s", ref.namespace, ref.service, ref.role, d.asked, d.reason)

@@ -251,6 +251,14 @@ class PoolPlanner:
                 return Plan(min(up, s.current + c.max_step), f"scale up ({starting} still starting): {reason}")
         return Plan(s.current, f"holding: {starting} replica(s) still starting")
 
+    def woke(self) -> None:
+        """The pool was woken from zero: what it wanted before says nothing about the demand that
+        woke it, so scale-down evidence starts again at its first interval with metrics (a woken
+        pool gets a full window of serving before it may go back to zero, however long its cold
+        start took, instead of returning there one interval after its first request)."""
+        self._history.clear()
+        self._since = None
+
     def plan(self, s: PoolSignals) -> Plan:
         """The size to ask for, capped while GPUs are short: replicas that cannot schedule are not
         "starting" (waiting on them would stall every decision), and asking for more than the
@@ -264,6 +272,10 @@ class PoolPlanner:
             # Keep (up to) the pods already asked for: they take the next free GPUs. None beyond.
             wanted = f", {p.desired} wanted" if p.desired > s.current else ""
             return Plan(min(p.desired, s.current), f"{short}{wanted}; {p.reason}")
+        if p.desired == s.current - stuck and p.reason.startswith("holding"):
+            # No evidence either way (metrics missing, a window still stabilising): releasing the
+            # pods already asked for would only ask for them again once the evidence is back.
+            return Plan(s.current, f"{short}; {p.reason}")
         return Plan(p.desired, f"{p.reason} ({stuck} unschedulable replica(s) released)")
 
     def _plan(self, s: PoolSignals) -> Plan:
@@ -298,6 +310,31 @@ class PoolPlanner:
                 return Plan(target, f"scale down: {down_reason} (stable for {c.scale_down_window_s:.0f}s)")
             return Plan(s.current, f"holding: scale-down stabilising ({down_reason})")
         return Plan(s.current, f"steady: {reason}")
+
+
+WAKE_REASON = "wake from zero"
+
+
+def wake_plan(asked: int, held: float, config: PlannerConfig) -> Plan | None:
+    """A pool at zero replicas has no engine metrics to plan from; requests the router holds for
+    it are the demand. Any held request wakes it to `max(1, min_replicas)`: the first request
+    cannot wait for evidence, and more than one cold start's worth is for the planner to decide
+    once the woken replica reports. None: not at zero, nothing held, or the pool is capped at 0."""
+    if asked > 0 or held <= 0 or config.max_replicas <= 0:
+        return None
+    n = min(max(1, config.min_replicas), config.max_replicas)
+    return Plan(n, f"{WAKE_REASON}: {held:.0f} request(s) held by the router")
+
+
+def wake_together(asked: dict[str, int], desired: dict[str, int], config: dict[str, PlannerConfig]) -> dict[str, int]:
+    """In P/D a request needs both pools: when one pool of a service wakes from zero, every other
+    pool of it at zero wakes in the same interval (to its own `max(1, min_replicas)`), rather than
+    one cold start after the other. Returns the pools (role → size) to wake besides those already
+    waking; pools capped at 0 stay there."""
+    if not any(asked[r] == 0 and desired[r] > 0 for r in asked):
+        return {}
+    return {r: min(max(1, config[r].min_replicas), config[r].max_replicas) for r in asked
+            if asked[r] == 0 and desired[r] == 0 and config[r].max_replicas > 0}
 
 
 def _nudge(estimate: float, observed: float, met_slo: bool, c: PlannerConfig) -> float:

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot import vllm_metrics as m
 from kvpilot.autoscaler.planner import PoolSignals
-from kvpilot.names import QUEUE_DEPTH
+from kvpilot.names import COLD_HELD, QUEUE_DEPTH
 
 
 def quantile_from_buckets(buckets: dict[float, float], q: float) -> float | None:
@@ -82,11 +82,28 @@ def parse_engine_metrics(text: str) -> tuple[dict[str, float], dict[str, float],
     return gauges, counters, ttft, itl
 
 
-def held_by_router(text: str | None, role: str) -> float:
+def held_by_router(text: str | None, role: str, name: str = QUEUE_DEPTH) -> float:
+    """The router's gauge `name` for one pool role, summed over models and endpoints."""
     if not text:
         return 0.0
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == QUEUE_DEPTH and s.labels.get("role") == role)
+               if s.name == name and s.labels.get("role") == role)
+
+
+def scrape_text(url: str, timeout_s: float) -> str | None:
+    """`url`/metrics, or None when it does not answer."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
+            text: str = resp.read().decode()
+            return text
+    except OSError:
+        return None
+
+
+def cold_held(router_urls: tuple[str, ...], role: str, timeout_s: float = 2.0) -> float:
+    """Requests the service's routers hold for this pool role while it is at zero replicas
+    (`kvpilot.router.wake`): what wakes a pool; a router that does not answer adds nothing."""
+    return sum(held_by_router(scrape_text(u, timeout_s), role, COLD_HELD) for u in router_urls)
 
 
 class ScrapeSignals:
@@ -98,12 +115,7 @@ class ScrapeSignals:
         self._last: _Sample | None = None
 
     def _get(self, url: str) -> str | None:
-        try:
-            with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=self.timeout_s) as resp:
-                text: str = resp.read().decode()
-                return text
-        except OSError:
-            return None
+        return scrape_text(url, self.timeout_s)
 
     def read(self, urls: list[str], now: float, current: int, router_urls: tuple[str, ...] = (),
              router_role: str = "") -> PoolSignals:

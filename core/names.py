@@ -34,6 +34,7 @@ POOL_ENDPOINT_ROLE: dict[str, EndpointRole] = {"aggregated": "both", "prefill": 
 # The router's per-pool metrics carry `role=` with these values; the autoscaler reads them back.
 POOL_ROLE_LABEL: dict[str, str] = {"aggregated": "main", "prefill": "prefill", "decode": "decode"}
 QUEUE_DEPTH = "kvpilot_router_queue_depth"  # requests the router holds back, per pool
+COLD_HELD = "kvpilot_router_cold_start_held"  # requests held while a pool wakes from zero, per pool
 
 # Built-in simulator profiles (`kvpilot.sim.profiles.PROFILES`; a unit test keeps the two equal).
 SIM_PROFILE_NAMES = ("h100-llama3-8b", "a100-llama3-8b", "h100-qwen2.5-7b", "h100-qwen2.5-0.5b")

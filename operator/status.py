@@ -54,6 +54,16 @@ def gpu_capacity(spec: LLMServiceSpec, max_node_gpus: int) -> Problem | None:
                    f"for ({asks}); the pods stay Pending until a bigger node joins, or lower gpus and tensorParallel")
 
 
+def autoscaler_shortage(status: Obj | None) -> Problem | None:
+    """GPUs short now, as the autoscaler sees it (`status.autoscaling.<role>.reason` starting
+    "waiting for GPUs: N replica(s) unschedulable"): replicas that would fit a node but find no
+    free GPU. `gpu_capacity` only says whether one replica fits any node; this says how many wait."""
+    pools = (status or {}).get("autoscaling") or {}
+    short = [f"{role}: {entry['reason']}" for role, entry in sorted(pools.items())
+             if str((entry or {}).get("reason", "")).startswith("waiting for GPUs")]
+    return Problem("WaitingForGPUs", "; ".join(short)) if short else None
+
+
 def set_condition(conditions: list[Condition], type_: str, status: bool, reason: str, message: str,
                   now: str, generation: int | None) -> list[Condition]:
     """Replace one condition, keeping its lastTransitionTime unless its status flipped."""
@@ -123,6 +133,7 @@ def llmservice_status(svc: Obj, spec: LLMServiceSpec | None, problems: list[Prob
         status.conditions = set_condition(status.conditions, "Degraded", False, "AsExpected", "", now, generation)
         status.conditions = set_condition(status.conditions, "Progressing", bool(waiting),
                                           "RollingOut" if waiting else "Complete", "; ".join(waiting), now, generation)
+    gpu = gpu or autoscaler_shortage(svc.get("status"))
     if spec is not None:
         status.conditions = set_condition(status.conditions, "GPUCapacity", gpu is None,
                                           gpu.reason if gpu else "Fits",

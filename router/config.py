@@ -138,6 +138,12 @@ class RouterConfig(BaseModel):
         description="when the router's own event loop runs this late (the router is CPU-bound), new requests skip "
                     "the router-side queues until it catches up: first tokens then reach the router late, every "
                     "backlog looks full, and holding only adds delay; 0 never bypasses")
+    cold_start_queue: int = Field(256, gt=0, alias="coldStartQueue",
+                                  description="requests per model held while its pools wake from zero replicas; "
+                                              "past it requests get 429")
+    cold_start_timeout_s: float = Field(300.0, gt=0, alias="coldStartTimeoutSeconds",
+                                        description="how long a request waits for a pool to wake from zero before "
+                                                    "it gets 503 (a GPU node and a model load can take minutes)")
     seed: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="logLevel")
     log_format: Literal["json", "text"] = Field("json", alias="logFormat")

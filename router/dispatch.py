@@ -23,6 +23,7 @@ from kvpilot.router.errors import RETRY_AFTER_S, ApiError
 from kvpilot.router.policy import RequestView
 from kvpilot.router.pool import Attempt, Member, NoEndpoint, Pool, QueueFull
 from kvpilot.router.runtime import ModelRuntime, Runtime
+from kvpilot.router.wake import ColdStarts, needs_wake
 
 
 class UpstreamFailed(Exception):
@@ -45,10 +46,36 @@ class Dispatcher:
         self.metrics = runtime.metrics
         self.max_retries = runtime.cfg.max_retries
         self.session: aiohttp.ClientSession | None = None   # set when the app starts
+        cfg = runtime.cfg
+        self.cold = ColdStarts(runtime.metrics.registry, cfg.cold_start_queue, cfg.cold_start_timeout_s)
+
+    async def _alive(self, url: str) -> bool:
+        assert self.session is not None
+        try:
+            async with self.session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            return False
 
     async def run(self, request: web.Request, model: ModelRuntime, view: RequestView, path: str,
                   body: dict[str, Any]) -> web.StreamResponse:
-        """Answer one validated request: prefill first in P/D, then the (decode) request itself."""
+        """Answer one validated request: prefill first in P/D, then the (decode) request itself.
+        While a pool it needs is at zero replicas, it first waits for the pools to wake."""
+        pools, cfg = model.pools(), model.config
+        dynamic = cfg.discovery is not None or cfg.endpoints_file is not None   # static endpoints never wake
+        if dynamic and needs_wake([len(p.members) for p in pools]):
+            async def alive(url: str) -> bool:
+                """A starting instance that answers: its breaker, opened by scrapes before it listened, closes."""
+                if not await self._alive(url):
+                    return False
+                for p in pools:
+                    for m in p.members:
+                        if m.url == url and m.breaker.open_until:
+                            p.revive(m)
+                return True
+
+            await self.cold.hold(model.name, [role for role, _ in model.roles()],
+                                 lambda: [[m.url for m in p.members] for p in pools], alive)
         if model.prefill is not None:
             body = await self._prefill(model, model.prefill, view, path, body)
             return await self._forward(request, model, model.main, view, path, body, "decode")

@@ -284,6 +284,12 @@ class Pool:
     def succeeded(self, member: Member) -> None:
         member.breaker.failures = 0
 
+    def revive(self, member: Member) -> None:
+        """Close the member's breaker: it answered a health check after failures that came before
+        it was listening (a cold start's scrapes), so its cooldown would only delay the first request."""
+        member.breaker = Breaker()
+        self._healthy = None
+
     def failed(self, member: Member) -> bool:
         """Count a failure; returns True when this one opened the breaker."""
         b = member.breaker

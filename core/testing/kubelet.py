@@ -5,7 +5,10 @@ autoscaler and router on the real API, this watches the pods of one label select
 each pod's own container command (the args the operator rendered) as a local process bound to
 the pod's IP, and stops it when the pod goes away. So the worker that answers at a pod's IP is
 the one the operator asked for, and scaling a WorkerPool really adds or removes servers.
-Only simulator pods are supported: anything else would need the real engine.
+Router pods run too (`kvpilot router --config …`): their ConfigMap's config, bound to the pod's
+IP, with the control plane's kubeconfig for discovery; so the autoscaler finds a live router at
+the router pod's IP, as in a cluster. Only simulator engines are supported: anything else would
+need the real engine.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from kvpilot.procs import ManagedProcess
 from kvpilot.testing.k8s import ControlPlane
@@ -34,6 +39,18 @@ def worker_argv(container: dict[str, Any], pod_ip: str) -> list[str]:
     return [sys.executable, "-P", "-m", "kvpilot.cli", *words]
 
 
+def router_config(config_text: str, pod_ip: str) -> str:
+    """The router's rendered config, listening on the pod's IP instead of every address."""
+    doc = yaml.safe_load(config_text)
+    doc["host"] = pod_ip
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
+def is_router(container: dict[str, Any]) -> bool:
+    words = [*container.get("command", []), *container.get("args", [])]
+    return words[:2] == ["kvpilot", "router"]
+
+
 class ProcessKubelet:
     """Runs the pods of `selector` in `namespace` as local processes until `stop()`."""
 
@@ -47,6 +64,7 @@ class ProcessKubelet:
         self.poll_s = poll_s
         self.procs: dict[str, ManagedProcess] = {}   # pod uid → its process
         self.urls: dict[str, str] = {}                # pod uid → the worker's base URL
+        self.routers: dict[str, str] = {}             # pod uid → the router's base URL
         self.started: list[str] = []                  # pod names, in start order
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="process-kubelet", daemon=True)
@@ -71,7 +89,14 @@ class ProcessKubelet:
                 continue
             live.add(uid)
             if uid not in self.procs:
-                argv = worker_argv(pod["spec"]["containers"][0], ip) + self.extra
+                container = pod["spec"]["containers"][0]
+                if is_router(container):
+                    proc = self._router(pod, ip)
+                    if proc is not None:
+                        self.procs[uid] = proc
+                        self.started.append(meta["name"])
+                    continue
+                argv = worker_argv(container, ip) + self.extra
                 self.procs[uid] = ManagedProcess(meta["name"], argv, self.dir / f"{meta['name']}.log")
                 port = argv[argv.index("--port") + 1] if "--port" in argv else "8000"
                 self.urls[uid] = f"http://{ip}:{port}"
@@ -79,6 +104,23 @@ class ProcessKubelet:
         for uid in set(self.procs) - live:
             self.procs.pop(uid).stop()
             self.urls.pop(uid, None)
+            self.routers.pop(uid, None)
+
+    def _router(self, pod: dict[str, Any], ip: str) -> ManagedProcess | None:
+        """The router pod as a process, with its ConfigMap's config; None until the map exists."""
+        name = next((v["configMap"]["name"] for v in pod["spec"].get("volumes", []) if "configMap" in v), None)
+        out = self.plane.kubectl("get", "configmap", "-n", self.namespace, str(name), "-o", "json")
+        if name is None or out.returncode != 0:
+            return None
+        text = next(iter(json.loads(out.stdout).get("data", {}).values()), None)
+        if text is None:
+            return None
+        path = self.dir / f"{pod['metadata']['name']}.yaml"
+        path.write_text(router_config(text, ip))
+        argv = [sys.executable, "-P", "-m", "kvpilot.cli", "router", "--config", str(path)]
+        self.routers[pod["metadata"]["uid"]] = f"http://{ip}:{yaml.safe_load(text).get('port', 8000)}"
+        return ManagedProcess(pod["metadata"]["name"], argv, self.dir / f"{pod['metadata']['name']}.log",
+                              env=self.plane.env())
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -32,6 +32,17 @@ def test_healthy_list_is_stable_until_a_breaker_opens() -> None:
         assert chosen is not None and chosen[0].endpoint.name != "w0"
 
 
+def test_a_revived_member_is_routable_again_before_its_cooldown() -> None:
+    pool = make_pool()
+    w0 = pool.by_name["w0"]
+    pool.failed(w0)
+    pool.failed(w0)                     # open for 60 s
+    assert "w0" not in [m.endpoint.name for m in pool.healthy()]
+    pool.revive(w0)                     # it answered a health check (a cold start's early failures)
+    assert [m.endpoint.name for m in pool.healthy()] == ["w0", "w1", "w2"]
+    assert not pool.failed(w0)          # a fresh count: one failure does not reopen it
+
+
 def test_saturated_members_are_skipped_and_a_full_pool_refuses() -> None:
     pool = make_pool(n=2, max_inflight=1)
     a = pool.choose(req(0))

@@ -92,3 +92,12 @@ def test_controller_says_waiting_for_gpus_when_nothing_could_start() -> None:
     decisions = Autoscaler(act, clock=lambda: 0.0).tick([("ns", "svc", spec)])
     assert decisions and all(d.desired == 3 and d.reason.startswith("waiting for GPUs: 3") for d in decisions)
     assert act.scaled == []
+
+
+def test_missing_metrics_during_a_shortage_keep_the_pending_pods_asked_for() -> None:
+    """A hold for lack of evidence is no decision to shrink: releasing the Pending pods would only
+    ask for them again an interval later (asked size flapping under the shortage)."""
+    p = PoolPlanner("prefill", CFG)
+    blind = dataclasses.replace(sig(0, 6, 2, tps=0, stuck=4), uncached_prompt_tps=None)
+    plan = p.plan(blind)
+    assert plan.desired == 6 and plan.reason.startswith("waiting for GPUs: 4") and "holding" in plan.reason

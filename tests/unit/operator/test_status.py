@@ -94,3 +94,18 @@ def test_workerpool_status_feeds_the_scale_subresource() -> None:
     status = workerpool_status(pool, dep, "T1")
     assert (status.replicas, status.ready_replicas, status.selector) == (3, 2, "kvpilot.io/workerpool=s-decode")
     assert status.conditions[0].status == "False" and status.observed_generation == 2
+
+
+def test_the_autoscalers_gpu_shortage_shows_as_the_gpu_condition_with_its_count() -> None:
+    short = {"decode": {"desired": 4, "current": 4, "ready": 2, "lastDecisionTime": "T0",
+                        "reason": "waiting for GPUs: 2 replica(s) unschedulable, 6 wanted; scale up: …"},
+             "prefill": {"desired": 1, "current": 1, "ready": 1, "reason": "steady: …", "lastDecisionTime": "T0"}}
+    status = llmservice_status({**SVC, "status": {"autoscaling": short}}, SPEC, [],
+                               [_pool("prefill", 1, 1), _pool("decode", 4, 2)], None, "T1")
+    cond = next(c for c in status.conditions if c.type == "GPUCapacity")
+    assert cond.status == "False" and cond.reason == "WaitingForGPUs"
+    assert cond.message.startswith("decode: waiting for GPUs: 2 replica(s)") and "prefill" not in cond.message
+    short["decode"]["reason"] = "steady: …"     # GPUs freed: the condition clears
+    again = llmservice_status({**SVC, "status": {"autoscaling": short}}, SPEC, [],
+                              [_pool("prefill", 1, 1), _pool("decode", 4, 4)], None, "T2")
+    assert _conds(again)["GPUCapacity"] == "True"
