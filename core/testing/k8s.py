@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 from typing import Literal
@@ -197,13 +198,18 @@ class ControlPlane:
     def stop(self) -> None:
         """The node first (kubelet before anything it could restart), then scheduler, KCM, kwok,
         apiserver and etcd."""
+        t0 = time.monotonic()
         try:
             if self.node is not None:
                 self.node.teardown()
         finally:
+            t1 = time.monotonic()
             for proc in reversed(self.procs):
                 proc.stop()
             self.procs.clear()
+            if self.node is not None:
+                print(f"[k8s-harness] node torn down in {t1 - t0:.1f}s, control plane stopped in "
+                      f"{time.monotonic() - t1:.1f}s", file=sys.stderr)
 
     def cleanup(self) -> None:
         """Stop everything and remove the work directory; in node mode, fail loudly if the host is
@@ -329,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             plane.cleanup()
         else:
             plane.stop()
+            left = plane.node.leftovers() if plane.node is not None else []
+            if left:
+                print("the real node left these behind: " + "; ".join(left), file=sys.stderr)
+                return 1
     return 0
 
 

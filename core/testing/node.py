@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -227,44 +228,72 @@ state = "{d}/containerd/state"
 
     # -- tear-down --------------------------------------------------------------------------------
     def teardown(self) -> None:
-        """Kubelet first (so nothing restarts), then every task and sandbox through containerd,
-        the daemons, mounts, links, kube-proxy's chains, cgroups and fixed paths."""
+        """Kubelet first (so nothing restarts), then every container and sandbox process (found
+        by the kubelet's cgroups: exactly this node's), the daemons, mounts, links, kube-proxy's
+        chains, cgroups and fixed paths. Steps and their seconds go to logs/teardown.log."""
+        steps = [("stop kubelet and kube-proxy", self._stop_agents), ("kill pods", self._kill_pods),
+                 ("stop containerd", self._stop_containerd), ("kill shims", self._kill_shims),
+                 ("unmount", self._unmount), ("delete links", self._delete_links),
+                 ("iptables and sysctls", self._restore_host), ("cgroups", self._remove_cgroups),
+                 ("fixed paths", self._remove_fixed_paths)]
+        log = []
+        for what, step in steps:
+            t = time.monotonic()
+            try:
+                step()
+            finally:
+                log.append(f"{what}: {time.monotonic() - t:.1f}s")
+        self._host_prepared = False
+        with contextlib.suppress(OSError):
+            (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+            (self.dir / "logs" / "teardown.log").write_text("\n".join(log) + "\n")
+        print("[real-node] tear-down: " + ", ".join(log), file=sys.stderr)
+
+    def _stop_agents(self) -> None:
         for name in ("kubelet", "kube-proxy"):
             if name in self.procs:
                 self.procs.pop(name).stop()
-        ctrd = self.procs.get("containerd")
-        if ctrd is not None and ctrd.alive():
-            self._remove_containers()
-        if ctrd is not None:
+
+    def _pod_pids(self) -> set[int]:
+        pids: set[int] = set()
+        for h in self._hierarchies():
+            top = h / "kubepods"
+            if h in self._before_cgroups or not top.is_dir():
+                continue
+            for procs in top.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    pids.update(int(x) for x in procs.read_text().split())
+        return pids
+
+    def _kill_pods(self) -> None:
+        deadline = time.monotonic() + 15
+        while (pids := self._pod_pids()) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            time.sleep(0.2)
+
+    def _stop_containerd(self) -> None:
+        if "containerd" in self.procs:
             self.procs.pop("containerd").stop()
-        self._kill_shims()
-        self._unmount()
+
+    def _delete_links(self) -> None:
         for link in (CNI_LINK, NODE_LINK):
             if link in _links():
                 _run("ip", "link", "del", link, check=False)
-        if self._host_prepared:
-            self._clean_iptables()
-            for key, value in self._sysctls.items():
-                with contextlib.suppress(OSError):
-                    (Path("/proc/sys") / key).write_text(value)
-        self._remove_cgroups()
+
+    def _restore_host(self) -> None:
+        if not self._host_prepared:
+            return
+        self._clean_iptables()
+        for key, value in self._sysctls.items():
+            with contextlib.suppress(OSError):
+                (Path("/proc/sys") / key).write_text(value)
+
+    def _remove_fixed_paths(self) -> None:
         for path in FIXED_PATHS:
             if path not in self._before_paths:
                 shutil.rmtree(path, ignore_errors=True)
-        self._host_prepared = False
-
-    def _remove_containers(self) -> None:
-        out = self._ctr("containers", "list", "-q")
-        ids = out.stdout.split()
-        for cid in ids:
-            self._ctr("tasks", "kill", "-a", "-s", "SIGKILL", cid)
-        deadline = time.monotonic() + 15
-        for cid in ids:
-            while self._ctr("tasks", "delete", cid).returncode != 0 and time.monotonic() < deadline:
-                if "not found" in self._ctr("tasks", "ps", cid).stderr:
-                    break
-                time.sleep(0.2)
-            self._ctr("containers", "delete", cid)
 
     def _own_pids(self) -> list[int]:
         """Processes started from this node's binaries or naming its state directory (shims
@@ -311,7 +340,7 @@ state = "{d}/containerd/state"
             _run(tool, "-t", "filter", "-F", "KUBE-FIREWALL", check=False)
             _run(tool, "-t", "filter", "-X", "KUBE-FIREWALL", check=False)
         for table in _nft_tables() - self._before_nft:
-            _run("nft", "delete", *table.split()[1:], check=False)
+            _run("nft", "delete", *table.split(), check=False)   # "table ip nat" as listed
 
     @staticmethod
     def _hierarchies() -> list[Path]:
