@@ -216,7 +216,12 @@ class ControlPlane:
         not as it was (anything left would skew every later test on this machine)."""
         self.stop()
         left = self.node.leftovers() if self.node is not None else []
+        t = time.monotonic()
+        if self.node is not None:   # containerd's snapshots: tens of thousands of files; rm is faster
+            subprocess.run(["rm", "-rf", str(self.dir)], check=False, timeout=300)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.node is not None:
+            print(f"[k8s-harness] removed {self.dir} in {time.monotonic() - t:.1f}s", file=sys.stderr)
         if left:
             raise RuntimeError("the real node left these behind: " + "; ".join(left))
 

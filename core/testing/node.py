@@ -127,6 +127,9 @@ class RealNode:
     def start(self, images: list[Path], timeout: float = 90) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_configs()
+        # The unpacked images live in RAM: imports are faster, and tear-down is one unmount
+        # instead of deleting tens of thousands of files (over a minute on a busy disk).
+        _run("mount", "-t", "tmpfs", "-o", "mode=0700,size=8g", "kvpilot-node", str(self.dir / "containerd" / "root"))
         env = {"PATH": f"{self.bin}:{os.environ['PATH']}"}   # its own shim, not a Debian one
         ctrd = self._spawn("containerd", [str(self.bin / "containerd"), "--config", str(self.dir / "containerd.toml")],
                            env)
@@ -158,7 +161,7 @@ class RealNode:
 
     def _write_configs(self) -> None:
         d = self.dir
-        for sub in ("containerd", "cni/net.d", "cni/ipam", "cdi", "kubelet", "kubelet-pki", "podlogs",
+        for sub in ("containerd/root", "cni/net.d", "cni/ipam", "cdi", "kubelet", "kubelet-pki", "podlogs",
                     "volume-plugins", "opt", "runc"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         rt = "plugins.'io.containerd.cri.v1.runtime'"
