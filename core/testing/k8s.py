@@ -328,10 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         plane.add_gpu_nodes(args.gpu_nodes, args.gpus_per_node)
     # Block only now: children inherit the signal mask, and they must still die on SIGTERM.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    node_logs = f"\n  node (containerd, kubelet, kube-proxy) logs in {plane.node.dir / 'logs'}" if plane.node else ""
     print(textwrap.dedent(f"""\
         control plane ({args.mode}) is up at {plane.server}; logs in {plane.dir / 'logs'}
           export KUBECONFIG={plane.kubeconfig}
-          export PATH={plane.bin}:$PATH   # kubectl, helm, kwok
+          export PATH={plane.bin}:$PATH   # kubectl, helm, kwok{node_logs}
         Ctrl-C stops it and removes {plane.dir}."""), flush=True)
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
