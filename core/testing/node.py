@@ -233,7 +233,10 @@ state = "{d}/containerd/state"
     def teardown(self) -> None:
         """Kubelet first (so nothing restarts), then every container and sandbox process (found
         by the kubelet's cgroups: exactly this node's), the daemons, mounts, links, kube-proxy's
-        chains, cgroups and fixed paths. Steps and their seconds go to logs/teardown.log."""
+        chains, cgroups and fixed paths. Steps and their seconds go to logs/teardown.log.
+        Does nothing when prepare_host() refused (the links may be another live node's)."""
+        if not self._host_prepared:
+            return
         steps = [("stop kubelet and kube-proxy", self._stop_agents), ("kill pods", self._kill_pods),
                  ("stop containerd", self._stop_containerd), ("kill shims", self._kill_shims),
                  ("unmount", self._unmount), ("delete links", self._delete_links),
