@@ -3,7 +3,7 @@
 #   1. Debian packages the tests start for real (redis-server, prometheus, chromium), only when missing;
 #   2. a venv with kvpilot and its test extras;
 #   3. the Kubernetes test binaries, built from Go modules into a versioned cache outside the clone,
-#      and the container image (scripts/build-image.sh, cached by the hash of its inputs);
+#      a real node's (scripts/build-node.sh: kubelet, containerd, CNI; runc from Debian), and the container image (scripts/build-image.sh, cached by the hash of its inputs);
 #   4. ruff and mypy;
 #   5. pytest tier by tier (unit, integration, e2e, vllm). A tier with no tests yet passes; any
 #      failing tier fails the run, after the remaining tiers have run. The vllm tier's CPU vLLM venv
@@ -36,6 +36,15 @@ KVPILOT_VENV="$venv" bash scripts/bootstrap.sh
 say "Kubernetes test binaries"
 KVPILOT_K8S_BIN="$(bash scripts/build-k8s-harness.sh | tail -n1)"
 export KVPILOT_K8S_BIN
+
+# -- 3a. a real node's binaries (kubelet, kube-proxy, containerd, CNI; runc from Debian) ------
+if [ "$(id -u)" -eq 0 ]; then
+  say "real-node binaries"
+  KVPILOT_NODE_DIR="$(bash scripts/build-node.sh | tail -n1)"
+  export KVPILOT_NODE_DIR
+else
+  echo "(not root: a real kubelet node needs root; the tests/e2e/node tests skip)"
+fi
 
 # -- 3b. the container image (cached by the hash of its inputs) ------------------------------
 say "container image"

@@ -1,11 +1,15 @@
 """A real Kubernetes control plane on loopback: etcd, kube-apiserver and, in full mode,
 kube-controller-manager, kube-scheduler and kwok fake GPU nodes.
 
-Two modes:
+Three modes:
 - ``api``: etcd + kube-apiserver only. Starts in seconds; enough for CRDs, custom resources,
   watches and server-side validation. Deployments never get pods in this mode.
 - ``full``: adds controller-manager, scheduler and kwok, so Deployments get pods that are
   scheduled onto fake nodes advertising ``nvidia.com/gpu`` and reach Running with 127.64.x IPs.
+- ``node``: controller-manager, scheduler and one real node instead of kwok (containerd, kubelet,
+  kube-proxy; `kvpilot.testing.node`): pods are real containers of images imported from OCI
+  archives. Needs root; addresses move into 198.18.0.0/15, and the apiserver listens on the node
+  IP so pods reach it through the ``kubernetes`` Service.
 
 All addresses are loopback: pods get IPs from 127.64.0.0/16, Services from 127.200.0.0/24,
 nodes report 127.0.1.x. Binaries come from `scripts/build-k8s-harness.sh` (Go modules, cached).
@@ -25,13 +29,15 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 from typing import Literal
 
 from kvpilot.procs import ManagedProcess, free_port, tcp_open, wait_for
+from kvpilot.testing import node as realnode
 
-Mode = Literal["api", "full"]
+Mode = Literal["api", "full", "node"]
 POD_CIDR = "127.64.0.1/16"
 SERVICE_CIDR = "127.200.0.0/24"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,18 +60,24 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def make_pki(pki: Path) -> None:
+def make_pki(pki: Path, node: bool = False) -> None:
     """A fresh CA, an apiserver serving cert for 127.0.0.1, an admin client cert in
-    system:masters and a service-account key pair."""
+    system:masters and a service-account key pair; for a real node also the node's and Service
+    addresses in the serving cert, the kubelet's client cert (system:nodes, for the Node
+    authorizer) and the apiserver's client cert for kubelets."""
     pki.mkdir(parents=True, exist_ok=True)
     ext = ("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
            "extendedKeyUsage={usage}\n{san}subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
-    (pki / "srv.ext").write_text(ext.format(usage="serverAuth", san="subjectAltName=IP:127.0.0.1,DNS:localhost\n"))
+    san = "IP:127.0.0.1,DNS:localhost" + (f",IP:{realnode.NODE_IP},IP:{realnode.SERVICE_IP}" if node else "")
+    (pki / "srv.ext").write_text(ext.format(usage="serverAuth", san=f"subjectAltName={san}\n"))
     (pki / "cli.ext").write_text(ext.format(usage="clientAuth", san=""))
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=kvpilot-harness-ca",
              "-keyout", "ca.key", "-out", "ca.crt", cwd=pki)
-    for name, subj, ext_file in (("apiserver", "/CN=kube-apiserver", "srv.ext"),
-                                 ("admin", "/O=system:masters/CN=harness-admin", "cli.ext")):
+    certs = [("apiserver", "/CN=kube-apiserver", "srv.ext"), ("admin", "/O=system:masters/CN=harness-admin", "cli.ext")]
+    if node:
+        certs += [("kubelet", f"/O=system:nodes/CN=system:node:{realnode.NODE_NAME}", "cli.ext"),
+                  ("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", "cli.ext")]
+    for name, subj, ext_file in certs:
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subj, "-keyout", f"{name}.key",
                  "-out", f"{name}.csr", cwd=pki)
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
@@ -75,8 +87,13 @@ def make_pki(pki: Path) -> None:
 
 
 class ControlPlane:
-    def __init__(self, mode: Mode = "api", workdir: Path | None = None, bin_dir: Path | None = None) -> None:
+    def __init__(self, mode: Mode = "api", workdir: Path | None = None, bin_dir: Path | None = None,
+                 images: list[Path] | None = None) -> None:
+        """`images`: OCI archives imported into the real node's containerd (node mode)."""
         self.mode: Mode = mode
+        self.host = realnode.NODE_IP if mode == "node" else "127.0.0.1"
+        self.images = images or []
+        self.node: realnode.RealNode | None = None
         self.bin = bin_dir or harness_bin_dir()
         self.dir = workdir or Path(tempfile.mkdtemp(prefix=f"kvpilot-k8s-{mode}-"))
         self.pki = self.dir / "pki"
@@ -87,7 +104,7 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        return f"https://{self.host}:{self.api_port}"
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, timeout: float = 90) -> ControlPlane:
@@ -99,7 +116,10 @@ class ControlPlane:
         return self
 
     def _start(self, timeout: float) -> None:
-        make_pki(self.pki)
+        make_pki(self.pki, node=self.mode == "node")
+        if self.mode == "node":   # the apiserver binds the node IP, so the link comes first
+            self.node = realnode.RealNode(self.dir / "node", self.pki, self.server, self.kubeconfig)
+            self.node.prepare_host()
         etcd_port, peer_port = free_port(), free_port()
         etcd = self._spawn("etcd", [
             "--name", "h", "--data-dir", str(self.dir / "etcd"),
@@ -112,33 +132,47 @@ class ControlPlane:
             "--unsafe-no-fsync", "--log-level", "warn",
         ])
         wait_for(lambda: tcp_open("127.0.0.1", etcd_port), timeout, "etcd", etcd)
-        disabled = "TaintNodesByCondition" if self.mode == "full" else "ServiceAccount,TaintNodesByCondition"
+        disabled = "ServiceAccount,TaintNodesByCondition" if self.mode == "api" else "TaintNodesByCondition"
         p = self.pki
+        if self.mode == "node":   # pods reach the apiserver through the `kubernetes` Service
+            extra = [f"--service-cluster-ip-range={realnode.SERVICE_CIDR}", "--authorization-mode=Node,RBAC",
+                     f"--kubelet-client-certificate={p}/apiserver-kubelet-client.crt",
+                     f"--kubelet-client-key={p}/apiserver-kubelet-client.key",
+                     "--kubelet-preferred-address-types=InternalIP"]
+        else:
+            extra = [f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=RBAC",
+                     "--endpoint-reconciler-type=none"]
         api = self._spawn("kube-apiserver", [
-            f"--etcd-servers=http://127.0.0.1:{etcd_port}", "--bind-address=127.0.0.1",
-            f"--secure-port={self.api_port}", "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}", f"--bind-address={self.host}",
+            f"--secure-port={self.api_port}", f"--advertise-address={self.host}", *extra,
             f"--tls-cert-file={p}/apiserver.crt", f"--tls-private-key-file={p}/apiserver.key",
             f"--client-ca-file={p}/ca.crt", f"--service-account-issuer={self.server}",
             f"--service-account-key-file={p}/sa.pub", f"--service-account-signing-key-file={p}/sa.key",
-            f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=RBAC",
             "--allow-privileged=true", f"--disable-admission-plugins={disabled}",
         ])
         self._write_kubeconfig()
         wait_for(self.ready, timeout, "kube-apiserver /readyz", api)
-        if self.mode == "full":
+        if self.mode in ("full", "node"):
             self._start_full(timeout)
 
     def _start_full(self, timeout: float) -> None:
         k = str(self.kubeconfig)
         auth = [f"--kubeconfig={k}", f"--authentication-kubeconfig={k}", f"--authorization-kubeconfig={k}",
                 "--bind-address=127.0.0.1", "--leader-elect=false"]
-        self._spawn("kube-controller-manager", [
+        # EndpointSlices reject loopback pod IPs, so on kwok these controllers would only log errors.
+        controllers = "*" if self.mode == "node" else \
+            "*,-endpoints-controller,-endpointslice-controller,-endpointslice-mirroring-controller"
+        kcm = self._spawn("kube-controller-manager", [
             *auth, f"--secure-port={free_port()}",
             f"--service-account-private-key-file={self.pki}/sa.key", f"--root-ca-file={self.pki}/ca.crt",
-            # EndpointSlices reject loopback pod IPs, so these controllers would only log errors.
-            "--controllers=*,-endpoints-controller,-endpointslice-controller,-endpointslice-mirroring-controller",
+            f"--controllers={controllers}",
         ])
         self._spawn("kube-scheduler", [*auth, f"--secure-port={free_port()}"])
+        if self.node is not None:
+            wait_for(lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default").returncode == 0,
+                     timeout, "the default service account (controller-manager)", kcm)
+            self._start_node(self.node, timeout)
+            return
         self._spawn("kwok", [
             f"--kubeconfig={k}", "--manage-all-nodes=true", f"--cidr={POD_CIDR}", "--node-ip=127.0.1.1",
             "--node-lease-duration-seconds=40",
@@ -147,14 +181,49 @@ class ControlPlane:
         wait_for(lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default").returncode == 0,
                  timeout, "the default service account (controller-manager)", self.procs[-3])
 
+    def _start_node(self, node: realnode.RealNode, timeout: float) -> None:
+        """containerd (images imported), kubelet and kube-proxy; then the fake GPUs, patched onto
+        the status once the node has registered (the kubelet keeps extended resources it does not
+        manage)."""
+        node.start(self.images, timeout)
+        name = realnode.NODE_NAME
+        wait_for(lambda: self._node_ready(name), timeout, f"node {name} Ready", node.procs["kubelet"])
+        gpus = [{"op": "add", "path": f"/status/{f}/nvidia.com~1gpu", "value": "8"}
+                for f in ("capacity", "allocatable")]
+        out = self.kubectl("patch", "node", name, "--subresource=status", "--type=json", "-p", json.dumps(gpus))
+        if out.returncode != 0:
+            raise RuntimeError(f"patching GPUs onto {name} failed: {out.stderr}")
+        self.kubectl("label", "node", name, "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count=8")
+
     def stop(self) -> None:
-        for proc in reversed(self.procs):  # kwok, scheduler, KCM, apiserver, then etcd
-            proc.stop()
-        self.procs.clear()
+        """The node first (kubelet before anything it could restart), then scheduler, KCM, kwok,
+        apiserver and etcd."""
+        t0 = time.monotonic()
+        try:
+            if self.node is not None:
+                self.node.teardown()
+        finally:
+            t1 = time.monotonic()
+            for proc in reversed(self.procs):
+                proc.stop()
+            self.procs.clear()
+            if self.node is not None:
+                print(f"[k8s-harness] node torn down in {t1 - t0:.1f}s, control plane stopped in "
+                      f"{time.monotonic() - t1:.1f}s", file=sys.stderr)
 
     def cleanup(self) -> None:
+        """Stop everything and remove the work directory; in node mode, fail loudly if the host is
+        not as it was (anything left would skew every later test on this machine)."""
         self.stop()
+        left = self.node.leftovers() if self.node is not None else []
+        t = time.monotonic()
+        if self.node is not None:   # containerd's snapshots: tens of thousands of files; rm is faster
+            subprocess.run(["rm", "-rf", str(self.dir)], check=False, timeout=300)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.node is not None:
+            print(f"[k8s-harness] removed {self.dir} in {time.monotonic() - t:.1f}s", file=sys.stderr)
+        if left:
+            raise RuntimeError("the real node left these behind: " + "; ".join(left))
 
     def __enter__(self) -> ControlPlane:
         return self.start()
@@ -243,21 +312,27 @@ class ControlPlane:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="k8s-harness", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--mode", choices=["api", "full"], default="full")
+    parser.add_argument("--mode", choices=["api", "full", "node"], default="full")
+    parser.add_argument("--image", type=Path, action="append", default=[],
+                        help="node mode: an OCI archive to import into the node's containerd (repeatable; "
+                             "default: $KVPILOT_IMAGE_ARCHIVE when set)")
     parser.add_argument("--gpu-nodes", type=int, default=2, help="kwok GPU nodes to create (full mode)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--dir", type=Path, help="work directory (default: a new temp dir, removed on exit)")
     args = parser.parse_args(argv)
-    plane = ControlPlane(args.mode, workdir=args.dir)
+    images = args.image or ([Path(os.environ["KVPILOT_IMAGE_ARCHIVE"])] if os.environ.get("KVPILOT_IMAGE_ARCHIVE")
+                            else [])
+    plane = ControlPlane(args.mode, workdir=args.dir, images=images)
     plane.start()
     if args.mode == "full" and args.gpu_nodes:
         plane.add_gpu_nodes(args.gpu_nodes, args.gpus_per_node)
     # Block only now: children inherit the signal mask, and they must still die on SIGTERM.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    node_logs = f"\n  node (containerd, kubelet, kube-proxy) logs in {plane.node.dir / 'logs'}" if plane.node else ""
     print(textwrap.dedent(f"""\
         control plane ({args.mode}) is up at {plane.server}; logs in {plane.dir / 'logs'}
           export KUBECONFIG={plane.kubeconfig}
-          export PATH={plane.bin}:$PATH   # kubectl, helm, kwok
+          export PATH={plane.bin}:$PATH   # kubectl, helm, kwok{node_logs}
         Ctrl-C stops it and removes {plane.dir}."""), flush=True)
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -266,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             plane.cleanup()
         else:
             plane.stop()
+            left = plane.node.leftovers() if plane.node is not None else []
+            if left:
+                print("the real node left these behind: " + "; ".join(left), file=sys.stderr)
+                return 1
     return 0
 
 

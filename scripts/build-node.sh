@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Build the pieces of a real Kubernetes node for the test harness's `node` mode: kubelet and
+# kube-proxy (same k8s.io/kubernetes module and staging pins as scripts/build-k8s-harness.sh),
+# containerd v2 with its runc shim and ctr, the CNI plugins, and a `pause` sandbox image
+# (an OCI archive made with umoci, so no registry is ever contacted).
+#
+# Everything is built from Go modules (CGO_ENABLED=0) into a cache outside the clone, keyed by
+# every pin below: a warm machine skips the build and says so. runc needs cgo and libseccomp, so
+# it comes from Debian (installed only when missing, like scripts/test.sh's packages).
+# Prints the cache directory (holding bin/, cni/ and images/) on its last line.
+# Recipe and measurements: ../shared/guides/real-node.md.
+set -euo pipefail
+
+K8S_VERSION=v1.34.10
+STAGING_VERSION=v0.34.10
+CONTAINERD_VERSION=v2.4.2
+CNI_VERSION=v1.10.0
+PAUSE_REV=1
+
+KEY="node-k8s-${K8S_VERSION}_containerd-${CONTAINERD_VERSION}_cni-${CNI_VERSION}_pause-${PAUSE_REV}"
+CACHE_ROOT="${KVPILOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvpilot}"
+H="$CACHE_ROOT/k8s-harness/$KEY"
+BIN="$H/bin" CNI="$H/cni" IMG="$H/images"
+WANT=("$BIN/kubelet" "$BIN/kube-proxy" "$BIN/containerd" "$BIN/containerd-shim-runc-v2" "$BIN/ctr"
+  "$CNI/bridge" "$CNI/host-local" "$CNI/loopback" "$IMG/pause.tar")
+
+log() { echo "[build-node] $*" >&2; }
+
+# -- Debian packages the node runs (only when missing) ----------------------------------------
+missing=()
+for pair in runc:runc umoci:umoci iptables:iptables nft:nftables openssl:openssl; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+all_present() {
+  local f
+  for f in "${WANT[@]}"; do [ -s "$f" ] || return 1; done
+  "$BIN/kubelet" --version 2>/dev/null | grep -q "Kubernetes $K8S_VERSION" || return 1
+  "$BIN/containerd" --version 2>/dev/null | grep -q "$CONTAINERD_VERSION" || return 1
+}
+
+if all_present; then
+  log "node binaries for $KEY already cached in $H: skipping Go builds"
+  echo "$H"
+  exit 0
+fi
+
+command -v go >/dev/null || { log "go is required (Go >= 1.26.8 for CNI $CNI_VERSION)"; exit 1; }
+mkdir -p "$BIN" "$CNI" "$IMG" "$H/src/kubelet" "$H/src/containerd" "$H/src/cni" "$H/src/pause"
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-modcacherw
+start=$(date +%s)
+
+# --- kubelet + kube-proxy: the harness's go.mod with two more tools ------------------------
+if ! { [ -s "$BIN/kubelet" ] && [ -s "$BIN/kube-proxy" ]; }; then
+  log "building kubelet and kube-proxy $K8S_VERSION"
+  t=$(date +%s)
+  staging=(api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider
+    cluster-bootstrap code-generator component-base component-helpers controller-manager cri-api
+    cri-client csi-translation-lib dynamic-resource-allocation endpointslice externaljwt kms
+    kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics
+    mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller)
+  {
+    printf 'module harness.local/nodebin\n\ngo 1.24.0\n\ngodebug default=go1.24\n\ntool (\n'
+    printf '\tk8s.io/kubernetes/cmd/kubelet\n\tk8s.io/kubernetes/cmd/kube-proxy\n)\n\n'
+    printf 'require k8s.io/kubernetes %s\n\nreplace (\n' "$K8S_VERSION"
+    for s in "${staging[@]}"; do printf '\tk8s.io/%s => k8s.io/%s %s\n' "$s" "$s" "$STAGING_VERSION"; done
+    printf ')\n'
+  } >"$H/src/kubelet/go.mod"
+  # The control-plane build's go.sum already holds almost every hash: start from it.
+  harness_sum=$(ls "$CACHE_ROOT"/k8s-harness/k8s-"$K8S_VERSION"_*/src/k8s/go.sum 2>/dev/null | head -n1 || true)
+  [ -n "$harness_sum" ] && cp "$harness_sum" "$H/src/kubelet/go.sum"
+  (
+    cd "$H/src/kubelet"
+    go mod tidy
+    X=k8s.io/component-base/version C=k8s.io/client-go/pkg/version
+    minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+    LDF="-s -w -X $X.gitVersion=$K8S_VERSION -X $X.gitMajor=1 -X $X.gitMinor=$minor -X $X.gitTreeState=clean"
+    LDF="$LDF -X $X.buildDate=2026-01-01T00:00:00Z -X $C.gitVersion=$K8S_VERSION -X $C.gitMajor=1 -X $C.gitMinor=$minor"
+    go build -trimpath -ldflags "$LDF" -o "$BIN/" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
+  )
+  log "kubelet + kube-proxy built in $(( $(date +%s) - t ))s"
+fi
+
+# --- containerd v2 (own module: its go.mod needs a newer go line) --------------------------
+if ! { [ -s "$BIN/containerd" ] && [ -s "$BIN/containerd-shim-runc-v2" ] && [ -s "$BIN/ctr" ]; }; then
+  log "building containerd $CONTAINERD_VERSION"
+  t=$(date +%s)
+  CM=github.com/containerd/containerd/v2
+  printf 'module harness.local/containerdbin\n\ngo 1.24.0\n\ntool (\n\t%s/cmd/containerd\n\t%s/cmd/containerd-shim-runc-v2\n\t%s/cmd/ctr\n)\n\nrequire %s %s\n' \
+    "$CM" "$CM" "$CM" "$CM" "$CONTAINERD_VERSION" >"$H/src/containerd/go.mod"
+  (
+    cd "$H/src/containerd"
+    go mod tidy
+    go build -trimpath -tags "no_btrfs no_devmapper no_zfs no_aufs" \
+      -ldflags "-s -w -X $CM/version.Version=$CONTAINERD_VERSION" -o "$BIN/" \
+      "$CM/cmd/containerd" "$CM/cmd/containerd-shim-runc-v2" "$CM/cmd/ctr"
+  )
+  log "containerd built in $(( $(date +%s) - t ))s"
+fi
+
+# --- CNI plugins ------------------------------------------------------------------------------
+if ! { [ -s "$CNI/bridge" ] && [ -s "$CNI/host-local" ] && [ -s "$CNI/loopback" ]; }; then
+  log "building CNI plugins $CNI_VERSION"
+  t=$(date +%s)
+  P=github.com/containernetworking/plugins/plugins
+  printf 'module harness.local/cnibin\n\ngo 1.24.0\n\ntool (\n\t%s/main/bridge\n\t%s/main/loopback\n\t%s/ipam/host-local\n)\n\nrequire github.com/containernetworking/plugins %s\n' \
+    "$P" "$P" "$P" "$CNI_VERSION" >"$H/src/cni/go.mod"
+  (cd "$H/src/cni" && go mod tidy && go build -trimpath -ldflags "-s -w" -o "$CNI/" \
+    "$P/main/bridge" "$P/main/loopback" "$P/ipam/host-local")
+  log "CNI plugins built in $(( $(date +%s) - t ))s"
+fi
+
+# --- pause: the sandbox image (reaps children, exits on SIGTERM) -------------------------------
+if [ ! -s "$IMG/pause.tar" ]; then
+  log "building the pause image"
+  cat >"$H/src/pause/main.go" <<'EOF'
+// pause holds a pod's namespaces open: it sleeps until SIGTERM/SIGINT and reaps orphans on SIGCHLD.
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGCHLD)
+	for s := range sigs {
+		if s != syscall.SIGCHLD {
+			return
+		}
+		for {
+			var ws syscall.WaitStatus
+			if pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil); pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+}
+EOF
+  printf 'module harness.local/pause\n\ngo 1.24.0\n' >"$H/src/pause/go.mod"
+  (cd "$H/src/pause" && go build -trimpath -ldflags "-s -w" -o "$H/src/pause/pause" .)
+  work=$(mktemp -d)
+  (
+    cd "$work"
+    umoci init --layout oci
+    umoci new --image oci:pause
+    umoci unpack --rootless --image oci:pause b
+    install -m755 "$H/src/pause/pause" b/rootfs/pause
+    umoci repack --image oci:pause b
+    umoci config --image oci:pause --config.entrypoint /pause --config.user 65535:65535
+    umoci gc --layout oci
+    # ctr needs a full image name; umoci tags cannot hold '/' or ':'.
+    python3 -c 'import json,sys;p="oci/index.json";d=json.load(open(p))
+for m in d["manifests"]: m.setdefault("annotations",{})["io.containerd.image.name"]="local.test/pause:1"
+json.dump(d,open(p,"w"))'
+    tar -C oci -cf "$IMG/pause.tar.tmp" . && mv "$IMG/pause.tar.tmp" "$IMG/pause.tar"
+  )
+  rm -rf "$work"
+fi
+
+all_present || { log "build finished but node binaries are missing or report the wrong version"; exit 1; }
+log "built $KEY in $(( $(date +%s) - start ))s into $H ($(du -sh "$H" | cut -f1) with sources)"
+echo "$H"
