@@ -13,7 +13,6 @@ request before its body is read. `public_routes` are what clients call; the oper
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import Any
@@ -22,6 +21,7 @@ from aiohttp import web
 
 from kvpilot.router.dispatch import Dispatcher
 from kvpilot.router.errors import ApiError
+from kvpilot.router.openai_schema import sequences, validate
 from kvpilot.router.runtime import Runtime
 from kvpilot.tokens import render_chat
 
@@ -34,7 +34,9 @@ async def read_body(request: web.Request, max_body_bytes: int, models: dict[str,
         raise ApiError(413, f"request body exceeds {max_body_bytes} bytes")
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError, LookupError):
+        # ValueError: broken JSON or text (UnicodeDecodeError); RecursionError: nesting too deep for
+        # json.loads; LookupError: a charset Python does not know in the Content-Type.
         raise ApiError(400, "request body is not valid JSON") from None
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"request body exceeds {max_body_bytes} bytes") from None
@@ -92,6 +94,10 @@ class Api:
             body = await read_body(request, self.max_body_bytes, self.runtime.models)
             model_name = str(body["model"])
             model = self.runtime.models[model_name]
+            req = validate(body, chat)
+            if sequences(req) > 1 and (model.config.engine != "vllm" or model.config.mode != "aggregated"):
+                raise ApiError(400, "n: more than one choice per request is served only by vLLM engines in "
+                                    "aggregated mode; send one request per choice", param="n")
             prompt = prompt_of(body, chat)
             view = model.request_view(rid, prompt)
             await model.engine_keys(view, prompt, body.get("messages") if chat else None)
