@@ -43,6 +43,7 @@ def test_lint_and_template(crds: ControlPlane) -> None:
     assert role["metadata"]["namespace"] == "team-a"
     verbs = _verbs(role)
     assert verbs[("apps", "deployments")] == {"get", "list", "watch", "create", "patch"}  # never delete or update
+    assert verbs[("", "secrets")] == {"create"}   # the routers' admin tokens: made once, never read back
     assert "delete" not in verbs[("kvpilot.io", "llmservices")]
     assert verbs[("monitoring.coreos.com", "podmonitors")] == {"create", "patch"}  # server-side apply only
     assert verbs[("kopf.dev", "kopfpeerings")] == {"get", "list", "watch", "patch"}
