@@ -99,7 +99,11 @@ class Api:
                 raise ApiError(400, "n: more than one choice per request is served only by vLLM engines in "
                                     "aggregated mode; send one request per choice", param="n")
             prompt = prompt_of(body, chat)
-            view = model.request_view(rid, prompt)
+            try:
+                view = model.request_view(rid, prompt)   # encodes the whole prompt to UTF-8
+            except UnicodeEncodeError:
+                param = "messages" if chat else "prompt"
+                raise ApiError(400, f"{param}: not valid Unicode text (a lone surrogate)", param=param) from None
             await model.engine_keys(view, prompt, body.get("messages") if chat else None)
             self.runtime.handovers.observe(model_name, view, prompt)
             path = "/v1/chat/completions" if chat else "/v1/completions"
