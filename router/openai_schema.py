@@ -27,9 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from kvpilot.router.errors import ApiError
 
-# Integers are valid floats (`"temperature": 1`); floats must be finite (`allow_inf_nan=False`).
-Finite = Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)]
-NonNegative = Annotated[StrictFloat | StrictInt, Field(ge=0, allow_inf_nan=False)]
+# Integers fit in 64 bits (JSON allows any size; engines do not: 10**400 made a 500). Integers are
+# valid floats (`"temperature": 1`); floats must be finite (`allow_inf_nan=False`).
+Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Count = Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
+Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)] | Int64
+NonNegative = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)] | Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 Stop = StrictStr | list[StrictStr]
 
 
@@ -41,19 +44,19 @@ class _Common(BaseModel):
     model: Annotated[StrictStr, Field(min_length=1)]
     stream: StrictBool | None = None
     stream_options: dict[str, Any] | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_tokens: Count | None = None
     temperature: NonNegative | None = None
     top_p: Annotated[StrictFloat | StrictInt, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
-    n: Annotated[StrictInt, Field(ge=1)] | None = None
+    n: Count | None = None
     presence_penalty: Finite | None = None
     frequency_penalty: Finite | None = None
-    seed: StrictInt | None = None
+    seed: Int64 | None = None
     stop: Stop | None = None
     user: StrictStr | None = None
     logit_bias: dict[str, Finite] | None = None
     # vLLM extensions the router itself reads (resume and migration count with them).
-    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
-    top_k: StrictInt | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)] | None = None
 
 
 class CompletionRequest(_Common):
@@ -61,8 +64,8 @@ class CompletionRequest(_Common):
 
     prompt: StrictStr | list[Any]
     echo: StrictBool | None = None
-    best_of: Annotated[StrictInt, Field(ge=1)] | None = None
-    logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
+    best_of: Count | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
     suffix: StrictStr | None = None
 
 
@@ -77,9 +80,9 @@ class ChatRequest(_Common):
     """`POST /v1/chat/completions`."""
 
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Count | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
 
 
 def _loc(loc: tuple[int | str, ...], body: Any) -> str:

@@ -13,6 +13,7 @@ Where things are:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import aiohttp
@@ -28,6 +29,7 @@ from kvpilot.router.dispatch import Dispatcher
 from kvpilot.router.loops import Background
 from kvpilot.router.runtime import Runtime
 
+log = logging.getLogger("kvpilot.router")
 RUNTIME = web.AppKey("runtime", Runtime)
 ADMIN_APP = web.AppKey("admin_app", web.Application)
 ADMIN_RUNNER = web.AppKey("admin_runner", web.AppRunner)
@@ -43,6 +45,9 @@ def client_middlewares(cfg: RouterConfig) -> list[Middleware]:
 def build_admin_app(cfg: RouterConfig, admin: Admin) -> web.Application:
     """The operators' endpoints, behind the admin token when one is configured."""
     token = FileToken(cfg.admin_token_file, cfg.api_keys_reload_s) if cfg.admin_token_file else (lambda: None)
+    if cfg.admin_token_file is None and cfg.admin_host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("admin endpoints on %s without a token: anyone who reaches the port can migrate requests "
+                    "and read the dashboard (set adminTokenFile)", cfg.admin_host)
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[admin_token_middleware(token)])
     app.add_routes(admin.routes())
     return app

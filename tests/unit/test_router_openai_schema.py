@@ -27,7 +27,8 @@ def _param(body: dict[str, Any], chat: bool = False) -> str | None:
     ("temperature", float("inf")), ("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0),
     ("max_tokens", 2.5), ("max_tokens", "16"), ("max_tokens", True), ("n", 0), ("seed", "1"),
     ("presence_penalty", float("-inf")), ("stop", 3), ("stop", ["a", 1]), ("logit_bias", {"1": "x"}),
-    ("model", ""), ("echo", "true"), ("stream_options", []),
+    ("model", ""), ("echo", "true"), ("stream_options", []), ("presence_penalty", 10**400), ("seed", 2**64),
+    ("max_tokens", 2**40), ("temperature", 10**400),
 ])
 def test_wrong_types_and_values_name_the_field(field: str, value: Any) -> None:
     param = _param({**OK, field: value})

@@ -15,7 +15,7 @@ from kvpilot.testing.sim import SimWorker
 
 # Answers once found wrong, kept as fixed examples: a lone surrogate in a prompt or a chat (500s
 # from UTF-8 encoding), JSON nested past Python's recursion limit, a charset Python does not know,
-# a body over the 32 MiB limit.
+# a body over the 32 MiB limit, an integer too large for any engine (from the 10,000-request run).
 KNOWN = [Case("/v1/completions", b'{"model": "sim-model", "max_tokens": 1, "prompt": "\\ud800"}', "application/json"),
          Case("/v1/chat/completions", b'{"model": "sim-model", "max_tokens": 1, "stream": true, '
               b'"messages": [{"role": "user", "content": "\\ud800"}]}', "application/json"),
@@ -23,7 +23,9 @@ KNOWN = [Case("/v1/completions", b'{"model": "sim-model", "max_tokens": 1, "prom
               "application/json"),
          Case("/v1/completions", b'{"model": "sim-model", "prompt": "hi"}', "application/json; charset=bogus"),
          Case("/v1/completions", b'{"model": "sim-model", "prompt": "' + b"x" * (40 << 20) + b'"}',
-              "application/json")]
+              "application/json"),
+         Case("/v1/completions", b'{"model": "sim-model", "max_tokens": 1, "prompt": "hi", "presence_penalty": 1'
+              + b"0" * 400 + b"}", "application/json")]
 
 
 def test_generated_requests_get_a_200_or_a_clear_4xx(sim_worker_factory: Callable[..., SimWorker],
@@ -40,6 +42,7 @@ def test_generated_requests_get_a_200_or_a_clear_4xx(sim_worker_factory: Callabl
     @example(KNOWN[2])
     @example(KNOWN[3])
     @example(KNOWN[4])
+    @example(KNOWN[5])
     def one(case: Case) -> None:
         outcome = send("127.0.0.1", router.port, case)
         seen[outcome.status] += 1
