@@ -1,14 +1,15 @@
 """Request handling: the OpenAI-compatible surface of `kvpilot router`.
 
-A request is validated here (JSON body, model, prompt or messages), turned into what its
+A request is validated here (JSON body, model, then every OpenAI field's type and range against
+`kvpilot.router.openai_schema`, prompt or messages), turned into what its
 policy sees (`ModelRuntime.request_view`), and handed to dispatch; every failure on the way is
 an `ApiError`, which the client gets as OpenAI's error JSON. Nothing here knows about pools,
 retries or upstreams.
 
-Cross-cutting request concerns (API keys, rate limits per key, tracing) belong in aiohttp
-middlewares passed to `build_app` (`kvpilot.router.proxy`): they wrap these handlers and see the
-request before its body is read. `public_routes` are what clients call; the operators' endpoints
-(`kvpilot.router.admin`) are kept apart so they can be served on another port.
+Cross-cutting request concerns (API keys and per-key limits: `kvpilot.router.auth`; tracing) are
+aiohttp middlewares passed to `build_app` (`kvpilot.router.proxy`): they wrap these handlers and
+see the request before its body is read. `public_routes` are what clients call; the operators'
+endpoints (`kvpilot.router.admin`) are served on the admin listener, not here.
 """
 
 from __future__ import annotations

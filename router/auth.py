@@ -42,6 +42,7 @@ class KeyStore:
         self.path, self.reload_s, self.clock = path, reload_s, clock
         self.table = KeyTable([])
         self.names: set[str] = set()
+        self.generation = 0   # bumped on every change of the table
         self._signature: tuple[int, int, int] | None = None
         self._checked = -float("inf")
         self.refresh(force=True)
@@ -57,6 +58,7 @@ class KeyStore:
             if self._signature is not None or force:
                 log.error("API keys file %s unreadable (%s): refusing every key", self.path, e.strerror)
             self.table, self.names, self._signature = KeyTable([]), set(), None
+            self.generation += 1
             return
         signature = (st.st_mtime_ns, st.st_size, st.st_ino)
         if signature == self._signature:
@@ -70,6 +72,7 @@ class KeyStore:
             self._signature = signature
             return
         self.table, self.names, self._signature = KeyTable(keys), {k.name for k in keys}, signature
+        self.generation += 1
         log.info("API keys loaded: %s", ", ".join(sorted(self.names)) or "none")
 
 
@@ -82,6 +85,7 @@ def api_key_middleware(store: KeyStore, limiter: Limiter | None = None, clock: C
     """Requests under `prefix` need `Authorization: Bearer <key>` of a listed key (else 401) and
     within that key's limits (else 429 with Retry-After). Health checks and /metrics stay open."""
     limiter = limiter or Limiter()
+    seen = [store.generation]
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -94,7 +98,9 @@ def api_key_middleware(store: KeyStore, limiter: Limiter | None = None, clock: C
         spec = store.table.lookup(presented)
         if spec is None:
             return _unauthorized("Incorrect API key provided.")
-        limiter.forget(store.names)
+        if seen[0] != store.generation:   # keys removed from the file: drop their limits' state
+            limiter.forget(store.names)
+            seen[0] = store.generation
         denied = limiter.admit(spec, clock())
         if denied is not None:
             log.info("rate limited: %s", denied.reason, extra={"api_key": spec.name})
