@@ -98,7 +98,7 @@ def migrate_once(router: RouterProcess, servers: dict[str, VLLMServer], prompt: 
                     before[target] = (t.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL),
                                       t.metric("vllm:prompt_tokens_by_source_total", **LOCAL))
                     thread = threading.Thread(target=lambda: result.update(
-                        post(router.url + "/kvpilot/migrate", {"request_id": rid, "target": target})))
+                        post(router.admin_url + "/kvpilot/migrate", {"request_id": rid, "target": target})))
                     thread.start()
     assert thread is not None
     thread.join()

@@ -7,6 +7,7 @@ The live proxy's own parts run on real prompt text, built from the config as `kv
 builds them (`Runtime`): a router config with N endpoints, the model's pool and policy. Per
 request, timed with perf_counter_ns (or the thread's CPU clock):
 - parse: `json.loads` of the request body (aiohttp's `request.json()` does this);
+- validate: the typed check of the decoded body (`kvpilot.router.openai_schema.validate`);
 - hash: `ModelRuntime.request_view`, the prompt's token count and chained block hashes at the
   router's block size (256 tokens, at most 256 blocks, the config's defaults);
 - observe: the scale-event handover's hot-prefix tracking (DualMap only);
@@ -39,6 +40,7 @@ from typing import Any
 
 from kvpilot.router.config import RouterConfig
 from kvpilot.router.kv_events import KVEventIndex, load_chat_template
+from kvpilot.router.openai_schema import validate
 from kvpilot.router.pool import Attempt
 from kvpilot.router.runtime import ModelRuntime, Runtime
 from kvpilot.sim.cluster import percentile
@@ -100,7 +102,8 @@ async def _run(rt: Runtime, tokens: int, args: argparse.Namespace, clock: Callab
     model: ModelRuntime = rt.models["m"]
     handovers = rt.handovers
     pool = model.main
-    times: dict[str, list[float]] = {k: [] for k in ("parse", "hash", "observe", "decide", "total", "template")}
+    times: dict[str, list[float]] = {k: [] for k in ("parse", "validate", "hash", "observe", "decide", "total",
+                                                     "template")}
     index: KVEventIndex | None = model.kv_index
     for k, prompt in enumerate(prompts(args.requests + args.warmup, tokens, seed=len(pool.members),
                                        spread=args.spread)):
@@ -108,7 +111,9 @@ async def _run(rt: Runtime, tokens: int, args: argparse.Namespace, clock: Callab
         messages = [{"role": "user", "content": prompt}]
         body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 16}).encode()
         t0 = clock()
-        json.loads(body)
+        decoded = json.loads(body)
+        tv = clock()
+        validate(decoded, False)
         t1 = clock()
         view = model.request_view(rid, prompt)
         t2 = clock()
@@ -131,8 +136,8 @@ async def _run(rt: Runtime, tokens: int, args: argparse.Namespace, clock: Callab
         attempt.status = "ok"
         attempt.end()
         if k >= args.warmup:
-            for key, dt in (("parse", t1 - t0), ("hash", t2 - t1), ("observe", t3 - t2), ("decide", t4 - t3),
-                            ("total", t4 - t1), ("template", t5 - t4)):
+            for key, dt in (("parse", tv - t0), ("validate", t1 - tv), ("hash", t2 - t1), ("observe", t3 - t2),
+                            ("decide", t4 - t3), ("total", t4 - t1), ("template", t5 - t4)):
                 times[key].append(dt / 1000)
     return times
 
@@ -162,7 +167,7 @@ def main() -> None:
             tokenizer_dir = Path(tmp)
             train_tokenizer(tokenizer_dir)
             assert load_chat_template(str(tokenizer_dir)) is not None
-        cols = ["parse", "hash", "observe", "decide", "total"] + (["template"] if args.kv_events else [])
+        cols = ["parse", "validate", "hash", "observe", "decide", "total"] + (["template"] if args.kv_events else [])
         print("| policy | instances | prompt tokens | " + " | ".join(f"{c} p50 µs | {c} p99 µs" for c in cols) + " |")
         print("|---|---:|---:|" + "---:|---:|" * len(cols))
         for policy in args.policies:

@@ -107,6 +107,7 @@ class LocalControlPlane:
         self.time_scale = time_scale
         self.policy = policy or service.spec.routing.policy
         self.port = port or free_port()
+        self.admin_port = free_port()  # the router's admin listener (dashboard, handover, migrate), loopback
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="kvpilot-local-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.autoscale = service.spec.autoscaling.enabled if autoscale is None else autoscale
@@ -135,6 +136,11 @@ class LocalControlPlane:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """The router's admin endpoints (`/dashboard`, `/kvpilot/handover`, `/kvpilot/migrate`)."""
+        return f"http://127.0.0.1:{self.admin_port}"
 
     @property
     def model(self) -> str:
@@ -188,7 +194,8 @@ class LocalControlPlane:
 
         def run() -> None:
             body = json.dumps({"model": self.model, kind: w.name, "url": w.url}).encode()
-            req = urllib.request.Request(self.url + "/kvpilot/handover", body, {"Content-Type": "application/json"})
+            req = urllib.request.Request(self.admin_url + "/kvpilot/handover", body,
+                                         {"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=HANDOVER_S) as resp:
                     log.info("handover %s %s: %s", kind, w.name, json.loads(resp.read()).get("outcome"))
@@ -295,7 +302,7 @@ class LocalControlPlane:
             w.healthy = True
         with self._lock:
             self._publish()
-        config = {"host": "127.0.0.1", "port": self.port, "models": [{
+        config = {"host": "127.0.0.1", "port": self.port, "adminPort": self.admin_port, "models": [{
             "name": self.model, "policy": self.policy, "mode": spec.mode,
             "endpointsFile": str(self._endpoints_path),
             # The router measures wall time; workers run time_scale× faster than the modelled GPUs.

@@ -40,7 +40,7 @@ def _up(args: argparse.Namespace) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         scaling = "autoscaled" if plane.autoscale else "fixed size"
         print(f"kvpilot is up: OpenAI base URL {plane.url}/v1, model {plane.model!r}, "
-              f"{len(plane.workers)} simulated worker(s), {scaling}; dashboard {plane.url}/dashboard; "
+              f"{len(plane.workers)} simulated worker(s), {scaling}; dashboard {plane.admin_url}/dashboard; "
               f"logs in {plane.dir}. Ctrl-C stops everything.", flush=True)
         if plane.monitoring is not None:
             print(f"Prometheus {plane.monitoring.url} (kvpilot's rules loaded); Grafana dashboards drawn from it "

@@ -26,6 +26,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "Deployment": ("apps/v1", "deployments"),
     "Service": ("v1", "services"),
     "ConfigMap": ("v1", "configmaps"),
+    "Secret": ("v1", "secrets"),  # create only: the router's admin token
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "ServiceAccount": ("v1", "serviceaccounts"),
     "Role": ("rbac.authorization.k8s.io/v1", "roles"),

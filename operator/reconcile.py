@@ -7,6 +7,7 @@ call from any event, from a periodic resync, after a restart, or twice at once.
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -70,6 +71,7 @@ def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, mon
                 continue
             log.info("deleting WorkerPool %s/%s: not in the spec any more", owner.namespace, pool["metadata"]["name"])
             kube.delete("WorkerPool", owner.namespace, pool["metadata"]["name"])
+        ensure_admin_secret(kube, owner)
         router = None
         for obj in render.router_objects(spec, owner, router_image, defaults):
             applied = kube.apply(obj)
@@ -78,6 +80,24 @@ def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, mon
             ensure_pod_monitor(kube, owner)
         return refresh_service_status(kube, svc, spec, problems, children=(pools, router))
     return refresh_service_status(kube, svc, spec, problems)
+
+
+_ADMIN_SECRETS: set[str] = set()  # owner uids whose admin Secret this process has seen exist
+
+
+def ensure_admin_secret(kube: Kube, owner: render.Owner) -> None:
+    """Create the router's admin token Secret if it is not there (create only: the operator never
+    reads Secrets, and a token once made is not rotated by a reconcile). Once per service per
+    process: the router pods cannot start without it, so a deleted one shows as pods pending."""
+    key = f"{owner.namespace}/{owner.name}/{owner.uid}"
+    if key in _ADMIN_SECRETS:
+        return
+    try:
+        kube.create(render.admin_secret(owner, secrets.token_urlsafe(32)))
+    except KubeError as err:
+        if err.status != 409:   # 409: it exists already
+            raise
+    _ADMIN_SECRETS.add(key)
 
 
 def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = None,

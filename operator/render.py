@@ -35,6 +35,11 @@ KV_EVENTS_PORT = 5557  # the router's ZMQ SUB socket; vLLM instances connect and
 KV_REPLAY_PORT = 5558  # each vLLM instance's replay socket: a (re)started router fetches what it missed
 MANAGER = "kvpilot-operator"
 ROUTER_CONFIG = "/etc/kvpilot/router.yaml"
+# The router's admin listener (migrate, handover, debug, dashboard): a container port only, on no
+# Service; reached with `kubectl port-forward` and the token in the `<service>-router-admin` Secret,
+# which the operator creates once (a random token) and garbage collection deletes with the service.
+ADMIN_PORT = 8001
+ADMIN_TOKEN_DIR = "/var/run/secrets/kvpilot-admin"  # not under the ConfigMap mount
 # The vLLM the tests run (scripts/vllm-cpu-env.sh); a unit test keeps the two in step.
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 
@@ -68,6 +73,18 @@ def kvpilot_image() -> str:
 
 def router_name(service: str) -> str:
     return f"{service}-router"
+
+
+def admin_secret_name(service: str) -> str:
+    return f"{router_name(service)}-admin"
+
+
+def admin_secret(owner: Owner, token: str) -> Obj:
+    """The router's admin token. Created once with a random token, never re-applied: rendering stays
+    pure and a reconcile does not rotate the token under a running operator's feet."""
+    name = admin_secret_name(owner.name)
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _meta(name, owner, _labels(owner.name, "router")), "stringData": {"token": token}}
 
 
 def _meta(name: str, owner: Owner, labels: dict[str, str]) -> Obj:
@@ -111,6 +128,7 @@ def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
     whose endpoints are the ready pods of each pool, found by label in this namespace."""
     return {
         "host": "0.0.0.0", "port": PORT,  # the router pod listens on its pod IP
+        "adminHost": "0.0.0.0", "adminPort": ADMIN_PORT, "adminTokenFile": f"{ADMIN_TOKEN_DIR}/token",
         "models": [{
             "name": spec.model.served(), "policy": spec.routing.policy, "mode": spec.mode,
             "ttftMs": spec.slo.ttft_ms,
@@ -171,14 +189,17 @@ def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None,
     container = {
         "name": "router", "image": image or kvpilot_image(),
         "command": ["kvpilot", "router", "--config", ROUTER_CONFIG],
-        "ports": [{"name": "http", "containerPort": PORT}, {"name": "kv-events", "containerPort": KV_EVENTS_PORT}],
+        "ports": [{"name": "http", "containerPort": PORT}, {"name": "kv-events", "containerPort": KV_EVENTS_PORT},
+                  {"name": "admin", "containerPort": ADMIN_PORT}],
         "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                 *([e.wire() for e in spec.engine.env if e.name in HF_ENV] if spec.engine.type == "vllm" else [])],
         "readinessProbe": probe, "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
     }
-    volumes: list[Obj] = [{"name": "config", "configMap": {"name": name}}]
-    mounts: list[Obj] = [{"name": "config", "mountPath": "/etc/kvpilot", "readOnly": True}]
+    volumes: list[Obj] = [{"name": "config", "configMap": {"name": name}},
+                          {"name": "admin", "secret": {"secretName": admin_secret_name(owner.name)}}]
+    mounts: list[Obj] = [{"name": "config", "mountPath": "/etc/kvpilot", "readOnly": True},
+                         {"name": "admin", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True}]
     model = _model_volume(spec.model.uri) if spec.engine.type == "vllm" else None
     if model is not None:   # the engine's model directory, for its tokenizer (tokenizer_source)
         volumes.append(model[0])

@@ -1,7 +1,8 @@
 """The operators' endpoints: metrics, the live dashboard, the KV-index check, and the hooks the
 local mode and the autoscaler call (live migration, scale-event handover). None of them is on a
-client's request path; they are kept apart from `kvpilot.router.api` so they can be served on
-their own port."""
+client's request path, and they are served on their own listener (`adminPort`, default the client
+port + 1 on 127.0.0.1) with their own bearer token (`adminTokenFile`): a client must not trigger
+migrations or probe which prefixes another tenant has cached. Only /metrics is on both ports."""
 
 from __future__ import annotations
 
@@ -21,12 +22,16 @@ class Admin:
 
     def routes(self) -> list[web.RouteDef]:
         rt = self.runtime
-        return [web.get("/metrics", self.metrics),
+        return [self.metrics_route(),
                 web.get("/dashboard", self.dashboard),
                 web.get("/dashboard/data", self.dashboard_data),
                 web.post("/debug/kv-match", self.kv_match),
                 web.post("/kvpilot/migrate", rt.migrator.handle),
                 web.post("/kvpilot/handover", rt.handovers.handle)]
+
+    def metrics_route(self) -> web.RouteDef:
+        """/metrics is served on the client port too: Prometheus scrapes the pod's `http` port."""
+        return web.get("/metrics", self.metrics)
 
     async def metrics(self, request: web.Request | None) -> web.Response:
         """Prometheus text; gauges that are cheaper to read here than to keep current are set now."""

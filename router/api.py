@@ -1,19 +1,19 @@
 """Request handling: the OpenAI-compatible surface of `kvpilot router`.
 
-A request is validated here (JSON body, model, prompt or messages), turned into what its
+A request is validated here (JSON body, model, then every OpenAI field's type and range against
+`kvpilot.router.openai_schema`, prompt or messages), turned into what its
 policy sees (`ModelRuntime.request_view`), and handed to dispatch; every failure on the way is
 an `ApiError`, which the client gets as OpenAI's error JSON. Nothing here knows about pools,
 retries or upstreams.
 
-Cross-cutting request concerns (API keys, rate limits per key, tracing) belong in aiohttp
-middlewares passed to `build_app` (`kvpilot.router.proxy`): they wrap these handlers and see the
-request before its body is read. `public_routes` are what clients call; the operators' endpoints
-(`kvpilot.router.admin`) are kept apart so they can be served on another port.
+Cross-cutting request concerns (API keys and per-key limits: `kvpilot.router.auth`; tracing) are
+aiohttp middlewares passed to `build_app` (`kvpilot.router.proxy`): they wrap these handlers and
+see the request before its body is read. `public_routes` are what clients call; the operators'
+endpoints (`kvpilot.router.admin`) are served on the admin listener, not here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import Any
@@ -22,6 +22,7 @@ from aiohttp import web
 
 from kvpilot.router.dispatch import Dispatcher
 from kvpilot.router.errors import ApiError
+from kvpilot.router.openai_schema import sequences, validate
 from kvpilot.router.runtime import Runtime
 from kvpilot.tokens import render_chat
 
@@ -34,7 +35,9 @@ async def read_body(request: web.Request, max_body_bytes: int, models: dict[str,
         raise ApiError(413, f"request body exceeds {max_body_bytes} bytes")
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError, LookupError):
+        # ValueError: broken JSON or text (UnicodeDecodeError); RecursionError: nesting too deep for
+        # json.loads; LookupError: a charset Python does not know in the Content-Type.
         raise ApiError(400, "request body is not valid JSON") from None
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"request body exceeds {max_body_bytes} bytes") from None
@@ -92,8 +95,16 @@ class Api:
             body = await read_body(request, self.max_body_bytes, self.runtime.models)
             model_name = str(body["model"])
             model = self.runtime.models[model_name]
+            req = validate(body, chat)
+            if sequences(req) > 1 and (model.config.engine != "vllm" or model.config.mode != "aggregated"):
+                raise ApiError(400, "n: more than one choice per request is served only by vLLM engines in "
+                                    "aggregated mode; send one request per choice", param="n")
             prompt = prompt_of(body, chat)
-            view = model.request_view(rid, prompt)
+            try:
+                view = model.request_view(rid, prompt)   # encodes the whole prompt to UTF-8
+            except UnicodeEncodeError:
+                param = "messages" if chat else "prompt"
+                raise ApiError(400, f"{param}: not valid Unicode text (a lone surrogate)", param=param) from None
             await model.engine_keys(view, prompt, body.get("messages") if chat else None)
             self.runtime.handovers.observe(model_name, view, prompt)
             path = "/v1/chat/completions" if chat else "/v1/completions"

@@ -20,6 +20,12 @@ def register(sub: Any) -> None:
                    help="without --config: a worker, e.g. w0=http://127.0.0.1:8001 or p0=http://…,prefill")
     p.add_argument("--mode", choices=["aggregated", "disaggregated"], default="aggregated")
     p.add_argument("--slo-ttft-ms", type=float, default=2000)
+    p.add_argument("--api-keys-file", type=Path, default=None,
+                   help="client API keys and limits (YAML/JSON, e.g. a mounted Secret), re-read when it changes")
+    p.add_argument("--admin-host", default=None, help="the admin listener's address (default 127.0.0.1)")
+    p.add_argument("--admin-port", type=int, default=None,
+                   help="the admin listener: migrate, handover, debug, dashboard (default: --port + 1)")
+    p.add_argument("--admin-token-file", type=Path, default=None, help="bearer token the admin endpoints need")
     p.set_defaults(handler=_run)
 
 
@@ -37,7 +43,10 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         cfg = RouterConfig.model_validate({"models": [{
             "name": args.model, "policy": args.policy, "mode": args.mode, "endpoints": endpoints,
             "ttftMs": args.slo_ttft_ms}]})
-    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    flags = (("host", args.host), ("port", args.port), ("api_keys_file", args.api_keys_file),
+             ("admin_host", args.admin_host), ("admin_port", args.admin_port),
+             ("admin_token_file", args.admin_token_file))
+    updates = {k: v for k, v in flags if v is not None}
     return cfg.model_copy(update=updates) if updates else cfg
 
 

@@ -147,6 +147,23 @@ class RouterConfig(BaseModel):
     seed: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="logLevel")
     log_format: Literal["json", "text"] = Field("json", alias="logFormat")
+    # Credentials and the admin listener (`kvpilot.router.auth`, `kvpilot.router.admin`).
+    api_keys_file: Path | None = Field(None, alias="apiKeysFile",
+                                       description="client API keys and their limits (`kvpilot.router.keys`); "
+                                                   "None: no key is needed")
+    api_keys_reload_s: float = Field(2.0, gt=0, alias="apiKeysReloadSeconds",
+                                     description="how often the keys file (and the admin token) is checked for changes")
+    admin_host: str = Field("127.0.0.1", alias="adminHost", description="the admin listener's address")
+    admin_port: int | None = Field(None, ge=0, le=65535, alias="adminPort",
+                                   description="the admin listener (migrate, handover, debug, dashboard); "
+                                               "None: `port` + 1 (0 with `port` 0)")
+    admin_token_file: Path | None = Field(None, alias="adminTokenFile",
+                                          description="the admin endpoints' bearer token; None: none needed")
+
+    def admin_listen_port(self) -> int:
+        if self.admin_port is not None:
+            return self.admin_port
+        return self.port + 1 if self.port else 0
 
     @classmethod
     def load(cls, path: Path) -> RouterConfig:

@@ -5,12 +5,15 @@ Where things are:
 - `kvpilot.router.dispatch`: getting a request answered (picks, retries, P/D, streaming);
 - `kvpilot.router.runtime`: per-model state built from the config (pools, KV events, handover);
 - `kvpilot.router.loops`: what runs in the background (scraping, the queues' tick, discovery);
-- `kvpilot.router.admin`: the operators' endpoints (metrics, dashboard, debug, hooks);
+- `kvpilot.router.admin`: the operators' endpoints (metrics, dashboard, debug, hooks), on their
+  own listener (`adminPort`, with `adminTokenFile`'s bearer token);
+- `kvpilot.router.auth`: client API keys and per-key limits (`apiKeysFile`), the admin token;
 - `kvpilot.router.policy` / `kvpilot.router.pool`: the routing contract and the pools that drive it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import aiohttp
@@ -20,17 +23,40 @@ from aiohttp.typedefs import Middleware
 from kvpilot import logs
 from kvpilot.router.admin import Admin
 from kvpilot.router.api import Api
+from kvpilot.router.auth import FileToken, KeyStore, admin_token_middleware, api_key_middleware
 from kvpilot.router.config import RouterConfig
 from kvpilot.router.dispatch import Dispatcher
 from kvpilot.router.loops import Background
 from kvpilot.router.runtime import Runtime
 
+log = logging.getLogger("kvpilot.router")
 RUNTIME = web.AppKey("runtime", Runtime)
+ADMIN_APP = web.AppKey("admin_app", web.Application)
+ADMIN_RUNNER = web.AppKey("admin_runner", web.AppRunner)
+
+
+def client_middlewares(cfg: RouterConfig) -> list[Middleware]:
+    """The API-key check when a keys file is configured."""
+    if cfg.api_keys_file is None:
+        return []
+    return [api_key_middleware(KeyStore(cfg.api_keys_file, cfg.api_keys_reload_s))]
+
+
+def build_admin_app(cfg: RouterConfig, admin: Admin) -> web.Application:
+    """The operators' endpoints, behind the admin token when one is configured."""
+    token = FileToken(cfg.admin_token_file, cfg.api_keys_reload_s) if cfg.admin_token_file else (lambda: None)
+    if cfg.admin_token_file is None and cfg.admin_host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("admin endpoints on %s without a token: anyone who reaches the port can migrate requests "
+                    "and read the dashboard (set adminTokenFile)", cfg.admin_host)
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[admin_token_middleware(token)])
+    app.add_routes(admin.routes())
+    return app
 
 
 def build_app(cfg: RouterConfig, middlewares: Iterable[Middleware] = ()) -> web.Application:
-    """The router's aiohttp app: client and operator routes over one runtime. `middlewares` wrap
-    every handler (an API-key check, say) in order."""
+    """The router's client app over one runtime; the admin app (`ADMIN_APP`) is served beside it
+    on `cfg.admin_listen_port()` from the client app's start-up. `middlewares` wrap every client
+    handler in order, after the configured API-key check."""
     runtime = Runtime(cfg)
     dispatcher = Dispatcher(runtime)
     background = Background(runtime)
@@ -42,17 +68,26 @@ def build_app(cfg: RouterConfig, middlewares: Iterable[Middleware] = ()) -> web.
         background.start(session)
         runtime.migrator.start(session)
         runtime.handovers.start(session)
+        runner = web.AppRunner(app[ADMIN_APP], access_log=None, handler_cancellation=True)
+        await runner.setup()
+        await web.TCPSite(runner, cfg.admin_host, cfg.admin_listen_port()).start()
+        app[ADMIN_RUNNER] = runner
 
     async def on_cleanup(app: web.Application) -> None:
+        if ADMIN_RUNNER in app:
+            await app[ADMIN_RUNNER].cleanup()
         background.stop()
         runtime.migrator.stop()
         if dispatcher.session is not None:
             await dispatcher.session.close()
 
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=list(middlewares))
+    app = web.Application(client_max_size=cfg.max_body_bytes,
+                          middlewares=[*client_middlewares(cfg), *middlewares])
     app[RUNTIME] = runtime
+    admin = Admin(runtime)
+    app[ADMIN_APP] = build_admin_app(cfg, admin)
     app.add_routes(Api(runtime, dispatcher).public_routes())
-    app.add_routes(Admin(runtime).routes())
+    app.add_routes([admin.metrics_route()])
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app

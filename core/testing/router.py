@@ -17,9 +17,10 @@ from kvpilot.procs import ManagedProcess, free_port, wait_for
 class RouterProcess:
     def __init__(self, models: list[dict[str, Any]], workdir: Path | None = None, **settings: Any) -> None:
         self.port = free_port()
+        self.admin_port = int(settings.pop("adminPort", 0) or free_port())
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="kvpilot-router-"))
         self.dir.mkdir(parents=True, exist_ok=True)
-        config = {"host": "127.0.0.1", "port": self.port, "models": models, **settings}
+        config = {"host": "127.0.0.1", "port": self.port, "adminPort": self.admin_port, "models": models, **settings}
         self.config_path = self.dir / f"router-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         argv = [sys.executable, "-P", "-m", "kvpilot.cli", "router", "--config", str(self.config_path)]
@@ -29,6 +30,11 @@ class RouterProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin listener: dashboard, debug, migrate and handover (not on the client port)."""
+        return f"http://127.0.0.1:{self.admin_port}"
 
     def healthy(self) -> bool:
         with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:

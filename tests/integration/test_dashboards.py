@@ -71,13 +71,13 @@ def _load(url: str, model: str, stop: threading.Event) -> None:
             pool.submit(one, i)
 
 
-def _migrate_one(url: str, model: str) -> dict[str, Any]:
+def _migrate_one(url: str, admin_url: str, model: str) -> dict[str, Any]:
     """A long stream moved to another worker through the router's API while the client reads on."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
     result: dict[str, Any] = {}
 
     def migrate(rid: str) -> None:
-        req = urllib.request.Request(url + "/kvpilot/migrate", json.dumps({"request_id": rid}).encode(),
+        req = urllib.request.Request(admin_url + "/kvpilot/migrate", json.dumps({"request_id": rid}).encode(),
                                      {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=15) as resp:
@@ -110,7 +110,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -
     service = LLMService.model_validate(yaml.safe_load(SPEC.replace("REDIS", redis_server.url)))
     with LocalControlPlane(service, time_scale=10, prometheus=True, scrape_interval="1s",
                            workdir=tmp_path_factory.mktemp("dash")) as plane:
-        moved = _migrate_one(plane.url, plane.model)   # before the load: no scale event under its feet
+        moved = _migrate_one(plane.url, plane.admin_url, plane.model)   # before the load: no scale event under its feet
         assert moved.get("outcome") == "migrated", moved
         stop = threading.Event()
         loader = threading.Thread(target=_load, args=(plane.url, plane.model, stop), daemon=True)

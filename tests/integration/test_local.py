@@ -134,15 +134,15 @@ spec:
         for c in clients:
             c.start()
         try:
-            wait_for(lambda: len(data(plane.url)["endpoints"]) >= 2, 60, "the router to see a second worker")  # type: ignore[arg-type]
+            wait_for(lambda: len(data(plane.admin_url)["endpoints"]) >= 2, 60, "the router to see a second worker")  # type: ignore[arg-type]
             assert any(e.after > e.before for e in plane.events)
-            assert data(plane.url)["scaling"], "the dashboard lists the autoscaler's decisions"
+            assert data(plane.admin_url)["scaling"], "the dashboard lists the autoscaler's decisions"
         finally:
             stop.set()
             for c in clients:
                 c.join(timeout=40)
         wait_for(lambda: len(plane.workers) == 1, 60, "the pool to shrink back")
-        wait_for(lambda: len(data(plane.url)["endpoints"]) == 1, 10, "the router to drop retired workers")  # type: ignore[arg-type]
+        wait_for(lambda: len(data(plane.admin_url)["endpoints"]) == 1, 10, "the router to drop retired workers")  # type: ignore[arg-type]
         assert any(e.after < e.before for e in plane.events)
 
 

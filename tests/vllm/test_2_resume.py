@@ -43,7 +43,7 @@ def _stream(url: str, body: dict[str, Any], rid: str,
 
 def _migrate(router: RouterProcess, rid: str, target: str) -> tuple[int, dict[str, Any]]:
     try:
-        out, _ = post_json(router.url + "/kvpilot/migrate", {"request_id": rid, "target": target})
+        out, _ = post_json(router.admin_url + "/kvpilot/migrate", {"request_id": rid, "target": target})
         return 200, out
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())

@@ -35,7 +35,7 @@ def test_overload_shows_in_engine_queue_and_router_load(pair: Stage,
         while not all(f.done() for f in futures):
             for name, server in pair.servers.items():
                 engine_waiting[name] = max(engine_waiting[name], int(server.metric("vllm:num_requests_waiting")))
-            for name, load in _router_loads(router.url).items():
+            for name, load in _router_loads(router.admin_url).items():
                 router_waiting[name] = max(router_waiting[name], load["engine_waiting"])
             time.sleep(0.1)
         results = [f.result()[0] for f in futures]
@@ -49,4 +49,4 @@ def test_overload_shows_in_engine_queue_and_router_load(pair: Stage,
             assert router_waiting[name] > 0, (engine_waiting, router_waiting, gained)
     # And it follows the queue back down once the burst is served.
     wait_for(lambda: all(v["engine_waiting"] == 0 and v["engine_running"] == 0
-                         for v in _router_loads(router.url).values()), 10, "router load back to idle")
+                         for v in _router_loads(router.admin_url).values()), 10, "router load back to idle")

@@ -123,7 +123,7 @@ def test_migrated_stream_loads_its_blocks_on_the_target(
     results: list[dict[str, Any]] = []
 
     def move(source: str) -> None:
-        results.append(post_json(router.url + "/kvpilot/migrate", {"request_id": "kv-mig-1",
+        results.append(post_json(router.admin_url + "/kvpilot/migrate", {"request_id": "kv-mig-1",
                                                                    "target": other[source]})[0])
 
     from test_2_resume import _stream  # the same client as the resume test: cut after 40 chunks

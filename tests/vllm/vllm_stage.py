@@ -139,9 +139,9 @@ def make_prompt(tag: str, tokens: int) -> str:
     return " ".join(words)
 
 
-def kv_match(router_url: str, prompt: str = "", messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+def kv_match(admin_url: str, prompt: str = "", messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The router's view of what each instance holds of a prompt, or of a chat's `messages`."""
     body: dict[str, Any] = {"model": SERVED, "prompt": prompt}
     if messages is not None:
         body = {"model": SERVED, "messages": messages}
-    return post_json(router_url + "/debug/kv-match", body)[0]
+    return post_json(admin_url + "/debug/kv-match", body)[0]

@@ -43,6 +43,7 @@ def test_lint_and_template(crds: ControlPlane) -> None:
     assert role["metadata"]["namespace"] == "team-a"
     verbs = _verbs(role)
     assert verbs[("apps", "deployments")] == {"get", "list", "watch", "create", "patch"}  # never delete or update
+    assert verbs[("", "secrets")] == {"create"}   # the routers' admin tokens: made once, never read back
     assert "delete" not in verbs[("kvpilot.io", "llmservices")]
     assert verbs[("monitoring.coreos.com", "podmonitors")] == {"create", "patch"}  # server-side apply only
     assert verbs[("kopf.dev", "kopfpeerings")] == {"get", "list", "watch", "patch"}
@@ -208,7 +209,8 @@ def _render_children(doc: dict[str, Any], ns: str, defaults: PodDefaults) -> lis
     spec = LLMServiceSpec.model_validate(doc["spec"])
     owner = render.Owner("kvpilot.io/v1alpha1", "LLMService", doc["metadata"]["name"], ns, str(uuid.uuid4()))
     objs = [*render.workerpools(spec, owner), *render.router_objects(spec, owner, "ghcr.io/kvpilot/kvpilot:0.1.0",
-                                                                     defaults)]
+                                                                     defaults),
+            render.admin_secret(owner, "token-0")]
     for pool in render.workerpools(spec, owner):
         pool_owner = render.Owner("kvpilot.io/v1alpha1", "WorkerPool", pool["metadata"]["name"], ns, str(uuid.uuid4()))
         pspec = WorkerPoolSpec.model_validate(pool["spec"])

@@ -52,6 +52,9 @@ def test_simulator_example_is_served_scaled_healed_and_deleted(
     assert deps == {"sim-llama-8b-prefill", "sim-llama-8b-decode", "sim-llama-8b-router"}
     services = {s["metadata"]["name"]: s for s in kget("services")["items"]}
     assert services["sim-llama-8b-decode"]["spec"]["clusterIP"] == "None"
+    assert "admin" not in {p["name"] for p in services["sim-llama-8b-router"]["spec"]["ports"]}
+    admin = kget("secret", "sim-llama-8b-router-admin")   # the router's admin token, made by the operator
+    assert admin["data"]["token"] and admin["metadata"]["ownerReferences"][0]["uid"] == svc["metadata"]["uid"]
     rendered = kget("configmap", "sim-llama-8b-router")["data"]["router.yaml"]
     config = RouterConfig.model_validate(yaml.safe_load(rendered))
     model = config.models[0]

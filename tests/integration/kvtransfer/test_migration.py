@@ -48,7 +48,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
 def _migrate(router: RouterProcess, rid: str, **extra: Any) -> tuple[int, dict[str, Any]]:
     body = json.dumps({"request_id": rid, **extra}).encode()
     headers = {"Content-Type": "application/json"}
-    req = urllib.request.Request(router.url + "/kvpilot/migrate", data=body, headers=headers)
+    req = urllib.request.Request(router.admin_url + "/kvpilot/migrate", data=body, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())

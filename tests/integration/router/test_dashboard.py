@@ -30,7 +30,7 @@ def busy_router(sim_worker_factory: Callable[..., SimWorker], router_factory: Ca
 
 
 def test_dashboard_data_reflects_traffic(busy_router: RouterProcess) -> None:
-    with urllib.request.urlopen(busy_router.url + "/dashboard/data", timeout=5) as resp:
+    with urllib.request.urlopen(busy_router.admin_url + "/dashboard/data", timeout=5) as resp:
         data = json.loads(resp.read())
     model = data["models"][0]
     assert model["name"] == "sim-model" and model["slo_ttft_s"] == 0.5
@@ -41,7 +41,7 @@ def test_dashboard_data_reflects_traffic(busy_router: RouterProcess) -> None:
     assert any(p["tpot_mean"] is not None and p["tpot_mean"] > 0 for p in model["series"])
     assert any(p["members"] == 2 for p in model["series"])          # replicas over time
     assert model["scaling"] == [] and model["migrations"] == []      # nothing scaled or migrated here
-    with urllib.request.urlopen(busy_router.url + "/dashboard", timeout=5) as resp:
+    with urllib.request.urlopen(busy_router.admin_url + "/dashboard", timeout=5) as resp:
         html = resp.read().decode()
     assert "kvpilot router" in html and "http" not in html.split("<script>")[1]  # no external assets
 
@@ -53,7 +53,7 @@ def test_browser_renders_charts_with_data(busy_router: RouterProcess, tmp_path: 
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'ud'}",
              "--virtual-time-budget=4000", "--window-size=1000,900"]
-    dom = subprocess.run([*flags, "--dump-dom", busy_router.url + "/dashboard"], capture_output=True, text=True,
+    dom = subprocess.run([*flags, "--dump-dom", busy_router.admin_url + "/dashboard"], capture_output=True, text=True,
                          timeout=60)
     assert 'id="chart"' in dom.stdout, dom.stderr[-2000:]
     def points(chart: str) -> int:
@@ -64,6 +64,6 @@ def test_browser_renders_charts_with_data(busy_router: RouterProcess, tmp_path: 
     assert "<td>w0</td>" in dom.stdout and "<td>w1</td>" in dom.stdout
     shot = Path("bench/out/dashboard.png")
     shot.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([*flags, f"--screenshot={shot.resolve()}", busy_router.url + "/dashboard"], capture_output=True,
-                   timeout=60, check=True)
+    subprocess.run([*flags, f"--screenshot={shot.resolve()}", busy_router.admin_url + "/dashboard"],
+                   capture_output=True, timeout=60, check=True)
     assert shot.stat().st_size > 10_000  # a rendered page, kept as a test artifact

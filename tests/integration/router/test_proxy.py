@@ -187,6 +187,6 @@ def test_saturated_pool_answers_429(sim_worker_factory: Workers, router_factory:
 
 def _dashboard_counts(router: RouterProcess) -> tuple[int, int]:
     """(requests, routing decisions) in the router's dashboard timeline."""
-    with urllib.request.urlopen(router.url + "/dashboard/data", timeout=5) as resp:
+    with urllib.request.urlopen(router.admin_url + "/dashboard/data", timeout=5) as resp:
         series = json.loads(resp.read())["models"][0]["series"]
     return sum(p["requests"] for p in series), sum(sum(p["reasons"].values()) for p in series)

@@ -84,7 +84,7 @@ def test_resumed_stream_equals_the_unmigrated_one(sim_worker_factory: Workers, r
 
     def migrate(source: str) -> None:
         target = "b" if source == "a" else "a"
-        results.append(_post(router.url + "/kvpilot/migrate", {"request_id": "r-1", "target": target}))
+        results.append(_post(router.admin_url + "/kvpilot/migrate", {"request_id": "r-1", "target": target}))
 
     payloads, source = _stream(router.url, body, "r-1", migrate)
     status, result = results[0]
@@ -119,7 +119,7 @@ def test_a_failing_target_leaves_the_request_on_its_source(sim_worker_factory: W
     baseline, _ = _stream(good.url, body, "base")
     results: list[tuple[int, dict[str, Any]]] = []
     payloads, source = _stream(router.url, body, "r-2", lambda _: results.append(
-        _post(router.url + "/kvpilot/migrate", {"request_id": "r-2", "target": "bad"})))
+        _post(router.admin_url + "/kvpilot/migrate", {"request_id": "r-2", "target": "bad"})))
     assert source == "good"
     status, result = results[0]
     assert status == 502 and result["outcome"] == "aborted" and "HTTP 500" in result["reason"], result
@@ -143,7 +143,7 @@ def test_chat_streams_are_not_migratable_by_resume(sim_worker_factory: Workers, 
     with urllib.request.urlopen(req, timeout=60) as resp:
         for n, _ in enumerate(resp):
             if n == 20:
-                results.append(_post(router.url + "/kvpilot/migrate", {"request_id": "chat-1"}))
+                results.append(_post(router.admin_url + "/kvpilot/migrate", {"request_id": "chat-1"}))
     status, result = results[0]
     assert status == 409 and result["outcome"] == "rejected" and "chat" in result["reason"], result
 

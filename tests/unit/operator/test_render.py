@@ -135,6 +135,24 @@ def test_router_config_selectors_match_engine_pod_labels() -> None:
     assert all(o["metadata"]["ownerReferences"][0]["uid"] == "uid-1" for o in objs.values())
 
 
+def test_router_admin_port_is_on_the_pod_but_not_the_client_service() -> None:
+    objs = {o["kind"]: o for o in render.router_objects(_spec(), OWNER, "img:1")}
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
+    assert ports["admin"] == render.ADMIN_PORT != ports["http"]
+    assert render.ADMIN_PORT not in {p["port"] for p in objs["Service"]["spec"]["ports"]}
+    assert all(p["targetPort"] != "admin" for p in objs["Service"]["spec"]["ports"])
+    config = RouterConfig.model_validate(render.router_config(_spec(), OWNER))
+    assert config.admin_listen_port() == render.ADMIN_PORT and config.admin_token_file is not None
+    secret_volume = next(v for v in pod["volumes"] if v["name"] == "admin")
+    secret = render.admin_secret(OWNER, "t0k3n")
+    assert secret_volume["secret"]["secretName"] == secret["metadata"]["name"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "admin")
+    assert str(config.admin_token_file).startswith(mount["mountPath"] + "/") and list(secret["stringData"]) == [
+        config.admin_token_file.name]
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"   # deleted with its service
+
+
 def test_router_pods_roll_when_the_config_changes() -> None:
     def digest(spec: LLMServiceSpec) -> str:
         dep = next(o for o in render.router_objects(spec, OWNER) if o["kind"] == "Deployment")
@@ -224,7 +242,7 @@ def test_the_router_reads_the_engines_tokenizer_from_where_the_engine_reads_its_
     assert kv is not None and kv.tokenizer == "hf://meta-llama/Llama-3.1-8B-Instruct"
     env = pod["containers"][0]["env"]
     assert hf_token in env and all(e["name"] != "OTHER" for e in env), "only the hub's settings follow"
-    assert [v["name"] for v in pod["volumes"]] == ["config"]
+    assert [v["name"] for v in pod["volumes"]] == ["config", "admin"]
 
     kv, pod = router(_spec(model={"name": "m", "uri": "pvc://weights/llama/8b"}))
     assert kv is not None and kv.tokenizer == "/models/weights/llama/8b"   # the engine's model path
