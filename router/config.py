@@ -123,8 +123,15 @@ class RouterConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="router processes sharing the port (SO_REUSEPORT), one per core")
+    worker_port_base: int | None = Field(None, gt=0, le=65535, alias="workerPortBase",
+                                         description="with several workers, worker i also listens on this + i "
+                                                     "(default: port + 1) for calls that must reach it")
     models: list[ModelConfig] = Field(min_length=1)
-    scrape_interval_s: float = Field(1.0, gt=0, alias="scrapeIntervalSeconds")
+    scrape_interval_s: float = Field(
+        0.25, gt=0, alias="scrapeIntervalSeconds",
+        description="how often each engine's /metrics is polled: its load (running, waiting, KV usage) is how "
+                    "active-active router replicas see each other's requests, so a short interval")
     request_timeout_s: float = Field(600.0, gt=0, alias="requestTimeoutSeconds")
     connect_timeout_s: float = Field(2.0, gt=0, alias="connectTimeoutSeconds")
     max_retries: int = Field(2, ge=0, alias="maxRetries")
