@@ -124,9 +124,9 @@ class RouterConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64, description="router processes sharing the port (SO_REUSEPORT), one per core")
-    worker_port_base: int | None = Field(None, gt=0, le=65535, alias="workerPortBase",
-                                         description="with several workers, worker i also listens on this + i "
-                                                     "(default: port + 1) for calls that must reach it")
+    worker_ports: list[int] = Field(default_factory=list, alias="workerPorts",
+                                    description="with several workers, worker i's own port (for calls that must "
+                                                "reach it: its streams' migration, its metrics); default port + 1 + i")
     models: list[ModelConfig] = Field(min_length=1)
     scrape_interval_s: float = Field(
         0.25, gt=0, alias="scrapeIntervalSeconds",
@@ -148,6 +148,12 @@ class RouterConfig(BaseModel):
     seed: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="logLevel")
     log_format: Literal["json", "text"] = Field("json", alias="logFormat")
+
+    @model_validator(mode="after")
+    def _worker_ports(self) -> RouterConfig:
+        if self.worker_ports and len(self.worker_ports) != self.workers:
+            raise ValueError(f"workerPorts lists {len(self.worker_ports)} ports for {self.workers} workers")
+        return self
 
     @classmethod
     def load(cls, path: Path) -> RouterConfig:

@@ -9,8 +9,8 @@ polls. Nothing is shared between workers, so nothing has to be locked.
 
 What is per process: every stream a worker proxies (and so the migration of it), its router-side
 queues, its hot-prefix table and its metrics. Calls that must reach one process therefore have an
-address per process: worker i also serves the whole app on `workerPortBase + i` (default: the
-client port + 1 + i). `POST /kvpilot/migrate {"request_id"}` goes to each worker port in turn and
+address per process: worker i also serves the whole app on its own port (`workerPorts[i]`,
+default: the client port + 1 + i). `POST /kvpilot/migrate {"request_id"}` goes to each worker port in turn and
 is answered by the one that holds the stream (the others answer 404); each worker port is
 scraped for `/metrics` on its own. Scale-event handovers need no address: every worker sees the
 membership change itself and plans its own.
@@ -36,7 +36,7 @@ from kvpilot.router.config import RouterConfig
 
 def worker_port(cfg: RouterConfig, index: int) -> int:
     """Worker `index`'s own port: where calls for its streams and its metrics go."""
-    return (cfg.worker_port_base or cfg.port + 1) + index
+    return cfg.worker_ports[index] if cfg.worker_ports else cfg.port + 1 + index
 
 
 async def _serve(cfg: RouterConfig, index: int) -> None:

@@ -13,7 +13,6 @@ from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
 from kvpilot.tokens import segment_block_hashes
 
-pytestmark = pytest.mark.unit
 CTX = PolicyContext(slo_ttft_s=2.0, block_size=16, kv_capacity_tokens=100_000)
 
 
