@@ -16,7 +16,12 @@ engine's own counts (vLLM's `num_requests_running` / `num_requests_waiting` and 
 Peers' requests waiting for their prefill count as work ahead of a new request; the router knows
 their number, not their size, so the estimator prices each at its own mean prefill work per
 request (`LoadEstimator.external`). The peers' waiting share is a lower bound: this replica's
-unstarted requests include ones the engine is already prefilling (running, not waiting).
+unstarted requests include ones the engine is already prefilling (running, not waiting). Where
+the engine also reports the prompt tokens of its requests before their first token (the
+simulator's `kvpilot:pending_prompt_tokens`; vLLM has no such gauge), the peers' prefill work is
+that less this replica's own, priced at its own ratio of prefill work to prompt tokens: in the
+virtual-time cluster this is what brings three replicas' SLO attainment back to one's
+(bench/results/router_replicas.md).
 With one replica both peer counts stay near zero and nothing changes.
 """
 
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 
 from kvpilot.router.policy import InstanceLoad
 
+PENDING_PROMPT_TOKENS = "kvpilot:pending_prompt_tokens"
+
 
 @dataclass(frozen=True, slots=True)
 class EngineSample:
@@ -34,6 +41,9 @@ class EngineSample:
     running: int        # vllm:num_requests_running
     waiting: int        # vllm:num_requests_waiting
     kv_usage: float     # vllm:kv_cache_usage_perc, 0-1
+    # Prompt tokens of the requests before their first token (PENDING_PROMPT_TOKENS): the size of
+    # the prefill work queued there. The simulator exports it; vLLM does not (None).
+    prompt_tokens: int | None = None
 
 
 def peer_share(sample: EngineSample, own_in_flight: int, own_unstarted: int) -> tuple[int, int]:
@@ -48,12 +58,15 @@ def observe(load: InstanceLoad, sample: EngineSample) -> None:
     share against this replica's own requests now (call it when the poll's answer arrives)."""
     load.engine_running, load.engine_waiting, load.kv_usage = sample.running, sample.waiting, sample.kv_usage
     load.peer_in_flight, load.peer_waiting = peer_share(sample, load.in_flight, load.pending_prefill)
+    load.peer_prompt_tokens = (None if sample.prompt_tokens is None
+                               else max(0, sample.prompt_tokens - load.pending_prefill_tokens))
 
 
 def forget(load: InstanceLoad) -> None:
     """The engine could not be polled: drop what was attributed to peers there (a stale share would
     keep this replica off an instance that may have drained)."""
     load.peer_in_flight = load.peer_waiting = 0
+    load.peer_prompt_tokens = None
 
 
 def total_in_flight(load: InstanceLoad) -> int:

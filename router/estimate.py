@@ -194,6 +194,7 @@ class LoadEstimator:
         # replica's mean prefill work per dispatched request, the price of one of theirs.
         self.loads: dict[str, InstanceLoad] = {}
         self.mean_work = 0.0
+        self.mean_prompt = 0.0
 
     def track(self, instances: Sequence[InstanceLoad]) -> None:
         capacity = self.context.kv_capacity_tokens // self.context.block_size
@@ -251,9 +252,11 @@ class LoadEstimator:
         """Prefill work (token-equivalents) other router replicas have waiting at `name`, as the
         last engine poll showed it (`kvpilot.router.engine_load`): 0 with one replica."""
         load = self.loads.get(name)
-        if load is None or not load.peer_waiting:
+        if load is None:
             return 0
-        return int(load.peer_waiting * self.mean_work)
+        if load.peer_prompt_tokens is not None:   # the engine says how big: price it per token
+            return int(load.peer_prompt_tokens * self.mean_work / self.mean_prompt) if self.mean_prompt else 0
+        return int(load.peer_waiting * self.mean_work) if load.peer_waiting else 0
 
     def ahead(self, name: str) -> int:
         """All prefill work ahead of a new request at `name`: this replica's backlog and its peers'."""
@@ -265,6 +268,8 @@ class LoadEstimator:
     def dispatched(self, request: RequestView, name: str) -> None:
         uncached = self.uncached(name, request)
         self.mean_work += self.ewma * (uncached - self.mean_work) if self.mean_work else uncached
+        tokens = request.prompt_tokens
+        self.mean_prompt += self.ewma * (tokens - self.mean_prompt) if self.mean_prompt else tokens
         self.backlog[name] += uncached
         seen = self.ahead(name)   # the work this request waits behind and its own: what its TTFT measures
         self._inflight[request.request_id] = (name, uncached, seen)

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.router.config import Endpoint
 from kvpilot.router.discovery import PodWatcher
-from kvpilot.router.engine_load import EngineSample, forget, observe
+from kvpilot.router.engine_load import PENDING_PROMPT_TOKENS, EngineSample, forget, observe
 from kvpilot.router.pool import LagGate, Member, Pool
 from kvpilot.router.runtime import ModelRuntime, Runtime
 
@@ -120,6 +120,7 @@ class Background:
             return
         load = member.load
         running, waiting, kv_usage = load.engine_running, load.engine_waiting, load.kv_usage
+        prompt_tokens: int | None = None   # only engines that export it (the simulator)
         counters = self.runtime.cache_counters
         for family in text_string_to_metric_families(text):
             if family.name == "vllm:num_requests_running":
@@ -128,9 +129,11 @@ class Background:
                 waiting = int(sum(s.value for s in family.samples))
             elif family.name == "vllm:kv_cache_usage_perc":
                 kv_usage = max((s.value for s in family.samples), default=0.0)
+            elif family.name == PENDING_PROMPT_TOKENS:
+                prompt_tokens = int(sum(s.value for s in family.samples))
             elif family.name in ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries"):
                 total = sum(s.value for s in family.samples if s.name.endswith("_total"))
                 hits, queries = counters.get(member.url, (0.0, 0.0))
                 counters[member.url] = (total, queries) if family.name.endswith("hits") else (hits, total)
         # Other router replicas' share there, against this replica's own requests now.
-        observe(load, EngineSample(running, waiting, kv_usage))
+        observe(load, EngineSample(running, waiting, kv_usage, prompt_tokens))

@@ -57,6 +57,7 @@ class InstanceLoad:
     # Other router replicas' requests there, from the last scrape (`kvpilot.router.engine_load`).
     peer_in_flight: int = 0
     peer_waiting: int = 0             # of which waiting for their prefill
+    peer_prompt_tokens: int | None = None  # their prompts' tokens before a first token, where the engine says
 
 
 @dataclass(slots=True, frozen=True)

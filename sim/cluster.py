@@ -244,7 +244,8 @@ class Cluster:
 
         def poll(t: float) -> None:
             """Every replica polls every engine (what the live router scrapes), then may release."""
-            samples = [EngineSample(e.num_running, e.num_waiting, e.pool.usage()) for e in engines]
+            samples = [EngineSample(e.num_running, e.num_waiting, e.pool.usage(), e.pending_prompt_tokens())
+                       for e in engines]
             for r, loads in enumerate(views):
                 for load, sample in zip(loads, samples, strict=True):
                     observe(load, sample)

@@ -94,3 +94,20 @@ def test_independently_built_replicas_map_the_same_prompts_to_the_same_instances
         assert left == right
         picks.add(left)
     assert len(picks) == len(names)     # and the prompts do spread over every instance
+
+
+def test_where_the_engine_reports_its_queued_prompt_tokens_peers_work_is_priced_by_size() -> None:
+    load = InstanceLoad("w0", in_flight=1, pending_prefill=1, pending_prefill_tokens=3000)
+    observe(load, EngineSample(running=2, waiting=3, kv_usage=0.2, prompt_tokens=11_000))
+    assert load.peer_prompt_tokens == 8000          # the engine's 11k less this replica's own 3k
+    policy = DualMap(CTX, prefill_token_s=1e-4)
+    loads = [load, InstanceLoad("w1")]
+    req = request("a", prefix=3, tokens=4096)
+    policy.route(req, loads)
+    policy.on_dispatch(req, 1, loads)               # a cold 4k-token prompt: its work is its size (× attention)
+    est = policy.estimate
+    ratio = est.mean_work / est.mean_prompt
+    assert ratio >= 1.0
+    assert est.external("w0") == int(8000 * ratio)   # by size, not by count (3 waiting)
+    forget(load)
+    assert load.peer_prompt_tokens is None and est.external("w0") == 0
