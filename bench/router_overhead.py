@@ -6,7 +6,8 @@ through `kvpilot router`, compared by TTFT percentiles at the client.
 One `kvpilot sim serve` worker (h100-qwen2.5-0.5b, so the modelled GPU is never the limit), one
 router process in front of it, the load generator in this process: all three share the 2 cores,
 so at high rates the numbers include CPU contention between them. Requests: 128-token prompts,
-16 streamed tokens. Results: bench/results/router_overhead.md.
+16 streamed tokens. `--workers N` runs the router as N processes sharing its port. Results:
+bench/results/router_overhead.md.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
+from kvpilot.procs import free_ports
 from kvpilot.sim.cluster import percentile
 from kvpilot.testing.router import RouterProcess
 from kvpilot.testing.sim import SimWorker
@@ -31,10 +34,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--policy", default="dualmap")
     parser.add_argument("--no-hold", action="store_true", help="DualMap without its router-side queues")
+    parser.add_argument("--workers", type=int, default=1, help="router processes sharing the port (--workers)")
     args = parser.parse_args()
     worker = SimWorker("--profile", "h100-qwen2.5-0.5b")
+    extra = {} if args.workers == 1 else {"workers": args.workers, "workerPorts": free_ports(args.workers)}
     router = RouterProcess([{"name": "sim-model", "policy": args.policy, "holdRequests": not args.no_hold,
-                             "endpoints": [{"name": "w0", "url": worker.url}]}], maxRetries=0)
+                             "endpoints": [{"name": "w0", "url": worker.url}]}], maxRetries=0, **extra)
+    if args.workers > 1:
+        time.sleep(3)   # the other processes bind the port a moment after the first answers /health
     try:
         print("| offered req/s | path | completed | answers | TTFT p50 ms | TTFT p99 ms | added p50 ms "
               "| added p99 ms |")

@@ -14,6 +14,7 @@ def register(sub: Any) -> None:
     p.add_argument("--config", type=Path, help="router YAML (models, endpoints, policies, limits)")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="router processes sharing the port (one per core)")
     p.add_argument("--model", default="sim-model", help="without --config: the served model name")
     p.add_argument("--policy", default="dualmap", help="without --config: routing policy")
     p.add_argument("--endpoint", action="append", default=[], metavar="NAME=URL[,ROLE]",
@@ -43,8 +44,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         cfg = RouterConfig.model_validate({"models": [{
             "name": args.model, "policy": args.policy, "mode": args.mode, "endpoints": endpoints,
             "ttftMs": args.slo_ttft_ms}]})
-    flags = (("host", args.host), ("port", args.port), ("api_keys_file", args.api_keys_file),
-             ("admin_host", args.admin_host), ("admin_port", args.admin_port),
+    flags = (("host", args.host), ("port", args.port), ("workers", args.workers),
+             ("api_keys_file", args.api_keys_file), ("admin_host", args.admin_host), ("admin_port", args.admin_port),
              ("admin_token_file", args.admin_token_file))
     updates = {k: v for k, v in flags if v is not None}
     return cfg.model_copy(update=updates) if updates else cfg
@@ -53,5 +54,10 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 def _run(args: argparse.Namespace) -> int:
     from kvpilot.router.proxy import serve
 
-    serve(config_from_args(args))
+    cfg = config_from_args(args)
+    if cfg.workers > 1:
+        from kvpilot.router.workers import serve_workers
+
+        return serve_workers(cfg, cfg.workers)
+    serve(cfg)
     return 0

@@ -123,8 +123,15 @@ class RouterConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="router processes sharing the port (SO_REUSEPORT), one per core")
+    worker_ports: list[int] = Field(default_factory=list, alias="workerPorts",
+                                    description="with several workers, worker i's own port (for calls that must "
+                                                "reach it: its streams' migration, its metrics); default port + 1 + i")
     models: list[ModelConfig] = Field(min_length=1)
-    scrape_interval_s: float = Field(1.0, gt=0, alias="scrapeIntervalSeconds")
+    scrape_interval_s: float = Field(
+        0.25, gt=0, alias="scrapeIntervalSeconds",
+        description="how often each engine's /metrics is polled: its load (running, waiting, KV usage) is how "
+                    "active-active router replicas see each other's requests, so a short interval")
     request_timeout_s: float = Field(600.0, gt=0, alias="requestTimeoutSeconds")
     connect_timeout_s: float = Field(2.0, gt=0, alias="connectTimeoutSeconds")
     max_retries: int = Field(2, ge=0, alias="maxRetries")
@@ -156,7 +163,8 @@ class RouterConfig(BaseModel):
     admin_host: str = Field("127.0.0.1", alias="adminHost", description="the admin listener's address")
     admin_port: int | None = Field(None, ge=0, le=65535, alias="adminPort",
                                    description="the admin listener (migrate, handover, debug, dashboard); "
-                                               "None: `port` + 1 (0 with `port` 0)")
+                                               "None: `port` + 1 (0 with `port` 0); worker i of `workers` "
+                                               "serves its own on this + i")
     admin_token_file: Path | None = Field(None, alias="adminTokenFile",
                                           description="the admin endpoints' bearer token; None: none needed")
 
@@ -164,6 +172,12 @@ class RouterConfig(BaseModel):
         if self.admin_port is not None:
             return self.admin_port
         return self.port + 1 if self.port else 0
+
+    @model_validator(mode="after")
+    def _worker_ports(self) -> RouterConfig:
+        if self.worker_ports and len(self.worker_ports) != self.workers:
+            raise ValueError(f"workerPorts lists {len(self.worker_ports)} ports for {self.workers} workers")
+        return self
 
     @classmethod
     def load(cls, path: Path) -> RouterConfig:

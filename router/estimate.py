@@ -190,10 +190,18 @@ class LoadEstimator:
         self._inflight: dict[str, tuple[str, int, int]] = {}      # request → (instance, uncached, backlog seen)
         self._claims: dict[str, tuple[str, list[int]]] = {}       # request → (instance, its tentative blocks)
         self.observed: CacheView | None = None                    # set by the proxy when KV events are on
+        # Each instance's load view (other router replicas' waiting requests: `external`), and this
+        # replica's mean prefill work per dispatched request, the price of one of theirs.
+        self.loads: dict[str, InstanceLoad] = {}
+        self.mean_work = 0.0
+        self.mean_prompt = 0.0
 
     def track(self, instances: Sequence[InstanceLoad]) -> None:
         capacity = self.context.kv_capacity_tokens // self.context.block_size
+        loads = self.loads
         for inst in instances:
+            if loads.get(inst.name) is not inst:
+                loads[inst.name] = inst
             if inst.name not in self.caches:
                 self.caches[inst.name] = ShadowCache(capacity)
                 self.token_s[inst.name] = self.initial_token_s
@@ -240,13 +248,30 @@ class LoadEstimator:
     def follow(self, observed: CacheView) -> None:
         self.observed = observed
 
+    def external(self, name: str) -> int:
+        """Prefill work (token-equivalents) other router replicas have waiting at `name`, as the
+        last engine poll showed it (`kvpilot.router.engine_load`): 0 with one replica."""
+        load = self.loads.get(name)
+        if load is None:
+            return 0
+        if load.peer_prompt_tokens is not None:   # the engine says how big: price it per token
+            return int(load.peer_prompt_tokens * self.mean_work / self.mean_prompt) if self.mean_prompt else 0
+        return int(load.peer_waiting * self.mean_work) if load.peer_waiting else 0
+
+    def ahead(self, name: str) -> int:
+        """All prefill work ahead of a new request at `name`: this replica's backlog and its peers'."""
+        return self.backlog[name] + self.external(name)
+
     def predicted_ttft(self, name: str, uncached: int) -> float:
-        return self.token_s[name] * (self.backlog[name] + uncached)
+        return self.token_s[name] * (self.ahead(name) + uncached)
 
     def dispatched(self, request: RequestView, name: str) -> None:
         uncached = self.uncached(name, request)
-        seen = self.backlog[name] + uncached
-        self.backlog[name] = seen
+        self.mean_work += self.ewma * (uncached - self.mean_work) if self.mean_work else uncached
+        tokens = request.prompt_tokens
+        self.mean_prompt += self.ewma * (tokens - self.mean_prompt) if self.mean_prompt else tokens
+        self.backlog[name] += uncached
+        seen = self.ahead(name)   # the work this request waits behind and its own: what its TTFT measures
         self._inflight[request.request_id] = (name, uncached, seen)
         claim: list[int] = []
         self.caches[name].insert(request.block_hashes, claim)

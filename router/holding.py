@@ -128,13 +128,13 @@ class HoldQueues:
 
     def predicted_wait(self, name: str, extra: int = 0) -> float:
         est = self.estimate
-        return est.token_s[name] * (est.backlog[name] + self.queued_tokens.get(name, 0) + extra)
+        return est.token_s[name] * (est.ahead(name) + self.queued_tokens.get(name, 0) + extra)
 
     def wait_for(self, name: str, work: int) -> float:
         """Predicted TTFT at `name` of a request of `work` token-equivalents joining its queue now:
         the backlog in flight, the queued requests that would start before it (less work), its own."""
         est = self.estimate
-        ahead = est.backlog[name] + work
+        ahead = est.ahead(name) + work
         works = self.works.get(name)
         if works:
             ahead += sum(works[: bisect.bisect_right(works, work)])
@@ -185,7 +185,7 @@ class HoldQueues:
         if self.clock - held.request.arrival <= limit:
             return
         est = self.estimate
-        here = est.token_s[name] * (est.backlog[name] + sum(h.uncached for h in queue[: i + 1]))
+        here = est.token_s[name] * (est.ahead(name) + sum(h.uncached for h in queue[: i + 1]))
         work = est.uncached(held.other, held.request)
         if self.wait_for(held.other, work) < here and self.predicted_wait(held.other) <= limit:
             self._remove(queue, i)
@@ -212,7 +212,7 @@ class HoldQueues:
         for home, queue in queues:
             if home == name or not queue:
                 continue
-            ahead = est.backlog[home]
+            ahead = est.ahead(home)
             rate_home = est.token_s[home]
             for i, held in enumerate(queue):
                 ahead += held.uncached
@@ -222,7 +222,7 @@ class HoldQueues:
                 if kv_room is not None and not kv_room(name, held):
                     continue
                 work = est.uncached(name, held.request)
-                gain = wait_home - est.token_s[name] * (est.backlog[name] + work)
+                gain = wait_home - est.token_s[name] * (est.ahead(name) + work)
                 if gain > 0 and (best is None or gain > best[0]):
                     best = (gain, home, i, work)
         if best is None:
@@ -253,14 +253,16 @@ class HoldQueues:
             if not self.held:
                 break   # nothing left to release or take over
             queue = self.queues.get(name)
-            while queue and (backlog[name] == 0 or backlog[name] + queue[0].uncached <= self.release_tokens):
+            peers = self.estimate.external(name)   # other router replicas' work waiting there
+            while queue and (backlog[name] + peers == 0
+                             or backlog[name] + peers + queue[0].uncached <= self.release_tokens):
                 nxt = self._next(name, queue)
                 if kv_room is not None and not kv_room(name, queue[nxt]):
                     break
                 held = self._remove(queue, nxt)
                 backlog[name] += held.uncached  # reserved now; the driver's on_dispatch records it for real
                 out.append(held)
-            if self.steal and backlog[name] == 0 and not queue:
+            if self.steal and backlog[name] + peers == 0 and not queue:
                 stolen = self._steal_for(name, kv_room, nonempty)
                 if stolen is not None:
                     backlog[name] += stolen.uncached

@@ -1,4 +1,5 @@
-"""What the router runs besides requests: engine-metric scraping (with endpoints-file polling),
+"""What the router runs besides requests: engine-load polling (with endpoints-file polling; the
+engines' own counts are how active-active replicas see each other's load, router/engine_load.py),
 the router-side queues' periodic tick, Kubernetes discovery watches and KV-event listeners.
 `Background.start` launches them when the app starts; `stop` ends them."""
 
@@ -14,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.router.config import Endpoint
 from kvpilot.router.discovery import PodWatcher
+from kvpilot.router.engine_load import PENDING_PROMPT_TOKENS, EngineSample, forget, observe
 from kvpilot.router.pool import LagGate, Member, Pool
 from kvpilot.router.runtime import ModelRuntime, Runtime
 
@@ -113,18 +115,25 @@ class Background:
             if resp.status != 200:
                 raise ScrapeFailed(f"/metrics HTTP {resp.status}")
         except (TimeoutError, ScrapeFailed, aiohttp.ClientError) as e:
+            forget(member.load)
             self.runtime.attempt_failed(model, pool, member, f"scrape: {e or type(e).__name__}", "-")
             return
         load = member.load
+        running, waiting, kv_usage = load.engine_running, load.engine_waiting, load.kv_usage
+        prompt_tokens: int | None = None   # only engines that export it (the simulator)
         counters = self.runtime.cache_counters
         for family in text_string_to_metric_families(text):
             if family.name == "vllm:num_requests_running":
-                load.engine_running = int(sum(s.value for s in family.samples))
+                running = int(sum(s.value for s in family.samples))
             elif family.name == "vllm:num_requests_waiting":
-                load.engine_waiting = int(sum(s.value for s in family.samples))
+                waiting = int(sum(s.value for s in family.samples))
             elif family.name == "vllm:kv_cache_usage_perc":
-                load.kv_usage = max((s.value for s in family.samples), default=0.0)
+                kv_usage = max((s.value for s in family.samples), default=0.0)
+            elif family.name == PENDING_PROMPT_TOKENS:
+                prompt_tokens = int(sum(s.value for s in family.samples))
             elif family.name in ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries"):
                 total = sum(s.value for s in family.samples if s.name.endswith("_total"))
                 hits, queries = counters.get(member.url, (0.0, 0.0))
                 counters[member.url] = (total, queries) if family.name.endswith("hits") else (hits, total)
+        # Other router replicas' share there, against this replica's own requests now.
+        observe(load, EngineSample(running, waiting, kv_usage, prompt_tokens))

@@ -50,9 +50,14 @@ class InstanceLoad:
     name: str
     in_flight: int = 0                # dispatched and not finished
     pending_prefill_tokens: int = 0   # prompt tokens dispatched whose first token has not come back
+    pending_prefill: int = 0          # requests dispatched whose first token has not come back
     engine_running: int = 0           # scraped from vllm:num_requests_running (lags a scrape interval)
     engine_waiting: int = 0           # scraped from vllm:num_requests_waiting
     kv_usage: float = 0.0             # scraped from vllm:kv_cache_usage_perc
+    # Other router replicas' requests there, from the last scrape (`kvpilot.router.engine_load`).
+    peer_in_flight: int = 0
+    peer_waiting: int = 0             # of which waiting for their prefill
+    peer_prompt_tokens: int | None = None  # their prompts' tokens before a first token, where the engine says
 
 
 @dataclass(slots=True, frozen=True)
@@ -179,9 +184,11 @@ def allowed(instances: Sequence[InstanceLoad], excluded: Set[str]) -> Sequence[i
 
 
 def least_loaded(instances: Sequence[InstanceLoad], excluded: Set[str] = NOTHING) -> int:
-    """The allowed instance with the fewest uncompleted prefill tokens, then fewest in flight."""
+    """The allowed instance with the fewest uncompleted prefill tokens, then fewest in flight (other
+    router replicas' requests included)."""
     return min(allowed(instances, excluded),
-               key=lambda i: (instances[i].pending_prefill_tokens, instances[i].in_flight, i))
+               key=lambda i: (instances[i].pending_prefill_tokens,
+                              instances[i].in_flight + instances[i].peer_in_flight, i))
 
 
 class BasePolicy:

@@ -183,6 +183,7 @@ class Pool:
         self.policy.on_dispatch(request, index, loads)
         member.load.in_flight += 1
         member.load.pending_prefill_tokens += request.prompt_tokens
+        member.load.pending_prefill += 1
 
     async def admit(self, request: RequestView, exclude: frozenset[str] = frozenset()) -> tuple[Member, str] | None:
         """The endpoint a request goes to, and why. A holding pool keeps the request in its
@@ -270,6 +271,7 @@ class Pool:
 
     def first_token(self, member: Member, request: RequestView, ttft_s: float | None) -> None:
         member.load.pending_prefill_tokens -= request.prompt_tokens
+        member.load.pending_prefill -= 1
         self.policy.on_first_token(request.request_id, ttft_s)
         if self.waiting:
             self.pump()

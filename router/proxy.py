@@ -53,10 +53,11 @@ def build_admin_app(cfg: RouterConfig, admin: Admin) -> web.Application:
     return app
 
 
-def build_app(cfg: RouterConfig, middlewares: Iterable[Middleware] = ()) -> web.Application:
+def build_app(cfg: RouterConfig, middlewares: Iterable[Middleware] = (), worker: int = 0) -> web.Application:
     """The router's client app over one runtime; the admin app (`ADMIN_APP`) is served beside it
-    on `cfg.admin_listen_port()` from the client app's start-up. `middlewares` wrap every client
-    handler in order, after the configured API-key check."""
+    on `cfg.admin_listen_port()` (+ `worker`: each of `--workers` processes has its own, since a
+    migration must reach the process holding the stream) from the client app's start-up.
+    `middlewares` wrap every client handler in order, after the configured API-key check."""
     runtime = Runtime(cfg)
     dispatcher = Dispatcher(runtime)
     background = Background(runtime)
@@ -70,7 +71,8 @@ def build_app(cfg: RouterConfig, middlewares: Iterable[Middleware] = ()) -> web.
         runtime.handovers.start(session)
         runner = web.AppRunner(app[ADMIN_APP], access_log=None, handler_cancellation=True)
         await runner.setup()
-        await web.TCPSite(runner, cfg.admin_host, cfg.admin_listen_port()).start()
+        admin_port = cfg.admin_listen_port()
+        await web.TCPSite(runner, cfg.admin_host, admin_port + worker if admin_port else 0).start()
         app[ADMIN_RUNNER] = runner
 
     async def on_cleanup(app: web.Application) -> None:

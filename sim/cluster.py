@@ -10,19 +10,23 @@ first token, on completion.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kvpilot.router.engine_load import EngineSample, observe
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import HoldingPolicy, InstanceLoad, Policy, PolicyContext, RequestView
 from kvpilot.sim.engine import Engine
 from kvpilot.sim.migration_cluster import Rebalancer
 from kvpilot.sim.profiles import get_profile
 from kvpilot.sim.sequence import Sequence
-from kvpilot.sim.stepping import StepLoop
+from kvpilot.sim.stepping import STEP, StepLoop
 from kvpilot.sim.workload import RequestSpec
+
+POLL = STEP + 1   # the event kind of a router replica's engine poll
 
 
 @dataclass(slots=True)
@@ -34,6 +38,11 @@ class ClusterConfig:
     seed: int = 0
     slo_ttft_s: float = 5.0
     slo_tpot_s: float | None = None
+    # Active-active router replicas (router/engine_load.py): each request goes to one at random, as
+    # a Service spreads connections; each replica has its own policy and sees the engines' load
+    # only through polls every `poll_s` (None: one router with an exact, every-step view).
+    replicas: int = 1
+    poll_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -130,23 +139,31 @@ class Cluster:
         self.config = config
         self.profile = get_profile(config.profile)
         self.block_size = config.block_size or self.profile.block_size
-        self.policy = policy or make_policy(config.policy, PolicyContext(
-            slo_ttft_s=config.slo_ttft_s, block_size=self.block_size,
-            kv_capacity_tokens=self.profile.kv_capacity_tokens, seed=config.seed))
+        if config.replicas < 1 or (config.replicas > 1 and (policy is not None or config.poll_s is None)):
+            raise ValueError("several router replicas need a poll interval and build their own policies")
+        ctx = PolicyContext(slo_ttft_s=config.slo_ttft_s, block_size=self.block_size,
+                            kv_capacity_tokens=self.profile.kv_capacity_tokens, seed=config.seed)
+        self.policies = [policy] if policy is not None else [make_policy(config.policy, ctx)
+                                                             for _ in range(config.replicas)]
+        self.policy = self.policies[0]
         self.engines = [Engine(self.profile, block_size=self.block_size) for _ in range(config.instances)]
-        self.loads = [InstanceLoad(f"sim-{i}") for i in range(config.instances)]
+        # Each replica's own view of every instance; `loads` is the first's.
+        self.views = [[InstanceLoad(f"sim-{i}") for i in range(config.instances)] for _ in self.policies]
+        self.loads = self.views[0]
         self.stats = [InstanceStats(f"sim-{i}") for i in range(config.instances)]
         self._release: Callable[[float], None] | None = None
 
     def run(self, specs: Seq[RequestSpec]) -> ClusterReport:
-        engines, loads, stats, policy = self.engines, self.loads, self.stats, self.policy
+        engines, views, stats, policies = self.engines, self.views, self.stats, self.policies
         loop = StepLoop()
         for engine in engines:
             loop.add(engine)
-        meta: dict[Sequence, tuple[RequestSpec, int, str]] = {}
+        meta: dict[Sequence, tuple[RequestSpec, int, str, int]] = {}   # → (spec, instance, reason, replica)
         results: list[RequestResult] = []
         events = 0
         now = 0.0
+        poll_s = self.config.poll_s
+        pending = len(specs)   # arrivals not yet routed: polls go on until the last is served
 
         def finish_step(i: int, t: float) -> None:
             plan = loop.clocks[i].plan
@@ -154,18 +171,21 @@ class Cluster:
             engine = engines[i]
             st = stats[i]
             dur = t - plan.start
-            wake = False   # a first token or a finish: held requests may be released
+            wake: set[int] = set()   # replicas that saw a first token or a finish: they may release
             st.busy_s += dur
             st.kv_usage_s += engine.pool.usage() * dur
             for seq in engine.commit(plan, t):
                 if seq.output == 1:  # first token: its prompt is no longer pending prefill
-                    loads[i].pending_prefill_tokens -= seq.prompt_tokens
-                    policy.on_first_token(seq.request_id, t - seq.arrival)
-                    wake = True
+                    r = meta[seq][3]
+                    load = views[r][meta[seq][1]]
+                    load.pending_prefill_tokens -= seq.prompt_tokens
+                    load.pending_prefill -= 1
+                    policies[r].on_first_token(seq.request_id, t - seq.arrival)
+                    wake.add(r)
                 if seq.finish_time is not None:
-                    wake = True   # a finish frees KV: a request held on the KV budget may go now
-                    spec, inst, reason = meta.pop(seq)
-                    loads[inst].in_flight -= 1
+                    spec, inst, reason, r = meta.pop(seq)
+                    wake.add(r)   # a finish frees KV: a request held on the KV budget may go now
+                    views[r][inst].in_flight -= 1
                     ttft = (seq.first_token_time or t) - spec.arrival
                     tpot = (t - seq.first_token_time) / (seq.output - 1) if seq.output > 1 and seq.first_token_time \
                         is not None else None
@@ -178,64 +198,97 @@ class Cluster:
                     st.preemptions += seq.preemptions
             if self.rebalancer is not None:
                 self.rebalancer.on_step(i, t, plan, engines, moved)
-            loads[i].kv_usage = engine.pool.usage()  # what the proxy scrapes as vllm:kv_cache_usage_perc
+            if poll_s is None:
+                views[0][i].kv_usage = engine.pool.usage()  # what the proxy scrapes as vllm:kv_cache_usage_perc
             loop.start(i, t)
-            if wake and self._release is not None:
-                self._release(t)
+            if holding:
+                for r in sorted(wake):
+                    release(r, t)
 
-        holding = isinstance(policy, HoldingPolicy)
+        holding = isinstance(policies[0], HoldingPolicy)
         held_specs: dict[str, RequestSpec] = {}
 
-        def dispatch(spec: RequestSpec, view: RequestView, i: int, reason: str, t: float) -> None:
-            policy.on_dispatch(view, i, loads)
+        def dispatch(spec: RequestSpec, view: RequestView, i: int, reason: str, t: float, r: int) -> None:
+            loads = views[r]
+            policies[r].on_dispatch(view, i, loads)
             # The engine sees the request when it is dispatched (after any router-side queue), so the
             # TTFT fed back to the policy is measured from here, as the live proxy measures it.
             seq = Sequence(spec.request_id, t, spec.prompt_tokens, view.block_hashes, spec.max_tokens)
             engines[i].add(seq)
-            meta[seq] = (spec, i, reason)
+            meta[seq] = (spec, i, reason, r)
             loads[i].in_flight += 1
             loads[i].pending_prefill_tokens += spec.prompt_tokens
+            loads[i].pending_prefill += 1
             st = stats[i]
             st.max_waiting = max(st.max_waiting, engines[i].num_waiting)
             loop.wake(i, t)
 
         def moved(seq: Sequence, src: int, dst: int, t: float) -> None:
             """A rebalancer moved `seq` from `src` to `dst`: it counts there now; wake `dst`."""
-            spec, _, reason = meta[seq]
-            meta[seq] = (spec, dst, reason)
+            spec, _, reason, r = meta[seq]
+            meta[seq] = (spec, dst, reason, r)
+            loads = views[r]
             loads[src].in_flight -= 1
             loads[dst].in_flight += 1
             if seq.output == 0:
                 loads[src].pending_prefill_tokens -= seq.prompt_tokens
                 loads[dst].pending_prefill_tokens += seq.prompt_tokens
+                loads[src].pending_prefill -= 1
+                loads[dst].pending_prefill += 1
             loop.wake(dst, t)
 
-        def release(t: float) -> None:
+        def release(r: int, t: float) -> None:
+            policy = policies[r]
             assert isinstance(policy, HoldingPolicy)
-            for view, i, reason in policy.release(loads):
-                dispatch(held_specs.pop(view.request_id), view, i, reason, t)
+            for view, i, reason in policy.release(views[r], t if poll_s is not None else None):
+                dispatch(held_specs.pop(view.request_id), view, i, reason, t, r)
 
-        self._release = release if holding else None
+        def poll(t: float) -> None:
+            """Every replica polls every engine (what the live router scrapes), then may release."""
+            samples = [EngineSample(e.num_running, e.num_waiting, e.pool.usage(), e.pending_prompt_tokens())
+                       for e in engines]
+            for r, loads in enumerate(views):
+                for load, sample in zip(loads, samples, strict=True):
+                    observe(load, sample)
+                if holding:
+                    release(r, t)
+            if poll_s is not None and (pending or held_specs or any(e.has_work for e in engines)):
+                loop.push(t + poll_s, POLL)
+
+        def advance(until: float) -> None:
+            nonlocal events, now
+            for t, kind, i in loop.due(until):
+                if kind == POLL:
+                    poll(t)
+                else:
+                    events, now = events + 1, max(now, t)
+                    finish_step(i, t)
+
+        self._release = (lambda t: release(0, t)) if holding else None
+        if poll_s is not None:
+            if self.rebalancer is not None:
+                raise ValueError("the rebalancer runs with one router and its exact view")
+            loop.push(min((s.arrival for s in specs), default=0.0), POLL)
+        pick = random.Random(self.config.seed)
+        first = min((s.arrival for s in specs), default=0.0)
         for spec in sorted(specs, key=lambda s: s.arrival):
             arrival = spec.arrival
-            for t, _, i in loop.due(arrival):
-                events += 1
-                finish_step(i, t)
+            advance(arrival)
             now = max(now, arrival)
+            pending -= 1
+            r = pick.randrange(len(policies)) if len(policies) > 1 else 0
+            policy = policies[r]
             view = RequestView(spec.request_id, spec.prompt_tokens, spec.block_hashes(self.block_size), arrival)
-            decision = policy.route(view, loads)
+            decision = policy.route(view, views[r])
             if holding:
                 assert isinstance(policy, HoldingPolicy)
-                policy.hold(view, decision.index, loads, decision.reason)
+                policy.hold(view, decision.index, views[r], decision.reason)
                 held_specs[spec.request_id] = spec
-                release(arrival)
+                release(r, arrival)
             else:
-                dispatch(spec, view, decision.index, decision.reason, arrival)
-        for t, _, i in loop.due(math.inf):
-            events += 1
-            now = t
-            finish_step(i, t)
-        makespan = now - (min(s.arrival for s in specs) if specs else 0.0)
+                dispatch(spec, view, decision.index, decision.reason, arrival, r)
+        advance(math.inf)
+        makespan = now - first
         report = ClusterReport(self.config, results, stats, makespan, events)
         report.summary = summarize(results, stats, makespan, self.config.slo_ttft_s, self.config.slo_tpot_s)
         return report

@@ -160,6 +160,12 @@ class Engine:
     def kv_usage(self) -> float:
         return self.pool.usage()
 
+    def pending_prompt_tokens(self) -> int:
+        """Prompt tokens of the requests that have not yet produced their first token (the prefill
+        work every router replica's requests have here; exported for active-active routers)."""
+        return sum(s.prompt_tokens for group in (self.frontend, self.waiting, self.running) for s in group
+                   if s.output == 0)
+
     # -- scheduling --------------------------------------------------------------------------
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)

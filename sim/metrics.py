@@ -14,6 +14,9 @@ from prometheus_client.registry import Collector
 
 from kvpilot.sim.engine import Engine
 
+# The one gauge here vLLM lacks: router/engine_load.py reads it under this name.
+PENDING_PROMPT_TOKENS = "kvpilot:pending_prompt_tokens"
+
 
 class EngineCollector(Collector):
     def __init__(self, engine: Engine, labels: dict[str, str]) -> None:
@@ -36,6 +39,8 @@ class EngineCollector(Collector):
         yield self._gauge("vllm:num_requests_running", "Requests in the running batch.", e.num_running)
         yield self._gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", e.num_waiting)
         yield self._gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", e.kv_usage())
+        yield self._gauge(PENDING_PROMPT_TOKENS, "Prompt tokens of requests before their first token (not in vLLM).",
+                          e.pending_prompt_tokens())
         yield self._counter("vllm:prefix_cache_queries", "Prefix-cache queries, in tokens.", c.prefix_cache_queries)
         yield self._counter("vllm:prefix_cache_hits", "Prefix-cache hits, in tokens.", c.prefix_cache_hits)
         yield self._counter("vllm:prompt_tokens", "Prefill tokens processed.", c.prompt_tokens)

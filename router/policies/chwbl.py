@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence, Set
 
+from kvpilot.router.engine_load import total_in_flight
 from kvpilot.router.hashring import HashRing, Membership
 from kvpilot.router.policies.dualmap import affinity_key
 from kvpilot.router.policy import (
@@ -36,13 +37,13 @@ class CHWBL(BasePolicy):
         if not instances:
             raise LookupError("no instances to route to")
         self._members.sync(instances)
-        total = sum(i.in_flight for i in instances) + 1
+        total = sum(total_in_flight(i) for i in instances) + 1   # every router replica's requests
         bound = math.ceil(self.load_factor * total / len(instances))
         for rank, name in enumerate(self._ring.walk(affinity_key(request, self.depth))):
             if name in excluded:
                 continue
             i = self._members.index[name]
-            if instances[i].in_flight + 1 <= bound:
+            if total_in_flight(instances[i]) + 1 <= bound:
                 return Decision(i, "affinity" if rank == 0 else "bounded-spill")
         # A bound ≥ the mean always admits some instance; only exclusions can leave none in it.
         return Decision(least_loaded(instances, excluded), "bounded-spill")

@@ -153,10 +153,13 @@ class DualMap(BasePolicy):
             high = self.kv_high
 
             def room(name: str, held: Held) -> bool:
-                # An instance with nothing in flight always has room; otherwise its scraped usage
-                # plus this prompt must stay under kv_high, or decodes there would start preempting.
+                # An instance with nothing in flight (from any router replica) always has room;
+                # otherwise its scraped usage plus this prompt must stay under kv_high, or decodes
+                # there would start preempting.
                 inst = instances[index[name]]
-                return inst.in_flight <= 0 or inst.kv_usage + held.request.prompt_tokens / capacity <= high
+                if inst.in_flight + inst.peer_in_flight <= 0:
+                    return True
+                return inst.kv_usage + held.request.prompt_tokens / capacity <= high
         return [(h.request, index[h.home], h.reason) for h in self.holding.release(room, index)]
 
     def release_all(self, instances: Sequence[InstanceLoad]) -> list[tuple[RequestView, int, str]]:

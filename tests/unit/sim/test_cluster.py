@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvpilot.sim.cluster import Cluster, ClusterConfig
 from kvpilot.sim.workload import SyntheticConfig, azure_conv, mooncake, synthetic
 
@@ -58,3 +60,22 @@ def test_more_instances_lower_ttft_under_load() -> None:
     large = Cluster(ClusterConfig(instances=8)).run(specs).summary
     assert large["ttft_p90_s"] < small["ttft_p90_s"]
     assert large["slo_attainment"] > small["slo_attainment"]
+
+
+def test_several_router_replicas_serve_every_request_once_and_drain() -> None:
+    """Three DualMap replicas, requests spread at random, each seeing the engines by polls; past
+    capacity, so requests wait in every replica's queues and behind each other's at the engines."""
+    specs = mooncake(limit=300, speedup=4.0)
+    cluster = Cluster(ClusterConfig(instances=4, policy="dualmap", block_size=64, replicas=3, poll_s=0.25))
+    report = cluster.run(specs)
+    assert sorted(r.request_id for r in report.results) == sorted(s.request_id for s in specs)
+    assert len(cluster.policies) == 3 and len({id(p) for p in cluster.policies}) == 3
+    for view in cluster.views:   # each replica's own counts go back to zero
+        assert all(load.in_flight == 0 and load.pending_prefill == 0 and load.pending_prefill_tokens == 0
+                   for load in view)
+    assert report.summary["cache_hit_rate"] > 0
+
+
+def test_replicas_need_a_poll_interval() -> None:
+    with pytest.raises(ValueError):
+        Cluster(ClusterConfig(instances=2, replicas=2))
