@@ -27,6 +27,7 @@ from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_WAITING
+from kvpilot.ray.prompt import CompletionCall
 from kvpilot.sim.profiles import get_profile
 from kvpilot.sim.server import ServeConfig, SimServer
 
@@ -53,12 +54,12 @@ class SimEngine:
         return {"replica": self.replica, "prefix_cache_hits": c.prefix_cache_hits,
                 "prefix_cache_queries": c.prefix_cache_queries, "request_success": c.request_success}
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, call: CompletionCall) -> AsyncIterator[dict[str, Any]]:
         """Stream one completion: `{"text"}` pieces as the engine makes tokens, then a last item
-        with `usage` and this replica's counters. `request`: `prompt` (str), `max_tokens`."""
+        with `usage` and this replica's counters."""
         self._start()
         server = self.server
-        stream = server.open_stream(str(request["prompt"]), int(request.get("max_tokens") or 16))
+        stream = server.open_stream(call.prompt, call.max_tokens)
         try:
             sent = 0
             while True:
@@ -92,11 +93,14 @@ class SimEngine:
 api = FastAPI()
 
 
-def _chunk(cid: str, model: str, created: int, text: str, finish: str | None, **extra: Any) -> str:
-    choices = [] if finish == "" else [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]
+def _event(cid: str, model: str, created: int, choices: list[dict[str, Any]], **extra: Any) -> str:
     payload = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
                **extra}
     return "data: " + json.dumps(payload, separators=(",", ":")) + "\n\n"
+
+
+def _choice(text: str, finish: str | None) -> dict[str, Any]:
+    return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
 
 @serve.ingress(api)
@@ -122,7 +126,12 @@ class Ingress:
             return JSONResponse({"error": {"message": "prompt must be a non-empty string",
                                            "type": "invalid_request_error", "param": "prompt", "code": 400}},
                                 status_code=400)
-        call = {"prompt": prompt, "max_tokens": body.get("max_tokens") or 16}
+        max_tokens = body.get("max_tokens") or 16
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            return JSONResponse({"error": {"message": "max_tokens must be a positive integer",
+                                           "type": "invalid_request_error", "param": "max_tokens", "code": 400}},
+                                status_code=400)
+        call = CompletionCall(prompt, max_tokens)
         items = cast(DeploymentResponseGenerator[dict[str, Any]],
                      self.engine.options(stream=True).generate.remote(call))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -133,17 +142,17 @@ class Ingress:
             text += item.get("text", "")
             last = item
         return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": self.model,
-                             "choices": [{"index": 0, "text": text, "finish_reason": "length", "logprobs": None}],
+                             "choices": [_choice(text, "length")],
                              "usage": last.get("usage"), "kvpilot": last.get("kvpilot")})
 
     async def _sse(self, items: DeploymentResponseGenerator[dict[str, Any]], cid: str,
                    created: int) -> AsyncIterator[str]:
         async for item in items:
             if "text" in item:
-                yield _chunk(cid, self.model, created, item["text"], None)
-            else:
-                yield _chunk(cid, self.model, created, "", "length")
-                yield _chunk(cid, self.model, created, "", "", usage=item["usage"], kvpilot=item["kvpilot"])
+                yield _event(cid, self.model, created, [_choice(item["text"], None)])
+            else:   # the end: like vLLM, a finish chunk, then usage (here always, with the replica's counters)
+                yield _event(cid, self.model, created, [_choice("", "length")])
+                yield _event(cid, self.model, created, [], usage=item["usage"], kvpilot=item["kvpilot"])
         yield "data: [DONE]\n\n"
 
 

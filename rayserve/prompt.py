@@ -9,9 +9,20 @@ LLM passes them). Chats are keyed by their rendered text, as the engine renders 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kvpilot.tokens import render_chat
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionCall:
+    """What an ingress hands the engine deployment: the prompt as an attribute, the form every
+    router reads (kvpilot's and Ray Serve LLM's `PrefixCacheAffinityRouter`, which looks for a
+    `.prompt` or `.messages` attribute on a positional argument, as on OpenAI request models)."""
+
+    prompt: str
+    max_tokens: int = 16
 
 
 def _messages_text(messages: list[Any]) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Sequence, Set
 from types import SimpleNamespace
 
 from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_WAITING, PolicyAdapter
-from kvpilot.ray.prompt import extract_prompt
+from kvpilot.ray.prompt import CompletionCall, extract_prompt
 from kvpilot.router.policies import DualMap, RoundRobin
 from kvpilot.router.policy import NOTHING, BasePolicy, Decision, InstanceLoad, Outcome, RequestView
 from kvpilot.tokens import render_chat, token_count
@@ -141,5 +141,6 @@ def test_the_prompt_is_found_in_handle_arguments() -> None:
     assert extract_prompt([], {"other": 1, "prompt": "named"}) == "named"
     assert extract_prompt([SimpleNamespace(prompt="attr", messages=None)], {}) == "attr"
     assert extract_prompt([{"messages": chat}], {}) == render_chat(chat)   # as the simulator renders chats
+    assert extract_prompt([CompletionCall("the ingress's call", 8)], {}) == "the ingress's call"
     assert extract_prompt([b"raw http body", 3], {}) is None
     assert extract_prompt([], {}) is None

@@ -23,6 +23,7 @@ from ray import serve
 from kvpilot.procs import free_port
 from kvpilot.ray.app import build_app
 
+pytestmark = pytest.mark.timeout(600)   # Ray and 8 replica processes start in ~45 s on a quiet 2-core box, 3 min loaded
 REPLICAS = 3
 PREFIXES = [f"tenant {p} system prompt. " + "You answer questions about cache-aware routing. " * 24
             for p in range(10)]   # 10 prefixes: all on one of 3 replicas by chance has p = 5e-5
