@@ -23,18 +23,16 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import ray
 from ray import serve
 
 from kvpilot.procs import free_port
 from kvpilot.ray.app import build_app
+from kvpilot.ray.local import LocalRay
 from kvpilot.sim.cluster import percentile
 from kvpilot.sim.workload import RequestSpec, mooncake
 
@@ -127,15 +125,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     specs = mooncake(limit=args.requests)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    temp = tempfile.mkdtemp(prefix="kvb", dir="/tmp")
-    os.chdir(temp)   # the repo root holds `operator/`, which Ray would put on workers' sys.path
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
-             log_to_driver=False, configure_logging=False)
+    local = LocalRay(num_cpus=2)
     steps: list[Step] = []
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        local.start(http_port=port)
         for router in args.routers:
             serve.run(app_for(router, args), name=router, route_prefix=f"/{router}")
             for rate in args.rates:
@@ -146,9 +140,7 @@ def main() -> None:
                 print(step.row(args.slo), flush=True)
             serve.delete(router)   # fresh replicas (empty caches) for the next router
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+        local.stop()
     load = os.getloadavg()
     lines = [f"Mooncake conversation, first {args.requests} requests, {args.replicas} replicas h100-llama3-8b, "
              f"time scale {args.time_scale}, max_tokens {args.max_tokens}, TTFT SLO {args.slo} s (engine time); "

@@ -8,20 +8,15 @@ and what that replica's prefix cache did, come from the replicas' own counters i
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
-import ray
 from ray import serve
 
 from kvpilot.procs import free_port
 from kvpilot.ray.app import build_app
+from kvpilot.ray.local import LocalRay
 
 pytestmark = pytest.mark.timeout(600)   # Ray and 8 replica processes start in ~45 s on a quiet 2-core box, 3 min loaded
 REPLICAS = 3
@@ -30,51 +25,20 @@ PREFIXES = [f"tenant {p} system prompt. " + "You answer questions about cache-aw
 ROUNDS = 3
 
 
-def _session_processes(session: str) -> list[int]:
-    """Pids of live processes whose command line names this Ray session (raylet, GCS, workers)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if session.encode() in cmdline and state != "Z":
-            out.append(int(entry.name))
-    return out
-
-
 @pytest.fixture(scope="module")
 def serve_port() -> Iterator[int]:
-    temp = tempfile.mkdtemp(prefix="kvr", dir="/tmp")   # short: Ray's unix socket paths must fit 107 bytes
-    cwd = os.getcwd()
-    os.chdir(temp)   # Ray puts the driver's directory on workers' sys.path; the repo root holds `operator/`
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=temp, log_to_driver=False, configure_logging=False)
-    session = os.path.basename(os.path.realpath(os.path.join(temp, "session_latest")))
+    local = LocalRay(num_cpus=2)
     port = free_port()
+    left: list[int] = []
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        local.start(http_port=port)
         serve.run_many([   # both apps start together (replica start-up dominates this test's time)
             serve.RunTarget(build_app(replicas=REPLICAS, router="dualmap"), name="kvpilot", route_prefix="/kvpilot"),
             serve.RunTarget(build_app(replicas=REPLICAS, router=None), name="default", route_prefix="/default")])
         yield port
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            os.chdir(cwd)
-            deadline = time.monotonic() + 30
-            while _session_processes(session) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            left = _session_processes(session)
-            for pid in left:   # never leave a raylet or GCS behind, even when the assertion fails
-                os.kill(pid, 9)
-            shutil.rmtree(temp, ignore_errors=True)
-            assert not left, f"Ray processes survived ray.shutdown(): {left}"
+        left = local.stop()   # kills whatever of this Ray outlived the shutdown
+    assert not left, f"Ray processes survived ray.shutdown(): {left}"
 
 
 def _replay(port: int, app: str) -> tuple[dict[int, set[str]], float]:
