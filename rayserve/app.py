@@ -159,7 +159,7 @@ class Ingress:
 def build_app(*, replicas: int = 4, router: str | None = "dualmap", profile: str = "h100-llama3-8b",
               time_scale: float = 1.0, max_ongoing_requests: int = 8, slo_ttft_s: float = 5.0,
               router_class: str = ROUTER_CLASS, router_kwargs: dict[str, Any] | None = None,
-              stats_period_s: float = 1.0, model: str = "sim-model") -> Application:
+              stats_period_s: float = 1.0, model: str = "sim-model", ingress_max_ongoing: int = 1000) -> Application:
     """The app: `Ingress` → `SimEngine` × `replicas`. `router`: a kvpilot policy name on the engine
     deployment's handle (`router_class`/`router_kwargs` for any other Serve router), or None for
     Serve's default (power of two choices). Replicas ask for no CPU, so an app fits a 2-CPU Ray."""
@@ -172,5 +172,7 @@ def build_app(*, replicas: int = 4, router: str | None = "dualmap", profile: str
         options["request_router_config"] = RequestRouterConfig(**router_config)
     engine = serve.deployment(name="SimEngine", **options)(SimEngine).bind(
         profile=profile, model=model, time_scale=time_scale)
-    ingress = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})(Ingress)
+    # Serve's default of 5 ongoing requests per replica would make the one ingress the queue.
+    ingress = serve.deployment(name="Ingress", max_ongoing_requests=ingress_max_ongoing,
+                               ray_actor_options={"num_cpus": 0})(Ingress)
     return ingress.bind(engine, model=model)
