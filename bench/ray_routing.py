@@ -131,14 +131,14 @@ def main() -> None:
         port = free_port()
         local.start(http_port=port)
         for router in args.routers:
-            serve.run(app_for(router, args), name=router, route_prefix=f"/{router}")
-            for rate in args.rates:
+            for rate in args.rates:   # fresh replicas (empty caches) for every step
+                serve.run(app_for(router, args), name=router, route_prefix=f"/{router}")
                 step = Step(router, rate)
                 asyncio.run(replay(f"http://127.0.0.1:{port}/{router}", specs, step, args.time_scale,
                                    args.max_tokens))
                 steps.append(step)
                 print(step.row(args.slo), flush=True)
-            serve.delete(router)   # fresh replicas (empty caches) for the next router
+                serve.delete(router)
     finally:
         local.stop()
     load = os.getloadavg()
