@@ -18,6 +18,7 @@ COPY router router
 COPY autoscaler autoscaler
 COPY kvtransfer kvtransfer
 COPY sim sim
+COPY rayserve rayserve
 RUN python -m venv /opt/kvpilot \
  && /opt/kvpilot/bin/pip install build \
  && /opt/kvpilot/bin/python -m build --wheel --outdir /dist . \

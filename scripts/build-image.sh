@@ -30,7 +30,7 @@ inputs() {
   echo "suite=$SUITE packages=$PACKAGES name=$NAME"
   sha256sum scripts/build-image.sh pyproject.toml
   # Tracked and untracked-but-not-ignored sources, so a local edit makes a new image.
-  git ls-files -co --exclude-standard -- core operator router autoscaler kvtransfer sim | LC_ALL=C sort \
+  git ls-files -co --exclude-standard -- core operator router autoscaler kvtransfer sim rayserve | LC_ALL=C sort \
     | while read -r f; do [ -f "$f" ] && sha256sum "$f"; done
 }
 HASH="$(inputs | sha256sum | cut -c1-16)"
@@ -68,7 +68,7 @@ EXTRAS=all
 log "building the kvpilot $VERSION wheel"
 # From a copy of exactly the hashed files: nothing else (no build/ left in the clone).
 mkdir -p "$work/src"
-{ echo pyproject.toml; git ls-files -co --exclude-standard -- core operator router autoscaler kvtransfer sim; } \
+{ echo pyproject.toml; git ls-files -co --exclude-standard -- core operator router autoscaler kvtransfer sim rayserve; } \
   | while read -r f; do [ -f "$f" ] && echo "$f"; done | tar -cf - -T - | tar -C "$work/src" -xf -
 echo "kvpilot: see https://github.com/kvpilot/kvpilot" >"$work/src/README.md"   # pyproject's readme; not an input
 "$python" -P -m pip wheel --quiet --no-deps --wheel-dir "$work/dist" "$work/src" >&2

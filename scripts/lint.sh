@@ -12,4 +12,5 @@ tree="$root/.build/typecheck"
 rm -rf "$tree" && mkdir -p "$tree/kvpilot"
 for f in core/*; do ln -s "$root/$f" "$tree/kvpilot/$(basename "$f")"; done
 for pkg in operator router autoscaler kvtransfer sim; do ln -s "$root/$pkg" "$tree/kvpilot/$pkg"; done
+ln -s "$root/rayserve" "$tree/kvpilot/ray"   # kvpilot.ray lives in rayserve/ (see pyproject.toml)
 MYPYPATH="$tree" "$venv/bin/mypy" --cache-dir "$root/.build/mypy-cache" -p kvpilot

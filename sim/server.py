@@ -426,12 +426,44 @@ class SimServer:
         app.on_cleanup.append(self._on_cleanup)
         return app
 
-    async def _on_startup(self, app: web.Application) -> None:
+    def start(self) -> None:
+        """Start the engine loop on the running event loop (the HTTP app does at startup; a host
+        without the HTTP app, like the Ray Serve deployment, on its first request)."""
         self._t0 = time.monotonic()
         self._task = asyncio.create_task(self._run_engine())
 
-    async def _on_cleanup(self, app: web.Application) -> None:
+    def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+            self._task = None
+
+    def open_stream(self, prompt: str, max_tokens: int) -> Stream:
+        """A completion request admitted to the engine without HTTP: its tokens arrive on the
+        stream's queue (as for `/v1/completions`); `close_stream` when done or abandoned."""
+        hashes = block_hashes(prompt, self.block_size)
+        seq = Sequence(f"cmpl-{uuid.uuid4().hex}", self.now(), token_count(prompt), hashes, max_tokens)
+        self.engine.add(seq)
+        stream = Stream(seq, hashes[0] if hashes else chain_hash(0, prompt.encode()), created=int(time.time()))
+        self.streams[seq] = stream
+        self._wake.set()
+        return stream
+
+    def close_stream(self, stream: Stream) -> None:
+        self.streams.pop(stream.seq, None)
+        if not stream.seq.finished:  # abandoned: free the engine's work
+            self.engine.abort(stream.seq)
+
+    def text(self, stream: Stream, start: int, count: int) -> str:
+        """Tokens `start`..`start+count` of a response, as text (deterministic per prompt)."""
+        return self._text(stream, start, count)
+
+    def usage(self, seq: Sequence) -> dict[str, Any]:
+        return self._usage(seq)
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self.start()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        self.stop()
         for extension in self.extensions:
             await extension.close()

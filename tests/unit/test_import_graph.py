@@ -2,7 +2,9 @@
 rather than in a review: shared names live in core, the transport knows no policy, the operator
 knows no engine, the autoscaler no router module. The simulator is the one component allowed to
 import the others' pure cores: its virtual-time clusters run the router's real policy objects and
-the autoscaler's real planner. Lazy imports (inside functions) count: they are arrows too."""
+the autoscaler's real planner, and so is the Ray Serve shell (`kvpilot.ray`), which runs the router's
+policies and the simulator's engine inside Ray. Only `kvpilot.ray` imports Ray itself. Lazy imports
+(inside functions) count: they are arrows too."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"core": "kvpilot", "operator": "kvpilot.operator", "router": "kvpilot.router",
-           "autoscaler": "kvpilot.autoscaler", "kvtransfer": "kvpilot.kvtransfer", "sim": "kvpilot.sim"}
+           "autoscaler": "kvpilot.autoscaler", "kvtransfer": "kvpilot.kvtransfer", "sim": "kvpilot.sim",
+           "rayserve": "kvpilot.ray"}
 # Top-level modules in core/ that wire components together (entry points, the local control plane,
 # test fixtures) may import anything; the rest of core is shared types and names.
 APPS = {"kvpilot.cli", "kvpilot.local", "kvpilot.local_cli", "kvpilot.local_monitoring", "kvpilot.demo",
@@ -25,6 +28,7 @@ ALLOWED = {
     "autoscaler": {"core", "autoscaler"},
     "operator": {"core", "operator"},
     "sim": {"core", "kvtransfer", "router", "autoscaler", "sim"},
+    "rayserve": {"core", "kvtransfer", "router", "sim", "rayserve"},
 }
 
 
@@ -47,12 +51,13 @@ def component(module: str) -> str:
     return "core"
 
 
-def imports(path: Path) -> set[str]:
+def imports(path: Path, prefix: str = "kvpilot") -> set[str]:
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("kvpilot")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kvpilot"):
+            found |= {a.name for a in node.names if a.name == prefix or a.name.startswith(prefix + ".")}
+        elif isinstance(node, ast.ImportFrom) and node.module and (
+                node.module == prefix or node.module.startswith(prefix + ".")):
             found.add(node.module)
     return found
 
@@ -89,3 +94,15 @@ def test_no_import_cycles() -> None:
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles: " + "; ".join(" → ".join(c) for c in cycles)
+
+
+def test_only_the_ray_package_imports_ray() -> None:
+    """Ray is an extra (`kvpilot[ray]`): every other module must import without it."""
+    wrong = sorted(m for m, p in MODULES.items() if component(m) != "rayserve" and imports(p, "ray"))
+    assert not wrong, f"{wrong} import ray; only kvpilot.ray may"
+
+
+def test_the_ray_adapter_core_imports_no_ray() -> None:
+    """The mapping from Ray's signals to a policy is tested without Ray: it must stay free of it."""
+    for module in ("kvpilot.ray.adapter", "kvpilot.ray.prompt"):
+        assert not imports(MODULES[module], "ray"), module

@@ -23,7 +23,7 @@ def _by_extra() -> dict[str, set[str]]:
 def test_base_install_has_no_plotting_kubernetes_or_kv_event_libraries() -> None:
     base = _by_extra()[""]
     assert {"pydantic", "aiohttp", "prometheus-client"} <= base
-    assert not base & {"matplotlib", "kopf", "kubernetes", "numpy", "pyzmq", "msgpack", "redis"}
+    assert not base & {"matplotlib", "kopf", "kubernetes", "numpy", "pyzmq", "msgpack", "redis", "ray"}
 
 
 def test_each_component_extra_brings_what_it_imports() -> None:
@@ -33,3 +33,13 @@ def test_each_component_extra_brings_what_it_imports() -> None:
     assert {"kubernetes", "numpy", "redis"} <= extras["router"]
     assert {"pyzmq", "msgpack"} <= extras["kvevents"]
     assert "kubernetes" in extras["autoscaler"]
+
+
+def test_ray_is_an_extra_pinned_to_one_release() -> None:
+    """`ray.serve.request_router` is an alpha API: the extra pins the release kvpilot.ray is built on."""
+    pins = [Requirement(line) for line in requires("kvpilot") or [] if Requirement(line).name.lower() == "ray"]
+    assert pins, "no ray requirement"
+    for req in pins:
+        assert 'extra == "ray"' in str(req.marker)
+        assert "serve" in req.extras
+        assert str(req.specifier).startswith("==")

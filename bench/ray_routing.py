@@ -1,0 +1,158 @@
+"""Routers side by side inside Ray Serve: Serve's default power of two choices, Ray Serve LLM's
+PrefixCacheAffinityRouter and kvpilot's DualMap, on the same simulated replicas and rates.
+
+    .venv/bin/python -P bench/ray_routing.py [--requests 200] [--replicas 4] [--time-scale 0.25]
+        [--rates 4 8] [--routers pow2 prefix-affinity dualmap] [--max-tokens 32] [--out FILE]
+
+A local Ray (2 CPUs, loopback) serves `kvpilot.ray.app` (ingress + `--replicas` simulated engines of
+the h100-llama3-8b profile), one app per router in turn. The first `--requests` Mooncake
+conversation requests are replayed at each `--rates` × the trace's rate (in engine time) through
+Serve's HTTP proxy, streaming. The engines run `--time-scale` × real time (0.25: 4× slower), so
+the wall request rate is rate × time_scale × the trace's ~2.8 req/s, well under what two cores push
+through Ray (~50 req/s), and Ray's own per-request cost, divided by the same factor in engine time,
+stays small next to the engines' TTFTs. TTFT is in engine seconds ((first chunk − sent) ×
+time_scale); the hit rate is the engines' own (cached / prompt tokens, from each response's usage).
+
+Ray Serve LLM's router is imported from its internal path (the public `ray.serve.llm` one needs
+vLLM installed; ../shared/guides/ray-serve.md §1). Writes a Markdown table to stdout and `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from ray import serve
+
+from kvpilot.procs import free_port
+from kvpilot.ray.app import build_app
+from kvpilot.ray.local import LocalRay
+from kvpilot.sim.cluster import percentile
+from kvpilot.sim.workload import RequestSpec, mooncake
+
+PREFIX_ROUTER = "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router.PrefixCacheAffinityRouter"
+
+
+@dataclass
+class Step:
+    router: str
+    rate: float
+    ttft: list[float] = field(default_factory=list)
+    errors: int = 0
+    cached: int = 0
+    prompt: int = 0
+    per_replica: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def row(self, slo: float) -> str:
+        n = len(self.ttft) + self.errors
+        ok = sum(1 for t in self.ttft if t <= slo) / max(1, n)
+        spread = "/".join(str(v) for v in sorted(self.per_replica.values(), reverse=True))
+        return (f"| {self.router} | {self.rate:g} | {ok:.1%} | {percentile(self.ttft, 50):.2f} | "
+                f"{percentile(self.ttft, 90):.2f} | {percentile(self.ttft, 99):.2f} | "
+                f"{self.cached / max(1, self.prompt):.1%} | {self.errors} | {spread} | {self.wall_s:.0f} |")
+
+
+async def replay(url: str, specs: list[RequestSpec], step: Step, time_scale: float, max_tokens: int) -> None:
+    t_first = specs[0].arrival
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=900)) as session:
+        start = time.monotonic() + 0.2
+
+        async def one(spec: RequestSpec) -> None:
+            at = start + (spec.arrival - t_first) / (step.rate * time_scale)
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            sent = time.monotonic()
+            first = 0.0
+            body = {"model": "sim-model", "prompt": spec.text(), "max_tokens": min(spec.max_tokens, max_tokens),
+                    "stream": True}
+            try:
+                async with session.post(url + "/v1/completions", json=body) as resp:
+                    if resp.status != 200:
+                        step.errors += 1
+                        return
+                    async for line in resp.content:
+                        if not line.startswith(b"data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        if event.get("choices") and not first:
+                            first = time.monotonic()
+                        if "kvpilot" in event:
+                            usage = event["usage"]
+                            step.cached += usage["prompt_tokens_details"]["cached_tokens"]
+                            step.prompt += usage["prompt_tokens"]
+                            replica = event["kvpilot"]["replica"]
+                            step.per_replica[replica] = step.per_replica.get(replica, 0) + 1
+            except aiohttp.ClientError:
+                step.errors += 1
+                return
+            if first:
+                step.ttft.append((first - sent) * time_scale)
+            else:
+                step.errors += 1
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(s) for s in specs))
+        step.wall_s = time.monotonic() - t0
+
+
+def app_for(router: str, args: argparse.Namespace) -> serve.Application:
+    common = {"replicas": args.replicas, "time_scale": args.time_scale, "slo_ttft_s": args.slo,
+              "max_ongoing_requests": args.max_ongoing}
+    if router == "pow2":
+        return build_app(router=None, **common)
+    if router == "prefix-affinity":
+        return build_app(router=None, router_class=PREFIX_ROUTER, router_kwargs={}, **common)
+    return build_app(router=router, **common)   # a kvpilot policy by name
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--time-scale", type=float, default=0.25)
+    ap.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0])
+    ap.add_argument("--routers", nargs="+", default=["pow2", "prefix-affinity", "dualmap"])
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-ongoing", type=int, default=64)
+    ap.add_argument("--slo", type=float, default=2.0, help="TTFT SLO, engine seconds")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    specs = mooncake(limit=args.requests)
+    local = LocalRay(num_cpus=2)
+    steps: list[Step] = []
+    try:
+        port = free_port()
+        local.start(http_port=port)
+        for router in args.routers:
+            for rate in args.rates:   # fresh replicas (empty caches) for every step
+                serve.run(app_for(router, args), name=router, route_prefix=f"/{router}")
+                step = Step(router, rate)
+                asyncio.run(replay(f"http://127.0.0.1:{port}/{router}", specs, step, args.time_scale,
+                                   args.max_tokens))
+                steps.append(step)
+                print(step.row(args.slo), flush=True)
+                serve.delete(router)
+    finally:
+        local.stop()
+    load = os.getloadavg()
+    lines = [f"Mooncake conversation, first {args.requests} requests, {args.replicas} replicas h100-llama3-8b, "
+             f"time scale {args.time_scale}, max_tokens {args.max_tokens}, TTFT SLO {args.slo} s (engine time); "
+             f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.", "",
+             "| router | rate × | in SLO | TTFT p50 s | p90 s | p99 s | hit rate | errors | requests per replica "
+             "| wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [s.row(args.slo) for s in steps]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

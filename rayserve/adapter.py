@@ -1,0 +1,154 @@
+"""A kvpilot policy fed from Ray Serve's view of a deployment, without Ray.
+
+The Ray router (`kvpilot.ray.router`) is a thin shell around `PolicyAdapter`: Ray names replicas
+by id strings, reports their queue lengths and periodic routing stats, and asks for ranks of
+replicas; the policy wants a stable membership list of `InstanceLoad`s, a `RequestView` and
+exactly one `on_complete` per dispatch. This module is that mapping, kept pure so it is tested
+without a Ray cluster.
+
+What differs from the proxy: Serve queues a request itself (it backs off and asks again when
+every replica in the ranks is at `max_ongoing_requests`), so a holding policy (DualMap) routes
+here without its router-side queues; the first token is not observed by a router, so the
+prefill backlog a request adds is released when it completes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from kvpilot.router.policy import InstanceLoad, Outcome, Policy, RequestView
+from kvpilot.tokens import block_hashes, token_count
+
+# Requests ranked but never routed (cancelled while Serve backed off) are forgotten past this.
+MAX_PENDING = 10_000
+
+# The keys the simulator deployment's `record_routing_stats` reports (vLLM's metric names).
+STAT_RUNNING = "num_requests_running"
+STAT_WAITING = "num_requests_waiting"
+STAT_KV_USAGE = "kv_cache_usage_perc"
+
+
+@dataclass(slots=True)
+class _Dispatch:
+    view: RequestView
+    name: str
+
+
+class PolicyAdapter:
+    """One policy routing among one deployment's replicas, as one Serve router process sees them."""
+
+    def __init__(self, policy: Policy, block_size: int = 16, max_hashed_blocks: int | None = 4096) -> None:
+        self.policy = policy
+        self.block_size = block_size
+        self.max_hashed_blocks = max_hashed_blocks
+        self.loads: list[InstanceLoad] = []     # the membership, one list object while it is unchanged
+        self._index: dict[str, int] = {}
+        self._own: dict[str, int] = {}          # requests this router routed there and saw no completion of
+        self._ranked: OrderedDict[str, RequestView] = OrderedDict()
+        self._routed: dict[str, _Dispatch] = {}
+
+    # -- membership and load ------------------------------------------------------------
+    def set_members(self, names: Sequence[str]) -> bool:
+        """The deployment's replicas (Ray's `update_replicas`). Loads of replicas that stay are kept;
+        the list object is replaced only when membership changes, so ring policies rebuild then only.
+        True when it changed."""
+        wanted = sorted(set(names))
+        if wanted == [inst.name for inst in self.loads]:
+            return False
+        old = {inst.name: inst for inst in self.loads}
+        self.loads = [old.get(name) or InstanceLoad(name) for name in wanted]
+        self._index = {inst.name: i for i, inst in enumerate(self.loads)}
+        self._own = {name: self._own.get(name, 0) for name in wanted}
+        return True
+
+    def observe(self, name: str, queue_len: int | None, stats: Mapping[str, object] | None = None) -> None:
+        """Ray's signals for one replica: the router's queue-length cache (fresh, this process's
+        view; None when unknown or stale, then this router's own count stands in) and the replica's
+        periodic routing stats (global, about a stats period behind)."""
+        i = self._index.get(name)
+        if i is None:
+            return
+        load = self.loads[i]
+        load.in_flight = queue_len if queue_len is not None else self._own.get(name, 0)
+        if stats:
+            load.engine_running = _int(stats.get(STAT_RUNNING), load.engine_running)
+            load.engine_waiting = _int(stats.get(STAT_WAITING), load.engine_waiting)
+            usage = stats.get(STAT_KV_USAGE)
+            if isinstance(usage, int | float):
+                load.kv_usage = float(usage)
+
+    # -- the request path -----------------------------------------------------------------
+    def view(self, request_id: str, prompt: str) -> RequestView:
+        data = prompt.encode()
+        return RequestView(request_id, token_count(data), block_hashes(data, self.block_size, self.max_hashed_blocks),
+                           time.monotonic())
+
+    def rank(self, request_id: str, prompt: str | None, candidates: Sequence[str]) -> list[list[str]]:
+        """Ranks of candidate replica names, best first: the policy's pick alone, then every other
+        candidate (Serve takes the least queued of a rank), or one rank of all when there is no
+        prompt or nothing to choose between."""
+        usable = [name for name in candidates if name in self._index]
+        if prompt is None or len(usable) < 2:
+            return [list(candidates)]
+        view = self._ranked.pop(request_id, None) or self.view(request_id, prompt)
+        self._ranked[request_id] = view
+        while len(self._ranked) > MAX_PENDING:
+            self._ranked.popitem(last=False)
+        allowed = set(usable)
+        excluded = frozenset(inst.name for inst in self.loads if inst.name not in allowed)
+        pick = self.loads[self.policy.route(view, self.loads, excluded).index].name
+        rest = [name for name in candidates if name != pick]
+        return [[pick], rest] if rest else [[pick]]
+
+    def routed(self, request_id: str, name: str) -> None:
+        """Serve sent the request to `name` (which accepted it): the policy's `on_dispatch`."""
+        view = self._ranked.pop(request_id, None)
+        i = self._index.get(name)
+        if view is None or i is None:
+            return
+        self.policy.on_dispatch(view, i, self.loads)
+        load = self.loads[i]
+        load.in_flight += 1
+        load.pending_prefill_tokens += view.prompt_tokens
+        self._own[name] = self._own.get(name, 0) + 1
+        self._routed[request_id] = _Dispatch(view, name)
+
+    def completed(self, request_id: str) -> None:
+        """The request ended (success, error or cancel; Ray does not say which): the policy's
+        `on_first_token` (unobserved) and `on_complete`."""
+        done = self._routed.pop(request_id, None)
+        if done is None:
+            return
+        name = done.name
+        i = self._index.get(name)
+        if i is not None and self.loads[i].name == name:
+            load = self.loads[i]
+            load.in_flight = max(0, load.in_flight - 1)
+            load.pending_prefill_tokens = max(0, load.pending_prefill_tokens - done.view.prompt_tokens)
+        if name in self._own:
+            self._own[name] = max(0, self._own[name] - 1)
+        self.policy.on_first_token(request_id, None)
+        self.policy.on_complete(done.view, Outcome(name, "ok", prefilled=True))
+
+    def removed(self, name: str) -> None:
+        """A replica died: requests routed there complete as failed without a prefill."""
+        for request_id, done in list(self._routed.items()):
+            if done.name == name:
+                del self._routed[request_id]
+                self.policy.on_first_token(request_id, None)
+                self.policy.on_complete(done.view, Outcome(name, "failed", prefilled=False))
+        self.set_members([inst.name for inst in self.loads if inst.name != name])
+
+    def load(self, name: str) -> InstanceLoad | None:
+        i = self._index.get(name)
+        return None if i is None else self.loads[i]
+
+    def in_flight(self) -> int:
+        return len(self._routed)
+
+
+def _int(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default

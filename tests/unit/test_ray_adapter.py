@@ -1,0 +1,146 @@
+"""kvpilot's policies fed from Ray Serve's view of a deployment (`kvpilot.ray.adapter`), without Ray:
+membership from the replica set, load from the queue-length cache and routing stats, ranks out,
+and exactly one `on_complete` per routed request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence, Set
+from types import SimpleNamespace
+
+from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_WAITING, PolicyAdapter
+from kvpilot.ray.prompt import CompletionCall, extract_prompt
+from kvpilot.router.policies import DualMap, RoundRobin
+from kvpilot.router.policy import NOTHING, BasePolicy, Decision, InstanceLoad, Outcome, RequestView
+from kvpilot.tokens import render_chat, token_count
+
+REPLICAS = ["r4", "r1", "r3", "r2"]
+PREFIXES = [f"system prompt {p}: " + "lorem ipsum dolor sit amet " * 80 for p in range(12)]
+
+
+def _dualmap() -> PolicyAdapter:
+    adapter = PolicyAdapter(DualMap())
+    adapter.set_members(REPLICAS)
+    return adapter
+
+
+def test_membership_is_one_list_object_until_it_changes() -> None:
+    adapter = PolicyAdapter(RoundRobin())
+    assert adapter.set_members(REPLICAS)
+    loads = adapter.loads
+    assert [inst.name for inst in loads] == sorted(REPLICAS)
+    loads[0].in_flight = 3
+    assert not adapter.set_members(list(reversed(REPLICAS)))
+    assert adapter.loads is loads
+    assert adapter.set_members([*REPLICAS, "r5"])
+    assert adapter.loads is not loads
+    assert adapter.loads[0].in_flight == 3  # a replica that stays keeps its load
+
+
+def test_prompts_sharing_a_prefix_rank_the_same_replica_first_in_every_router() -> None:
+    """Serve runs one router per handle owner, sharing nothing: DualMap's rings must agree anyway."""
+    a, b = _dualmap(), _dualmap()
+    for p, prefix in enumerate(PREFIXES):
+        picks = set()
+        for i in range(5):
+            for adapter in (a, b):
+                ranks = adapter.rank(f"{p}-{i}", prefix + f"question {i}", REPLICAS)
+                picks.add(ranks[0][0])
+                assert len(ranks[0]) == 1 and sorted(ranks[0] + ranks[1]) == sorted(REPLICAS)
+        assert len(picks) == 1, f"prefix {p} ranked first on {picks}"
+    firsts = {a.rank(f"x{p}", prefix, REPLICAS)[0][0] for p, prefix in enumerate(PREFIXES)}
+    assert len(firsts) > 1, "every prefix on one replica: the key does not depend on the prompt"
+
+
+def test_the_pick_is_always_a_candidate() -> None:
+    adapter = _dualmap()
+    for p, prefix in enumerate(PREFIXES):
+        for candidates in (["r1", "r2"], ["r3", "r4"], ["r2", "r3", "r4"]):
+            ranks = adapter.rank(f"{p}-{candidates}", prefix, candidates)
+            assert ranks[0][0] in candidates
+            assert sorted(name for rank in ranks for name in rank) == sorted(candidates)
+
+
+def test_no_prompt_or_one_candidate_is_one_rank_of_all() -> None:
+    adapter = _dualmap()
+    assert adapter.rank("a", None, REPLICAS) == [REPLICAS]
+    assert adapter.rank("b", PREFIXES[0], ["r2"]) == [["r2"]]
+
+
+class Recorder(BasePolicy):
+    """Routes to the first allowed instance and records the feedback it gets."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dispatched: list[tuple[str, str]] = []
+        self.completed: list[tuple[str, Outcome]] = []
+
+    def route(self, request: RequestView, instances: Sequence[InstanceLoad],
+              excluded: Set[str] = NOTHING) -> Decision:
+        return Decision(next(i for i, inst in enumerate(instances) if inst.name not in excluded), "first")
+
+    def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
+        self.dispatched.append((request.request_id, instances[index].name))
+
+    def on_complete(self, request: RequestView, outcome: Outcome) -> None:
+        self.completed.append((request.request_id, outcome))
+
+
+def test_routed_and_completed_drive_the_policy_and_the_load_once_each() -> None:
+    policy = Recorder()
+    adapter = PolicyAdapter(policy)
+    adapter.set_members(REPLICAS)
+    prompt = PREFIXES[0]
+    assert adapter.rank("q1", prompt, ["r3", "r4"])[0] == ["r3"]
+    adapter.routed("q1", "r4")   # Serve fell through to the second rank: the policy hears where it went
+    assert policy.dispatched == [("q1", "r4")]
+    r4 = adapter.load("r4")
+    assert r4 is not None
+    assert (r4.in_flight, r4.pending_prefill_tokens) == (1, token_count(prompt))
+    adapter.completed("q1")
+    adapter.completed("q1")      # a second report changes nothing
+    adapter.completed("never-routed")
+    assert [(rid, o.instance, o.status) for rid, o in policy.completed] == [("q1", "r4", "ok")]
+    assert (r4.in_flight, r4.pending_prefill_tokens) == (0, 0)
+    assert adapter.in_flight() == 0
+
+
+def test_load_comes_from_the_queue_cache_else_the_routers_own_count() -> None:
+    adapter = PolicyAdapter(Recorder())
+    adapter.set_members(REPLICAS)
+    adapter.rank("q", PREFIXES[0], REPLICAS)
+    adapter.routed("q", "r2")
+    r2 = adapter.load("r2")
+    assert r2 is not None
+    adapter.observe("r2", 5, {STAT_RUNNING: 3, STAT_WAITING: 2, STAT_KV_USAGE: 0.25})
+    assert (r2.in_flight, r2.engine_running, r2.engine_waiting, r2.kv_usage) == (5, 3, 2, 0.25)
+    adapter.observe("r2", None, {STAT_RUNNING: "garbage"})
+    assert (r2.in_flight, r2.engine_running) == (1, 3)   # unknown queue: the one request this router sent
+    adapter.observe("gone", 9, None)                      # not a member: ignored
+
+
+def test_a_dead_replicas_requests_complete_as_failed_without_prefill() -> None:
+    policy = Recorder()
+    adapter = PolicyAdapter(policy)
+    adapter.set_members(REPLICAS)
+    adapter.rank("q", PREFIXES[0], REPLICAS)
+    adapter.routed("q", "r1")
+    adapter.removed("r1")
+    assert [(rid, o.status, o.prefilled) for rid, o in policy.completed] == [("q", "failed", False)]
+    assert "r1" not in [inst.name for inst in adapter.loads]
+    adapter.completed("q")
+    assert len(policy.completed) == 1
+
+
+def test_the_prompt_is_found_in_handle_arguments() -> None:
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert extract_prompt(["plain"], {}) == "plain"
+    assert extract_prompt([{"prompt": "in a dict", "max_tokens": 3}], {}) == "in a dict"
+    assert extract_prompt([{"prompt": ["one"]}], {}) == "one"
+    assert extract_prompt([], {"other": 1, "prompt": "named"}) == "named"
+    assert extract_prompt([SimpleNamespace(prompt="attr", messages=None)], {}) == "attr"
+    assert extract_prompt([{"messages": chat}], {}) == render_chat(chat)   # as the simulator renders chats
+    assert extract_prompt([CompletionCall("the ingress's call", 8)], {}) == "the ingress's call"
+    assert extract_prompt([b"raw http body", 3], {}) is None
+    assert extract_prompt([], {}) is None
