@@ -15,7 +15,7 @@ from typing import Any
 from kvpilot.procs import ManagedProcess, free_port, wait_for
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
 from kvpilot.testing.kubelet import ProcessKubelet
-from kvpilot.testing.load import uncacheable_completion
+from kvpilot.testing.load import load_until
 
 Get = Callable[..., Any]
 
@@ -30,17 +30,6 @@ SERVICE = {
         "autoscaling": {"enabled": True, "scaleDownStabilizationSeconds": 8},
     },
 }
-def _load(kubelet: ProcessKubelet, stop: threading.Event) -> None:
-    k = 0
-    while not stop.is_set():
-        urls = sorted(kubelet.urls.values())
-        if urls:
-            uncacheable_completion(urls[k % len(urls)], "llama-8b")
-            k += 1
-        else:
-            stop.wait(0.2)
-
-
 def test_autoscaler_scales_a_workerpool_up_under_load_and_back_down(
         crds: ControlPlane, operator: Any, namespace: str, kget: Get, tmp_path: Path) -> None:
     out = crds.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(SERVICE))
@@ -54,7 +43,8 @@ def test_autoscaler_scales_a_workerpool_up_under_load_and_back_down(
         wait_for(lambda: len(kubelet.urls) == 1, 60, "the first worker process")
         scaler = ManagedProcess("autoscaler", argv, tmp_path / "autoscaler.log", env=crds.env(), cwd=REPO_ROOT)
         stop = threading.Event()
-        clients = [threading.Thread(target=_load, args=(kubelet, stop), daemon=True) for _ in range(6)]
+        clients = [threading.Thread(target=load_until, args=(lambda: kubelet.urls.values(), "llama-8b", stop),
+                                    daemon=True) for _ in range(6)]
         try:
             for c in clients:
                 c.start()

@@ -9,13 +9,13 @@ import json
 import os
 import signal
 import sys
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kvpilot.procs import ManagedProcess, free_port, wait_for
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
+from kvpilot.testing.load import another_decision, autoscaler_decisions
 
 Get = Callable[..., Any]
 LEASE_S = 3
@@ -29,19 +29,6 @@ SERVICE = {
         "autoscaling": {"enabled": True},
     },
 }
-
-
-def _another_decision(port: int) -> None:
-    seen = _decisions(port)
-    wait_for(lambda: _decisions(port) > seen, 30, "another decision")
-
-
-def _decisions(port: int) -> float:
-    """Decisions this autoscaler took (every pool, every action), from its own metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("kvpilot_autoscaler_decisions_total{"))
 
 
 def _time(stamp: str) -> dt.datetime:
@@ -65,11 +52,11 @@ def test_one_of_two_autoscalers_acts_and_the_other_takes_over_when_it_dies(
         leader = kget("lease", "kvpilot-autoscaler")["spec"]["holderIdentity"]
         standby = "b" if leader == "a" else "a"
         # The leader acts (decides every interval and writes the status); the standby does not.
-        wait_for(lambda: _decisions(ports[leader]) > 0, 30, "the leader's first decision")
+        wait_for(lambda: autoscaler_decisions(ports[leader]) > 0, 30, "the leader's first decision")
         wait_for(lambda: kget("llmservice", "led").get("status", {}).get("autoscaling"), 30, "status.autoscaling")
         for _ in range(3):   # a few intervals in which the standby, alive and polling, does nothing
-            _another_decision(ports[leader])
-            assert _decisions(ports[standby]) == 0
+            another_decision(ports[leader])
+            assert autoscaler_decisions(ports[standby]) == 0
             assert kget("lease", "kvpilot-autoscaler")["spec"]["holderIdentity"] == leader
         before = kget("lease", "kvpilot-autoscaler")["spec"]
 
@@ -80,7 +67,7 @@ def test_one_of_two_autoscalers_acts_and_the_other_takes_over_when_it_dies(
         # Not before the lease lapsed (the old holder may have renewed once more after `before`).
         assert _time(after["acquireTime"]) - _time(before["renewTime"]) > dt.timedelta(seconds=LEASE_S)
         assert after["leaseTransitions"] == before.get("leaseTransitions", 0) + 1
-        wait_for(lambda: _decisions(ports[standby]) > 0, 30, "the new leader's decisions")
+        wait_for(lambda: autoscaler_decisions(ports[standby]) > 0, 30, "the new leader's decisions")
         assert "acquired the lease" in scalers[standby].log_path.read_text()
     finally:
         for proc in scalers.values():

@@ -9,7 +9,6 @@ import json
 import re
 import sys
 import threading
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from kvpilot.procs import ManagedProcess, free_port, wait_for
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
 from kvpilot.testing.kubelet import ProcessKubelet
-from kvpilot.testing.load import uncacheable_completion
+from kvpilot.testing.load import another_decision, load_until
 
 Get = Callable[..., Any]
 TAINT = "kvpilot.io/test-shortage"
@@ -38,29 +37,6 @@ def _service(node: str) -> dict[str, Any]:
             "autoscaling": {"enabled": True, "scaleDownStabilizationSeconds": 600},
         },
     }
-
-
-def _load(kubelet: ProcessKubelet, stop: threading.Event) -> None:
-    k = 0
-    while not stop.is_set():
-        urls = sorted(kubelet.urls.values())
-        if urls:
-            uncacheable_completion(urls[k % len(urls)], "llama-8b")
-            k += 1
-        else:
-            stop.wait(0.2)
-
-
-def _another_decision(port: int) -> None:
-    seen = _decisions(port)
-    wait_for(lambda: _decisions(port) > seen, 30, "another decision")
-
-
-def _decisions(port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("kvpilot_autoscaler_decisions_total{"))
 
 
 def _pending(kget: Get) -> int:
@@ -84,7 +60,8 @@ def test_a_gpu_short_pool_stops_asking_and_says_how_many_wait(
     with ProcessKubelet(crds, namespace, selector, tmp_path) as kubelet:
         wait_for(lambda: len(kubelet.urls) == 1, 60, "the first worker process")
         scaler = ManagedProcess("autoscaler", argv, tmp_path / "autoscaler.log", env=crds.env(), cwd=REPO_ROOT)
-        clients = [threading.Thread(target=_load, args=(kubelet, stop), daemon=True) for _ in range(6)]
+        clients = [threading.Thread(target=load_until, args=(lambda: kubelet.urls.values(), "llama-8b", stop),
+                                    daemon=True) for _ in range(6)]
         try:
             for c in clients:
                 c.start()
@@ -105,7 +82,7 @@ def test_a_gpu_short_pool_stops_asking_and_says_how_many_wait(
             wait_for(says_how_many, 30, f"the count of waiting replicas\n{scaler.log_tail()}")
             # No runaway: demand still exceeds what runs, yet decision after decision nothing more is asked.
             for _ in range(5):
-                _another_decision(port)
+                another_decision(port)
                 assert kget("workerpool", "short-worker")["spec"]["replicas"] <= asked
 
             def condition() -> dict[str, Any]:
