@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_WAITING
 from kvpilot.ray.prompt import CompletionCall
 from kvpilot.sim.profiles import get_profile
-from kvpilot.sim.server import ServeConfig, SimServer
+from kvpilot.sim.server import ServeConfig, SimServer, take_tokens
 
 ROUTER_CLASS = "kvpilot.ray.router.KvpilotRouter"
 
@@ -63,13 +63,7 @@ class SimEngine:
         try:
             sent = 0
             while True:
-                item = await stream.queue.get()
-                count = 0
-                while item is not None and item > 0:
-                    count += item
-                    if stream.queue.empty():
-                        break
-                    item = stream.queue.get_nowait()
+                count, item = await take_tokens(stream)
                 if count:
                     yield {"text": server.text(stream, sent, count)}
                     sent += count

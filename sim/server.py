@@ -99,6 +99,19 @@ class Stream:
 MIGRATED = -1
 
 
+async def take_tokens(stream: Stream) -> tuple[int, int | None]:
+    """The tokens made since the last call (waiting for at least one event), and the event that
+    ended the batch: a positive count when the queue ran dry, None when finished, or MIGRATED."""
+    item = await stream.queue.get()
+    count = 0
+    while item is not None and item > 0:
+        count += item
+        if stream.queue.empty():
+            break
+        item = stream.queue.get_nowait()
+    return count, item
+
+
 class Extension(Protocol):
     """Endpoints beside the OpenAI API (live migration, prefix handover), built with the server and
     using only its public parts, so the server imports none of them (`kvpilot.sim.worker` wires them)."""
@@ -356,13 +369,7 @@ class SimServer:
         role_pending = chat and sent == 0
         done = moved = False
         while not done and not moved:
-            item = await stream.queue.get()
-            count = 0
-            while item is not None and item > 0:
-                count += item
-                if stream.queue.empty():
-                    break
-                item = stream.queue.get_nowait()
+            count, item = await take_tokens(stream)
             done, moved = item is None, item == MIGRATED
             if role_pending:
                 await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
