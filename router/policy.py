@@ -223,11 +223,13 @@ class BasePolicy:
         return None
 
 
-class DecodeSide:
+class DecodeSide(BasePolicy):
     """The decode pool's face of a P/D model's policy: it routes with the policy's pair selection
-    (`route_decode`) and sends no feedback, which is about the prefill side's cache and backlog."""
+    (`route_decode`) and sends no feedback (BasePolicy's no-ops), since that feedback is about the
+    prefill side's cache and backlog."""
 
     def __init__(self, policy: Policy) -> None:
+        super().__init__()
         self.policy = policy
         self.name = f"{policy.name}/decode"
 
@@ -238,18 +240,3 @@ class DecodeSide:
     def route_decode(self, request: RequestView, instances: Sequence[InstanceLoad],
                      excluded: Set[str] = NOTHING) -> Decision:
         return self.policy.route_decode(request, instances, excluded)
-
-    def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
-        return None
-
-    def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
-        return None
-
-    def on_complete(self, request: RequestView, outcome: Outcome) -> None:
-        return None
-
-    def cache_estimate(self) -> CacheEstimate | None:
-        return None
-
-    def ring_placement(self) -> RingPlacement | None:
-        return None
