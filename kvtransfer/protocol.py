@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvpilot import sse
 from kvpilot.kvtransfer.store import BlockDescriptor
 
 # -- headers ------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ class MigrationState(BaseModel):
 
 def migrated_event(handoff: Handoff) -> bytes:
     """The SSE event a source ends a migrated stream with."""
-    return _MIGRATED_PREFIX + b"data: " + handoff.model_dump_json().encode() + b"\n\n"
+    return sse.event(handoff.model_dump(), MIGRATED_EVENT)
 
 
 def is_migrated_event(event: bytes) -> bool:

@@ -12,7 +12,6 @@ did. No `from __future__ import annotations` here: FastAPI reads the route metho
 run time, and behind `serve.ingress` string annotations left `request: Request` a query parameter.
 """
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from kvpilot import sse
 from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_WAITING
 from kvpilot.ray.prompt import CompletionCall
 from kvpilot.sim.profiles import get_profile
@@ -87,10 +87,9 @@ class SimEngine:
 api = FastAPI()
 
 
-def _event(cid: str, model: str, created: int, choices: list[dict[str, Any]], **extra: Any) -> str:
-    payload = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-               **extra}
-    return "data: " + json.dumps(payload, separators=(",", ":")) + "\n\n"
+def _event(cid: str, model: str, created: int, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+    return sse.event({"id": cid, "object": "text_completion", "created": created, "model": model,
+                      "choices": choices, **extra})
 
 
 def _choice(text: str, finish: str | None) -> dict[str, Any]:
@@ -140,14 +139,14 @@ class Ingress:
                              "usage": last.get("usage"), "kvpilot": last.get("kvpilot")})
 
     async def _sse(self, items: DeploymentResponseGenerator[dict[str, Any]], cid: str,
-                   created: int) -> AsyncIterator[str]:
+                   created: int) -> AsyncIterator[bytes]:
         async for item in items:
             if "text" in item:
                 yield _event(cid, self.model, created, [_choice(item["text"], None)])
             else:   # the end: like vLLM, a finish chunk, then usage (here always, with the replica's counters)
                 yield _event(cid, self.model, created, [_choice("", "length")])
                 yield _event(cid, self.model, created, [], usage=item["usage"], kvpilot=item["kvpilot"])
-        yield "data: [DONE]\n\n"
+        yield sse.DONE
 
 
 def build_app(*, replicas: int = 4, router: str | None = "dualmap", profile: str = "h100-llama3-8b",

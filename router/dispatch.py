@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvpilot import sse
 from kvpilot.router.errors import RETRY_AFTER_S, ApiError
 from kvpilot.router.policy import RequestView
 from kvpilot.router.pool import Attempt, Member, NoEndpoint, Pool, QueueFull
@@ -221,7 +222,7 @@ class Dispatcher:
                 self.runtime.attempt_failed(model, pool, member, f"mid-stream: {e or type(e).__name__}",
                                             view.request_id)
                 err = ApiError(502, f"upstream {member.endpoint.name} failed mid-stream", "upstream_error")
-                await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+                await resp.write(sse.event(err.body()))
                 await resp.write_eof()
                 return resp
             if resp is None:

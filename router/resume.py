@@ -28,7 +28,6 @@ and tool-call parsers, the role chunk) would not be the source's.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any
 
 import aiohttp
 
+from kvpilot import sse
 from kvpilot.router.pool import Member
 
 COMPLETIONS = "/v1/completions"
@@ -86,16 +86,6 @@ def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
     return events, buf
 
 
-def _payload(event: bytes) -> dict[str, Any] | None:
-    if not event.startswith(b"data: {"):
-        return None
-    try:
-        data = json.loads(event[6:])
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
 @dataclass(slots=True, eq=False)
 class Pending:
     """A move asked for by `POST /kvpilot/migrate`: the relay resolves `done` with the outcome."""
@@ -132,7 +122,7 @@ class ResumeState:
 
     def on_event(self, event: bytes) -> bytes:
         """Record an upstream event's ids; return it as the client should see it."""
-        data = _payload(event)
+        data = sse.payload(event)
         if data is None or not isinstance(data.get("choices"), list):
             return event
         keep = bool(self.body.get("return_token_ids"))
@@ -166,7 +156,7 @@ class ResumeState:
                 self.finished = True
         if not changed:
             return event
-        return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+        return sse.event(data)
 
 
 # -- the shell: the relay that cuts, holds, switches -----------------------------------------
@@ -183,7 +173,7 @@ async def open_target(session: aiohttp.ClientSession, target: Member, body: dict
             if not data:
                 raise ResumeFailed("target closed its stream before the first token")
             buf += data
-        first = _payload(buf[: buf.find(b"\n\n") + 2])
+        first = sse.payload(buf[: buf.find(b"\n\n") + 2])
         if first is None or not first.get("choices"):
             raise ResumeFailed(f"target's first event is not a token: {buf[:200]!r}")
         return resp, buf

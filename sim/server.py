@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from kvpilot import sse
 from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.store import open_store
@@ -363,7 +364,7 @@ class SimServer:
         def chunk(choice: dict[str, Any], **extra: Any) -> bytes:
             payload = {"id": seq.request_id, "object": obj, "created": created, "model": self.cfg.model,
                        "choices": [choice], **extra}
-            return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+            return sse.event(payload)
 
         # Like vLLM, the role chunk goes out with the first token, so the first body byte marks TTFT.
         role_pending = chat and sent == 0
@@ -401,8 +402,8 @@ class SimServer:
         if include_usage or extra:
             payload = {"id": seq.request_id, "object": obj, "created": created, "model": self.cfg.model,
                        "choices": [], **({"usage": self._usage(seq)} if include_usage else {}), **extra}
-            await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
+            await resp.write(sse.event(payload))
+        await resp.write(sse.DONE)
         await resp.write_eof()
         return resp
 
