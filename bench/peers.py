@@ -181,14 +181,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mooncake-rates", type=float, nargs="+", default=[3.0, 6.0], help="modelled req/s")
     ap.add_argument("--agentic-rates", type=float, nargs="+", default=[6.0], help="modelled req/s")
     ap.add_argument("--rates", type=float, nargs="+", help="modelled req/s for every other workload")
-    ap.add_argument("--requests", type=int, default=120, help="requests per run")
+    ap.add_argument("--requests", type=int, default=150, help="requests per run")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=100, help="repeat k replays seed (slice) seed + k")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--profile", default="h100-llama3-8b")
     ap.add_argument("--time-scale", type=float, default=4.0, help="workers run N× faster than the modelled GPU")
-    ap.add_argument("--kv-capacity-tokens", type=int, default=120_000,
-                    help="per worker: small enough that where a prefix goes decides whether it stays cached")
+    ap.add_argument("--kv-capacity-tokens", type=int,
+                    help="per worker (default: the profile's); smaller makes placement decide what stays cached")
     ap.add_argument("--max-tokens", type=int, default=32, help="output cap per request (TTFT is the measure)")
     ap.add_argument("--slo-ttft", type=float, default=5.0, help="TTFT SLO, modelled seconds")
     ap.add_argument("--kvpilot-policies", nargs="+", default=list(KVPILOT_POLICIES))
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.peers_venv is None:
             raise SystemExit("no peers venv: run `bash scripts/peers-env.sh` first (or pass --peers with none)")
     field = contenders(args)
+    args.kv_capacity_tokens = args.kv_capacity_tokens or get_profile(args.profile).kv_capacity_tokens
     worker_args = ["--profile", args.profile, "--time-scale", str(args.time_scale),
                    "--kv-capacity-tokens", str(args.kv_capacity_tokens)]
     started, load_before = time.time(), loadavg()
