@@ -83,6 +83,8 @@ class Run:
     router_cpu_s: float
     cpu_s_per_1k: float
     wall_s: float
+    cache_hits: float = 0.0      # prompt tokens served from the engines' prefix caches during the run
+    cache_queries: float = 0.0   # prompt tokens the engines looked up during the run
 
 
 class Fleet:
@@ -160,7 +162,7 @@ def measure(c: Contender, fleet: Fleet, specs: list, args: argparse.Namespace, w
     ok = sum(1 for t in result.ttft if t <= args.slo_ttft)
     return Run(c.label, workload, rate, repeat, seed, n, len(result.ttft), result.errors, ok / n,
                percentile(result.ttft, 50), percentile(result.ttft, 90), percentile(result.ttft, 99),
-               (h1 - h0) / (q1 - q0) if q1 > q0 else 0.0, cpu, cpu / n * 1000, wall)
+               (h1 - h0) / (q1 - q0) if q1 > q0 else 0.0, cpu, cpu / n * 1000, wall, h1 - h0, q1 - q0)
 
 
 def contenders(args: argparse.Namespace) -> list[Contender]:
@@ -183,7 +185,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rates", type=float, nargs="+", help="modelled req/s for every other workload")
     ap.add_argument("--requests", type=int, default=150, help="requests per run")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=100, help="repeat k replays seed (slice) seed + k")
+    ap.add_argument("--seed", type=int, default=10,
+                    help="repeat k replays seed seed + k (Mooncake: the slice from (seed + k) × requests)")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--profile", default="h100-llama3-8b")
     ap.add_argument("--time-scale", type=float, default=4.0, help="workers run N× faster than the modelled GPU")
@@ -206,6 +209,21 @@ def rates_for(workload: str, args: argparse.Namespace) -> list[float]:
     return list(rates)
 
 
+def save(args: argparse.Namespace, argv: list[str] | None, started: float, load_before: list[float],
+         runs: list[Run], complete: bool) -> list[Path]:
+    """JSON, markdown and PNG of the runs so far: rewritten after every cell, so a run cut short
+    (a shared machine, a deadline) still leaves its finished steps recorded."""
+    meta = {"command": " ".join([os.path.basename(sys.argv[0]), *(argv if argv is not None else sys.argv[1:])]),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
+            "minutes": round((time.time() - started) / 60, 1), "loadavg_before": load_before,
+            "loadavg_after": loadavg(), "cores": os.cpu_count(), "complete": complete}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    path = args.out.with_suffix(".json")
+    path.write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]}, indent=1))
+    return [path, *write_report(meta, [asdict(r) for r in runs], args.out)]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.peers and args.peers_venv is None:
@@ -225,25 +243,23 @@ def main(argv: list[str] | None = None) -> None:
             for rate in rates_for(workload, args):
                 for repeat in range(args.repeats):
                     seed = args.seed + repeat
-                    specs = make_workload(workload, args.requests, rate, seed=seed)
-                    shift = repeat % len(field)
+                    try:
+                        specs = make_workload(workload, args.requests, rate, seed=seed)
+                    except IndexError:   # a trace slice past the trace's end
+                        specs = []
+                    if len(specs) < args.requests:   # Mooncake's seed k is the slice k × requests on
+                        raise SystemExit(f"{workload} seed {seed}: only {len(specs)} requests left in the trace")
+                    shift = repeat * len(field) // args.repeats   # each repeat starts elsewhere in the field
                     for c in field[shift:] + field[:shift]:
                         run = measure(c, fleet, specs, args, workload, rate, repeat, seed)
                         runs.append(run)
                         print(f"{workload:9} {rate:5g}/s r{repeat} {c.label:26} in SLO {run.attainment:6.1%} "
                               f"p50 {run.ttft_p50_s:6.2f}s p99 {run.ttft_p99_s:6.2f}s hit {run.hit_rate:6.1%} "
                               f"cpu {run.cpu_s_per_1k:6.1f}s/1k err {run.errors}", flush=True)
+                    save(args, argv, started, load_before, runs, complete=False)
     finally:
         fleet.stop()
-    meta = {"command": " ".join([os.path.basename(sys.argv[0]), *(argv if argv is not None else sys.argv[1:])]),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
-            "minutes": round((time.time() - started) / 60, 1), "loadavg_before": load_before,
-            "loadavg_after": loadavg(), "cores": os.cpu_count()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]},
-                                                        indent=1))
-    for path in write_report(meta, [asdict(r) for r in runs], args.out):
+    for path in save(args, argv, started, load_before, runs, complete=True):
         print(f"wrote {path}")
 
 

@@ -66,7 +66,8 @@ def markdown(meta: dict[str, Any], runs: list[Row]) -> str:
         "# kvpilot router vs sglang-router vs vllm-router, live (bench/peers.py)", "",
         f"Command: `{meta['command']}`  ", f"Started {meta['started_utc']} UTC, {meta['minutes']} min, "
         f"{meta['cores']} cores; load average before {meta['loadavg_before']}, after {meta['loadavg_after']} "
-        "(a shared machine: **loaded numbers**, read the ordering, not the absolute values).", "",
+        "(a shared machine: **loaded numbers**, read the ordering, not the absolute values)."
+        + ("" if meta.get("complete", True) else " **Cut short: only the steps below finished.**"), "",
         f"Fleet: {a['workers']} × `kvpilot sim serve --profile {a['profile']} --time-scale {a['time_scale']} "
         f"--kv-capacity-tokens {a['kv_capacity_tokens']}`, caches reset before each run. {a['requests']} requests "
         f"per run (outputs capped at {a['max_tokens']} tokens), TTFT SLO {a['slo_ttft']} s; rates and latencies "
