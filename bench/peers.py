@@ -126,9 +126,13 @@ class Fleet:
 
 
 def kvpilot_router(policy: str, urls: list[str], args: argparse.Namespace) -> RouterProcess:
-    """kvpilot's router as `kvpilot router` runs it, configured in the workers' wall time."""
+    """kvpilot's router as `kvpilot router` runs it, configured in the workers' wall time. A policy
+    name ending in `-nohold` (e.g. `dualmap-nohold`) is that policy with router-side queues off: an
+    ablation of DualMap's holding, not a policy of its own."""
+    base = policy.removesuffix("-nohold")
     return RouterProcess([{
-        "name": MODEL, "policy": policy, "endpoints": [{"name": f"w{i}", "url": u} for i, u in enumerate(urls)],
+        "name": MODEL, "policy": base, "holdRequests": base == policy,
+        "endpoints": [{"name": f"w{i}", "url": u} for i, u in enumerate(urls)],
         # The router measures wall time; the workers run time_scale× faster than the modelled GPUs.
         "ttftMs": args.slo_ttft * 1000 / args.time_scale,
         "prefillTokenSeconds": get_profile(args.profile).prefill_token_s / args.time_scale,

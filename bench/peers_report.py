@@ -88,9 +88,10 @@ def markdown(meta: dict[str, Any], runs: list[Row]) -> str:
                          f"{_spread(s['ttft_p90_s'], False)} | {_spread(s['ttft_p99_s'], False)} | "
                          f"{_spread(s['hit_rate'])} | {_spread(s['cpu_s_per_1k'], False)} | "
                          f"{s['errors'][0]:.0f} |")
+        has_peers = any(not c.startswith("kvpilot:") for c in step)
         lines += ["", f"DualMap ≥ every peer policy: attainment **{'yes' if att else 'no'}**, hit rate "
-                      f"**{'yes' if hit else 'no'}**" + (f"; ahead of it: {', '.join(behind)}" if behind else ""),
-                  ""]
+                      f"**{'yes' if hit else 'no'}**" + (f"; ahead of it: {', '.join(behind)}" if behind else "")
+                  if has_peers and DUALMAP in step else "(no peer router in this run)", ""]
     return "\n".join(lines)
 
 
@@ -123,8 +124,11 @@ def plot(runs: list[Row], path: Path) -> Path:
 
 
 def write_report(meta: dict[str, Any], runs: list[Row], out: Path) -> list[Path]:
+    """OUT.md (with OUT.notes.md appended when it exists: notes written by hand about a recording
+    survive re-rendering) and OUT.png."""
     md = out.with_suffix(".md")
-    md.write_text(markdown(meta, runs) + "\n")
+    notes = out.with_suffix(".notes.md")
+    md.write_text(markdown(meta, runs) + "\n" + ("\n" + notes.read_text() if notes.exists() else ""))
     return [md, plot(runs, out.with_suffix(".png"))]
 
 
