@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> None:
                         specs = []
                     if len(specs) < args.requests:   # Mooncake's seed k is the slice k × requests on
                         raise SystemExit(f"{workload} seed {seed}: only {len(specs)} requests left in the trace")
+                    # The prompts' text, rendered once before any contender runs: rendering them (cached
+                    # per block) inside the first replay would slow its client and charge that contender.
+                    for spec in specs:
+                        spec.text()
                     shift = repeat * len(field) // args.repeats   # each repeat starts elsewhere in the field
                     for c in field[shift:] + field[:shift]:
                         run = measure(c, fleet, specs, args, workload, rate, repeat, seed)
