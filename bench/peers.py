@@ -21,7 +21,9 @@ from /proc, measured from readiness to the last answer). Within a repeat the con
 rotates, so no one always runs first on a warm machine. Results: bench/results/peers.{json,md,png}.
 
 On a shared 2-core machine client, router and workers compete for the CPU: the numbers are recorded
-with the load average and should be read as loaded.
+with the load average and should be read as loaded. The default matrix (15 contenders × 3 rate steps
+× 2 repeats = 90 runs) takes about 17 minutes there (78 runs took 14). `--kvpilot-policies` also
+takes `dualmap-nohold`: DualMap with its router-side queues off, an ablation.
 """
 
 from __future__ import annotations
