@@ -418,6 +418,13 @@ class SimServer:
             return web.Response(status=503, text="starting")
         return web.Response(text="")
 
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's `POST /reset_prefix_cache` (a dev-mode endpoint there): drop every cached block no
+        running request holds, so a benchmark can start each run cold on the same workers instead of
+        restarting them. The prefix-cache counters keep counting (they are Prometheus counters)."""
+        self.engine.pool.clear()
+        return web.Response(text="")
+
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -428,6 +435,7 @@ class SimServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         for extension in self.extensions:
             extension.add_routes(app)
         app.on_startup.append(self._on_startup)

@@ -83,6 +83,25 @@ def test_metrics_parse_and_move_while_requests_run(sim_worker_factory: Factory) 
     assert again["vllm:prefix_cache_queries_total"] - after["vllm:prefix_cache_queries_total"] == 1024
 
 
+def test_reset_prefix_cache_makes_a_repeat_miss(sim_worker_factory: Factory) -> None:
+    """POST /reset_prefix_cache (vLLM's dev endpoint) drops the cached blocks: the bench restarts
+    runs cold on the same workers with it, so a repeat after a reset must find nothing."""
+    worker = sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--time-scale", "5")
+    oa = worker.openai_client()
+    oa.completions.create(model="sim-model", prompt=block_text(9, 512), max_tokens=1)
+    warm = metrics(worker)
+    oa.completions.create(model="sim-model", prompt=block_text(9, 512), max_tokens=1)
+    hit = metrics(worker)
+    assert hit["vllm:prefix_cache_hits_total"] - warm["vllm:prefix_cache_hits_total"] > 0
+    req = urllib.request.Request(worker.url + "/reset_prefix_cache", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200
+    oa.completions.create(model="sim-model", prompt=block_text(9, 512), max_tokens=1)
+    cold = metrics(worker)
+    assert cold["vllm:prefix_cache_hits_total"] == hit["vllm:prefix_cache_hits_total"]   # counters keep counting
+    assert cold["vllm:prefix_cache_queries_total"] - hit["vllm:prefix_cache_queries_total"] == 512
+
+
 def test_prefill_and_decode_workers_complete_a_request_together(sim_worker_factory: Factory) -> None:
     # As with vLLM's kv_both connectors, any worker can take either side; the params decide.
     prefill = sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--time-scale", "5")
