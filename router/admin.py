@@ -37,9 +37,8 @@ class Admin:
         """Prometheus text; gauges that are cheaper to read here than to keep current are set now."""
         m = self.runtime.metrics
         for name, model in self.runtime.models.items():
-            for role, pool in (("main", model.main), ("prefill", model.prefill)):
-                if pool is not None:
-                    m.members.labels(name, role).set(len(pool.healthy()))
+            for role, pool in model.roles():   # the decode pool is "decode" here as everywhere else
+                m.members.labels(name, role).set(len(pool.healthy()))
             for role, pool in model.roles():
                 estimate = pool.policy.cache_estimate()
                 if estimate is not None:

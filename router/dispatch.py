@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from kvpilot import sse
+from kvpilot.names import POOL_ROLE_LABEL
 from kvpilot.router.errors import RETRY_AFTER_S, ApiError
 from kvpilot.router.policy import RequestView
 from kvpilot.router.pool import Attempt, Member, NoEndpoint, Pool, QueueFull
@@ -79,8 +80,8 @@ class Dispatcher:
                                  lambda: [[m.url for m in p.members] for p in pools], alive)
         if model.prefill is not None:
             body = await self._prefill(model, model.prefill, view, path, body)
-            return await self._forward(request, model, model.main, view, path, body, "decode")
-        return await self._forward(request, model, model.main, view, path, body, "main")
+            return await self._forward(request, model, model.main, view, path, body, POOL_ROLE_LABEL["decode"])
+        return await self._forward(request, model, model.main, view, path, body, POOL_ROLE_LABEL["aggregated"])
 
     async def _pick(self, model: ModelRuntime, pool: Pool, view: RequestView, role: str,
                     tried: frozenset[str]) -> Member:

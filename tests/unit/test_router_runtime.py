@@ -56,3 +56,18 @@ def test_engine_keys_are_the_same_inline_and_off_the_event_loop(tmp_path: Path) 
         messages = [{"role": "user", "content": prompt}]
         asyncio.run(model.engine_keys(view, prompt, messages))
         assert view.engine_blocks == index.chat_keys(messages) and view.engine_blocks
+
+
+def test_pool_role_labels_name_the_decode_pool_decode_in_every_metric() -> None:
+    """In P/D the router's main pool is the decode pool: its healthy-endpoint count says "decode",
+    as its queue depth and the autoscaler's reads do (it said "main" here alone)."""
+    from kvpilot.router.admin import Admin
+
+    pd = {"name": "m", "policy": "dualmap", "mode": "disaggregated",
+          "endpoints": [{"name": "p0", "url": "http://127.0.0.1:9", "role": "prefill"},
+                        {"name": "d0", "url": "http://127.0.0.1:10", "role": "decode"}]}
+    rt = Runtime(RouterConfig.model_validate({"models": [pd]}))
+    text = asyncio.run(Admin(rt).metrics(None)).text or ""
+    healthy = {line.split("{", 1)[1].split("}", 1)[0] for line in text.splitlines()
+               if line.startswith("kvpilot_router_healthy_endpoints{")}
+    assert healthy == {'model="m",role="prefill"', 'model="m",role="decode"'}, healthy
