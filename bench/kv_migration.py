@@ -63,7 +63,8 @@ async def run_context(a: SimWorker, b: SimWorker, ctx: int, migrations: int, set
         for k in range(migrations):
             await asyncio.sleep(settle_s)
             src, dst = where[k % 2], where[(k + 1) % 2]
-            async with s.post(src.url + "/kvpilot/migrate", json={"request_id": rid, "target": dst.url}) as r:
+            ask = protocol.MigrateRequest(request_id=rid, target=dst.url)
+            async with s.post(src.url + protocol.MIGRATE, json=ask.model_dump()) as r:
                 results.append(await r.json())
             if results[-1].get("outcome") != "migrated":
                 print(f"migration {k} of the {ctx}-token request: {results[-1]}", file=sys.stderr)
