@@ -13,6 +13,7 @@ replicas are asked for and ready. Steps use the same multi-step plans and trunca
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,52 +175,18 @@ class ElasticCluster:
             self.loop.push(t + cold_start, _READY, n)
 
     def _signals(self, t: float) -> PoolSignals:
-        alive = [r for r in self.replicas if r.alive and not r.draining]
-        ready = [r for r in alive if r.ready_at <= t]
-        serving_engines = [r.engine for r in self.replicas if r.alive and r.ready_at <= t]
         dt = t - self._last_tick
-        ttfts, tpots = self._ttfts, self._tpots
         computed = sum(r.engine.counters.prompt_tokens_local_compute for r in self.replicas)
         cached = sum(r.engine.counters.prompt_tokens_local_cache_hit for r in self.replicas)
-        tps = (computed - self._computed_at_tick) / dt if dt > 0 else None
-        s = PoolSignals(
-            time=t, current=len(alive), ready=len(ready), uncached_prompt_tps=tps,
-            running_seqs=float(sum(e.num_running for e in serving_engines)),
-            ttft_p90_s=percentile(ttfts, 90) if ttfts else None,
-            tpot_p90_s=percentile(tpots, 90) if tpots else None,
-            attainment=sum(1 for x in ttfts if x <= self.config.slo_ttft_s) / len(ttfts) if ttfts else None,
-            kv_usage=sum(e.kv_usage() for e in serving_engines) / len(serving_engines) if serving_engines else None,
-            waiting=float(sum(e.num_waiting for e in serving_engines)),
-            ttft_p50_s=percentile(ttfts, 50) if ttfts else None,
-            first_tokens_per_s=len(ttfts) / dt if dt > 0 else None,
-            cached_prompt_tps=(cached - self._cached_at_tick) / dt if dt > 0 else None)
+        s = pool_signals(self.replicas, t, dt, self._ttfts, self._tpots, self.config.slo_ttft_s,
+                         (computed - self._computed_at_tick) / dt if dt > 0 else None,
+                         (cached - self._cached_at_tick) / dt if dt > 0 else None)
         self._ttfts, self._tpots = [], []
         self._computed_at_tick, self._cached_at_tick, self._last_tick = computed, cached, t
         return s
 
     def _resize(self, desired: int, t: float) -> None:
-        alive = [r for r in self.replicas if r.alive and not r.draining]
-        if desired > len(alive):
-            need = desired - len(alive)
-            for r in self.replicas:               # a draining replica is warm: take it back first
-                if need and r.alive and r.draining:
-                    r.draining = False
-                    need -= 1
-            for _ in range(need):
-                self._add_replica(t, self.config.cold_start_s)
-            return
-        excess = len(alive) - desired
-        starting = sorted((r for r in alive if r.ready_at > t), key=lambda r: -r.asked_at)
-        for r in starting[:excess]:               # not serving yet: cancel outright
-            r.stopped_at = t
-            excess -= 1
-        serving = [r for r in alive if r.ready_at <= t]
-        # Keep one serving replica whatever happens; drain the least busy (least to lose).
-        serving.sort(key=lambda r: (r.load.in_flight, r.engine.kv_usage()))
-        for r in serving[:min(excess, len(serving) - 1)]:
-            r.draining = True
-            if r.clock.plan is None:
-                r.stopped_at = t
+        resize_pool(self.replicas, desired, t, lambda: self._add_replica(t, self.config.cold_start_s))
 
     # -- the run -------------------------------------------------------------------------------
     def run(self, specs: Seq[RequestSpec]) -> ElasticReport:
@@ -259,6 +226,51 @@ class ElasticCluster:
         report = ElasticReport(cfg, self._served, decisions, gpu_s, end)
         report.summary = summarize(report)
         return report
+
+
+def pool_signals(pool: Seq[Replica], t: float, dt: float, ttfts: list[float], tpots: list[float],
+                 slo_ttft_s: float, uncached_tps: float | None, cached_tps: float | None = None) -> PoolSignals:
+    """What the autoscaler would read of one pool at `t`: sizes from the replicas, load from the
+    serving engines, latency from the requests that got their first token in the last `dt`."""
+    alive = [r for r in pool if r.alive and not r.draining]
+    engines = [r.engine for r in pool if r.alive and r.ready_at <= t]
+    return PoolSignals(
+        time=t, current=len(alive), ready=sum(1 for r in alive if r.ready_at <= t), uncached_prompt_tps=uncached_tps,
+        running_seqs=float(sum(e.num_running for e in engines)),
+        ttft_p90_s=percentile(ttfts, 90) if ttfts else None,
+        tpot_p90_s=percentile(tpots, 90) if tpots else None,
+        attainment=sum(1 for x in ttfts if x <= slo_ttft_s) / len(ttfts) if ttfts else None,
+        kv_usage=sum(e.kv_usage() for e in engines) / len(engines) if engines else None,
+        waiting=float(sum(e.num_waiting for e in engines)),
+        ttft_p50_s=percentile(ttfts, 50) if ttfts else None,
+        first_tokens_per_s=len(ttfts) / dt if dt > 0 else None,
+        cached_prompt_tps=cached_tps)
+
+
+def resize_pool(pool: Seq[Replica], desired: int, t: float, add: Callable[[], None]) -> None:
+    """Take one pool to `desired` replicas: up by taking draining (warm) replicas back first, then
+    `add`ing new ones; down by cancelling replicas still starting (youngest first), then draining
+    the least busy serving ones (least to lose), always keeping one serving."""
+    alive = [r for r in pool if r.alive and not r.draining]
+    if desired > len(alive):
+        need = desired - len(alive)
+        for r in pool:
+            if need and r.alive and r.draining:
+                r.draining = False
+                need -= 1
+        for _ in range(need):
+            add()
+        return
+    excess = len(alive) - desired
+    starting = sorted((r for r in alive if r.ready_at > t), key=lambda r: -r.asked_at)
+    for r in starting[:excess]:
+        r.stopped_at = t
+        excess -= 1
+    serving = sorted((r for r in alive if r.ready_at <= t), key=lambda r: (r.load.in_flight, r.engine.kv_usage()))
+    for r in serving[:min(excess, len(serving) - 1)]:
+        r.draining = True
+        if r.clock.plan is None:
+            r.stopped_at = t
 
 
 def summarize(report: ElasticReport) -> dict[str, Any]:

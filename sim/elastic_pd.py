@@ -19,8 +19,17 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from kvpilot.autoscaler.planner import Planner, PoolSignals
-from kvpilot.sim.cluster import percentile
-from kvpilot.sim.elastic import ElasticCluster, ElasticConfig, ElasticReport, Replica, ScaleRecord, Served, summarize
+from kvpilot.sim.elastic import (
+    ElasticCluster,
+    ElasticConfig,
+    ElasticReport,
+    Replica,
+    ScaleRecord,
+    Served,
+    pool_signals,
+    resize_pool,
+    summarize,
+)
 from kvpilot.sim.sequence import Sequence
 from kvpilot.sim.stepping import STEP
 from kvpilot.sim.workload import RequestSpec
@@ -117,49 +126,19 @@ class ElasticPDCluster(ElasticCluster):
 
     def _pool_signals(self, role: str, t: float) -> PoolSignals:
         pool = [r for _, r in self._pool(role)]
-        alive = [r for r in pool if r.alive and not r.draining]
-        ready = [r for r in alive if r.ready_at <= t]
-        engines = [r.engine for r in pool if r.alive and r.ready_at <= t]
         dt = t - self._ticked
         acc = self._acc[role]
-        ttfts, tpots = acc["ttft"], acc["tpot"]
-        slo = self.config.slo_ttft_s
         computed = float(sum(r.engine.counters.prompt_tokens_local_compute for r in pool))
         key = f"computed-{role}"
         tps = (computed - self._counted.get(key, 0.0)) / dt if dt > 0 else None
         self._counted[key] = computed
-        s = PoolSignals(
-            time=t, current=len(alive), ready=len(ready), uncached_prompt_tps=tps,
-            running_seqs=float(sum(e.num_running for e in engines)),
-            ttft_p90_s=percentile(ttfts, 90) if ttfts else None,
-            tpot_p90_s=percentile(tpots, 90) if tpots else None,
-            attainment=sum(1 for x in ttfts if x <= slo) / len(ttfts) if ttfts else None,
-            kv_usage=sum(e.kv_usage() for e in engines) / len(engines) if engines else None,
-            waiting=float(sum(e.num_waiting for e in engines)),
-            ttft_p50_s=percentile(ttfts, 50) if ttfts else None,
-            first_tokens_per_s=len(ttfts) / dt if dt > 0 else None)
+        s = pool_signals(pool, t, dt, acc["ttft"], acc["tpot"], self.config.slo_ttft_s, tps)
         acc["ttft"], acc["tpot"] = [], []
         return s
 
     def _resize_role(self, role: str, desired: int, t: float) -> None:
-        pool = self._pool(role)
-        alive = [r for _, r in pool if r.alive and not r.draining]
-        if desired > len(alive):
-            need = desired - len(alive)
-            for _, r in pool:
-                if need and r.alive and r.draining:
-                    r.draining, need = False, need - 1
-            for _ in range(need):
-                self._add_role(t, self.config.cold_start_s, role)
-            return
-        excess = len(alive) - desired
-        for r in sorted((r for r in alive if r.ready_at > t), key=lambda r: -r.asked_at)[:excess]:
-            r.stopped_at, excess = t, excess - 1
-        serving = sorted((r for r in alive if r.ready_at <= t), key=lambda r: (r.load.in_flight, r.engine.kv_usage()))
-        for r in serving[:min(excess, len(serving) - 1)]:
-            r.draining = True
-            if r.clock.plan is None:
-                r.stopped_at = t
+        resize_pool([r for _, r in self._pool(role)], desired, t,
+                    lambda: self._add_role(t, self.config.cold_start_s, role))
 
     def run_pd(self, specs: Seq[RequestSpec], initial: dict[str, int]) -> PDReport:
         cfg = self.config

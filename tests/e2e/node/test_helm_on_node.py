@@ -118,11 +118,10 @@ def test_simulator_example_streams_scales_survives_operator_kill_and_uninstalls(
     assert out.returncode == 0, out.stderr
     _wait_ready(release, "default", f"{engines},kvpilot.io/role=decode", 3)
 
-    def router_sees_three() -> bool:
-        with urllib.request.urlopen(f"http://127.0.0.1:{local}/dashboard/data", timeout=5) as resp:
-            data = json.load(resp)
-        [model] = [m for m in data["models"] if m["name"] == MODEL]
-        return sum(e["role"] == "decode" for e in model["endpoints"]) == 3
+    def router_sees_three() -> bool:   # from its /metrics, on the client port as Prometheus scrapes it
+        with urllib.request.urlopen(f"http://127.0.0.1:{local}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return f'kvpilot_router_healthy_endpoints{{model="{MODEL}",role="decode"}} 3.0' in text
 
     wait_for(router_sees_three, 60, "the router to list 3 decode workers")
 
