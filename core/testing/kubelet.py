@@ -13,6 +13,7 @@ need the real engine.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
@@ -39,10 +40,15 @@ def worker_argv(container: dict[str, Any], pod_ip: str) -> list[str]:
     return [sys.executable, "-P", "-m", "kvpilot.cli", *words]
 
 
-def router_config(config_text: str, pod_ip: str) -> str:
-    """The router's rendered config, listening on the pod's IP instead of every address."""
+def router_config(config_text: str, pod_ip: str, admin_token_file: Path | None = None) -> str:
+    """The router's rendered config, listening (client and admin ports) on the pod's IP instead of
+    every address, with the admin token where this kubelet "mounted" the pod's Secret."""
     doc = yaml.safe_load(config_text)
     doc["host"] = pod_ip
+    if "adminHost" in doc:
+        doc["adminHost"] = pod_ip
+    if admin_token_file is not None:
+        doc["adminTokenFile"] = str(admin_token_file)
     return str(yaml.safe_dump(doc, sort_keys=False))
 
 
@@ -115,8 +121,16 @@ class ProcessKubelet:
         text = next(iter(json.loads(out.stdout).get("data", {}).values()), None)
         if text is None:
             return None
+        token_file = None
+        secret = next((v["secret"]["secretName"] for v in pod["spec"].get("volumes", []) if "secret" in v), None)
+        if secret is not None:   # the admin token's Secret, "mounted" as a file; none yet: not started yet
+            got = self.plane.kubectl("get", "secret", "-n", self.namespace, secret, "-o", "json")
+            if got.returncode != 0:
+                return None
+            token_file = self.dir / f"{pod['metadata']['name']}.admin-token"
+            token_file.write_bytes(base64.b64decode(json.loads(got.stdout).get("data", {}).get("token", "")))
         path = self.dir / f"{pod['metadata']['name']}.yaml"
-        path.write_text(router_config(text, ip))
+        path.write_text(router_config(text, ip, token_file))
         argv = [sys.executable, "-P", "-m", "kvpilot.cli", "router", "--config", str(path)]
         self.routers[pod["metadata"]["uid"]] = f"http://{ip}:{yaml.safe_load(text).get('port', 8000)}"
         return ManagedProcess(pod["metadata"]["name"], argv, self.dir / f"{pod['metadata']['name']}.log",
