@@ -91,9 +91,16 @@ def _resync_all(memo: kopf.Memo) -> None:
         services += kube.request("GET", url)["items"]
     log.info("periodic resync of %d LLMServices", len(services))
     for svc in services:
-        with measured("LLMService"):
-            outcome = reconcile.reconcile_service(kube, svc, memo.get("image"), memo.get("monitors", True),
-                                                  memo.get("defaults", NO_DEFAULTS))
+        # One service that cannot be reconciled (its namespace terminating, an API error) must not
+        # cost the others their resync: log it and go on.
+        try:
+            with measured("LLMService"):
+                outcome = reconcile.reconcile_service(kube, svc, memo.get("image"), memo.get("monitors", True),
+                                                      memo.get("defaults", NO_DEFAULTS))
+        except Exception:
+            meta = svc.get("metadata", {})
+            log.exception("periodic resync of %s/%s failed", meta.get("namespace"), meta.get("name"))
+            continue
         _announce(kopf.Body(svc), outcome)
 
 

@@ -51,7 +51,10 @@ def test_pod_monitor_follows_the_prometheus_operator_crds(
         assert out.returncode == 0, out.stderr
         crds.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/podmonitors.monitoring.coreos.com")
         # The periodic resync (20 s in these tests) notices the new API and adds the monitor.
-        wait_for(lambda: kget("podmonitor", "mon") is not None, 60, f"the PodMonitor\n{operator.log_tail()}")
+        try:
+            wait_for(lambda: kget("podmonitor", "mon") is not None, 90, "the PodMonitor")
+        except TimeoutError:
+            raise AssertionError(f"no PodMonitor after 90 s\n{operator.log_tail()}") from None
         monitor = kget("podmonitor", "mon")
         svc = kget("llmservice", "mon")
         assert monitor["metadata"]["ownerReferences"][0]["uid"] == svc["metadata"]["uid"]
