@@ -29,7 +29,8 @@ from kvpilot import sse
 from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_WAITING
 from kvpilot.ray.prompt import CompletionCall
 from kvpilot.sim.profiles import get_profile
-from kvpilot.sim.server import ServeConfig, SimServer, take_tokens
+from kvpilot.sim.server import ServeConfig, SimServer
+from kvpilot.sim.streams import take_tokens
 
 ROUTER_CLASS = "kvpilot.ray.router.KvpilotRouter"
 

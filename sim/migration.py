@@ -39,7 +39,8 @@ from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.migration import CopyTuning, Step, block_bytes, blocks_to_copy, migration_block_key, next_step
 from kvpilot.kvtransfer.store import TransferError, open_store
 from kvpilot.sim.sequence import Phase, Sequence
-from kvpilot.sim.server import MIGRATED, SimServer, Stream
+from kvpilot.sim.server import SimServer
+from kvpilot.sim.streams import MIGRATED, Stream
 
 BATCH_BYTES = 4 << 20       # per store call during the copy
 ATTACH_TIMEOUT_S = 30.0     # a committed migration nobody streams from is dropped after this

@@ -38,6 +38,7 @@ from kvpilot.sim.kv_connector import KVConnector, LocalKVConnector, StoreKVConne
 from kvpilot.sim.metrics import EngineCollector
 from kvpilot.sim.profiles import Profile
 from kvpilot.sim.sequence import Phase, Sequence
+from kvpilot.sim.streams import MIGRATED, Stream, take_tokens
 from kvpilot.sim.token_ids import WORD_BASE, decode_prompt, encode
 from kvpilot.tokens import block_hashes, chain_hash, render_chat, token_count
 from kvpilot.vllm_metrics import ITL_BUCKETS, LATENCY_BUCKETS
@@ -76,41 +77,6 @@ class ApiError(Exception):
         body = {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code or self.status}}
         return web.json_response(body, status=self.status)
-
-
-@dataclass(slots=True, eq=False)
-class Stream:
-    """A request's view of the engine: tokens arrive on `queue` (counts; None = finished;
-    MIGRATED = it continues elsewhere, see `handoff`)."""
-
-    seq: Sequence
-    seed: int
-    queue: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
-    last_token_engine_t: float | None = None
-    chat: bool = False
-    include_usage: bool = False
-    created: int = 0
-    sent: int = 0                            # tokens already written to the client
-    migratable: bool = False                 # the client splices `kvpilot.migrated` events
-    migrating: bool = False
-    handoff: protocol.Handoff | None = None
-    prompt_ids: list[int] | None = None      # `return_token_ids`: ids to report (then each chunk's ids too)
-
-
-MIGRATED = -1
-
-
-async def take_tokens(stream: Stream) -> tuple[int, int | None]:
-    """The tokens made since the last call (waiting for at least one event), and the event that
-    ended the batch: a positive count when the queue ran dry, None when finished, or MIGRATED."""
-    item = await stream.queue.get()
-    count = 0
-    while item is not None and item > 0:
-        count += item
-        if stream.queue.empty():
-            break
-        item = stream.queue.get_nowait()
-    return count, item
 
 
 class Extension(Protocol):
@@ -313,13 +279,14 @@ class SimServer:
             if not seq.finished:  # client went away or the handler failed: free the engine's work
                 self.engine.abort(seq)
 
-    def _text(self, stream: Stream, start: int, count: int) -> str:
+    def text(self, stream: Stream, start: int, count: int) -> str:
+        """Tokens `start`..`start+count` of a response, as text (deterministic per prompt)."""
         return "".join(" " + _WORDS[(stream.seed + i) % len(_WORDS)] for i in range(start, start + count))
 
     def _ids(self, stream: Stream, start: int, count: int) -> list[int]:
         return [WORD_BASE + (stream.seed + i) % len(_WORDS) for i in range(start, start + count)]
 
-    def _usage(self, seq: Sequence) -> dict[str, Any]:
+    def usage(self, seq: Sequence) -> dict[str, Any]:
         return {"prompt_tokens": seq.prompt_tokens, "completion_tokens": seq.output,
                 "total_tokens": seq.prompt_tokens + seq.output,
                 "prompt_tokens_details": {"cached_tokens": seq.cached_tokens}}
@@ -334,7 +301,7 @@ class SimServer:
         while await stream.queue.get() is not None:
             pass
         seq = stream.seq
-        text = self._text(stream, 0, seq.output)
+        text = self.text(stream, 0, seq.output)
         choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -344,7 +311,7 @@ class SimServer:
             choice.update(prompt_token_ids=stream.prompt_ids, token_ids=self._ids(stream, 0, seq.output))
         out: dict[str, Any] = {"id": seq.request_id, "object": "chat.completion" if chat else "text_completion",
                                "created": int(time.time()), "model": self.cfg.model, "choices": [choice],
-                               "usage": self._usage(seq)}
+                               "usage": self.usage(seq)}
         kv_out = await self._kv_out(seq, kv_params)
         if kv_out is not None:
             out["kv_transfer_params"] = kv_out
@@ -377,7 +344,7 @@ class SimServer:
                                         "finish_reason": None}))
                 role_pending = False
             if count:
-                text = self._text(stream, sent, count)
+                text = self.text(stream, sent, count)
                 sent += count
                 finish = "length" if done else None
                 choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
@@ -401,7 +368,7 @@ class SimServer:
             extra["kv_transfer_params"] = kv_out
         if include_usage or extra:
             payload = {"id": seq.request_id, "object": obj, "created": created, "model": self.cfg.model,
-                       "choices": [], **({"usage": self._usage(seq)} if include_usage else {}), **extra}
+                       "choices": [], **({"usage": self.usage(seq)} if include_usage else {}), **extra}
             await resp.write(sse.event(payload))
         await resp.write(sse.DONE)
         await resp.write_eof()
@@ -468,13 +435,6 @@ class SimServer:
         self.streams.pop(stream.seq, None)
         if not stream.seq.finished:  # abandoned: free the engine's work
             self.engine.abort(stream.seq)
-
-    def text(self, stream: Stream, start: int, count: int) -> str:
-        """Tokens `start`..`start+count` of a response, as text (deterministic per prompt)."""
-        return self._text(stream, start, count)
-
-    def usage(self, seq: Sequence) -> dict[str, Any]:
-        return self._usage(seq)
 
     async def _on_startup(self, app: web.Application) -> None:
         self.start()
