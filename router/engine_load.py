@@ -29,9 +29,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from kvpilot.router.policy import InstanceLoad
 
 PENDING_PROMPT_TOKENS = "kvpilot:pending_prompt_tokens"
+PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES = "vllm:prefix_cache_hits", "vllm:prefix_cache_queries"
+# What a poll reads; a vLLM /metrics page is ~200 lines of histograms besides these few.
+_READ = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+         PENDING_PROMPT_TOKENS, PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES)
+_READ_LINES = _READ + tuple(f"# {kind} {name}" for kind in ("HELP", "TYPE") for name in _READ)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +51,45 @@ class EngineSample:
     # Prompt tokens of the requests before their first token (PENDING_PROMPT_TOKENS): the size of
     # the prefill work queued there. The simulator exports it; vLLM does not (None).
     prompt_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePage:
+    """What one poll of an engine's /metrics read: its load, and its prefix-cache counters (in
+    tokens, summed over its engines) when it exports them."""
+
+    sample: EngineSample
+    cache_hits: float | None = None
+    cache_queries: float | None = None
+
+
+def read_metrics(text: str, before: EngineSample) -> EnginePage:
+    """Parse the few families a poll needs out of an engine's /metrics page; a family the page
+    lacks keeps its value from `before`.
+
+    Only those families' lines reach prometheus_client's parser: parsing the whole page cost the
+    router 8-10 ms of CPU per engine and poll (measured on a simulator's 185-line page), i.e. a
+    quarter of a core at 8 engines polled every 250 ms; the filtered page costs 0.5 ms."""
+    lines = "\n".join(line for line in text.split("\n") if line.startswith(_READ_LINES))
+    running, waiting, kv_usage, prompt_tokens = before.running, before.waiting, before.kv_usage, None
+    hits = queries = None
+    for family in text_string_to_metric_families(lines):
+        values = [s.value for s in family.samples]
+        if family.name == "vllm:num_requests_running":
+            running = int(sum(values))
+        elif family.name == "vllm:num_requests_waiting":
+            waiting = int(sum(values))
+        elif family.name == "vllm:kv_cache_usage_perc":
+            kv_usage = max(values, default=0.0)
+        elif family.name == PENDING_PROMPT_TOKENS:
+            prompt_tokens = int(sum(values))
+        elif family.name in (PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES):
+            total = sum(s.value for s in family.samples if s.name.endswith("_total"))
+            if family.name == PREFIX_CACHE_HITS:
+                hits = total
+            else:
+                queries = total
+    return EnginePage(EngineSample(running, waiting, kv_usage, prompt_tokens), hits, queries)
 
 
 def peer_share(sample: EngineSample, own_in_flight: int, own_unstarted: int) -> tuple[int, int]:

@@ -11,11 +11,10 @@ import math
 import time
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.router.config import Endpoint
 from kvpilot.router.discovery import PodWatcher
-from kvpilot.router.engine_load import PENDING_PROMPT_TOKENS, EngineSample, forget, observe
+from kvpilot.router.engine_load import EngineSample, forget, observe, read_metrics
 from kvpilot.router.pool import LagGate, Member, Pool
 from kvpilot.router.runtime import ModelRuntime, Runtime
 
@@ -119,21 +118,11 @@ class Background:
             self.runtime.attempt_failed(model, pool, member, f"scrape: {e or type(e).__name__}", "-")
             return
         load = member.load
-        running, waiting, kv_usage = load.engine_running, load.engine_waiting, load.kv_usage
-        prompt_tokens: int | None = None   # only engines that export it (the simulator)
-        counters = self.runtime.cache_counters
-        for family in text_string_to_metric_families(text):
-            if family.name == "vllm:num_requests_running":
-                running = int(sum(s.value for s in family.samples))
-            elif family.name == "vllm:num_requests_waiting":
-                waiting = int(sum(s.value for s in family.samples))
-            elif family.name == "vllm:kv_cache_usage_perc":
-                kv_usage = max((s.value for s in family.samples), default=0.0)
-            elif family.name == PENDING_PROMPT_TOKENS:
-                prompt_tokens = int(sum(s.value for s in family.samples))
-            elif family.name in ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries"):
-                total = sum(s.value for s in family.samples if s.name.endswith("_total"))
-                hits, queries = counters.get(member.url, (0.0, 0.0))
-                counters[member.url] = (total, queries) if family.name.endswith("hits") else (hits, total)
+        page = read_metrics(text, EngineSample(load.engine_running, load.engine_waiting, load.kv_usage))
+        if page.cache_hits is not None or page.cache_queries is not None:
+            hits, queries = self.runtime.cache_counters.get(member.url, (0.0, 0.0))
+            self.runtime.cache_counters[member.url] = (
+                hits if page.cache_hits is None else page.cache_hits,
+                queries if page.cache_queries is None else page.cache_queries)
         # Other router replicas' share there, against this replica's own requests now.
-        observe(load, EngineSample(running, waiting, kv_usage, prompt_tokens))
+        observe(load, page.sample)

@@ -6,8 +6,17 @@ from __future__ import annotations
 import zlib
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kvpilot.router.engine_load import EngineSample, forget, observe, peer_share, total_in_flight
+from kvpilot.router.engine_load import (
+    PENDING_PROMPT_TOKENS,
+    EngineSample,
+    forget,
+    observe,
+    peer_share,
+    read_metrics,
+    total_in_flight,
+)
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
@@ -111,3 +120,41 @@ def test_where_the_engine_reports_its_queued_prompt_tokens_peers_work_is_priced_
     assert est.external("w0") == int(8000 * ratio)   # by size, not by count (3 waiting)
     forget(load)
     assert load.peer_prompt_tokens is None and est.external("w0") == 0
+
+
+def _page(running: float, waiting: float, hits: float, *, pending: float | None) -> str:
+    """An engine's /metrics as prometheus_client renders it: two engines' series, and histograms
+    around the few families a poll reads."""
+    reg = CollectorRegistry()
+    names = ["model_name", "engine"]
+    g_run = Gauge("vllm:num_requests_running", "running", names, registry=reg)
+    g_wait = Gauge("vllm:num_requests_waiting", "waiting", names, registry=reg)
+    g_kv = Gauge("vllm:kv_cache_usage_perc", "kv", names, registry=reg)
+    c_hits = Counter("vllm:prefix_cache_hits", "hits", names, registry=reg)
+    c_queries = Counter("vllm:prefix_cache_queries", "queries", names, registry=reg)
+    h = Histogram("vllm:time_to_first_token_seconds", "ttft", names, registry=reg)
+    Counter("vllm:prefix_cache_hits_by_tier", "a longer name that starts alike", names, registry=reg)
+    for engine, share in (("0", 0.25), ("1", 0.75)):
+        g_run.labels("m", engine).set(running * share)
+        g_wait.labels("m", engine).set(waiting * share)
+        g_kv.labels("m", engine).set(share)
+        c_hits.labels("m", engine).inc(hits * share)
+        c_queries.labels("m", engine).inc(2 * hits * share)
+        h.labels("m", engine).observe(0.3)
+    if pending is not None:
+        Gauge(PENDING_PROMPT_TOKENS, "pending", registry=reg).set(pending)
+    return generate_latest(reg).decode()
+
+
+def test_a_poll_reads_load_and_cache_counters_from_a_full_page() -> None:
+    page = read_metrics(_page(8, 4, 1000, pending=3072), EngineSample(0, 0, 0.0))
+    assert page.sample == EngineSample(running=8, waiting=4, kv_usage=0.75, prompt_tokens=3072)
+    assert (page.cache_hits, page.cache_queries) == (1000, 2000)
+
+
+def test_a_page_without_a_family_keeps_what_the_last_poll_read() -> None:
+    before = EngineSample(running=3, waiting=2, kv_usage=0.5, prompt_tokens=99)
+    page = read_metrics("# a page from an engine with none of them\nother_metric 1.0\n", before)
+    assert page.sample == EngineSample(3, 2, 0.5, None)     # no pending gauge: vLLM's case
+    assert (page.cache_hits, page.cache_queries) == (None, None)
+    assert read_metrics(_page(1, 0, 10, pending=None), before).sample.prompt_tokens is None
