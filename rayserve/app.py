@@ -26,6 +26,7 @@ from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from kvpilot import sse
+from kvpilot.openai_errors import ApiError
 from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_WAITING
 from kvpilot.ray.prompt import CompletionCall
 from kvpilot.sim.profiles import get_profile
@@ -117,13 +118,11 @@ class Ingress:
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
-            return JSONResponse({"error": {"message": "prompt must be a non-empty string",
-                                           "type": "invalid_request_error", "param": "prompt", "code": 400}},
+            return JSONResponse(ApiError(400, "prompt must be a non-empty string", param="prompt").body(),
                                 status_code=400)
         max_tokens = body.get("max_tokens") or 16
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            return JSONResponse({"error": {"message": "max_tokens must be a positive integer",
-                                           "type": "invalid_request_error", "param": "max_tokens", "code": 400}},
+            return JSONResponse(ApiError(400, "max_tokens must be a positive integer", param="max_tokens").body(),
                                 status_code=400)
         call = CompletionCall(prompt, max_tokens)
         items = cast(DeploymentResponseGenerator[dict[str, Any]],

@@ -20,8 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from kvpilot.openai_errors import ApiError
 from kvpilot.router.dispatch import Dispatcher
-from kvpilot.router.errors import ApiError
 from kvpilot.router.openai_schema import sequences, validate
 from kvpilot.router.runtime import Runtime
 from kvpilot.tokens import render_chat

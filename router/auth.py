@@ -22,7 +22,7 @@ import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from kvpilot.router.errors import ApiError
+from kvpilot.openai_errors import ApiError
 from kvpilot.router.keys import KeysFile, KeyTable, Limiter
 
 log = logging.getLogger("kvpilot.router.auth")

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from kvpilot import sse
 from kvpilot.names import POOL_ROLE_LABEL
-from kvpilot.router.errors import RETRY_AFTER_S, ApiError
+from kvpilot.openai_errors import RETRY_AFTER_S, ApiError
 from kvpilot.router.policy import RequestView
 from kvpilot.router.pool import Attempt, Member, NoEndpoint, Pool, QueueFull
 from kvpilot.router.runtime import ModelRuntime, Runtime

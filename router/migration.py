@@ -30,6 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from kvpilot.kvtransfer import protocol
+from kvpilot.openai_errors import ApiError
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.migration_policy import (
     Candidate,
@@ -269,8 +270,7 @@ class Migrator:
                 raise TypeError
             delay = float(body.get("round_delay_s", 0.0))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            return web.json_response({"error": {"message": "body must be {request_id: str, target?: str}",
-                                                "type": "invalid_request_error"}}, status=400)
+            return ApiError(400, "body must be {request_id: str, target?: str}").response()
         status, result = await self.migrate(rid, target, delay)
         return web.json_response(result, status=status)
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from kvpilot.router.errors import ApiError
+from kvpilot.openai_errors import ApiError
 
 # Integers fit in 64 bits (JSON allows any size; engines do not: 10**400 made a 500). Integers are
 # valid floats (`"temperature": 1`); floats must be finite (`allow_inf_nan=False`).

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Gauge
 
 from kvpilot.names import COLD_HELD
-from kvpilot.router.errors import RETRY_AFTER_S, ApiError
+from kvpilot.openai_errors import RETRY_AFTER_S, ApiError
 
 
 @dataclass

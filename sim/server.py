@@ -33,6 +33,7 @@ from kvpilot import sse
 from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.store import open_store
+from kvpilot.openai_errors import ApiError
 from kvpilot.sim.engine import Engine
 from kvpilot.sim.kv_connector import KVConnector, LocalKVConnector, StoreKVConnector
 from kvpilot.sim.metrics import EngineCollector
@@ -65,18 +66,6 @@ class ServeConfig:
     slow_start_s: float = 0.0               # /health answers 503 until then
     kv_store: str | None = None             # redis://… : P/D moves real KV bytes through it
     seed: int = 0
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code or self.status}}
-        return web.json_response(body, status=self.status)
 
 
 class Extension(Protocol):

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kvpilot.names import COLD_HELD
-from kvpilot.router.errors import ApiError
+from kvpilot.openai_errors import ApiError
 from kvpilot.router.wake import ColdBook, ColdStarts, needs_wake
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kvpilot.router.errors import ApiError
+from kvpilot.openai_errors import ApiError
 from kvpilot.router.openai_schema import ChatRequest, CompletionRequest, sequences, validate
 
 OK = {"model": "m", "prompt": "hello"}

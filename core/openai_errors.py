@@ -1,4 +1,5 @@
-"""The OpenAI-style error a client gets, raised anywhere on the request path."""
+"""The OpenAI-style error a client gets: one body for the router, the simulator and the Ray Serve app,
+so clients parse one shape whichever of them answers."""
 
 from __future__ import annotations
 
