@@ -14,6 +14,40 @@ from collections import deque
 _MASK64 = (1 << 64) - 1
 
 
+class RecentPaths:
+    """How many of the last `window` requests passed through each prefix hash (both keyings
+    decide what is hot from it)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.counts: dict[int, int] = {}
+        self._paths: deque[tuple[int, ...]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def add(self, path: tuple[int, ...]) -> list[tuple[int, int]]:
+        """Count one request's path; returns (hash, count left) for the path that left the window."""
+        # Plain dict arithmetic, not Counter.update/subtract: this runs on every request, and
+        # Counter's Python-level type checks cost more than the counting.
+        counts = self.counts
+        for h in path:
+            counts[h] = counts.get(h, 0) + 1
+        paths = self._paths
+        paths.append(path)
+        if len(paths) <= self.window:
+            return []
+        left_window = []
+        for h in paths.popleft():
+            left = counts[h] - 1
+            if left > 0:
+                counts[h] = left
+            else:
+                del counts[h]
+            left_window.append((h, left))
+        return left_window
+
+
 class AdaptiveDepth:
     def __init__(self, base_depth: int, *, window: int = 1000, expand_share: float = 0.06,
                  shrink_share: float = 0.02, max_extra: int = 8) -> None:
@@ -23,8 +57,7 @@ class AdaptiveDepth:
         self.shrink_share = shrink_share
         self.max_extra = max_extra
         self.hot: set[int] = set()                   # prefix hashes whose key is extended
-        self._recent: deque[tuple[int, ...]] = deque()
-        self._counts: dict[int, int] = {}           # how many recent requests passed each prefix
+        self._recent = RecentPaths(window)
 
     def key(self, hashes: list[int]) -> tuple[int, int]:
         """(affinity key, depth used) for a prompt's block hashes, and count it in the window."""
@@ -34,7 +67,7 @@ class AdaptiveDepth:
         path = tuple(hashes[self.base - 1 : d]) if d >= self.base else (hashes[d - 1],)
         self._observe(path)
         key = hashes[d - 1]
-        if d < limit and self._counts[key] > self.expand_share * self.window:
+        if d < limit and self._recent.counts[key] > self.expand_share * self.window:
             self.hot.add(key)
         return key & _MASK64, d
 
@@ -54,23 +87,10 @@ class AdaptiveDepth:
         return d, limit
 
     def _observe(self, path: tuple[int, ...]) -> None:
-        # Plain dict arithmetic, not Counter.update/subtract: this runs on every request, and
-        # Counter's Python-level type checks cost more than the counting.
-        counts = self._counts
-        for h in path:
-            counts[h] = counts.get(h, 0) + 1
-        recent = self._recent
-        recent.append(path)
-        if len(recent) > self.window:
-            hot, floor = self.hot, self.shrink_share * self.window
-            for h in recent.popleft():
-                left = counts[h] - 1
-                if left > 0:
-                    counts[h] = left
-                else:
-                    del counts[h]
-                if h in hot and left < floor:
-                    hot.discard(h)
+        floor = self.shrink_share * self.window
+        for h, left in self._recent.add(path):
+            if left < floor:
+                self.hot.discard(h)
 
 
 def common_depth(a: list[int], b: list[int]) -> int:
@@ -112,8 +132,7 @@ class SplitDepth:
         self.hot_share = hot_share
         self.cool_share = cool_share          # None: half of hot_share
         self.hot: dict[int, int] = {}         # hot prefix hash → depth its requests share
-        self._recent: deque[tuple[int, ...]] = deque()
-        self._counts: dict[int, int] = {}
+        self._recent = RecentPaths(window)
         self._common: dict[int, tuple[list[int], int]] = {}   # key → (a prompt through it, common depth)
 
     def _depth(self, hashes: list[int]) -> tuple[int, list[int]]:
@@ -151,7 +170,7 @@ class SplitDepth:
             # Share of the window, or of what has been seen while it fills (at least `warmup`
             # requests): a hot tenant is split within the first hundred or so requests, not after
             # `window` of them have all landed on one pair.
-            if self._counts[key] > self.hot_share * max(len(self._recent), self.warmup):
+            if self._recent.counts[key] > self.hot_share * max(len(self._recent), self.warmup):
                 self.hot[key] = common
         return key & _MASK64, d
 
@@ -163,19 +182,9 @@ class SplitDepth:
         return hashes[d - 1] & _MASK64, d
 
     def _observe(self, path: tuple[int, ...]) -> None:
-        counts = self._counts
-        for h in path:
-            counts[h] = counts.get(h, 0) + 1
-        recent = self._recent
-        recent.append(path)
-        if len(recent) > self.window:
-            floor = (self.hot_share / 2 if self.cool_share is None else self.cool_share) * self.window
-            for h in recent.popleft():
-                left = counts[h] - 1
-                if left > 0:
-                    counts[h] = left
-                else:
-                    del counts[h]
-                    self._common.pop(h, None)
-                if left < floor:
-                    self.hot.pop(h, None)
+        floor = (self.hot_share / 2 if self.cool_share is None else self.cool_share) * self.window
+        for h, left in self._recent.add(path):
+            if left <= 0:
+                self._common.pop(h, None)
+            if left < floor:
+                self.hot.pop(h, None)

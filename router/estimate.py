@@ -19,7 +19,7 @@ import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from kvpilot.router.policy import CacheView, InstanceLoad, PolicyContext, RequestView
+from kvpilot.router.policy import BasePolicy, CacheView, InstanceLoad, Outcome, PolicyContext, RequestView
 
 __all__ = ["CacheView", "LoadEstimator", "ShadowCache", "ladder"]
 
@@ -320,3 +320,22 @@ class LoadEstimator:
         overhead = self.overhead_s[name] = min(self.overhead_s[name], ttft_s / 2)
         per_token = (ttft_s - overhead) / work
         self.token_s[name] += self.ewma * (per_token - self.token_s[name])
+
+
+class EstimatingPolicy(BasePolicy):
+    """A policy that steers by a `LoadEstimator` (DualMap, min-TTFT): the router's feedback is what
+    keeps the estimate true, so every dispatch, first token and completion goes to it."""
+
+    estimate: LoadEstimator
+
+    def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
+        self.estimate.dispatched(request, instances[index].name)
+
+    def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
+        self.estimate.first_token(request_id, ttft_s)
+
+    def on_complete(self, request: RequestView, outcome: Outcome) -> None:
+        self.estimate.completed(request.request_id, outcome.prefilled)
+
+    def cache_estimate(self) -> LoadEstimator:
+        return self.estimate

@@ -27,16 +27,13 @@ from __future__ import annotations
 from collections.abc import Sequence, Set
 
 from kvpilot.router.depth import AdaptiveDepth, SplitDepth
-from kvpilot.router.estimate import LoadEstimator
+from kvpilot.router.estimate import EstimatingPolicy, LoadEstimator
 from kvpilot.router.hashring import DualRing, Membership
 from kvpilot.router.holding import Held, HoldQueues
 from kvpilot.router.policy import (
     NOTHING,
-    BasePolicy,
-    CacheEstimate,
     Decision,
     InstanceLoad,
-    Outcome,
     PolicyContext,
     RequestView,
 )
@@ -52,7 +49,7 @@ def affinity_key(request: RequestView, depth: int) -> int:
     return hashes[min(depth, len(hashes)) - 1] & _MASK64
 
 
-class DualMap(BasePolicy):
+class DualMap(EstimatingPolicy):
     name = "dualmap"
 
     def __init__(self, context: PolicyContext | None = None, *, key_tokens: int = 1024, theta: float = 0.5,
@@ -176,16 +173,7 @@ class DualMap(BasePolicy):
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         self._other.pop(request.request_id, None)
-        self.estimate.dispatched(request, instances[index].name)
-
-    def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
-        self.estimate.first_token(request_id, ttft_s)
-
-    def on_complete(self, request: RequestView, outcome: Outcome) -> None:
-        self.estimate.completed(request.request_id, outcome.prefilled)
-
-    def cache_estimate(self) -> CacheEstimate:
-        return self.estimate
+        super().on_dispatch(request, index, instances)
 
     def ring_placement(self) -> DualMap:
         return self

@@ -7,21 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence, Set
 
-from kvpilot.router.estimate import LoadEstimator
+from kvpilot.router.estimate import EstimatingPolicy, LoadEstimator
 from kvpilot.router.policy import (
     NOTHING,
-    BasePolicy,
-    CacheEstimate,
     Decision,
     InstanceLoad,
-    Outcome,
     PolicyContext,
     RequestView,
     allowed,
 )
 
 
-class MinTTFT(BasePolicy):
+class MinTTFT(EstimatingPolicy):
     name = "min-ttft"
 
     def __init__(self, context: PolicyContext | None = None) -> None:
@@ -37,15 +34,3 @@ class MinTTFT(BasePolicy):
         best = min(allowed(instances, excluded),
                    key=lambda i: est.predicted_ttft(instances[i].name, est.uncached(instances[i].name, request)))
         return Decision(best, "min-ttft")
-
-    def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
-        self.estimate.dispatched(request, instances[index].name)
-
-    def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
-        self.estimate.first_token(request_id, ttft_s)
-
-    def on_complete(self, request: RequestView, outcome: Outcome) -> None:
-        self.estimate.completed(request.request_id, outcome.prefilled)
-
-    def cache_estimate(self) -> CacheEstimate:
-        return self.estimate

@@ -147,9 +147,9 @@ def test_peek_gives_the_key_without_counting() -> None:
     for _ in range(2):
         assert depth.key(hashes) == (22, 2)
     assert 22 in depth.hot and depth.peek(hashes) == (33, 3)     # now hot: a longer key
-    counts = dict(depth._counts)
+    counts = dict(depth._recent.counts)
     depth.peek(hashes)
-    assert dict(depth._counts) == counts
+    assert dict(depth._recent.counts) == counts
 
 
 def test_batches_move_the_hottest_prefixes_first_and_keep_a_prefixes_moves_together() -> None:
