@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import aiohttp
 from ray import serve
 
+from kvpilot.demo import RunResult
+from kvpilot.demo import replay as demo_replay
 from kvpilot.procs import free_port
 from kvpilot.ray.app import build_app
 from kvpilot.ray.local import LocalRay
@@ -60,46 +61,22 @@ class Step:
 
 
 async def replay(url: str, specs: list[RequestSpec], step: Step, time_scale: float, max_tokens: int) -> None:
-    t_first = specs[0].arrival
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=900)) as session:
-        start = time.monotonic() + 0.2
+    """The demo's open-loop client; the Ray app's last event says which replica served and its usage."""
+    def account(event: dict[str, Any]) -> None:
+        if "kvpilot" in event:
+            usage = event["usage"]
+            step.cached += usage["prompt_tokens_details"]["cached_tokens"]
+            step.prompt += usage["prompt_tokens"]
+            replica = event["kvpilot"]["replica"]
+            step.per_replica[replica] = step.per_replica.get(replica, 0) + 1
 
-        async def one(spec: RequestSpec) -> None:
-            at = start + (spec.arrival - t_first) / (step.rate * time_scale)
-            await asyncio.sleep(max(0.0, at - time.monotonic()))
-            sent = time.monotonic()
-            first = 0.0
-            body = {"model": "sim-model", "prompt": spec.text(), "max_tokens": min(spec.max_tokens, max_tokens),
-                    "stream": True}
-            try:
-                async with session.post(url + "/v1/completions", json=body) as resp:
-                    if resp.status != 200:
-                        step.errors += 1
-                        return
-                    async for line in resp.content:
-                        if not line.startswith(b"data: {"):
-                            continue
-                        event = json.loads(line[6:])
-                        if event.get("choices") and not first:
-                            first = time.monotonic()
-                        if "kvpilot" in event:
-                            usage = event["usage"]
-                            step.cached += usage["prompt_tokens_details"]["cached_tokens"]
-                            step.prompt += usage["prompt_tokens"]
-                            replica = event["kvpilot"]["replica"]
-                            step.per_replica[replica] = step.per_replica.get(replica, 0) + 1
-            except aiohttp.ClientError:
-                step.errors += 1
-                return
-            if first:
-                step.ttft.append((first - sent) * time_scale)
-            else:
-                step.errors += 1
-
-        t0 = time.monotonic()
-        await asyncio.gather(*(one(s) for s in specs))
-        step.wall_s = time.monotonic() - t0
+    result = RunResult(step.router)
+    t0 = time.monotonic()
+    await demo_replay(url, "sim-model", specs, time_scale, step.rate, result, max_tokens=max_tokens,
+                      on_event=account)
+    step.wall_s = time.monotonic() - t0
+    step.ttft.extend(result.ttft)
+    step.errors += result.errors
 
 
 def app_for(router: str, args: argparse.Namespace) -> serve.Application:

@@ -25,6 +25,7 @@ import json
 import time
 import urllib.request
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,14 +59,16 @@ class RunResult:
 
 async def replay(url: str, model: str, specs: list[RequestSpec], time_scale: float, rate_multiplier: float,
                  result: RunResult, progress: Progress | None = None, slo_ttft_s: float = 5.0,
-                 max_tokens: int = 512) -> None:
+                 max_tokens: int = 512, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Send `specs` at their arrival times (modelled, so ÷ time_scale in wall time) as streaming
-    completions; TTFT and TPOT land in `result` in modelled seconds."""
+    completions; TTFT and TPOT land in `result` in modelled seconds. A stream that ends without a
+    token counts as an error. `on_event` sees every streamed JSON event (usage, routing details):
+    the demo, the peers bench and the Ray bench are one open-loop client."""
     task = progress.add_task(result.policy, total=len(specs), summary="") if progress is not None else None
     slo_s = slo_ttft_s
     t_first = specs[0].arrival
     connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=600)
+    timeout = aiohttp.ClientTimeout(total=900)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.monotonic() + 0.2
 
@@ -83,10 +86,15 @@ async def replay(url: str, model: str, specs: list[RequestSpec], time_scale: flo
                         result.errors += 1
                         return
                     async for line in resp.content:
-                        if line.startswith(b"data: {") and json.loads(line[6:]).get("choices"):
+                        if not line.startswith(b"data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        if event.get("choices"):
                             last = time.monotonic()
                             first = first or last
                             chunks += 1
+                        if on_event is not None:
+                            on_event(event)
             except aiohttp.ClientError:
                 result.errors += 1
                 return
@@ -97,11 +105,13 @@ async def replay(url: str, model: str, specs: list[RequestSpec], time_scale: flo
                     progress.update(task, advance=1, summary=(
                         f"p50 {percentile(done, 50):.1f}s · in SLO {ok / max(1, len(done) + result.errors):.0%}"
                         f" · err {result.errors}") if done else "")
-            if chunks:
-                result.ttft.append((first - sent) * time_scale)
-                result.ttft_at.append(((sent - start) * time_scale, (first - sent) * time_scale))
-                if chunks > 1:
-                    result.tpot.append((last - first) * time_scale / (chunks - 1))
+            if not chunks:
+                result.errors += 1
+                return
+            result.ttft.append((first - sent) * time_scale)
+            result.ttft_at.append(((sent - start) * time_scale, (first - sent) * time_scale))
+            if chunks > 1:
+                result.tpot.append((last - first) * time_scale / (chunks - 1))
 
         await asyncio.gather(*(one(s) for s in specs))
 
