@@ -59,7 +59,7 @@ spec:
   autoscaling: {enabled: true, scaleDownStabilizationSeconds: 120}
 """
 DRAIN_S = 5.0  # wall seconds a removed worker keeps serving what it already has
-HANDOVER_S = 15.0  # wall seconds to wait for the router's scale-event handover (it bounds itself at 10)
+HANDOVER_S = 10.0  # modelled seconds one scale-event handover may take (the router's bound, in its wall time)
 
 
 def load_service(path: Path | None) -> LLMService:
@@ -182,6 +182,13 @@ class LocalControlPlane:
             self._publish()
 
     @property
+    def _handover_wait_s(self) -> float:
+        """Wall seconds to wait for the router's answer: its bound and a margin. A joining worker
+        serves nothing until it returns, so the bound is in modelled time: at time scale 10 a
+        10 s wall bound kept a new replica idle for 100 modelled seconds under load."""
+        return HANDOVER_S / self.time_scale + 5.0
+
+    @property
     def _handovers(self) -> bool:
         """Scale events move hot prefixes when the router is up and workers share a KV store."""
         return self._serving and self.kv_store is not None
@@ -197,7 +204,7 @@ class LocalControlPlane:
             req = urllib.request.Request(self.admin_url + "/kvpilot/handover", body,
                                          {"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=HANDOVER_S) as resp:
+                with urllib.request.urlopen(req, timeout=self._handover_wait_s) as resp:
                     log.info("handover %s %s: %s", kind, w.name, json.loads(resp.read()).get("outcome"))
             except (OSError, ValueError) as e:
                 log.warning("handover %s %s failed: %s", kind, w.name, e)
@@ -219,7 +226,7 @@ class LocalControlPlane:
                 if w.drain_until is not None:
                     now = time.monotonic()
                     handing_over = w.handover is not None and not w.handover.is_set()
-                    if now >= w.drain_until and (not handing_over or now >= w.drain_until + HANDOVER_S):
+                    if now >= w.drain_until and (not handing_over or now >= w.drain_until + self._handover_wait_s):
                         w.proc.stop()
                         del self.pool[w.name]
                     continue
@@ -312,7 +319,8 @@ class LocalControlPlane:
             / self.time_scale,
             # As the operator renders it: running streams move off hot spots (the KV through Redis).
             **({"migration": {"enabled": True, "tpotMs": spec.slo.tpot_ms / self.time_scale}}
-               if spec.routing.migration else {})}]}
+               if spec.routing.migration else {}),
+            "handover": {"timeoutSeconds": HANDOVER_S / self.time_scale}}]}
         cfg_path = self.dir / "router.yaml"
         cfg_path.write_text(yaml.safe_dump(config))
         router = ManagedProcess("router", _kvpilot("router", "--config", str(cfg_path)), self.dir / "router.log")

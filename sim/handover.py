@@ -12,8 +12,9 @@ Block hashes are the engine's (`kvpilot.tokens.block_hashes` at the engine's blo
 
 from __future__ import annotations
 
-import os
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -21,24 +22,46 @@ from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.scaling import HotPrefix, Manifest, PrefixHandover, block_hash_of
 from kvpilot.kvtransfer.store import open_store
+from kvpilot.sim.kv_connector import stand_in_kv
 from kvpilot.sim.server import SimServer
 from kvpilot.tokens import block_hashes
 
+T = TypeVar("T")
+
 
 class PrefixEndpoints:
+    """The two endpoints. Each transfer runs in a worker thread on its own event loop and store
+    connection: the engine's steps share the server's loop, and building and sending hundreds of
+    MiB of stand-in KV there stalled the instance for seconds (a scale-out handover of eight hot
+    prefixes froze its ring owner for ~25 s on a loaded 2-core machine), where a GPU's KV copy
+    does not stop its compute."""
+
     def __init__(self, server: SimServer) -> None:
         self.server = server
-        cfg = server.cfg
-        self.handover = PrefixHandover(KVAgent(f"{cfg.engine_id}-pfx", open_store(cfg.kv_store, namespace="pfx"))) \
-            if cfg.kv_store else None
+        self.kv_store = server.cfg.kv_store
+        self.agent_name = f"{server.cfg.engine_id}-pfx"
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post(protocol.PREFIX_EXPORT, self.export)
         app.router.add_post(protocol.PREFIX_IMPORT, self.import_)
 
     async def close(self) -> None:
-        if self.handover is not None:
-            await self.handover.agent.store.close()
+        return None
+
+    def _off_loop(self, work: Callable[[PrefixHandover], Awaitable[T]]) -> T:
+        """Run `work` with a handover of its own (its own store connection) on a fresh event loop:
+        called through `asyncio.to_thread`."""
+        url = self.kv_store
+        assert url is not None
+
+        async def run() -> T:
+            handover = PrefixHandover(KVAgent(self.agent_name, open_store(url, namespace="pfx")))
+            try:
+                return await work(handover)
+            finally:
+                await handover.agent.store.close()
+
+        return asyncio.run(run())
 
     def _hashes(self, prefix: dict[str, Any]) -> tuple[int, ...]:
         """The prefix's block hashes as given, or hashed here from its text at this engine's
@@ -47,30 +70,31 @@ class PrefixEndpoints:
             return tuple(block_hashes(str(prefix["text"]), self.server.block_size))
         return tuple(int(h) for h in prefix["block_hashes"])
 
-    def _read_block(self, block_hash: int) -> bytes | None:
-        """The block's KV if cached here (stand-in bytes of the right size)."""
-        engine = self.server.engine
-        if block_hash not in engine.pool.cached:
-            return None
-        return os.urandom(engine.block_size * self.server.cfg.profile.kv_bytes_per_token)
-
     async def export(self, request: web.Request) -> web.Response:
-        if self.handover is None:
+        if self.kv_store is None:
             return web.json_response({"error": "this instance has no KV store (--kv-store)"}, status=409)
         try:
             body: dict[str, Any] = await request.json()
             prefixes = [HotPrefix(int(p["key"]), self._hashes(p), int(p.get("hits", 0))) for p in body["prefixes"]]
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "prefixes: [{key, block_hashes | text, hits?}] required"}, status=400)
-        manifest = await self.handover.export(prefixes, self._read_block)
+        # Which blocks are cached is read here, on the engine's loop; the bytes are made off it.
         cached = self.server.engine.pool.cached
+        present = {h for p in prefixes for h in p.block_hashes if h in cached}
+        size = self.server.engine.block_size * self.server.cfg.profile.kv_bytes_per_token
+
+        def read_block(block_hash: int) -> bytes | None:
+            """The block's KV if cached here (stand-in bytes of the right size)."""
+            return stand_in_kv(size) if block_hash in present else None
+
+        manifest = await asyncio.to_thread(self._off_loop, lambda h: h.export(prefixes, read_block))
         if not manifest.prefixes and any(p.block_hashes and p.block_hashes[0] in cached for p in prefixes):
             # Blocks were here but the store write failed: say so, so the caller counts a failure.
             return web.json_response({"error": "the KV store did not take the blocks"}, status=502)
         return web.json_response({"manifest": protocol.encode_manifest(manifest.prefixes), "bytes": manifest.bytes})
 
     async def import_(self, request: web.Request) -> web.Response:
-        if self.handover is None:
+        if self.kv_store is None:
             return web.json_response({"error": "this instance has no KV store (--kv-store)"}, status=409)
         try:
             body: dict[str, Any] = await request.json()
@@ -78,7 +102,7 @@ class PrefixEndpoints:
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "manifest: {key: [[block key, size, checksum]]} required"},
                                      status=400)
-        got = await self.handover.import_(manifest)
+        got = await asyncio.to_thread(self._off_loop, lambda h: h.import_(manifest))
         if not got and manifest.prefixes:
             self.server.c_kv_failed.inc()  # nothing arrived: requests for these prefixes recompute
         added = 0

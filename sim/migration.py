@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.migration import CopyTuning, Step, block_bytes, blocks_to_copy, migration_block_key, next_step
 from kvpilot.kvtransfer.store import TransferError, open_store
+from kvpilot.sim.kv_connector import stand_in_kv
 from kvpilot.sim.sequence import Phase, Sequence
 from kvpilot.sim.server import SimServer
 from kvpilot.sim.streams import MIGRATED, Stream
@@ -198,7 +198,7 @@ class Migrations:
         batches = [indices[i : i + per_batch] for i in range(0, len(indices), per_batch)] or [[]]
         written = 0
         for n, batch in enumerate(batches):
-            buffers = [os.urandom(block_bytes(i, kv_tokens, bt, bpt)) for i in batch]
+            buffers = [stand_in_kv(block_bytes(i, kv_tokens, bt, bpt)) for i in batch]
             descs = self.agent.describe([migration_block_key(mid, i) for i in batch], buffers)
             if descs:
                 await self.agent.post_write(descs, buffers).wait()
