@@ -43,6 +43,13 @@ from kvpilot.sim.cluster import percentile
 from kvpilot.sim.profiles import get_profile
 from kvpilot.sim.workload import RequestSpec, mooncake
 
+# Workers run this many times faster than the GPUs they model. Every streamed token is an SSE event
+# through the router and the client, so the machine carries 1,000 modelled output tokens/s (the
+# Mooncake head's rate) × this, on top of the workers' own loops. At 10, two cores (load from
+# elsewhere or not) could not: latencies, and the ranking of the policies, were the host's CPU,
+# not the modelled GPUs (2026-12-02, loaded: DualMap 0-45% within SLO, round-robin 16-60%, from
+# run to run). At 2: DualMap 84-88%, round-robin 80-81%; the demo takes ~3.5 minutes.
+DEMO_TIME_SCALE = 2.0
 
 @dataclass
 class RunResult:
@@ -190,10 +197,11 @@ async def _run_one(plane: LocalControlPlane, specs: list[RequestSpec], time_scal
 
 
 def run_demo(spec_path: Path | None = None, *, requests: int = 300, policies: tuple[str, ...] = ("dualmap",
-             "round-robin"), time_scale: float = 10.0, rate_multiplier: float = 1.0,
+             "round-robin"), time_scale: float | None = None, rate_multiplier: float = 1.0,
              console: Console | None = None, out_dir: Path | None = None,
              workload: str = "mooncake") -> list[RunResult]:
     console = console or Console()
+    time_scale = time_scale or DEMO_TIME_SCALE
     service = load_service(spec_path)
     slo_s = service.spec.slo.ttft_ms / 1000
     specs, label = demo_workload(workload, requests)

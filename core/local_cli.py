@@ -21,7 +21,9 @@ def register(sub: Any) -> None:
     demo = sub.add_parser("demo", help="`up` under a replayed Mooncake trace: DualMap vs round-robin")
     demo.add_argument("-f", "--file", type=Path)
     demo.add_argument("--requests", type=int, default=300)
-    demo.add_argument("--time-scale", type=float, default=10.0)
+    demo.add_argument("--time-scale", type=float, default=None,
+                      help="workers run N× faster than the GPUs they model (default: kvpilot.demo.DEMO_TIME_SCALE, "
+                           "what two cores carry)")
     demo.add_argument("--rate", type=float, default=1.0,
                       help="load as a multiple of the workload's rate (Mooncake: the trace's; generated: 10 req/s)")
     demo.add_argument("--workload", default="mooncake", choices=["mooncake", "agentic", "chat", "rag", "no-reuse"],
