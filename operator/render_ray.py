@@ -17,7 +17,7 @@ Pure, like `render.py`: `kopf.adopt` only edits the dict (owner reference, names
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import yaml
@@ -241,5 +241,5 @@ def rayservice(spec: LLMServiceSpec, owner: Obj, image: str | None = None,
             },
         },
     }
-    kopf.adopt(body, owner=kopf.Body(owner))
+    kopf.adopt(body, owner=kopf.Body(cast(kopf.RawBody, owner)))
     return body

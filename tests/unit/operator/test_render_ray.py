@@ -121,7 +121,8 @@ def test_70b_spans_two_nodes_with_tp8_pp2() -> None:
     app = _serve(rs)["applications"][0]
     assert app["import_path"] == "ray.serve.llm:build_openai_app"
     (llm,) = app["args"]["llm_configs"]
-    assert llm["model_loading_config"] == {"model_id": "llama-3.1-70b", "model_source": "meta-llama/Llama-3.1-70B-Instruct"}
+    assert llm["model_loading_config"] == {"model_id": "llama-3.1-70b",
+                                           "model_source": "meta-llama/Llama-3.1-70B-Instruct"}
     kwargs = llm["engine_kwargs"]
     assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"]) == (8, 2)
     assert (kwargs["max_model_len"], kwargs["gpu_memory_utilization"]) == (32768, 0.9)   # from engine.args
