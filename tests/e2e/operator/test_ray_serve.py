@@ -38,7 +38,7 @@ def kuberay_crds(crds: ControlPlane) -> Iterator[Callable[[], None]]:
                                       f"crd/{RAYSERVICE_CRD}").returncode == 0, 30, "the RayService CRD")
 
     yield install
-    crds.kubectl("delete", "crd", RAYSERVICE_CRD, "--ignore-not-found", "--wait=false")
+    crds.kubectl("delete", "crd", RAYSERVICE_CRD, "--ignore-not-found", "--timeout=60s")
 
 
 def _condition(obj: Any, type_: str) -> dict[str, Any]:
