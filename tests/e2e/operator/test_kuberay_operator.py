@@ -1,8 +1,9 @@
 """KubeRay's own operator (ray-operator v1.5.0, built from its Go module by
 `scripts/build-kuberay-operator.sh`) against the harness: the RayService kvpilot renders for a
-`ray-serve` LLMService is reconciled by KubeRay into a RayCluster whose head pod is scheduled on a
-kwok node (kwok only pretends to run it, so Serve never starts and the service stays not Ready with
-KubeRay's reason), and deleting the LLMService takes the RayService and the RayCluster with it."""
+`ray-serve` LLMService, the 70B example (TP 8 × PP 2), is reconciled by KubeRay into a RayCluster:
+a head pod and two 8-GPU worker pods, one per pipeline stage, which the scheduler puts on the two
+8-GPU kwok nodes (kwok only pretends to run them, so Serve never starts and the service stays not
+Ready with KubeRay's reason); deleting the LLMService takes the RayService and the RayCluster with it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from kvpilot.testing.k8s import REPO_ROOT, ControlPlane, kuberay_crds_dir, kuber
 
 Get = Any
 Operator = Any  # conftest.Operator
-EXAMPLE = REPO_ROOT / "deploy" / "examples" / "ray-serve-simulator.yaml"
+EXAMPLE = REPO_ROOT / "deploy" / "examples" / "ray-serve-70b.yaml"
 CRDS = ("rayservices", "rayclusters", "rayjobs")   # KubeRay's controllers watch all three
 
 
@@ -64,8 +65,18 @@ def test_kuberay_reconciles_the_rayservice_into_a_raycluster(
     head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["image"] == rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
         "containers"][0]["image"]
-    wait_for(lambda: any(p["spec"].get("nodeName") for p in kget("pods", "-l", "ray.io/node-type=head")["items"]),
-             60, "the head pod scheduled on a kwok node", kuberay)
+    def scheduled() -> list[Any]:
+        pods = kget("pods", "-l", f"ray.io/cluster={rc['metadata']['name']}")["items"]
+        return pods if len(pods) == 3 and all(p["spec"].get("nodeName") for p in pods) else []
+
+    wait_for(scheduled, 90, "the head and both worker pods scheduled on kwok nodes", kuberay)
+    workers = [p for p in scheduled() if p["metadata"]["labels"].get("ray.io/node-type") == "worker"]
+    assert len(workers) == 2 and {p["metadata"]["labels"]["ray.io/group"] for p in workers} == {"worker"}
+    assert len({p["spec"]["nodeName"] for p in workers}) == 2   # a pipeline stage per 8-GPU node
+    for pod in workers:
+        worker = pod["spec"]["containers"][0]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     # KubeRay's own status, read back: not Ready (no Serve runs on kwok), with KubeRay's reason.
     wait_for(lambda: _condition(kget("rayservice", name), "Ready").get("reason"), 60, "KubeRay's Ready condition",
              kuberay)
