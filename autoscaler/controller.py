@@ -160,7 +160,8 @@ class Autoscaler:
                 continue
             if self.metrics is not None:
                 self.metrics.service(namespace, name, spec)
-            if not spec.autoscaling.enabled:
+            # ray-serve: Ray Serve's autoscaler and KubeRay size the RayService (docs/ray-serve.md)
+            if not spec.autoscaling.enabled or spec.engine.type == "ray-serve":
                 continue
             mine: dict[str, tuple[Decision, PoolSpec]] = {}
             for role, pool_spec in spec.pools().items():

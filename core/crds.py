@@ -90,6 +90,8 @@ POOL_RULES = [
         "replicas must be less than or equal to maxReplicas"),
     cel("self.gpus == 0 || self.gpus % self.tensorParallel == 0",
         "gpus must be a multiple of tensorParallel"),
+    cel("self.gpus == 0 || self.gpus % (self.tensorParallel * self.pipelineParallel) == 0",
+        "gpus must be a multiple of tensorParallel × pipelineParallel"),
 ]
 
 
@@ -98,6 +100,9 @@ class PoolTemplate(Model):
 
     gpus: int = Field(1, ge=0, le=64, description="nvidia.com/gpu per replica (0 for the simulator on CPU).")
     tensor_parallel: int = Field(1, ge=1, le=64, description="vLLM --tensor-parallel-size.")
+    pipeline_parallel: int = Field(1, ge=1, le=16, description=(
+        "vLLM --pipeline-parallel-size. Under engine ray-serve each pipeline stage is one Ray worker pod "
+        "(a node) of gpus / pipelineParallel GPUs, so a replica spans pipelineParallel nodes."))
     resources: ResourceRequirements | None = Field(None, description="Extra CPU/memory requests and limits.")
     node_selector: dict[str, str] | None = None
     tolerations: list[dict[str, Any]] | None = None
@@ -121,6 +126,8 @@ class PoolSpec(PoolTemplate):
             raise ValueError(POOL_RULES[2]["message"])
         if self.gpus and self.gpus % self.tensor_parallel:
             raise ValueError(POOL_RULES[3]["message"])
+        if self.gpus and self.gpus % (self.tensor_parallel * self.pipeline_parallel):
+            raise ValueError(POOL_RULES[4]["message"])
         return self
 
 

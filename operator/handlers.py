@@ -171,15 +171,17 @@ def _refresh_service_later(memo: kopf.Memo, namespace: str, service: str) -> Non
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+@kopf.on.event("ray.io", "v1", "rayservices", labels=MANAGED)   # kopf waits for the CRD if KubeRay is absent
 def child_event(type: str | None, body: kopf.Body, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
     """A managed child changed or vanished. Deleted, or edited by someone else: reconcile its owner,
-    which recreates it or reverts the edit. A Deployment otherwise changed (its status moved): refresh
-    the owner's status only. Anything else is the echo of the operator's own apply and needs nothing;
-    most events are those, and reconciling on each made a burst of creates several times slower."""
+    which recreates it or reverts the edit. A Deployment or RayService otherwise changed (its status
+    moved): refresh the owner's status only. Anything else is the echo of the operator's own apply
+    and needs nothing; most events are those, and reconciling on each made a burst of creates
+    several times slower."""
     meta = body["metadata"]
     labels = meta.get("labels", {})
     rewrite = type == "DELETED" or reconcile.edited_by_others(dict(meta))
-    deployment = resource.plural == "deployments"
+    deployment = resource.plural in ("deployments", "rayservices")
     if not rewrite and not deployment:
         return
     namespace, pool, service = meta["namespace"], labels.get(names.LABEL_POOL), labels.get(names.LABEL_SERVICE)

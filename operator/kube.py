@@ -32,6 +32,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "Role": ("rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
     "PodMonitor": (MONITORING_API, "podmonitors"),  # only when the Prometheus Operator's CRDs exist
+    "RayService": ("ray.io/v1", "rayservices"),  # engine ray-serve, only when KubeRay's CRDs exist
     "KopfPeering": ("kopf.dev/v1", "kopfpeerings"),  # read only: kopf itself writes them
     "ClusterKopfPeering": ("kopf.dev/v1", "clusterkopfpeerings"),
 }

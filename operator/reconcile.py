@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from kvpilot import names
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
 from kvpilot.names import SIM_PROFILE_NAMES
-from kvpilot.operator import metrics, render
+from kvpilot.operator import metrics, render, render_ray
 from kvpilot.operator.kube import Kube, KubeError
 from kvpilot.operator.poddefaults import NO_DEFAULTS, PodDefaults
 from kvpilot.operator.status import Problem, gpu_capacity, llmservice_status, spec_problems, workerpool_status
@@ -57,20 +57,14 @@ def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, mon
     else:
         assert spec is not None
         problems = spec_problems(spec, known_profiles())
+    if spec is not None and not problems and spec.engine.type == "ray-serve":
+        return reconcile_rayservice(kube, svc, spec, defaults)
     if spec is not None and not problems:
+        remove_rayservice(kube, owner)
         wanted = render.workerpools(spec, owner)
         for pool in wanted:
             ensure_workerpool(kube, pool)
-        keep = {p["metadata"]["name"] for p in wanted}
-        pools = []
-        for pool in kube.list("WorkerPool", owner.namespace, f"{names.LABEL_SERVICE}={owner.name}"):
-            if not _owned_by(pool, owner):
-                continue
-            if pool["metadata"]["name"] in keep:
-                pools.append(pool)
-                continue
-            log.info("deleting WorkerPool %s/%s: not in the spec any more", owner.namespace, pool["metadata"]["name"])
-            kube.delete("WorkerPool", owner.namespace, pool["metadata"]["name"])
+        pools = keep_workerpools(kube, owner, {p["metadata"]["name"] for p in wanted})
         ensure_admin_secret(kube, owner)
         router = None
         for obj in render.router_objects(spec, owner, router_image, defaults):
@@ -80,6 +74,52 @@ def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, mon
             ensure_pod_monitor(kube, owner)
         return refresh_service_status(kube, svc, spec, problems, children=(pools, router))
     return refresh_service_status(kube, svc, spec, problems)
+
+
+def keep_workerpools(kube: Kube, owner: render.Owner, keep: set[str]) -> list[Obj]:
+    """The service's WorkerPools named in `keep`; the others it owns (a role no longer in the spec,
+    or every pool after a switch to ray-serve) are deleted."""
+    pools = []
+    for pool in kube.list("WorkerPool", owner.namespace, f"{names.LABEL_SERVICE}={owner.name}"):
+        if not _owned_by(pool, owner):
+            continue
+        if pool["metadata"]["name"] in keep:
+            pools.append(pool)
+            continue
+        log.info("deleting WorkerPool %s/%s: not in the spec any more", owner.namespace, pool["metadata"]["name"])
+        kube.delete("WorkerPool", owner.namespace, pool["metadata"]["name"])
+    return pools
+
+
+KUBERAY_MISSING = Problem("KubeRayNotInstalled", "engine ray-serve needs KubeRay: the apiserver does not serve "
+                                                  "ray.io/v1 RayService; install KubeRay's CRDs and operator")
+
+
+def reconcile_rayservice(kube: Kube, svc: Obj, spec: LLMServiceSpec, defaults: PodDefaults = NO_DEFAULTS) -> Outcome:
+    """engine ray-serve: the RayService is the one child (KubeRay makes the Ray cluster, Serve runs
+    the model and kvpilot's router inside it). Without KubeRay's CRDs nothing is applied and the
+    service is Degraded with a reason to act on."""
+    owner = render.Owner.of(svc)
+    if not kube.serves("RayService"):
+        return refresh_service_status(kube, svc, spec, [KUBERAY_MISSING])
+    keep_workerpools(kube, owner, set())   # pools from before a switch to ray-serve
+    try:
+        applied = kube.apply(render_ray.rayservice(spec, svc, defaults=defaults))
+    except KubeError as err:
+        if err.status == 404:
+            kube.forget_served("RayService")   # the CRD may have gone since discovery: ask again next time
+        raise
+    return refresh_service_status(kube, svc, spec, [], children=([], None), rayservice=applied)
+
+
+def remove_rayservice(kube: Kube, owner: render.Owner) -> None:
+    """After a switch away from ray-serve: delete the RayService this service owns, if any."""
+    if not kube.serves("RayService"):
+        return
+    found = kube.get("RayService", owner.namespace, owner.name)
+    if found is not None and _owned_by(found, owner):
+        log.info("deleting RayService %s/%s: engine is no longer ray-serve", owner.namespace, owner.name)
+        kube.delete("RayService", owner.namespace, owner.name)
 
 
 _ADMIN_SECRETS: set[str] = set()  # owner uids whose admin Secret this process has seen exist
@@ -102,9 +142,11 @@ def ensure_admin_secret(kube: Kube, owner: render.Owner) -> None:
 
 def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = None,
                            problems: list[Problem] | None = None,
-                           children: tuple[list[Obj], Obj | None] | None = None) -> Outcome:
+                           children: tuple[list[Obj], Obj | None] | None = None,
+                           rayservice: Obj | None = None) -> Outcome:
     """Recompute the LLMService's status from its children (read now, unless the caller has just
-    written them and passes `children`: its WorkerPools and router Deployment); write it only if it changed."""
+    written them and passes `children`: its WorkerPools and router Deployment, or under ray-serve
+    `rayservice`); write it only if it changed."""
     meta = svc["metadata"]
     if problems is None:
         try:
@@ -113,15 +155,21 @@ def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = N
         except ValidationError as err:
             spec, problems = None, [Problem("InvalidSpec", str(err).replace("\n", " "))]
     owner = render.Owner.of(svc)
-    if children is not None:
-        pools, router = children
+    ray = spec is not None and spec.engine.type == "ray-serve"
+    if ray and not problems and not kube.serves("RayService"):
+        problems = [KUBERAY_MISSING]
+    elif ray and not problems and rayservice is None:
+        found = kube.get("RayService", meta["namespace"], meta["name"])
+        rayservice = found if found is not None and _owned_by(found, owner) else None
+    if children is not None or ray:
+        pools, router = children or ([], None)
     else:
         pools = [p for p in kube.list("WorkerPool", meta["namespace"], f"{names.LABEL_SERVICE}={meta['name']}")
                  if _owned_by(p, owner)]
         router = kube.get("Deployment", meta["namespace"], render.router_name(meta["name"]))
     old = svc.get("status") or {}
     gpu = gpu_capacity(spec, kube.max_node_gpus()) if spec is not None else None
-    new = llmservice_status(svc, spec, problems, pools, router, now(), gpu).wire()
+    new = llmservice_status(svc, spec, problems, pools, router, now(), gpu, rayservice).wire()
     if {k: v for k, v in old.items() if k in new} != new:
         kube.merge_patch("LLMService", meta["namespace"], meta["name"], {"status": new}, sub="status")
     metrics.record_conditions(meta["namespace"], meta["name"], new.get("conditions", []))

@@ -266,6 +266,8 @@ def engine_command(spec: WorkerPoolSpec) -> tuple[list[str], list[str]]:
         return ["kvpilot"], [*args, *spec.engine.args]
     args = [_vllm_model_arg(spec), "--host", "0.0.0.0", "--port", str(PORT), "--served-model-name", served,
             "--tensor-parallel-size", str(spec.tensor_parallel), "--enable-prefix-caching"]
+    if spec.pipeline_parallel > 1:   # stages in one pod, on its gpus (across nodes takes engine ray-serve)
+        args += ["--pipeline-parallel-size", str(spec.pipeline_parallel)]
     if spec.role != "aggregated":
         args += ["--kv-transfer-config", json.dumps(kv_transfer_config(spec), separators=(",", ":"))]
     args += ["--kv-events-config", json.dumps(kv_events_config(spec), separators=(",", ":"))]

@@ -10,9 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kvpilot.crds import Condition, LLMServiceSpec, LLMServiceStatus, PoolStatus, WorkerPoolStatus
+from kvpilot.crds import Condition, LLMServiceSpec, LLMServiceStatus, PoolSpec, PoolStatus, WorkerPoolStatus
 from kvpilot.names import LABEL_POOL
 from kvpilot.operator.render import PORT, router_name
+from kvpilot.operator.render_ray import serve_service_name
 
 Obj = dict[str, Any]
 
@@ -26,14 +27,35 @@ class Problem:
 def spec_problems(spec: LLMServiceSpec, known_profiles: Iterable[str]) -> list[Problem]:
     """What would make the children useless although the schema accepted the spec."""
     problems: list[Problem] = []
-    if spec.engine.type == "ray-serve":
-        problems.append(Problem("UnsupportedEngine", "engine.type ray-serve is not supported by this operator "
-                                                     "version yet; use vllm or simulator"))
     profiles = sorted(known_profiles)
-    if spec.engine.type == "simulator" and spec.engine.profile and spec.engine.profile not in profiles:
+    if spec.engine.type == "ray-serve":
+        problems += ray_problems(spec)
+    if spec.engine.type != "vllm" and spec.engine.profile and spec.engine.profile not in profiles:
         problems.append(Problem("UnknownProfile", f"engine.profile {spec.engine.profile!r} is not a simulator "
                                                   f"profile; known: {', '.join(profiles)}"))
     return problems
+
+
+def ray_problems(spec: LLMServiceSpec) -> list[Problem]:
+    """A `ray-serve` spec KubeRay and Ray Serve would accept but cannot serve as asked."""
+    if spec.engine.profile is not None:   # the simulator's Serve app: one deployment, no P/D
+        if spec.mode == "disaggregated":
+            return [Problem("UnsupportedMode", "engine ray-serve with a simulator profile runs one aggregated "
+                                               "deployment (kvpilot.ray.app); set mode: aggregated")]
+        return []
+    wrong = [f"{role}: gpus {pool.gpus}, tensorParallel {pool.tensor_parallel} × pipelineParallel "
+             f"{pool.pipeline_parallel}" for role, pool in spec.pools().items()
+             if pool.gpus != pool.tensor_parallel * pool.pipeline_parallel]
+    if wrong:
+        return [Problem("InvalidParallelism", "a Ray Serve LLM replica's vLLM engine uses exactly tensorParallel × "
+                                              "pipelineParallel GPUs, one worker pod per pipeline stage; set gpus "
+                                              "to that product (" + "; ".join(wrong) + ")")]
+    return []
+
+
+def node_gpus(spec: LLMServiceSpec, pool: PoolSpec) -> int:
+    """GPUs one pod of the pool asks for: a whole replica, or under ray-serve one pipeline stage."""
+    return pool.gpus // pool.pipeline_parallel if spec.engine.type == "ray-serve" else pool.gpus
 
 
 def gpu_capacity(spec: LLMServiceSpec, max_node_gpus: int) -> Problem | None:
@@ -42,7 +64,8 @@ def gpu_capacity(spec: LLMServiceSpec, max_node_gpus: int) -> Problem | None:
     Not a reason to hold anything back: a GPU node pool that cluster-autoscaler or Karpenter grows
     from zero has no GPU node until Pending pods ask for one, so the children are created and this
     only explains (as the `GPUCapacity` condition) why their pods wait."""
-    short = {role: pool.gpus for role, pool in spec.pools().items() if pool.gpus > max_node_gpus}
+    short = {role: node_gpus(spec, pool) for role, pool in spec.pools().items()
+             if node_gpus(spec, pool) > max_node_gpus}
     if not short:
         return None
     asks = ", ".join(f"{role} {gpus}" for role, gpus in short.items())
@@ -94,18 +117,43 @@ def workerpool_status(pool: Obj, deployment: Obj | None, now: str) -> WorkerPool
                             selector=f"{LABEL_POOL}={name}", observed_generation=generation, conditions=conditions)
 
 
+def rayservice_waiting(rayservice: Obj | None) -> str | None:
+    """What a RayService still waits for, or None when it serves. KubeRay's `Ready` condition
+    (since v1.3; the deprecated `serviceStatus: Running` means the same) says whether requests reach
+    a Serve proxy; the Serve applications' statuses say why not."""
+    if rayservice is None:
+        return "RayService not created"
+    status = rayservice.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    serving = ready.get("status") == "True" if ready is not None else status.get("serviceStatus") == "Running"
+    if serving:
+        return None
+    apps = ((status.get("activeServiceStatus") or {}).get("applicationStatuses")
+            or (status.get("pendingServiceStatus") or {}).get("applicationStatuses") or {})
+    detail = "; ".join(f"app {name} {app.get('status', '?')}" + (f": {app['message']}" if app.get("message") else "")
+                       for name, app in sorted(apps.items()))
+    why = f"{ready.get('reason', '')}: {ready.get('message', '')}".strip(": ") if ready is not None else ""
+    return "RayService not ready" + "".join(f" ({part})" for part in (why, detail) if part)
+
+
 def llmservice_status(svc: Obj, spec: LLMServiceSpec | None, problems: list[Problem], pools: list[Obj],
-                      router: Obj | None, now: str, gpu: Problem | None = None) -> LLMServiceStatus:
-    """Aggregate WorkerPools and the router Deployment into the LLMService's status; `gpu` is
-    `gpu_capacity`'s answer (the GPUCapacity condition, which never makes the service Degraded)."""
+                      router: Obj | None, now: str, gpu: Problem | None = None,
+                      rayservice: Obj | None = None) -> LLMServiceStatus:
+    """Aggregate WorkerPools and the router Deployment (under engine ray-serve: the RayService)
+    into the LLMService's status; `gpu` is `gpu_capacity`'s answer (the GPUCapacity condition,
+    which never makes the service Degraded)."""
     meta = svc["metadata"]
     generation = meta.get("generation")
     old = LLMServiceStatus.model_validate(svc.get("status") or {})
+    ray = spec is not None and spec.engine.type == "ray-serve"
+    host = serve_service_name(meta["name"]) if ray else router_name(meta["name"])
     status = LLMServiceStatus(observed_generation=generation, conditions=old.conditions,
-                              endpoint=f"http://{router_name(meta['name'])}.{meta['namespace']}.svc:{PORT}")
+                              endpoint=f"http://{host}.{meta['namespace']}.svc:{PORT}")
     by_role = {p["spec"]["role"]: p for p in pools}
     waiting: list[str] = []
-    for role in (spec.pools() if spec else {}):
+    if ray:
+        waiting += [w for w in (rayservice_waiting(rayservice),) if w]
+    for role in (spec.pools() if spec and not ray else {}):
         pool = by_role.get(role)
         desired = int(pool["spec"].get("replicas", 0)) if pool else 0
         pstatus = (pool or {}).get("status") or {}
@@ -116,11 +164,12 @@ def llmservice_status(svc: Obj, spec: LLMServiceSpec | None, problems: list[Prob
             waiting.append(f"WorkerPool {role} not created")
         elif counts.ready < desired or pstatus.get("observedGeneration") != pool["metadata"].get("generation"):
             waiting.append(f"{role} {counts.ready}/{desired} ready")
-    r_replicas, r_ready, _ = deployment_counts(router)
-    r_desired = spec.routing.replicas if spec else 1
-    status.router = PoolStatus(desired=r_desired, replicas=r_replicas, ready=r_ready)
-    if r_ready < r_desired:
-        waiting.append(f"router {r_ready}/{r_desired} ready")
+    if not ray:   # under Ray Serve, kvpilot's policy routes inside Serve: no router pods
+        r_replicas, r_ready, _ = deployment_counts(router)
+        r_desired = spec.routing.replicas if spec else 1
+        status.router = PoolStatus(desired=r_desired, replicas=r_replicas, ready=r_ready)
+        if r_ready < r_desired:
+            waiting.append(f"router {r_ready}/{r_desired} ready")
 
     degraded = bool(problems) or spec is None
     if degraded:
@@ -140,9 +189,11 @@ def llmservice_status(svc: Obj, spec: LLMServiceSpec | None, problems: list[Prob
                                           gpu.message if gpu else "every pool's replica fits on a node",
                                           now, generation)
     ready = not degraded and not waiting
-    status.conditions = set_condition(status.conditions, "Ready", ready, "AllReplicasReady" if ready else "NotReady",
-                                      "all pools and the router are ready" if ready else "; ".join(waiting)
-                                      or "see Degraded", now, generation)
+    reason = ("RayServiceReady" if ready else "RayServiceNotReady") if ray and not degraded else \
+        "AllReplicasReady" if ready else "NotReady"
+    status.conditions = set_condition(status.conditions, "Ready", ready, reason,
+                                      ("the RayService serves" if ray else "all pools and the router are ready")
+                                      if ready else "; ".join(waiting) or "see Degraded", now, generation)
     order = ("Ready", "Progressing", "Degraded", "GPUCapacity")
     status.conditions.sort(key=lambda c: order.index(c.type) if c.type in order else len(order))
     status.phase = "Degraded" if degraded else "Ready" if ready else "Progressing"

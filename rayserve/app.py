@@ -169,3 +169,10 @@ def build_app(*, replicas: int = 4, router: str | None = "dualmap", profile: str
     ingress = serve.deployment(name="Ingress", max_ongoing_requests=ingress_max_ongoing,
                                ray_actor_options={"num_cpus": 0})(Ingress)
     return ingress.bind(engine, model=model)
+
+
+def from_args(args: dict[str, Any]) -> Application:
+    """`build_app` as a Serve application builder (`import_path: kvpilot.ray.app:from_args` in a Serve
+    config or KubeRay's `serveConfigV2`, with `build_app`'s keyword arguments under `args`): Serve
+    calls a builder with the one `args` dict."""
+    return build_app(**args)

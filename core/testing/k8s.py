@@ -56,6 +56,32 @@ def harness_bin_dir() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+KUBERAY_SCRIPT = REPO_ROOT / "scripts" / "kuberay-crds.sh"
+
+
+def kuberay_crds_dir() -> Path:
+    """KubeRay's CRD YAMLs (ray-operator v1.5.0's config/crd/bases): $KVPILOT_KUBERAY_CRDS, or what
+    `scripts/kuberay-crds.sh` prints (a versioned cache filled from the Go module proxy)."""
+    env = os.environ.get("KVPILOT_KUBERAY_CRDS")
+    if env:
+        return Path(env)
+    out = subprocess.run(["bash", str(KUBERAY_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+KUBERAY_BUILD = REPO_ROOT / "scripts" / "build-kuberay-operator.sh"
+
+
+def kuberay_operator_bin() -> Path:
+    """KubeRay's operator (ray-operator v1.5.0, built from its Go module): $KVPILOT_KUBERAY_OPERATOR,
+    or what `scripts/build-kuberay-operator.sh` prints (a versioned cache; builds when cold)."""
+    env = os.environ.get("KVPILOT_KUBERAY_OPERATOR")
+    if env:
+        return Path(env)
+    out = subprocess.run(["bash", str(KUBERAY_BUILD)], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -71,6 +71,11 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+# engine ray-serve: the LLMService's RayService (KubeRay makes the Ray cluster from it); delete only
+# after a switch to another engine, otherwise garbage collection removes it with its LLMService.
+- apiGroups: [ray.io]
+  resources: [rayservices]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]

@@ -53,6 +53,8 @@ def test_services_without_autoscaling_or_pools_are_left_alone() -> None:
     scaler = Autoscaler(act, clock=lambda: 0.0)
     off = spec(autoscaling={"enabled": False}).model_dump(by_alias=True)
     assert scaler.tick([("ns", "off", off)]) == []
+    ray = spec(engine={"type": "ray-serve"}).model_dump(by_alias=True)   # Ray Serve's autoscaler sizes it
+    assert scaler.tick([("ns", "ray", ray)]) == []
     decisions = scaler.tick([("ns", "on", spec().model_dump(by_alias=True))])
     # No ready replica to read metrics from: hold at the asked size, never scale on silence.
     assert {d.pool.role for d in decisions} == {"prefill", "decode"}

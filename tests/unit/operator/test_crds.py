@@ -65,6 +65,8 @@ def test_workerpool_scale_subresource() -> None:
     ({"minReplicas": 2, "replicas": 1}, "replicas must be greater than or equal to minReplicas"),
     ({"maxReplicas": 2, "replicas": 3}, "replicas must be less than or equal to maxReplicas"),
     ({"gpus": 3, "tensorParallel": 2}, "gpus must be a multiple of tensorParallel"),
+    ({"gpus": 8, "tensorParallel": 8, "pipelineParallel": 2}, "gpus must be a multiple of tensorParallel × "
+                                                               "pipelineParallel"),
 ])
 def test_pydantic_enforces_the_cel_rules(pool: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):

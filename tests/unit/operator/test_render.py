@@ -70,6 +70,14 @@ def test_vllm_prefill_args_gpus_and_probes() -> None:
     assert dep["metadata"]["ownerReferences"][0]["kind"] == "WorkerPool"
 
 
+def test_vllm_pipeline_parallel_only_when_asked() -> None:
+    pool, _ = _pool(_spec(prefill={"gpus": 4, "tensorParallel": 2, "pipelineParallel": 2}), "prefill")
+    _, args = render.engine_command(pool)
+    assert args[args.index("--pipeline-parallel-size") + 1] == "2"
+    _, args = render.engine_command(_pool(_spec(), "prefill")[0])
+    assert "--pipeline-parallel-size" not in args
+
+
 def test_redis_backend_renders_kvpilots_connector_on_both_sides() -> None:
     spec = _spec(kvTransfer={"backend": "redis", "redisURL": "redis://127.0.0.1:6379"})
     for role in ("prefill", "decode"):

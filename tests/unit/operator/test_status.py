@@ -52,11 +52,12 @@ def test_missing_gpus_leave_the_service_progressing_with_a_false_gpu_condition()
     assert next(c for c in later.conditions if c.type == "GPUCapacity").last_transition_time == "T2"
 
 
-def test_unknown_simulator_profile_and_ray_serve_are_problems() -> None:
+def test_unknown_simulator_profile_is_a_problem() -> None:
     sim = LLMServiceSpec.model_validate({"model": {"name": "m"}, "engine": {"type": "simulator", "profile": "x"}})
     assert [p.reason for p in spec_problems(sim, ["h100-llama3-8b"])] == ["UnknownProfile"]
-    ray = LLMServiceSpec.model_validate({"model": {"name": "m"}, "engine": {"type": "ray-serve"}})
-    assert [p.reason for p in spec_problems(ray, [])] == ["UnsupportedEngine"]
+    ray_sim = LLMServiceSpec.model_validate({"model": {"name": "m"}, "mode": "aggregated",
+                                             "engine": {"type": "ray-serve", "profile": "x"}})
+    assert [p.reason for p in spec_problems(ray_sim, ["h100-llama3-8b"])] == ["UnknownProfile"]
 
 
 def test_ready_when_every_pool_and_the_router_are_ready() -> None:
