@@ -34,6 +34,7 @@ class Hot:
     hits: int                 # requests in the window with this key
     hashes: tuple[int, ...]   # the router's block hashes of the prefix to move
     text: str                 # the prefix's text: the engine hashes it at its own block size
+    chat: bool = False        # seen as a chat: `text` is kvpilot's rendering, not the engine's template
 
     def plan_view(self) -> HotPrefix:
         return HotPrefix(self.key, (), self.hits)
@@ -44,6 +45,7 @@ class _Sample:
     hashes: tuple[int, ...]
     text: str
     common: int               # leading router blocks shared by the last two requests
+    chat: bool = False
 
 
 def common_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -70,14 +72,15 @@ class HotPrefixes:
         self._counts: Counter[int] = Counter()
         self._samples: dict[int, _Sample] = {}
 
-    def observe(self, key: int, depth: int, hashes: list[int], prompt: str) -> None:
-        """Count one request whose affinity key is `hashes[depth - 1]` (= `key`)."""
+    def observe(self, key: int, depth: int, hashes: list[int], prompt: str, chat: bool = False) -> None:
+        """Count one request whose affinity key is `hashes[depth - 1]` (= `key`); `chat`: its
+        prompt is a chat's messages as kvpilot renders them."""
         if depth <= 0 or depth > len(hashes):
             return  # keyed by something other than its prefix (a short prompt): nothing to move
         head = tuple(hashes[: self.max_blocks])
         old = self._samples.get(key)
         common = min(depth, len(head)) if old is None else max(min(depth, len(head)), common_blocks(old.hashes, head))
-        self._samples[key] = _Sample(head, prompt[: len(head) * self.block_size * BYTES_PER_TOKEN], common)
+        self._samples[key] = _Sample(head, prompt[: len(head) * self.block_size * BYTES_PER_TOKEN], common, chat)
         self._recent.append(key)
         self._counts[key] += 1
         if len(self._recent) > self.window:
@@ -94,7 +97,7 @@ class HotPrefixes:
             if hits < self.min_hits:
                 break
             s = self._samples[key]
-            out.append(Hot(key, hits, s.hashes[: s.common], text_head(s.text, s.common * self.block_size)))
+            out.append(Hot(key, hits, s.hashes[: s.common], text_head(s.text, s.common * self.block_size), s.chat))
         return out
 
 
@@ -171,18 +174,20 @@ def batches(moves: Sequence[Move], size: int) -> list[list[Move]]:
 class Outcome:
     outcome: str              # ok | partial | failed | noop | unsupported
     prefixes: int = 0         # prefixes now in a target's cache
-    bytes: int = 0
+    bytes: int = 0            # KV bytes imported (export/import handovers)
     detail: str = ""
+    tokens: int = 0           # KV tokens targets loaded from the shared store (pre-warmed vLLM pods)
 
     def body(self) -> dict[str, Any]:
-        return {"outcome": self.outcome, "prefixes": self.prefixes, "bytes": self.bytes, "detail": self.detail}
+        return {"outcome": self.outcome, "prefixes": self.prefixes, "bytes": self.bytes, "tokens": self.tokens,
+                "detail": self.detail}
 
 
 def combine(parts: Sequence[Outcome]) -> Outcome:
     """One handover's outcome from its rounds': failed only when nothing arrived anywhere."""
     kinds = {p.outcome for p in parts}
     out = Outcome("noop", sum(p.prefixes for p in parts), sum(p.bytes for p in parts),
-                  "; ".join(p.detail for p in parts if p.detail))
+                  "; ".join(p.detail for p in parts if p.detail), sum(p.tokens for p in parts))
     if kinds & {"failed", "partial"}:
         out.outcome = "partial" if out.prefixes else "failed"
     elif "ok" in kinds:

@@ -143,7 +143,7 @@ class Runtime:
         if m.endpoints_file is not None:
             model.endpoints_file = EndpointsFile(m.endpoints_file)
         self.migrator.add_model(m.name, model.main, m.migration, m.slo_ttft_ms / 1000, m.engine)
-        self.handovers.add_model(m.name, model.affinity_pool, m.handover, m.block_size)
+        self.handovers.add_model(m.name, model.affinity_pool, m.handover, m.block_size, warm=m.shared_store())
         model.set_endpoints(m.endpoints)
         return model
 
