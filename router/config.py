@@ -75,9 +75,23 @@ class KVTransfer(BaseModel):
     computes to one shared store and loads what another saved, so a scale event's handover warms
     a pod by sending it the hot prefixes (`kvpilot.router.prewarm`) instead of exporting them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     backend: Literal["nixl", "redis", "lmcache"] = "nixl"
+    share_prefixes: bool = Field(
+        False, alias="sharePrefixes",
+        description="cross-instance prefix sharing: the routing policy's cost model counts a prefix any instance "
+                    "was sent as a load from the store at every other instance, so when a prefix's owner is "
+                    "overloaded the request may go to a less loaded one (DualMap's SLO switch and idle takeover). "
+                    "Off: affinity alone (bench/results/prefix_sharing.md)")
+    store_token_cost: float = Field(0.25, gt=0, le=1, alias="storeTokenCost",
+                                    description="a token loaded from the store, in prefill tokens (sharePrefixes)")
+
+    @model_validator(mode="after")
+    def _sharing_needs_redis(self) -> KVTransfer:
+        if self.share_prefixes and self.backend != "redis":
+            raise ValueError("kvTransfer.sharePrefixes needs backend redis (a store every engine loads from)")
+        return self
 
 
 class ModelConfig(BaseModel):
