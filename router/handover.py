@@ -133,12 +133,16 @@ class Handovers:
         if self.session is None or not m.tracker.hot(1):
             return  # before serving (the initial endpoint list), or nothing hot: nothing to move
         names = frozenset(x.endpoint.name for x in m.pool.healthy())
+        # The pool before the change: a pod that joins in the same change (one replaced by another)
+        # is a new owner of the leaving pod's keys, not one that already held them.
+        before = (names - {x.endpoint.name for x in joined}) | {x.endpoint.name for x in left}
         for x in left:
-            self._start(m, "scale_in", x.endpoint.name, x.url, names | {x.endpoint.name})
+            self._start(m, "scale_in", x.endpoint.name, x.url, before, after=names)
         for x in joined:
             self._start(m, "scale_out", x.endpoint.name, x.url, names)
 
-    def _start(self, m: _Model, kind: str, pod: str, url: str, members: frozenset[str]) -> asyncio.Task[Outcome]:
+    def _start(self, m: _Model, kind: str, pod: str, url: str, members: frozenset[str],
+               after: frozenset[str] | None = None) -> asyncio.Task[Outcome]:
         now = time.monotonic()
         for k, (task, at) in list(self._tasks.items()):
             if task.done() and now - at > RECENT_S:
@@ -146,7 +150,7 @@ class Handovers:
         entry = self._tasks.get((m.name, kind, pod))
         if entry is not None:
             return entry[0]
-        task = asyncio.get_running_loop().create_task(self._run(m, kind, pod, url, members))
+        task = asyncio.get_running_loop().create_task(self._run(m, kind, pod, url, members, after))
         task.add_done_callback(lambda _t: self._tasks.update({(m.name, kind, pod): (task, time.monotonic())}))
         self._tasks[(m.name, kind, pod)] = (task, now)
         return task
@@ -174,10 +178,11 @@ class Handovers:
         return web.json_response(outcome.body())
 
     # -- the moves ---------------------------------------------------------------------------------
-    async def _run(self, m: _Model, kind: str, pod: str, url: str, members: frozenset[str]) -> Outcome:
+    async def _run(self, m: _Model, kind: str, pod: str, url: str, members: frozenset[str],
+                   after: frozenset[str] | None = None) -> Outcome:
         started = time.monotonic()
         deadline = asyncio.get_running_loop().time() + m.cfg.timeout_s
-        moves, urls = self._plan(m, kind, pod, url, members)
+        moves, urls = self._plan(m, kind, pod, url, members, after)
         left_out = 0
         if m.warm:
             moves, left_out = warmable(moves)
@@ -208,13 +213,13 @@ class Handovers:
                         "seconds": round(time.monotonic() - started, 3)})
         return out
 
-    def _plan(self, m: _Model, kind: str, pod: str, url: str,
-              members: frozenset[str]) -> tuple[list[Move], dict[str, str]]:
+    def _plan(self, m: _Model, kind: str, pod: str, url: str, members: frozenset[str],
+              after: frozenset[str] | None = None) -> tuple[list[Move], dict[str, str]]:
         """Who exports which prefix to whom, and every pod's URL."""
         hot = m.tracker.hot(m.cfg.max_prefixes)
         urls = {x.endpoint.name: x.url for x in m.pool.members} | {pod: url}
         if kind == "scale_in":
-            plan = moves_in(hot, pod, members, m.owners)
+            plan = moves_in(hot, pod, members, m.owners, after)
             return [Move(pod, target, h) for target, hs in plan.items() for h in hs if target in urls], urls
         def held(owner: str, h: Hot) -> int:
             return m.estimate.cached_blocks(owner, list(h.hashes))

@@ -102,10 +102,12 @@ class HotPrefixes:
 
 
 def plan_scale_in(hot: Iterable[HotPrefix], leaving: str, members: frozenset[str],
-                  owners: Owners) -> dict[str, list[HotPrefix]]:
+                  owners: Owners, after: frozenset[str] | None = None) -> dict[str, list[HotPrefix]]:
     """Per remaining pod, the hot prefixes the leaving pod owns now that fall to that pod once
-    it is gone (pods that already owned a prefix have its KV and get nothing), most used first."""
-    after = members - {leaving}
+    it is gone (pods that already owned a prefix have its KV and get nothing), most used first.
+    `after`: the members once the change is done, when pods join in the same change (a pod
+    replaced by another); default `members` less the leaving pod."""
+    after = members - {leaving} if after is None else after
     out: dict[str, list[HotPrefix]] = {}
     for p in sorted(hot, key=lambda p: (-p.hits, p.key)):
         before = owners(p.key, members)
@@ -130,10 +132,12 @@ def plan_scale_out(hot: Iterable[HotPrefix], joining: str, members: frozenset[st
     return out
 
 
-def moves_in(hot: list[Hot], leaving: str, members: frozenset[str], owners: Owners) -> dict[str, list[Hot]]:
-    """Per remaining pod, the hot prefixes it inherits from `leaving` (which must be in `members`)."""
+def moves_in(hot: list[Hot], leaving: str, members: frozenset[str], owners: Owners,
+             after: frozenset[str] | None = None) -> dict[str, list[Hot]]:
+    """Per remaining pod, the hot prefixes it inherits from `leaving` (which must be in `members`);
+    `after` as in `plan_scale_in`."""
     by_key = {h.key: h for h in hot}
-    plan = plan_scale_in([h.plan_view() for h in hot], leaving, members | {leaving}, owners)
+    plan = plan_scale_in([h.plan_view() for h in hot], leaving, members | {leaving}, owners, after)
     return {pod: [by_key[p.key] for p in prefixes] for pod, prefixes in plan.items()}
 
 

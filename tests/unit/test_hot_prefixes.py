@@ -167,3 +167,13 @@ def test_combine_fails_only_when_nothing_arrived() -> None:
     assert (out.outcome, out.prefixes, out.bytes, out.detail) == ("partial", 2, 100, "store down")
     assert combine([failed]).outcome == "failed" and combine([noop]).outcome == "noop"
     assert combine([Outcome("unsupported")]).outcome == "unsupported" and combine([]).outcome == "noop"
+
+
+def test_a_pod_replaced_in_one_change_hands_its_keys_to_the_replacement() -> None:
+    owners = dual_ring_owners()
+    prefixes = [hot(k) for k in range(1, 200, 5)]
+    # Seen as one change, "y" joining while "x" leaves is the only pod after: it inherits every key.
+    plan = moves_in(prefixes, "x", frozenset({"x"}), owners, after=frozenset({"y"}))
+    assert sorted(h.key for h in plan["y"]) == sorted(h.key for h in prefixes) and list(plan) == ["y"]
+    # Planned as if "y" had been there before, nothing would move (it looks like an owner already).
+    assert moves_in(prefixes, "x", frozenset({"x", "y"}), owners) == {}

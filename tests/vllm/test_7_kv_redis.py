@@ -210,7 +210,8 @@ def test_scale_events_warm_the_inheriting_engine_from_redis(
     while not _router_metric(router, "kvpilot_router_handovers_total", kind="scale_in") and \
             time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _router_metric(router, "kvpilot_router_handovers_total", kind="scale_in", outcome="ok") == 1
+    assert _router_metric(router, "kvpilot_router_handovers_total", kind="scale_in", outcome="ok") == 1, \
+        [x for x in router.metrics_text().splitlines() if x.startswith("kvpilot_router_handover")]
     # All four hot prefixes fell to kv-y: two it held already, two loaded now.
     assert _router_metric(router, "kvpilot_router_handover_prefixes_total", kind="scale_in") == 4
     loaded = _router_metric(router, "kvpilot_router_handover_tokens_total") - tokens
