@@ -5,6 +5,9 @@ Several policies need the same two estimates, kept from what the router itself d
   until vLLM KV events replace it), giving the expected cache hit of a new request there;
 - the uncached prompt tokens dispatched there whose first token has not come back, times a
   per-token prefill time calibrated online from observed TTFTs, giving a predicted TTFT.
+- with a KV store every instance loads from (`PolicyContext.shared_store`: vLLM engines on
+  kvpilot's Redis connector), one more LRU of every prompt sent anywhere: at an instance that
+  lacks a stored prefix, its tokens cost `store_token_cost` of a prefill token each (a load).
 
 The calibration fits TTFT = fixed overhead + per-token time × work (exponentially weighted least
 squares per instance), not TTFT / work: a measured TTFT also holds costs that do not grow with
