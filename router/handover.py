@@ -192,7 +192,7 @@ class Handovers:
                 async with asyncio.timeout_at(deadline):
                     part = await (self._warm_round(m, batch, urls) if m.warm else self._round(m, batch, urls))
                 parts.append(part)
-                if part.outcome in ("failed", "unsupported"):
+                if m.warm and part.outcome in ("failed", "unsupported"):
                     break   # the store is down or the engines cannot report: later rounds would only compute
             except _Unsupported as e:
                 parts.append(Outcome("unsupported", detail=str(e)))
