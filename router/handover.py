@@ -218,11 +218,15 @@ class Handovers:
         """Who exports which prefix to whom, and every pod's URL."""
         hot = m.tracker.hot(m.cfg.max_prefixes)
         urls = {x.endpoint.name: x.url for x in m.pool.members} | {pod: url}
-        if kind == "scale_in":
-            plan = moves_in(hot, pod, members, m.owners, after)
-            return [Move(pod, target, h) for target, hs in plan.items() for h in hs if target in urls], urls
+
         def held(owner: str, h: Hot) -> int:
             return m.estimate.cached_blocks(owner, list(h.hashes))
+
+        if kind == "scale_in":
+            # Warming a pod that turns out to hold the prefix costs one short request, so on vLLM
+            # a remaining owner the router does not believe holds it is warmed too.
+            plan = moves_in(hot, pod, members, m.owners, after, held if m.warm else None)
+            return [Move(pod, target, h) for target, hs in plan.items() for h in hs if target in urls], urls
 
         plan = moves_out(hot, pod, members, m.owners, held)
         return [Move(source, pod, h) for source, hs in plan.items() for h in hs if source in urls], urls

@@ -133,12 +133,30 @@ def plan_scale_out(hot: Iterable[HotPrefix], joining: str, members: frozenset[st
 
 
 def moves_in(hot: list[Hot], leaving: str, members: frozenset[str], owners: Owners,
-             after: frozenset[str] | None = None) -> dict[str, list[Hot]]:
+             after: frozenset[str] | None = None,
+             held: Callable[[str, Hot], int] | None = None) -> dict[str, list[Hot]]:
     """Per remaining pod, the hot prefixes it inherits from `leaving` (which must be in `members`);
-    `after` as in `plan_scale_in`."""
+    `after` as in `plan_scale_in`. With `held` (blocks of a prefix the router believes a pod
+    holds), a pod that was already one of the prefix's owners but does not hold all of it gets
+    it too: a key's second candidate need not have served it (in a 2-pod pool, the one left
+    is the second candidate of every key)."""
     by_key = {h.key: h for h in hot}
     plan = plan_scale_in([h.plan_view() for h in hot], leaving, members | {leaving}, owners, after)
-    return {pod: [by_key[p.key] for p in prefixes] for pod, prefixes in plan.items()}
+    out = {pod: [by_key[p.key] for p in prefixes] for pod, prefixes in plan.items()}
+    if held is None:
+        return out
+    members = members | {leaving}
+    remaining = members - {leaving} if after is None else after
+    for h in sorted(hot, key=lambda h: (-h.hits, h.key)):
+        before = owners(h.key, members)
+        if leaving not in before:
+            continue
+        for pod in owners(h.key, remaining):
+            if pod in before and held(pod, h) < len(h.hashes):
+                out.setdefault(pod, []).append(h)
+    for moved in out.values():
+        moved.sort(key=lambda h: (-h.hits, h.key))
+    return out
 
 
 def moves_out(hot: list[Hot], joining: str, members: frozenset[str], owners: Owners,

@@ -24,6 +24,7 @@ import yaml
 from vllm_stage import Stages, make_prompt, post_json
 
 from kvpilot.operator import render
+from kvpilot.router.handover import RECENT_S
 from kvpilot.testing.redis import RedisServer
 from kvpilot.testing.router import RouterProcess
 from kvpilot.testing.vllm import BLOCK_SIZE, SERVED, VLLMServer, kvpilot_overlay, metric
@@ -220,6 +221,43 @@ def test_scale_events_warm_the_inheriting_engine_from_redis(
     _, headers = post_json(router.url + "/v1/completions", hot[1])
     assert headers["X-Kvpilot-Endpoint"] == "kv-y"
     assert _delta(_sources(kv.y), before)["local_cache_hit"] >= 4 * BLOCK_SIZE
+
+    # Scale-in of a 2-pod pool: kv-y is already every key's second candidate, but it has not
+    # served the prefixes DualMap kept on kv-x; the router warms it with exactly those.
+    scaled_in = time.monotonic()
+    _publish(eps, "kv-y", "kv-x", kv=kv)
+    _wait_members(router, 2)
+    served: dict[int, set[str]] = {}
+    bodies = [greedy(make_prompt(f"kv-pair-{i}", 6 * BLOCK_SIZE + 50), 2) for i in range(4)]
+    for i, b in enumerate(bodies + bodies):
+        served.setdefault(i % len(bodies), set()).add(post_json(router.url + "/v1/completions", b)[1]
+                                                      ["X-Kvpilot-Endpoint"])
+    only_x = sum(1 for pods in served.values() if pods == {"kv-x"})
+    wait_keys(kv, start + 8 * 6)
+    before, tokens = _sources(kv.y), _router_metric(router, "kvpilot_router_handover_tokens_total")
+    prefixes = _router_metric(router, "kvpilot_router_handover_prefixes_total", kind="scale_in")
+    time.sleep(max(0.0, RECENT_S + 1 - (time.monotonic() - scaled_in)))  # a trigger sooner joins the last one
+    _publish(eps, "kv-y", kv=kv)
+    deadline = time.monotonic() + 60
+    while _router_metric(router, "kvpilot_router_handovers_total", kind="scale_in") < 2 and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    outcome = "ok" if only_x else "noop"
+    assert _router_metric(router, "kvpilot_router_handovers_total", kind="scale_in", outcome=outcome) == \
+        (2 if only_x else 1), (served, [x for x in router.metrics_text().splitlines()
+                                        if x.startswith("kvpilot_router_handover")])
+    assert _router_metric(router, "kvpilot_router_handover_prefixes_total", kind="scale_in") - prefixes == only_x
+    loaded = _router_metric(router, "kvpilot_router_handover_tokens_total") - tokens
+    assert loaded == _delta(_sources(kv.y), before)["external_kv_transfer"] >= only_x * 4 * BLOCK_SIZE
+
+
+def _wait_members(router: RouterProcess, n: int) -> None:
+    """Until the router's pool has `n` members (it polls the endpoints file)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if _router_metric(router, "kvpilot_router_healthy_endpoints") >= n:
+            return
+        time.sleep(0.2)
 
 
 def _run_on(server: VLLMServer, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
