@@ -77,6 +77,23 @@ def ttft(server: VLLMServer, prompt: list[int]) -> float:
     raise RuntimeError("no token")
 
 
+# Where the target's part of the blocking goes, from vLLM's own per-request histograms (their sums).
+PHASES = {"engine_ttft": "vllm:time_to_first_token_seconds", "queue": "vllm:request_queue_time_seconds",
+          "prefill": "vllm:request_prefill_time_seconds"}
+
+
+def phase_sums(server: VLLMServer) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums = dict.fromkeys(PHASES, 0.0)
+    wanted = {family: key for key, family in PHASES.items()}
+    for family in text_string_to_metric_families(server.metrics_text()):
+        key = wanted.get(family.name)
+        if key is not None:
+            sums[key] += sum(x.value for x in family.samples if x.name == family.name + "_sum")
+    return sums
+
+
 def migrate_once(router: RouterProcess, servers: dict[str, VLLMServer], prompt: str, rid: str) -> dict[str, Any]:
     other = {"a": "b", "b": "a"}
     body = {"model": SERVED, "prompt": prompt, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
@@ -97,6 +114,7 @@ def migrate_once(router: RouterProcess, servers: dict[str, VLLMServer], prompt: 
                     t = servers[target]
                     before[target] = (t.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL),
                                       t.metric("vllm:prompt_tokens_by_source_total", **LOCAL))
+                    phases = phase_sums(t)
                     thread = threading.Thread(target=lambda: result.update(
                         post(router.admin_url + "/kvpilot/migrate", {"request_id": rid, "target": target})))
                     thread.start()
@@ -105,6 +123,9 @@ def migrate_once(router: RouterProcess, servers: dict[str, VLLMServer], prompt: 
     t = servers[target]
     result["loaded"] = t.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL) - before[target][0]
     result["computed"] = t.metric("vllm:prompt_tokens_by_source_total", **LOCAL) - before[target][1]
+    # The resumed request is the target's only one in this window (it finished with the stream).
+    after = phase_sums(t)
+    result.update({f"{k}_ms": (after[k] - phases[k]) * 1000 for k in PHASES})
     return result
 
 
@@ -126,6 +147,7 @@ def main() -> None:
                "b": VLLMServer.tiny(name="bench-b", workdir=work, cpu=1, env=env, extra=extra, wait=False)}
     router: RouterProcess | None = None
     rows: list[str] = []
+    profile: list[str] = []
     try:
         for s in servers.values():
             s.timeout = 1500  # a busy shared machine: startup has taken over 400 s
@@ -136,6 +158,7 @@ def main() -> None:
         ttft(servers["b"], ids("warmup-b", 400))
         for ctx in args.contexts:
             cold, ext, warm, blocking, loaded, computed = [], [], [], [], [], []
+            engine, queue, prefill = [], [], []
             for rep in range(args.reps):
                 p = ids(f"ttft-{ctx}-{rep}", ctx)
                 cold.append(ttft(servers["b"], p))
@@ -149,11 +172,19 @@ def main() -> None:
                 blocking.append(float(m["blocking_ms"]))
                 loaded.append(m["loaded"])
                 computed.append(m["computed"])
+                engine.append(m["engine_ttft_ms"])
+                queue.append(m["queue_ms"])
+                prefill.append(m["prefill_ms"])
+                print(f"  {ctx} rep {rep}: blocking {m['blocking_ms']:.1f} ms, target TTFT {m['engine_ttft_ms']:.1f} "
+                      f"(queue {m['queue_ms']:.1f}, prefill {m['prefill_ms']:.1f}), load {os.getloadavg()[0]:.1f}",
+                      flush=True)
             med = statistics.median
             rows.append(f"| {ctx} | {args.reps} | {med(blocking):.1f} | {max(blocking):.1f} | {med(loaded):.0f} | "
                         f"{max(computed):.0f} | {med(cold):.1f} | {med(ext):.1f} | {med(warm):.1f} | "
                         f"{med(cold) / med(ext):.2f} | {med(ext) / med(warm):.2f} |")
             print(rows[-1], flush=True)
+            profile.append(f"| {ctx} | {med(blocking):.1f} | {med(engine):.1f} | {med(queue):.1f} | "
+                           f"{med(prefill):.1f} | {med(blocking) - med(engine):.1f} |")
     finally:
         if router is not None:
             router.stop()
@@ -164,6 +195,10 @@ def main() -> None:
                        "target computed tokens (max) | TTFT cold ms | TTFT external (Redis) ms | TTFT warm ms | "
                        "cold / external | external / warm |",
                        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
+    table += "\n\n" + "\n".join([
+        "| context | blocking median ms | target TTFT (vLLM, arrival → first token) | of which queued | "
+        "of which prefill (loads included) | router + HTTP (blocking − target TTFT) |",
+        "|---:|---:|---:|---:|---:|---:|", *profile])
     print(table)
     if args.out:
         Path(args.out).write_text(table + f"\n\nload average at the end: {os.getloadavg()}\n")

@@ -133,3 +133,40 @@ def decode_manifest(raw: Any) -> dict[int, list[BlockDescriptor]]:
         return {int(k): decode_blocks(v) for k, v in raw.items()}
     except (TypeError, ValueError) as e:
         raise ValueError(f"manifest must be {{prefix key: [[block key, size, checksum], ...]}}: {e}") from None
+
+
+# -- pre-warming from a shared store (vLLM engines running `KvpilotRedisConnector`) --------------
+# vLLM has no prefix export/import endpoints; its engines share KV through the store instead. The
+# router warms a pod by sending it a hot prefix as an ordinary 1-token completion whose
+# `kv_transfer_params` carry `{WARM_REPORT: true}`: the connector loads the stored blocks into the
+# pod's prefix cache and answers, in the response's `kv_transfer_params`, a `WarmReport` — where
+# the prompt's KV came from — so the router counts what moved without racing other requests
+# on the pod's metric counters.
+WARM_REPORT = "kvpilot_report"
+
+
+class WarmReport(BaseModel):
+    """Where one request's prompt KV came from (the connector's answer to `WARM_REPORT`)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    local_tokens: int = Field(ge=0, alias="kvpilot_local_tokens")        # the pod's own prefix cache
+    loaded_tokens: int = Field(ge=0, alias="kvpilot_loaded_tokens")      # loaded from the store
+    loadable_tokens: int = Field(ge=0, alias="kvpilot_loadable_tokens")  # full blocks before the last token
+
+    def wire(self) -> dict[str, int]:
+        return self.model_dump(by_alias=True)
+
+    def held(self) -> bool:
+        """The pod now holds every full block of the prompt without having computed any."""
+        return self.local_tokens + self.loaded_tokens >= self.loadable_tokens
+
+
+def warm_report(params: Any) -> WarmReport | None:
+    """The report in a response's `kv_transfer_params`; None when there is none (an engine
+    without kvpilot's connector, which leaves the field out)."""
+    if not isinstance(params, dict) or "kvpilot_loaded_tokens" not in params:
+        return None
+    try:
+        return WarmReport.model_validate(params)
+    except ValueError:
+        return None

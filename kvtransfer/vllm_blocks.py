@@ -20,6 +20,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kvpilot.kvtransfer.protocol import WarmReport
+
 
 def namespace(*, model: str, revision: str | None, dtype: str, cache_dtype: str, block_size: int,
               num_layers: int, num_kv_heads: int, head_size: int, tp_size: int, device: str) -> str:
@@ -160,3 +162,13 @@ class BlockPlanner:
     def finished(self, req_id: str) -> _Tracked | None:
         self._pending_loads.pop(req_id, None)
         return self.reqs.pop(req_id, None)
+
+
+def warm_answer(tracked: _Tracked | None, num_prompt_tokens: int, block_size: int, num_hashes: int) -> WarmReport:
+    """A finished request's `WarmReport`: its local prefix-cache hit, the tokens it was scheduled
+    to load from the store (vLLM's accounting: a block whose load then failed was recomputed and
+    still counts), and how many it could have taken from outside at most."""
+    loadable = loadable_blocks(num_prompt_tokens, block_size, num_hashes) * block_size
+    local = tracked.local_tokens if tracked else 0
+    loaded = tracked.external_tokens if tracked else 0
+    return WarmReport(local_tokens=local, loaded_tokens=loaded, loadable_tokens=loadable)

@@ -21,6 +21,8 @@ What it does (decisions in `vllm_blocks.BlockPlanner`, I/O in `vllm_io.StoreClie
 - a block that is missing, evicted or unreadable when loaded is reported through
   `get_block_ids_with_load_errors` and vLLM recomputes it (requires
   `kv_load_failure_policy: recompute`); Redis down is a miss, counted, never a failed request.
+- a request with `kv_transfer_params.kvpilot_report` (the router pre-warming this engine for a
+  scale event) answers with a `protocol.WarmReport`: tokens from the local cache and the store;
 - P/D: a request with `kv_transfer_params.do_remote_decode` answers with params for the decode
   side (`do_remote_prefill`, `kvpilot_blocks`); the decode side waits up to `pd_wait_s` for
   that many blocks, then loads what is there.
@@ -37,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvpilot.kvtransfer.protocol import WARM_REPORT
 from kvpilot.kvtransfer.vllm_blocks import (
     BlockPlanner,
     ReqOps,
@@ -45,6 +48,7 @@ from kvpilot.kvtransfer.vllm_blocks import (
     namespace,
     rank_present,
     split_layers,
+    warm_answer,
 )
 from kvpilot.kvtransfer.vllm_io import COUNTERS, StoreClient
 
@@ -209,6 +213,9 @@ if HAVE_VLLM:
             tr = self.planner.finished(request.request_id)
             self._requests.pop(request.request_id, None)
             params = request.kv_transfer_params or {}
+            if params.get(WARM_REPORT):  # the router pre-warming this engine: say what was loaded
+                report = warm_answer(tr, request.num_prompt_tokens, self.block_size, len(request.block_hashes))
+                return False, report.wire()
             if not params.get("do_remote_decode"):
                 return False, None
             saved = min(tr.saved_upto if tr else 0, (request.num_prompt_tokens - 1) // self.block_size)

@@ -106,12 +106,20 @@ def workerpools(spec: LLMServiceSpec, owner: Owner) -> list[Obj]:
 
 def workerpool(spec: LLMServiceSpec, role: Role, pool: PoolSpec, owner: Owner) -> Obj:
     body = WorkerPoolSpec(service=owner.name, role=role, model=spec.model, engine=spec.engine,
-                          kv_transfer=spec.kv_transfer if spec.mode == "disaggregated" else None,
+                          kv_transfer=spec.kv_transfer if spec.mode == "disaggregated" or shared_store(spec) else None,
                           **pool.model_dump())
     name = pool_name(owner.name, role)
     return {"apiVersion": API_VERSION, "kind": "WorkerPool",
             "metadata": _meta(name, owner, _labels(owner.name, "workerpool", **{LABEL_ROLE: role})),
             "spec": body.wire()}
+
+
+def shared_store(spec: LLMServiceSpec) -> bool:
+    """vLLM engines sharing kvpilot's Redis store (`kvTransfer.backend: redis`): in aggregated
+    mode too, every engine saves what it computes and loads what another saved, so a pod that
+    inherits a prefix on a scale event (or a migrated stream's target) loads it instead of
+    recomputing it, and the router's handover warms pods from the store."""
+    return spec.engine.type == "vllm" and spec.kv_transfer is not None and spec.kv_transfer.backend == "redis"
 
 
 def without_replicas(obj: Obj) -> Obj:
@@ -139,7 +147,9 @@ def router_config(spec: LLMServiceSpec, owner: Owner) -> Obj:
             **({"engine": "vllm",
                 "kvEvents": {"bind": f"tcp://0.0.0.0:{KV_EVENTS_PORT}", "blockSize": spec.routing.block_size,
                              "replayPort": KV_REPLAY_PORT,
-                             **({"tokenizer": tok} if (tok := tokenizer_source(spec)) else {})}}
+                             **({"tokenizer": tok} if (tok := tokenizer_source(spec)) else {})},
+                # the engines share the Redis store: scale-event handovers warm pods from it
+                **({"kvTransfer": {"backend": "redis"}} if shared_store(spec) else {})}
                if spec.engine.type == "vllm" else {}),
             **({"migration": {"enabled": True, "tpotMs": spec.slo.tpot_ms}} if spec.routing.migration else {}),
         }],
@@ -268,7 +278,7 @@ def engine_command(spec: WorkerPoolSpec) -> tuple[list[str], list[str]]:
             "--tensor-parallel-size", str(spec.tensor_parallel), "--enable-prefix-caching"]
     if spec.pipeline_parallel > 1:   # stages in one pod, on its gpus (across nodes takes engine ray-serve)
         args += ["--pipeline-parallel-size", str(spec.pipeline_parallel)]
-    if spec.role != "aggregated":
+    if spec.role != "aggregated" or (spec.kv_transfer is not None and spec.kv_transfer.backend == "redis"):
         args += ["--kv-transfer-config", json.dumps(kv_transfer_config(spec), separators=(",", ":"))]
     args += ["--kv-events-config", json.dumps(kv_events_config(spec), separators=(",", ":"))]
     if spec.model.uri and spec.model.uri.startswith("s3://"):
@@ -277,7 +287,8 @@ def engine_command(spec: WorkerPoolSpec) -> tuple[list[str], list[str]]:
 
 
 def kv_transfer_config(spec: WorkerPoolSpec) -> Obj:
-    """vLLM's --kv-transfer-config for one side of a P/D pair: NIXL by default, kvpilot's for Redis."""
+    """vLLM's --kv-transfer-config for one side of a P/D pair: NIXL by default, kvpilot's for Redis
+    (which aggregated pools get too: `shared_store`)."""
     backend = spec.kv_transfer.backend if spec.kv_transfer else "nixl"
     if backend == "nixl":
         # Explicit roles (vLLM deprecates kv_both); a pool without GPUs stages KV in host memory.

@@ -106,7 +106,7 @@ class Api:
                 param = "messages" if chat else "prompt"
                 raise ApiError(400, f"{param}: not valid Unicode text (a lone surrogate)", param=param) from None
             await model.engine_keys(view, prompt, body.get("messages") if chat else None)
-            self.runtime.handovers.observe(model_name, view, prompt)
+            self.runtime.handovers.observe(model_name, view, prompt, chat)
             path = "/v1/chat/completions" if chat else "/v1/completions"
             resp = await self.dispatcher.run(request, model, view, path, body)
             metrics.requests.labels(model_name, "ok").inc()

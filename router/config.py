@@ -69,6 +69,31 @@ class HandoverConfig(BaseModel):
     timeout_s: float = Field(10.0, gt=0, alias="timeoutSeconds", description="bound on one handover, all calls")
 
 
+class KVTransfer(BaseModel):
+    """How the model's engines move KV (the LLMService's `kvTransfer`, as far as the router needs
+    it). `redis` on vLLM engines means they run kvpilot's connector: every engine saves what it
+    computes to one shared store and loads what another saved, so a scale event's handover warms
+    a pod by sending it the hot prefixes (`kvpilot.router.prewarm`) instead of exporting them."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    backend: Literal["nixl", "redis", "lmcache"] = "nixl"
+    share_prefixes: bool = Field(
+        False, alias="sharePrefixes",
+        description="cross-instance prefix sharing: the routing policy's cost model counts a prefix any instance "
+                    "was sent as a load from the store at every other instance, so when a prefix's owner is "
+                    "overloaded the request may go to a less loaded one (DualMap's SLO switch and idle takeover). "
+                    "Off: affinity alone (bench/results/prefix_sharing.md)")
+    store_token_cost: float = Field(0.25, gt=0, le=1, alias="storeTokenCost",
+                                    description="a token loaded from the store, in prefill tokens (sharePrefixes)")
+
+    @model_validator(mode="after")
+    def _sharing_needs_redis(self) -> KVTransfer:
+        if self.share_prefixes and self.backend != "redis":
+            raise ValueError("kvTransfer.sharePrefixes needs backend redis (a store every engine loads from)")
+        return self
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -100,6 +125,11 @@ class ModelConfig(BaseModel):
         "simulator", description="how streams migrate: simulator workers copy a running request's KV themselves; "
                                  "stock vLLM cannot, so the router moves its streams by resume (router/resume.py)")
     handover: HandoverConfig = Field(default_factory=HandoverConfig)
+    kv_transfer: KVTransfer | None = Field(None, alias="kvTransfer")
+
+    def shared_store(self) -> bool:
+        """The engines are vLLM sharing kvpilot's Redis store (see `KVTransfer`)."""
+        return self.engine == "vllm" and self.kv_transfer is not None and self.kv_transfer.backend == "redis"
 
     @model_validator(mode="after")
     def _roles_fit_mode(self) -> ModelConfig:

@@ -5,6 +5,9 @@ Several policies need the same two estimates, kept from what the router itself d
   until vLLM KV events replace it), giving the expected cache hit of a new request there;
 - the uncached prompt tokens dispatched there whose first token has not come back, times a
   per-token prefill time calibrated online from observed TTFTs, giving a predicted TTFT.
+- with a KV store every instance loads from (`PolicyContext.shared_store`: vLLM engines on
+  kvpilot's Redis connector), one more LRU of every prompt sent anywhere: at an instance that
+  lacks a stored prefix, its tokens cost `store_token_cost` of a prefill token each (a load).
 
 The calibration fits TTFT = fixed overhead + per-token time × work (exponentially weighted least
 squares per instance), not TTFT / work: a measured TTFT also holds costs that do not grow with
@@ -16,10 +19,13 @@ every prediction after it is many times too high, and DualMap takes SLO fallback
 from __future__ import annotations
 
 import functools
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from kvpilot.router.policy import BasePolicy, CacheView, InstanceLoad, Outcome, PolicyContext, RequestView
+
+STORE_INSTANCES = 16   # the shared store's view holds this many instances' KV capacity (Redis is sized larger)
 
 __all__ = ["CacheView", "LoadEstimator", "ShadowCache", "ladder"]
 
@@ -190,6 +196,11 @@ class LoadEstimator:
         self._inflight: dict[str, tuple[str, int, int]] = {}      # request → (instance, uncached, backlog seen)
         self._claims: dict[str, tuple[str, list[int]]] = {}       # request → (instance, its tentative blocks)
         self.observed: CacheView | None = None                    # set by the proxy when KV events are on
+        # With a shared store (`PolicyContext.shared_store`): the prefixes any instance was sent,
+        # which it computed and saved; another instance loads them instead of prefilling.
+        self.store: ShadowCache | None = None
+        if context.shared_store:
+            self.store = ShadowCache(STORE_INSTANCES * context.kv_capacity_tokens // context.block_size)
         # Each instance's load view (other router replicas' waiting requests: `external`), and this
         # replica's mean prefill work per dispatched request, the price of one of theirs.
         self.loads: dict[str, InstanceLoad] = {}
@@ -217,17 +228,23 @@ class LoadEstimator:
         seen = self.observed.cached_tokens(name, request) if self.observed is not None else None
         cached = self.caches[name].match(request.block_hashes) * self.context.block_size if seen is None else seen
         hit = min(request.prompt_tokens - 1, cached)
+        load = 0
+        if self.store is not None:   # tokens in the store beyond the local hit: loaded, at a fraction of a prefill
+            stored = min(request.prompt_tokens - 1, self.store.match(request.block_hashes) * self.context.block_size)
+            if stored > hit:
+                load = math.ceil((stored - hit) * self.context.store_token_cost)
+                hit = stored
         new = max(1, request.prompt_tokens - hit)
         if self.attention_tokens <= 0:
-            return new
-        return new + new * (hit + new // 2) // self.attention_tokens
+            return new + load
+        return new + load + new * (hit + new // 2) // self.attention_tokens
 
     def better_of(self, a: str, b: str, request: RequestView) -> tuple[str, str, int]:
         """(the candidate with the larger expected cache hit, `a` on a tie; the other; the prefill
         work at the first). Fewer uncached tokens is the same order as a longer hit, so matching
         `a` and one probe of `b` where `a`'s hit ends decide it: `b` is matched in full only when
         it wins, which keeps a decision's lookups from doubling with the prompt's ladder."""
-        if self.observed is not None or a == b:
+        if self.observed is not None or a == b or self.store is not None:
             ua, ub = self.uncached(a, request), self.uncached(b, request)
             return (a, b, ua) if ua <= ub else (b, a, ub)
         hashes = request.block_hashes
@@ -275,6 +292,8 @@ class LoadEstimator:
         self._inflight[request.request_id] = (name, uncached, seen)
         claim: list[int] = []
         self.caches[name].insert(request.block_hashes, claim)
+        if self.store is not None:
+            self.store.insert(request.block_hashes)
         if claim:
             self._claims[request.request_id] = (name, claim)
 

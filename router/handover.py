@@ -7,7 +7,10 @@ prefixes are hot (`HotPrefixes`) and the rings, so on a membership change it pla
 (`moves_in` / `moves_out`) and asks the pods to hand the KV over through the KV store:
 `POST {source}/kvpilot/prefixes/export`, then `POST {target}/kvpilot/prefixes/import`
 (`kvpilot.sim.handover`). After an import the router's shadow cache of the target learns the
-prefix, so its next request goes there.
+prefix, so its next request goes there. vLLM engines have no such endpoints; when they share
+kvpilot's Redis store (`kvTransfer: {backend: redis}`, `ModelConfig.shared_store`) every prefix
+is in the store already, and the target is warmed instead: each hot prefix is sent to it as a
+1-token completion that loads the stored blocks into its prefix cache (`kvpilot.router.prewarm`).
 
 Triggers: any membership change of the pool (endpoints file, Kubernetes discovery: a pod that
 left the ready set is asked to export while its grace period keeps it running), and
@@ -36,6 +39,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from kvpilot.kvtransfer import protocol
+from kvpilot.kvtransfer.protocol import WarmReport, warm_report
 from kvpilot.router.config import HandoverConfig
 from kvpilot.router.hashring import dual_ring_owners
 from kvpilot.router.hot_prefixes import (
@@ -52,6 +56,7 @@ from kvpilot.router.hot_prefixes import (
 from kvpilot.router.metrics import RouterMetrics
 from kvpilot.router.policy import CacheEstimate, RequestView, RingPlacement
 from kvpilot.router.pool import Member, Pool
+from kvpilot.router.prewarm import tally, warm_body, warmable
 
 log = logging.getLogger("kvpilot.router.handover")
 RECENT_S = 30.0  # a finished handover answers repeated triggers for this long
@@ -68,6 +73,7 @@ class _Model:
     tracker: HotPrefixes
     owners: Owners
     gone: dict[str, str] = field(default_factory=dict)   # recently left pod → its URL
+    warm: bool = False          # vLLM pods sharing a store: warm targets by request, export nothing
 
 
 class _Failed(Exception):
@@ -88,31 +94,35 @@ class Handovers:
                              ["model", "kind"], registry=r)
         self.moved_bytes = Counter("kvpilot_router_handover_bytes", "KV bytes imported by handovers.",
                                    ["model", "kind"], registry=r)
+        self.moved_tokens = Counter("kvpilot_router_handover_tokens", "KV tokens pods loaded from the shared "
+                                    "store when handovers warmed them (vLLM).", ["model", "kind"], registry=r)
         self.models: dict[str, _Model] = {}
         self.session: aiohttp.ClientSession | None = None
         self._tasks: dict[tuple[str, str, str], tuple[asyncio.Task[Outcome], float]] = {}
 
-    def add_model(self, name: str, pool: Pool, cfg: HandoverConfig, block_size: int) -> None:
+    def add_model(self, name: str, pool: Pool, cfg: HandoverConfig, block_size: int, warm: bool = False) -> None:
         """Hand over for the pool whose policy keeps the cache affinity: one that places prompts
-        on DualMap's rings and keeps a cache estimate (both declared capabilities of the policy)."""
+        on DualMap's rings and keeps a cache estimate (both declared capabilities of the policy).
+        `warm`: the pods share a KV store they load from by themselves (vLLM with kvpilot's
+        connector), so targets are warmed by request instead of importing an export."""
         placement, estimate = pool.policy.ring_placement(), pool.policy.cache_estimate()
         if not cfg.enabled or placement is None or estimate is None:
             return
         m = _Model(name, pool, placement, estimate, cfg,
                    HotPrefixes(block_size, window=cfg.window, min_hits=cfg.min_hits, max_blocks=cfg.max_blocks),
-                   dual_ring_owners())
+                   dual_ring_owners(), warm=warm)
         self.models[name] = m
         pool.on_change = functools.partial(self._changed, m)
 
     def start(self, session: aiohttp.ClientSession) -> None:
         self.session = session
 
-    def observe(self, model: str, view: RequestView, prompt: str) -> None:
+    def observe(self, model: str, view: RequestView, prompt: str, chat: bool = False) -> None:
         m = self.models.get(model)
         if m is None or not view.block_hashes:
             return
         key, depth = m.placement.placement_key(view.block_hashes)
-        m.tracker.observe(key, depth, view.block_hashes, prompt)
+        m.tracker.observe(key, depth, view.block_hashes, prompt, chat)
 
     # -- triggers -------------------------------------------------------------------------------
     def _changed(self, m: _Model, joined: list[Member], left: list[Member]) -> None:
@@ -123,12 +133,16 @@ class Handovers:
         if self.session is None or not m.tracker.hot(1):
             return  # before serving (the initial endpoint list), or nothing hot: nothing to move
         names = frozenset(x.endpoint.name for x in m.pool.healthy())
+        # The pool before the change: a pod that joins in the same change (one replaced by another)
+        # is a new owner of the leaving pod's keys, not one that already held them.
+        before = (names - {x.endpoint.name for x in joined}) | {x.endpoint.name for x in left}
         for x in left:
-            self._start(m, "scale_in", x.endpoint.name, x.url, names | {x.endpoint.name})
+            self._start(m, "scale_in", x.endpoint.name, x.url, before, after=names)
         for x in joined:
             self._start(m, "scale_out", x.endpoint.name, x.url, names)
 
-    def _start(self, m: _Model, kind: str, pod: str, url: str, members: frozenset[str]) -> asyncio.Task[Outcome]:
+    def _start(self, m: _Model, kind: str, pod: str, url: str, members: frozenset[str],
+               after: frozenset[str] | None = None) -> asyncio.Task[Outcome]:
         now = time.monotonic()
         for k, (task, at) in list(self._tasks.items()):
             if task.done() and now - at > RECENT_S:
@@ -136,7 +150,7 @@ class Handovers:
         entry = self._tasks.get((m.name, kind, pod))
         if entry is not None:
             return entry[0]
-        task = asyncio.get_running_loop().create_task(self._run(m, kind, pod, url, members))
+        task = asyncio.get_running_loop().create_task(self._run(m, kind, pod, url, members, after))
         task.add_done_callback(lambda _t: self._tasks.update({(m.name, kind, pod): (task, time.monotonic())}))
         self._tasks[(m.name, kind, pod)] = (task, now)
         return task
@@ -164,15 +178,22 @@ class Handovers:
         return web.json_response(outcome.body())
 
     # -- the moves ---------------------------------------------------------------------------------
-    async def _run(self, m: _Model, kind: str, pod: str, url: str, members: frozenset[str]) -> Outcome:
+    async def _run(self, m: _Model, kind: str, pod: str, url: str, members: frozenset[str],
+                   after: frozenset[str] | None = None) -> Outcome:
         started = time.monotonic()
         deadline = asyncio.get_running_loop().time() + m.cfg.timeout_s
-        moves, urls = self._plan(m, kind, pod, url, members)
+        moves, urls = self._plan(m, kind, pod, url, members, after)
+        left_out = 0
+        if m.warm:
+            moves, left_out = warmable(moves)
         parts: list[Outcome] = []
         for batch in batches(moves, BATCH):
             try:
                 async with asyncio.timeout_at(deadline):
-                    parts.append(await self._round(m, batch, urls))
+                    part = await (self._warm_round(m, batch, urls) if m.warm else self._round(m, batch, urls))
+                parts.append(part)
+                if m.warm and part.outcome in ("failed", "unsupported"):
+                    break   # the store is down or the engines cannot report: later rounds would only compute
             except _Unsupported as e:
                 parts.append(Outcome("unsupported", detail=str(e)))
                 break
@@ -180,24 +201,32 @@ class Handovers:
                 parts.append(Outcome("failed", detail=str(e) or type(e).__name__))
                 break
         out = combine(parts) if moves else Outcome("noop", detail="no hot prefix changes owner")
+        if left_out:
+            out.detail = "; ".join(filter(None, [out.detail, f"{left_out} chat prefixes left to load on first use"]))
         self.total.labels(m.name, kind, out.outcome).inc()
         self.moved.labels(m.name, kind).inc(out.prefixes)
         self.moved_bytes.labels(m.name, kind).inc(out.bytes)
+        self.moved_tokens.labels(m.name, kind).inc(out.tokens)
         log.info("handover %s %s: %s", kind, pod, out.outcome,
-                 extra={"model": m.name, "prefixes": out.prefixes, "bytes": out.bytes, "detail": out.detail,
+                 extra={"model": m.name, "prefixes": out.prefixes, "bytes": out.bytes, "tokens": out.tokens,
+                        "detail": out.detail,
                         "seconds": round(time.monotonic() - started, 3)})
         return out
 
-    def _plan(self, m: _Model, kind: str, pod: str, url: str,
-              members: frozenset[str]) -> tuple[list[Move], dict[str, str]]:
+    def _plan(self, m: _Model, kind: str, pod: str, url: str, members: frozenset[str],
+              after: frozenset[str] | None = None) -> tuple[list[Move], dict[str, str]]:
         """Who exports which prefix to whom, and every pod's URL."""
         hot = m.tracker.hot(m.cfg.max_prefixes)
         urls = {x.endpoint.name: x.url for x in m.pool.members} | {pod: url}
-        if kind == "scale_in":
-            plan = moves_in(hot, pod, members, m.owners)
-            return [Move(pod, target, h) for target, hs in plan.items() for h in hs if target in urls], urls
+
         def held(owner: str, h: Hot) -> int:
             return m.estimate.cached_blocks(owner, list(h.hashes))
+
+        if kind == "scale_in":
+            # Warming a pod that turns out to hold the prefix costs one short request, so on vLLM
+            # a remaining owner the router does not believe holds it is warmed too.
+            plan = moves_in(hot, pod, members, m.owners, after, held if m.warm else None)
+            return [Move(pod, target, h) for target, hs in plan.items() for h in hs if target in urls], urls
 
         plan = moves_out(hot, pod, members, m.owners, held)
         return [Move(source, pod, h) for source, hs in plan.items() for h in hs if source in urls], urls
@@ -267,3 +296,22 @@ class Handovers:
             if resp.status != 200:
                 raise _Failed(f"HTTP {resp.status}")
             return int((await resp.json())["blocks_received"])
+
+    # -- warming from the shared store (vLLM) -----------------------------------------------------
+    async def _warm_round(self, m: _Model, moves: list[Move], urls: dict[str, str]) -> Outcome:
+        """One round: every target gets its prefixes as 1-token completions (in parallel); its
+        shadow cache learns each one it answered (it holds the prefix now, loaded or computed)."""
+        got = await asyncio.gather(*(self._warm(urls[mv.target], m.name, mv.prefix.text) for mv in moves),
+                                   return_exceptions=True)
+        out, answered = tally(list(zip(moves, got, strict=True)))
+        for mv in answered:
+            m.estimate.learn(mv.target, list(mv.prefix.hashes))
+        return out
+
+    async def _warm(self, url: str, model: str, text: str) -> WarmReport | None:
+        assert self.session is not None
+        async with self.session.post(url + "/v1/completions", json=warm_body(model, text)) as resp:
+            if resp.status != 200:
+                raise _Failed(f"HTTP {resp.status} {(await resp.text())[:200]}")
+            body = await resp.json()
+            return warm_report(body.get("kv_transfer_params") if isinstance(body, dict) else None)

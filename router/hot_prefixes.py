@@ -34,6 +34,7 @@ class Hot:
     hits: int                 # requests in the window with this key
     hashes: tuple[int, ...]   # the router's block hashes of the prefix to move
     text: str                 # the prefix's text: the engine hashes it at its own block size
+    chat: bool = False        # seen as a chat: `text` is kvpilot's rendering, not the engine's template
 
     def plan_view(self) -> HotPrefix:
         return HotPrefix(self.key, (), self.hits)
@@ -44,6 +45,7 @@ class _Sample:
     hashes: tuple[int, ...]
     text: str
     common: int               # leading router blocks shared by the last two requests
+    chat: bool = False
 
 
 def common_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -70,14 +72,15 @@ class HotPrefixes:
         self._counts: Counter[int] = Counter()
         self._samples: dict[int, _Sample] = {}
 
-    def observe(self, key: int, depth: int, hashes: list[int], prompt: str) -> None:
-        """Count one request whose affinity key is `hashes[depth - 1]` (= `key`)."""
+    def observe(self, key: int, depth: int, hashes: list[int], prompt: str, chat: bool = False) -> None:
+        """Count one request whose affinity key is `hashes[depth - 1]` (= `key`); `chat`: its
+        prompt is a chat's messages as kvpilot renders them."""
         if depth <= 0 or depth > len(hashes):
             return  # keyed by something other than its prefix (a short prompt): nothing to move
         head = tuple(hashes[: self.max_blocks])
         old = self._samples.get(key)
         common = min(depth, len(head)) if old is None else max(min(depth, len(head)), common_blocks(old.hashes, head))
-        self._samples[key] = _Sample(head, prompt[: len(head) * self.block_size * BYTES_PER_TOKEN], common)
+        self._samples[key] = _Sample(head, prompt[: len(head) * self.block_size * BYTES_PER_TOKEN], common, chat)
         self._recent.append(key)
         self._counts[key] += 1
         if len(self._recent) > self.window:
@@ -94,15 +97,17 @@ class HotPrefixes:
             if hits < self.min_hits:
                 break
             s = self._samples[key]
-            out.append(Hot(key, hits, s.hashes[: s.common], text_head(s.text, s.common * self.block_size)))
+            out.append(Hot(key, hits, s.hashes[: s.common], text_head(s.text, s.common * self.block_size), s.chat))
         return out
 
 
 def plan_scale_in(hot: Iterable[HotPrefix], leaving: str, members: frozenset[str],
-                  owners: Owners) -> dict[str, list[HotPrefix]]:
+                  owners: Owners, after: frozenset[str] | None = None) -> dict[str, list[HotPrefix]]:
     """Per remaining pod, the hot prefixes the leaving pod owns now that fall to that pod once
-    it is gone (pods that already owned a prefix have its KV and get nothing), most used first."""
-    after = members - {leaving}
+    it is gone (pods that already owned a prefix have its KV and get nothing), most used first.
+    `after`: the members once the change is done, when pods join in the same change (a pod
+    replaced by another); default `members` less the leaving pod."""
+    after = members - {leaving} if after is None else after
     out: dict[str, list[HotPrefix]] = {}
     for p in sorted(hot, key=lambda p: (-p.hits, p.key)):
         before = owners(p.key, members)
@@ -127,11 +132,31 @@ def plan_scale_out(hot: Iterable[HotPrefix], joining: str, members: frozenset[st
     return out
 
 
-def moves_in(hot: list[Hot], leaving: str, members: frozenset[str], owners: Owners) -> dict[str, list[Hot]]:
-    """Per remaining pod, the hot prefixes it inherits from `leaving` (which must be in `members`)."""
+def moves_in(hot: list[Hot], leaving: str, members: frozenset[str], owners: Owners,
+             after: frozenset[str] | None = None,
+             held: Callable[[str, Hot], int] | None = None) -> dict[str, list[Hot]]:
+    """Per remaining pod, the hot prefixes it inherits from `leaving` (which must be in `members`);
+    `after` as in `plan_scale_in`. With `held` (blocks of a prefix the router believes a pod
+    holds), a pod that was already one of the prefix's owners but does not hold all of it gets
+    it too: a key's second candidate need not have served it (in a 2-pod pool, the one left
+    is the second candidate of every key)."""
     by_key = {h.key: h for h in hot}
-    plan = plan_scale_in([h.plan_view() for h in hot], leaving, members | {leaving}, owners)
-    return {pod: [by_key[p.key] for p in prefixes] for pod, prefixes in plan.items()}
+    plan = plan_scale_in([h.plan_view() for h in hot], leaving, members | {leaving}, owners, after)
+    out = {pod: [by_key[p.key] for p in prefixes] for pod, prefixes in plan.items()}
+    if held is None:
+        return out
+    members = members | {leaving}
+    remaining = members - {leaving} if after is None else after
+    for h in sorted(hot, key=lambda h: (-h.hits, h.key)):
+        before = owners(h.key, members)
+        if leaving not in before:
+            continue
+        for pod in owners(h.key, remaining):
+            if pod in before and held(pod, h) < len(h.hashes):
+                out.setdefault(pod, []).append(h)
+    for moved in out.values():
+        moved.sort(key=lambda h: (-h.hits, h.key))
+    return out
 
 
 def moves_out(hot: list[Hot], joining: str, members: frozenset[str], owners: Owners,
@@ -171,18 +196,20 @@ def batches(moves: Sequence[Move], size: int) -> list[list[Move]]:
 class Outcome:
     outcome: str              # ok | partial | failed | noop | unsupported
     prefixes: int = 0         # prefixes now in a target's cache
-    bytes: int = 0
+    bytes: int = 0            # KV bytes imported (export/import handovers)
     detail: str = ""
+    tokens: int = 0           # KV tokens targets loaded from the shared store (pre-warmed vLLM pods)
 
     def body(self) -> dict[str, Any]:
-        return {"outcome": self.outcome, "prefixes": self.prefixes, "bytes": self.bytes, "detail": self.detail}
+        return {"outcome": self.outcome, "prefixes": self.prefixes, "bytes": self.bytes, "tokens": self.tokens,
+                "detail": self.detail}
 
 
 def combine(parts: Sequence[Outcome]) -> Outcome:
     """One handover's outcome from its rounds': failed only when nothing arrived anywhere."""
     kinds = {p.outcome for p in parts}
     out = Outcome("noop", sum(p.prefixes for p in parts), sum(p.bytes for p in parts),
-                  "; ".join(p.detail for p in parts if p.detail))
+                  "; ".join(p.detail for p in parts if p.detail), sum(p.tokens for p in parts))
     if kinds & {"failed", "partial"}:
         out.outcome = "partial" if out.prefixes else "failed"
     elif "ok" in kinds:

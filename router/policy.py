@@ -90,6 +90,12 @@ class PolicyContext:
     kv_capacity_tokens: int = 400_000   # per instance, for cache-state estimates
     seed: int = 0
     prefill_token_s: float = 30e-6      # prior for one prompt token's prefill time, until calibrated online
+    # Cross-instance prefix sharing (vLLM engines on kvpilot's Redis store): any instance can load a
+    # prefix another computed, so a non-owner's cost for a stored prefix is a load, each token
+    # costing `store_token_cost` of a prefill token, not a prefill. Off: an instance's cost counts
+    # its own cache only (affinity alone).
+    shared_store: bool = False
+    store_token_cost: float = 0.25
 
 
 class CacheView(Protocol):

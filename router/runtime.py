@@ -125,7 +125,9 @@ class Runtime:
     def _model(self, m: ModelConfig) -> ModelRuntime:
         cfg = self.cfg
         ctx = PolicyContext(slo_ttft_s=m.slo_ttft_ms / 1000, block_size=m.block_size,
-                            kv_capacity_tokens=m.kv_capacity_tokens, seed=cfg.seed, prefill_token_s=m.prefill_token_s)
+                            kv_capacity_tokens=m.kv_capacity_tokens, seed=cfg.seed, prefill_token_s=m.prefill_token_s,
+                            shared_store=m.kv_transfer is not None and m.kv_transfer.share_prefixes,
+                            store_token_cost=m.kv_transfer.store_token_cost if m.kv_transfer else 0.25)
         policy = make_policy(m.policy, ctx)
 
         def pool(p: Policy) -> Pool:
@@ -143,7 +145,7 @@ class Runtime:
         if m.endpoints_file is not None:
             model.endpoints_file = EndpointsFile(m.endpoints_file)
         self.migrator.add_model(m.name, model.main, m.migration, m.slo_ttft_ms / 1000, m.engine)
-        self.handovers.add_model(m.name, model.affinity_pool, m.handover, m.block_size)
+        self.handovers.add_model(m.name, model.affinity_pool, m.handover, m.block_size, warm=m.shared_store())
         model.set_endpoints(m.endpoints)
         return model
 

@@ -52,6 +52,13 @@ def register(sub: Any) -> None:
     cluster.add_argument("--rebalance", choices=["none", "queued", "live"], default="none",
                          help="move requests off hot spots: queued ones only, or running ones too (live migration)")
     cluster.add_argument("--theta", type=float, default=0.8, help="rebalance: a hot spot is over θ × SLO")
+    cluster.add_argument("--shared-store", action="store_true",
+                         help="a KV store every engine saves its prompts to and loads from (vLLM with kvpilot's "
+                              "Redis connector)")
+    cluster.add_argument("--share-prefixes", action="store_true",
+                         help="with --shared-store: the router's cross-instance sharing option")
+    cluster.add_argument("--store-token-cost", type=float, default=0.25,
+                         help="a token loaded from the store, in prefill tokens")
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--json", type=Path, help="write the report (with per-request rows) here")
     cluster.set_defaults(handler=_cluster)
@@ -113,7 +120,9 @@ def _cluster(args: argparse.Namespace) -> int:
 
         specs = make_workload(args.workload, args.requests, args.rate, args.seed)
     cfg = ClusterConfig(instances=args.instances, profile=args.profile, block_size=args.block_size,
-                        policy=args.policy, seed=args.seed, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot)
+                        policy=args.policy, seed=args.seed, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot,
+                        shared_store=args.shared_store, route_by_store=args.share_prefixes,
+                        store_token_cost=args.store_token_cost)
     cluster = Cluster(cfg)
     if args.rebalance != "none":
         from kvpilot.sim.migration_cluster import RebalanceConfig, Rebalancer

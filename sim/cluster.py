@@ -43,6 +43,14 @@ class ClusterConfig:
     # only through polls every `poll_s` (None: one router with an exact, every-step view).
     replicas: int = 1
     poll_s: float | None = None
+    # A KV store every instance saves its prompts' full blocks to and loads from (vLLM with kvpilot's
+    # Redis connector): a request's leading blocks another instance prefilled are loaded, each
+    # token costing `store_token_cost` of a prefill token (modelled as that share computed).
+    shared_store: bool = False
+    store_token_cost: float = 0.25
+    # The router's cross-instance sharing option (`PolicyContext.shared_store`): its cost model
+    # knows about the store. Off with a store: affinity alone, the engines load what they find.
+    route_by_store: bool = False
 
 
 @dataclass(slots=True)
@@ -141,8 +149,11 @@ class Cluster:
         self.block_size = config.block_size or self.profile.block_size
         if config.replicas < 1 or (config.replicas > 1 and (policy is not None or config.poll_s is None)):
             raise ValueError("several router replicas need a poll interval and build their own policies")
+        if config.route_by_store and not config.shared_store:
+            raise ValueError("route_by_store needs a shared store")
         ctx = PolicyContext(slo_ttft_s=config.slo_ttft_s, block_size=self.block_size,
-                            kv_capacity_tokens=self.profile.kv_capacity_tokens, seed=config.seed)
+                            kv_capacity_tokens=self.profile.kv_capacity_tokens, seed=config.seed,
+                            shared_store=config.route_by_store, store_token_cost=config.store_token_cost)
         self.policies = [policy] if policy is not None else [make_policy(config.policy, ctx)
                                                              for _ in range(config.replicas)]
         self.policy = self.policies[0]
@@ -152,6 +163,22 @@ class Cluster:
         self.loads = self.views[0]
         self.stats = [InstanceStats(f"sim-{i}") for i in range(config.instances)]
         self._release: Callable[[float], None] | None = None
+        self.store: set[int] | None = set() if config.shared_store else None   # block hashes saved
+
+    def _external(self, engine: Engine, hashes: list[int], prompt_tokens: int) -> int:
+        """Prompt tokens a request takes from the shared store at `engine`: its leading stored
+        blocks beyond the local hit, less the share whose load time is modelled as compute."""
+        store = self.store
+        if store is None:
+            return 0
+        limit = min(len(hashes), (prompt_tokens - 1) // self.block_size)
+        n = 0
+        while n < limit and hashes[n] in store:
+            n += 1
+        local = len(engine.pool.match_prefix(hashes, limit))
+        if n <= local:
+            return 0
+        return (local + math.floor((n - local) * (1 - self.config.store_token_cost))) * self.block_size
 
     def run(self, specs: Seq[RequestSpec]) -> ClusterReport:
         engines, views, stats, policies = self.engines, self.views, self.stats, self.policies
@@ -176,6 +203,8 @@ class Cluster:
             st.kv_usage_s += engine.pool.usage() * dur
             for seq in engine.commit(plan, t):
                 if seq.output == 1:  # first token: its prompt is no longer pending prefill
+                    if self.store is not None:   # its prompt's full blocks are saved
+                        self.store.update(seq.block_hashes)
                     r = meta[seq][3]
                     load = views[r][meta[seq][1]]
                     load.pending_prefill_tokens -= seq.prompt_tokens
@@ -213,7 +242,8 @@ class Cluster:
             policies[r].on_dispatch(view, i, loads)
             # The engine sees the request when it is dispatched (after any router-side queue), so the
             # TTFT fed back to the policy is measured from here, as the live proxy measures it.
-            seq = Sequence(spec.request_id, t, spec.prompt_tokens, view.block_hashes, spec.max_tokens)
+            seq = Sequence(spec.request_id, t, spec.prompt_tokens, view.block_hashes, spec.max_tokens,
+                           external_tokens=self._external(engines[i], view.block_hashes, spec.prompt_tokens))
             engines[i].add(seq)
             meta[seq] = (spec, i, reason, r)
             loads[i].in_flight += 1

@@ -167,3 +167,32 @@ def test_combine_fails_only_when_nothing_arrived() -> None:
     assert (out.outcome, out.prefixes, out.bytes, out.detail) == ("partial", 2, 100, "store down")
     assert combine([failed]).outcome == "failed" and combine([noop]).outcome == "noop"
     assert combine([Outcome("unsupported")]).outcome == "unsupported" and combine([]).outcome == "noop"
+
+
+def test_a_pod_replaced_in_one_change_hands_its_keys_to_the_replacement() -> None:
+    owners = dual_ring_owners()
+    prefixes = [hot(k) for k in range(1, 200, 5)]
+    # Seen as one change, "y" joining while "x" leaves is the only pod after: it inherits every key.
+    plan = moves_in(prefixes, "x", frozenset({"x"}), owners, after=frozenset({"y"}))
+    assert sorted(h.key for h in plan["y"]) == sorted(h.key for h in prefixes) and list(plan) == ["y"]
+    # Planned as if "y" had been there before, nothing would move (it looks like an owner already).
+    assert moves_in(prefixes, "x", frozenset({"x", "y"}), owners) == {}
+
+
+def test_with_held_a_remaining_owner_that_never_served_the_prefix_gets_it() -> None:
+    owners = dual_ring_owners()
+    prefixes = [hot(k) for k in range(1, 200, 5)]
+    pair = frozenset({"x", "y"})
+    assert moves_in(prefixes, "x", pair, owners) == {}     # "y" is every key's other candidate
+    # The router believes "y" holds only the first three prefixes: it gets the rest.
+    holds = {h.key for h in prefixes[:3]}
+    plan = moves_in(prefixes, "x", pair, owners, held=lambda pod, h: len(h.hashes) if h.key in holds else 0)
+    assert sorted(h.key for h in plan["y"]) == sorted(h.key for h in prefixes[3:]) and list(plan) == ["y"]
+    # In a bigger pool only keys "x" owned move, and a new owner gets them whatever it holds.
+    members = frozenset({"x", "y", "z", "w"})
+    plain = moves_in(prefixes, "x", members, owners)
+    full = moves_in(prefixes, "x", members, owners, held=lambda pod, h: 0)
+    for pod, hs in plain.items():
+        assert {h.key for h in hs} <= {h.key for h in full[pod]}
+    for pod, hs in full.items():
+        assert all("x" in owners(h.key, members) and pod in owners(h.key, members - {"x"}) for h in hs)

@@ -3,8 +3,10 @@
 Both engines run `KvpilotRedisConnector` (kv_both) against the same two Redis servers, so any
 block one computes the other can load. In file order: P/D through the router (decode loads the
 prompt the prefill engine saved), live migration by resume (the target loads every full block,
-including the ones the source saved while decoding), one shard lost (misses only), and Redis
-killed under load (every request completes with the same tokens; the failures are counted)."""
+including the ones the source saved while decoding), the router's scale-event handover (the
+inheriting engine warmed from the store), one shard lost (misses only), Redis killed under load
+(every request completes with the same tokens; the failures are counted), and a handover with
+Redis down (counted failed)."""
 
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 from vllm_stage import Stages, make_prompt, post_json
 
 from kvpilot.operator import render
+from kvpilot.router.handover import RECENT_S
 from kvpilot.testing.redis import RedisServer
 from kvpilot.testing.router import RouterProcess
-from kvpilot.testing.vllm import BLOCK_SIZE, SERVED, VLLMServer, kvpilot_overlay
+from kvpilot.testing.vllm import BLOCK_SIZE, SERVED, VLLMServer, kvpilot_overlay, metric
 
 BLOCK_BYTES = 2 * 2 * BLOCK_SIZE * 2 * 32 * 4      # layers × kv heads × tokens × (K|V) × head dim × fp32
 EXTERNAL = {"source": "external_kv_transfer"}
@@ -146,6 +150,116 @@ def test_migrated_stream_loads_its_blocks_on_the_target(
     assert result["blocking_ms"] > 0
 
 
+def _publish(path: Path, *names: str, kv: KVPair) -> None:
+    """Rewrite the router's endpoints file (as local mode does): these engines are the pool now."""
+    servers = {"kv-x": kv.x, "kv-y": kv.y}
+    path.write_text(yaml.safe_dump({"endpoints": [{"name": n, "url": servers[n].url} for n in names]}))
+
+
+def _sources(server: VLLMServer) -> dict[str, float]:
+    return {k: server.metric("vllm:prompt_tokens_by_source_total", source=k)
+            for k in ("external_kv_transfer", "local_cache_hit", "local_compute")}
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after}
+
+
+def _hot(router: RouterProcess, tag: str, n: int) -> list[dict[str, Any]]:
+    """`n` prompts of 6+ blocks, each sent twice through the router (hot: `minHits` 2)."""
+    bodies = [greedy(make_prompt(f"{tag}-{i}", 6 * BLOCK_SIZE + 50), 2) for i in range(n)]
+    for b in bodies + bodies:
+        post_json(router.url + "/v1/completions", b)
+    return bodies
+
+
+def _router_metric(router: RouterProcess, name: str, **labels: str) -> float:
+    return metric(router.metrics_text(), name, **labels)
+
+
+def test_scale_events_warm_the_inheriting_engine_from_redis(
+        kv: KVPair, router_factory: Callable[..., RouterProcess], tmp_path: Path) -> None:
+    eps = tmp_path / "endpoints.yaml"
+    _publish(eps, "kv-x", kv=kv)
+    router = router_factory([{"name": SERVED, "policy": "dualmap", "engine": "vllm", "endpointsFile": str(eps),
+                              "kvTransfer": {"backend": "redis"}}])
+    start = kv.total_keys()
+    hot = _hot(router, "kv-out", 2)               # computed on kv-x, which saves every full block
+    wait_keys(kv, start + 2 * 6)
+    # Scale-out: kv-y is pre-warmed before it is published (local mode's order).
+    before = _sources(kv.y)
+    out, _ = post_json(router.admin_url + "/kvpilot/handover", {"model": SERVED, "joining": "kv-y", "url": kv.y.url})
+    warmed = _delta(_sources(kv.y), before)
+    assert out["outcome"] == "ok" and out["prefixes"] == 2, out
+    # What the router counts as loaded is what kv-y's engine took from Redis: whole blocks, ≥ 4 per prefix.
+    assert out["tokens"] == warmed["external_kv_transfer"] >= 2 * 4 * BLOCK_SIZE and out["tokens"] % BLOCK_SIZE == 0
+    assert warmed["local_compute"] < 2 * 2 * BLOCK_SIZE     # at most the cut block and the last token each
+    # kv-y now serves a hot prompt from its own prefix cache.
+    before = _sources(kv.y)
+    assert kv.y.post("/v1/completions", hot[0])["choices"][0]["token_ids"] == \
+        kv.x.post("/v1/completions", hot[0])["choices"][0]["token_ids"]
+    served = _delta(_sources(kv.y), before)
+    assert served["local_cache_hit"] >= 4 * BLOCK_SIZE and served["local_compute"] < BLOCK_SIZE, served
+
+    # Scale-in: new hot prefixes on kv-x, then kv-x leaves the pool (replaced by kv-y): the router
+    # warms kv-y, which inherits every key, from the store (kv-x is not asked for anything).
+    hot = _hot(router, "kv-in", 2)
+    wait_keys(kv, start + 4 * 6)
+    before, tokens = _sources(kv.y), _router_metric(router, "kvpilot_router_handover_tokens_total")
+    _publish(eps, "kv-y", kv=kv)
+    deadline = time.monotonic() + 60
+    while not _router_metric(router, "kvpilot_router_handovers_total", kind="scale_in") and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _router_metric(router, "kvpilot_router_handovers_total", kind="scale_in", outcome="ok") == 1, \
+        [x for x in router.metrics_text().splitlines() if x.startswith("kvpilot_router_handover")]
+    # All four hot prefixes fell to kv-y: two it held already, two loaded now.
+    assert _router_metric(router, "kvpilot_router_handover_prefixes_total", kind="scale_in") == 4
+    loaded = _router_metric(router, "kvpilot_router_handover_tokens_total") - tokens
+    assert loaded == _delta(_sources(kv.y), before)["external_kv_transfer"] >= 2 * 4 * BLOCK_SIZE
+    before = _sources(kv.y)
+    _, headers = post_json(router.url + "/v1/completions", hot[1])
+    assert headers["X-Kvpilot-Endpoint"] == "kv-y"
+    assert _delta(_sources(kv.y), before)["local_cache_hit"] >= 4 * BLOCK_SIZE
+
+    # Scale-in of a 2-pod pool: kv-y is already every key's second candidate, but it has not
+    # served the prefixes DualMap kept on kv-x; the router warms it with exactly those.
+    scaled_in = time.monotonic()
+    _publish(eps, "kv-y", "kv-x", kv=kv)
+    _wait_members(router, 2)
+    served: dict[int, set[str]] = {}
+    bodies = [greedy(make_prompt(f"kv-pair-{i}", 6 * BLOCK_SIZE + 50), 2) for i in range(4)]
+    for i, b in enumerate(bodies + bodies):
+        served.setdefault(i % len(bodies), set()).add(post_json(router.url + "/v1/completions", b)[1]
+                                                      ["X-Kvpilot-Endpoint"])
+    only_x = sum(1 for pods in served.values() if pods == {"kv-x"})
+    wait_keys(kv, start + 8 * 6)
+    before, tokens = _sources(kv.y), _router_metric(router, "kvpilot_router_handover_tokens_total")
+    prefixes = _router_metric(router, "kvpilot_router_handover_prefixes_total", kind="scale_in")
+    time.sleep(max(0.0, RECENT_S + 1 - (time.monotonic() - scaled_in)))  # a trigger sooner joins the last one
+    _publish(eps, "kv-y", kv=kv)
+    deadline = time.monotonic() + 60
+    while _router_metric(router, "kvpilot_router_handovers_total", kind="scale_in") < 2 and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    outcome = "ok" if only_x else "noop"
+    assert _router_metric(router, "kvpilot_router_handovers_total", kind="scale_in", outcome=outcome) == \
+        (2 if only_x else 1), (served, [x for x in router.metrics_text().splitlines()
+                                        if x.startswith("kvpilot_router_handover")])
+    assert _router_metric(router, "kvpilot_router_handover_prefixes_total", kind="scale_in") - prefixes == only_x
+    loaded = _router_metric(router, "kvpilot_router_handover_tokens_total") - tokens
+    assert loaded == _delta(_sources(kv.y), before)["external_kv_transfer"] >= only_x * 4 * BLOCK_SIZE
+
+
+def _wait_members(router: RouterProcess, n: int) -> None:
+    """Until the router's pool has `n` members (it polls the endpoints file)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if _router_metric(router, "kvpilot_router_healthy_endpoints") >= n:
+            return
+        time.sleep(0.2)
+
+
 def _run_on(server: VLLMServer, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     with ThreadPoolExecutor(len(bodies)) as pool:
         return list(pool.map(lambda b: server.post("/v1/completions", b)["choices"][0], bodies))
@@ -187,3 +301,16 @@ def test_redis_killed_mid_transfer_every_request_completes_and_is_counted(kv: KV
     while kv.y.metric("vllm:kvpilot_kv_num_failed_transfers_total") <= failed and time.monotonic() < deadline:
         time.sleep(0.5)
     assert kv.y.metric("vllm:kvpilot_kv_num_failed_transfers_total") > failed
+
+
+def test_handover_with_redis_down_is_counted_failed_and_clients_are_served(
+        kv: KVPair, router_factory: Callable[..., RouterProcess], tmp_path: Path) -> None:
+    assert not any(s.proc.alive() for s in kv.shards)  # both shards were stopped above
+    eps = tmp_path / "endpoints.yaml"
+    _publish(eps, "kv-x", kv=kv)
+    router = router_factory([{"name": SERVED, "policy": "dualmap", "engine": "vllm", "endpointsFile": str(eps),
+                              "kvTransfer": {"backend": "redis"}}])
+    _hot(router, "kv-down", 1)                    # served: computed, nothing saved
+    out, _ = post_json(router.admin_url + "/kvpilot/handover", {"model": SERVED, "joining": "kv-y", "url": kv.y.url})
+    assert (out["outcome"], out["prefixes"], out["tokens"]) == ("failed", 0, 0), out
+    assert _router_metric(router, "kvpilot_router_handovers_total", kind="scale_out", outcome="failed") == 1

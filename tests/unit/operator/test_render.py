@@ -335,3 +335,23 @@ def test_default_vllm_image_is_the_vllm_the_tests_run() -> None:
     assert tested is not None
     image = render.DEFAULT_VLLM_IMAGE
     assert image == f"vllm/vllm-openai:v{tested.group(1)}"
+
+
+def test_aggregated_vllm_over_redis_shares_the_store_and_tells_the_router() -> None:
+    spec = _spec(mode="aggregated", prefill=None, kvTransfer={"backend": "redis", "redisURL": "redis://kv:6379/0"})
+    pool, _ = _pool(spec, "aggregated")
+    _, args = render.engine_command(pool)
+    kv = json.loads(args[args.index("--kv-transfer-config") + 1])
+    assert kv["kv_connector"] == "KvpilotRedisConnector" and kv["kv_connector_extra_config"]["redis_url"] == \
+        "redis://kv:6379/0"
+    model = RouterConfig.model_validate(render.router_config(spec, OWNER)).models[0]
+    assert model.shared_store()  # the router warms pods from the store on scale events
+    # NIXL or no kvTransfer: aggregated pools run no connector and the router exports nothing.
+    for other in (_spec(mode="aggregated", prefill=None), _spec(mode="aggregated", prefill=None,
+                                                                  kvTransfer={"backend": "nixl"})):
+        plain, _ = _pool(other, "aggregated")
+        assert "--kv-transfer-config" not in render.engine_command(plain)[1]
+        assert not RouterConfig.model_validate(render.router_config(other, OWNER)).models[0].shared_store()
+    # Simulator engines keep their export/import handover, whatever the backend.
+    sim = _spec(engine={"type": "simulator"}, kvTransfer={"backend": "redis", "redisURL": "redis://kv:6379/0"})
+    assert not RouterConfig.model_validate(render.router_config(sim, OWNER)).models[0].shared_store()
