@@ -327,3 +327,20 @@ def test_default_vllm_image_is_the_vllm_the_tests_run() -> None:
     assert tested is not None
     image = render.DEFAULT_VLLM_IMAGE
     assert image == f"vllm/vllm-openai:v{tested.group(1)}"
+
+
+def test_the_operators_image_reaches_simulators_and_never_vllm_engines() -> None:
+    """`helm upgrade --set image.tag=…` (or a registry mirror) changes the operator's --image: the
+    simulator runs the kvpilot command, so it follows; a vLLM engine's image is the spec's alone."""
+    sim, owner = _pool(_spec(engine={"type": "simulator"}), "decode")
+    mirror = "mirror.example/kvpilot:next"
+
+    def image(pool: WorkerPoolSpec, operator_image: str | None) -> str:
+        image: str = render.pool_deployment(pool, owner, image=operator_image)["spec"]["template"]["spec"][
+            "containers"][0]["image"]
+        return image
+
+    assert image(sim, None) == render.kvpilot_image() and image(sim, mirror) == mirror
+    vllm, owner = _pool(_spec(), "decode")
+    assert render.pool_deployment(vllm, owner, image=mirror) == render.pool_deployment(vllm, owner)
+    assert image(vllm, mirror) == render.DEFAULT_VLLM_IMAGE
