@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -66,7 +67,9 @@ async def _resync_forever(memo: kopf.Memo) -> None:
     while True:
         await asyncio.sleep(memo.get("resync_seconds", RESYNC_SECONDS))
         try:
-            await asyncio.get_running_loop().run_in_executor(memo.get("executor"), _resync_all, memo)
+            # In this task's context, as asyncio.to_thread would: kopf's Event posting lives there.
+            context = contextvars.copy_context()
+            await asyncio.get_running_loop().run_in_executor(memo.get("executor"), context.run, _resync_all, memo)
         except Exception:
             log.exception("periodic resync failed")
 

@@ -91,3 +91,33 @@ def test_the_resync_reapplies_each_pools_deployment_budget_and_service(monkeypat
     reconcile.reconcile_service(cluster, svc)  # type: ignore[arg-type]
     assert ("Deployment", "s-decode") not in cluster.applied
     assert ("Deployment", render.router_name("s")) in cluster.applied
+
+
+def test_the_resync_runs_on_the_handlers_executor_in_its_tasks_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On kopf's executor so --max-workers bounds it too, and in the task's context: kopf posts Events
+    (a phase change) through a context variable, which a bare executor thread would not have."""
+    import asyncio
+    import contextvars
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    queue: contextvars.ContextVar[str] = contextvars.ContextVar("queue")
+    seen: list[tuple[str, str]] = []
+    ran = threading.Event()
+
+    def resync_all(memo: kopf.Memo) -> None:
+        seen.append((threading.current_thread().name, queue.get("missing")))
+        ran.set()
+
+    monkeypatch.setattr(handlers, "_resync_all", resync_all)
+
+    async def main() -> None:
+        queue.set("kopf's event queue")
+        memo = kopf.Memo(resync_seconds=0.01, executor=ThreadPoolExecutor(1, thread_name_prefix="kopf-handlers"))
+        task = asyncio.get_running_loop().create_task(handlers._resync_forever(memo))
+        while not ran.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(main())
+    assert seen[0][0].startswith("kopf-handlers") and seen[0][1] == "kopf's event queue"
