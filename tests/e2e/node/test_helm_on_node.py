@@ -212,11 +212,16 @@ def test_helm_upgrade_to_a_new_image_tag_rolls_routers_and_simulators_to_it(
                        "--set", f"image.tag={tag}")
     assert out.returncode == 0, out.stdout + out.stderr
 
-    def images() -> set[str]:
+    def images() -> dict[str, str]:
         pods = _json(release, "get", "pods", "-A", "-l", "app.kubernetes.io/name=kvpilot")["items"]
-        return {c["image"] for p in pods for c in p["spec"]["containers"]}
+        return {p["metadata"]["name"]: c["image"] for p in pods for c in p["spec"]["containers"]}
 
-    wait_for(lambda: images() == {f"ghcr.io/kvpilot/kvpilot:{tag}"}, 240, "every kvpilot pod on the new tag")
+    try:
+        wait_for(lambda: set(images().values()) == {f"ghcr.io/kvpilot/kvpilot:{tag}"}, 300,
+                 "every kvpilot pod on the new tag")
+    except TimeoutError:
+        pods = release.kubectl("get", "pods", "-A", "-o", "wide").stdout
+        raise AssertionError(f"not all on {tag}: {images()}\n{pods}") from None
     _example_running(release)
     print(f"helm upgrade of the image tag rolled everything in {time.time() - t0:.1f}s")
     assert not before & (set(_pods(release, engines)) | set(_pods(release, routers)))
