@@ -48,12 +48,16 @@ def test_a_failing_refresh_does_not_block_its_key() -> None:
 def test_shutdown_cancels_waiting_timers_and_refuses_new_work() -> None:
     coalescer = Coalescer(delay=0.3, workers=1)
     ran = threading.Event()
+    before = set(threading.enumerate())
     assert coalescer.submit("a", ran.set) and coalescer.submit("b", ran.set)
-    assert coalescer.pending() == 2
+    timers = [t for t in set(threading.enumerate()) - before if isinstance(t, threading.Timer)]
+    assert coalescer.pending() == 2 and len(timers) == 2
     coalescer.shutdown()
     assert coalescer.pending() == 0 and not coalescer.submit("c", ran.set)
+    for timer in timers:   # cancelled: their threads end at once, not after the delay
+        timer.join(0.1)
+        assert not timer.is_alive()
     assert not ran.wait(0.6)   # past the delay: the cancelled timers never ran their refresh
-    assert not [t for t in threading.enumerate() if isinstance(t, threading.Timer) and t.is_alive()]
 
 
 def test_refreshes_share_the_given_executor_so_its_size_bounds_them() -> None:
