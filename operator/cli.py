@@ -32,7 +32,8 @@ def register(sub: Any) -> None:
     run.add_argument("--no-pod-monitors", dest="pod_monitors", action="store_false",
                      help="never create PodMonitors (by default: one per LLMService when the Prometheus "
                           "Operator's CRDs exist)")
-    run.add_argument("--image", help="image with the kvpilot command, for routers (default: this version's)")
+    run.add_argument("--image", help="image with the kvpilot command, for routers and simulator engines (default: this "
+                          "version's); vLLM engines run their spec's image")
     run.add_argument("--pod-defaults", type=_json_object, default=None, metavar="JSON",
                      help="what every engine and router pod gets: {imagePullSecrets: [names], priorityClassName, "
                           "extraVolumes, extraVolumeMounts, modelCache: {existingClaim | hostPath}} (the chart's "

@@ -13,37 +13,66 @@ import contextvars
 import logging
 import threading
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 log = logging.getLogger("kvpilot.operator")
 
 
 class Coalescer:
-    def __init__(self, delay: float = 0.5, workers: int = 8) -> None:
+    """`executor`: where the refreshes run. The operator passes kopf's handler executor, so
+    `--max-workers` bounds handlers and refreshes together; without one, a pool of `workers` threads."""
+
+    def __init__(self, delay: float = 0.5, workers: int = 8, executor: Executor | None = None) -> None:
         self.delay = delay
-        self._pending: set[Hashable] = set()
+        self._timers: dict[Hashable, threading.Timer] = {}  # a key is pending while it has a timer here
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kvpilot-refresh")
+        self._closed = False
+        self._own = executor is None
+        self._pool = executor or ThreadPoolExecutor(workers, thread_name_prefix="kvpilot-refresh")
 
     def submit(self, key: Hashable, fn: Callable[[], object]) -> bool:
-        """Schedule `fn` for `key` unless it is already scheduled; True when this call scheduled it."""
-        with self._lock:
-            if key in self._pending:
-                return False
-            self._pending.add(key)
+        """Schedule `fn` for `key` unless it is already scheduled or the coalescer is shut down; True
+        when this call scheduled it."""
         context = contextvars.copy_context()
-        timer = threading.Timer(self.delay, lambda: self._pool.submit(self._run, key, fn, context))
-        timer.daemon = True
-        timer.start()
+        with self._lock:
+            if self._closed or key in self._timers:
+                return False
+            timer = threading.Timer(self.delay, self._fire, (key, fn, context))
+            timer.daemon = True
+            self._timers[key] = timer
+            timer.start()
         return True
+
+    def _fire(self, key: Hashable, fn: Callable[[], object], context: contextvars.Context) -> None:
+        with self._lock:
+            if self._closed:
+                return
+        try:
+            self._pool.submit(self._run, key, fn, context)
+        except RuntimeError:  # the executor is shutting down (kopf's, at exit)
+            with self._lock:
+                self._timers.pop(key, None)
 
     def _run(self, key: Hashable, fn: Callable[[], object], context: contextvars.Context) -> None:
         with self._lock:  # from here on a new request schedules a new run: no change is missed
-            self._pending.discard(key)
+            self._timers.pop(key, None)
         try:
             context.run(fn)
         except Exception:
             log.exception("refresh of %s failed; the next event or resync retries it", key)
 
+    def pending(self) -> int:
+        """Keys scheduled and not yet started."""
+        with self._lock:
+            return len(self._timers)
+
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel every timer still waiting and stop accepting work; refreshes already running finish.
+        An executor passed in belongs to its owner and is left running."""
+        with self._lock:
+            self._closed = True
+            timers, self._timers = list(self._timers.values()), {}
+        for timer in timers:
+            timer.cancel()
+        if self._own:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -39,7 +40,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.execution.max_workers = memo.get("max_workers", 16)
     settings.peering.lifetime = memo.get("peering_lifetime", 60)
     memo.kube = Kube(load_client())
-    memo.coalescer = Coalescer(memo.get("refresh_delay", 0.5))
+    # Refreshes and the resync run on kopf's handler executor, so `--max-workers` bounds all the
+    # operator's reconciling threads at once, not only the handlers'.
+    memo.executor = settings.execution.executor
+    memo.coalescer = Coalescer(memo.get("refresh_delay", 0.5), executor=memo.executor)
+    memo.answered = reconcile.Answered()
     memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
 
 
@@ -62,7 +67,9 @@ async def _resync_forever(memo: kopf.Memo) -> None:
     while True:
         await asyncio.sleep(memo.get("resync_seconds", RESYNC_SECONDS))
         try:
-            await asyncio.to_thread(_resync_all, memo)
+            # In this task's context, as asyncio.to_thread would: kopf's Event posting lives there.
+            context = contextvars.copy_context()
+            await asyncio.get_running_loop().run_in_executor(memo.get("executor"), context.run, _resync_all, memo)
         except Exception:
             log.exception("periodic resync failed")
 
@@ -96,7 +103,7 @@ def _resync_all(memo: kopf.Memo) -> None:
         try:
             with measured("LLMService"):
                 outcome = reconcile.reconcile_service(kube, svc, memo.get("image"), memo.get("monitors", True),
-                                                      memo.get("defaults", NO_DEFAULTS))
+                                                      memo.get("defaults", NO_DEFAULTS), pool_children=True)
         except Exception:
             meta = svc.get("metadata", {})
             log.exception("periodic resync of %s/%s failed", meta.get("namespace"), meta.get("name"))
@@ -142,7 +149,7 @@ def workerpool_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: An
     spec_moved = (body.get("status") or {}).get("observedGeneration") != meta.get("generation")
     if type != "DELETED" and (type != "MODIFIED" or spec_moved):
         with measured("WorkerPool"):
-            reconcile.reconcile_pool(memo.kube, dict(body), memo.get("defaults", NO_DEFAULTS))
+            reconcile.reconcile_pool(memo.kube, dict(body), memo.get("defaults", NO_DEFAULTS), memo.get("image"))
     service = body.get("spec", {}).get("service")
     if service and type == "DELETED":  # recreated by a full reconcile
         outcome = reconcile.reconcile_service_named(memo.kube, meta["namespace"], service, memo.get("image"),
@@ -171,6 +178,7 @@ def _refresh_service_later(memo: kopf.Memo, namespace: str, service: str) -> Non
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
 @kopf.on.event("ray.io", "v1", "rayservices", labels=MANAGED)   # kopf waits for the CRD if KubeRay is absent
 def child_event(type: str | None, body: kopf.Body, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
     """A managed child changed or vanished. Deleted, or edited by someone else: reconcile its owner,
@@ -180,14 +188,15 @@ def child_event(type: str | None, body: kopf.Body, resource: kopf.Resource, memo
     several times slower."""
     meta = body["metadata"]
     labels = meta.get("labels", {})
-    rewrite = type == "DELETED" or reconcile.edited_by_others(dict(meta))
+    answered: reconcile.Answered = memo.answered
+    rewrite = type == "DELETED" or answered.new(dict(meta))
     deployment = resource.plural in ("deployments", "rayservices")
     if not rewrite and not deployment:
         return
     namespace, pool, service = meta["namespace"], labels.get(names.LABEL_POOL), labels.get(names.LABEL_SERVICE)
     if pool and rewrite:
         reconcile.reconcile_pool_named(memo.kube, namespace, pool,
-                                       defaults=memo.get("defaults", NO_DEFAULTS))
+                                       defaults=memo.get("defaults", NO_DEFAULTS), image=memo.get("image"))
     elif pool:
         memo.coalescer.submit(("WorkerPool", namespace, pool),
                               lambda: reconcile.reconcile_pool_named(memo.kube, namespace, pool, status_only=True))
@@ -197,3 +206,5 @@ def child_event(type: str | None, body: kopf.Body, resource: kopf.Resource, memo
                                           defaults=memo.get("defaults", NO_DEFAULTS))
     elif service:
         _refresh_service_later(memo, namespace, service)
+    if rewrite and type != "DELETED":
+        answered.answered(dict(meta))

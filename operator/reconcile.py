@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ from kvpilot import names
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
 from kvpilot.names import SIM_PROFILE_NAMES
 from kvpilot.operator import metrics, render, render_ray
+from kvpilot.operator import status as st
 from kvpilot.operator.kube import Kube, KubeError
 from kvpilot.operator.poddefaults import NO_DEFAULTS, PodDefaults
 from kvpilot.operator.status import Problem, gpu_capacity, llmservice_status, spec_problems, workerpool_status
@@ -44,10 +46,13 @@ def known_profiles() -> list[str]:
 
 
 def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, monitors: bool = True,
-                      defaults: PodDefaults = NO_DEFAULTS) -> Outcome:
+                      defaults: PodDefaults = NO_DEFAULTS, pool_children: bool = False) -> Outcome:
     """LLMService → WorkerPools, the router and (with `monitors`, when the Prometheus Operator's CRDs
     exist) a PodMonitor. An invalid spec changes nothing but the status. Too few GPUs on the nodes
-    is no reason to wait: the children are made, and their pods wait for a GPU node (see gpu_capacity)."""
+    is no reason to wait: the children are made, and their pods wait for a GPU node (see gpu_capacity).
+    `pool_children` (the periodic resync): also re-apply each pool's Deployment, PDB and Service. An
+    unchanged pool sends no watch event, so without this a pool child whose deletion or edit the watch
+    missed would never come back."""
     owner = render.Owner.of(svc)
     try:
         spec: LLMServiceSpec | None = LLMServiceSpec.model_validate(svc.get("spec") or {})
@@ -65,6 +70,9 @@ def reconcile_service(kube: Kube, svc: Obj, router_image: str | None = None, mon
         for pool in wanted:
             ensure_workerpool(kube, pool)
         pools = keep_workerpools(kube, owner, {p["metadata"]["name"] for p in wanted})
+        if pool_children:
+            for pool in pools:
+                reconcile_pool(kube, pool, defaults, router_image)
         ensure_admin_secret(kube, owner)
         router = None
         for obj in render.router_objects(spec, owner, router_image, defaults):
@@ -170,8 +178,9 @@ def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = N
     old = svc.get("status") or {}
     gpu = gpu_capacity(spec, kube.max_node_gpus()) if spec is not None else None
     new = llmservice_status(svc, spec, problems, pools, router, now(), gpu, rayservice).wire()
-    if {k: v for k, v in old.items() if k in new} != new:
-        kube.merge_patch("LLMService", meta["namespace"], meta["name"], {"status": new}, sub="status")
+    patch = st.status_patch(old, new)
+    if patch is not None:
+        kube.merge_patch("LLMService", meta["namespace"], meta["name"], {"status": patch}, sub="status")
     metrics.record_conditions(meta["namespace"], meta["name"], new.get("conditions", []))
     ready: Obj = next((c for c in new.get("conditions", []) if c["type"] == ("Degraded" if problems else "Ready")), {})
     return Outcome(old.get("phase"), new.get("phase"), ready.get("message", ""))
@@ -203,9 +212,9 @@ def ensure_workerpool(kube: Kube, pool: Obj) -> None:
     kube.apply(render.without_replicas(pool))
 
 
-def reconcile_pool(kube: Kube, pool: Obj, defaults: PodDefaults = NO_DEFAULTS) -> None:
+def reconcile_pool(kube: Kube, pool: Obj, defaults: PodDefaults = NO_DEFAULTS, image: str | None = None) -> None:
     """WorkerPool → Deployment, PodDisruptionBudget and headless Service, then the pool's status
-    from the Deployment."""
+    from the Deployment. `image`: the operator's kvpilot image (simulator engines run it)."""
     meta = pool["metadata"]
     owner = render.Owner.of(pool)
     try:
@@ -213,7 +222,7 @@ def reconcile_pool(kube: Kube, pool: Obj, defaults: PodDefaults = NO_DEFAULTS) -
     except ValidationError as err:
         log.warning("WorkerPool %s/%s does not parse: %s", meta["namespace"], meta["name"], err)
         return
-    deployment = kube.apply(render.pool_deployment(spec, owner, defaults))
+    deployment = kube.apply(render.pool_deployment(spec, owner, defaults, image))
     kube.apply(render.pool_disruption_budget(spec, owner))
     kube.apply(render.pool_service(spec, owner))
     refresh_pool_status(kube, pool, deployment)
@@ -229,7 +238,7 @@ def refresh_pool_status(kube: Kube, pool: Obj, deployment: Obj | None) -> None:
 
 
 def reconcile_pool_named(kube: Kube, namespace: str, name: str, status_only: bool = False,
-                         defaults: PodDefaults = NO_DEFAULTS) -> None:
+                         defaults: PodDefaults = NO_DEFAULTS, image: str | None = None) -> None:
     """Re-apply the pool's children, or (`status_only`) only refresh its status from its Deployment."""
     pool = kube.get("WorkerPool", namespace, name)
     if pool is None or pool["metadata"].get("deletionTimestamp") is not None:
@@ -237,19 +246,57 @@ def reconcile_pool_named(kube: Kube, namespace: str, name: str, status_only: boo
     if status_only:
         refresh_pool_status(kube, pool, kube.get("Deployment", namespace, name))  # named as its pool
     else:
-        reconcile_pool(kube, pool, defaults)
+        reconcile_pool(kube, pool, defaults, image)
+
+
+def foreign_edits(meta: Obj) -> frozenset[tuple[str, str, str]]:
+    """(manager, operation, time) of each managedFields entry by which anyone but the operator (or
+    a controller writing status or metadata, such as the Deployment controller's revision
+    annotation) owns a field of this object: a manual edit such as `kubectl scale deployment`,
+    `kubectl edit` or `kubectl rollout restart`. An entry's time moves whenever its manager changes
+    a field, so a new edit gives a new set."""
+    return frozenset(
+        (entry.get("manager", ""), entry.get("operation", ""), entry.get("time", ""))
+        for entry in meta.get("managedFields") or []
+        if entry.get("manager") != render.MANAGER and entry.get("subresource") != "status"
+        and any(key not in ("f:metadata", "f:status") for key in entry.get("fieldsV1") or {}))
 
 
 def edited_by_others(meta: Obj) -> bool:
-    """Whether anyone but the operator (or a controller writing status or metadata, such as the
-    Deployment controller's revision annotation) owns a field of this object: a manual edit such as
-    `kubectl scale deployment` or `kubectl edit`, which the operator's next apply takes back."""
-    for entry in meta.get("managedFields") or []:
-        if entry.get("manager") == render.MANAGER or entry.get("subresource") == "status":
-            continue
-        if any(key not in ("f:metadata", "f:status") for key in entry.get("fieldsV1") or {}):
-            return True
-    return False
+    """Whether anyone else owns a field of this object (`foreign_edits`), which the operator's next
+    apply takes back where it renders that field."""
+    return bool(foreign_edits(meta))
+
+
+class Answered:
+    """The foreign edits the operator has already answered with a re-apply, per object uid. An apply
+    takes back only the fields the operator renders: an edit of one it does not render (the
+    `restartedAt` annotation of `kubectl rollout restart`, an env var from `kubectl set env`) keeps
+    its owner for good, and re-applying on every later event of that object would never end. Bounded:
+    forgetting an object costs one more (idempotent) re-apply."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._seen: dict[str, frozenset[tuple[str, str, str]]] = {}
+        self._lock = threading.Lock()
+
+    def new(self, meta: Obj) -> bool:
+        """Whether this object carries foreign edits the operator has not answered yet."""
+        edits = foreign_edits(meta)
+        with self._lock:
+            if not edits:
+                self._seen.pop(meta.get("uid", ""), None)
+            return bool(edits) and self._seen.get(meta.get("uid", "")) != edits
+
+    def answered(self, meta: Obj) -> None:
+        """The object's current foreign edits were re-applied over."""
+        edits = foreign_edits(meta)
+        with self._lock:
+            self._seen.pop(meta.get("uid", ""), None)
+            if edits:
+                self._seen[meta.get("uid", "")] = edits
+                while len(self._seen) > self.size:
+                    del self._seen[next(iter(self._seen))]
 
 
 def reconcile_service_named(kube: Kube, namespace: str, name: str, router_image: str | None = None,

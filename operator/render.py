@@ -350,14 +350,18 @@ def engine_resources(spec: WorkerPoolSpec) -> Obj:
     return {k: v for k, v in (("limits", limits), ("requests", requests)) if v}
 
 
-def pool_deployment(spec: WorkerPoolSpec, owner: Owner, defaults: PodDefaults = NO_DEFAULTS) -> Obj:
-    """The pool's Deployment; `replicas` follows the WorkerPool (and so its scale subresource)."""
+def pool_deployment(spec: WorkerPoolSpec, owner: Owner, defaults: PodDefaults = NO_DEFAULTS,
+                    image: str | None = None) -> Obj:
+    """The pool's Deployment; `replicas` follows the WorkerPool (and so its scale subresource).
+    A simulator runs the `kvpilot` command, so it takes the operator's `image` as the router does
+    (a registry mirror or a new tag reaches it); a vLLM engine's image comes from the spec only, so
+    changing the operator's image never rolls vLLM workers."""
     labels = _labels(spec.service, "engine", **{LABEL_ROLE: spec.role, LABEL_POOL: owner.name})
     command, args = engine_command(spec)
     slow = spec.engine.type == "vllm"  # vLLM loads weights for minutes; the simulator starts in seconds
     health = {"httpGet": {"path": "/health", "port": "http"}}
     container: Obj = {
-        "name": "engine", "image": spec.engine.image or (DEFAULT_VLLM_IMAGE if slow else kvpilot_image()),
+        "name": "engine", "image": spec.engine.image or (DEFAULT_VLLM_IMAGE if slow else image or kvpilot_image()),
         "command": command, "args": args, "env": engine_env(spec),
         "ports": [{"name": "http", "containerPort": PORT},
                   *([{"name": "kv-replay", "containerPort": KV_REPLAY_PORT}] if slow else [])],

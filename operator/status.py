@@ -198,3 +198,16 @@ def llmservice_status(svc: Obj, spec: LLMServiceSpec | None, problems: list[Prob
     status.conditions.sort(key=lambda c: order.index(c.type) if c.type in order else len(order))
     status.phase = "Degraded" if degraded else "Ready" if ready else "Progressing"
     return status
+
+
+# The keys of LLMService.status the operator writes; `autoscaling` is the autoscaler's and never touched.
+SERVICE_KEYS = frozenset({"phase", "observedGeneration", "conditions", "prefill", "decode", "router", "endpoint"})
+
+
+def status_patch(old: Obj, new: Obj, owned: frozenset[str] = SERVICE_KEYS) -> Obj | None:
+    """The JSON merge patch that turns status `old` into `new` for the keys the operator owns, or
+    None when they already match. An owned key that `new` no longer has is removed (null): a merge
+    patch of `new` alone would leave, say, `prefill` counts behind after a service goes aggregated."""
+    patch: Obj = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k in owned and k not in new})
+    return patch or None

@@ -150,6 +150,12 @@ class RealNode:
             "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
             "--conntrack-tcp-timeout-close-wait=0", f"--nodeport-addresses={NODE_IP}/32"], env)
 
+    def tag_image(self, image: str, tag: str) -> None:
+        """Give an imported image a second name, as pushing it under a new tag would (no registry)."""
+        out = self._ctr("images", "tag", "--force", image, tag)
+        if out.returncode != 0:
+            raise RuntimeError(f"tagging {image} as {tag} failed: {out.stderr}")
+
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> ManagedProcess:
         proc = ManagedProcess(name, argv, self.dir / "logs" / f"{name}.log", env=env)
         self.procs[name] = proc

@@ -60,7 +60,7 @@ app.kubernetes.io/component: operator
   verbs: [create]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [get, create, patch]

@@ -3,17 +3,22 @@ containers: `helm install` the chart with the kvpilot image → the operator run
 `kubectl apply -f deploy/examples/simulator.yaml` → workers and routers run → the official `openai`
 client streams a completion through the router's Service via `kubectl port-forward` →
 `kubectl scale workerpool` grows a pool and the router sees the new worker → the operator pod is
-killed and its replacement converges → `helm uninstall` removes what the chart made.
-Under load (2 cores, load average 15-30) the module takes about 4.5 min, most of it the image
-import and pod starts; the steps wait on state, never on time.
+killed and its replacement converges → `helm uninstall` removes what the chart made. Before that,
+two `helm upgrade`s: one of operator values only (a log level, a memory limit) rolls the
+operator alone while a stream is served, and one of the image tag rolls every kvpilot pod to it.
+On 2 cores the module takes about 5 min (8.5 min under load, load average 15-30), most of it the
+image import, pod starts and the workers' 20 s drain; the two upgrades are 1.5 and 1.3 min of it
+(2.3 and 3 min under load). The steps wait on state, never on time.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -92,6 +97,140 @@ def test_operator_runs_as_a_real_container(release: ControlPlane) -> None:
     assert status["image"].endswith(f"kvpilot/kvpilot:{__version__}")
     assert pod["status"]["podIP"].startswith("198.18.")
     assert pod["spec"]["nodeName"] == "realnode"
+
+
+def _pods(plane: ControlPlane, selector: str) -> dict[str, tuple[str, int]]:
+    """name → (uid, restarts) of the live pods with `selector` in `default`."""
+    pods = _json(plane, "get", "pods", "-n", "default", "-l", selector)["items"]
+    return {p["metadata"]["name"]: (p["metadata"]["uid"], sum(c["restartCount"] for c in p["status"].get(
+        "containerStatuses", []))) for p in pods if p["metadata"].get("deletionTimestamp") is None}
+
+
+def _generations(plane: ControlPlane) -> dict[str, int]:
+    deps = _json(plane, "get", "deployments", "-n", "default", "-l", f"{LABEL_SERVICE}={SERVICE}")["items"]
+    return {d["metadata"]["name"]: d["metadata"]["generation"] for d in deps}
+
+
+def _example_running(plane: ControlPlane) -> tuple[str, str]:
+    """The example applied and all its pods Ready (a no-op when an earlier test did it); the
+    selectors of its engine and router pods."""
+    out = plane.kubectl("apply", "-f", str(EXAMPLE))
+    assert out.returncode == 0, out.stderr
+    engines = f"{LABEL_SERVICE}={SERVICE},{LABEL_COMPONENT}=engine"
+    routers = f"{LABEL_SERVICE}={SERVICE},{LABEL_COMPONENT}=router"
+    wait_for(lambda: _json(plane, "get", "llmservice", SERVICE).get("status", {}).get("phase") == "Ready", 180,
+             "the example LLMService Ready")
+    deps = _json(plane, "get", "deployments", "-n", "default", "-l", f"{LABEL_SERVICE}={SERVICE}")["items"]
+    for dep in deps:   # rolled out: no pod of an older ReplicaSet still going
+        selector = ",".join(f"{k}={v}" for k, v in dep["spec"]["selector"]["matchLabels"].items())
+        count = dep["spec"]["replicas"]
+        _wait_ready(plane, "default", selector, count, timeout=180)
+        wait_for(lambda sel=selector, n=count: len(_json(plane, "get", "pods", "-l", sel)["items"]) == n, 120,
+                 f"only the {count} current pods of {dep['metadata']['name']}")
+    return engines, routers
+
+
+class _Stream(threading.Thread):
+    """One long streamed completion through the router, each chunk's arrival time kept."""
+
+    def __init__(self, local: int, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.client = OpenAI(base_url=f"http://127.0.0.1:{local}/v1", api_key="unused", max_retries=0, timeout=300)
+        self.max_tokens = max_tokens
+        self.times: list[float] = []
+        self.finish: str | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for chunk in self.client.completions.create(model=MODEL, prompt="a long answer, please",
+                                                        max_tokens=self.max_tokens, stream=True):
+                if chunk.choices and chunk.choices[0].text:
+                    self.times.append(time.time())
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    self.finish = chunk.choices[0].finish_reason
+        except BaseException as err:   # handed to the test thread
+            self.error = err
+
+
+def _started_at(pod: dict[str, Any]) -> float:
+    [status] = pod["status"]["containerStatuses"]
+    return datetime.strptime(status["state"]["running"]["startedAt"], "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=UTC).timestamp()
+
+
+def test_helm_upgrade_of_operator_values_rolls_only_the_operator(release: ControlPlane,
+                                                                 port_forward: Callable[[str, int], int]) -> None:
+    """A log level and a memory limit changed: a new operator pod, and not one worker or router
+    pod replaced or restarted, their Deployments not even re-rendered; a stream through the router
+    is served while the operator rolls, and a new one after."""
+    engines, routers = _example_running(release)
+    workers_before, generations = _pods(release, f"{engines}"), _generations(release)
+    routers_before = _pods(release, routers)
+    operator = f"app.kubernetes.io/instance={RELEASE},{LABEL_COMPONENT}=operator"
+    [old] = _ready_pods(release, NS, operator)
+    svc = _json(release, "get", "service", f"{SERVICE}-router")
+    local = port_forward(f"service/{SERVICE}-router", svc["spec"]["ports"][0]["port"])
+    stream = _Stream(local, max_tokens=6000)   # about 40 s at the profile's 6.6 ms a token
+    stream.start()
+    wait_for(lambda: bool(stream.times) or not stream.is_alive(), 60, "the stream's first token")
+    t0 = time.time()   # a limit, not a request: the node's CPUs are all requested while a router surges later
+    out = release.helm("upgrade", RELEASE, CHART, "--namespace", NS, "--reuse-values", "--wait", "--timeout", "150s",
+                       "--set", "logLevel=DEBUG", "--set", "resources.limits.memory=640Mi")
+    assert out.returncode == 0, out.stdout + out.stderr
+    print(f"helm upgrade of operator values took {time.time() - t0:.1f}s")
+    [new] = _ready_pods(release, NS, operator)
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    [container] = new["spec"]["containers"]
+    assert "--log-level=DEBUG" in container["args"] and container["resources"]["limits"]["memory"] == "640Mi"
+    stream.join(120)
+    assert stream.error is None and not stream.is_alive(), stream.error
+    assert stream.finish == "length" and len(stream.times) > 100   # the whole answer, in many chunks
+    assert stream.times[0] < t0 and stream.times[-1] > _started_at(new), \
+        "the stream ended before the new operator started: make it longer"
+    # The new operator has resumed the service (kopf's resume handler reconciles it) and left it alone.
+    wait_for(lambda: "Handler 'llmservice-resume' succeeded" in release.kubectl(
+        "logs", "-n", NS, new["metadata"]["name"]).stdout, 90, "the new operator to resume the LLMService")
+    assert _pods(release, engines) == workers_before and _pods(release, routers) == routers_before
+    assert _generations(release) == generations
+    client = OpenAI(base_url=f"http://127.0.0.1:{local}/v1", api_key="unused", max_retries=2)
+    reply = client.completions.create(model=MODEL, prompt="after the upgrade", max_tokens=8, stream=True)
+    assert any(c.choices and c.choices[0].text for c in reply)
+
+
+def test_helm_upgrade_to_a_new_image_tag_rolls_routers_and_simulators_to_it(
+        release: ControlPlane, port_forward: Callable[[str, int], int]) -> None:
+    """The image is the kvpilot command: the operator, its routers and its simulator workers all run
+    it, so a new tag reaches them all (vLLM workers' image is their spec's: unit test_render)."""
+    engines, routers = _example_running(release)
+    before = set(_pods(release, engines)) | set(_pods(release, routers))
+    image = f"ghcr.io/kvpilot/kvpilot:{__version__}"
+    tag = f"{__version__}-retagged"
+    assert release.node is not None
+    release.node.tag_image(image, f"ghcr.io/kvpilot/kvpilot:{tag}")
+    t0 = time.time()
+    out = release.helm("upgrade", RELEASE, CHART, "--namespace", NS, "--reuse-values", "--wait", "--timeout", "150s",
+                       "--set", f"image.tag={tag}")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    def images() -> dict[str, str]:
+        pods = _json(release, "get", "pods", "-A", "-l", "app.kubernetes.io/name=kvpilot")["items"]
+        return {p["metadata"]["name"]: c["image"] for p in pods for c in p["spec"]["containers"]}
+
+    try:
+        wait_for(lambda: set(images().values()) == {f"ghcr.io/kvpilot/kvpilot:{tag}"}, 300,
+                 "every kvpilot pod on the new tag")
+    except TimeoutError:
+        pods = release.kubectl("get", "pods", "-A", "-o", "wide").stdout
+        raise AssertionError(f"not all on {tag}: {images()}\n{pods}") from None
+    _example_running(release)
+    print(f"helm upgrade of the image tag rolled everything in {time.time() - t0:.1f}s")
+    assert not before & (set(_pods(release, engines)) | set(_pods(release, routers)))
+    svc = _json(release, "get", "service", f"{SERVICE}-router")
+    local = port_forward(f"service/{SERVICE}-router", svc["spec"]["ports"][0]["port"])
+    client = OpenAI(base_url=f"http://127.0.0.1:{local}/v1", api_key="unused", max_retries=5)
+    reply = client.completions.create(model=MODEL, prompt="on the new tag", max_tokens=8, stream=True)
+    assert any(c.choices and c.choices[0].text for c in reply)
 
 
 def test_simulator_example_streams_scales_survives_operator_kill_and_uninstalls(release: ControlPlane,

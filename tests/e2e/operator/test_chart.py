@@ -44,6 +44,8 @@ def test_lint_and_template(crds: ControlPlane) -> None:
     verbs = _verbs(role)
     assert verbs[("apps", "deployments")] == {"get", "list", "watch", "create", "patch"}  # never delete or update
     assert verbs[("", "secrets")] == {"create"}   # the routers' admin tokens: made once, never read back
+    # watched like the other children (child_event), so a deleted pool budget comes back
+    assert verbs[("policy", "poddisruptionbudgets")] == {"get", "list", "watch", "create", "patch"}
     assert "delete" not in verbs[("kvpilot.io", "llmservices")]
     assert verbs[("monitoring.coreos.com", "podmonitors")] == {"create", "patch"}  # server-side apply only
     assert verbs[("kopf.dev", "kopfpeerings")] == {"get", "list", "watch", "patch"}

@@ -104,6 +104,19 @@ def test_simulator_example_is_served_scaled_healed_and_deleted(
     wait_for(healed, 30, f"the deleted Deployment recreated and the edit reverted\n{operator.log_tail()}")
     wait_for(lambda: _ready(kget, "sim-llama-8b"), 60, "Ready again")
 
+    # A pool's PodDisruptionBudget is watched like its Deployment: deleted, it is back before any
+    # periodic resync (which would also restore it) has run in between.
+    for _ in range(3):   # a resync that happens to fall in the window proves nothing: try again
+        resyncs = operator.log().count("periodic resync of")
+        old_uid = kget("poddisruptionbudget", "sim-llama-8b-decode")["metadata"]["uid"]
+        assert crds.kubectl("delete", "-n", namespace, "pdb", "sim-llama-8b-decode").returncode == 0
+        wait_for(lambda gone=old_uid: (kget("poddisruptionbudget", "sim-llama-8b-decode") or {}).get(
+            "metadata", {}).get("uid", gone) != gone, 30, f"the pool's PDB recreated\n{operator.log_tail()}")
+        if operator.log().count("periodic resync of") == resyncs:
+            break
+    else:
+        raise AssertionError("the PDB came back only with a periodic resync each time")
+
     # Deleting the LLMService removes everything it created (garbage collection via owner references).
     assert crds.kubectl("delete", "-n", namespace, "llmservice", "sim-llama-8b", "--wait=true").returncode == 0
 
@@ -177,6 +190,15 @@ def test_restart_mid_reconcile_converges_and_mode_switch_prunes(
     wait_for(lambda: _ready(kget, "small"), 60, "Ready in disaggregated mode")
     args = kget("deployment", "small-decode")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:4] == ["sim", "serve", "--profile", "h100-qwen2.5-0.5b"]
+    assert kget("llmservice", "small")["status"]["prefill"]["desired"] == 1
+
+    doc["spec"]["mode"] = "aggregated"   # and back: no prefill counts are left in the status
+    _apply(crds, namespace, doc)
+    wait_for(lambda: [p["metadata"]["name"] for p in kget("workerpools")["items"]] == ["small-worker"], 60,
+             "the aggregated pool replacing prefill and decode")
+    wait_for(lambda: _ready(kget, "small"), 60, "Ready in aggregated mode again")
+    status = kget("llmservice", "small")["status"]
+    assert "prefill" not in status and status["decode"]["desired"] == 2
 
 
 def test_killed_mid_burst_converges_without_duplicates(

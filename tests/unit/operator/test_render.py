@@ -355,3 +355,20 @@ def test_aggregated_vllm_over_redis_shares_the_store_and_tells_the_router() -> N
     # Simulator engines keep their export/import handover, whatever the backend.
     sim = _spec(engine={"type": "simulator"}, kvTransfer={"backend": "redis", "redisURL": "redis://kv:6379/0"})
     assert not RouterConfig.model_validate(render.router_config(sim, OWNER)).models[0].shared_store()
+
+
+def test_the_operators_image_reaches_simulators_and_never_vllm_engines() -> None:
+    """`helm upgrade --set image.tag=…` (or a registry mirror) changes the operator's --image: the
+    simulator runs the kvpilot command, so it follows; a vLLM engine's image is the spec's alone."""
+    sim, owner = _pool(_spec(engine={"type": "simulator"}), "decode")
+    mirror = "mirror.example/kvpilot:next"
+
+    def image(pool: WorkerPoolSpec, operator_image: str | None) -> str:
+        image: str = render.pool_deployment(pool, owner, image=operator_image)["spec"]["template"]["spec"][
+            "containers"][0]["image"]
+        return image
+
+    assert image(sim, None) == render.kvpilot_image() and image(sim, mirror) == mirror
+    vllm, owner = _pool(_spec(), "decode")
+    assert render.pool_deployment(vllm, owner, image=mirror) == render.pool_deployment(vllm, owner)
+    assert image(vllm, mirror) == render.DEFAULT_VLLM_IMAGE

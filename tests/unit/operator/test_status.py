@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from kvpilot.crds import LLMServiceSpec
-from kvpilot.operator.status import Problem, gpu_capacity, llmservice_status, spec_problems, workerpool_status
+from kvpilot.operator.status import (
+    Problem,
+    gpu_capacity,
+    llmservice_status,
+    spec_problems,
+    status_patch,
+    workerpool_status,
+)
 
 SVC: dict[str, Any] = {"metadata": {"name": "s", "namespace": "ns", "generation": 4}}
 SPEC = LLMServiceSpec.model_validate({"model": {"name": "m"}, "engine": {"type": "simulator"},
@@ -110,3 +117,19 @@ def test_the_autoscalers_gpu_shortage_shows_as_the_gpu_condition_with_its_count(
     again = llmservice_status({**SVC, "status": {"autoscaling": short}}, SPEC, [],
                               [_pool("prefill", 1, 1), _pool("decode", 4, 4)], None, "T2")
     assert _conds(again)["GPUCapacity"] == "True"
+
+
+def test_going_aggregated_removes_the_prefill_counts_and_keeps_the_autoscalers_keys() -> None:
+    router = {"status": {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}}
+    before = llmservice_status(SVC, SPEC, [], [_pool("prefill", 1, 1), _pool("decode", 2, 2)], router, "T1").wire()
+    old = {**before, "autoscaling": {"prefill": {"desired": 1, "reason": "steady"}}}
+    aggregated = LLMServiceSpec.model_validate({"model": {"name": "m"}, "engine": {"type": "simulator"},
+                                                "mode": "aggregated", "decode": {"gpus": 1, "replicas": 2}})
+    svc = {**SVC, "status": old}
+    after = llmservice_status(svc, aggregated, [], [_pool("aggregated", 2, 2)], router, "T2").wire()
+    patch = status_patch(old, after)
+    assert patch is not None and patch["prefill"] is None and "autoscaling" not in patch
+    merged = {k: v for k, v in {**old, **patch}.items() if v is not None}   # what a JSON merge patch leaves
+    assert "prefill" not in merged and merged["decode"] == {"desired": 2, "replicas": 2, "ready": 2}
+    assert merged["autoscaling"] == old["autoscaling"]
+    assert status_patch(merged, after) is None   # nothing to write once it matches
