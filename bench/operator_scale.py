@@ -1,10 +1,12 @@
 """Operator reconcile latency and memory at scale, on the real control plane with kwok nodes.
 
-    .venv/bin/python -P bench/operator_scale.py [--nodes 1000] [--services 100]
+    .venv/bin/python -P bench/operator_scale.py [--nodes 1000] [--services 100] [--rate 1]
 
 Starts the full harness (etcd, kube-apiserver, controller-manager, scheduler, kwok) with `--nodes`
 fake nodes of 8 × nvidia.com/gpu, applies the CRDs, runs `kvpilot operator run --standalone` as a
-process, then creates `--services` aggregated simulator LLMServices back to back. For each it
+process, then creates `--services` aggregated simulator LLMServices back to back (a burst: what
+`kubectl apply -f dir/` does) or, with `--rate R`, R per second (a steady stream: what a platform
+team's GitOps sync does over a day; the operator's own latency, not its backlog). For each it
 records the time from its create call until both of its Deployments (the worker pool and the
 router) exist, as seen by a `kubectl get --watch` running alongside the creates. Reports p50/p99
 of that latency, the total,
@@ -87,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--services", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=0.0, help="LLMServices created per second (0: a burst)")
     args = parser.parse_args()
     with ControlPlane("full") as plane:
         t0 = time.monotonic()
@@ -106,7 +109,9 @@ def main() -> None:
         created: dict[str, float] = {}
         names = [f"svc-{i:03d}" for i in range(args.services)]
         t_start = time.monotonic()
-        for name in names:
+        for i, name in enumerate(names):
+            if args.rate > 0:
+                time.sleep(max(0.0, t_start + i / args.rate - time.monotonic()))
             created[name] = time.monotonic()
             custom.create_namespaced_custom_object("kvpilot.io", "v1alpha1", "default", "llmservices", service(name))
         burst = time.monotonic() - t_start
@@ -128,7 +133,8 @@ def main() -> None:
               f"{len(done)} | {percentile(latencies, 50):.2f} | {percentile(latencies, 99):.2f} | "
               f"{max(done.values(), default=t_start) - t_start:.1f} | {rss / 1024:.0f} | {hwm / 1024:.0f} |",
               flush=True)
-        print(f"(the {args.services} creates themselves took {burst:.1f}s)", flush=True)
+        print(f"(the {args.services} creates took {burst:.1f}s: "
+              f"{'a burst' if args.rate <= 0 else f'{args.rate:g} per second'})", flush=True)
         total = sum(calls.values())
         print(f"operator API requests: {total} ({total / max(1, len(done)):.1f} per LLMService); by kind: "
               + ", ".join(f"{k} {v}" for k, v in calls.most_common()), flush=True)
