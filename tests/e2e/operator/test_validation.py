@@ -29,8 +29,10 @@ MODEL = {"name": "m"}
     ({"model": MODEL, "slo": {"attainment": 0}}, "spec.slo.attainment"),
     ({"model": MODEL, "engine": {"type": "simulator"}, "routing": {"migration": True}},
      "routing.migration on simulator engines needs kvTransfer.backend redis"),
+    ({"model": MODEL, "autoscaling": {"enabled": True, "metricsSource": "graphite"}},
+     'spec.autoscaling.metricsSource: Unsupported value: "graphite"'),
 ], ids=["negative-replicas", "min-gt-max", "unknown-engine", "missing-model", "prefill-in-aggregated",
-        "redis-without-url", "zero-attainment", "sim-migration-without-redis"])
+        "redis-without-url", "zero-attainment", "sim-migration-without-redis", "unknown-metrics-source"])
 def test_invalid_llmservice_rejected(crds: ControlPlane, spec: dict[str, Any], message: str) -> None:
     out = crds.kubectl("create", "--dry-run=server", "-n", "default", "-f", "-", input=_svc("bad", spec))
     assert out.returncode != 0
