@@ -80,6 +80,9 @@ class PlannerConfig:
                                            # mix is shifting; no scale-down, size on it at once (0: off)
     aggregated_work: bool = False          # an aggregated replica's time is shared: size on prefill + decode
                                            # shares of it, not on the larger one alone
+    mix_memory_s: float = 0.0              # never shrink below `mix_reserve` × the request rate at the heaviest
+    mix_reserve: float = 0.5               # prompt mix seen this long ago (s; 0: off): a mix that came back
+                                           # ramps up faster than a cold start
 
 
 @dataclass(slots=True, frozen=True)
@@ -107,6 +110,7 @@ class PoolPlanner:
     _range: deque[tuple[float, float]] = field(default_factory=deque)   # the same, over the window
     _waiting: tuple[float, float] | None = None  # (t, requests waiting) at the last interval
     _mix: deque[tuple[float, float]] = field(default_factory=deque)     # (t, prompt tokens per request)
+    _heavy: deque[tuple[float, float]] = field(default_factory=deque)   # the same, over `mix_memory_s`
     last_forecast: tuple[float | None, float | None] = (None, None)  # (prompt tok/s, sequences) last sized for
 
     def __post_init__(self) -> None:
@@ -257,6 +261,24 @@ class PoolPlanner:
         self._mix.append((s.time, mix))
         return mix / low if low and mix >= c.mix_jump * low else None
 
+    def _mix_reserve(self, s: PoolSignals) -> float | None:
+        """Prompt tokens/s to keep capacity for (`mix_memory_s`): `mix_reserve` × this interval's
+        request rate × the most prompt tokens per request of any interval in the memory. A service
+        whose prompts were long a few minutes ago can turn long again within one interval, with the
+        request rate unchanged; a pool sized for the short mix then has one cold start of the long
+        one's ramp to serve alone (pd: a tenfold ramp in 120 s, one replica, a minute lost whatever
+        is ordered once it shows). Only scale-downs are held to it: it never adds replicas."""
+        c = self.config
+        if c.mix_memory_s <= 0 or not s.uncached_prompt_tps or not s.first_tokens_per_s:
+            return None
+        while self._heavy and self._heavy[0][0] < s.time - c.mix_memory_s:
+            self._heavy.popleft()
+        if s.first_tokens_per_s >= 0.5:          # too few requests say nothing about the mix
+            self._heavy.append((s.time, s.uncached_prompt_tps / s.first_tokens_per_s))
+        if not self._heavy:
+            return None
+        return c.mix_reserve * s.first_tokens_per_s * max(m for _, m in self._heavy)
+
     def _needed(self, s: PoolSignals, headroom: float, tps: float | None, seqs: float | None) -> tuple[int, str]:
         """The demand's need, raised while the SLO is breached: capacity learned in good times can be
         stale, and attainment below target says by how much."""
@@ -338,6 +360,12 @@ class PoolPlanner:
         tps, seqs = self.last_forecast = self._forecast(s)
         up, reason = self._needed(s, c.headroom, tps, seqs)
         down, down_reason = self._needed(s, c.scale_down_headroom, s.uncached_prompt_tps, s.running_seqs)
+        reserve = self._mix_reserve(s)
+        if reserve is not None and self.role != "decode":
+            kept, why = self._needed(s, c.headroom, reserve, s.running_seqs)
+            if kept > down:
+                down, down_reason = kept, f"{why} (reserve for the heaviest prompt mix of the last " \
+                                          f"{c.mix_memory_s:.0f}s)"
         if self._since is None:
             self._since = s.time
         self._history.append((s.time, max(up, down)))

@@ -256,3 +256,30 @@ def test_the_raw_prefill_bound_holds_for_a_mix_of_long_and_short_prompts() -> No
     no_mean = PoolPlanner("aggregated", CFG)
     no_mean.plan(dataclasses.replace(mixed, ttft_mean_s=None))
     assert no_mean.prefill_raw == 0.0
+
+
+@pytest.mark.parametrize("memory", [0.0, 900.0])
+def test_a_pool_keeps_a_reserve_for_the_heaviest_mix_it_served_recently(memory: float) -> None:
+    """Ten requests/s of 2,000-token prompts (20k tok/s: 3 replicas at 80% of 10k), then the same
+    rate of 100-token prompts (1k tok/s: 1 replica). With a memory, the pool shrinks only to what
+    half the heavy mix at today's request rate needs (10k tok/s: 2 replicas); without, to 1. The
+    reserve never adds replicas: a pool already at 1 stays there."""
+    cfg = dataclasses.replace(CFG, mix_memory_s=memory, mix_reserve=0.5, scale_down_window_s=60)
+    p = PoolPlanner("aggregated", cfg)
+    assert p.plan(_mix(0, 3, 20_000, 10)).desired == 3
+    plan = p.plan(_mix(10, 3, 1_000, 10))
+    for t in range(20, 200, 10):
+        plan = p.plan(_mix(t, plan.desired, 1_000, 10))
+    assert plan.desired == (2 if memory else 1)
+    if memory:
+        assert "reserve for the heaviest prompt mix" in plan.reason
+    q = PoolPlanner("aggregated", cfg)
+    for t in range(0, 200, 10):
+        q.plan(_mix(t, 1, 20_000 if t == 0 else 1_000, 10))
+    assert q.plan(_mix(200, 1, 1_000, 10)).desired == 1
+    gone = PoolPlanner("aggregated", dataclasses.replace(cfg, mix_memory_s=memory and 100))
+    gone.plan(_mix(0, 3, 20_000, 10))
+    plan = gone.plan(_mix(10, 3, 1_000, 10))
+    for t in range(20, 400, 10):
+        plan = gone.plan(_mix(t, plan.desired, 1_000, 10))
+    assert plan.desired == 1                     # the heavy mix has left the memory
