@@ -15,7 +15,10 @@ missing or stale metrics the size is held, never read as zero load. Replicas tha
 (no free GPU) are not waited on and not added to: the size is capped where it is. Opt-in, off by default (measured
 in bench/results/autoscale.md, session 5): a step-robust trend (`forecast_robust`), a trend followed
 only beyond the window's demand range (`forecast_breakout`), and keeping an aggregated pool's
-light-load raw prefill rate out of its capacity (`raw_bound_aggregated=False`).
+light-load raw prefill rate out of its capacity (`raw_bound_aggregated=False`). Round 3 (same file,
+2026-12-02), also opt-in: a reserve for the heaviest prompt mix served recently (`mix_memory_s`), a
+mix jump vetoing a scale-down (`mix_jump`), and aggregated pools sized on prefill + decode shares
+(`aggregated_work`).
 """
 
 from __future__ import annotations
