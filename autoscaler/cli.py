@@ -28,8 +28,9 @@ def register(sub: Any) -> None:
                      help="seconds a pod may wait unscheduled before it counts as no GPU for it (not as starting)")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     run.add_argument("--prometheus-url",
-                     help="read every pool's signals by PromQL from this Prometheus instead of scraping its pods "
-                          "(the pods' series labelled namespace and pod, as Kubernetes discovery does)")
+                     help="the Prometheus that services with spec.autoscaling.metricsSource: prometheus are read "
+                          "from by PromQL (their pods' series labelled namespace and pod, as Kubernetes discovery "
+                          "does); services with metricsSource: pods (the default) are scraped directly")
     run.add_argument("--leader-elect", action="store_true",
                      help="run as one of several replicas: only the holder of a coordination.k8s.io Lease acts")
     run.add_argument("--lease-name", default="kvpilot-autoscaler", help="the Lease's name")
@@ -65,13 +66,14 @@ def _write_status(custom: Any, decisions: list[Any], written: dict[tuple[str, st
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     by_service: dict[tuple[str, str], dict[str, Any]] = {}
     for d in decisions:
-        key, value = (d.pool.namespace, d.pool.service, d.pool.role), (d.desired, d.asked, d.ready, d.reason)
+        key = (d.pool.namespace, d.pool.service, d.pool.role)
+        value = (d.desired, d.asked, d.ready, d.reason, d.metrics_source)
         if written.get(key) == value:
             continue
         written[key] = value
         by_service.setdefault((d.pool.namespace, d.pool.service), {})[d.pool.role] = {
             "desired": d.desired, "current": d.asked, "ready": d.ready, "reason": d.reason,
-            "lastDecisionTime": stamp}
+            "metricsSource": d.metrics_source, "lastDecisionTime": stamp}
     for (ns, name), pools in by_service.items():
         try:
             custom.patch_namespaced_custom_object_status(group, version, ns, "llmservices", name,

@@ -35,6 +35,7 @@ from kvpilot.names import POOL_ROLE_LABEL, pool_name
 
 log = logging.getLogger("kvpilot.autoscaler")
 AT_ZERO = "at zero replicas"
+NO_PROMETHEUS = "metricsSource is prometheus but the autoscaler was started without --prometheus-url"
 
 
 @dataclass(slots=True, frozen=True)
@@ -45,6 +46,7 @@ class Decision:
     desired: int
     reason: str
     time: float
+    metrics_source: str = "pods"           # where the signals behind it were read (spec.autoscaling.metricsSource)
 
     @property
     def action(self) -> str:
@@ -127,7 +129,7 @@ _REASON_KINDS = ((WAKE_REASON, "wake"), (AT_ZERO, "at_zero"),
                  ("stabilising", "stabilising"), ("TTFT", "ttft_slo"), ("TPOT", "tpot_slo"), ("KV usage", "kv_usage"),
                  ("prefill demand", "prompt_demand"), ("running sequences", "decode_demand"),
                  ("still starting", "starting"), ("metrics missing", "no_metrics"), ("no ready replica", "no_metrics"),
-                 ("no demand signal", "no_metrics"))
+                 ("no demand signal", "no_metrics"), (NO_PROMETHEUS, "no_metrics"))
 
 
 def reason_kind(reason: str) -> str:
@@ -141,7 +143,7 @@ class Autoscaler:
     def __init__(self, actuator: Actuator, *, base: PlannerConfig | None = None, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic, prometheus_url: str | None = None) -> None:
         self.actuator = actuator
-        self.prometheus_url = prometheus_url   # set: signals by PromQL instead of scraping the pods
+        self.prometheus_url = prometheus_url   # for services whose metricsSource is prometheus
         self.base = base or PlannerConfig()
         self.metrics = metrics
         self.clock = clock
@@ -185,7 +187,7 @@ class Autoscaler:
             if role in extra:
                 planner = self._pools[d.pool][0]
                 d = Decision(d.pool, d.asked, d.ready, extra[role], f"{WAKE_REASON}: with the service's other pool "
-                             "(a request needs both)", now)
+                             "(a request needs both)", now, d.metrics_source)
                 log.info("%s/%s %s: 0 → %d: %s", d.pool.namespace, d.pool.service, role, d.desired, d.reason)
                 self.actuator.scale(d.pool, d.desired)
                 planner.woke()
@@ -207,10 +209,14 @@ class Autoscaler:
             return Plan(floor, f"{AT_ZERO}, below minReplicas {config.min_replicas}")
         return Plan(0, f"{AT_ZERO}: no request held by the router")
 
-    def _plan(self, ref: PoolRef, state: PoolState, entry: tuple[PoolPlanner, ScrapeSignals], now: float) -> Plan:
-        """A running pool's plan, from its signals (scraped, or by PromQL)."""
+    def _plan(self, ref: PoolRef, state: PoolState, entry: tuple[PoolPlanner, ScrapeSignals], source: str,
+              now: float) -> Plan:
+        """A running pool's plan, from its signals: scraped from its pods, or by PromQL when the
+        service's `metricsSource` is prometheus."""
         planner, reader = entry
-        if self.prometheus_url:
+        if source == "prometheus":
+            if not self.prometheus_url:
+                return Plan(state.asked, f"holding: {NO_PROMETHEUS}")
             # The pool's pods as Prometheus' Kubernetes discovery labels them (namespace, pod).
             prom = PromSignals(self.prometheus_url, f'namespace="{ref.namespace}",pod=~"{ref.name}-.*"',
                                planner.config.ttft_slo_s)
@@ -237,17 +243,20 @@ class Autoscaler:
         if state is None:
             return None  # the operator has not created the pool yet
         if state.conflict:
-            d = Decision(ref, state.asked, state.ready, state.asked, state.conflict, now)
+            d = Decision(ref, state.asked, state.ready, state.asked, state.conflict, now,
+                         spec.autoscaling.metrics_source)
             log.warning("%s/%s %s: %s", ref.namespace, ref.service, ref.role, state.conflict)
             if self.metrics is not None:
                 self.metrics.record(d)
             return d
-        plan = self._at_zero(ref, state, planner, now) if state.asked == 0 else self._plan(ref, state, entry, now)
+        source = spec.autoscaling.metrics_source
+        plan = self._at_zero(ref, state, planner, now) if state.asked == 0 else self._plan(ref, state, entry, source,
+                                                                                          now)
         if plan.desired == 0 < state.asked:
             held = cold_held(state.router_urls, POOL_ROLE_LABEL[ref.role])
             if held > 0:   # requests wait for this pool (its replica may not have reached the routers yet)
                 plan = Plan(state.asked, f"holding: {held:.0f} request(s) held by the router wait for this pool")
-        d = Decision(ref, state.asked, state.ready, plan.desired, plan.reason, now)
+        d = Decision(ref, state.asked, state.ready, plan.desired, plan.reason, now, source)
         if d.action == "hold":
             log.debug("%s/%s %s: %d: %s", ref.namespace, ref.service, ref.role, d.asked, d.reason)
         else:

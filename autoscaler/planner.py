@@ -15,7 +15,10 @@ missing or stale metrics the size is held, never read as zero load. Replicas tha
 (no free GPU) are not waited on and not added to: the size is capped where it is. Opt-in, off by default (measured
 in bench/results/autoscale.md, session 5): a step-robust trend (`forecast_robust`), a trend followed
 only beyond the window's demand range (`forecast_breakout`), and keeping an aggregated pool's
-light-load raw prefill rate out of its capacity (`raw_bound_aggregated=False`).
+light-load raw prefill rate out of its capacity (`raw_bound_aggregated=False`). Round 3 (same file,
+2026-12-02), also opt-in: a reserve for the heaviest prompt mix served recently (`mix_memory_s`), a
+mix jump vetoing a scale-down (`mix_jump`), and aggregated pools sized on prefill + decode shares
+(`aggregated_work`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class PoolSignals:
     first_tokens_per_s: float | None = None  # requests that got their first token, per second
     cached_prompt_tps: float | None = None   # prompt tokens served from the prefix cache, per second
     unschedulable: int = 0                 # asked-for replicas Pending past the deadline (no free GPU)
+    ttft_mean_s: float | None = None       # mean TTFT of the requests that got their first token
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,6 +79,13 @@ class PlannerConfig:
     decode_learn_min_seqs: float = 8.0     # too small a batch says little about TPOT at scale
     prefill_utilisation: float = 0.85      # share of a replica's raw prefill rate usable within the TTFT SLO
     raw_bound_aggregated: bool = True      # let an aggregated pool's raw prefill rate raise its capacity too
+    mix_jump: float = 0.0                  # prompt tokens per request ≥ this × the window's lowest: the demand's
+                                           # mix is shifting; no scale-down, size on it at once (0: off)
+    aggregated_work: bool = False          # an aggregated replica's time is shared: size on prefill + decode
+                                           # shares of it, not on the larger one alone
+    mix_memory_s: float = 0.0              # never shrink below `mix_reserve` × the request rate at the heaviest
+    mix_reserve: float = 0.5               # prompt mix seen this long ago (s; 0: off): a mix that came back
+                                           # ramps up faster than a cold start
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,6 +112,8 @@ class PoolPlanner:
     _demand: deque[tuple[float, float]] = field(default_factory=deque)  # (t, external demand)
     _range: deque[tuple[float, float]] = field(default_factory=deque)   # the same, over the window
     _waiting: tuple[float, float] | None = None  # (t, requests waiting) at the last interval
+    _mix: deque[tuple[float, float]] = field(default_factory=deque)     # (t, prompt tokens per request)
+    _heavy: deque[tuple[float, float]] = field(default_factory=deque)   # the same, over `mix_memory_s`
     last_forecast: tuple[float | None, float | None] = (None, None)  # (prompt tok/s, sequences) last sized for
 
     def __post_init__(self) -> None:
@@ -114,10 +127,13 @@ class PoolPlanner:
         if self.role != "decode" and s.uncached_prompt_tps and s.ttft_p90_s is not None:
             self.prefill_tps = _nudge(self.prefill_tps, s.uncached_prompt_tps / n, s.ttft_p90_s <= c.ttft_slo_s, c)
             raw_ok = self.role == "prefill" or c.raw_bound_aggregated
-            if raw_ok and s.first_tokens_per_s and s.ttft_p50_s and s.ttft_p90_s <= c.ttft_slo_s:
-                # A typical prompt's first token took at least its own prefill: tokens over TTFT is a
-                # lower bound on the replica's raw prefill rate (queueing and batching only lower it).
-                bound = s.uncached_prompt_tps / s.first_tokens_per_s / s.ttft_p50_s
+            if raw_ok and s.first_tokens_per_s and s.ttft_mean_s and s.ttft_p90_s <= c.ttft_slo_s:
+                # Each first token took at least its own prompt's prefill, so all prompt tokens over
+                # all TTFTs (mean tokens over *mean* TTFT) is a lower bound on the raw prefill rate
+                # for any mix (queueing and batching only lower it). Mean tokens over the *median*
+                # TTFT is not: in a mix of a few long prompts and many short ones the median is a
+                # short prompt's, and the "bound" read 97k tok/s on a replica that computes 33k.
+                bound = s.uncached_prompt_tps / s.first_tokens_per_s / s.ttft_mean_s
                 self.prefill_raw = max(self.prefill_raw, bound)
                 self.prefill_tps = max(self.prefill_tps, self.prefill_raw * c.prefill_utilisation)
         if self.role != "prefill" and s.running_seqs and s.tpot_p90_s:
@@ -196,6 +212,8 @@ class PoolPlanner:
     def _demand_need(self, s: PoolSignals, headroom: float, tps: float | None, seqs: float | None) -> tuple[int, str]:
         """Replicas the demand alone asks for at `headroom` of the learned per-replica capacity."""
         needs: list[tuple[int, str]] = []
+        if self.role == "aggregated" and self.config.aggregated_work and tps is not None and seqs is not None:
+            return self._shared_need(s, headroom, tps, seqs)
         if self.role != "decode" and tps is not None:
             cap = self.prefill_tps * headroom
             n = math.ceil(tps / cap)
@@ -211,6 +229,58 @@ class PoolPlanner:
             n = math.ceil(seqs / (self.decode_seqs * headroom))
             needs.append((n, f"{seqs:.0f} running sequences over {self.decode_seqs:.0f} per replica"))
         return max(needs, key=lambda x: x[0]) if needs else (s.current, "no demand signal")
+
+    def _shared_need(self, s: PoolSignals, headroom: float, tps: float, seqs: float) -> tuple[int, str]:
+        """An aggregated replica both prefills and decodes, one step at a time: the prefill tokens a
+        step carries lengthen every decoding sequence's step, and the sequences it decodes take
+        time from prefill. So a pool's work is the prefill share (tokens over what a replica
+        prefills alone) plus the decode share (sequences over what fits the TPOT SLO alone), and
+        the replicas needed are their sum, not the larger one: the prefill capacity that counts is
+        what is left beside the decode load, not what a lightly loaded replica showed."""
+        prefill = tps / self.prefill_tps
+        if s.cached_prompt_tps and s.ready > 0:
+            n = math.ceil((prefill + seqs / self.decode_seqs) / headroom)
+            if n > s.ready:   # remapped keys' cache hits are computed again (see _demand_need)
+                prefill += s.cached_prompt_tps * (n - s.ready) / n / self.prefill_tps
+        decode = seqs / self.decode_seqs
+        n = math.ceil((prefill + decode) / headroom)
+        return n, (f"prefill demand {tps:.0f} tok/s over {self.prefill_tps:.0f} tok/s per replica "
+                   f"({prefill:.2f} replicas) + {seqs:.0f} running sequences over {self.decode_seqs:.0f} "
+                   f"({decode:.2f}): shared")
+
+    def _mix_shift(self, s: PoolSignals) -> float | None:
+        """The demand's mix moving (`mix_jump`): prompt tokens per request this interval over the
+        lowest of the last scale-down window, when at least `mix_jump`. Request rates can stay flat
+        while each request brings ten times the prompt (a chat phase giving way to long
+        documents): the size the window held for the old mix says nothing about the new one, so
+        a shift vetoes scaling down. None: no shift, or too few requests to say."""
+        c = self.config
+        if c.mix_jump <= 0 or not s.uncached_prompt_tps or not s.first_tokens_per_s or s.first_tokens_per_s < 0.5:
+            return None
+        mix = s.uncached_prompt_tps / s.first_tokens_per_s
+        while self._mix and self._mix[0][0] < s.time - c.scale_down_window_s:
+            self._mix.popleft()
+        low = min((m for _, m in self._mix), default=None)
+        self._mix.append((s.time, mix))
+        return mix / low if low and mix >= c.mix_jump * low else None
+
+    def _mix_reserve(self, s: PoolSignals) -> float | None:
+        """Prompt tokens/s to keep capacity for (`mix_memory_s`): `mix_reserve` × this interval's
+        request rate × the most prompt tokens per request of any interval in the memory. A service
+        whose prompts were long a few minutes ago can turn long again within one interval, with the
+        request rate unchanged; a pool sized for the short mix then has one cold start of the long
+        one's ramp to serve alone (pd: a tenfold ramp in 120 s, one replica, a minute lost whatever
+        is ordered once it shows). Only scale-downs are held to it: it never adds replicas."""
+        c = self.config
+        if c.mix_memory_s <= 0 or not s.uncached_prompt_tps or not s.first_tokens_per_s:
+            return None
+        while self._heavy and self._heavy[0][0] < s.time - c.mix_memory_s:
+            self._heavy.popleft()
+        if s.first_tokens_per_s >= 0.5:          # too few requests say nothing about the mix
+            self._heavy.append((s.time, s.uncached_prompt_tps / s.first_tokens_per_s))
+        if not self._heavy:
+            return None
+        return c.mix_reserve * s.first_tokens_per_s * max(m for _, m in self._heavy)
 
     def _needed(self, s: PoolSignals, headroom: float, tps: float | None, seqs: float | None) -> tuple[int, str]:
         """The demand's need, raised while the SLO is breached: capacity learned in good times can be
@@ -289,9 +359,16 @@ class PoolPlanner:
         if starting > 0:
             return self._while_starting(s, starting)
         self._learn(s)
+        shift = self._mix_shift(s)
         tps, seqs = self.last_forecast = self._forecast(s)
         up, reason = self._needed(s, c.headroom, tps, seqs)
         down, down_reason = self._needed(s, c.scale_down_headroom, s.uncached_prompt_tps, s.running_seqs)
+        reserve = self._mix_reserve(s)
+        if reserve is not None and self.role != "decode":
+            kept, why = self._needed(s, c.headroom, reserve, s.running_seqs)
+            if kept > down:
+                down, down_reason = kept, f"{why} (reserve for the heaviest prompt mix of the last " \
+                                          f"{c.mix_memory_s:.0f}s)"
         if self._since is None:
             self._since = s.time
         self._history.append((s.time, max(up, down)))
@@ -299,6 +376,9 @@ class PoolPlanner:
             self._history.popleft()
         if up > s.current:
             return Plan(min(up, s.current + c.max_step), f"scale up: {reason}")
+        if up < s.current and shift is not None:
+            return Plan(s.current, f"holding: demand mix shifting (prompt tokens per request {shift:.1f}× the "
+                                   f"window's lowest); {reason}")
         if up < s.current:
             # Down only to the most wanted anywhere in the window (at the stricter scale-down
             # headroom), and by max_step at most.

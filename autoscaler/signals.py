@@ -75,6 +75,8 @@ def parse_engine_metrics(text: str) -> tuple[dict[str, float], dict[str, float],
                 counters["uncached_prompt_tokens"] += s.value
             elif s.name == m.PROMPT_TOKENS_BY_SOURCE + "_total" and s.labels.get("source") == "local_cache_hit":
                 counters["cached_prompt_tokens"] += s.value
+            elif s.name == m.TTFT + "_sum":
+                counters["ttft_sum"] += s.value
             elif s.name == m.TTFT + "_bucket":
                 ttft[float(s.labels["le"])] += s.value
             elif s.name == m.ITL + "_bucket":
@@ -152,9 +154,11 @@ class ScrapeSignals:
         first_tokens = d_ttft[max(d_ttft)] if d_ttft else 0.0   # the +Inf bucket counts every request
         key = "cached_prompt_tokens"
         cached = (sample.counters.get(key, 0.0) - last.counters.get(key, 0.0)) / dt
+        ttft_sum = sample.counters.get("ttft_sum", 0.0) - last.counters.get("ttft_sum", 0.0)
         return PoolSignals(now, current, ready, tps, running, quantile_from_buckets(d_ttft, 0.9),
                            quantile_from_buckets(d_itl, 0.9), share_within(d_ttft, self.ttft_slo_s), kv, waiting,
-                           quantile_from_buckets(d_ttft, 0.5), first_tokens / dt, cached)
+                           quantile_from_buckets(d_ttft, 0.5), first_tokens / dt, cached,
+                           ttft_mean_s=ttft_sum / first_tokens if first_tokens > 0 and ttft_sum > 0 else None)
 
 
 class PromSignals:
@@ -199,7 +203,8 @@ class PromSignals:
             self.query(f"sum(vllm:num_requests_waiting{{{s}}})"),
             self.query(f"histogram_quantile(0.5, sum by (le) (rate({m.TTFT}_bucket{{{s}}}[{w}])))"),
             self.query(f"sum(rate({m.TTFT}_count{{{s}}}[{w}]))"),
-            self.query(f'sum(rate(vllm:prompt_tokens_by_source_total{{{s},source="local_cache_hit"}}[{w}]))'))
+            self.query(f'sum(rate(vllm:prompt_tokens_by_source_total{{{s},source="local_cache_hit"}}[{w}]))'),
+            ttft_mean_s=self.query(f"sum(rate({m.TTFT}_sum{{{s}}}[{w}])) / sum(rate({m.TTFT}_count{{{s}}}[{w}]))"))
 
     @staticmethod
     def _bucket_at_or_below(limit: float) -> str:

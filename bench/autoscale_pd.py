@@ -3,7 +3,7 @@ by its own kvpilot planner, against fixed sizes. Reports each pool's GPU-hours a
 missed requests broke (TTFT already at the prefill side: the prefill pool's decisions; TTFT lost
 after it: KV transfer and the decode queue; TPOT: the decode pool's).
 
-    .venv/bin/python -P bench/autoscale_pd.py --minutes 30 [--seed 0] [--static 3,2 4,2]
+    .venv/bin/python -P bench/autoscale_pd.py --minutes 30 [--seed 0] [--static 3,2 4,2] [--set mix_jump=4]
 """
 
 from __future__ import annotations
@@ -43,17 +43,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--window", type=float, default=300.0, help="kvpilot's scale-down window, s")
     ap.add_argument("--static", nargs="*", default=[], metavar="P,D", help="fixed pool sizes to run too")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a PlannerConfig field for both kvpilot planners (repeatable), e.g. mix_jump=4")
     ap.add_argument("--out", type=Path, default=Path("bench/out/autoscale-pd.json"))
     args = ap.parse_args()
+    overrides = dict(A._override(kv) for kv in args.set)
     specs = A.WORKLOADS["pd"](args.minutes, args.seed)
     cfg = PlannerConfig(ttft_slo_s=A.TTFT_SLO, tpot_slo_s=A.TPOT_SLO, forecast_s=2 * A.COLD_START + A.INTERVAL,
-                        scale_down_window_s=args.window, min_replicas=1, max_replicas=A.MAX_REPLICAS)
+                        scale_down_window_s=args.window, min_replicas=1, max_replicas=A.MAX_REPLICAS, **overrides)
     rows: dict[str, Any] = {}
     for sizes in args.static:
         p, d = (int(x) for x in sizes.split(","))
         rows[f"static P={p} D={d}"] = run(specs, {"prefill": Fixed(p), "decode": Fixed(d)},
                                           {"prefill": p, "decode": d})
-    rows[f"kvpilot ({args.window:g}s)"] = run(
+    tag = "".join(f", {k}={v}" for k, v in overrides.items())
+    rows[f"kvpilot ({args.window:g}s{tag})"] = run(
         specs, {"prefill": PoolPlanner("prefill", cfg), "decode": PoolPlanner("decode", cfg)},
         {"prefill": 2, "decode": 2})
     for name, r in rows.items():

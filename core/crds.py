@@ -24,6 +24,7 @@ MAX_NAME_LENGTH = 52
 EngineType = Literal["vllm", "simulator", "ray-serve"]
 Mode = Literal["disaggregated", "aggregated"]
 Role = Literal["prefill", "decode", "aggregated"]
+MetricsSource = Literal["pods", "prometheus"]
 RoutingPolicy = Literal["dualmap", "round-robin", "least-loaded", "consistent-hash", "cache-aware"]
 KVBackend = Literal["redis", "nixl", "lmcache"]
 Quantity = int | str
@@ -150,6 +151,10 @@ class Autoscaling(Model):
     enabled: bool = False
     scale_up_stabilization_seconds: int = Field(0, ge=0)
     scale_down_stabilization_seconds: int = Field(300, ge=0)
+    metrics_source: MetricsSource = Field(
+        "pods", description="Where the autoscaler reads this service's engine metrics: pods (scrapes each pod's "
+                            "/metrics) or prometheus (PromQL, from the Prometheus the autoscaler is given with "
+                            "--prometheus-url).")
 
 
 class KVTransfer(Model):
@@ -222,6 +227,7 @@ class ScalingStatus(Model):
     current: int = 0
     ready: int = 0
     reason: str = ""
+    metrics_source: MetricsSource | None = None
     last_decision_time: str | None = None
 
 

@@ -243,6 +243,7 @@ def pool_signals(pool: Seq[Replica], t: float, dt: float, ttfts: list[float], tp
         kv_usage=sum(e.kv_usage() for e in engines) / len(engines) if engines else None,
         waiting=float(sum(e.num_waiting for e in engines)),
         ttft_p50_s=percentile(ttfts, 50) if ttfts else None,
+        ttft_mean_s=sum(ttfts) / len(ttfts) if ttfts else None,
         first_tokens_per_s=len(ttfts) / dt if dt > 0 else None,
         cached_prompt_tps=cached_tps)
 

@@ -54,6 +54,7 @@ def test_autoscaler_scales_a_workerpool_up_under_load_and_back_down(
             wait_for(lambda: len(kubelet.urls) >= 2, 60, "a second worker process")
             status = kget("llmservice", "auto")["status"]["autoscaling"]["aggregated"]
             assert status["desired"] >= 2 and status["reason"], status
+            assert status["metricsSource"] == "pods", status     # the default: scraped from the pods
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
                 metrics = resp.read().decode()
             ups = [line for line in metrics.splitlines()

@@ -64,6 +64,13 @@ def test_lint_and_template(crds: ControlPlane) -> None:
     assert dep["replicas"] == 1 and dep["template"]["spec"]["serviceAccountName"] == "kv-kvpilot-autoscaler"
     assert dep["template"]["spec"]["containers"][0]["args"][:2] == ["autoscaler", "run"]
     assert "--namespace=team-a" in dep["template"]["spec"]["containers"][0]["args"]
+    assert not any(a.startswith("--prometheus-url") for a in dep["template"]["spec"]["containers"][0]["args"])
+    # A Prometheus for services with spec.autoscaling.metricsSource: prometheus reaches the autoscaler.
+    out = crds.helm("template", "kv", CHART, "--namespace", "kvpilot-system", "--skip-tests",
+                    "--set", "autoscaler.prometheusURL=http://prometheus.monitoring:9090")
+    assert out.returncode == 0, out.stderr
+    dep = _named(_docs(out.stdout), "Deployment", "kv-kvpilot-autoscaler")["spec"]
+    assert "--prometheus-url=http://prometheus.monitoring:9090" in dep["template"]["spec"]["containers"][0]["args"]
 
 
 def _named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -153,6 +160,7 @@ BAD_VALUES = [
     ("metrics.port=70000", "port"),
     ("workloads.modelCache.hostPath=relative/dir", "hostPath"),
     ("workloads.priorityClassName[0]=x", "priorityClassName"),
+    ("autoscaler.prometheusURL=prometheus:9090", "prometheusURL"),
 ]
 
 

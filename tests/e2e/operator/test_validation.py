@@ -32,8 +32,11 @@ MODEL = {"name": "m"}
     ({"model": MODEL, "engine": {"type": "ray-serve"}, "decode": {"gpus": 8, "tensorParallel": 8,
                                                                  "pipelineParallel": 2}},
      "gpus must be a multiple of tensorParallel × pipelineParallel"),
+    ({"model": MODEL, "autoscaling": {"enabled": True, "metricsSource": "graphite"}},
+     'spec.autoscaling.metricsSource: Unsupported value: "graphite"'),
 ], ids=["negative-replicas", "min-gt-max", "unknown-engine", "missing-model", "prefill-in-aggregated",
-        "redis-without-url", "zero-attainment", "sim-migration-without-redis", "gpus-short-of-tp-times-pp"])
+        "redis-without-url", "zero-attainment", "sim-migration-without-redis", "gpus-short-of-tp-times-pp",
+        "unknown-metrics-source"])
 def test_invalid_llmservice_rejected(crds: ControlPlane, spec: dict[str, Any], message: str) -> None:
     out = crds.kubectl("create", "--dry-run=server", "-n", "default", "-f", "-", input=_svc("bad", spec))
     assert out.returncode != 0

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import pytest
+from pydantic import ValidationError
 
 from kvpilot.autoscaler.actuators import PoolRef, PoolState, deletion_costs, hpa_conflict
-from kvpilot.autoscaler.controller import Autoscaler, planner_config
+from kvpilot.autoscaler.cli import _write_status
+from kvpilot.autoscaler.controller import NO_PROMETHEUS, Autoscaler, Decision, planner_config, reason_kind
 from kvpilot.autoscaler.planner import PlannerConfig
+from kvpilot.autoscaler.signals import PromSignals
 from kvpilot.crds import API_VERSION, LLMServiceSpec
 from kvpilot.testing.kubelet import worker_argv
 
@@ -87,14 +93,56 @@ def test_a_pool_an_hpa_also_scales_is_left_alone_and_the_status_says_why() -> No
     assert act.scaled == []
 
 
-def test_with_a_prometheus_url_the_signals_come_from_promql_not_the_pods() -> None:
-    """No pod to scrape, and a Prometheus that does not answer (nothing listens on port 9): the
-    scraping path says there is no replica to read; the PromQL path asks Prometheus, gets no
-    series, and holds on missing metrics. Neither scales on silence."""
+def test_metrics_source_picks_promql_or_the_pods_per_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each service's `spec.autoscaling.metricsSource` picks its signal reader, whatever the other
+    services use: pods are scraped (here none answers: "no ready replica"); prometheus is asked by
+    PromQL for the pool's own pods, and its answers drive the plan; the source is in the decision
+    (and so in status). Without a Prometheus to ask, such a service is held and says why."""
+    asked: list[str] = []
+
+    def query(self: PromSignals, promql: str) -> float | None:
+        asked.append(promql)
+        return 0.0 if "quantile" not in promql else 0.05   # an idle pool within its SLO
+
+    monkeypatch.setattr(PromSignals, "query", query)
     act = FakeActuator(PoolState(2, 2, []))
-    scraped = Autoscaler(act, clock=lambda: 0.0).tick([("ns", "svc", spec().model_dump(by_alias=True))])
-    assert all("no ready replica" in d.reason for d in scraped)
-    promql = Autoscaler(act, clock=lambda: 0.0, prometheus_url="http://127.0.0.1:9")
-    decisions = promql.tick([("ns", "svc", spec().model_dump(by_alias=True))])
-    assert decisions and all(d.desired == 2 and "missing" in d.reason for d in decisions)
+    scaler = Autoscaler(act, clock=lambda: 0.0, prometheus_url="http://127.0.0.1:9")
+    pods = spec(autoscaling={"enabled": True}).model_dump(by_alias=True)
+    prom = spec(autoscaling={"enabled": True, "metricsSource": "prometheus"}).model_dump(by_alias=True)
+    decisions = scaler.tick([("ns", "scraped", pods)])
+    assert decisions and all(d.metrics_source == "pods" and "no ready replica" in d.reason for d in decisions)
+    assert asked == []
+    decisions = scaler.tick([("ns", "svc", prom)])
+    assert decisions and all(d.metrics_source == "prometheus" for d in decisions)
+    assert all("no ready replica" not in d.reason for d in decisions)
+    assert any('namespace="ns",pod=~"svc-decode-.*"' in q for q in asked)
+    assert any('namespace="ns",pod=~"svc-prefill-.*"' in q for q in asked)
+    assert not any("scraped" in q for q in asked)
+    unset = Autoscaler(act, clock=lambda: 0.0).tick([("ns", "svc", prom)])
+    assert unset and all(d.desired == 2 and NO_PROMETHEUS in d.reason for d in unset)
+    assert {reason_kind(d.reason) for d in unset} == {"no_metrics"}
     assert act.scaled == []
+
+
+def test_status_says_which_metrics_source_a_decision_read() -> None:
+    patched: list[dict[str, Any]] = []
+
+    class Custom:
+        def patch_namespaced_custom_object_status(self, *args: Any) -> None:
+            patched.append(args[-1])
+
+    ref = PoolRef("ns", "svc", "decode", "svc-decode")
+    d = Decision(ref, 2, 2, 2, "steady", 0.0, "prometheus")
+    written: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+    _write_status(Custom(), [d], written)
+    assert patched[-1]["status"]["autoscaling"]["decode"]["metricsSource"] == "prometheus"
+    _write_status(Custom(), [d], written)
+    assert len(patched) == 1                       # unchanged: not rewritten
+    _write_status(Custom(), [replace(d, metrics_source="pods")], written)
+    assert len(patched) == 2 and patched[-1]["status"]["autoscaling"]["decode"]["metricsSource"] == "pods"
+
+
+def test_metrics_source_is_pods_or_prometheus() -> None:
+    assert spec().autoscaling.metrics_source == "pods"
+    with pytest.raises(ValidationError):
+        spec(autoscaling={"enabled": True, "metricsSource": "graphite"})

@@ -180,7 +180,7 @@ def test_an_aggregated_pool_can_keep_its_raw_prefill_rate_out_of_its_capacity() 
     # Light load, fast first tokens: 1k-token prompts' first tokens in 40 ms say one replica
     # prefills ≥ 25k tok/s when it does nothing else. An aggregated replica also decodes, so that
     # rate (× 0.85 usable) overstates what it sustains under load; it may be left out.
-    light = PoolSignals(0, 2, 2, 5_000, 20, 0.05, 0.03, 1.0, 0.3, 0, 0.04, 5.0)
+    light = PoolSignals(0, 2, 2, 5_000, 20, 0.05, 0.03, 1.0, 0.3, 0, 0.04, 5.0, ttft_mean_s=0.04)
     counted = PoolPlanner("aggregated", CFG)
     counted.plan(light)
     assert counted.prefill_tps == pytest.approx(25_000 * CFG.prefill_utilisation)
@@ -190,3 +190,96 @@ def test_an_aggregated_pool_can_keep_its_raw_prefill_rate_out_of_its_capacity() 
     prefill = PoolPlanner("prefill", dataclasses.replace(CFG, raw_bound_aggregated=False))
     prefill.plan(light)
     assert prefill.prefill_tps == pytest.approx(25_000 * CFG.prefill_utilisation)  # it does nothing else
+
+
+def _mix(t: float, current: int, tps: float, requests_per_s: float, seqs: float = 20) -> PoolSignals:
+    return dataclasses.replace(sig(t, current, tps=tps, seqs=seqs), first_tokens_per_s=requests_per_s)
+
+
+@pytest.mark.parametrize("jump", [0.0, 4.0])
+def test_a_jump_in_prompt_tokens_per_request_vetoes_a_scale_down(jump: float) -> None:
+    """A window of short prompts (250 tokens per request) asks for one replica; then requests turn
+    long (1,500 tokens each, 6×) while so few arrive that the computed tokens still read as one
+    replica's worth. On request counts and token totals alike that is a scale-down; the mix has
+    moved, and the pool holds its size until it shows what the new mix needs."""
+    cfg = dataclasses.replace(CFG, mix_jump=jump)
+    p = PoolPlanner("aggregated", cfg)
+    for t in range(0, 300, 10):
+        assert p.plan(_mix(t, 3, 5_000, 20)).desired == 3      # inside the window: held
+    plan = p.plan(_mix(300, 3, 6_000, 4))
+    if jump:
+        assert plan.desired == 3 and "mix shifting" in plan.reason and "6.0×" in plan.reason
+    else:
+        assert plan.desired == 1 and "scale down" in plan.reason
+    # The same totals at the old mix are no shift: down.
+    q = PoolPlanner("aggregated", cfg)
+    for t in range(0, 300, 10):
+        q.plan(_mix(t, 3, 5_000, 20))
+    assert q.plan(_mix(300, 3, 6_000, 24)).desired == 1
+
+
+def test_a_mix_shift_needs_enough_requests_to_read() -> None:
+    """One request in ten seconds is no mix: its size alone says nothing about the next ones."""
+    p = PoolPlanner("aggregated", dataclasses.replace(CFG, mix_jump=4.0))
+    for t in range(0, 300, 10):
+        p.plan(_mix(t, 3, 5_000, 20))
+    assert p.plan(_mix(300, 3, 6_000, 0.1)).desired == 1
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_an_aggregated_pool_is_sized_on_prefill_and_decode_work_together(shared: bool) -> None:
+    """0.6 of a replica's prefill (6k of 10k tok/s) and 0.6 of its decode batch (30 of 50 sequences
+    within the TPOT SLO): each alone fits one replica at 80%, together they are 1.2 replicas of
+    work (1.5 at 80%). Shared sizing asks for 2; the larger-one rule keeps 1, whose prefill then
+    runs beside a decode batch that takes 60% of its steps."""
+    p = PoolPlanner("aggregated", dataclasses.replace(CFG, aggregated_work=shared))
+    plan = p.plan(sig(0, 1, tps=6_000, seqs=30, tpot=0.06))
+    assert plan.desired == (2 if shared else 1)
+    if shared:
+        assert "shared" in plan.reason and "prefill demand" in plan.reason
+    # With no decode load the two rules agree: prefill alone (12k / 8k → 2).
+    q = PoolPlanner("aggregated", dataclasses.replace(CFG, aggregated_work=shared))
+    assert q.plan(sig(0, 1, tps=12_000, seqs=0, tpot=None)).desired == 2
+
+
+def test_the_raw_prefill_bound_holds_for_a_mix_of_long_and_short_prompts() -> None:
+    """One interval of pd's cross-fade (measured): 14.9 requests/s, 31.8k prompt tok/s, i.e. 2.1k
+    tokens per request on average, but most requests short — TTFT p50 22 ms (a short prompt's),
+    mean 150 ms (the long ones'). Mean tokens over the median TTFT "proved" 97k tok/s on a replica
+    that prefills 33k; over the mean TTFT it is a true lower bound (≤ 33k). The bound is learned
+    only when the mean is known."""
+    mixed = PoolSignals(520, 8, 8, 31_809, 50, 0.186, 0.03, 1.0, 0.3, 0, 0.0219, 14.9, ttft_mean_s=0.15)
+    p = PoolPlanner("aggregated", CFG)
+    p.plan(mixed)
+    assert 0 < p.prefill_raw <= 33_000
+    assert p.prefill_raw == pytest.approx(31_809 / 14.9 / 0.15)
+    no_mean = PoolPlanner("aggregated", CFG)
+    no_mean.plan(dataclasses.replace(mixed, ttft_mean_s=None))
+    assert no_mean.prefill_raw == 0.0
+
+
+@pytest.mark.parametrize("memory", [0.0, 900.0])
+def test_a_pool_keeps_a_reserve_for_the_heaviest_mix_it_served_recently(memory: float) -> None:
+    """Ten requests/s of 2,000-token prompts (20k tok/s: 3 replicas at 80% of 10k), then the same
+    rate of 100-token prompts (1k tok/s: 1 replica). With a memory, the pool shrinks only to what
+    half the heavy mix at today's request rate needs (10k tok/s: 2 replicas); without, to 1. The
+    reserve never adds replicas: a pool already at 1 stays there."""
+    cfg = dataclasses.replace(CFG, mix_memory_s=memory, mix_reserve=0.5, scale_down_window_s=60)
+    p = PoolPlanner("aggregated", cfg)
+    assert p.plan(_mix(0, 3, 20_000, 10)).desired == 3
+    plan = p.plan(_mix(10, 3, 1_000, 10))
+    for t in range(20, 200, 10):
+        plan = p.plan(_mix(t, plan.desired, 1_000, 10))
+    assert plan.desired == (2 if memory else 1)
+    if memory:
+        assert "reserve for the heaviest prompt mix" in plan.reason
+    q = PoolPlanner("aggregated", cfg)
+    for t in range(0, 200, 10):
+        q.plan(_mix(t, 1, 20_000 if t == 0 else 1_000, 10))
+    assert q.plan(_mix(200, 1, 1_000, 10)).desired == 1
+    gone = PoolPlanner("aggregated", dataclasses.replace(cfg, mix_memory_s=memory and 100))
+    gone.plan(_mix(0, 3, 20_000, 10))
+    plan = gone.plan(_mix(10, 3, 1_000, 10))
+    for t in range(20, 400, 10):
+        plan = gone.plan(_mix(t, plan.desired, 1_000, 10))
+    assert plan.desired == 1                     # the heavy mix has left the memory

@@ -61,3 +61,28 @@ def test_the_autoscaler_reads_the_queue_depth_label_the_router_exports_for_each_
     # P/D: DualMap picks prefill (its queues); decode is balanced by load, without queues.
     assert exported_roles({"name": "m", "policy": "dualmap", "mode": "disaggregated",
                            "endpoints": pd}) == {POOL_ROLE_LABEL["prefill"]}
+
+
+def test_scraped_signals_carry_the_mean_ttft_from_the_histogram_sum() -> None:
+    """The mean TTFT (what the planner's raw prefill bound needs: median TTFT is not a bound on a
+    mix) is the interval's delta of the histogram's sum over the delta of its count."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from kvpilot import vllm_metrics as m
+    from kvpilot.autoscaler.signals import ScrapeSignals
+
+    registry = CollectorRegistry()
+    ttft = Histogram(m.TTFT, "ttft", registry=registry, buckets=m.LATENCY_BUCKETS)
+    ttft.observe(5.0)                                  # before the first scrape: not this interval's
+
+    class Reader(ScrapeSignals):
+        def _get(self, url: str) -> str | None:
+            return generate_latest(registry).decode()
+
+    reader = Reader(ttft_slo_s=2.0)
+    assert reader.read(["http://w0"], 0.0, 1).ttft_mean_s is None      # no delta yet
+    for x in (0.02, 0.02, 0.02, 0.5):                  # three short prompts, one long
+        ttft.observe(x)
+    s = reader.read(["http://w0"], 10.0, 1)
+    assert s.ttft_mean_s is not None and math.isclose(s.ttft_mean_s, 0.14)
+    assert s.ttft_p50_s is not None and s.ttft_p50_s < 0.05 < s.ttft_mean_s
