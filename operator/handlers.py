@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -97,18 +97,22 @@ def _resync_all(memo: kopf.Memo) -> None:
         url = "/apis/{}/{}{}/llmservices".format(GROUP, VERSION, f"/namespaces/{namespace}" if namespace else "")
         services += kube.request("GET", url)["items"]
     log.info("periodic resync of %d LLMServices", len(services))
-    for svc in services:
+    for listed in services:
         # One service that cannot be reconciled (its namespace terminating, an API error) must not
         # cost the others their resync: log it and go on.
+        namespace, name = listed["metadata"]["namespace"], listed["metadata"]["name"]
         try:
+            # Read again: the list is as old as the resync of every service before this one.
+            svc = kube.get("LLMService", namespace, name)
+            if svc is None:
+                continue   # deleted since the list
             with measured("LLMService"):
                 outcome = reconcile.reconcile_service(kube, svc, memo.get("image"), memo.get("monitors", True),
                                                       memo.get("defaults", NO_DEFAULTS), pool_children=True)
         except Exception:
-            meta = svc.get("metadata", {})
-            log.exception("periodic resync of %s/%s failed", meta.get("namespace"), meta.get("name"))
+            log.exception("periodic resync of %s/%s failed", namespace, name)
             continue
-        _announce(kopf.Body(svc), outcome)
+        _announce(kopf.Body(cast(Any, svc)), outcome)
 
 
 def _announce(body: kopf.Body, outcome: reconcile.Outcome) -> None:
@@ -164,7 +168,7 @@ def _announce_named(memo: kopf.Memo, namespace: str, service: str, outcome: reco
     if outcome is not None and outcome.phase != outcome.old_phase:
         svc = memo.kube.get("LLMService", namespace, service)
         if svc is not None:
-            _announce(kopf.Body(svc), outcome)
+            _announce(kopf.Body(cast(Any, svc)), outcome)
 
 
 def _refresh_service_later(memo: kopf.Memo, namespace: str, service: str) -> None:

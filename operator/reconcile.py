@@ -151,10 +151,10 @@ def ensure_admin_secret(kube: Kube, owner: render.Owner) -> None:
 def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = None,
                            problems: list[Problem] | None = None,
                            children: tuple[list[Obj], Obj | None] | None = None,
-                           rayservice: Obj | None = None) -> Outcome:
+                           rayservice: Obj | None = None, fenced_retry: bool = True) -> Outcome:
     """Recompute the LLMService's status from its children (read now, unless the caller has just
     written them and passes `children`: its WorkerPools and router Deployment, or under ray-serve
-    `rayservice`); write it only if it changed."""
+    `rayservice`); write it only if it changed, and only over the version of the service it read."""
     meta = svc["metadata"]
     if problems is None:
         try:
@@ -180,7 +180,20 @@ def refresh_service_status(kube: Kube, svc: Obj, spec: LLMServiceSpec | None = N
     new = llmservice_status(svc, spec, problems, pools, router, now(), gpu, rayservice).wire()
     patch = st.status_patch(old, new)
     if patch is not None:
-        kube.merge_patch("LLMService", meta["namespace"], meta["name"], {"status": patch}, sub="status")
+        # Fenced by the resourceVersion the status was computed from: a reconcile that read the
+        # service before an edit (the periodic resync's list, a concurrent handler) would otherwise
+        # write the old spec's status over the new one's, e.g. put `prefill` back after the switch
+        # to aggregated. On a conflict, recompute once from the service as it is now.
+        fence = {"resourceVersion": meta["resourceVersion"]} if meta.get("resourceVersion") else {}
+        try:
+            kube.merge_patch("LLMService", meta["namespace"], meta["name"],
+                             {"metadata": fence, "status": patch} if fence else {"status": patch}, sub="status")
+        except KubeError as err:
+            if err.status != 409 or not fenced_retry:
+                raise
+            fresh = kube.get("LLMService", meta["namespace"], meta["name"])
+            if fresh is not None:
+                return refresh_service_status(kube, fresh, fenced_retry=False)
     metrics.record_conditions(meta["namespace"], meta["name"], new.get("conditions", []))
     ready: Obj = next((c for c in new.get("conditions", []) if c["type"] == ("Degraded" if problems else "Ready")), {})
     return Outcome(old.get("phase"), new.get("phase"), ready.get("message", ""))

@@ -20,6 +20,9 @@ class _Kube:
         assert method == "GET" and url.endswith("/llmservices")
         return {"items": self.items}
 
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return next((s for s in self.items if s["metadata"]["name"] == name), None)
+
 
 def test_one_failing_service_does_not_stop_the_resync_of_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
@@ -61,8 +64,8 @@ class _Cluster:
     def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
         return self.pools if kind == "WorkerPool" else []
 
-    def get(self, kind: str, namespace: str, name: str) -> None:
-        return None
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.svc if kind == "LLMService" else None
 
     def merge_patch(self, *_: Any, **__: Any) -> dict[str, Any]:
         return {}
