@@ -5,8 +5,8 @@
 #   3. the Kubernetes test binaries, built from Go modules into a versioned cache outside the clone,
 #      a real node's (scripts/build-node.sh: kubelet, containerd, CNI; runc from Debian), and the container image (scripts/build-image.sh, cached by the hash of its inputs);
 #   4. ruff and mypy;
-#   5. pytest tier by tier (unit, integration, e2e, vllm). A tier with no tests yet passes; any
-#      failing tier fails the run, after the remaining tiers have run. The vllm tier's CPU vLLM venv
+#   5. pytest tier by tier: unit, then integration and e2e side by side, then vllm. A tier with no
+#      tests yet passes; any failing tier fails the run, after the remaining tiers have run. The vllm tier's CPU vLLM venv
 #      comes from scripts/vllm-cpu-env.sh (cached by version; about 2.5 min cold, 0 s warm).
 # Extra arguments go to every pytest call, e.g. `make test ARGS="-x -k redis"`.
 set -euo pipefail
@@ -67,27 +67,55 @@ say "ruff + mypy"
 KVPILOT_VENV="$venv" bash scripts/lint.sh
 
 # -- 5. tests by tier ----------------------------------------------------------------------
+# unit first (fast, fails early); then integration and e2e side by side: both spend most of their
+# time waiting on processes they started (engines in modelled time, controllers, a kubelet), so
+# together they take about the longer one's time, not the sum; vllm last, alone, as its engines
+# compute on the CPU. KVPILOT_TEST_SERIAL=1 runs the tiers one after another instead. Each tier
+# run side by side writes its own log, printed whole when it ends.
 failed=()
-for tier in unit integration e2e vllm; do
-  if [ "$tier" = vllm ]; then
-    say "CPU vLLM venv"
-    if KVPILOT_VLLM_VENV="$(bash scripts/vllm-cpu-env.sh | tail -n1)"; then
-      export KVPILOT_VLLM_VENV
-    else
-      failed+=("vllm(install)"); continue
-    fi
-  fi
-  say "pytest -m $tier"
-  set +e
+run_tier() {   # tier, pytest args...: returns pytest's status
+  local tier=$1; shift
   "$venv/bin/python" -P -m pytest -m "$tier" "$@"
-  rc=$?
-  set -e
-  case $rc in
+}
+note_rc() {    # tier rc
+  case $2 in
     0) ;;
-    5) echo "(no $tier tests yet)" ;;
-    *) failed+=("$tier(rc=$rc)") ;;
+    5) echo "(no $1 tests yet)" ;;
+    *) failed+=("$1(rc=$2)") ;;
   esac
-done
+}
+logs="$root/.build/test-logs"
+mkdir -p "$logs"
+say "pytest -m unit"
+set +e; run_tier unit "$@"; rc=$?; set -e; note_rc unit $rc
+if [ "${KVPILOT_TEST_SERIAL:-0}" = 1 ]; then
+  for tier in integration e2e; do
+    say "pytest -m $tier"
+    set +e; run_tier "$tier" "$@"; rc=$?; set -e; note_rc "$tier" $rc
+  done
+else
+  say "pytest -m integration and -m e2e, side by side (logs in $logs)"
+  pids=()
+  for tier in integration e2e; do
+    ( set +e; t=$(date +%s); run_tier "$tier" "$@" >"$logs/$tier.log" 2>&1; rc=$?
+      echo "$rc" >"$logs/$tier.rc"; echo "==> $tier finished (rc=$rc) in $(( $(date +%s) - t ))s" ) &
+    pids+=($!)
+  done
+  wait "${pids[@]}" || true
+  for tier in integration e2e; do
+    say "pytest -m $tier (log)"
+    cat "$logs/$tier.log"
+    note_rc "$tier" "$(cat "$logs/$tier.rc" 2>/dev/null || echo 99)"
+  done
+fi
+say "CPU vLLM venv"
+if KVPILOT_VLLM_VENV="$(bash scripts/vllm-cpu-env.sh | tail -n1)"; then
+  export KVPILOT_VLLM_VENV
+  say "pytest -m vllm"
+  set +e; run_tier vllm "$@"; rc=$?; set -e; note_rc vllm $rc
+else
+  failed+=("vllm(install)")
+fi
 say "done in $(( $(date +%s) - t0 ))s"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED tiers: ${failed[*]}"
