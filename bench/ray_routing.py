@@ -1,17 +1,22 @@
 """Routers side by side inside Ray Serve: Serve's default power of two choices, Ray Serve LLM's
 PrefixCacheAffinityRouter and kvpilot's DualMap, on the same simulated replicas and rates.
 
-    .venv/bin/python -P bench/ray_routing.py [--requests 200] [--replicas 4] [--time-scale 0.25]
-        [--rates 4 8] [--routers pow2 prefix-affinity dualmap] [--max-tokens 32] [--out FILE]
+    .venv/bin/python -P bench/ray_routing.py [--workload mooncake] [--seed 1] [--requests 200]
+        [--replicas 4] [--time-scale 0.25] [--rates 4 8] [--repeats 1]
+        [--routers pow2 prefix-affinity dualmap] [--max-tokens 32] [--out FILE]
 
 A local Ray (2 CPUs, loopback) serves `kvpilot.ray.app` (ingress + `--replicas` simulated engines of
-the h100-llama3-8b profile), one app per router in turn. The first `--requests` Mooncake
-conversation requests are replayed at each `--rates` × the trace's rate (in engine time) through
-Serve's HTTP proxy, streaming. The engines run `--time-scale` × real time (0.25: 4× slower), so
-the wall request rate is rate × time_scale × the trace's ~2.8 req/s, well under what two cores push
+the h100-llama3-8b profile), one app per router in turn, redeployed (fresh replicas, empty caches)
+for every step and repeat. `--requests` requests of one workload of the family
+(`kvpilot.sim.families`: mooncake's slice `--seed`, agentic, chat, rag, no-reuse; each generated in
+steady state, so a slice has its reuse) are replayed at each of `--rates` requests per second of
+engine time through Serve's HTTP proxy, streaming. The engines run `--time-scale` × real time
+(0.25: 4× slower), so the wall request rate is rate × time_scale, well under what two cores push
 through Ray (~50 req/s), and Ray's own per-request cost, divided by the same factor in engine time,
-stays small next to the engines' TTFTs. TTFT is in engine seconds ((first chunk − sent) ×
-time_scale); the hit rate is the engines' own (cached / prompt tokens, from each response's usage).
+stays small next to the engines' TTFTs. The `sched s` and `wall s` columns say whether it did: a
+step whose wall time runs far past its arrival schedule measured the machine, not the routers.
+TTFT is in engine seconds ((first chunk − sent) × time_scale); the hit rate is the engines' own
+(cached / prompt tokens, from each response's usage).
 
 Ray Serve LLM's router is imported from its internal path (the public `ray.serve.llm` one needs
 vLLM installed; ../shared/guides/ray-serve.md §1). Writes a Markdown table to stdout and `--out`.
@@ -35,7 +40,8 @@ from kvpilot.procs import free_port
 from kvpilot.ray.app import build_app
 from kvpilot.ray.local import LocalRay
 from kvpilot.sim.cluster import percentile
-from kvpilot.sim.workload import RequestSpec, mooncake
+from kvpilot.sim.families import make_workload
+from kvpilot.sim.workload import RequestSpec
 
 PREFIX_ROUTER = "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router.PrefixCacheAffinityRouter"
 
@@ -44,6 +50,8 @@ PREFIX_ROUTER = "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aw
 class Step:
     router: str
     rate: float
+    repeat: int = 0
+    sched_s: float = 0.0
     ttft: list[float] = field(default_factory=list)
     errors: int = 0
     cached: int = 0
@@ -55,9 +63,10 @@ class Step:
         n = len(self.ttft) + self.errors
         ok = sum(1 for t in self.ttft if t <= slo) / max(1, n)
         spread = "/".join(str(v) for v in sorted(self.per_replica.values(), reverse=True))
-        return (f"| {self.router} | {self.rate:g} | {ok:.1%} | {percentile(self.ttft, 50):.2f} | "
+        return (f"| {self.router} | {self.rate:g} | {self.repeat} | {ok:.1%} | {percentile(self.ttft, 50):.2f} | "
                 f"{percentile(self.ttft, 90):.2f} | {percentile(self.ttft, 99):.2f} | "
-                f"{self.cached / max(1, self.prompt):.1%} | {self.errors} | {spread} | {self.wall_s:.0f} |")
+                f"{self.cached / max(1, self.prompt):.1%} | {self.errors} | {spread} | {self.sched_s:.0f} | "
+                f"{self.wall_s:.0f} |")
 
 
 async def replay(url: str, specs: list[RequestSpec], step: Step, time_scale: float, max_tokens: int) -> None:
@@ -71,8 +80,9 @@ async def replay(url: str, specs: list[RequestSpec], step: Step, time_scale: flo
             step.per_replica[replica] = step.per_replica.get(replica, 0) + 1
 
     result = RunResult(step.router)
+    step.sched_s = (specs[-1].arrival - specs[0].arrival) / time_scale
     t0 = time.monotonic()
-    await demo_replay(url, "sim-model", specs, time_scale, step.rate, result, max_tokens=max_tokens,
+    await demo_replay(url, "sim-model", specs, time_scale, 1.0, result, max_tokens=max_tokens,
                       on_event=account)
     step.wall_s = time.monotonic() - t0
     step.ttft.extend(result.ttft)
@@ -91,39 +101,44 @@ def app_for(router: str, args: argparse.Namespace) -> serve.Application:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", default="mooncake", help="a workload of kvpilot.sim.families")
+    ap.add_argument("--seed", type=int, default=1, help="the workload's seed (mooncake: its slice)")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--time-scale", type=float, default=0.25)
-    ap.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0])
+    ap.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0],
+                    help="requests per second of engine time")
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--routers", nargs="+", default=["pow2", "prefix-affinity", "dualmap"])
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-ongoing", type=int, default=64)
     ap.add_argument("--slo", type=float, default=2.0, help="TTFT SLO, engine seconds")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    specs = mooncake(limit=args.requests)
     local = LocalRay(num_cpus=2)
     steps: list[Step] = []
     try:
         port = free_port()
         local.start(http_port=port)
-        for router in args.routers:
-            for rate in args.rates:   # fresh replicas (empty caches) for every step
-                serve.run(app_for(router, args), name=router, route_prefix=f"/{router}")
-                step = Step(router, rate)
-                asyncio.run(replay(f"http://127.0.0.1:{port}/{router}", specs, step, args.time_scale,
-                                   args.max_tokens))
-                steps.append(step)
-                print(step.row(args.slo), flush=True)
-                serve.delete(router)
+        for rate in args.rates:
+            specs = make_workload(args.workload, args.requests, rate, args.seed)
+            for repeat in range(args.repeats):
+                for router in args.routers:   # fresh replicas (empty caches) for every step
+                    serve.run(app_for(router, args), name=router, route_prefix=f"/{router}")
+                    step = Step(router, rate, repeat)
+                    asyncio.run(replay(f"http://127.0.0.1:{port}/{router}", specs, step, args.time_scale,
+                                       args.max_tokens))
+                    steps.append(step)
+                    print(step.row(args.slo), flush=True)
+                    serve.delete(router)
     finally:
         local.stop()
     load = os.getloadavg()
-    lines = [f"Mooncake conversation, first {args.requests} requests, {args.replicas} replicas h100-llama3-8b, "
+    lines = [f"{args.workload} (seed {args.seed}), {args.requests} requests, {args.replicas} replicas h100-llama3-8b, "
              f"time scale {args.time_scale}, max_tokens {args.max_tokens}, TTFT SLO {args.slo} s (engine time); "
              f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.", "",
-             "| router | rate × | in SLO | TTFT p50 s | p90 s | p99 s | hit rate | errors | requests per replica "
-             "| wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| router | req/s | repeat | in SLO | TTFT p50 s | p90 s | p99 s | hit rate | errors "
+             "| requests per replica | sched s | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [s.row(args.slo) for s in steps]
     text = "\n".join(lines)
     print(text)
