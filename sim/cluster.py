@@ -51,6 +51,26 @@ class ClusterConfig:
     # The router's cross-instance sharing option (`PolicyContext.shared_store`): its cost model
     # knows about the store. Off with a store: affinity alone, the engines load what they find.
     route_by_store: bool = False
+    # The router follows the engines' KV events (router config `kvEvents`): every replica's policy
+    # reads what each engine caches instead of its own shadow guess (`EngineCaches`).
+    kv_events: bool = False
+
+
+class EngineCaches:
+    """What each simulated instance caches, as vLLM's KV events tell a router that follows them
+    (`kvpilot.router.kv_events`): every replica sees the engines' own prefix caches, not only what
+    it sent itself. Instant here; live, events lag by a step and a ZMQ hop."""
+
+    def __init__(self, engines: Seq[Engine], block_size: int) -> None:
+        self._by_name = {f"sim-{i}": engine for i, engine in enumerate(engines)}
+        self.block_size = block_size
+
+    def cached_tokens(self, name: str, request: RequestView) -> int | None:
+        engine = self._by_name.get(name)
+        if engine is None:
+            return None
+        hashes = request.block_hashes
+        return len(engine.pool.match_prefix(hashes, len(hashes))) * self.block_size
 
 
 @dataclass(slots=True)
@@ -158,6 +178,13 @@ class Cluster:
                                                              for _ in range(config.replicas)]
         self.policy = self.policies[0]
         self.engines = [Engine(self.profile, block_size=self.block_size) for _ in range(config.instances)]
+        if config.kv_events:
+            observed = EngineCaches(self.engines, self.block_size)
+            for each in self.policies:
+                estimate = each.cache_estimate()
+                if estimate is None:
+                    raise ValueError(f"policy {config.policy!r} keeps no cache estimate to follow KV events with")
+                estimate.follow(observed)
         # Each replica's own view of every instance; `loads` is the first's.
         self.views = [[InstanceLoad(f"sim-{i}") for i in range(config.instances)] for _ in self.policies]
         self.loads = self.views[0]
