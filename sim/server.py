@@ -432,3 +432,4 @@ class SimServer:
         self.stop()
         for extension in self.extensions:
             await extension.close()
+        await self.connector.close()
