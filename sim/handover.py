@@ -26,9 +26,9 @@ from kvpilot.tokens import block_hashes
 
 
 class PrefixEndpoints:
-    """The two endpoints, over one `PrefixHandover` for the instance's life. Its agent builds and
-    sends the stand-in KV on its own I/O thread: the engine's steps share the server's loop, and
-    doing it there stalled the instance for seconds (a scale-out handover of eight hot prefixes
+    """The two endpoints, over one `PrefixHandover` for the instance's life. Its agent builds the
+    stand-in KV and its store sends it in worker threads: the engine's steps share the server's
+    loop, and doing it there stalled the instance for seconds (a scale-out handover of eight hot prefixes
     froze its ring owner for ~25 s on a loaded 2-core machine), where a GPU's KV copy does not
     stop its compute."""
 
