@@ -64,7 +64,7 @@ class PrefixHandover:
 
     async def export(self, prefixes: Sequence[HotPrefix], read_block: Callable[[int], bytes | None]) -> Manifest:
         """Write the prefixes' blocks and answer what a reader pulls. `read_block` (a copy out of
-        a cache) and the checksums run on the agent's I/O thread, with the write."""
+        a cache) and the checksums run in a worker thread (`KVAgent.off_loop`), not on the caller's loop."""
 
         def plan() -> tuple[Manifest, list[BlockDescriptor], list[bytes]]:
             manifest = Manifest()
