@@ -16,6 +16,8 @@ import asyncio
 import os
 import time
 
+import redis
+
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.store import RedisStore
 from kvpilot.testing.redis import RedisServer
@@ -37,8 +39,8 @@ async def measure(url: str, size: int, total: int, batch: int) -> tuple[float, f
     for i in range(0, n, batch):
         await agent.post_read(descs[i : i + batch]).wait()
     read_s = time.perf_counter() - t0
-    await store.client.flushdb()
-    await store.close()
+    redis.Redis.from_url(url).flushdb()  # the store's own client lives on the agent's I/O loop
+    await agent.close()
     mb = n * size / 1e6
     return mb / write_s, mb / read_s
 

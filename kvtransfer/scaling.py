@@ -63,26 +63,35 @@ class PrefixHandover:
         self.agent = agent
 
     async def export(self, prefixes: Sequence[HotPrefix], read_block: Callable[[int], bytes | None]) -> Manifest:
-        manifest = Manifest()
-        written: dict[int, BlockDescriptor] = {}
-        todo: list[tuple[int, bytes]] = []
-        for p in prefixes:
-            descs: list[BlockDescriptor] = []
-            for h in p.block_hashes:
-                if h not in written:
-                    data = read_block(h)
-                    if data is None:
-                        break
-                    written[h] = self.agent.describe([prefix_block_key(h)], [data])[0]
-                    todo.append((h, data))
-                descs.append(written[h])
+        """Write the prefixes' blocks and answer what a reader pulls. `read_block` (a copy out of
+        a cache) and the checksums run in a worker thread (`KVAgent.off_loop`), not on the caller's loop."""
+
+        def plan() -> tuple[Manifest, list[BlockDescriptor], list[bytes]]:
+            manifest = Manifest()
+            written: dict[int, BlockDescriptor] = {}
+            descs_out: list[BlockDescriptor] = []
+            buffers: list[bytes] = []
+            for p in prefixes:
+                descs: list[BlockDescriptor] = []
+                for h in p.block_hashes:
+                    if h not in written:
+                        data = read_block(h)
+                        if data is None:
+                            break
+                        written[h] = self.agent.describe([prefix_block_key(h)], [data])[0]
+                        descs_out.append(written[h])
+                        buffers.append(data)
+                    descs.append(written[h])
+                if descs:
+                    manifest.prefixes[p.key] = descs
+            return manifest, descs_out, buffers
+
+        try:
+            manifest, descs, buffers = await self.agent.off_loop(plan)
             if descs:
-                manifest.prefixes[p.key] = descs
-        if todo:
-            try:
-                await self.agent.post_write([written[h] for h, _ in todo], [d for _, d in todo]).wait()
-            except TransferError:
-                return Manifest()  # nothing to pull: the successors recompute
+                await self.agent.post_write(descs, buffers).wait()
+        except TransferError:
+            return Manifest()  # nothing to pull: the successors recompute
         return manifest
 
     async def import_(self, manifest: Manifest) -> dict[int, bytes]:

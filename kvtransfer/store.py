@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
-import redis.asyncio as aioredis
+import redis
 import xxhash
 
 _HEADER = struct.Struct(">QII")  # checksum, total length, chunks (0 = data inline)
+T = TypeVar("T")
 
 
 class TransferError(Exception):
@@ -79,82 +82,122 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Pipelined binary puts and gets with checksums, chunking and a TTL on every key."""
+    """Pipelined binary puts and gets with checksums, chunking and a TTL on every key.
+
+    Every Redis round trip runs in this store's own small thread pool with a blocking client,
+    never on the caller's event loop: packing a pipeline of tens of MiB and pushing it through
+    asyncio's transport held the caller's loop (the simulator's engine loop) for 0.29 s per
+    64 MiB on a quiet machine. In a thread the loop only waits for GIL hand-overs, and a blocking
+    socket send releases the GIL where asyncio's transport buffer copies under it (an asyncio
+    client on a loop in another thread still stalled the caller ~100 ms per 64 MiB; a blocking
+    client ~10 ms: bench/kv_loop_lag.py, bench/results/kv_transfer.md). A pool of its own, not the
+    loop's default executor, so a slow Redis cannot starve the loop's other blocking work (DNS).
+
+    Failure semantics are the asyncio client's: each round trip fails as `TransferError` within
+    `timeout_s` (the caller stops waiting; the thread's socket timeout ends the call itself).
+    """
 
     def __init__(self, url: str, *, namespace: str = "default", ttl_s: int = 300, chunk_bytes: int = 512 * 1024,
-                 timeout_s: float = 2.0) -> None:
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+                 timeout_s: float = 2.0, io_threads: int = 4) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.prefix = f"kvp:{namespace}:blk:"
         self.ttl_s = ttl_s
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix=f"kvpilot-kv-{namespace}")
 
-    async def put(self, blocks: list[tuple[str, bytes]]) -> None:
+    async def _io(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the store's threads, as one round trip with its deadline."""
+        try:
+            job = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except RuntimeError as e:  # the pool is shut down
+            raise TransferError(f"{what} failed: the store is closed") from e
+        try:
+            return await asyncio.wait_for(job, self.timeout_s)
+        except (redis.RedisError, OSError, TimeoutError) as e:
+            raise TransferError(f"{what} failed: {e or type(e).__name__}") from e
+
+    def _put(self, blocks: list[tuple[str, bytes]]) -> None:
         pipe = self.client.pipeline(transaction=False)
         for key, data in blocks:
             k = self.prefix + key
             if len(data) <= self.chunk_bytes:
                 pipe.set(k, _HEADER.pack(checksum(data), len(data), 0) + data, ex=self.ttl_s)
                 continue
-            chunks = [data[i : i + self.chunk_bytes] for i in range(0, len(data), self.chunk_bytes)]
+            view = memoryview(data)  # chunks are views: no copy of the block before the socket
+            chunks = [view[i : i + self.chunk_bytes] for i in range(0, len(data), self.chunk_bytes)]
             for i, chunk in enumerate(chunks):
                 pipe.set(f"{k}:{i}", chunk, ex=self.ttl_s)
             pipe.set(k, _HEADER.pack(checksum(data), len(data), len(chunks)), ex=self.ttl_s)  # header last
-        try:
-            await asyncio.wait_for(pipe.execute(), self.timeout_s)
-        except (aioredis.RedisError, OSError, TimeoutError) as e:
-            raise TransferError(f"put of {len(blocks)} block(s) failed: {e or type(e).__name__}") from e
+        pipe.execute()
+
+    async def put(self, blocks: list[tuple[str, bytes]]) -> None:
+        await self._io(f"put of {len(blocks)} block(s)", self._put, blocks)
+
+    def _mget(self, keys: list[str]) -> list[bytes | None]:
+        return cast(list[bytes | None], self.client.mget(keys))
+
+    def _chunked(self, key: str, crc: int, length: int, chunks: int) -> bytes:
+        """A chunked block's data, joined and verified (in the thread: both are per byte)."""
+        data = b"".join(p or b"" for p in self._mget([f"{self.prefix}{key}:{i}" for i in range(chunks)]))
+        if len(data) != length or checksum(data) != crc:
+            raise _Corrupt(key, len(data), length)
+        return data
 
     async def get(self, keys: list[str]) -> list[bytes | None]:
+        what = f"get of {len(keys)} block(s)"
         try:
-            heads = cast(list[bytes | None],
-                         await asyncio.wait_for(self.client.mget([self.prefix + k for k in keys]), self.timeout_s))
+            heads = await self._io(what, self._mget, [self.prefix + k for k in keys])
             out: list[bytes | None] = []
             for key, head in zip(keys, heads, strict=True):
                 if head is None:
                     out.append(None)
                     continue
                 crc, length, chunks = _HEADER.unpack_from(head)
-                if chunks == 0:
-                    data = head[_HEADER.size :]
-                else:
-                    parts = cast(list[bytes | None], await asyncio.wait_for(
-                        self.client.mget([f"{self.prefix}{key}:{i}" for i in range(chunks)]), self.timeout_s))
-                    data = b"".join(p or b"" for p in parts)
+                if chunks:
+                    out.append(await self._io(what, self._chunked, key, crc, length, chunks))
+                    continue
+                data = head[_HEADER.size :]
                 if len(data) != length or checksum(data) != crc:
-                    raise TransferError(f"block {key} is corrupt or incomplete ({len(data)}/{length} bytes)")
+                    raise _Corrupt(key, len(data), length)
                 out.append(data)
             return out
-        except (aioredis.RedisError, OSError, TimeoutError, TypeError) as e:
-            raise TransferError(f"get of {len(keys)} block(s) failed: {e or type(e).__name__}") from e
+        except _Corrupt as e:
+            raise TransferError(f"block {e.key} is corrupt or incomplete ({e.got}/{e.length} bytes)") from None
+        except (struct.error, TypeError) as e:
+            raise TransferError(f"{what} failed: {e or type(e).__name__}") from e
+
+    def _delete(self, keys: list[str]) -> None:
+        doomed = [self.prefix + k for k in keys]
+        for key, head in zip(keys, self._mget(doomed), strict=True):
+            if head is not None:
+                doomed += [f"{self.prefix}{key}:{i}" for i in range(_HEADER.unpack_from(head)[2])]
+        self.client.delete(*doomed)
 
     async def delete(self, keys: list[str]) -> None:
         """Drop blocks (and their chunks) a reader is done with, instead of waiting for the TTL."""
-        if not keys:
-            return
-        try:
-            heads = cast(list[bytes | None],
-                         await asyncio.wait_for(self.client.mget([self.prefix + k for k in keys]), self.timeout_s))
-            doomed = [self.prefix + k for k in keys]
-            for key, head in zip(keys, heads, strict=True):
-                if head is not None:
-                    doomed += [f"{self.prefix}{key}:{i}" for i in range(_HEADER.unpack_from(head)[2])]
-            await asyncio.wait_for(self.client.delete(*doomed), self.timeout_s)
-        except (aioredis.RedisError, OSError, TimeoutError) as e:
-            raise TransferError(f"delete of {len(keys)} block(s) failed: {e or type(e).__name__}") from e
+        if keys:
+            await self._io(f"delete of {len(keys)} block(s)", self._delete, keys)
 
-    async def exists(self, keys: list[str]) -> list[bool]:
-        """Which blocks are stored (their header key; one pipelined round trip, no data moved)."""
+    def _exists(self, keys: list[str]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)
         for k in keys:
             pipe.exists(self.prefix + k)
-        try:
-            return [bool(n) for n in await asyncio.wait_for(pipe.execute(), self.timeout_s)]
-        except (aioredis.RedisError, OSError, TimeoutError) as e:
-            raise TransferError(f"lookup of {len(keys)} block(s) failed: {e or type(e).__name__}") from e
+        return [bool(n) for n in pipe.execute()]
+
+    async def exists(self, keys: list[str]) -> list[bool]:
+        """Which blocks are stored (their header key; one pipelined round trip, no data moved)."""
+        return await self._io(f"lookup of {len(keys)} block(s)", self._exists, keys)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+class _Corrupt(Exception):
+    def __init__(self, key: str, got: int, length: int) -> None:
+        super().__init__(key)
+        self.key, self.got, self.length = key, got, length
 
 
 class ShardedStore:

@@ -152,5 +152,5 @@ class StoreClient:
         with contextlib.suppress(queue.Full):
             self._saves.put_nowait(None)
         with contextlib.suppress(Exception):  # closing a dead store: nothing to keep
-            self._run(self.agent.store.close(), 2.0)
+            self._run(self.agent.close(), 2.0)
         self._loop.call_soon_threadsafe(self._loop.stop)

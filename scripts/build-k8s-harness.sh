@@ -14,12 +14,11 @@ KWOK_VERSION=v0.7.0
 HELM_VERSION=v3.19.4
 
 KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}"
-CACHE_ROOT="${KVPILOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvpilot}"
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/cache.sh"
+cache_init k8s-harness
 H="$CACHE_ROOT/k8s-harness/$KEY"
 BIN="$H/bin"
 WANT=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
-
-log() { echo "[k8s-harness] $*" >&2; }
 
 all_present() {
   local b
@@ -28,9 +27,7 @@ all_present() {
 }
 
 if all_present; then
-  log "binaries for $KEY already cached in $BIN: skipping Go builds"
-  echo "$BIN"
-  exit 0
+  cache_warm "$BIN" "binaries for $KEY already cached in $BIN: skipping Go builds"
 fi
 
 command -v go >/dev/null || { log "go is required (Go >= 1.24) to build the test control plane"; exit 1; }
@@ -108,5 +105,4 @@ if [ ! -x "$BIN/helm" ]; then
 fi
 
 all_present || { log "build finished but binaries are missing or report the wrong version"; exit 1; }
-log "built $KEY in $(( $(date +%s) - start ))s into $BIN ($(du -sh "$BIN" | cut -f1))"
-echo "$BIN"
+cache_done "$BIN" "built $KEY in $(( $(date +%s) - start ))s into $BIN ($(du -sh "$BIN" | cut -f1))"

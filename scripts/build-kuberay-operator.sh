@@ -7,14 +7,12 @@ set -euo pipefail
 KUBERAY_VERSION=v1.5.0
 MODULE=github.com/ray-project/kuberay/ray-operator
 
-CACHE_ROOT="${KVPILOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvpilot}"
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/cache.sh"
+cache_init kuberay-operator
 BIN="$CACHE_ROOT/kuberay/$KUBERAY_VERSION/bin"
-log() { echo "[kuberay-operator] $*" >&2; }
 
 if [ -x "$BIN/ray-operator" ]; then
-  log "KubeRay operator $KUBERAY_VERSION already built in $BIN"
-  echo "$BIN/ray-operator"
-  exit 0
+  cache_warm "$BIN/ray-operator" "KubeRay operator $KUBERAY_VERSION already built in $BIN"
 fi
 command -v go >/dev/null || { log "go is required to build $MODULE@$KUBERAY_VERSION"; exit 1; }
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-modcacherw
@@ -22,5 +20,4 @@ mkdir -p "$BIN"
 start=$(date +%s)
 # The module has no replace directives, so `go install pkg@version` builds it as released.
 GOBIN="$BIN" go install -trimpath -ldflags "-s -w" "$MODULE@$KUBERAY_VERSION"
-log "built KubeRay operator $KUBERAY_VERSION in $(( $(date +%s) - start ))s into $BIN"
-echo "$BIN/ray-operator"
+cache_done "$BIN/ray-operator" "built KubeRay operator $KUBERAY_VERSION in $(( $(date +%s) - start ))s into $BIN"

@@ -18,13 +18,12 @@ CNI_VERSION=v1.10.0
 PAUSE_REV=1
 
 KEY="node-k8s-${K8S_VERSION}_containerd-${CONTAINERD_VERSION}_cni-${CNI_VERSION}_pause-${PAUSE_REV}"
-CACHE_ROOT="${KVPILOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvpilot}"
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/cache.sh"
+cache_init build-node
 H="$CACHE_ROOT/k8s-harness/$KEY"
 BIN="$H/bin" CNI="$H/cni" IMG="$H/images"
 WANT=("$BIN/kubelet" "$BIN/kube-proxy" "$BIN/containerd" "$BIN/containerd-shim-runc-v2" "$BIN/ctr"
   "$CNI/bridge" "$CNI/host-local" "$CNI/loopback" "$IMG/pause.tar")
-
-log() { echo "[build-node] $*" >&2; }
 
 # -- Debian packages the node runs (only when missing) ----------------------------------------
 missing=()
@@ -46,9 +45,7 @@ all_present() {
 }
 
 if all_present; then
-  log "node binaries for $KEY already cached in $H: skipping Go builds"
-  echo "$H"
-  exit 0
+  cache_warm "$H" "node binaries for $KEY already cached in $H: skipping Go builds"
 fi
 
 command -v go >/dev/null || { log "go is required (Go >= 1.26.8 for CNI $CNI_VERSION)"; exit 1; }
@@ -167,5 +164,4 @@ json.dump(d,open(p,"w"))'
 fi
 
 all_present || { log "build finished but node binaries are missing or report the wrong version"; exit 1; }
-log "built $KEY in $(( $(date +%s) - start ))s into $H ($(du -sh "$H" | cut -f1) with sources)"
-echo "$H"
+cache_done "$H" "built $KEY in $(( $(date +%s) - start ))s into $H ($(du -sh "$H" | cut -f1) with sources)"

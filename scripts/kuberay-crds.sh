@@ -8,11 +8,10 @@ set -euo pipefail
 KUBERAY_VERSION=v1.5.0
 MODULE=github.com/ray-project/kuberay/ray-operator
 
-CACHE_ROOT="${KVPILOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvpilot}"
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/cache.sh"
+cache_init kuberay-crds
 OUT="$CACHE_ROOT/kuberay/$KUBERAY_VERSION/crds"
 WANT=(ray.io_rayservices.yaml ray.io_rayclusters.yaml ray.io_rayjobs.yaml)
-
-log() { echo "[kuberay-crds] $*" >&2; }
 
 all_present() {
   local f
@@ -20,9 +19,7 @@ all_present() {
 }
 
 if all_present; then
-  log "KubeRay $KUBERAY_VERSION CRDs already cached in $OUT"
-  echo "$OUT"
-  exit 0
+  cache_warm "$OUT" "KubeRay $KUBERAY_VERSION CRDs already cached in $OUT"
 fi
 
 command -v go >/dev/null || { log "go is required to fetch $MODULE@$KUBERAY_VERSION from the module proxy"; exit 1; }
@@ -34,5 +31,4 @@ dir="$(cd "$(mktemp -d)" && go mod download -json "$MODULE@$KUBERAY_VERSION" | s
 mkdir -p "$OUT.tmp"
 for f in "${WANT[@]}"; do cp "$dir/config/crd/bases/$f" "$OUT.tmp/$f" && chmod 0644 "$OUT.tmp/$f"; done
 rm -rf "$OUT" && mv "$OUT.tmp" "$OUT"
-log "copied KubeRay $KUBERAY_VERSION CRDs from $dir into $OUT"
-echo "$OUT"
+cache_done "$OUT" "copied KubeRay $KUBERAY_VERSION CRDs from $dir into $OUT"

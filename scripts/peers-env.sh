@@ -9,16 +9,13 @@ set -euo pipefail
 SGLANG_ROUTER_VERSION=0.3.2
 VLLM_ROUTER_VERSION=0.1.17
 KEY="sglang-router-${SGLANG_ROUTER_VERSION}_vllm-router-${VLLM_ROUTER_VERSION}"
-CACHE_ROOT="${KVPILOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvpilot}"
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/cache.sh"
+cache_init peers-env
 VENV="$CACHE_ROOT/peers/$KEY/venv"
 STAMP="$VENV/.kvpilot-complete"
 
-log() { echo "[peers-env] $*" >&2; }
-
 if [ -f "$STAMP" ]; then
-  log "cached in $VENV: skipping install"
-  echo "$VENV"
-  exit 0
+  cache_warm "$VENV" "cached in $VENV: skipping install"
 fi
 
 t0=$(date +%s)
@@ -33,5 +30,4 @@ log "installing sglang-router==$SGLANG_ROUTER_VERSION vllm-router==$VLLM_ROUTER_
 # Both must start: a wheel without its Rust extension for this platform fails here, not in the bench.
 "$VENV/bin/python" -c 'import sglang_router, vllm_router' >/dev/null
 touch "$STAMP"
-log "installed in $(( $(date +%s) - t0 ))s"
-echo "$VENV"
+cache_done "$VENV" "installed in $(( $(date +%s) - t0 ))s"

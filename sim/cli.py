@@ -147,7 +147,8 @@ def _cluster(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import asyncio
 
-    from kvpilot.sim.calibrate import engine_cache_info, fit_profile, kv_geometry, measure
+    from kvpilot.sim.calibrate import engine_cache_info, kv_geometry, measure
+    from kvpilot.sim.calibrate_fit import fit_profile
 
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x]

@@ -12,9 +12,7 @@ Block hashes are the engine's (`kvpilot.tokens.block_hashes` at the engine's blo
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -26,42 +24,27 @@ from kvpilot.sim.kv_connector import stand_in_kv
 from kvpilot.sim.server import SimServer
 from kvpilot.tokens import block_hashes
 
-T = TypeVar("T")
-
 
 class PrefixEndpoints:
-    """The two endpoints. Each transfer runs in a worker thread on its own event loop and store
-    connection: the engine's steps share the server's loop, and building and sending hundreds of
-    MiB of stand-in KV there stalled the instance for seconds (a scale-out handover of eight hot
-    prefixes froze its ring owner for ~25 s on a loaded 2-core machine), where a GPU's KV copy
-    does not stop its compute."""
+    """The two endpoints, over one `PrefixHandover` for the instance's life. Its agent builds the
+    stand-in KV and its store sends it in worker threads: the engine's steps share the server's
+    loop, and doing it there stalled the instance for seconds (a scale-out handover of eight hot prefixes
+    froze its ring owner for ~25 s on a loaded 2-core machine), where a GPU's KV copy does not
+    stop its compute."""
 
     def __init__(self, server: SimServer) -> None:
         self.server = server
-        self.kv_store = server.cfg.kv_store
-        self.agent_name = f"{server.cfg.engine_id}-pfx"
+        url = server.cfg.kv_store
+        self.handover = PrefixHandover(KVAgent(f"{server.cfg.engine_id}-pfx", open_store(url, namespace="pfx"))) \
+            if url else None
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post(protocol.PREFIX_EXPORT, self.export)
         app.router.add_post(protocol.PREFIX_IMPORT, self.import_)
 
     async def close(self) -> None:
-        return None
-
-    def _off_loop(self, work: Callable[[PrefixHandover], Awaitable[T]]) -> T:
-        """Run `work` with a handover of its own (its own store connection) on a fresh event loop:
-        called through `asyncio.to_thread`."""
-        url = self.kv_store
-        assert url is not None
-
-        async def run() -> T:
-            handover = PrefixHandover(KVAgent(self.agent_name, open_store(url, namespace="pfx")))
-            try:
-                return await work(handover)
-            finally:
-                await handover.agent.store.close()
-
-        return asyncio.run(run())
+        if self.handover is not None:
+            await self.handover.agent.close()
 
     def _hashes(self, prefix: dict[str, Any]) -> tuple[int, ...]:
         """The prefix's block hashes as given, or hashed here from its text at this engine's
@@ -71,7 +54,7 @@ class PrefixEndpoints:
         return tuple(int(h) for h in prefix["block_hashes"])
 
     async def export(self, request: web.Request) -> web.Response:
-        if self.kv_store is None:
+        if self.handover is None:
             return web.json_response({"error": "this instance has no KV store (--kv-store)"}, status=409)
         try:
             body: dict[str, Any] = await request.json()
@@ -87,14 +70,14 @@ class PrefixEndpoints:
             """The block's KV if cached here (stand-in bytes of the right size)."""
             return stand_in_kv(size) if block_hash in present else None
 
-        manifest = await asyncio.to_thread(self._off_loop, lambda h: h.export(prefixes, read_block))
+        manifest = await self.handover.export(prefixes, read_block)
         if not manifest.prefixes and any(p.block_hashes and p.block_hashes[0] in cached for p in prefixes):
             # Blocks were here but the store write failed: say so, so the caller counts a failure.
             return web.json_response({"error": "the KV store did not take the blocks"}, status=502)
         return web.json_response({"manifest": protocol.encode_manifest(manifest.prefixes), "bytes": manifest.bytes})
 
     async def import_(self, request: web.Request) -> web.Response:
-        if self.kv_store is None:
+        if self.handover is None:
             return web.json_response({"error": "this instance has no KV store (--kv-store)"}, status=409)
         try:
             body: dict[str, Any] = await request.json()
@@ -102,7 +85,7 @@ class PrefixEndpoints:
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "manifest: {key: [[block key, size, checksum]]} required"},
                                      status=400)
-        got = await asyncio.to_thread(self._off_loop, lambda h: h.import_(manifest))
+        got = await self.handover.import_(manifest)
         if not got and manifest.prefixes:
             self.server.c_kv_failed.inc()  # nothing arrived: requests for these prefixes recompute
         added = 0

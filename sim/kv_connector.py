@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
-from kvpilot.kvtransfer.store import TransferError
+from kvpilot.kvtransfer.store import BlockDescriptor, TransferError
 
 
 @dataclass(slots=True)
@@ -44,6 +44,8 @@ class KVConnector(Protocol):
 
     async def import_kv(self, params: dict[str, Any], prompt_tokens: int) -> KVImport: ...
 
+    async def close(self) -> None: ...
+
 
 class LocalKVConnector:
     """P/D params with vLLM's field names; the transfer is modelled as bytes over a nominal link."""
@@ -66,6 +68,9 @@ class LocalKVConnector:
         await asyncio.sleep(size / self.link_bytes_per_s / self.time_scale)
         return KVImport(tokens, size)
 
+    async def close(self) -> None:
+        return None
+
 
 class StoreKVConnector(LocalKVConnector):
     """Real bytes through a block store, in blocks of `block_tokens` tokens."""
@@ -81,9 +86,14 @@ class StoreKVConnector(LocalKVConnector):
         n = math.ceil(prompt_tokens / self.block_tokens)
         sizes = [min(self.block_tokens, prompt_tokens - i * self.block_tokens) * self.kv_bytes_per_token
                  for i in range(n)]
-        buffers = [stand_in_kv(size) for size in sizes]
-        descs = self.agent.describe([f"{self.engine_id}:{request_id}:{i}" for i in range(n)], buffers)
-        try:
+        keys = [f"{self.engine_id}:{request_id}:{i}" for i in range(n)]
+
+        def build() -> tuple[list[BlockDescriptor], list[bytes]]:
+            buffers = [stand_in_kv(size) for size in sizes]
+            return self.agent.describe(keys, buffers), buffers
+
+        try:  # the bytes are made on the agent's I/O thread, like they are sent: not on the engine's loop
+            descs, buffers = await self.agent.off_loop(build)
             await self.agent.post_write(descs, buffers).wait()
         except TransferError:
             return {**params, "num_tokens": 0}  # nothing to pull: decode recomputes
@@ -100,3 +110,6 @@ class StoreKVConnector(LocalKVConnector):
             return KVImport(0, failed=True)
         tokens = min(prompt_tokens, sum(len(b) for b in data) // self.kv_bytes_per_token)
         return KVImport(tokens, sum(len(b) for b in data))
+
+    async def close(self) -> None:
+        await self.agent.close()

@@ -27,6 +27,7 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -36,7 +37,7 @@ from prometheus_client import Counter, Histogram
 from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.migration import CopyTuning, Step, block_bytes, blocks_to_copy, migration_block_key, next_step
-from kvpilot.kvtransfer.store import TransferError, open_store
+from kvpilot.kvtransfer.store import BlockDescriptor, TransferError, open_store
 from kvpilot.sim.kv_connector import stand_in_kv
 from kvpilot.sim.sequence import Phase, Sequence
 from kvpilot.sim.server import SimServer
@@ -97,7 +98,7 @@ class Migrations:
         if self.session is not None:
             await self.session.close()
         if self.agent is not None:
-            await self.agent.store.close()
+            await self.agent.close()
 
     def _http(self) -> aiohttp.ClientSession:
         if self.session is None:
@@ -198,8 +199,7 @@ class Migrations:
         batches = [indices[i : i + per_batch] for i in range(0, len(indices), per_batch)] or [[]]
         written = 0
         for n, batch in enumerate(batches):
-            buffers = [stand_in_kv(block_bytes(i, kv_tokens, bt, bpt)) for i in batch]
-            descs = self.agent.describe([migration_block_key(mid, i) for i in batch], buffers)
+            descs, buffers = await self.agent.off_loop(partial(self._build, mid, batch, kv_tokens))
             if descs:
                 await self.agent.post_write(descs, buffers).wait()
             written += sum(len(b) for b in buffers)
@@ -213,6 +213,14 @@ class Migrations:
                 if resp.status != 200:
                     raise MigrationAborted(f"target refused {path}: {answer.get('reason', resp.status)}")
         return written
+
+    def _build(self, mid: str, batch: list[int], kv_tokens: int) -> tuple[list[BlockDescriptor], list[bytes]]:
+        """A batch's stand-in KV and descriptors (run on the agent's I/O thread: it is memcpy and
+        checksums, which on the engine's loop would stall the decode this copy runs beside)."""
+        assert self.agent is not None
+        bt, bpt = self.tuning.block_tokens, self.server.cfg.profile.kv_bytes_per_token
+        buffers = [stand_in_kv(block_bytes(i, kv_tokens, bt, bpt)) for i in batch]
+        return self.agent.describe([migration_block_key(mid, i) for i in batch], buffers), buffers
 
     def _state(self, stream: Stream, mid: str) -> protocol.MigrationState:
         seq = stream.seq
@@ -249,12 +257,12 @@ class Migrations:
         """Free the store of a migration's blocks in the background (the TTL is the fallback)."""
         if self.agent is None or not entry.keys:
             return
-        store, keys = self.agent.store, sorted(entry.keys)
+        agent, keys = self.agent, sorted(entry.keys)
         entry.keys = set()
 
         async def run() -> None:
             with contextlib.suppress(TransferError):
-                await store.delete(keys)
+                await agent.delete(keys)
 
         task = asyncio.create_task(run())
         self._tasks.add(task)

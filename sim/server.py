@@ -29,23 +29,21 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from kvpilot import sse
 from kvpilot.kvtransfer import protocol
 from kvpilot.kvtransfer.agent import KVAgent
 from kvpilot.kvtransfer.store import open_store
 from kvpilot.openai_errors import ApiError
+from kvpilot.sim import responses
 from kvpilot.sim.engine import Engine
 from kvpilot.sim.kv_connector import KVConnector, LocalKVConnector, StoreKVConnector
 from kvpilot.sim.metrics import EngineCollector
 from kvpilot.sim.profiles import Profile
 from kvpilot.sim.sequence import Phase, Sequence
-from kvpilot.sim.streams import MIGRATED, Stream, take_tokens
-from kvpilot.sim.token_ids import WORD_BASE, decode_prompt, encode
+from kvpilot.sim.streams import Stream
+from kvpilot.sim.token_ids import decode_prompt, encode
 from kvpilot.tokens import block_hashes, chain_hash, render_chat, token_count
 from kvpilot.vllm_metrics import ITL_BUCKETS, LATENCY_BUCKETS
 
-_WORDS = ("alpha", "beta", "gamma", "delta", "cache", "token", "route", "block", "prefix", "decode", "serve", "queue",
-          "model", "layer", "batch", "scale", "pool", "node", "kernel", "tensor", "stream", "event", "score", "vector")
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
@@ -200,7 +198,7 @@ class SimServer:
                 prompt = prompt[0]
             if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
                 try:  # a token-id prompt (vLLM's form; the router's resume migration sends one)
-                    text, generated = decode_prompt(prompt, _WORDS)
+                    text, generated = decode_prompt(prompt, responses.WORDS)
                 except ValueError as e:
                     raise ApiError(400, str(e), param="prompt") from None
                 return await self._generate(request, body, text, chat=False, ids=prompt, generated=generated)
@@ -260,7 +258,7 @@ class SimServer:
         try:
             if streaming:
                 return await self.stream_response(request, stream, kv_params)
-            return await self._collect(body, stream, chat, kv_params)
+            return await responses.collect(stream, self.cfg.model, self._kv_out(seq, kv_params))
         finally:
             self.streams.pop(seq, None)
             if external_id and self.by_request_id.get(external_id) is stream:
@@ -268,100 +266,26 @@ class SimServer:
             if not seq.finished:  # client went away or the handler failed: free the engine's work
                 self.engine.abort(seq)
 
+    # -- responses (rendered by kvpilot.sim.responses) ---------------------------------------
     def text(self, stream: Stream, start: int, count: int) -> str:
         """Tokens `start`..`start+count` of a response, as text (deterministic per prompt)."""
-        return "".join(" " + _WORDS[(stream.seed + i) % len(_WORDS)] for i in range(start, start + count))
-
-    def _ids(self, stream: Stream, start: int, count: int) -> list[int]:
-        return [WORD_BASE + (stream.seed + i) % len(_WORDS) for i in range(start, start + count)]
+        return responses.text(stream, start, count)
 
     def usage(self, seq: Sequence) -> dict[str, Any]:
-        return {"prompt_tokens": seq.prompt_tokens, "completion_tokens": seq.output,
-                "total_tokens": seq.prompt_tokens + seq.output,
-                "prompt_tokens_details": {"cached_tokens": seq.cached_tokens}}
+        return responses.usage(seq)
 
-    async def _kv_out(self, seq: Sequence, kv_params: dict[str, Any]) -> dict[str, Any] | None:
-        if kv_params.get("do_remote_decode"):
-            return await self.connector.export(seq.request_id, seq.prompt_tokens, seq.block_hashes)
-        return None
+    def _kv_out(self, seq: Sequence, kv_params: dict[str, Any]) -> responses.KVOut:
+        async def export() -> dict[str, Any] | None:
+            if kv_params.get("do_remote_decode"):
+                return await self.connector.export(seq.request_id, seq.prompt_tokens, seq.block_hashes)
+            return None
 
-    async def _collect(self, body: dict[str, Any], stream: Stream, chat: bool,
-                       kv_params: dict[str, Any]) -> web.Response:
-        while await stream.queue.get() is not None:
-            pass
-        seq = stream.seq
-        text = self.text(stream, 0, seq.output)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        if stream.prompt_ids is not None:
-            choice.update(prompt_token_ids=stream.prompt_ids, token_ids=self._ids(stream, 0, seq.output))
-        out: dict[str, Any] = {"id": seq.request_id, "object": "chat.completion" if chat else "text_completion",
-                               "created": int(time.time()), "model": self.cfg.model, "choices": [choice],
-                               "usage": self.usage(seq)}
-        kv_out = await self._kv_out(seq, kv_params)
-        if kv_out is not None:
-            out["kv_transfer_params"] = kv_out
-        return web.json_response(out)
+        return export
 
     async def stream_response(self, request: web.Request, stream: Stream,
                               kv_params: dict[str, Any]) -> web.StreamResponse:
         """SSE from `stream.sent` on (0 for a new request, the migration point for a migrated one)."""
-        seq, chat = stream.seq, stream.chat
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        created = stream.created
-        include_usage = stream.include_usage
-        sent = stream.sent
-
-        def chunk(choice: dict[str, Any], **extra: Any) -> bytes:
-            payload = {"id": seq.request_id, "object": obj, "created": created, "model": self.cfg.model,
-                       "choices": [choice], **extra}
-            return sse.event(payload)
-
-        # Like vLLM, the role chunk goes out with the first token, so the first body byte marks TTFT.
-        role_pending = chat and sent == 0
-        done = moved = False
-        while not done and not moved:
-            count, item = await take_tokens(stream)
-            done, moved = item is None, item == MIGRATED
-            if role_pending:
-                await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "finish_reason": None}))
-                role_pending = False
-            if count:
-                text = self.text(stream, sent, count)
-                sent += count
-                finish = "length" if done else None
-                choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-                if chat:
-                    choice["delta"] = {"content": text}
-                else:
-                    choice["text"] = text
-                if stream.prompt_ids is not None:  # like vLLM: the prompt's ids ride on the first chunk
-                    choice.update({"prompt_token_ids": stream.prompt_ids} if sent == count else {},
-                                  token_ids=self._ids(stream, sent - count, count))
-                await resp.write(chunk(choice))
-                stream.sent = sent
-        if moved:  # the request continues on another instance: tell the router where, and stop here
-            assert stream.handoff is not None   # set with MIGRATED
-            await resp.write(protocol.migrated_event(stream.handoff.model_copy(update={"tokens_sent": sent})))
-            await resp.write_eof()
-            return resp
-        extra: dict[str, Any] = {}
-        kv_out = await self._kv_out(seq, kv_params)
-        if kv_out is not None:
-            extra["kv_transfer_params"] = kv_out
-        if include_usage or extra:
-            payload = {"id": seq.request_id, "object": obj, "created": created, "model": self.cfg.model,
-                       "choices": [], **({"usage": self.usage(seq)} if include_usage else {}), **extra}
-            await resp.write(sse.event(payload))
-        await resp.write(sse.DONE)
-        await resp.write_eof()
-        return resp
+        return await responses.stream_sse(request, stream, self.cfg.model, self._kv_out(stream.seq, kv_params))
 
     # -- other endpoints -------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
@@ -432,3 +356,4 @@ class SimServer:
         self.stop()
         for extension in self.extensions:
             await extension.close()
+        await self.connector.close()

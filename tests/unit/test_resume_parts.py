@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from kvpilot.router.resume import ResumeState, continuation, refusal, split_events, upstream_body
-from kvpilot.sim.server import _WORDS
+from kvpilot.sim.responses import WORDS as _WORDS
 from kvpilot.sim.token_ids import WORD_BASE, decode_prompt, encode
 
 

@@ -29,7 +29,7 @@ def test_round_trip_with_chunking_and_checksums(redis_server: RedisServer) -> No
         handle = agent.post_read(descs)
         assert await handle.wait() == buffers and handle.state == XferState.DONE
         assert agent.bytes_moved == 2 * sum(len(b) for b in buffers)
-        await store.close()
+        await agent.close()
 
     asyncio.run(run())
     r = redis.Redis.from_url(redis_server.url)
@@ -58,7 +58,7 @@ def test_corrupt_or_missing_blocks_fail_the_transfer(redis_server: RedisServer) 
         with pytest.raises(TransferError, match="not in the store"):
             await agent.post_read([BlockDescriptor("never", 1)]).wait()
         assert agent.failures == 2
-        await store.close()
+        await agent.close()
 
     asyncio.run(run())
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from kvpilot.sim.calibrate import (
+from kvpilot.sim.calibrate import Prompts
+from kvpilot.sim.calibrate_fit import (
     BusyPoint,
     DecodePoint,
     PrefillPoint,
-    Prompts,
     ShapePoint,
     fit_profile,
     new_shape_cost,
