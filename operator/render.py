@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
 
+import kopf
 import yaml
 
 from kvpilot import __version__
@@ -48,22 +50,35 @@ Obj = dict[str, Any]
 
 @dataclass(frozen=True)
 class Owner:
-    """The object that owns what is rendered: garbage collection deletes children with it."""
+    """The object that owns what is rendered: garbage collection deletes children with it, and the
+    children inherit its labels (`adopt`)."""
 
     api_version: str
     kind: str
     name: str
     namespace: str
     uid: str
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @classmethod
     def of(cls, body: Obj) -> Owner:
         meta = body["metadata"]
-        return cls(body["apiVersion"], body["kind"], meta["name"], meta["namespace"], meta["uid"])
+        return cls(body["apiVersion"], body["kind"], meta["name"], meta["namespace"], meta["uid"],
+                   dict(meta.get("labels") or {}))
 
-    def ref(self) -> Obj:
-        return {"apiVersion": self.api_version, "kind": self.kind, "name": self.name, "uid": self.uid,
-                "controller": True, "blockOwnerDeletion": True}
+    def body(self) -> kopf.Body:
+        """The owner as kopf sees a handler's object: what `kopf.adopt` reads."""
+        meta = {"name": self.name, "namespace": self.namespace, "uid": self.uid, "labels": dict(self.labels)}
+        return kopf.Body(cast(kopf.RawBody, {"apiVersion": self.api_version, "kind": self.kind, "metadata": meta}))
+
+
+def adopt(obj: Obj, owner: Owner) -> Obj:
+    """`kopf.adopt`: an owner reference (controller, blockOwnerDeletion) so garbage collection
+    deletes the children with their owner, the owner's namespace, and the owner's labels where the
+    child has no label of that key (the operator's own labels win). It only edits the dicts, so
+    rendering stays pure. Names are the operator's own (`harmonize_naming` keeps a set name)."""
+    kopf.adopt(obj, owner=owner.body())
+    return obj
 
 
 def kvpilot_image() -> str:
@@ -83,12 +98,15 @@ def admin_secret(owner: Owner, token: str) -> Obj:
     """The router's admin token. Created once with a random token, never re-applied: rendering stays
     pure and a reconcile does not rotate the token under a running operator's feet."""
     name = admin_secret_name(owner.name)
-    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": _meta(name, owner, _labels(owner.name, "router")), "stringData": {"token": token}}
+    return adopt({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": _meta(name, _labels(owner.name, "router")), "stringData": {"token": token}}, owner)
 
 
-def _meta(name: str, owner: Owner, labels: dict[str, str]) -> Obj:
-    return {"name": name, "namespace": owner.namespace, "labels": labels, "ownerReferences": [owner.ref()]}
+def _meta(name: str, labels: dict[str, str]) -> Obj:
+    """Name and labels (a copy: `adopt` adds the owner's labels here, and the same dict may also be
+    a pod template's, which must not change with the owner's labels); namespace and owner reference
+    come from `adopt`."""
+    return {"name": name, "labels": dict(labels)}
 
 
 def _labels(service: str, component: str, **extra: str) -> dict[str, str]:
@@ -109,9 +127,9 @@ def workerpool(spec: LLMServiceSpec, role: Role, pool: PoolSpec, owner: Owner) -
                           kv_transfer=spec.kv_transfer if spec.mode == "disaggregated" or shared_store(spec) else None,
                           **pool.model_dump())
     name = pool_name(owner.name, role)
-    return {"apiVersion": API_VERSION, "kind": "WorkerPool",
-            "metadata": _meta(name, owner, _labels(owner.name, "workerpool", **{LABEL_ROLE: role})),
-            "spec": body.wire()}
+    return adopt({"apiVersion": API_VERSION, "kind": "WorkerPool",
+                  "metadata": _meta(name, _labels(owner.name, "workerpool", **{LABEL_ROLE: role})),
+                  "spec": body.wire()}, owner)
 
 
 def shared_store(spec: LLMServiceSpec) -> bool:
@@ -218,16 +236,16 @@ def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None,
     pod: Obj = {"serviceAccountName": name, "containers": [container], "volumes": volumes,
                 "topologySpreadConstraints": spread(selector)}
     defaults.apply(pod, container, cache=spec.engine.type == "vllm")
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(name, owner, labels)},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(name, owner, labels),
+    return [adopt(obj, owner) for obj in (
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(name, labels)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(name, labels),
          "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(name, owner, labels),
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(name, labels),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
          "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}]},
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, owner, labels),
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, labels),
          "data": {"router.yaml": config_text}},
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, owner, labels),
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, labels),
          "spec": {"replicas": spec.routing.replicas, "selector": {"matchLabels": selector},
                   "template": {"metadata": {"labels": labels,
                                             "annotations": {"kvpilot.io/config-hash": digest,
@@ -235,17 +253,17 @@ def router_objects(spec: LLMServiceSpec, owner: Owner, image: str | None = None,
                                                             "prometheus.io/port": str(PORT)}},
                                "spec": pod}}},
         disruption_budget(name, owner, labels, selector),
-        {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, owner, labels),
+        {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, labels),
          "spec": {"selector": selector, "ports": [{"name": "http", "port": PORT, "targetPort": "http"},
                                                   {"name": "kv-events", "port": KV_EVENTS_PORT,
                                                    "targetPort": "kv-events"}]}},
-    ]
+    )]
 
 
 def disruption_budget(name: str, owner: Owner, labels: dict[str, str], selector: dict[str, str]) -> Obj:
     """A node drain (or a Karpenter consolidation) takes one pod of the set at a time."""
-    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(name, owner, labels),
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}}}
+    return adopt({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(name, labels),
+                  "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}}}, owner)
 
 
 # Prometheus Operator: one PodMonitor per LLMService scrapes its engines and its router.
@@ -255,11 +273,11 @@ MONITORING_API = "monitoring.coreos.com/v1"
 def pod_monitor(owner: Owner) -> Obj:
     """Engines (vLLM and the simulator) and the router all serve Prometheus text on `http`/metrics;
     the pods' role, pool and component labels become target labels so dashboards can split by them."""
-    return {"apiVersion": MONITORING_API, "kind": "PodMonitor",
-            "metadata": _meta(owner.name, owner, _labels(owner.name, "monitoring")),
-            "spec": {"selector": {"matchLabels": {LABEL_SERVICE: owner.name, LABEL_MANAGED_BY: MANAGER}},
-                     "podMetricsEndpoints": [{"port": "http", "path": "/metrics"}],
-                     "podTargetLabels": [LABEL_SERVICE, LABEL_ROLE, LABEL_POOL, LABEL_COMPONENT]}}
+    return adopt({"apiVersion": MONITORING_API, "kind": "PodMonitor",
+                  "metadata": _meta(owner.name, _labels(owner.name, "monitoring")),
+                  "spec": {"selector": {"matchLabels": {LABEL_SERVICE: owner.name, LABEL_MANAGED_BY: MANAGER}},
+                           "podMetricsEndpoints": [{"port": "http", "path": "/metrics"}],
+                           "podTargetLabels": [LABEL_SERVICE, LABEL_ROLE, LABEL_POOL, LABEL_COMPONENT]}}, owner)
 
 
 # -- WorkerPool → Deployment and headless Service -------------------------------------------------
@@ -385,10 +403,11 @@ def pool_deployment(spec: WorkerPoolSpec, owner: Owner, defaults: PodDefaults = 
                        ("affinity", spec.affinity)):
         if value:
             pod[key] = value
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(owner.name, owner, labels),
-            "spec": {"replicas": spec.replicas, "selector": {"matchLabels": {LABEL_POOL: owner.name}},
-                     "template": {"metadata": {"labels": labels, "annotations": {
-                         "prometheus.io/scrape": "true", "prometheus.io/port": str(PORT)}}, "spec": pod}}}
+    return adopt({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(owner.name, labels),
+                  "spec": {"replicas": spec.replicas, "selector": {"matchLabels": {LABEL_POOL: owner.name}},
+                           "template": {"metadata": {"labels": labels, "annotations": {
+                               "prometheus.io/scrape": "true", "prometheus.io/port": str(PORT)}}, "spec": pod}}},
+                 owner)
 
 
 def _volumes(spec: WorkerPoolSpec) -> tuple[list[Obj], list[Obj]]:
@@ -412,6 +431,7 @@ def pool_disruption_budget(spec: WorkerPoolSpec, owner: Owner) -> Obj:
 def pool_service(spec: WorkerPoolSpec, owner: Owner) -> Obj:
     """Headless: the router talks to each pod directly, so there is no virtual IP to balance."""
     labels = _labels(spec.service, "engine", **{LABEL_ROLE: spec.role, LABEL_POOL: owner.name})
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(owner.name, owner, labels),
-            "spec": {"clusterIP": "None", "selector": {LABEL_POOL: owner.name}, "publishNotReadyAddresses": False,
-                     "ports": [{"name": "http", "port": PORT, "targetPort": "http"}]}}
+    return adopt({"apiVersion": "v1", "kind": "Service", "metadata": _meta(owner.name, labels),
+                  "spec": {"clusterIP": "None", "selector": {LABEL_POOL: owner.name},
+                           "publishNotReadyAddresses": False,
+                           "ports": [{"name": "http", "port": PORT, "targetPort": "http"}]}}, owner)

@@ -117,12 +117,31 @@ def test_simulator_example_is_served_scaled_healed_and_deleted(
     else:
         raise AssertionError("the PDB came back only with a periodic resync each time")
 
+    # Children are adopted (kopf.adopt): one controlling owner reference that blocks the owner's
+    # deletion until garbage collection has removed them, and the owner's labels, which follow a relabel.
+    svc_ref = {"apiVersion": "kvpilot.io/v1alpha1", "kind": "LLMService", "name": "sim-llama-8b",
+               "uid": svc["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    for kind in ("workerpool", "deployment", "service", "configmap", "role", "rolebinding", "serviceaccount",
+                 "poddisruptionbudget"):
+        assert kget(kind, "sim-llama-8b-router" if kind != "workerpool" else "sim-llama-8b-decode")[
+            "metadata"]["ownerReferences"] == [svc_ref], kind
+    pool = kget("workerpool", "sim-llama-8b-decode")
+    assert kget("deployment", "sim-llama-8b-decode")["metadata"]["ownerReferences"] == [
+        {**svc_ref, "kind": "WorkerPool", "name": "sim-llama-8b-decode", "uid": pool["metadata"]["uid"]}]
+    assert crds.kubectl("label", "-n", namespace, "llmservice", "sim-llama-8b", "team=search").returncode == 0
+    # (a pool's own children follow at the pool's next reconcile: a label does not move its generation)
+    wait_for(lambda: all((kget(kind, name)["metadata"].get("labels") or {}).get("team") == "search"
+                         for kind, name in (("deployment", "sim-llama-8b-router"),
+                                            ("workerpool", "sim-llama-8b-decode"))), 30,
+             f"the service's label on its router and pools\n{operator.log_tail()}")
+
     # Deleting the LLMService removes everything it created (garbage collection via owner references).
     assert crds.kubectl("delete", "-n", namespace, "llmservice", "sim-llama-8b", "--wait=true").returncode == 0
 
     def gone() -> bool:
         left = [kget(kind)["items"] for kind in ("workerpools", "deployments", "services", "configmaps",
-                                                  "roles", "rolebindings")]
+                                                  "roles", "rolebindings", "serviceaccounts",
+                                                  "poddisruptionbudgets", "secrets")]
         names = [o["metadata"]["name"] for items in left for o in items]
         return not any(n.startswith("sim-llama-8b") for n in names)
 
