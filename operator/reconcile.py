@@ -325,8 +325,15 @@ def reconcile_service_named(kube: Kube, namespace: str, name: str, router_image:
 
 def propagate_replicas(kube: Kube, svc: Obj, edited: set[str]) -> None:
     """The user edited spec.<prefill|decode>.replicas on the LLMService: pass that one change on to
-    the pool. Only an edit does this, so a resync never undoes a kubectl scale or the autoscaler."""
-    spec = LLMServiceSpec.model_validate(svc["spec"])
+    the pool. Only an edit does this, so a resync never undoes a kubectl scale or the autoscaler.
+    Not while the spec is Degraded (it does not parse, or has a spec problem), when the reconcile
+    changes nothing but the status either; under ray-serve there are no WorkerPools."""
+    try:
+        spec = LLMServiceSpec.model_validate(svc.get("spec") or {})
+    except ValidationError:
+        return
+    if spec.engine.type == "ray-serve" or spec_problems(spec, known_profiles()):
+        return
     meta = svc["metadata"]
     for role, pool in spec.pools().items():
         if ("decode" if role == "aggregated" else role) in edited:
