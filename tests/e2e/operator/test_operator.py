@@ -89,6 +89,18 @@ def test_simulator_example_is_served_scaled_healed_and_deleted(
     assert new_hash["kvpilot.io/config-hash"] != old_hash["kvpilot.io/config-hash"]
     assert kget("workerpool", "sim-llama-8b-decode")["spec"]["replicas"] == 3
     assert kget("deployment", "sim-llama-8b-decode")["spec"]["replicas"] == 3
+    # An edit of spec.prefill.replicas (kopf's field handler) reaches the prefill pool, and only it.
+    # Only an update does that: first wait until kopf has handled the service up to the last edit (a
+    # create handler that kopf still retries, after a conflict on a loaded machine, sees later edits
+    # as part of the creation).
+    wait_for(lambda: '"ttftMs":1500' in (kget("llmservice", "sim-llama-8b")["metadata"].get("annotations") or {}).get(
+        "kopf.kvpilot.io/last-handled-configuration", ""), 90, f"kopf at the last edit\n{operator.log_tail()}")
+    out = crds.kubectl("patch", "-n", namespace, "llmservice", "sim-llama-8b", "--type", "merge",
+                       "-p", '{"spec": {"prefill": {"replicas": 2}}}')
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: kget("workerpool", "sim-llama-8b-prefill")["spec"]["replicas"] == 2, 30,
+             f"the prefill pool at 2\n{operator.log_tail()}")
+    assert kget("workerpool", "sim-llama-8b-decode")["spec"]["replicas"] == 3
 
     # A manual edit of a managed field is reverted; a deleted child is recreated.
     out = crds.kubectl("scale", "-n", namespace, "deployment", "sim-llama-8b-decode", "--replicas", "1")
