@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from kvpilot import names
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
 from kvpilot.names import SIM_PROFILE_NAMES
-from kvpilot.operator import metrics, render, render_ray
+from kvpilot.operator import metrics, render, render_pool, render_ray
 from kvpilot.operator import status as st
 from kvpilot.operator.kube import Kube, KubeError
 from kvpilot.operator.poddefaults import NO_DEFAULTS, PodDefaults
@@ -235,9 +235,9 @@ def reconcile_pool(kube: Kube, pool: Obj, defaults: PodDefaults = NO_DEFAULTS, i
     except ValidationError as err:
         log.warning("WorkerPool %s/%s does not parse: %s", meta["namespace"], meta["name"], err)
         return
-    deployment = kube.apply(render.pool_deployment(spec, owner, defaults, image))
-    kube.apply(render.pool_disruption_budget(spec, owner))
-    kube.apply(render.pool_service(spec, owner))
+    deployment = kube.apply(render_pool.pool_deployment(spec, owner, defaults, image))
+    kube.apply(render_pool.pool_disruption_budget(spec, owner))
+    kube.apply(render_pool.pool_service(spec, owner))
     refresh_pool_status(kube, pool, deployment)
 
 

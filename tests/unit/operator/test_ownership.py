@@ -9,7 +9,7 @@ from typing import Any
 
 from kvpilot import names
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
-from kvpilot.operator import render
+from kvpilot.operator import render, render_pool
 
 SERVICE_BODY: dict[str, Any] = {
     "apiVersion": "kvpilot.io/v1alpha1", "kind": "LLMService",
@@ -39,8 +39,8 @@ def _pool_body(pool: dict[str, Any]) -> dict[str, Any]:
 def _pool_children(pool_body: dict[str, Any]) -> list[dict[str, Any]]:
     owner = render.Owner.of(pool_body)
     spec = WorkerPoolSpec.model_validate(pool_body["spec"])
-    return [render.pool_deployment(spec, owner), render.pool_disruption_budget(spec, owner),
-            render.pool_service(spec, owner)]
+    return [render_pool.pool_deployment(spec, owner), render_pool.pool_disruption_budget(spec, owner),
+            render_pool.pool_service(spec, owner)]
 
 
 def test_every_child_of_a_service_has_one_controlling_owner_reference_in_its_namespace() -> None:
