@@ -227,7 +227,12 @@ def test_restart_mid_reconcile_converges_and_mode_switch_prunes(
     _apply(crds, namespace, doc)
     wait_for(lambda: [p["metadata"]["name"] for p in kget("workerpools")["items"]] == ["small-worker"], 60,
              "the aggregated pool replacing prefill and decode")
-    wait_for(lambda: _ready(kget, "small"), 60, "Ready in aggregated mode again")
+
+    def current() -> bool:   # the status of this spec, not the disaggregated one's (it was Ready too)
+        svc = kget("llmservice", "small")
+        return bool(svc["status"].get("observedGeneration") == svc["metadata"]["generation"] and _ready(kget, "small"))
+
+    wait_for(current, 60, f"Ready in aggregated mode again\n{operator.log_tail()}")
     status = kget("llmservice", "small")["status"]
     assert "prefill" not in status and status["decode"]["desired"] == 2
 
