@@ -58,7 +58,7 @@ def _json_object(text: str) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> int:
     import kopf
 
-    import kvpilot.operator.handlers  # noqa: F401  (registers the handlers with kopf)
+    from kvpilot.operator.handlers import LIFECYCLE  # importing registers the handlers with kopf
     from kvpilot.operator.peers import Me
 
     priority = args.priority if args.priority is not None else random.SystemRandom().randint(1, 2**31 - 1)
@@ -82,5 +82,5 @@ def _run(args: argparse.Namespace) -> int:
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=args.standalone,
              peering_name=None if me is None else me.peering, priority=priority,
              identity=None if me is None else cast(Any, me.identity),  # kopf types it as a NewType of str
-             liveness_endpoint=args.liveness, memo=memo)
+             liveness_endpoint=args.liveness, memo=memo, lifecycle=LIFECYCLE)
     return 0

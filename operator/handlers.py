@@ -29,6 +29,11 @@ from kvpilot.operator.poddefaults import NO_DEFAULTS
 log = logging.getLogger("kvpilot.operator")
 MANAGED = {names.LABEL_MANAGED_BY: render.MANAGER}
 RESYNC_SECONDS = 60.0
+# Every handler a change selects runs in one processing cycle (kopf's default, `asap`, runs one per
+# cycle and patches its progress into annotations between them): an edit of spec.<role>.replicas
+# selects `llmservice_update` and `llmservice_replicas` and still costs kopf one patch, as when one
+# handler parsed the diff by hand.
+LIFECYCLE = kopf.lifecycles.all_at_once
 
 
 @kopf.on.startup()
@@ -131,17 +136,24 @@ def llmservice_apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.update(GROUP, VERSION, "llmservices", id="llmservice-update")
-def llmservice_update(body: kopf.Body, memo: kopf.Memo, diff: kopf.Diff, **_: Any) -> None:
-    edited = {path[1] for _op, path, _old, _new in diff
-              if len(path) >= 3 and path[0] == "spec" and path[2] == "replicas"}
-    edited |= {path[1] for _op, path, _old, new in diff
-               if len(path) == 2 and path[0] == "spec" and isinstance(new, dict) and "replicas" in new}
+def llmservice_update(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with measured("LLMService"):
         outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True),
                                               memo.get("defaults", NO_DEFAULTS))
-    if edited and outcome.phase != "Degraded":
-        reconcile.propagate_replicas(memo.kube, dict(body), edited)
     _announce(body, outcome)
+
+
+# Registered after `llmservice_update`, so in the one cycle of kopf's `all_at_once` lifecycle
+# (`cli.py`) they run after the reconcile has created a pool that a mode switch adds.
+@kopf.on.update(GROUP, VERSION, "llmservices", field="spec.prefill.replicas", param="prefill",
+                id="prefill-replicas")
+@kopf.on.update(GROUP, VERSION, "llmservices", field="spec.decode.replicas", param="decode",
+                id="decode-replicas")
+def llmservice_replicas(body: kopf.Body, memo: kopf.Memo, param: Any = None, **_: Any) -> None:
+    """kopf calls this only when an update changed `spec.<param>.replicas` (or added the block that
+    holds it): pass that edit on to the pool, and nothing else, so a resync or another spec edit never
+    undoes a kubectl scale or the autoscaler."""
+    reconcile.propagate_replicas(memo.kube, dict(body), {str(param)})
 
 
 @kopf.on.event(GROUP, VERSION, "workerpools")

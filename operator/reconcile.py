@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from kvpilot import names
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
 from kvpilot.names import SIM_PROFILE_NAMES
-from kvpilot.operator import metrics, render, render_ray
+from kvpilot.operator import metrics, render, render_pool, render_ray
 from kvpilot.operator import status as st
 from kvpilot.operator.kube import Kube, KubeError
 from kvpilot.operator.poddefaults import NO_DEFAULTS, PodDefaults
@@ -235,9 +235,9 @@ def reconcile_pool(kube: Kube, pool: Obj, defaults: PodDefaults = NO_DEFAULTS, i
     except ValidationError as err:
         log.warning("WorkerPool %s/%s does not parse: %s", meta["namespace"], meta["name"], err)
         return
-    deployment = kube.apply(render.pool_deployment(spec, owner, defaults, image))
-    kube.apply(render.pool_disruption_budget(spec, owner))
-    kube.apply(render.pool_service(spec, owner))
+    deployment = kube.apply(render_pool.pool_deployment(spec, owner, defaults, image))
+    kube.apply(render_pool.pool_disruption_budget(spec, owner))
+    kube.apply(render_pool.pool_service(spec, owner))
     refresh_pool_status(kube, pool, deployment)
 
 
@@ -325,8 +325,15 @@ def reconcile_service_named(kube: Kube, namespace: str, name: str, router_image:
 
 def propagate_replicas(kube: Kube, svc: Obj, edited: set[str]) -> None:
     """The user edited spec.<prefill|decode>.replicas on the LLMService: pass that one change on to
-    the pool. Only an edit does this, so a resync never undoes a kubectl scale or the autoscaler."""
-    spec = LLMServiceSpec.model_validate(svc["spec"])
+    the pool. Only an edit does this, so a resync never undoes a kubectl scale or the autoscaler.
+    Not while the spec is Degraded (it does not parse, or has a spec problem), when the reconcile
+    changes nothing but the status either; under ray-serve there are no WorkerPools."""
+    try:
+        spec = LLMServiceSpec.model_validate(svc.get("spec") or {})
+    except ValidationError:
+        return
+    if spec.engine.type == "ray-serve" or spec_problems(spec, known_profiles()):
+        return
     meta = svc["metadata"]
     for role, pool in spec.pools().items():
         if ("decode" if role == "aggregated" else role) in edited:

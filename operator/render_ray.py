@@ -25,7 +25,8 @@ import yaml
 from kvpilot import __version__
 from kvpilot.crds import LLMServiceSpec, PoolSpec, Role, WorkerPoolSpec
 from kvpilot.operator.poddefaults import NO_DEFAULTS, PodDefaults
-from kvpilot.operator.render import PORT, _labels, _model_volume, _pvc_model_path, kv_transfer_config
+from kvpilot.operator.render import PORT, _labels, _model_volume, _pvc_model_path
+from kvpilot.operator.render_pool import kv_transfer_config
 
 Obj = dict[str, Any]
 RAY_API = "ray.io/v1"
@@ -95,7 +96,7 @@ def llm_config(spec: LLMServiceSpec, role: Role, pool: PoolSpec) -> Obj:
     engine_kwargs: Obj = {"tensor_parallel_size": pool.tensor_parallel,
                           "pipeline_parallel_size": pool.pipeline_parallel,
                           "enable_prefix_caching": True}
-    if role != "aggregated":   # the same connector config the vLLM pools get (render.kv_transfer_config)
+    if role != "aggregated":   # the same connector config the vLLM pools get (render_pool.kv_transfer_config)
         side = WorkerPoolSpec(service="-", role=role, model=spec.model, engine=spec.engine,
                               kv_transfer=spec.kv_transfer, **pool.model_dump())
         engine_kwargs["kv_transfer_config"] = kv_transfer_config(side)

@@ -1,6 +1,6 @@
 """vLLM accepts and applies exactly the args the operator renders for the `vllm` engine type.
 
-Every instance of the tier is started from `render.pool_deployment` output (vllm_stage.py). Here
+Every instance of the tier is started from `render_pool.pool_deployment` output (vllm_stage.py). Here
 we check that what ran is that output, changed only where a pod's own IP and cluster DNS would
 differ on loopback, and that vLLM applied the settings (prefix caching, cache size, served name).
 """

@@ -23,7 +23,7 @@ import redis
 import yaml
 from vllm_stage import Stages, make_prompt, post_json
 
-from kvpilot.operator import render
+from kvpilot.operator import render_pool
 from kvpilot.router.handover import RECENT_S
 from kvpilot.testing.redis import RedisServer
 from kvpilot.testing.router import RouterProcess
@@ -36,7 +36,7 @@ LOCAL = {"source": "local_compute"}
 
 def kv_config(urls: str) -> str:
     """Exactly what the operator renders for `kvTransfer.backend: redis` (here with two shards)."""
-    return json.dumps(render.redis_kv_transfer_config(urls), separators=(",", ":"))
+    return json.dumps(render_pool.redis_kv_transfer_config(urls), separators=(",", ":"))
 
 
 class KVPair:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
-from kvpilot.operator import render
+from kvpilot.operator import render, render_pool
 from kvpilot.procs import free_ports
 from kvpilot.testing.vllm import BASE_ARGS, SERVED, VLLMServer, pod_from_operator, tiny_model
 
@@ -39,7 +39,7 @@ def service_spec(mode: str) -> LLMServiceSpec:
 def rendered_deployment(spec: LLMServiceSpec, role: str) -> dict[str, Any]:
     obj = next(p for p in render.workerpools(spec, OWNER) if p["spec"]["role"] == role)
     owner = render.Owner("kvpilot.io/v1alpha1", "WorkerPool", obj["metadata"]["name"], "default", "uid-pool")
-    return render.pool_deployment(WorkerPoolSpec.model_validate(obj["spec"]), owner)
+    return render_pool.pool_deployment(WorkerPoolSpec.model_validate(obj["spec"]), owner)
 
 
 @dataclass

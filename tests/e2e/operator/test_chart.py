@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
-from kvpilot.operator import render
+from kvpilot.operator import render, render_pool
 from kvpilot.operator.poddefaults import PodDefaults
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
 
@@ -225,8 +225,8 @@ def _render_children(doc: dict[str, Any], ns: str, defaults: PodDefaults) -> lis
     for pool in render.workerpools(spec, owner):
         pool_owner = render.Owner("kvpilot.io/v1alpha1", "WorkerPool", pool["metadata"]["name"], ns, str(uuid.uuid4()))
         pspec = WorkerPoolSpec.model_validate(pool["spec"])
-        objs += [render.pool_deployment(pspec, pool_owner, defaults), render.pool_disruption_budget(pspec, pool_owner),
-                 render.pool_service(pspec, pool_owner)]
+        objs += [render_pool.pool_deployment(pspec, pool_owner, defaults),
+                 render_pool.pool_disruption_budget(pspec, pool_owner), render_pool.pool_service(pspec, pool_owner)]
     return objs
 
 

@@ -89,6 +89,18 @@ def test_simulator_example_is_served_scaled_healed_and_deleted(
     assert new_hash["kvpilot.io/config-hash"] != old_hash["kvpilot.io/config-hash"]
     assert kget("workerpool", "sim-llama-8b-decode")["spec"]["replicas"] == 3
     assert kget("deployment", "sim-llama-8b-decode")["spec"]["replicas"] == 3
+    # An edit of spec.prefill.replicas (kopf's field handler) reaches the prefill pool, and only it.
+    # Only an update does that: first wait until kopf has handled the service up to the last edit (a
+    # create handler that kopf still retries, after a conflict on a loaded machine, sees later edits
+    # as part of the creation).
+    wait_for(lambda: '"ttftMs":1500' in (kget("llmservice", "sim-llama-8b")["metadata"].get("annotations") or {}).get(
+        "kopf.kvpilot.io/last-handled-configuration", ""), 90, f"kopf at the last edit\n{operator.log_tail()}")
+    out = crds.kubectl("patch", "-n", namespace, "llmservice", "sim-llama-8b", "--type", "merge",
+                       "-p", '{"spec": {"prefill": {"replicas": 2}}}')
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: kget("workerpool", "sim-llama-8b-prefill")["spec"]["replicas"] == 2, 30,
+             f"the prefill pool at 2\n{operator.log_tail()}")
+    assert kget("workerpool", "sim-llama-8b-decode")["spec"]["replicas"] == 3
 
     # A manual edit of a managed field is reverted; a deleted child is recreated.
     out = crds.kubectl("scale", "-n", namespace, "deployment", "sim-llama-8b-decode", "--replicas", "1")
@@ -117,12 +129,31 @@ def test_simulator_example_is_served_scaled_healed_and_deleted(
     else:
         raise AssertionError("the PDB came back only with a periodic resync each time")
 
+    # Children are adopted (kopf.adopt): one controlling owner reference that blocks the owner's
+    # deletion until garbage collection has removed them, and the owner's labels, which follow a relabel.
+    svc_ref = {"apiVersion": "kvpilot.io/v1alpha1", "kind": "LLMService", "name": "sim-llama-8b",
+               "uid": svc["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    for kind in ("workerpool", "deployment", "service", "configmap", "role", "rolebinding", "serviceaccount",
+                 "poddisruptionbudget"):
+        assert kget(kind, "sim-llama-8b-router" if kind != "workerpool" else "sim-llama-8b-decode")[
+            "metadata"]["ownerReferences"] == [svc_ref], kind
+    pool = kget("workerpool", "sim-llama-8b-decode")
+    assert kget("deployment", "sim-llama-8b-decode")["metadata"]["ownerReferences"] == [
+        {**svc_ref, "kind": "WorkerPool", "name": "sim-llama-8b-decode", "uid": pool["metadata"]["uid"]}]
+    assert crds.kubectl("label", "-n", namespace, "llmservice", "sim-llama-8b", "team=search").returncode == 0
+    # (a pool's own children follow at the pool's next reconcile: a label does not move its generation)
+    wait_for(lambda: all((kget(kind, name)["metadata"].get("labels") or {}).get("team") == "search"
+                         for kind, name in (("deployment", "sim-llama-8b-router"),
+                                            ("workerpool", "sim-llama-8b-decode"))), 30,
+             f"the service's label on its router and pools\n{operator.log_tail()}")
+
     # Deleting the LLMService removes everything it created (garbage collection via owner references).
     assert crds.kubectl("delete", "-n", namespace, "llmservice", "sim-llama-8b", "--wait=true").returncode == 0
 
     def gone() -> bool:
         left = [kget(kind)["items"] for kind in ("workerpools", "deployments", "services", "configmaps",
-                                                  "roles", "rolebindings")]
+                                                  "roles", "rolebindings", "serviceaccounts",
+                                                  "poddisruptionbudgets", "secrets")]
         names = [o["metadata"]["name"] for items in left for o in items]
         return not any(n.startswith("sim-llama-8b") for n in names)
 
@@ -196,7 +227,12 @@ def test_restart_mid_reconcile_converges_and_mode_switch_prunes(
     _apply(crds, namespace, doc)
     wait_for(lambda: [p["metadata"]["name"] for p in kget("workerpools")["items"]] == ["small-worker"], 60,
              "the aggregated pool replacing prefill and decode")
-    wait_for(lambda: _ready(kget, "small"), 60, "Ready in aggregated mode again")
+
+    def current() -> bool:   # the status of this spec, not the disaggregated one's (it was Ready too)
+        svc = kget("llmservice", "small")
+        return bool(svc["status"].get("observedGeneration") == svc["metadata"]["generation"] and _ready(kget, "small"))
+
+    wait_for(current, 60, f"Ready in aggregated mode again\n{operator.log_tail()}")
     status = kget("llmservice", "small")["status"]
     assert "prefill" not in status and status["decode"]["desired"] == 2
 

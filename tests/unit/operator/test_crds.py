@@ -91,3 +91,21 @@ def test_chart_version_is_the_package_version() -> None:
     package = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     chart = yaml.safe_load((ROOT / "helm" / "kvpilot" / "Chart.yaml").read_text())
     assert chart["version"] == chart["appVersion"] == package
+
+
+def test_status_has_one_shape_that_prunes_handler_results() -> None:
+    """Why status is not kopf's handler results: kopf would write each handler's return value under
+    `status.<handler id>`; the printer columns (and the autoscaler, dashboards) read fixed top-level
+    fields, and the structural status schema prunes any key it does not name."""
+    import kopf
+
+    import kvpilot.operator.handlers  # noqa: F401  (registers the handlers)
+
+    version = _crd("llmservices.yaml")["spec"]["versions"][0]
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert "x-kubernetes-preserve-unknown-fields" not in status
+    read = {c["jsonPath"].split(".")[2].split("[")[0] for c in version["additionalPrinterColumns"]
+            if c["jsonPath"].startswith(".status.")}
+    assert read and read <= set(status["properties"])
+    ids = {h.id.split("/")[0] for h in kopf.get_default_registry()._changing._handlers}
+    assert "llmservice-update" in ids and not ids & set(status["properties"])

@@ -10,7 +10,7 @@ from typing import Any
 from kvpilot import names
 from kvpilot.crds import LLMServiceSpec, WorkerPoolSpec
 from kvpilot.names import POOL_ENDPOINT_ROLE
-from kvpilot.operator import render
+from kvpilot.operator import render, render_pool
 from kvpilot.operator.poddefaults import HF_CACHE_PATH, PodDefaults
 from kvpilot.router.config import RouterConfig
 
@@ -45,13 +45,13 @@ def test_aggregated_gives_one_worker_pool_from_decode() -> None:
     assert [(p["metadata"]["name"], p["spec"]["role"], p["spec"]["replicas"]) for p in pools] == [
         ("llama-worker", "aggregated", 3)]
     pool, _ = _pool(spec, "aggregated")
-    _, args = render.engine_command(pool)
+    _, args = render_pool.engine_command(pool)
     assert "--kv-transfer-config" not in args and "--enable-prefix-caching" in args
 
 
 def test_vllm_prefill_args_gpus_and_probes() -> None:
     pool, owner = _pool(_spec(), "prefill")
-    dep = render.pool_deployment(pool, owner)
+    dep = render_pool.pool_deployment(pool, owner)
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["vllm", "serve"]
     args = container["args"]
@@ -72,9 +72,9 @@ def test_vllm_prefill_args_gpus_and_probes() -> None:
 
 def test_vllm_pipeline_parallel_only_when_asked() -> None:
     pool, _ = _pool(_spec(prefill={"gpus": 4, "tensorParallel": 2, "pipelineParallel": 2}), "prefill")
-    _, args = render.engine_command(pool)
+    _, args = render_pool.engine_command(pool)
     assert args[args.index("--pipeline-parallel-size") + 1] == "2"
-    _, args = render.engine_command(_pool(_spec(), "prefill")[0])
+    _, args = render_pool.engine_command(_pool(_spec(), "prefill")[0])
     assert "--pipeline-parallel-size" not in args
 
 
@@ -82,18 +82,18 @@ def test_redis_backend_renders_kvpilots_connector_on_both_sides() -> None:
     spec = _spec(kvTransfer={"backend": "redis", "redisURL": "redis://127.0.0.1:6379"})
     for role in ("prefill", "decode"):
         pool, _ = _pool(spec, role)
-        kv = render.kv_transfer_config(pool)
+        kv = render_pool.kv_transfer_config(pool)
         assert kv["kv_connector"] == "KvpilotRedisConnector" and kv["kv_role"] == "kv_both"
         assert kv["kv_connector_module_path"] == "kvpilot.kvtransfer.vllm_connector"
         assert kv["kv_load_failure_policy"] == "recompute"  # vLLM's default "fail" would fail the request
         assert kv["kv_connector_extra_config"] == {"redis_url": "redis://127.0.0.1:6379"}
-        assert not any(e["name"] == "VLLM_NIXL_SIDE_CHANNEL_HOST" for e in render.engine_env(pool))
+        assert not any(e["name"] == "VLLM_NIXL_SIDE_CHANNEL_HOST" for e in render_pool.engine_env(pool))
 
 
 def test_simulator_runs_kvpilot_sim_serve_with_its_profile() -> None:
     spec = _spec(engine={"type": "simulator", "profile": "h100-qwen2.5-7b", "args": ["--time-scale", "10"]})
     pool, owner = _pool(spec, "decode")
-    container = render.pool_deployment(pool, owner)["spec"]["template"]["spec"]["containers"][0]
+    container = render_pool.pool_deployment(pool, owner)["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["kvpilot"]
     assert container["args"] == ["sim", "serve", "--profile", "h100-qwen2.5-7b", "--model", "llama-8b",
                                  "--host", "0.0.0.0", "--port", "8000", "--time-scale", "10"]
@@ -103,7 +103,7 @@ def test_simulator_runs_kvpilot_sim_serve_with_its_profile() -> None:
 def test_pvc_model_is_mounted_and_passed_as_a_path() -> None:
     spec = _spec(model={"name": "m", "uri": "pvc://weights/llama/8b"})
     pool, owner = _pool(spec, "decode")
-    pod = render.pool_deployment(pool, owner)["spec"]["template"]["spec"]
+    pod = render_pool.pool_deployment(pool, owner)["spec"]["template"]["spec"]
     assert pod["containers"][0]["args"][0] == "/models/weights/llama/8b"
     assert {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod["volumes"]
 
@@ -112,13 +112,13 @@ def test_scheduling_fields_reach_the_pod() -> None:
     spec = _spec(decode={"nodeSelector": {"gpu": "h100"}, "tolerations": [{"key": "nvidia.com/gpu",
                                                                             "operator": "Exists"}]})
     pool, owner = _pool(spec, "decode")
-    pod = render.pool_deployment(pool, owner)["spec"]["template"]["spec"]
+    pod = render_pool.pool_deployment(pool, owner)["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
 def test_headless_service_selects_the_pool() -> None:
     pool, owner = _pool(_spec(), "decode")
-    svc = render.pool_service(pool, owner)
+    svc = render_pool.pool_service(pool, owner)
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"] == {names.LABEL_POOL: "llama-decode"}
 
 
@@ -132,7 +132,7 @@ def test_router_config_selectors_match_engine_pod_labels() -> None:
     config = render.router_config(spec, OWNER)
     for role in ("prefill", "decode"):
         pool, owner = _pool(spec, role)
-        labels = render.pool_deployment(pool, owner)["spec"]["template"]["metadata"]["labels"]
+        labels = render_pool.pool_deployment(pool, owner)["spec"]["template"]["metadata"]["labels"]
         selector = config["models"][0]["discovery"]["pools"][POOL_ENDPOINT_ROLE[role]]
         wanted = dict(kv.split("=") for kv in selector.split(","))
         assert wanted.items() <= labels.items()
@@ -179,7 +179,7 @@ def test_simulator_pd_over_redis_gets_the_kv_store_flag() -> None:
                  kvTransfer={"backend": "redis", "redisURL": "redis://kv-redis:6379/0"})
     for role in ("prefill", "decode"):
         pool, _ = _pool(spec, role)
-        command, args = render.engine_command(pool)
+        command, args = render_pool.engine_command(pool)
         assert command == ["kvpilot"] and args[args.index("--kv-store") + 1] == "redis://kv-redis:6379/0"
         # The simulator's own CLI accepts exactly what the operator renders.
         parser = argparse.ArgumentParser()
@@ -187,7 +187,7 @@ def test_simulator_pd_over_redis_gets_the_kv_store_flag() -> None:
         parsed = parser.parse_args(args)
         assert parsed.kv_store == "redis://kv-redis:6379/0" and parsed.profile == "h100-qwen2.5-0.5b"
     plain, _ = _pool(_spec(engine={"type": "simulator"}), "decode")
-    assert "--kv-store" not in render.engine_command(plain)[1]
+    assert "--kv-store" not in render_pool.engine_command(plain)[1]
 
 
 def test_pod_monitor_scrapes_every_pod_of_the_service_on_http_metrics() -> None:
@@ -198,16 +198,16 @@ def test_pod_monitor_scrapes_every_pod_of_the_service_on_http_metrics() -> None:
     assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "http", "path": "/metrics"}]
     # The selector picks every engine pod and the router pod of this service, and nothing else.
     spec = _spec()
-    pod_labels = [render.pool_deployment(*_pool(spec, role))["spec"]["template"]["metadata"]["labels"]
+    pod_labels = [render_pool.pool_deployment(*_pool(spec, role))["spec"]["template"]["metadata"]["labels"]
                   for role in ("prefill", "decode")]
     router = next(o for o in render.router_objects(spec, OWNER) if o["kind"] == "Deployment")
     pod_labels.append(router["spec"]["template"]["metadata"]["labels"])
     for labels in pod_labels:
         assert selector.items() <= labels.items()
         assert labels[names.LABEL_COMPONENT] in ("engine", "router")
-    other = render.pool_deployment(*_pool(spec, "decode"))["spec"]["template"]["metadata"]["labels"]
+    other = render_pool.pool_deployment(*_pool(spec, "decode"))["spec"]["template"]["metadata"]["labels"]
     assert not selector.items() <= {**other, names.LABEL_SERVICE: "other"}.items()
-    for dep in [render.pool_deployment(*_pool(spec, "decode")), router]:
+    for dep in [render_pool.pool_deployment(*_pool(spec, "decode")), router]:
         ports = dep["spec"]["template"]["spec"]["containers"][0]["ports"]
         assert {"name": "http", "containerPort": render.PORT} in ports
 
@@ -216,7 +216,7 @@ def test_engine_pods_drain_before_sigterm_within_their_grace_period() -> None:
     """The router hands a leaving pod's hot KV to its successors while the pod still answers."""
     for engine in ({"type": "simulator"}, {"type": "vllm"}):
         pool, owner = _pool(_spec(engine=engine), "decode")
-        pod = render.pool_deployment(pool, owner)["spec"]["template"]["spec"]
+        pod = render_pool.pool_deployment(pool, owner)["spec"]["template"]["spec"]
         drain = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert 0 < drain < pod["terminationGracePeriodSeconds"]
 
@@ -280,8 +280,8 @@ def test_router_replicas_spread_over_nodes_with_a_budget() -> None:
 
 def test_each_pool_has_a_budget_over_its_own_pods() -> None:
     pool, owner = _pool(_spec(), "decode")
-    pdb = render.pool_disruption_budget(pool, owner)
-    pod_labels = render.pool_deployment(pool, owner)["spec"]["template"]["metadata"]["labels"]
+    pdb = render_pool.pool_disruption_budget(pool, owner)
+    pod_labels = render_pool.pool_deployment(pool, owner)["spec"]["template"]["metadata"]["labels"]
     assert pdb["metadata"]["name"] == "llama-decode" and pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"] == {render.LABEL_POOL: "llama-decode"}
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -299,7 +299,7 @@ def test_pod_defaults_reach_engines_and_routers() -> None:
     spec = _spec()
     pool, owner = _pool(spec, "decode")
     router = next(o for o in render.router_objects(spec, OWNER, defaults=DEFAULTS) if o["kind"] == "Deployment")
-    for pod in (render.pool_deployment(pool, owner, DEFAULTS)["spec"]["template"]["spec"],
+    for pod in (render_pool.pool_deployment(pool, owner, DEFAULTS)["spec"]["template"]["spec"],
                 router["spec"]["template"]["spec"]):
         container = pod["containers"][0]
         assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["priorityClassName"] == "llm-serving"
@@ -310,7 +310,7 @@ def test_pod_defaults_reach_engines_and_routers() -> None:
         assert {"name": "model-cache", "mountPath": HF_CACHE_PATH} in container["volumeMounts"]
         assert {"name": "HF_HOME", "value": HF_CACHE_PATH} in container["env"]
     # Without defaults a pod has none of it.
-    bare = render.pool_deployment(pool, owner)["spec"]["template"]["spec"]
+    bare = render_pool.pool_deployment(pool, owner)["spec"]["template"]["spec"]
     assert "imagePullSecrets" not in bare and "priorityClassName" not in bare
     assert all(v["name"] != "model-cache" for v in bare["volumes"])
 
@@ -321,26 +321,26 @@ def test_simulator_pods_get_pull_secrets_but_no_weight_cache() -> None:
     assert host.model_cache == {"hostPath": {"path": "/mnt/hf", "type": "DirectoryOrCreate"}}
     pool, owner = _pool(spec, "decode")
     router = next(o for o in render.router_objects(spec, OWNER, defaults=host) if o["kind"] == "Deployment")
-    for pod in (render.pool_deployment(pool, owner, host)["spec"]["template"]["spec"],
+    for pod in (render_pool.pool_deployment(pool, owner, host)["spec"]["template"]["spec"],
                 router["spec"]["template"]["spec"]):
         assert pod["imagePullSecrets"] == [{"name": "regcred"}]
         assert all(v["name"] != "model-cache" for v in pod.get("volumes", []))
         assert all(e["name"] != "HF_HOME" for e in pod["containers"][0]["env"])
-    assert "resources" not in render.pool_deployment(pool, owner)["spec"]["template"]["spec"]["containers"][0]
+    assert "resources" not in render_pool.pool_deployment(pool, owner)["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_default_vllm_image_is_the_vllm_the_tests_run() -> None:
     script = (Path(__file__).parents[3] / "scripts" / "vllm-cpu-env.sh").read_text()
     tested = re.search(r"^VLLM_VERSION=(\S+)$", script, re.M)
     assert tested is not None
-    image = render.DEFAULT_VLLM_IMAGE
+    image = render_pool.DEFAULT_VLLM_IMAGE
     assert image == f"vllm/vllm-openai:v{tested.group(1)}"
 
 
 def test_aggregated_vllm_over_redis_shares_the_store_and_tells_the_router() -> None:
     spec = _spec(mode="aggregated", prefill=None, kvTransfer={"backend": "redis", "redisURL": "redis://kv:6379/0"})
     pool, _ = _pool(spec, "aggregated")
-    _, args = render.engine_command(pool)
+    _, args = render_pool.engine_command(pool)
     kv = json.loads(args[args.index("--kv-transfer-config") + 1])
     assert kv["kv_connector"] == "KvpilotRedisConnector" and kv["kv_connector_extra_config"]["redis_url"] == \
         "redis://kv:6379/0"
@@ -350,7 +350,7 @@ def test_aggregated_vllm_over_redis_shares_the_store_and_tells_the_router() -> N
     for other in (_spec(mode="aggregated", prefill=None), _spec(mode="aggregated", prefill=None,
                                                                   kvTransfer={"backend": "nixl"})):
         plain, _ = _pool(other, "aggregated")
-        assert "--kv-transfer-config" not in render.engine_command(plain)[1]
+        assert "--kv-transfer-config" not in render_pool.engine_command(plain)[1]
         assert not RouterConfig.model_validate(render.router_config(other, OWNER)).models[0].shared_store()
     # Simulator engines keep their export/import handover, whatever the backend.
     sim = _spec(engine={"type": "simulator"}, kvTransfer={"backend": "redis", "redisURL": "redis://kv:6379/0"})
@@ -364,11 +364,11 @@ def test_the_operators_image_reaches_simulators_and_never_vllm_engines() -> None
     mirror = "mirror.example/kvpilot:next"
 
     def image(pool: WorkerPoolSpec, operator_image: str | None) -> str:
-        image: str = render.pool_deployment(pool, owner, image=operator_image)["spec"]["template"]["spec"][
+        image: str = render_pool.pool_deployment(pool, owner, image=operator_image)["spec"]["template"]["spec"][
             "containers"][0]["image"]
         return image
 
     assert image(sim, None) == render.kvpilot_image() and image(sim, mirror) == mirror
     vllm, owner = _pool(_spec(), "decode")
-    assert render.pool_deployment(vllm, owner, image=mirror) == render.pool_deployment(vllm, owner)
-    assert image(vllm, mirror) == render.DEFAULT_VLLM_IMAGE
+    assert render_pool.pool_deployment(vllm, owner, image=mirror) == render_pool.pool_deployment(vllm, owner)
+    assert image(vllm, mirror) == render_pool.DEFAULT_VLLM_IMAGE
