@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -22,7 +23,7 @@ from kvpilot.crds import GROUP, VERSION
 from kvpilot.kubeconfig import load_client
 from kvpilot.operator import peers, reconcile, render
 from kvpilot.operator.coalesce import Coalescer
-from kvpilot.operator.kube import Kube
+from kvpilot.operator.kube import Kube, KubeError
 from kvpilot.operator.metrics import measured
 from kvpilot.operator.poddefaults import NO_DEFAULTS
 
@@ -126,10 +127,23 @@ def _announce(body: kopf.Body, outcome: reconcile.Outcome) -> None:
         kopf.event(body, type=kind, reason=outcome.phase, message=outcome.message or outcome.phase)
 
 
+@contextlib.contextmanager
+def conflicts_retry_soon() -> Iterator[None]:
+    """A write that lost to a concurrent one twice (409, after the status fence's one recompute) is
+    retried in a second, not after kopf's default minute: a create handler that failed is still
+    "creating" for kopf, and an edit made in that window reaches no update handler until it runs."""
+    try:
+        yield
+    except KubeError as err:
+        if err.status != 409:
+            raise
+        raise kopf.TemporaryError(f"a concurrent write won ({err}); retrying", delay=1) from err
+
+
 @kopf.on.resume(GROUP, VERSION, "llmservices", id="llmservice-resume")
 @kopf.on.create(GROUP, VERSION, "llmservices", id="llmservice-create")
 def llmservice_apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    with measured("LLMService"):
+    with measured("LLMService"), conflicts_retry_soon():
         outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True),
                                               memo.get("defaults", NO_DEFAULTS))
     _announce(body, outcome)
@@ -137,7 +151,7 @@ def llmservice_apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.update(GROUP, VERSION, "llmservices", id="llmservice-update")
 def llmservice_update(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    with measured("LLMService"):
+    with measured("LLMService"), conflicts_retry_soon():
         outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True),
                                               memo.get("defaults", NO_DEFAULTS))
     _announce(body, outcome)
@@ -153,7 +167,8 @@ def llmservice_replicas(body: kopf.Body, memo: kopf.Memo, param: Any = None, **_
     """kopf calls this only when an update changed `spec.<param>.replicas` (or added the block that
     holds it): pass that edit on to the pool, and nothing else, so a resync or another spec edit never
     undoes a kubectl scale or the autoscaler."""
-    reconcile.propagate_replicas(memo.kube, dict(body), {str(param)})
+    with conflicts_retry_soon():
+        reconcile.propagate_replicas(memo.kube, dict(body), {str(param)})
 
 
 @kopf.on.event(GROUP, VERSION, "workerpools")

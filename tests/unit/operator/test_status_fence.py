@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvpilot.operator import reconcile
+import kopf
+import pytest
+
+from kvpilot.operator import handlers, reconcile
 from kvpilot.operator.kube import KubeError
 
 
@@ -69,3 +72,22 @@ def test_a_conflict_on_the_fresh_read_too_is_an_error_not_a_loop() -> None:
         assert err.status == 409
     else:
         raise AssertionError("a second conflict must surface (kopf retries the handler)")
+
+
+def test_a_handler_that_loses_twice_is_retried_in_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not after kopf's default minute, during which a create handler's edits reach no update handler."""
+    status = 409
+
+    def failing(*_: Any, **__: Any) -> reconcile.Outcome:
+        raise KubeError(status, "the object has been modified")
+
+    monkeypatch.setattr(reconcile, "reconcile_service", failing)
+    memo = kopf.Memo()
+    memo.kube = None   # the reconcile is replaced: nothing reaches the apiserver
+    body = kopf.Body(_svc("aggregated", "1", {}))
+    with pytest.raises(kopf.TemporaryError) as caught:
+        handlers.llmservice_apply(body=body, memo=memo)
+    assert caught.value.delay == 1
+    status = 500   # anything but a conflict keeps kopf's own back-off
+    with pytest.raises(KubeError):
+        handlers.llmservice_update(body=body, memo=memo)
