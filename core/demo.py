@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import urllib.request
 from collections import OrderedDict
@@ -201,7 +202,10 @@ def run_demo(spec_path: Path | None = None, *, requests: int = 300, policies: tu
              console: Console | None = None, out_dir: Path | None = None,
              workload: str = "mooncake") -> list[RunResult]:
     console = console or Console()
-    time_scale = time_scale or DEMO_TIME_SCALE
+    if time_scale is None:
+        time_scale = DEMO_TIME_SCALE
+    elif not 0 < time_scale < math.inf:   # 0 is not "the default": the CLI rejects it, and so does this
+        raise ValueError(f"time_scale must be a positive number, got {time_scale}")
     service = load_service(spec_path)
     slo_s = service.spec.slo.ttft_ms / 1000
     specs, label = demo_workload(workload, requests)

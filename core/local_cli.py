@@ -8,11 +8,23 @@ from pathlib import Path
 from typing import Any
 
 
+def time_scale(text: str) -> float:
+    """An argparse type for `--time-scale`: a finite number above zero. Zero used to mean "the
+    default" by accident (`time_scale or DEFAULT`), and a negative one would run time backwards."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number (workers run N× faster), got {text}")
+    return value
+
+
 def register(sub: Any) -> None:
     up = sub.add_parser("up", help="the control plane on this machine: simulated GPU workers and the router")
     up.add_argument("-f", "--file", type=Path, help="an LLMService YAML (default: a built-in 4-GPU Llama-8B)")
     up.add_argument("--port", type=int, help="the router's port (default: a free one)")
-    up.add_argument("--time-scale", type=float, default=1.0, help="workers run N× faster than the hardware")
+    up.add_argument("--time-scale", type=time_scale, default=1.0, help="workers run N× faster than the hardware")
     up.add_argument("--prometheus", action="store_true",
                     help="also run Debian's Prometheus scraping every process with kvpilot's rules, and a viewer "
                          "of the Grafana dashboards (deploy/dashboards) drawn from it")
@@ -21,7 +33,7 @@ def register(sub: Any) -> None:
     demo = sub.add_parser("demo", help="`up` under a replayed Mooncake trace: DualMap vs round-robin")
     demo.add_argument("-f", "--file", type=Path)
     demo.add_argument("--requests", type=int, default=300)
-    demo.add_argument("--time-scale", type=float, default=None,
+    demo.add_argument("--time-scale", type=time_scale, default=None,
                       help="workers run N× faster than the GPUs they model (default: kvpilot.demo.DEMO_TIME_SCALE, "
                            "what two cores carry)")
     demo.add_argument("--rate", type=float, default=1.0,

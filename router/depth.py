@@ -134,8 +134,15 @@ class SplitDepth:
         self.hot: dict[int, int] = {}         # hot prefix hash → depth its requests share
         self._recent = RecentPaths(window)
         self._common: dict[int, tuple[list[int], int]] = {}   # key → (a prompt through it, common depth)
+        # The last `peek`: (its hashes, depth, hot path). The router peeks a prompt (the handover's
+        # hot-prefix tracking) just before it keys the same prompt; only `key` changes `hot`, and
+        # it clears this, so a `key` right after a `peek` of the same list reuses the walk.
+        self._peeked: tuple[list[int], int, list[int]] | None = None
 
     def _depth(self, hashes: list[int]) -> tuple[int, list[int]]:
+        peeked = self._peeked
+        if peeked is not None and peeked[0] is hashes:
+            return peeked[1], peeked[2]
         n = len(hashes)
         d = min(self.base, n)
         path: list[int] = []
@@ -153,12 +160,12 @@ class SplitDepth:
         if not hashes:
             raise ValueError("split depth needs at least one block hash")
         d, path = self._depth(hashes)
+        self._peeked = None   # `hot` may change below
         key = hashes[d - 1]
         if key in self.hot:
             self._observe((*path,))
             return key & _MASK64, d      # a hot prefix the prompt ends inside: nothing to split by
-        path.append(key)
-        self._observe((*path,))
+        self._observe((*path, key))
         seen = self._common.get(key)
         if seen is None:
             self._common[key] = (hashes, len(hashes))
@@ -178,7 +185,8 @@ class SplitDepth:
         """What `key` would answer now, without counting the request."""
         if not hashes:
             raise ValueError("split depth needs at least one block hash")
-        d = self._depth(hashes)[0]
+        d, path = self._depth(hashes)
+        self._peeked = (hashes, d, path)
         return hashes[d - 1] & _MASK64, d
 
     def _observe(self, path: tuple[int, ...]) -> None:

@@ -51,6 +51,14 @@ def ladder(n: int, dense: int = 8) -> tuple[int, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=512)
+def _tail_first(n: int, dense: int) -> tuple[tuple[int, int], ...]:
+    """`ladder(n, dense)`'s positions last to first, each with the blocks it stands for (the gap
+    back to the previous position; the first stands for itself): the order `insert` walks."""
+    steps = ladder(n, dense)
+    return tuple((steps[j], steps[j] - steps[j - 1] if j else 1) for j in range(len(steps) - 1, -1, -1))
+
+
 class ShadowCache:
     """An LRU set of block hashes the router believes an instance holds.
 
@@ -123,27 +131,29 @@ class ShadowCache:
     def insert(self, hashes: list[int], claim: list[int] | None = None) -> None:
         """Record a prompt sent here. With `claim`, the insert is tentative until `confirm`: the
         blocks this prompt added, and those it found still tentative, are appended to `claim`, and
-        `retract(claim)` takes out whichever of them no confirmed dispatch has since vouched for."""
+        `retract(claim)` takes out whichever of them no confirmed dispatch has since vouched for.
+        (Every dispatch runs this: positions and weights come precomputed, tail first.)"""
         self._last = (None, 0)
         blocks = self._blocks
         pending = self._pending
-        steps = ladder(min(len(hashes), self.max_blocks), self.dense)
-        for j in range(len(steps) - 1, -1, -1):
-            h = hashes[steps[j]]
+        size = self.size
+        for i, weight in _tail_first(min(len(hashes), self.max_blocks), self.dense):
+            h = hashes[i]
             if h in blocks:
                 blocks.move_to_end(h)
                 if claim is not None and pending and h in pending:
                     pending[h] += 1
                     claim.append(h)
             else:
-                weight = steps[j] - steps[j - 1] if j else 1
                 blocks[h] = weight
-                self.size += weight
+                size += weight
                 if claim is not None:
                     pending[h] = pending.get(h, 0) + 1   # (a stale count if it was evicted while pending)
                     claim.append(h)
-        while self.size > self.capacity:
-            self.size -= blocks.popitem(last=False)[1]
+        capacity = self.capacity
+        while size > capacity:
+            size -= blocks.popitem(last=False)[1]
+        self.size = size
 
     def confirm(self, claim: list[int]) -> None:
         """The claiming dispatch was prefilled: its blocks are really cached there."""

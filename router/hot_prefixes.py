@@ -17,7 +17,7 @@ owner, which may never have served it). No I/O here:
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,13 +46,18 @@ class _Sample:
     text: str
     common: int               # leading router blocks shared by the last two requests
     chat: bool = False
+    # Leading blocks of `text` that are the prefix `hashes` name: the text may come from an earlier
+    # request of the key, kept while it still spells every block `hot` would move.
+    text_blocks: int = 0
 
 
 def common_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """Length of the shared head of two chained-hash lists (equal hash at i ⇒ equal prefix)."""
     n = min(len(a), len(b))
+    if a[:n] == b[:n]:   # the usual answer for a repeated prefix, compared in C
+        return n
     i = 0
-    while i < n and a[i] == b[i]:
+    while a[i] == b[i]:
         i += 1
     return i
 
@@ -69,25 +74,44 @@ class HotPrefixes:
         self.min_hits = min_hits
         self.max_blocks = max_blocks
         self._recent: deque[int] = deque()
-        self._counts: Counter[int] = Counter()
+        self._counts: dict[int, int] = {}   # a plain dict: Counter's Python-level methods cost more than counting
         self._samples: dict[int, _Sample] = {}
 
     def observe(self, key: int, depth: int, hashes: list[int], prompt: str, chat: bool = False) -> None:
         """Count one request whose affinity key is `hashes[depth - 1]` (= `key`); `chat`: its
-        prompt is a chat's messages as kvpilot renders them."""
+        prompt is a chat's messages as kvpilot renders them.
+
+        It runs before every DualMap decision, so it copies prompt text only when `hot` could
+        need it: once the key has `min_hits` requests, and only if the text kept from an earlier
+        request of the key no longer spells the blocks to move (equal chained hashes mean equal
+        bytes). Copying up to `max_blocks` blocks per request (32 kB at 32k tokens) was most of
+        its cost, for keys that, under spread traffic, are never seen twice."""
         if depth <= 0 or depth > len(hashes):
             return  # keyed by something other than its prefix (a short prompt): nothing to move
         head = tuple(hashes[: self.max_blocks])
+        counts = self._counts
+        hits = counts.get(key, 0) + 1
+        counts[key] = hits
         old = self._samples.get(key)
-        common = min(depth, len(head)) if old is None else max(min(depth, len(head)), common_blocks(old.hashes, head))
-        self._samples[key] = _Sample(head, prompt[: len(head) * self.block_size * BYTES_PER_TOKEN], common, chat)
-        self._recent.append(key)
-        self._counts[key] += 1
-        if len(self._recent) > self.window:
-            gone = self._recent.popleft()
-            self._counts[gone] -= 1
-            if self._counts[gone] <= 0:
-                del self._counts[gone]
+        common = depth if depth < len(head) else len(head)
+        text, text_blocks = "", 0
+        if old is not None:
+            shared = common_blocks(old.hashes, head)
+            if shared > common:
+                common = shared
+            text, text_blocks = old.text, min(old.text_blocks, shared)
+        if text_blocks < common and hits >= self.min_hits:
+            text, text_blocks = prompt[: len(head) * self.block_size * BYTES_PER_TOKEN], len(head)
+        self._samples[key] = _Sample(head, text, common, chat, text_blocks)
+        recent = self._recent
+        recent.append(key)
+        if len(recent) > self.window:
+            gone = recent.popleft()
+            left = counts[gone] - 1
+            if left > 0:
+                counts[gone] = left
+            else:
+                del counts[gone]
                 self._samples.pop(gone, None)
 
     def hot(self, limit: int) -> list[Hot]:

@@ -165,7 +165,10 @@ class Pool:
         members = self.healthy()
         loads = self._healthy_loads
         limit = self.max_inflight
-        if not any(m.load.in_flight < limit and m.endpoint.name not in exclude for m in members):
+        for m in members:   # (a loop, not any() over a generator: it ends at the first member with room)
+            if m.load.in_flight < limit and (not exclude or m.endpoint.name not in exclude):
+                break
+        else:
             return None
         decision = self.policy.route(request, loads, exclude)
         if members[decision.index].load.in_flight >= limit:

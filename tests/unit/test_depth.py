@@ -104,3 +104,36 @@ def test_split_key_of_a_prompt_inside_a_hot_prefix_stays_its_last_block() -> Non
         sd.key(tenant_prompt(1, i))
     short = tenant_prompt(1, 0)[:20]                  # ends inside the hot tool prompt
     assert sd.key(short) == (short[-1] & (1 << 64) - 1, 20)
+
+
+def test_a_peek_before_key_changes_no_key() -> None:
+    """The router peeks every prompt (hot-prefix tracking) just before keying it, and `key` reuses
+    that walk; interleaved with other prompts' keys and peeks (which change `hot`), every key
+    must be what a `SplitDepth` that never peeks gives."""
+    import random
+
+    rng = random.Random(3)
+    plain, peeked = SplitDepth(1, window=150, hot_share=0.1), SplitDepth(1, window=150, hot_share=0.1)
+    for i in range(1500):
+        p = tenant_prompt(1 if rng.random() < 0.4 else rng.randrange(2, 30), rng.randrange(200),
+                          turns=rng.randrange(3))
+        other = tenant_prompt(rng.randrange(1, 30), rng.randrange(200))
+        if rng.random() < 0.3:       # another request is keyed between this one's peek and key
+            assert peeked.peek(p) == plain.peek(p)
+            assert peeked.key(other) == plain.key(other)
+        elif rng.random() < 0.3:     # another prompt is peeked in between
+            peeked.peek(p)
+            peeked.peek(other)
+        else:
+            assert peeked.peek(p) == plain.peek(p)
+        assert peeked.key(p) == plain.key(p), i
+    assert peeked.hot == plain.hot and plain.hot
+
+
+def test_a_prompt_peeked_while_cold_is_keyed_past_a_prefix_that_turned_hot_since() -> None:
+    sd = SplitDepth(1, window=100, hot_share=0.1, warmup=10)
+    late = tenant_prompt(1, 999)
+    assert sd.peek(late)[1] == 1                 # tenant 1's head is cold: keyed by its first block
+    for s in range(30):                          # other sessions of tenant 1 are keyed meanwhile
+        sd.key(tenant_prompt(1, s))
+    assert sd.key(late)[1] == 41                 # now keyed past the hot tool prompt, not as peeked

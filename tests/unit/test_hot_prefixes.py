@@ -196,3 +196,52 @@ def test_with_held_a_remaining_owner_that_never_served_the_prefix_gets_it() -> N
         assert {h.key for h in hs} <= {h.key for h in full[pod]}
     for pod, hs in full.items():
         assert all("x" in owners(h.key, members) and pod in owners(h.key, members - {"x"}) for h in hs)
+
+
+def eager_hot(requests: list[tuple[int, int, list[int], str]], window: int, min_hits: int,
+              max_blocks: int, limit: int = 50) -> list[Hot]:
+    """The reference: every request's head text kept, the window counted from scratch."""
+    recent = requests[-window:]
+    counts: dict[int, int] = {}
+    for key, _, _, _ in recent:
+        counts[key] = counts.get(key, 0) + 1
+    out = []
+    for key, hits in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]:
+        if hits < min_hits:
+            break
+        mine = [(i, d, tuple(h[:max_blocks]), p) for i, (k, d, h, p) in enumerate(requests) if k == key]
+        at, depth, head, prompt = mine[-1]
+        common = min(depth, len(head))
+        if len(mine) > 1 and mine[-2][0] >= at - window:   # the key's previous request was still in the window
+            common = max(common, common_blocks(mine[-2][2], head))
+        out.append(Hot(key, hits, head[:common], text_head(prompt, common * BS)))
+    return out
+
+
+def test_text_kept_from_an_earlier_request_moves_the_same_prefix_as_the_latest_ones() -> None:
+    """Text is copied only when `hot` could need it; what `hot` reports is what keeping every
+    request's text would report (random traffic over a few shared heads and tails)."""
+    import random
+
+    rng = random.Random(5)
+    for min_hits, max_blocks in ((1, 3), (2, 8), (3, 32)):
+        hp = HotPrefixes(BS, window=40, min_hits=min_hits, max_blocks=max_blocks)
+        seen: list[tuple[int, int, list[int], str]] = []
+        for _ in range(400):
+            head = block_text(rng.randrange(6), 2 * BS)
+            tail = "".join(block_text(1000 + rng.randrange(4), BS) for _ in range(rng.randrange(0, 9)))
+            prompt = head + tail + "x" * rng.randrange(3 * BS * 4)
+            hashes = block_hashes(prompt, BS)
+            depth = rng.choice([1, 2, 2, 3]) if len(hashes) >= 3 else 2
+            hp.observe(hashes[depth - 1], depth, hashes, prompt)
+            seen.append((hashes[depth - 1], depth, hashes, prompt))
+            assert hp.hot(50) == eager_hot(seen, 40, min_hits, max_blocks)
+
+
+def test_a_key_seen_once_keeps_no_text_until_it_can_be_hot() -> None:
+    hp = HotPrefixes(BS, window=100, min_hits=2, max_blocks=8)
+    a = block_text(1, 2 * BS) + block_text(2, 4 * BS)
+    key = observe(hp, a)
+    assert hp._samples[key].text == ""        # one request: `hot` cannot report it, nothing copied
+    observe(hp, a)
+    assert hp._samples[key].text == a          # now it can: the head is copied
