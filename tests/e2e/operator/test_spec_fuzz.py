@@ -2,8 +2,8 @@
 by the CRD schema, or stored and then either fully reconciled or marked Degraded with a reason and
 no children; never half-applied. The strategies and the contract: `kvpilot.testing.spec_fuzz`.
 
-Bounded for CI (`KVPILOT_SPEC_FUZZ_EXAMPLES`, default 60, derandomized: about half reach the operator); the long recorded run is
-in bench/results/fuzz_router.md.
+Bounded for CI (`KVPILOT_SPEC_FUZZ_EXAMPLES`, default 60, derandomized: about half reach the
+operator); the long recorded run is in bench/results/fuzz_router.md.
 """
 
 from __future__ import annotations
