@@ -53,8 +53,12 @@ def test_operator_converges_across_a_control_plane_crash(
     finally:
         watch.kill()
         watch.wait()
-    wait_for(lambda: all(_ready(kget("llmservice", n)) for n in names), 120,
-             f"all Ready after the {component} crash\n{operator.log_tail()}")
+    try:
+        wait_for(lambda: all(_ready(kget("llmservice", n)) for n in names), 150, "all Ready after the crash")
+    except TimeoutError:
+        waiting = {n: (kget("llmservice", n) or {}).get("status") for n in names}
+        raise AssertionError(f"not Ready: {[(n, s) for n, s in waiting.items() if not _ready({'status': s})]}"
+                             f"\n{operator.log_tail()}") from None
     assert operator.proc is not None and operator.proc.alive(), "the operator died with the control plane"
     print(f"{component}: down and back in {t1 - t0:.1f} s, all Ready {time.monotonic() - t1:.1f} s later")
 
