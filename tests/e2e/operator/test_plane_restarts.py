@@ -4,6 +4,11 @@ every child exists exactly once, every LLMService ends Ready.
 
 The session's real control plane (`kvpilot.testing.k8s.ControlPlane.restart`: SIGKILL, a short
 outage, the same binary, data and port again); the operator as a real process; kwok nodes.
+
+Longer than the ~60 s a test should take, on purpose: the kube-apiserver case runs 40-95 s on a
+loaded 2-core machine (the apiserver itself needs 15-60 s to be ready again, and in half the runs
+the operator took ~50 s more to converge, consistent with kopf's default 60 s retry of a handler
+that failed during the outage); the etcd case 35-50 s.
 """
 
 from __future__ import annotations
