@@ -73,7 +73,7 @@ class Kube:
         self._lock = threading.Lock()
         self._nodes_lock = threading.Lock()  # one node list at a time; the others wait for its answer
 
-    def request(self, method: str, url: str, body: Obj | None = None, query: dict[str, str] | None = None,
+    def request(self, method: str, url: str, body: Obj | bytes | None = None, query: dict[str, str] | None = None,
                 content_type: str = "application/json") -> Obj:
         API_REQUESTS.labels(method, _resource(url)).inc()
         headers = {"Accept": "application/json", "Content-Type": content_type}
@@ -108,7 +108,12 @@ class Kube:
         """Server-side apply as the operator's field manager, taking over conflicting fields: a manual
         edit of a field the operator renders is reverted, fields it does not render are left alone."""
         meta = obj["metadata"]
-        return self.request("PATCH", path(obj["kind"], meta["namespace"], meta["name"]), obj,
+        # Serialized here, as UTF-8: the client's own json.dumps escapes a character outside the BMP
+        # (an emoji in a model name) as a surrogate pair, "\\ud83d\\udca5", which JSON allows but the
+        # apiserver's YAML decoder rejects (400 "invalid Unicode character escape code"), so the
+        # pool's Deployment was never made (found by tests/e2e/operator/test_spec_fuzz.py).
+        body = json.dumps(obj, ensure_ascii=False).encode()
+        return self.request("PATCH", path(obj["kind"], meta["namespace"], meta["name"]), body,
                             query={"fieldManager": MANAGER, "force": "true"},
                             content_type="application/apply-patch+yaml")
 

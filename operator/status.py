@@ -6,6 +6,7 @@ Also the checks a schema cannot express (they need the cluster: node capacity) a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,68 @@ def spec_problems(spec: LLMServiceSpec, known_profiles: Iterable[str]) -> list[P
     if spec.engine.type != "vllm" and spec.engine.profile and spec.engine.profile not in profiles:
         problems.append(Problem("UnknownProfile", f"engine.profile {spec.engine.profile!r} is not a simulator "
                                                   f"profile; known: {', '.join(profiles)}"))
+    if wrong := pod_field_errors(spec):
+        problems.append(Problem("InvalidPodFields", "fields copied into the pods would be rejected by the apiserver "
+                                                    "after part of the service was made: " + "; ".join(wrong)))
     return problems
+
+
+# Kubernetes' own syntax for what the operator copies verbatim into pod templates. The CRD takes
+# these as free strings (a schema cannot say all of it), so without this check the WorkerPools and
+# the router were made and then the pools' Deployments rejected: a half-applied service that looked
+# merely slow (found by tests/e2e/operator/test_spec_fuzz.py).
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_QUANTITY = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+|[KMGTPE]i|[numkMGTPE])?")
+_TOLERATION_KEYS = frozenset({"key", "operator", "value", "effect", "tolerationSeconds"})
+
+
+def _label_key_ok(key: str) -> bool:
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (len(prefix) <= 253 and _DNS_SUBDOMAIN.fullmatch(prefix)):
+        return False
+    return bool(_LABEL_NAME.fullmatch(name))
+
+
+def _label_value_ok(value: object) -> bool:
+    return isinstance(value, str) and (value == "" or bool(_LABEL_NAME.fullmatch(value)))
+
+
+def _toleration_errors(where: str, t: dict[str, Any]) -> list[str]:
+    errors = [f"{where}: unknown field {k!r}" for k in t if k not in _TOLERATION_KEYS]
+    op, effect, key, value = t.get("operator", "Equal"), t.get("effect", ""), t.get("key", ""), t.get("value", "")
+    if op not in ("Equal", "Exists", ""):
+        errors.append(f"{where}.operator {op!r}: not Equal or Exists")
+    if effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute", ""):
+        errors.append(f"{where}.effect {effect!r}: not NoSchedule, PreferNoSchedule or NoExecute")
+    if not isinstance(key, str) or (key and not _label_key_ok(key)) or (not key and op != "Exists"):
+        errors.append(f"{where}.key {key!r}: a label key, or empty with operator Exists")
+    if not _label_value_ok(value) or (op == "Exists" and value):
+        errors.append(f"{where}.value {value!r}: a label value, empty with operator Exists")
+    seconds = t.get("tolerationSeconds")
+    if seconds is not None and (not isinstance(seconds, int) or isinstance(seconds, bool) or effect != "NoExecute"):
+        errors.append(f"{where}.tolerationSeconds {seconds!r}: an integer, with effect NoExecute only")
+    return errors
+
+
+def pod_field_errors(spec: LLMServiceSpec) -> list[str]:
+    """What in the spec's env, nodeSelector, tolerations and resource quantities a Pod would not take."""
+    errors = [f"engine.env[{i}].name {e.name[:40]!r}: printable ASCII without '='"
+              for i, e in enumerate(spec.engine.env)
+              if not all(" " <= c <= "~" for c in e.name) or "=" in e.name]
+    for role, pool in spec.pools().items():
+        field = "decode" if role == "aggregated" else role
+        for key, value in (pool.node_selector or {}).items():
+            if not _label_key_ok(key) or not _label_value_ok(value):
+                errors.append(f"{field}.nodeSelector {key[:40]!r}: {str(value)[:40]!r}: not a label key and value")
+        for i, t in enumerate(pool.tolerations or []):
+            errors += _toleration_errors(f"{field}.tolerations[{i}]", t)
+        for kind in ("requests", "limits"):
+            for name, q in (getattr(pool.resources, kind) or {}).items() if pool.resources else ():
+                if not _label_key_ok(name) or not (q >= 0 if isinstance(q, int) else _QUANTITY.fullmatch(q)):
+                    errors.append(f"{field}.resources.{kind} {name[:40]!r}: {str(q)[:40]!r}: not a resource name "
+                                  "and a non-negative quantity")
+    return errors
 
 
 def ray_problems(spec: LLMServiceSpec) -> list[Problem]:

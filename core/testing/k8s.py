@@ -257,6 +257,25 @@ class ControlPlane:
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
 
+    def restart(self, component: str, down_s: float = 1.0, hard: bool = True, timeout: float = 90) -> None:
+        """Take one component (``etcd``, ``kube-apiserver``, ``kwok``, ...) down and bring it back
+        with the same arguments, data and port, for fault tests: what its clients see is an outage
+        of `down_s` seconds, not a new cluster. `hard`: SIGKILL (a crash: no graceful shutdown,
+        watches cut mid-stream) rather than SIGTERM. Returns once the apiserver is ready again
+        (its /readyz checks etcd too)."""
+        index = next((i for i, p in enumerate(self.procs) if p.name == component), None)
+        if index is None:
+            raise ValueError(f"no {component} in this control plane: {[p.name for p in self.procs]}")
+        old = self.procs[index]
+        if hard and old.alive():
+            os.killpg(old.pid, signal.SIGKILL)
+            wait_for(lambda: not old.alive(), 10, f"{component} to die")
+        old.stop()
+        time.sleep(down_s)
+        new = ManagedProcess(component, old.argv, old.log_path)
+        self.procs[index] = new
+        wait_for(self.ready, timeout, f"kube-apiserver /readyz after restarting {component}", new)
+
     # -- helpers ------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
         proc = ManagedProcess(name, [str(self.bin / name), *args], self.dir / "logs" / f"{name}.log")
