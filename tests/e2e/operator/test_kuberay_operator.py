@@ -30,7 +30,7 @@ def kuberay(crds: ControlPlane) -> Iterator[ManagedProcess]:
         assert out.returncode == 0, out.stderr
     # (a CRD just created has no status yet, and `kubectl wait` fails rather than waits on that)
     established = ["wait", "--for=condition=Established", "--timeout=5s", *(f"crd/{p}.ray.io" for p in CRDS)]
-    wait_for(lambda: crds.kubectl(*established).returncode == 0, 30, "KubeRay's CRDs")
+    wait_for(lambda: crds.kubectl(*established).returncode == 0, 120, "KubeRay's CRDs")
     argv = [str(kuberay_operator_bin()), f"--metrics-addr=127.0.0.1:{free_port()}",
             f"--health-probe-bind-address=127.0.0.1:{free_port()}", "--enable-leader-election=false",
             "--log-stdout-encoder=console"]
