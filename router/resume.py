@@ -238,7 +238,7 @@ async def relay(session: aiohttp.ClientSession, up: aiohttp.ClientResponse, st: 
             nonlocal warming
             wait = tokens_to_wait(st.tokens(), p.align, st.left()) if p.align is not None else 0
             p.asked, p.asked_at, p.cut_due = st.tokens(), time.monotonic(), st.tokens() + wait
-            if wait and p.align is not None and p.align.pre_copy and warming is None:
+            if wait and p.align is not None and p.align.pre_copy and (warming is None or warming.done()):
                 warm = pre_copy_body(str(st.body.get("model")), [*(st.prompt_ids or ()), *st.generated], p.align)
                 if warm is not None:
                     warming = asyncio.ensure_future(pre_copy(session, p.target, warm, timeout_s))
