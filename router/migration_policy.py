@@ -52,7 +52,6 @@ class MigrationConfig(BaseModel):
                                       description="engine vllm with kvpilot's connector: how long the target waits "
                                                   "for the source's last blocks to land in the store before it "
                                                   "computes them instead")
-
     pre_copy: bool = Field(False, alias="preCopy",
                            description="engine vllm: while an aligned cut waits, send the target a 1-token "
                                        "completion of the stream so far, so it holds those blocks before the cut")
