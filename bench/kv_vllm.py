@@ -2,13 +2,17 @@
 hot-prefix TTFT after a handover, with kvpilot's `KvpilotRedisConnector`.
 
 Two engines (one core each) share one Redis (maxmemory + allkeys-lru) through the connector:
-- migration: a greedy stream through `kvpilot router` (engine: vllm, migration) is cut after 40
-  tokens and resumed on the other engine (`POST /kvpilot/migrate`); blocking = the router's
-  `blocking_ms` (cut → the target's first token), and what the target loaded vs computed;
+- migration: a greedy stream through `kvpilot router` (engine: vllm, migration) is asked to move
+  after 40 tokens and resumed on the other engine (`POST /kvpilot/migrate`); blocking = the router's
+  `blocking_ms` (cut → the target's first token), and what the target loaded vs computed. Each rep
+  moves one stream per cut mode, through one router per mode in front of the same engines, so the
+  modes see the same load: `off` cuts at once (`alignCutTokens: 0`), `aligned` waits for the stream
+  to pass a KV block boundary (the default: at most 128 tokens, slack 1; router/resume_cut.py),
+  `precopy` also warms the target with the blocks saved so far while the cut waits;
 - TTFT of a prompt of `ctx` tokens on engine B: cold (never seen), external (engine A computed it:
   B loads it from Redis, the ring successor after A leaves), warm (B's own prefix cache).
 
-Usage: .venv/bin/python -P bench/kv_vllm.py [--contexts 2048 8192] [--reps 3] [--out FILE]
+Usage: .venv/bin/python -P bench/kv_vllm.py [--contexts 2048 8192] [--reps 3] [--modes off aligned] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from kvpilot.testing.vllm import SERVED, VLLMServer, kvpilot_overlay, tiny_model
 EXTERNAL = {"source": "external_kv_transfer"}
 LOCAL = {"source": "local_compute"}
 CUT_AFTER = 40
+# The router's migration config per cut mode (router/migration_policy.py, MigrationConfig).
+MODES: dict[str, dict[str, Any]] = {"off": {"alignCutTokens": 0}, "aligned": {}, "precopy": {"preCopy": True}}
 
 
 def kv_config(url: str) -> str:
@@ -129,10 +135,31 @@ def migrate_once(router: RouterProcess, servers: dict[str, VLLMServer], prompt: 
     return result
 
 
+def summary(ctx: int, mode: str, ms: list[dict[str, Any]]) -> str:
+    """One row per context and cut mode: medians (max where the tail matters)."""
+    med = statistics.median
+    blocking = [float(m["blocking_ms"]) for m in ms]
+    return (f"| {ctx} | {mode} | {len(ms)} | {med(blocking):.1f} | {max(blocking):.1f} | "
+            f"{med(m['cut_wait_tokens'] for m in ms):.0f} | {med(m['loaded'] for m in ms):.0f} | "
+            f"{med(m['computed'] for m in ms):.0f} | {max(m['computed'] for m in ms):.0f} | "
+            f"{med(m['engine_ttft_ms'] for m in ms):.1f} | {med(m['prefill_ms'] for m in ms):.1f} | "
+            f"{med(float(m['blocking_ms']) - m['engine_ttft_ms'] for m in ms):.1f} |")
+
+
+def rep_row(ctx: int, rep: int, mode: str, m: dict[str, Any], load: float) -> str:
+    tail = m.get("target_tail_tokens")
+    return (f"| {ctx} | {rep} | {mode} | {float(m['blocking_ms']):.1f} | {m['resumed_tokens']} | "
+            f"{m['cut_wait_tokens']} | {'-' if tail is None else tail} | {m['loaded']:.0f} | {m['computed']:.0f} | "
+            f"{m['engine_ttft_ms']:.1f} | {m['queue_ms']:.1f} | {m['prefill_ms']:.1f} | "
+            f"{float(m['blocking_ms']) - m['engine_ttft_ms']:.1f} | {load:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["off", "aligned"],
+                    help="cut modes to compare, each rep in this order")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kv-vllm-bench-"))
@@ -145,20 +172,24 @@ def main() -> None:
     extra = ["--max-model-len", str(max(args.contexts) + 512), "--kv-transfer-config", kv_config(store.url)]
     servers = {"a": VLLMServer.tiny(name="bench-a", workdir=work, cpu=0, env=env, extra=extra, wait=False),
                "b": VLLMServer.tiny(name="bench-b", workdir=work, cpu=1, env=env, extra=extra, wait=False)}
-    router: RouterProcess | None = None
+    routers: dict[str, RouterProcess] = {}
     rows: list[str] = []
-    profile: list[str] = []
+    summaries: list[str] = []
+    reps: list[str] = []
+    print(f"load average at the start: {os.getloadavg()}", flush=True)
     try:
         for s in servers.values():
             s.timeout = 1500  # a busy shared machine: startup has taken over 400 s
             s.wait()
-        router = RouterProcess([{"name": SERVED, "policy": "round-robin", "engine": "vllm", "migration": {},
-                                 "endpoints": [{"name": n, "url": s.url} for n, s in servers.items()]}], workdir=work)
+        eps = [{"name": n, "url": s.url} for n, s in servers.items()]
+        for mode in args.modes:
+            routers[mode] = RouterProcess([{"name": SERVED, "policy": "round-robin", "engine": "vllm",
+                                            "migration": MODES[mode], "endpoints": eps}], workdir=work / mode)
         ttft(servers["a"], ids("warmup-a", 400))
         ttft(servers["b"], ids("warmup-b", 400))
         for ctx in args.contexts:
-            cold, ext, warm, blocking, loaded, computed = [], [], [], [], [], []
-            engine, queue, prefill = [], [], []
+            cold, ext, warm = [], [], []
+            moves: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
             for rep in range(args.reps):
                 p = ids(f"ttft-{ctx}-{rep}", ctx)
                 cold.append(ttft(servers["b"], p))
@@ -167,38 +198,41 @@ def main() -> None:
                 time.sleep(0.5)                             # its background writes land
                 ext.append(ttft(servers["b"], q))           # B loads it from Redis
                 warm.append(ttft(servers["b"], q))          # B's own prefix cache
-                m = migrate_once(router, servers, text(f"mig-{ctx}-{rep}", ctx), f"bench-{ctx}-{rep}")
-                assert m.get("outcome") == "migrated", m
-                blocking.append(float(m["blocking_ms"]))
-                loaded.append(m["loaded"])
-                computed.append(m["computed"])
-                engine.append(m["engine_ttft_ms"])
-                queue.append(m["queue_ms"])
-                prefill.append(m["prefill_ms"])
-                print(f"  {ctx} rep {rep}: blocking {m['blocking_ms']:.1f} ms, target TTFT {m['engine_ttft_ms']:.1f} "
-                      f"(queue {m['queue_ms']:.1f}, prefill {m['prefill_ms']:.1f}), load {os.getloadavg()[0]:.1f}",
-                      flush=True)
+                for mode in args.modes:
+                    # A prompt per mode, so neither finds the other's blocks.
+                    m = migrate_once(routers[mode], servers, text(f"mig-{ctx}-{rep}-{mode}", ctx),
+                                     f"bench-{ctx}-{rep}-{mode}")
+                    assert m.get("outcome") == "migrated", m
+                    moves[mode].append(m)
+                    load = os.getloadavg()[0]
+                    reps.append(rep_row(ctx, rep, mode, m, load))
+                    print(f"  {ctx} rep {rep} {mode}: blocking {m['blocking_ms']:.1f} ms, waited "
+                          f"{m['cut_wait_tokens']} tokens, target computed {m['computed']:.0f}, target TTFT "
+                          f"{m['engine_ttft_ms']:.1f} (queue {m['queue_ms']:.1f}, prefill {m['prefill_ms']:.1f}), "
+                          f"load {load:.1f}", flush=True)
             med = statistics.median
-            rows.append(f"| {ctx} | {args.reps} | {med(blocking):.1f} | {max(blocking):.1f} | {med(loaded):.0f} | "
-                        f"{max(computed):.0f} | {med(cold):.1f} | {med(ext):.1f} | {med(warm):.1f} | "
+            rows.append(f"| {ctx} | {args.reps} | {med(cold):.1f} | {med(ext):.1f} | {med(warm):.1f} | "
                         f"{med(cold) / med(ext):.2f} | {med(ext) / med(warm):.2f} |")
-            print(rows[-1], flush=True)
-            profile.append(f"| {ctx} | {med(blocking):.1f} | {med(engine):.1f} | {med(queue):.1f} | "
-                           f"{med(prefill):.1f} | {med(blocking) - med(engine):.1f} |")
+            summaries += [summary(ctx, mode, moves[mode]) for mode in args.modes]
     finally:
-        if router is not None:
+        for router in routers.values():
             router.stop()
         for s in servers.values():
             s.stop()
         store.stop()
-    table = "\n".join(["| context | reps | migration blocking median ms | max ms | target loaded tokens (median) | "
-                       "target computed tokens (max) | TTFT cold ms | TTFT external (Redis) ms | TTFT warm ms | "
-                       "cold / external | external / warm |",
-                       "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
+    table = "\n".join([
+        "| context | cut | reps | migration blocking median ms | max ms | tokens waited before the cut (median) | "
+        "target loaded tokens (median) | target computed tokens (median) | (max) | target TTFT median ms (vLLM) | "
+        "of which prefill | router + HTTP median ms |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *summaries])
     table += "\n\n" + "\n".join([
-        "| context | blocking median ms | target TTFT (vLLM, arrival → first token) | of which queued | "
-        "of which prefill (loads included) | router + HTTP (blocking − target TTFT) |",
-        "|---:|---:|---:|---:|---:|---:|", *profile])
+        "| context | rep | cut | blocking ms | resumed tokens | tokens waited | predicted tail | target loaded | "
+        "target computed | target TTFT ms (vLLM) | of which queued | of which prefill | router + HTTP | "
+        "load average |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *reps])
+    table += "\n\n" + "\n".join([
+        "| context | reps | TTFT cold ms | TTFT external (Redis) ms | TTFT warm ms | cold / external | "
+        "external / warm |", "|---:|---:|---:|---:|---:|---:|---:|", *rows])
     print(table)
     if args.out:
         Path(args.out).write_text(table + f"\n\nload average at the end: {os.getloadavg()}\n")

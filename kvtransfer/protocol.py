@@ -170,3 +170,24 @@ def warm_report(params: Any) -> WarmReport | None:
         return WarmReport.model_validate(params)
     except ValueError:
         return None
+
+
+# -- a resume's continuation (router/resume_cut.py) --------------------------------------------
+# The router cuts a stream just after the source filled a block, so the source's background write
+# of that block may still be in flight when the target looks it up. The continuation's
+# `kv_transfer_params` say how many leading blocks the source has saved or is saving and how long
+# the target's connector may wait for them (then it loads what is there and computes the rest).
+RESUME_BLOCKS = "kvpilot_resume_blocks"
+RESUME_WAIT_S = "kvpilot_wait_s"
+
+
+def resume_wait(params: Any) -> tuple[int, float]:
+    """(blocks to wait for, seconds at most) from a request's `kv_transfer_params`; (0, 0.0) for a
+    request that is no resume or whose values do not parse (then nothing waits)."""
+    if not isinstance(params, dict):
+        return 0, 0.0
+    try:
+        blocks, wait_s = int(params.get(RESUME_BLOCKS, 0)), float(params.get(RESUME_WAIT_S, 0.0))
+    except (TypeError, ValueError):
+        return 0, 0.0
+    return (blocks, wait_s) if blocks > 0 and wait_s > 0 else (0, 0.0)

@@ -111,12 +111,14 @@ class BlockPlanner:
         self._pending_loads: dict[str, list[tuple[int, bytes]]] = {}
 
     def matched(self, req_id: str, num_tokens: int, hashes: Sequence[bytes], local_tokens: int,
-                present: Sequence[bool], expected_blocks: int = 0, now: float = 0.0) -> int | None:
+                present: Sequence[bool], expected_blocks: int = 0, now: float = 0.0,
+                wait_s: float | None = None) -> int | None:
         """External tokens to load for a new request, given which of its loadable blocks the
         store holds (`present`, one per block from block 0). `expected_blocks` > 0 (P/D: the
-        prefill side's params) waits (None: ask again next step) until that many leading blocks
-        are there or `pd_wait_s` passed since the first ask (`now`, seconds on any monotonic
-        clock), since the prefill side's writes may still be in flight."""
+        prefill side's params; a resume: the blocks the source saved) waits (None: ask again next
+        step) until that many leading blocks are there or `wait_s` (default `pd_wait_s`) passed
+        since the first ask (`now`, seconds on any monotonic clock), since the other side's
+        writes may still be in flight."""
         limit = loadable_blocks(num_tokens, self.block_size, len(hashes))
         hits = leading_hits(present[:limit])
         local = local_tokens // self.block_size
@@ -124,7 +126,7 @@ class BlockPlanner:
         want = min(expected_blocks, limit)
         if tr.first_ask is None:
             tr.first_ask = now
-        if hits < want and now - tr.first_ask < self.pd_wait_s:
+        if hits < want and now - tr.first_ask < (self.pd_wait_s if wait_s is None else wait_s):
             return None
         tr.expected_blocks = want
         tr.local_tokens = local_tokens

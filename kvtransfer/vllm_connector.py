@@ -26,6 +26,9 @@ What it does (decisions in `vllm_blocks.BlockPlanner`, I/O in `vllm_io.StoreClie
 - P/D: a request with `kv_transfer_params.do_remote_decode` answers with params for the decode
   side (`do_remote_prefill`, `kvpilot_blocks`); the decode side waits up to `pd_wait_s` for
   that many blocks, then loads what is there.
+- resume (`router/resume_cut.py`): a continuation with `kv_transfer_params.kvpilot_resume_blocks`
+  waits up to its `kvpilot_wait_s` for that many leading blocks (the source's write of the block
+  it filled just before the cut may still be in flight), then loads what is there.
 Counters reach vLLM's /metrics as `vllm:kvpilot_kv_*` (see `KvpilotPromMetrics`).
 
 This module imports without vLLM (the classes are then absent), so kvpilot's own checks run
@@ -39,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpilot.kvtransfer.protocol import WARM_REPORT
+from kvpilot.kvtransfer.protocol import WARM_REPORT, resume_wait
 from kvpilot.kvtransfer.vllm_blocks import (
     BlockPlanner,
     ReqOps,
@@ -180,10 +183,13 @@ if HAVE_VLLM:
             present = rank_present(self.store.present(self._keys(hashes[:limit])), self.tp_size)
             params = request.kv_transfer_params or {}
             expected = int(params.get("kvpilot_blocks", 0)) if params.get("do_remote_prefill") else 0
+            wait_s: float | None = None
+            if not expected:  # a resume: the source's last block may still be on its way
+                expected, wait_s = resume_wait(params)
             if not self.store.available():
                 expected = 0  # the store is down: nothing to wait for
             n = self.planner.matched(request.request_id, request.num_tokens, hashes, num_computed_tokens, present,
-                                     expected_blocks=expected, now=time.monotonic())
+                                     expected_blocks=expected, now=time.monotonic(), wait_s=wait_s)
             self._requests[request.request_id] = request
             return n, False
 

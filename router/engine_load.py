@@ -35,9 +35,11 @@ from kvpilot.router.policy import InstanceLoad
 
 PENDING_PROMPT_TOKENS = "kvpilot:pending_prompt_tokens"
 PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES = "vllm:prefix_cache_hits", "vllm:prefix_cache_queries"
+# vLLM's engine settings as labels of one gauge; its `block_size` is what a resume's cut aligns to.
+CACHE_CONFIG = "vllm:cache_config_info"
 # What a poll reads; a vLLM /metrics page is ~200 lines of histograms besides these few.
 _READ = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-         PENDING_PROMPT_TOKENS, PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES)
+         PENDING_PROMPT_TOKENS, PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES, CACHE_CONFIG)
 _READ_LINES = _READ + tuple(f"# {kind} {name}" for kind in ("HELP", "TYPE") for name in _READ)
 
 
@@ -61,6 +63,7 @@ class EnginePage:
     sample: EngineSample
     cache_hits: float | None = None
     cache_queries: float | None = None
+    block_size: int | None = None   # the engine's KV block size (vLLM's cache_config_info), when it says
 
 
 def read_metrics(text: str, before: EngineSample) -> EnginePage:
@@ -72,7 +75,7 @@ def read_metrics(text: str, before: EngineSample) -> EnginePage:
     quarter of a core at 8 engines polled every 250 ms; the filtered page costs 0.5 ms."""
     lines = "\n".join(line for line in text.split("\n") if line.startswith(_READ_LINES))
     running, waiting, kv_usage, prompt_tokens = before.running, before.waiting, before.kv_usage, None
-    hits = queries = None
+    hits = queries = block_size = None
     for family in text_string_to_metric_families(lines):
         values = [s.value for s in family.samples]
         if family.name == "vllm:num_requests_running":
@@ -89,7 +92,11 @@ def read_metrics(text: str, before: EngineSample) -> EnginePage:
                 hits = total
             else:
                 queries = total
-    return EnginePage(EngineSample(running, waiting, kv_usage, prompt_tokens), hits, queries)
+        elif family.name == CACHE_CONFIG:
+            sizes = {s.labels.get("block_size", "") for s in family.samples}
+            if len(sizes) == 1 and (size := sizes.pop()).isdigit() and int(size) > 0:
+                block_size = int(size)
+    return EnginePage(EngineSample(running, waiting, kv_usage, prompt_tokens), hits, queries, block_size)
 
 
 def peer_share(sample: EngineSample, own_in_flight: int, own_unstarted: int) -> tuple[int, int]:

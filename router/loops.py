@@ -124,5 +124,7 @@ class Background:
             self.runtime.cache_counters[member.url] = (
                 hits if page.cache_hits is None else page.cache_hits,
                 queries if page.cache_queries is None else page.cache_queries)
+        if page.block_size is not None:
+            load.kv_block_size = page.block_size
         # Other router replicas' share there, against this replica's own requests now.
         observe(load, page.sample)

@@ -42,6 +42,7 @@ from kvpilot.router.migration_policy import (
 from kvpilot.router.pool import Member, Pool
 from kvpilot.router.resume import Pending, ResumeState, upstream_body
 from kvpilot.router.resume import relay as resume_relay
+from kvpilot.router.resume_cut import CutAlign
 
 log = logging.getLogger("kvpilot.router.migration")
 COOLDOWN_INTERVALS = 5
@@ -240,10 +241,10 @@ class Migrator:
         """Hand the move to the stream's relay, which owns both connections, and wait for its outcome."""
         assert active.resume is not None
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        active.resume.pending = Pending(target, done)
+        active.resume.pending = Pending(target, done, self._align(active.model, source, target))
         active.resume.wake.set()
-        try:  # the relay answers within the resume timeout, or as its stream ends
-            result = await asyncio.wait_for(done, self.models[active.model].cfg.resume_timeout_s + 10)
+        try:  # the relay answers within the cut's wait (<= half the resume timeout) + the resume timeout
+            result = await asyncio.wait_for(done, self.models[active.model].cfg.resume_timeout_s * 1.5 + 10)
         except TimeoutError:
             result = {"outcome": "aborted", "reason": "the stream's relay did not answer"}
         finally:
@@ -253,6 +254,18 @@ class Migrator:
         log.info("migration by resume %s", result.get("outcome"),
                  extra={"request_id": active.request_id, "model": active.model, "endpoint": source.endpoint.name})
         return status, self._count(active.model, result)
+
+    def _align(self, model: str, source: Member, target: Member) -> CutAlign | None:
+        """How a move by resume between these two engines aligns its cut (None: it cuts at once).
+        The block size is the config's or, as vLLM reports it, the engines' own; two engines that
+        disagree share no blocks anyway."""
+        cfg = self.models[model].cfg
+        sizes = {source.load.kv_block_size, target.load.kv_block_size}
+        size = cfg.block_size or (sizes.pop() if len(sizes) == 1 else None)
+        if size is None or cfg.align_cut_tokens <= 0:
+            return None
+        return CutAlign(size, min(cfg.cut_slack_tokens, size - 1), cfg.align_cut_tokens, cfg.resume_load_wait_s,
+                        cfg.pre_copy)
 
     def _count(self, model: str, result: dict[str, Any]) -> dict[str, Any]:
         self.metrics.migrations.labels(model, str(result.get("outcome", "failed"))).inc()

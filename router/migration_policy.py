@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class MigrationConfig(BaseModel):
@@ -35,6 +35,32 @@ class MigrationConfig(BaseModel):
     resume_timeout_s: float = Field(30.0, gt=0, alias="resumeTimeoutSeconds",
                                     description="engine vllm: how long a move by resume waits for the target's "
                                                 "first token before it gives up (the request stays on the source)")
+    # Engine vllm: where a move by resume cuts (kvpilot.router.resume_cut).
+    align_cut_tokens: int = Field(
+        128, ge=0, alias="alignCutTokens",
+        description="engine vllm: a move waits at most this many source tokens for the stream to pass a KV block "
+                    "boundary, so the target computes cutSlackTokens + 1 tokens instead of up to a block; "
+                    "0: cut at once")
+    cut_slack_tokens: int = Field(1, ge=0, alias="cutSlackTokens",
+                                  description="engine vllm: tokens past the boundary the cut aims at, steps in "
+                                              "which the source's write of the block it filled lands in the store")
+    block_size: int | None = Field(None, gt=0, alias="blockSize",
+                                   description="engine vllm: the engines' KV block size; None: as each engine "
+                                               "reports it (vllm:cache_config_info on /metrics); unknown: no "
+                                               "alignment")
+    resume_load_wait_s: float = Field(0.05, ge=0, alias="resumeLoadWaitSeconds",
+                                      description="engine vllm with kvpilot's connector: how long the target waits "
+                                                  "for the source's last blocks to land in the store before it "
+                                                  "computes them instead")
+    pre_copy: bool = Field(False, alias="preCopy",
+                           description="engine vllm: while an aligned cut waits, send the target a 1-token "
+                                       "completion of the stream so far, so it holds those blocks before the cut")
+
+    @model_validator(mode="after")
+    def _slack_within_a_block(self) -> MigrationConfig:
+        if self.block_size is not None and self.cut_slack_tokens >= self.block_size:
+            raise ValueError(f"cutSlackTokens ({self.cut_slack_tokens}) must be below blockSize ({self.block_size})")
+        return self
 
 
 @dataclass(slots=True, frozen=True)

@@ -58,6 +58,7 @@ class InstanceLoad:
     peer_in_flight: int = 0
     peer_waiting: int = 0             # of which waiting for their prefill
     peer_prompt_tokens: int | None = None  # their prompts' tokens before a first token, where the engine says
+    kv_block_size: int | None = None  # the engine's KV block size, where its /metrics says (vLLM)
 
 
 @dataclass(slots=True, frozen=True)

@@ -5,10 +5,16 @@ as token ids and reports the ids it samples (`return_token_ids`). So the router 
 streaming completion of a model with `engine: vllm` and a `migration:` config, the prompt's ids
 (first chunk) and every generated id it relayed. A move then:
 
-1. cuts: source chunks from now on are held back, not forwarded;
+1. cuts: source chunks from then on are held back, not forwarded. The cut is block-aligned
+   (`kvpilot.router.resume_cut`): the target reuses only full KV blocks and computes the rest
+   on the blocking path, so unless the engines' block size is unknown or the wait too long
+   (`alignCutTokens`), the relay first lets the source stream on until prompt + generated is
+   `cutSlackTokens` + 1 tokens past a block boundary; the target then computes that many tokens
+   instead of up to a block (on CPU, up to 128 tokens attending to the whole context);
 2. asks the target for a completion whose prompt is prompt ids + generated ids, with the same
-   sampling parameters and `max_tokens` less what was generated (its prefix cache makes the
-   re-prefill cheap when warm);
+   sampling parameters and `max_tokens` less what was generated (its prefix cache, or the
+   shared store through kvpilot's connector, makes the re-prefill cheap; the continuation's
+   `kv_transfer_params` let the connector wait briefly for the source's last block to land);
 3. on the target's first token, closes the source connection (vLLM aborts the request), drops
    the held chunks and relays the target's stream instead, rewritten to look like the source's
    (same id; usage counted against the original prompt); the client sees one SSE stream with
@@ -37,6 +43,7 @@ import aiohttp
 
 from kvpilot import sse
 from kvpilot.router.pool import Member
+from kvpilot.router.resume_cut import CutAlign, load_params, pre_copy_body, tail_tokens, tokens_to_wait
 
 COMPLETIONS = "/v1/completions"
 
@@ -88,10 +95,15 @@ def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
 
 @dataclass(slots=True, eq=False)
 class Pending:
-    """A move asked for by `POST /kvpilot/migrate`: the relay resolves `done` with the outcome."""
+    """A move asked for by `POST /kvpilot/migrate`: the relay resolves `done` with the outcome.
+    With `align` the relay cuts only once the stream is just past a KV block boundary."""
 
     target: Member
     done: asyncio.Future[dict[str, Any]]
+    align: CutAlign | None = None
+    cut_due: int | None = None     # prompt + generated tokens at which to cut (set by the relay)
+    asked: int = 0                 # prompt + generated tokens when the relay took the move up
+    asked_at: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -107,6 +119,15 @@ class ResumeState:
     pending: Pending | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def tokens(self) -> int:
+        """Prompt + generated ids so far: the length of a continuation's prompt if cut now."""
+        return len(self.prompt_ids or ()) + len(self.generated)
+
+    def left(self) -> int | None:
+        """Tokens the request may still generate (None: no limit given)."""
+        limit = self.body.get("max_tokens", self.body.get("max_completion_tokens"))
+        return limit - len(self.generated) if isinstance(limit, int) else None
+
     def not_now(self) -> str | None:
         """Why this stream cannot be resumed at this moment (None: it can)."""
         if (why := refusal(self.body)) is not None:
@@ -115,8 +136,7 @@ class ResumeState:
             return "no token relayed yet: nothing to resume from"
         if self.finished:
             return "the request has finished"
-        limit = self.body.get("max_tokens", self.body.get("max_completion_tokens"))
-        if isinstance(limit, int) and limit - len(self.generated) < 1:
+        if (left := self.left()) is not None and left < 1:
             return "no tokens left to generate"
         return None
 
@@ -182,6 +202,17 @@ async def open_target(session: aiohttp.ClientSession, target: Member, body: dict
         raise
 
 
+async def pre_copy(session: aiohttp.ClientSession, target: Member, body: dict[str, Any], timeout_s: float) -> None:
+    """Warm the target while the cut waits; any failure only means the continuation loads more.
+    Sent without the stream's request-id header: it is a request of its own on the target."""
+    try:
+        async with session.post(target.url + COMPLETIONS, json=body,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            await resp.read()
+    except (aiohttp.ClientError, TimeoutError):
+        pass
+
+
 async def relay(session: aiohttp.ClientSession, up: aiohttp.ClientResponse, st: ResumeState,
                 headers: dict[str, str] | None, timeout_s: float,
                 on_events: Callable[[int], None], on_moved: Callable[[Member], None]) -> AsyncIterator[bytes]:
@@ -191,12 +222,40 @@ async def relay(session: aiohttp.ClientSession, up: aiohttp.ClientResponse, st: 
     read: asyncio.Task[bytes] | None = None
     opening: asyncio.Task[tuple[aiohttp.ClientResponse, bytes]] | None = None
     waker: asyncio.Task[bool] | None = None
-    cut_at, cut = 0.0, 0
+    warming: asyncio.Task[None] | None = None
+    cut_at, cut, tail = 0.0, 0, None
 
     def resolve(result: dict[str, Any]) -> None:
         if st.pending is not None and not st.pending.done.done():
             st.pending.done.set_result(result)
         st.pending = None
+
+    def due() -> bool:
+        """Whether the pending move cuts now (it is taken up on first sight: where to cut)."""
+        p = st.pending
+        assert p is not None
+        if p.cut_due is None:
+            nonlocal warming
+            wait = tokens_to_wait(st.tokens(), p.align, st.left()) if p.align is not None else 0
+            p.asked, p.asked_at, p.cut_due = st.tokens(), time.monotonic(), st.tokens() + wait
+            if wait and p.align is not None and p.align.pre_copy and (warming is None or warming.done()):
+                warm = pre_copy_body(str(st.body.get("model")), [*(st.prompt_ids or ()), *st.generated], p.align)
+                if warm is not None:
+                    warming = asyncio.ensure_future(pre_copy(session, p.target, warm, timeout_s))
+        # A stream slower than expected does not hold the move past half the resume timeout.
+        return st.tokens() >= p.cut_due or time.monotonic() - p.asked_at > timeout_s / 2
+
+    def start_cut() -> asyncio.Task[tuple[aiohttp.ClientResponse, bytes]]:
+        nonlocal cut, cut_at, tail
+        p = st.pending
+        assert p is not None
+        cut, cut_at = len(st.generated), time.monotonic()   # from here, source chunks are held
+        body = continuation(st.body, st.prompt_ids or [], st.generated)
+        tail = None
+        if p.align is not None:
+            body["kv_transfer_params"] = {**(body.get("kv_transfer_params") or {}), **load_params(st.tokens(), p.align)}
+            tail = tail_tokens(st.tokens(), p.align.block_size)
+        return asyncio.ensure_future(asyncio.wait_for(open_target(session, p.target, body, headers), timeout_s))
 
     try:
         while True:
@@ -206,10 +265,8 @@ async def relay(session: aiohttp.ClientSession, up: aiohttp.ClientResponse, st: 
                 if (why := st.not_now()) is not None:
                     resolve({"outcome": "rejected", "reason": why})
                     continue
-                cut, cut_at = len(st.generated), time.monotonic()   # from here, source chunks are held
-                body = continuation(st.body, st.prompt_ids or [], st.generated)
-                opening = asyncio.ensure_future(asyncio.wait_for(
-                    open_target(session, st.pending.target, body, headers), timeout_s))
+                if due():
+                    opening = start_cut()
             if waker is None:
                 waker = asyncio.ensure_future(st.wake.wait())
             await asyncio.wait([t for t in (read, opening, waker) if t is not None],
@@ -234,15 +291,17 @@ async def relay(session: aiohttp.ClientSession, up: aiohttp.ClientResponse, st: 
                 read = None
                 source.close()
                 source, held = resp, []
+                waited = len(st.prompt_ids or ()) + cut - st.pending.asked
                 del st.generated[cut:]
                 st.offset, st.finished = cut, False
                 on_moved(target)
                 resolve({"outcome": "migrated", "mode": "resume", "resumed_tokens": cut,
-                         "blocking_ms": round((time.monotonic() - cut_at) * 1000, 3)})
+                         "blocking_ms": round((time.monotonic() - cut_at) * 1000, 3),
+                         "cut_wait_tokens": waited, "target_tail_tokens": tail})
                 events, rest = split_events(first)
-                out = [st.on_event(e) for e in events]
-                on_events(len(out))
-                yield b"".join(out)
+                firsts = [st.on_event(e) for e in events]
+                on_events(len(firsts))
+                yield b"".join(firsts)
                 continue
             if not read.done():
                 continue
@@ -252,20 +311,31 @@ async def relay(session: aiohttp.ClientSession, up: aiohttp.ClientResponse, st: 
                 if opening is not None:
                     opening.cancel()
                     resolve({"outcome": "aborted", "reason": "the request finished before the target answered"})
+                elif st.pending is not None:
+                    resolve({"outcome": "aborted", "reason": "the request finished before the cut"})
                 for event in held:
                     yield event
                 if rest:
                     yield rest
                 return
             events, rest = split_events(rest + data)
-            out = [st.on_event(e) for e in events]
-            if opening is not None:
-                held.extend(out)
-            elif out:
+            out: list[bytes] = []
+            for event in events:
+                if opening is not None:
+                    held.append(st.on_event(event))
+                    continue
+                out.append(st.on_event(event))
+                # An aligned cut falls between two events: relay those before it, hold the rest.
+                if st.pending is not None and st.not_now() is None and due():
+                    on_events(len(out))
+                    yield b"".join(out)
+                    out = []
+                    opening = start_cut()
+            if out:
                 on_events(len(out))
                 yield b"".join(out)
     finally:
-        for waiting in (read, waker):
+        for waiting in (read, waker, warming):
             if waiting is not None:
                 waiting.cancel()
         if opening is not None:

@@ -115,24 +115,31 @@ def test_pd_over_redis_decode_loads_the_prompt_and_answers_as_aggregated(
     assert sizes == {BLOCK_BYTES + 16}, sizes
 
 
+@pytest.mark.parametrize("mode", ["cut-at-once", "aligned"])
 def test_migrated_stream_loads_its_blocks_on_the_target(
-        kv: KVPair, router_factory: Callable[..., RouterProcess]) -> None:
-    router = router_factory([{"name": SERVED, "policy": "round-robin", "engine": "vllm", "migration": {},
+        mode: str, kv: KVPair, router_factory: Callable[..., RouterProcess]) -> None:
+    """Cut at once, the target computes the tail after the last full block (up to a block); with an
+    aligned cut (router/resume_cut.py, the engines' block size read from their /metrics) the router
+    waits for the stream to pass a block boundary and the target computes slack + 1 tokens."""
+    slack = 1
+    migration = {"alignCutTokens": 0} if mode == "cut-at-once" else {"cutSlackTokens": slack}
+    router = router_factory([{"name": SERVED, "policy": "round-robin", "engine": "vllm", "migration": migration,
                               "endpoints": [{"name": "kv-x", "url": kv.x.url}, {"name": "kv-y", "url": kv.y.url}]}])
     servers = {"kv-x": kv.x, "kv-y": kv.y}
     other = {"kv-x": "kv-y", "kv-y": "kv-x"}
-    body = greedy(make_prompt("kv-migrate", 300), 400)
+    body = greedy(make_prompt(f"kv-migrate-{mode}", 300), 400)
     before = {n: (s.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL),
                   s.metric("vllm:prompt_tokens_by_source_total", **LOCAL)) for n, s in servers.items()}
     results: list[dict[str, Any]] = []
+    rid = f"kv-mig-{mode}"
 
     def move(source: str) -> None:
-        results.append(post_json(router.admin_url + "/kvpilot/migrate", {"request_id": "kv-mig-1",
+        results.append(post_json(router.admin_url + "/kvpilot/migrate", {"request_id": rid,
                                                                    "target": other[source]})[0])
 
     from test_2_resume import _stream  # the same client as the resume test: cut after 40 chunks
 
-    payloads, source = _stream(router.url, body, "kv-mig-1", move)
+    payloads, source = _stream(router.url, body, rid, move)
     result = results[0]
     assert result["outcome"] == "migrated" and result["mode"] == "resume", result
     target, cut = other[source], result["resumed_tokens"]
@@ -142,12 +149,19 @@ def test_migrated_stream_loads_its_blocks_on_the_target(
     base = servers[source].post("/v1/completions", body)["choices"][0]
     assert got == base["token_ids"]
     # The target loaded every full block of prompt + generated from Redis (the source saved the
-    # decoded ones as they filled) and computed less than one block.
+    # decoded ones as they filled) and computed the rest.
     loaded = servers[target].metric("vllm:prompt_tokens_by_source_total", **EXTERNAL) - before[target][0]
     computed = servers[target].metric("vllm:prompt_tokens_by_source_total", **LOCAL) - before[target][1]
     resumed = len(prompt_ids) + cut
-    assert loaded == (resumed - 1) // BLOCK_SIZE * BLOCK_SIZE and computed <= BLOCK_SIZE, (loaded, computed, resumed)
+    assert loaded == (resumed - 1) // BLOCK_SIZE * BLOCK_SIZE and loaded + computed == resumed, \
+        (loaded, computed, resumed)
     assert result["blocking_ms"] > 0
+    if mode == "cut-at-once":
+        assert computed <= BLOCK_SIZE and result["cut_wait_tokens"] == 0 and result["target_tail_tokens"] is None
+    else:
+        # ~340 tokens at the ask: the cut waited for 3 blocks + 2 (and the stream went on meanwhile).
+        assert computed <= slack + 1 and computed == result["target_tail_tokens"], (computed, result)
+        assert 0 < result["cut_wait_tokens"] < BLOCK_SIZE, result
 
 
 def _publish(path: Path, *names: str, kv: KVPair) -> None:

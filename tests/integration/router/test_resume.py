@@ -12,6 +12,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from kvpilot.testing.router import RouterProcess
 from kvpilot.testing.sim import SimWorker
 from kvpilot.tokens import block_text
@@ -108,6 +110,42 @@ def test_resumed_stream_equals_the_unmigrated_one(sim_worker_factory: Workers, r
     assert gained >= len(PROMPT) // 4 - 256, gained
     text = router.metrics_text()
     assert _metric(text, "kvpilot_router_migrations_total", outcome="migrated") == 1
+
+
+@pytest.mark.parametrize("pre_copy", [False, True], ids=["aligned", "aligned+precopy"])
+def test_an_aligned_cut_waits_for_the_stream_to_pass_a_block_boundary(pre_copy: bool, sim_worker_factory: Workers,
+                                                                     router_factory: Routers) -> None:
+    """The simulator reports no KV block size, so the config gives one; the client reads on while the
+    router waits, and the stream is still the unmigrated one. With a pre-copy the target also
+    serves the 1-token warm request of the stream so far."""
+    workers = {"a": sim_worker_factory(*FLAGS), "b": sim_worker_factory(*FLAGS)}
+    eps = [{"name": name, "url": w.url} for name, w in workers.items()]
+    migration = {"blockSize": 64, "cutSlackTokens": 2, "alignCutTokens": 64, "preCopy": pre_copy}
+    router = router_factory([{"name": "sim-model", "policy": "round-robin", "endpoints": eps, "engine": "vllm",
+                              "migration": migration}], scrapeIntervalSeconds=30)
+    body = {"model": "sim-model", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "return_token_ids": True}
+    baseline, _ = _stream(workers["a"].url, body, "base")
+    results: list[tuple[int, dict[str, Any]]] = []
+    gen = {n: _metric(w.metrics_text(), "vllm:generation_tokens_total") for n, w in workers.items()}
+
+    def migrate(source: str) -> None:
+        results.append(_post(router.admin_url + "/kvpilot/migrate",
+                             {"request_id": "r-al", "target": "b" if source == "a" else "a"}))
+
+    payloads, _ = _stream(router.url, body, "r-al", migrate)
+    status, result = results[0]
+    assert status == 200 and result["outcome"] == "migrated", result
+    target = result["target_endpoint"]
+    made = _metric(workers[target].metrics_text(), "vllm:generation_tokens_total") - gen[target]
+    assert made == MAX_TOKENS - result["resumed_tokens"] + (1 if pre_copy else 0), (made, result)
+    prompt_tokens = len(baseline[0]["choices"][0]["prompt_token_ids"])
+    resumed = prompt_tokens + result["resumed_tokens"]
+    # Cut where the target's prompt is 2 tokens + 1 past a 64-token boundary, after waiting for it.
+    assert (resumed - 1) % 64 == 2 and result["target_tail_tokens"] == 3, (resumed, result)
+    assert 0 < result["cut_wait_tokens"] < 64 and result["resumed_tokens"] > 25, result
+    ids = [t for p in payloads for c in p["choices"] for t in c["token_ids"]]
+    assert ids == [t for p in baseline for c in p["choices"] for t in c["token_ids"]]
+    assert _words(payloads) == _words(baseline)
 
 
 def test_a_failing_target_leaves_the_request_on_its_source(sim_worker_factory: Workers,
