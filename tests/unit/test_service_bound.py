@@ -9,11 +9,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))   # bench/ is not a package
 
-from service_bound import Work, burst_attainment, fixed_point, ideal_work, service_bound, tight_bound  # noqa: E402
-from sustained import steady_share, sustained_capacity  # noqa: E402
+from service_bound import Work, burst_attainment, fixed_point, ideal_work, service_bound, tight_bound
+from sustained import steady_share, sustained_capacity
 
-from kvpilot.sim.families import make_workload  # noqa: E402
-from kvpilot.sim.profiles import get_profile  # noqa: E402
+from kvpilot.sim.families import make_workload
+from kvpilot.sim.profiles import get_profile
 
 pytestmark = pytest.mark.unit
 
