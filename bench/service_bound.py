@@ -15,38 +15,42 @@ so more of them are under way at once and compete for the cache):
 1. *Hits at that rate.* The LRU replay is of the workload at rate λ, not at 1 req/s: at a higher
    rate more sessions interleave between two turns of one, and an LRU of the same size keeps less
    of each.
-2. *KV held by running requests.* A running request pins at least the blocks it computed itself
-   (its uncached prompt tokens u and its output so far): no other running request shares them,
-   and they are not cache for anyone else until it finishes, so the global LRU only has
-   instances × (capacity − K) tokens, K being the private KV a fleet instance's running batch
-   holds on average: K = B × k̄ / n̄, with k̄ the mean over requests of Σ over its steps of the
-   private tokens it holds then (u at its last prefill step, u + j at its j-th decode step) and
-   n̄ its mean number of steps (⌈u / max_num_batched_tokens⌉ prefill steps + output − 1).
+2. *KV held by running requests.* A running request pins its prompt's blocks: they are hits for
+   others but cannot be evicted until it finishes. In the replay each request pins its blocks from
+   its arrival for the least time it can run, its n steps × the step length d of item 3 (no
+   queueing), and the LRU only has the room the pinned blocks leave. (The loose bound let the
+   LRU evict a long-running request's prompt as if it were finished: on Mooncake a 10k-token
+   prompt with 300 output tokens runs ~15 s, while ~100 other requests arrive.) n is
+   ⌈u / max_num_batched_tokens⌉ prefill steps + output − 1, u its uncached prompt tokens.
 3. *The fixed step cost.* Every engine step costs `step_s` besides its tokens' work, and a
    request is in n̄ steps. An instance busy all the time (the best case: near capacity it never
    idles) runs steps of d = step_s / (1 − ρ) seconds, ρ = λ / instances × w̄ being the share of
    its time that token work takes; its batch is then B = λ / instances × n̄ × d (Little's law
-   over steps). Capacity needs ρ < 1, B ≤ max_num_seqs, B × k̄ / n̄ < capacity, and a step
+   over steps). Capacity needs ρ < 1, B ≤ max_num_seqs, the pinned KV < capacity, and a step
    shorter than the TTFT SLO (a request's first token comes at the end of a step).
+   (Sound for a work-conserving engine: a router that holds requests back makes batches no
+   larger; one that releases them in bulk to grow the batch pays the wait in TTFT.)
 
-Hits (1, 2) and the batch (3) depend on each other: start from K = 0, replay, compute ρ, d, B and
-K, replay with the smaller LRU, until K settles (it only grows; the iteration stops when it
-changes by < 1% or a condition fails). The tight bound is the highest λ at which the fixed point
-exists (bisection on λ; feasibility is monotone in λ because ρ, d, B and K all grow with it, and
-hits only fall). With `step_s` = 0 and the running KV ignored, it is the loose bound at each
-rate (`tests/unit/bench/test_service_bound.py`).
+Hits (1, 2) and the step length (3) depend on each other: replay without pins, compute ρ, d and
+B, replay with pins of n × d, until d settles (it only grows; the iteration stops when it changes
+by < 1% or a condition fails; "running KV" is the mean pinned KV per instance at arrivals).
+The tight bound is the highest λ at which the fixed point exists (bisection on λ; feasibility is
+monotone in λ because ρ, d, B and the pins all grow with it, and hits only fall). With `step_s`
+≈ 0 and no pins it is the loose bound at each rate (`tests/unit/test_service_bound.py`).
 
 It still flatters every router: one LRU over all instances (no partition), ideal LRU order,
 prefill of all requests at the cost model's rate, and no burst: the fixed point is a long-run
 mean. `burst_attainment` adds the arrivals' own timing: the whole fleet as one server of
-instances × the speed (no router can do better than pooling), each request's work (prefill only:
-`prefill_only=True`, a relaxation in which decodes are free; or all its work including its share
-of step cost), served in arrival order (every request's deadline is its arrival + the SLO, so
-earliest-deadline-first is arrival order), dropping the largest kept request of the current busy
-period whenever one would be late (Moore-Hodgson's rule: a dropped request is served after
-everyone, at no cost to the others). The share kept is the most requests any schedule on the
-pooled server gets within the SLO under that rule; below 90% at some rate, no router reaches
-90% attainment there.
+instances × the speed (no router can do better than pooling), each request's work, served in
+arrival order (every request's deadline is its arrival + the SLO, so earliest-deadline-first is
+arrival order), dropping the largest kept request of the current busy period whenever one would
+be late (Moore-Hodgson's rule: a dropped request is served after everyone, at no cost to the
+others). The work is either the prefill only (`prefill_only=True`: decodes are free, a
+relaxation, so a bound) or all of it (decodes not deferred past later requests' prefills, as
+vLLM's running-first scheduler does not defer them: an estimate, not a bound). The share kept
+is what the pooled server gets within the SLO under that rule (believed optimal for equal
+relative deadlines, not proved here); read with prefill only and below 90% at some rate, no
+router reaches 90% attainment there.
 """
 
 from __future__ import annotations
@@ -78,43 +82,66 @@ class Work:
     steps: list[int]         # engine steps the request is in
     kv_steps: list[float]    # Σ over its steps of the private KV tokens it holds then
     hit_rate: float
+    pinned_tokens: float = 0.0   # mean KV tokens pinned by running requests (fleet), at arrivals
 
 
-def ideal_work(specs: Sequence[RequestSpec], profile: Profile, cache_tokens: float) -> Work:
-    """Replay `specs` through one LRU of `cache_tokens` and price each request's work."""
+def ideal_work(specs: Sequence[RequestSpec], profile: Profile, cache_tokens: float, step_s: float = 0.0) -> Work:
+    """Replay `specs` through one LRU of `cache_tokens` and price each request's work. With
+    `step_s` > 0, a request pins its prompt's blocks from its arrival until it has run its steps
+    of `step_s` each (no queueing: the least time any schedule keeps it): pinned blocks are hits
+    for others but cannot be evicted, and they take their room out of the LRU's."""
     seg = specs[0].segment_tokens if specs else 1
     capacity = max(0, int(cache_tokens // seg))
     lru: OrderedDict[int, None] = OrderedDict()
+    pinned: dict[int, int] = {}                 # block → running requests holding it
+    ends: list[tuple[float, int, list[int]]] = []  # (finish, order, its blocks)
     w = Work([], [], [], [], [], 0.0)
-    hit_tokens = prompt_tokens = 0.0
+    hit_tokens = prompt_tokens = pinned_sum = 0.0
     budget = profile.max_num_batched_tokens
-    for s in sorted(specs, key=lambda r: r.arrival):
+    for k, s in enumerate(sorted(specs, key=lambda r: r.arrival)):
+        while ends and ends[0][0] <= s.arrival:    # finished: its blocks become cache (most recent)
+            _, _, done = heapq.heappop(ends)
+            for h in reversed(done):
+                pinned[h] -= 1
+                if not pinned[h]:
+                    del pinned[h]
+                    lru[h] = None
+                    lru.move_to_end(h)
         hashes = s.block_hashes(seg)   # chained: equal hash ⇒ equal prefix up to there
         n = len(hashes)
         c = 0
-        while c < n and hashes[c] in lru:
+        while c < n and (hashes[c] in lru or hashes[c] in pinned):
             c += 1
         cached = min(s.prompt_tokens - 1, c * seg)
         u = s.prompt_tokens - cached
         prefill = u * profile.prefill_token_s + profile.attn_pair_s * u * (cached + u / 2)
         out = s.max_tokens
         decode = out * (profile.decode_seq_s + profile.decode_ctx_s * (s.prompt_tokens + out / 2))
+        steps = math.ceil(u / budget) + out - 1
         w.arrival.append(s.arrival)
         w.prefill_s.append(prefill)
         w.total_s.append(prefill + decode)
-        w.steps.append(math.ceil(u / budget) + out - 1)
+        w.steps.append(steps)
         w.kv_steps.append(u + (out - 1) * u + (out - 1) * out / 2)
         hit_tokens += cached
         prompt_tokens += s.prompt_tokens
-        # Tail first, so the head is the most recent (the engines evict tails first too).
-        for h in reversed(hashes):
-            if h in lru:
-                lru.move_to_end(h)
-            else:
-                lru[h] = None
-        while len(lru) > capacity:
+        if step_s > 0:
+            for h in hashes:
+                lru.pop(h, None)
+                pinned[h] = pinned.get(h, 0) + 1
+            heapq.heappush(ends, (s.arrival + steps * step_s, k, hashes))
+            pinned_sum += len(pinned)
+        else:
+            # Tail first, so the head is the most recent (the engines evict tails first too).
+            for h in reversed(hashes):
+                if h in lru:
+                    lru.move_to_end(h)
+                else:
+                    lru[h] = None
+        while lru and len(lru) + len(pinned) > capacity:
             lru.popitem(last=False)
     w.hit_rate = hit_tokens / prompt_tokens if prompt_tokens else 0.0
+    w.pinned_tokens = pinned_sum * seg / len(w.arrival) if w.arrival else 0.0
     return w
 
 
@@ -146,39 +173,37 @@ def fixed_point(specs: Sequence[RequestSpec], rate: float, profile: Profile, ins
                 running_kv: bool = True, rounds: int = 12) -> Point:
     """Items 1-3 of the module docstring at one rate (`specs` are the workload at `rate`)."""
     cap = profile.kv_capacity_tokens
-    k = 0.0
     pt = Point(rate, False, "no requests", 0.0, 0.0, 0.0, 0.0, 0.0, None)
     if not specs:
         return pt
     lam = rate / instances
+    d = 0.0   # step length the pins last for; 0: no pins (first round)
     for _ in range(rounds):
-        w = ideal_work(specs, profile, instances * (cap - k))
+        w = ideal_work(specs, profile, instances * cap, d if running_kv else 0.0)
         n = len(w.total_s)
         wbar = sum(w.total_s) / n
         nbar = sum(w.steps) / n
-        kbar = sum(w.kv_steps) / n
         rho = lam * wbar
-        pt = Point(rate, False, "", rho, math.inf, math.inf, math.inf, w.hit_rate, w)
+        pt = Point(rate, False, "", rho, math.inf, math.inf, w.pinned_tokens / instances, w.hit_rate, w)
         if rho >= 1:
             pt.why = "token work alone fills the GPUs"
             return pt
-        d = profile.step_s / (1 - rho)
-        b = lam * nbar * d
-        k_new = b * kbar / nbar if running_kv else 0.0
-        pt.step_s, pt.batch, pt.running_kv = d, b, k_new
+        d_new = profile.step_s / (1 - rho)
+        b = lam * nbar * d_new
+        pt.step_s, pt.batch = d_new, b
         if b > profile.max_num_seqs:
             pt.why = "batch over max_num_seqs"
             return pt
-        if k_new >= cap:
+        if pt.running_kv >= cap:
             pt.why = "running requests' KV over capacity"
             return pt
-        if d > slo_ttft_s:
+        if d_new > slo_ttft_s:
             pt.why = "a step longer than the SLO"
             return pt
-        if abs(k_new - k) <= 0.01 * max(k, 1.0):
+        if not running_kv or abs(d_new - d) <= 0.01 * d_new:
             pt.feasible = True
             return pt
-        k = max(k, k_new)
+        d = max(d, d_new)   # pins only grow with d, hits only fall: d is non-decreasing
     pt.feasible = True   # converging slowly but every condition held at every round
     return pt
 
@@ -252,6 +277,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000, help="at least this many (mooncake: exactly: the slice)")
     parser.add_argument("--grid", type=float, nargs="+", default=[0.7, 0.8, 0.9, 1.0],
                         help="burst check at these fractions of the tight bound")
+    parser.add_argument("--bracket", type=float, nargs=2, default=[0.5, 1.1],
+                        help="bisect the tight bound between these fractions of the loose one")
+    parser.add_argument("--tol", type=float, default=0.02, help="relative width the bisection stops at")
     args = parser.parse_args()
     profile = get_profile(args.profile)
     n_fixed = args.workload == "mooncake"
@@ -264,13 +292,15 @@ def main() -> None:
     print(f"`{' '.join(['.venv/bin/python', '-P', *sys.argv])}`\n")
     loose = service_bound(make(1.0), profile, args.instances, min(args.slo))
     slo = min(args.slo)   # the SLO only enters through "a step longer than the SLO"
-    no_kv, p0 = tight_bound(make, profile, args.instances, slo, 0.5 * loose.rate, 1.1 * loose.rate, running_kv=False)
-    tight, p1 = tight_bound(make, profile, args.instances, slo, 0.5 * loose.rate, 1.1 * loose.rate)
+    lo, hi = (f * loose.rate for f in args.bracket)
+    no_kv, p0 = tight_bound(make, profile, args.instances, slo, lo, hi, args.tol, running_kv=False)
+    tight, p1 = tight_bound(make, profile, args.instances, slo, lo, hi, args.tol)
     print(f"{args.workload}, seed {args.seed}, {args.instances} × {args.profile}: loose bound {loose.rate:.1f} req/s "
           f"(ideal hits {loose.ideal_hit_rate:.1%} at 1 req/s); hits at the rate + step cost: {no_kv:.1f} "
           f"(hits {p0.hit_rate:.1%}, step {p0.step_s * 1e3:.0f} ms, batch {p0.batch:.0f}); + running requests' KV: "
           f"**{tight:.1f}** (hits {p1.hit_rate:.1%}, step {p1.step_s * 1e3:.0f} ms, batch {p1.batch:.0f}, "
-          f"running KV {p1.running_kv / 1e3:.0f}k of {profile.kv_capacity_tokens / 1e3:.0f}k tokens/instance)\n")
+          f"running KV {p1.running_kv / 1e3:.0f}k of {profile.kv_capacity_tokens / 1e3:.0f}k tokens/instance; "
+          f"bisected to {args.tol:.1%}: the next rate up fails)\n")
     print("| rate (req/s) | × tight | fixed point | ideal hits | " +
           " | ".join(f"pooled within {s:g} s: prefill only / all work" for s in args.slo) + " |")
     print("|---:|---:|---|---:|" + "---:|" * len(args.slo))
