@@ -5,13 +5,16 @@
 
 A capacity search on short runs (`routing_quality.py --workloads`, 40-60 s of arrivals) can
 call a rate sustainable whose queue grows without bound but has not yet pushed TTFTs past the
-SLO. Here every run has `--duration` seconds of arrivals (default 300), and besides the share of
-all requests within each SLO it reports the share among the requests that arrived in the last
-third of the run ("steady"): at a rate the fleet sustains the queue is stationary and the last
-third's attainment equals the whole run's (up to noise); past it the queue grows through the
-run and the last third is the worst of it. A rate counts as sustained when the last third's
-attainment is >= 90%. One JSON line per run is appended to `--out` (bench/out/sustained.jsonl),
-with the command that produced it; `--report` prints the table of a file's rows.
+SLO. Here every run has `--duration` seconds of arrivals (default 300) and reports, per SLO, the
+share of all requests within it ("all") and the share among the requests that arrived in the
+last third of the run ("steady"). Capacity is read from "all": the agentic workload's MMPP
+bursts (15 s at 2.8x the mean start rate, one every ~100 s) make a third of a run hold about one
+burst, so the last third's share swings with where the bursts fall (cache-aware at 80 req/s: 95%,
+at 88 req/s: 100%), while the whole run averages ~3 of them. "steady" is the check that the
+queue is not growing: far under "all", the run is past capacity however long it is (DualMap at
+95 req/s: 21% vs 53%). One JSON line per run is appended to `--out` (bench/out/sustained.jsonl),
+with the command that produced it and, per routing reason, the requests' hit rate and share
+within each SLO; `--report` prints the table of a file's rows.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ def steady_share(arrivals: list[float], ttfts: list[float], slo: float, tail: fl
 
 
 def sustained_capacity(points: list[tuple[float, float]]) -> float:
-    """Highest rate whose steady attainment is >= TARGET, linearly interpolated to the first
-    crossing above it (points: (rate, steady attainment)); 0 when even the lowest fails."""
+    """Highest rate whose attainment is >= TARGET, linearly interpolated to the first crossing
+    above it (points: (rate, attainment)); 0 when even the lowest fails."""
     pts = sorted(points)
     cap = 0.0
     for i, (r, a) in enumerate(pts):
@@ -71,6 +74,14 @@ def run_one(workload: str, seed: int, policy: str, rate: float, duration: float,
     ttfts = [r.ttft for r in res]
     s = report.summary
     busy = [st.busy_s / report.makespan_s for st in report.instances] if report.makespan_s else []
+    # Per routing reason: requests, share within each SLO, hit rate (where a policy's losses are).
+    reasons: dict[str, dict[str, Any]] = {}
+    for reason in sorted({r.reason for r in res}):
+        rs = [r for r in res if r.reason == reason]
+        prompt = sum(r.prompt_tokens for r in rs)
+        hit = sum(r.cached_tokens for r in rs) / prompt if prompt else 0.0
+        reasons[reason] = {"requests": len(rs), "hit_rate": hit,
+                           **{str(slo): sum(1 for r in rs if r.ttft <= slo) / len(rs) for slo in slos}}
     return {
         "workload": workload, "seed": seed, "policy": policy, "rate": rate, "duration": duration,
         "profile": profile, "instances": instances, "requests": len(res),
@@ -78,7 +89,7 @@ def run_one(workload: str, seed: int, policy: str, rate: float, duration: float,
         "steady": {str(slo): steady_share(arrivals, ttfts, slo) for slo in slos},
         "hit_rate": s["cache_hit_rate"], "imbalance": s["load_imbalance"], "ttft_p99_s": s["ttft_p99_s"],
         "preemptions": s["preemptions"], "busy": sum(busy) / len(busy) if busy else math.nan,
-        "wall_s": time.perf_counter() - t0,
+        "reasons": reasons, "wall_s": time.perf_counter() - t0,
     }
 
 
@@ -88,16 +99,19 @@ def report(path: Path) -> None:
     for r in rows:
         for slo in r["steady"]:
             groups.setdefault((r["workload"], r["seed"], r["profile"], r["policy"], float(slo)), []).append(r)
-    print("| workload | seed | profile | SLO | policy | sustained capacity (req/s) | steady / all attainment by rate |")
+    print("| workload | seed | profile | SLO | policy | sustained capacity (req/s) | "
+          "rate: all / last third within SLO (hit rate, TTFT p99) |")
     print("|---|---:|---|---:|---|---:|---|")
     for (w, seed, prof, pol, slo), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["rate"])
         key = str(slo) if str(slo) in rs[0]["steady"] else f"{slo:g}"
-        cap = sustained_capacity([(r["rate"], r["steady"][key]) for r in rs])
-        above = "" if any(r["steady"][key] < TARGET for r in rs) else ">= "
-        pts = ", ".join(f"{r['rate']:g}: {r['steady'][key]:.0%}/{r['attainment'][key]:.0%} (hit {r['hit_rate']:.1%})"
-                        for r in rs)
-        print(f"| {w} | {seed} | {prof} | {slo:g} s | {pol} | {above}{cap:.1f} | {pts} |")
+        cap = sustained_capacity([(r["rate"], r["attainment"][key]) for r in rs])
+        above = "" if any(r["attainment"][key] < TARGET for r in rs) else ">= "
+        above = "< " if rs[0]["attainment"][key] < TARGET else above
+        pts = ", ".join(f"{r['rate']:g}: {r['attainment'][key]:.1%} / {r['steady'][key]:.0%} "
+                        f"(hit {r['hit_rate']:.1%}, p99 {r['ttft_p99_s']:.1f} s)" for r in rs)
+        shown = rs[0]["rate"] if above == "< " else cap
+        print(f"| {w} | {seed} | {prof} | {slo:g} s | {pol} | {above}{shown:.1f} | {pts} |")
 
 
 def main() -> None:
