@@ -296,9 +296,9 @@ def main() -> None:
     no_kv, p0 = tight_bound(make, profile, args.instances, slo, lo, hi, args.tol, running_kv=False)
     tight, p1 = tight_bound(make, profile, args.instances, slo, lo, hi, args.tol)
     print(f"{args.workload}, seed {args.seed}, {args.instances} × {args.profile}: loose bound {loose.rate:.1f} req/s "
-          f"(ideal hits {loose.ideal_hit_rate:.1%} at 1 req/s); hits at the rate + step cost: {no_kv:.1f} "
+          f"(ideal hits {loose.ideal_hit_rate:.1%} at 1 req/s); hits at the rate + step cost: {no_kv:.2f} "
           f"(hits {p0.hit_rate:.1%}, step {p0.step_s * 1e3:.0f} ms, batch {p0.batch:.0f}); + running requests' KV: "
-          f"**{tight:.1f}** (hits {p1.hit_rate:.1%}, step {p1.step_s * 1e3:.0f} ms, batch {p1.batch:.0f}, "
+          f"**{tight:.2f}** (hits {p1.hit_rate:.1%}, step {p1.step_s * 1e3:.0f} ms, batch {p1.batch:.0f}, "
           f"running KV {p1.running_kv / 1e3:.0f}k of {profile.kv_capacity_tokens / 1e3:.0f}k tokens/instance; "
           f"bisected to {args.tol:.1%}: the next rate up fails)\n")
     print("| rate (req/s) | × tight | fixed point | ideal hits | " +
