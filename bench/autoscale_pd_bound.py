@@ -98,8 +98,9 @@ def main() -> None:
                   f"{ratio['total']:.2f}x the P/D oracle (prefill {ratio['prefill']:.2f}x, "
                   f"decode {ratio['decode']:.2f}x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"seed": args.seed, "minutes": args.minutes, "hold_s": args.hold, "rows": rows,
-                                    "best": best, "compared": compared}, indent=1))
+    args.out.write_text(json.dumps({"seed": args.seed, "minutes": args.minutes, "prefill_holds_s": args.prefill_holds,
+                                    "decode_hold_s": args.decode_hold, "rows": rows, "best": best,
+                                    "compared": compared}, indent=1))
     print(f"raw results: {args.out}")
 
 
