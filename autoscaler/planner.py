@@ -18,16 +18,17 @@ only beyond the window's demand range (`forecast_breakout`), and keeping an aggr
 light-load raw prefill rate out of its capacity (`raw_bound_aggregated=False`). Round 3 (same file,
 2026-12-02), also opt-in: a reserve for the heaviest prompt mix served recently (`mix_memory_s`), a
 mix jump vetoing a scale-down (`mix_jump`), and aggregated pools sized on prefill + decode shares
-(`aggregated_work`).
+(`aggregated_work`); those live in `planner_mix`.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
+
+from kvpilot.autoscaler.planner_mix import median_slope, mix_reserve, mix_shift, shared_need
 
 Role = Literal["prefill", "decode", "aggregated"]
 
@@ -170,7 +171,7 @@ class PoolPlanner:
             return tps, seqs
         slope = sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys, strict=True)) / var
         if c.forecast_robust:
-            slope = _median_slope(ts, ys)
+            slope = median_slope(ts, ys)
         if c.forecast_confidence > 0 and len(ys) > 2:
             # Follow a trend only as far as the points bear it out: the slope's lower confidence
             # bound. A clean ramp keeps nearly all of it; a level that jumps around keeps none.
@@ -213,7 +214,7 @@ class PoolPlanner:
         """Replicas the demand alone asks for at `headroom` of the learned per-replica capacity."""
         needs: list[tuple[int, str]] = []
         if self.role == "aggregated" and self.config.aggregated_work and tps is not None and seqs is not None:
-            return self._shared_need(s, headroom, tps, seqs)
+            return shared_need(s.ready, s.cached_prompt_tps, headroom, tps, seqs, self.prefill_tps, self.decode_seqs)
         if self.role != "decode" and tps is not None:
             cap = self.prefill_tps * headroom
             n = math.ceil(tps / cap)
@@ -229,58 +230,6 @@ class PoolPlanner:
             n = math.ceil(seqs / (self.decode_seqs * headroom))
             needs.append((n, f"{seqs:.0f} running sequences over {self.decode_seqs:.0f} per replica"))
         return max(needs, key=lambda x: x[0]) if needs else (s.current, "no demand signal")
-
-    def _shared_need(self, s: PoolSignals, headroom: float, tps: float, seqs: float) -> tuple[int, str]:
-        """An aggregated replica both prefills and decodes, one step at a time: the prefill tokens a
-        step carries lengthen every decoding sequence's step, and the sequences it decodes take
-        time from prefill. So a pool's work is the prefill share (tokens over what a replica
-        prefills alone) plus the decode share (sequences over what fits the TPOT SLO alone), and
-        the replicas needed are their sum, not the larger one: the prefill capacity that counts is
-        what is left beside the decode load, not what a lightly loaded replica showed."""
-        prefill = tps / self.prefill_tps
-        if s.cached_prompt_tps and s.ready > 0:
-            n = math.ceil((prefill + seqs / self.decode_seqs) / headroom)
-            if n > s.ready:   # remapped keys' cache hits are computed again (see _demand_need)
-                prefill += s.cached_prompt_tps * (n - s.ready) / n / self.prefill_tps
-        decode = seqs / self.decode_seqs
-        n = math.ceil((prefill + decode) / headroom)
-        return n, (f"prefill demand {tps:.0f} tok/s over {self.prefill_tps:.0f} tok/s per replica "
-                   f"({prefill:.2f} replicas) + {seqs:.0f} running sequences over {self.decode_seqs:.0f} "
-                   f"({decode:.2f}): shared")
-
-    def _mix_shift(self, s: PoolSignals) -> float | None:
-        """The demand's mix moving (`mix_jump`): prompt tokens per request this interval over the
-        lowest of the last scale-down window, when at least `mix_jump`. Request rates can stay flat
-        while each request brings ten times the prompt (a chat phase giving way to long
-        documents): the size the window held for the old mix says nothing about the new one, so
-        a shift vetoes scaling down. None: no shift, or too few requests to say."""
-        c = self.config
-        if c.mix_jump <= 0 or not s.uncached_prompt_tps or not s.first_tokens_per_s or s.first_tokens_per_s < 0.5:
-            return None
-        mix = s.uncached_prompt_tps / s.first_tokens_per_s
-        while self._mix and self._mix[0][0] < s.time - c.scale_down_window_s:
-            self._mix.popleft()
-        low = min((m for _, m in self._mix), default=None)
-        self._mix.append((s.time, mix))
-        return mix / low if low and mix >= c.mix_jump * low else None
-
-    def _mix_reserve(self, s: PoolSignals) -> float | None:
-        """Prompt tokens/s to keep capacity for (`mix_memory_s`): `mix_reserve` × this interval's
-        request rate × the most prompt tokens per request of any interval in the memory. A service
-        whose prompts were long a few minutes ago can turn long again within one interval, with the
-        request rate unchanged; a pool sized for the short mix then has one cold start of the long
-        one's ramp to serve alone (pd: a tenfold ramp in 120 s, one replica, a minute lost whatever
-        is ordered once it shows). Only scale-downs are held to it: it never adds replicas."""
-        c = self.config
-        if c.mix_memory_s <= 0 or not s.uncached_prompt_tps or not s.first_tokens_per_s:
-            return None
-        while self._heavy and self._heavy[0][0] < s.time - c.mix_memory_s:
-            self._heavy.popleft()
-        if s.first_tokens_per_s >= 0.5:          # too few requests say nothing about the mix
-            self._heavy.append((s.time, s.uncached_prompt_tps / s.first_tokens_per_s))
-        if not self._heavy:
-            return None
-        return c.mix_reserve * s.first_tokens_per_s * max(m for _, m in self._heavy)
 
     def _needed(self, s: PoolSignals, headroom: float, tps: float | None, seqs: float | None) -> tuple[int, str]:
         """The demand's need, raised while the SLO is breached: capacity learned in good times can be
@@ -359,11 +308,13 @@ class PoolPlanner:
         if starting > 0:
             return self._while_starting(s, starting)
         self._learn(s)
-        shift = self._mix_shift(s)
+        shift = mix_shift(self._mix, s.time, s.uncached_prompt_tps, s.first_tokens_per_s, c.mix_jump,
+                          c.scale_down_window_s)
         tps, seqs = self.last_forecast = self._forecast(s)
         up, reason = self._needed(s, c.headroom, tps, seqs)
         down, down_reason = self._needed(s, c.scale_down_headroom, s.uncached_prompt_tps, s.running_seqs)
-        reserve = self._mix_reserve(s)
+        reserve = mix_reserve(self._heavy, s.time, s.uncached_prompt_tps, s.first_tokens_per_s, c.mix_memory_s,
+                              c.mix_reserve)
         if reserve is not None and self.role != "decode":
             kept, why = self._needed(s, c.headroom, reserve, s.running_seqs)
             if kept > down:
@@ -423,12 +374,3 @@ def _nudge(estimate: float, observed: float, met_slo: bool, c: PlannerConfig) ->
     if (met_slo and observed > estimate * c.headroom) or (not met_slo and observed < estimate):
         return estimate + c.learn_rate * (observed - estimate)
     return estimate
-
-
-def _median_slope(ts: list[float], ys: list[float]) -> float:
-    """The median of the interval-to-interval slopes. A ramp rises in most intervals and keeps its
-    slope; a level that stepped once is one rise among flat intervals, so it reads as a new level
-    to follow rather than a trend to extrapolate two cold starts ahead (a least-squares line
-    through the same points is steep)."""
-    slopes = [(y1 - y0) / (t1 - t0) for t0, y0, t1, y1 in zip(ts, ys, ts[1:], ys[1:], strict=False) if t1 > t0]
-    return statistics.median(slopes) if slopes else 0.0

@@ -58,7 +58,7 @@ from rich.console import Console
 
 from kvpilot.autoscaler.baselines import Fixed
 from kvpilot.autoscaler.planner import Plan, PoolSignals
-from kvpilot.sim.profiles import get_profile
+from kvpilot.sim import elastic_oracle
 from kvpilot.sim.workload import RequestSpec, azure_conv, superpose
 
 # The benchmark's own world and workload (bench/ is not a package; `python -P` keeps it off sys.path).
@@ -123,35 +123,13 @@ class OnsetOracle:
 
 
 def work_meter(specs: list[RequestSpec], span_s: float) -> list[float]:
-    """GPU-seconds of work per second that *arrived* in each 10-s window, from the profile's own
-    step model: each prompt token's prefill, and each output token's decode at its context (with
-    the step's fixed cost shared by a batch of 64). The work lands when its request arrives, so
-    the meter is exact and instant: no real pool reads that."""
-    p = get_profile(A.PROFILE)
-    out = [0.0] * (int(span_s // INTERVAL) + 2)
-    for s in specs:
-        ctx = s.prompt_tokens + s.max_tokens / 2
-        decode = s.max_tokens * (p.decode_seq_s + p.decode_ctx_s * ctx + p.step_s / 64)
-        out[int(s.arrival // INTERVAL)] += (s.prompt_tokens * p.prefill_token_s + decode) / INTERVAL
-    return out
+    """GPU-seconds of work per second that *arrived* in each 10-s window (`sim.elastic_oracle`)."""
+    return elastic_oracle.work_meter(specs, span_s, A.PROFILE, INTERVAL)
 
 
-@dataclass
-class MeterOracle:
-    """The workload-agnostic causal oracle: every interval, enough replicas for the highest work
-    that arrived over the last `hold_s`, at utilisation `util`, ordered at once (no step limit).
-    It reads the arrivals exactly and instantly, and its two parameters are tuned in hindsight
-    on the very run it is scored on; a real policy has neither advantage."""
-
-    meter: list[float]
-    util: float
-    hold_s: float
-
-    def plan(self, s: PoolSignals) -> Plan:
-        i = int(s.time // INTERVAL)
-        k = max(1, int(self.hold_s // INTERVAL))
-        peak = max(self.meter[max(0, i - k):i], default=0.0)
-        return Plan(min(MAX_REPLICAS, max(1, math.ceil(peak / self.util))), f"{peak:.2f} GPU-s/s arrived")
+def MeterOracle(meter: list[float], util: float, hold_s: float) -> elastic_oracle.MeterOracle:
+    """The workload-agnostic causal oracle (`sim.elastic_oracle.MeterOracle`) in this world."""
+    return elastic_oracle.MeterOracle(meter, util, hold_s, INTERVAL, MAX_REPLICAS)
 
 
 def meter_oracle(console: Console, specs: list[RequestSpec], minutes: float, holds: list[float],
