@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 
+from kvpilot.procs import wait_for
+from kvpilot.testing.k8s import ControlPlane
+
 # Off until the test gets a control plane of its own: on the session's shared one it left later
 # modules failing in the fresh-clone CI of 2026-12-02 (test_scale_zero's operator lost its
 # connections, test_spec_fuzz saw no statuses). Passes when run alone.
 pytestmark = pytest.mark.skip(reason="disturbs the session's shared control plane; needs its own ControlPlane")
-
-from kvpilot.procs import wait_for
-from kvpilot.testing.k8s import ControlPlane
 
 Get = Callable[..., Any]
 Operator = Any  # conftest.Operator
