@@ -72,6 +72,7 @@ class ProcessKubelet:
         self.urls: dict[str, str] = {}                # pod uid → the worker's base URL
         self.routers: dict[str, str] = {}             # pod uid → the router's base URL
         self.started: list[str] = []                  # pod names, in start order
+        self.errors: list[str] = []                   # syncs that failed (the next one retries)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="process-kubelet", daemon=True)
 
@@ -138,8 +139,20 @@ class ProcessKubelet:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._sync()
+            try:
+                self._sync()
+            except Exception as e:   # a kubectl hiccup must not end the kubelet: the pods it misses now never start
+                self.errors.append(f"{type(e).__name__}: {e}")
             self._stop.wait(self.poll_s)
+
+    def describe(self) -> str:
+        """What the kubelet did, for a failing test's message: pods started, live workers and
+        routers, its errors, and the tail of every process's log."""
+        lines = [f"started: {self.started}", f"workers: {self.urls}", f"routers: {self.routers}",
+                 f"sync errors: {self.errors[-5:]}", f"thread alive: {self._thread.is_alive()}"]
+        for proc in list(self.procs.values()):
+            lines.append(f"--- {proc.name} ({'alive' if proc.alive() else 'exited'})\n{proc.log_tail(15)}")
+        return "\n".join(lines)
 
     def stop(self) -> None:
         self._stop.set()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,24 +58,52 @@ class Operator:
         return self.proc.log_path.read_text() if self.proc else ""
 
 
-@pytest.fixture(scope="session")
-def crds(k8s_full: ControlPlane) -> ControlPlane:
-    out = k8s_full.kubectl("apply", "-f", str(REPO_ROOT / "deploy" / "crds"))
+def apply_crds(plane: ControlPlane) -> ControlPlane:
+    """kvpilot's CRDs on `plane`, established."""
+    out = plane.kubectl("apply", "-f", str(REPO_ROOT / "deploy" / "crds"))
     assert out.returncode == 0, out.stderr
-    out = k8s_full.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                           "crd/llmservices.kvpilot.io", "crd/workerpools.kvpilot.io")
+    out = plane.kubectl("wait", "--for=condition=Established", "--timeout=30s",
+                        "crd/llmservices.kvpilot.io", "crd/workerpools.kvpilot.io")
     assert out.returncode == 0, out.stderr
-    return k8s_full
+    return plane
 
 
-@pytest.fixture(scope="session")
-def operator(crds: ControlPlane) -> Iterator[Operator]:
-    op = Operator(crds)
+@pytest.fixture(scope="module")
+def own_crds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A full control plane of the requesting module's own (two kwok nodes of 8 GPUs), with the
+    CRDs applied: for modules that crash or flood the plane, so that later modules on the
+    session's plane never see the aftermath. The modules in `disruptive/` get it as their `crds`."""
+    plane = ControlPlane("full", workdir=Path(tmp_path_factory.mktemp("k8s-own")))
+    with plane:
+        plane.add_gpu_nodes(2, gpus=8, prefix="own-node")
+        yield apply_crds(plane)
+
+
+@pytest.fixture(scope="module")
+def own_operator(own_crds: ControlPlane) -> Iterator[Operator]:
+    with running_operator(own_crds) as op:
+        yield op
+
+
+@contextlib.contextmanager
+def running_operator(plane: ControlPlane) -> Iterator[Operator]:
+    op = Operator(plane)
     op.start()
     try:
         yield op
     finally:
         op.stop()
+
+
+@pytest.fixture(scope="session")
+def crds(k8s_full: ControlPlane) -> ControlPlane:
+    return apply_crds(k8s_full)
+
+
+@pytest.fixture(scope="session")
+def operator(crds: ControlPlane) -> Iterator[Operator]:
+    with running_operator(crds) as op:
+        yield op
 
 
 @pytest.fixture

@@ -55,7 +55,12 @@ def test_both_pools_wake_for_the_first_request_and_go_back_to_zero(
         scaler = ManagedProcess("autoscaler", argv, tmp_path / "autoscaler.log", env=crds.env(), cwd=REPO_ROOT)
         try:
             client = openai.OpenAI(base_url=router + "/v1", api_key="none", max_retries=0, timeout=80)
-            answer = client.completions.create(model="tiny", prompt="hello from zero", max_tokens=4)
+            try:
+                answer = client.completions.create(model="tiny", prompt="hello from zero", max_tokens=4)
+            except openai.APIError as e:   # say where the wake stopped: autoscaler, kubelet or router
+                pools = {p: (kget("workerpool", p) or {}).get("spec") for p in ("zero-prefill", "zero-decode")}
+                raise AssertionError(f"{e!r}\npools: {pools}\nautoscaler:\n{scaler.log_tail()}\n"
+                                     f"{kubelet.describe()}") from None
             assert answer.choices[0].text                   # held through one cold start, then served
             log = scaler.log_path.read_text()
             for role in ("prefill", "decode"):

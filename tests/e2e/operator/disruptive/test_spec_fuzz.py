@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from pydantic import ValidationError
 
@@ -27,11 +26,6 @@ from kvpilot.names import LABEL_SERVICE, pool_name
 from kvpilot.operator.render import router_name
 from kvpilot.testing.k8s import ControlPlane
 from kvpilot.testing.spec_fuzz import BASE, specs
-
-# Off until the test gets a control plane of its own: on the session's shared one it left later
-# modules failing in the fresh-clone CI of 2026-12-02 (test_scale_zero's operator lost its
-# connections, test_spec_fuzz saw no statuses). Passes when run alone.
-pytestmark = pytest.mark.skip(reason="disturbs the session's shared control plane; needs its own ControlPlane")
 
 Get = Callable[..., Any]
 Operator = Any  # conftest.Operator
