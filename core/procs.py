@@ -1,7 +1,9 @@
 """Free ports and child processes that are always cleaned up (local mode, tests, benchmarks).
 
 Each child runs in its own session (process group) so that stopping it also stops anything
-it spawned, and an `atexit` hook stops whatever a crashed test left behind.
+it spawned, and an `atexit` hook stops whatever a crashed test left behind. A SIGTERM to the
+parent (`kill`, `timeout`) runs that hook too: by default Python dies on SIGTERM without running
+atexit, and a benchmark's workers and router outlived it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -96,6 +99,7 @@ class ManagedProcess:
             env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
         )
         _LIVE.add(self)
+        _exit_on_sigterm()
 
     @property
     def pid(self) -> int:
@@ -130,6 +134,20 @@ class ManagedProcess:
             os.killpg(self._proc.pid, signal.SIGKILL)
         self._log.close()
         _LIVE.discard(self)
+
+
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so `atexit` stops the children; only where nobody set a
+    handler of their own (a server's graceful shutdown keeps its own), and only from the main
+    thread, the one place Python lets a handler be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @atexit.register
