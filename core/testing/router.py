@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-import openai
 import yaml
 
 from kvpilot.procs import ManagedProcess, free_port, wait_for
+from kvpilot.testing.server import ServerProcess
 
 
-class RouterProcess:
+class RouterProcess(ServerProcess):
+    client_timeout_s = 60
+
     def __init__(self, models: list[dict[str, Any]], workdir: Path | None = None, **settings: Any) -> None:
         self.port = free_port()
         self.admin_port = int(settings.pop("adminPort", 0) or free_port())
@@ -28,24 +29,7 @@ class RouterProcess:
         wait_for(self.healthy, 30, f"router on port {self.port}", self.proc)
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
     def admin_url(self) -> str:
         """The admin listener: dashboard, debug, migrate and handover (not on the client port)."""
-        return f"http://127.0.0.1:{self.admin_port}"
+        return f"http://{self.host}:{self.admin_port}"
 
-    def healthy(self) -> bool:
-        with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
-            return bool(resp.status == 200)
-
-    def openai_client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def metrics_text(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as resp:
-            return str(resp.read().decode())
-
-    def stop(self) -> None:
-        self.proc.stop()
