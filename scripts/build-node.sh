@@ -26,16 +26,8 @@ WANT=("$BIN/kubelet" "$BIN/kube-proxy" "$BIN/containerd" "$BIN/containerd-shim-r
   "$CNI/bridge" "$CNI/host-local" "$CNI/loopback" "$IMG/pause.tar")
 
 # -- Debian packages the node runs (only when missing) ----------------------------------------
-missing=()
-for pair in runc:runc umoci:umoci iptables:iptables nft:nftables openssl:openssl; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || missing+=("${pair#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing Debian packages: ${missing[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/apt.sh"
+apt_install_missing log runc:runc umoci:umoci iptables:iptables nft:nftables openssl:openssl
 
 all_present() {
   local f
