@@ -28,11 +28,11 @@ import os
 import statistics
 import time
 import urllib.request
-from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.demo import RunResult, replay
+from kvpilot.procs import group_processes
 from kvpilot.sim.cluster import Cluster, ClusterConfig, percentile
 from kvpilot.sim.families import make_workload
 from kvpilot.sim.workload import RequestSpec
@@ -68,13 +68,8 @@ def capacity(args: argparse.Namespace) -> float:
 def group_rss_mib(pgid: int) -> float:
     """Resident memory of every process in group `pgid` (the router and any worker processes)."""
     total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry, _ in group_processes(pgid):
         try:
-            stat = (entry / "stat").read_text()
-            if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:
-                continue
             for line in (entry / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 _LIVE: set[ManagedProcess] = set()
@@ -82,6 +82,23 @@ def tcp_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+def group_processes(pgid: int) -> Iterator[tuple[Path, list[str]]]:
+    """(/proc/PID, the fields of its stat after "pid (comm) ") for every live process in process
+    group `pgid`: a child and anything it spawned (ManagedProcess starts each in its own group).
+    What the benchmarks measure a process tree's CPU time and memory by; a process gone since
+    the listing is skipped."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue   # gone since the listing
+        fields = stat[stat.rindex(")") + 2:].split()   # comm may hold spaces and parentheses
+        if int(fields[2]) == pgid:                      # field 5 of stat: the process group
+            yield entry, fields
 
 
 class ManagedProcess:

@@ -11,7 +11,6 @@ does that translation; everything else about the CRDs (names, columns, subresour
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 
 from kvpilot.crds import GROUP, VERSION, LLMService, WorkerPool
+from kvpilot.generated import generator_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_DIRS = (REPO_ROOT / "deploy" / "crds", REPO_ROOT / "helm" / "kvpilot" / "crds")
@@ -151,28 +151,14 @@ def _dump(doc: dict[str, Any]) -> str:
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
 
 
-def stale_files() -> list[Path]:
-    """Paths whose contents differ from what the models generate now."""
+def generated() -> dict[Path, str]:
+    """Every CRD file, by path relative to the repository root, with its content."""
     want = rendered()
-    return [d / name for d in OUTPUT_DIRS for name, text in want.items()
-            if not (d / name).exists() or (d / name).read_text() != text]
+    return {(d / name).relative_to(REPO_ROOT): text for d in OUTPUT_DIRS for name, text in want.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -P -m kvpilot.operator.crdgen", description=__doc__)
-    parser.add_argument("--check", action="store_true", help="exit 1 if the committed YAML is stale")
-    args = parser.parse_args(argv)
-    if args.check:
-        stale = stale_files()
-        for path in stale:
-            print(f"stale: {path.relative_to(REPO_ROOT)}", file=sys.stderr)
-        return 1 if stale else 0
-    for directory in OUTPUT_DIRS:
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, text in rendered().items():
-            (directory / name).write_text(text)
-            print(f"wrote {(directory / name).relative_to(REPO_ROOT)}")
-    return 0
+    return generator_main("python -P -m kvpilot.operator.crdgen", __doc__, generated, REPO_ROOT, argv)
 
 
 if __name__ == "__main__":

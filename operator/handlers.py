@@ -140,21 +140,24 @@ def conflicts_retry_soon() -> Iterator[None]:
         raise kopf.TemporaryError(f"a concurrent write won ({err}); retrying", delay=1) from err
 
 
-@kopf.on.resume(GROUP, VERSION, "llmservices", id="llmservice-resume")
-@kopf.on.create(GROUP, VERSION, "llmservices", id="llmservice-create")
-def llmservice_apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def _reconcile_whole(body: kopf.Body, memo: kopf.Memo) -> None:
+    """Reconcile the whole LLMService and announce a phase change: what creating, resuming and
+    updating one all do (kopf keeps them apart, as handlers with their own ids)."""
     with measured("LLMService"), conflicts_retry_soon():
         outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True),
                                               memo.get("defaults", NO_DEFAULTS))
     _announce(body, outcome)
+
+
+@kopf.on.resume(GROUP, VERSION, "llmservices", id="llmservice-resume")
+@kopf.on.create(GROUP, VERSION, "llmservices", id="llmservice-create")
+def llmservice_apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile_whole(body, memo)
 
 
 @kopf.on.update(GROUP, VERSION, "llmservices", id="llmservice-update")
 def llmservice_update(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    with measured("LLMService"), conflicts_retry_soon():
-        outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True),
-                                              memo.get("defaults", NO_DEFAULTS))
-    _announce(body, outcome)
+    _reconcile_whole(body, memo)
 
 
 # Registered after `llmservice_update`, so in the one cycle of kopf's `all_at_once` lifecycle

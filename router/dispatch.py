@@ -115,7 +115,6 @@ class Dispatcher:
     async def _prefill(self, model: ModelRuntime, pool: Pool, view: RequestView, path: str,
                        body: dict[str, Any]) -> dict[str, Any]:
         """Run the prefill half of P/D; returns the decode request's body."""
-        assert self.session is not None
         prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         prefill_body.update(max_tokens=1, stream=False,
                             kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False})
@@ -126,14 +125,10 @@ class Dispatcher:
             attempt = Attempt(pool, member, view)
             started = time.monotonic()
             try:
-                async with self.session.post(member.url + path, json=prefill_body) as up:
-                    payload = await up.read()
-                    if up.status >= 500:
-                        raise UpstreamFailed(f"HTTP {up.status}")
-                    if up.status >= 400:
-                        attempt.status = "rejected"
-                        raise passthrough_error(up.status, payload)
-                    params = json.loads(payload).get("kv_transfer_params")
+                status, payload = await self._post_whole(attempt, path, prefill_body)
+                if status >= 400:
+                    raise passthrough_error(status, payload)
+                params = json.loads(payload).get("kv_transfer_params")
                 attempt.first_token(time.monotonic() - started)
                 attempt.status = "ok"
                 pool.succeeded(member)
@@ -169,21 +164,29 @@ class Dispatcher:
         raise ApiError(502, f"request failed on {len(tried)} endpoint(s) of model `{model.name}`",
                        "upstream_error", retry_after=RETRY_AFTER_S)
 
-    async def _relay_whole(self, attempt: Attempt, path: str, body: dict[str, Any]) -> web.Response:
+    async def _post_whole(self, attempt: Attempt, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        """POST a request that is answered whole (not streamed) to the attempt's member: (status,
+        body). A 5xx is the member failing (UpstreamFailed: the caller retries elsewhere); a 4xx
+        marks the attempt rejected (the client's own error, passed through). Shared by the P/D
+        prefill half and a whole relay, so both judge an answer alike."""
         assert self.session is not None
-        member, view = attempt.member, attempt.request
-        async with self.session.post(member.url + path, json=body) as up:
+        async with self.session.post(attempt.member.url + path, json=body) as up:
             payload = await up.read()
             if up.status >= 500:
                 raise UpstreamFailed(f"HTTP {up.status}")
             if up.status >= 400:
                 attempt.status = "rejected"
-            else:
-                attempt.first_token(None)
-                attempt.status = "ok"
-            attempt.pool.succeeded(member)
-            return web.Response(body=payload, status=up.status, content_type="application/json",
-                                headers={"X-Kvpilot-Endpoint": member.endpoint.name, "X-Request-Id": view.request_id})
+            return up.status, payload
+
+    async def _relay_whole(self, attempt: Attempt, path: str, body: dict[str, Any]) -> web.Response:
+        member, view = attempt.member, attempt.request
+        status, payload = await self._post_whole(attempt, path, body)
+        if status < 400:
+            attempt.first_token(None)
+            attempt.status = "ok"
+        attempt.pool.succeeded(member)
+        return web.Response(body=payload, status=status, content_type="application/json",
+                            headers={"X-Kvpilot-Endpoint": member.endpoint.name, "X-Request-Id": view.request_id})
 
     async def _relay_stream(self, request: web.Request, model: ModelRuntime, attempt: Attempt, path: str,
                             body: dict[str, Any]) -> web.StreamResponse:

@@ -44,42 +44,9 @@ start=$(date +%s)
 # --- kube-apiserver, kube-controller-manager, kube-scheduler, kubectl -------------------
 if ! { [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && [ -x "$BIN/kube-scheduler" ] && [ -x "$BIN/kubectl" ]; }; then
   log "building kubernetes $K8S_VERSION (apiserver, controller-manager, scheduler, kubectl)"
-  staging=(api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider
-    cluster-bootstrap code-generator component-base component-helpers controller-manager cri-api
-    cri-client csi-translation-lib dynamic-resource-allocation endpointslice externaljwt kms
-    kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics
-    mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller)
-  {
-    echo "module harness.local/k8sbin"
-    echo
-    echo "go 1.24.0"
-    echo
-    echo "godebug default=go1.24"
-    echo
-    echo "tool ("
-    echo "	k8s.io/kubernetes/cmd/kube-apiserver"
-    echo "	k8s.io/kubernetes/cmd/kube-controller-manager"
-    echo "	k8s.io/kubernetes/cmd/kube-scheduler"
-    echo "	k8s.io/kubernetes/cmd/kubectl"
-    echo ")"
-    echo
-    echo "require k8s.io/kubernetes $K8S_VERSION"
-    echo
-    echo "replace ("
-    for s in "${staging[@]}"; do echo "	k8s.io/$s => k8s.io/$s $STAGING_VERSION"; done
-    echo ")"
-  } >"$H/src/k8s/go.mod"
-  (
-    cd "$H/src/k8s"
-    go mod tidy
-    X=k8s.io/component-base/version C=k8s.io/client-go/pkg/version
-    minor=$(echo "$K8S_VERSION" | cut -d. -f2)
-    LDF="-s -w -X $X.gitVersion=$K8S_VERSION -X $X.gitMajor=1 -X $X.gitMinor=$minor -X $X.gitTreeState=clean"
-    LDF="$LDF -X $X.buildDate=2026-01-01T00:00:00Z -X $C.gitVersion=$K8S_VERSION -X $C.gitMajor=1 -X $C.gitMinor=$minor"
-    go build -trimpath -ldflags "$LDF" -o "$BIN/" k8s.io/kubernetes/cmd/kube-apiserver \
-      k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler \
-      k8s.io/kubernetes/cmd/kubectl
-  )
+  source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/k8s-build.sh"
+  k8s_gomod k8sbin kube-apiserver kube-controller-manager kube-scheduler kubectl >"$H/src/k8s/go.mod"
+  k8s_build "$H/src/k8s" kube-apiserver kube-controller-manager kube-scheduler kubectl
 fi
 
 # --- etcd (separate module keeps etcd's grpc/otel pins out of the k8s build) -----------

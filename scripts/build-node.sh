@@ -26,16 +26,8 @@ WANT=("$BIN/kubelet" "$BIN/kube-proxy" "$BIN/containerd" "$BIN/containerd-shim-r
   "$CNI/bridge" "$CNI/host-local" "$CNI/loopback" "$IMG/pause.tar")
 
 # -- Debian packages the node runs (only when missing) ----------------------------------------
-missing=()
-for pair in runc:runc umoci:umoci iptables:iptables nft:nftables openssl:openssl; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || missing+=("${pair#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing Debian packages: ${missing[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/apt.sh"
+apt_install_missing log runc:runc umoci:umoci iptables:iptables nft:nftables openssl:openssl
 
 all_present() {
   local f
@@ -57,30 +49,12 @@ start=$(date +%s)
 if ! { [ -s "$BIN/kubelet" ] && [ -s "$BIN/kube-proxy" ]; }; then
   log "building kubelet and kube-proxy $K8S_VERSION"
   t=$(date +%s)
-  staging=(api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider
-    cluster-bootstrap code-generator component-base component-helpers controller-manager cri-api
-    cri-client csi-translation-lib dynamic-resource-allocation endpointslice externaljwt kms
-    kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics
-    mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller)
-  {
-    printf 'module harness.local/nodebin\n\ngo 1.24.0\n\ngodebug default=go1.24\n\ntool (\n'
-    printf '\tk8s.io/kubernetes/cmd/kubelet\n\tk8s.io/kubernetes/cmd/kube-proxy\n)\n\n'
-    printf 'require k8s.io/kubernetes %s\n\nreplace (\n' "$K8S_VERSION"
-    for s in "${staging[@]}"; do printf '\tk8s.io/%s => k8s.io/%s %s\n' "$s" "$s" "$STAGING_VERSION"; done
-    printf ')\n'
-  } >"$H/src/kubelet/go.mod"
+  source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/k8s-build.sh"
+  k8s_gomod nodebin kubelet kube-proxy >"$H/src/kubelet/go.mod"
   # The control-plane build's go.sum already holds almost every hash: start from it.
   harness_sum=$(ls "$CACHE_ROOT"/k8s-harness/k8s-"$K8S_VERSION"_*/src/k8s/go.sum 2>/dev/null | head -n1 || true)
   [ -n "$harness_sum" ] && cp "$harness_sum" "$H/src/kubelet/go.sum"
-  (
-    cd "$H/src/kubelet"
-    go mod tidy
-    X=k8s.io/component-base/version C=k8s.io/client-go/pkg/version
-    minor=$(echo "$K8S_VERSION" | cut -d. -f2)
-    LDF="-s -w -X $X.gitVersion=$K8S_VERSION -X $X.gitMajor=1 -X $X.gitMinor=$minor -X $X.gitTreeState=clean"
-    LDF="$LDF -X $X.buildDate=2026-01-01T00:00:00Z -X $C.gitVersion=$K8S_VERSION -X $C.gitMajor=1 -X $C.gitMinor=$minor"
-    go build -trimpath -ldflags "$LDF" -o "$BIN/" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
-  )
+  k8s_build "$H/src/kubelet" kubelet kube-proxy
   log "kubelet + kube-proxy built in $(( $(date +%s) - t ))s"
 fi
 

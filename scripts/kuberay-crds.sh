@@ -5,9 +5,7 @@
 # (scripts/build-k8s-harness.sh). A warm cache returns at once. Prints the CRD folder on its last line.
 set -euo pipefail
 
-KUBERAY_VERSION=v1.5.0
-MODULE=github.com/ray-project/kuberay/ray-operator
-
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/kuberay.sh"   # KUBERAY_VERSION, KUBERAY_MODULE
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/cache.sh"
 cache_init kuberay-crds
 OUT="$CACHE_ROOT/kuberay/$KUBERAY_VERSION/crds"
@@ -22,12 +20,12 @@ if all_present; then
   cache_warm "$OUT" "KubeRay $KUBERAY_VERSION CRDs already cached in $OUT"
 fi
 
-command -v go >/dev/null || { log "go is required to fetch $MODULE@$KUBERAY_VERSION from the module proxy"; exit 1; }
+command -v go >/dev/null || { log "go is required to fetch $KUBERAY_MODULE@$KUBERAY_VERSION from the module proxy"; exit 1; }
 export GOTOOLCHAIN=local GOFLAGS=-modcacherw
 # `go mod download` outside any module: verifies the zip against the checksum database and
 # extracts it into the module cache; its JSON names the folder.
-dir="$(cd "$(mktemp -d)" && go mod download -json "$MODULE@$KUBERAY_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')"
-[ -n "$dir" ] && [ -d "$dir/config/crd/bases" ] || { log "no config/crd/bases in $MODULE@$KUBERAY_VERSION"; exit 1; }
+dir="$(cd "$(mktemp -d)" && go mod download -json "$KUBERAY_MODULE@$KUBERAY_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')"
+[ -n "$dir" ] && [ -d "$dir/config/crd/bases" ] || { log "no config/crd/bases in $KUBERAY_MODULE@$KUBERAY_VERSION"; exit 1; }
 mkdir -p "$OUT.tmp"
 for f in "${WANT[@]}"; do cp "$dir/config/crd/bases/$f" "$OUT.tmp/$f" && chmod 0644 "$OUT.tmp/$f"; done
 rm -rf "$OUT" && mv "$OUT.tmp" "$OUT"

@@ -19,12 +19,8 @@ if [ -f "$STAMP" ]; then
 fi
 
 t0=$(date +%s)
-rm -rf "$VENV"
-mkdir -p "$(dirname "$VENV")"
-# Not from the repo root: its ./operator folder would shadow the standard library module.
-cd "$(dirname "$VENV")"
-python3 -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/venv.sh"
+fresh_venv "$VENV"
 log "installing sglang-router==$SGLANG_ROUTER_VERSION vllm-router==$VLLM_ROUTER_VERSION"
 "${pip[@]}" install "sglang-router==$SGLANG_ROUTER_VERSION" "vllm-router==$VLLM_ROUTER_VERSION"
 # Both must start: a wheel without its Rust extension for this platform fails here, not in the bench.

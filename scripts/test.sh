@@ -17,16 +17,8 @@ say() { printf '\n==> %s\n' "$*"; }
 t0=$(date +%s)
 
 # -- 1. Debian packages ---------------------------------------------------------------
-missing=()
-for pair in redis-server:redis-server prometheus:prometheus openssl:openssl chromium:chromium; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  say "installing Debian packages: ${missing[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/lib/apt.sh
+apt_install_missing say redis-server:redis-server prometheus:prometheus openssl:openssl chromium:chromium
 
 # -- 2. Python environment --------------------------------------------------------------
 venv="${KVPILOT_VENV:-$root/.venv}"

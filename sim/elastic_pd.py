@@ -14,7 +14,6 @@ TPOT and KV usage. GPU time is kept per pool.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -25,16 +24,14 @@ from kvpilot.sim.elastic import (
     ElasticReport,
     Replica,
     ScaleRecord,
-    Served,
     pool_signals,
-    resize_pool,
+    scale_pool,
     summarize,
 )
 from kvpilot.sim.sequence import Sequence
-from kvpilot.sim.stepping import STEP
 from kvpilot.sim.workload import RequestSpec
 
-_READY, _TICK, _HANDOFF = 1, 2, 3
+_HANDOFF = 3  # an event kind beside sim.elastic's STEP, _READY and _TICK
 ROLES = ("prefill", "decode")
 
 
@@ -69,60 +66,48 @@ class ElasticPDCluster(ElasticCluster):
 
     def _dispatch(self, spec: RequestSpec, t: float) -> None:
         routable = [(i, r) for i, r in self._pool("prefill") if r.serving(t)]
-        i, r = min(routable, key=lambda x: (x[1].load.pending_prefill_tokens, x[1].load.in_flight))
+        i, _ = min(routable, key=lambda x: (x[1].load.pending_prefill_tokens, x[1].load.in_flight))
         seq = Sequence(spec.request_id, spec.arrival, spec.prompt_tokens, spec.block_hashes(self.block_size), 1)
         self._max_tokens[spec.request_id] = spec.max_tokens
-        r.engine.add(seq)
-        self._meta[seq] = r
-        r.load.in_flight += 1
-        r.load.pending_prefill_tokens += spec.prompt_tokens
-        self.loop.wake(i, t)
+        self._admit(i, seq, t, spec.prompt_tokens)
 
-    def _finish_step(self, idx: int, t: float) -> None:
-        r = self.replicas[idx]
-        plan = r.clock.plan
-        assert plan is not None
-        cfg = self.config
-        for seq in r.engine.commit(plan, t):
-            if self.role[idx] == "prefill":
-                if seq.finish_time is None:
-                    continue
-                self._meta.pop(seq)
-                r.load.in_flight -= 1
-                r.load.pending_prefill_tokens -= seq.prompt_tokens
-                self._acc["prefill"]["ttft"].append(t - seq.arrival)
-                self._prefill_done[seq.request_id] = t
-                hid = self._next_handoff = self._next_handoff + 1
-                self._handoffs[hid] = seq
-                xfer = seq.prompt_tokens * self.profile.kv_bytes_per_token / self.link_bytes_s
-                self.loop.push(t + xfer, _HANDOFF, hid)
-                continue
-            if seq.output == 1:
-                self._acc["decode"]["ttft"].append(t - seq.arrival)
-            if seq.finish_time is not None:
-                owner = self._meta.pop(seq)
-                owner.load.in_flight -= 1
-                ttft = (seq.first_token_time or t) - seq.arrival
-                tpot = (t - seq.first_token_time) / (seq.output - 1) \
-                    if seq.output > 1 and seq.first_token_time is not None else None
-                if tpot is not None:
-                    self._acc["decode"]["tpot"].append(tpot)
-                ok = ttft <= cfg.slo_ttft_s and (tpot is None or tpot <= cfg.slo_tpot_s)
-                self._served.append(Served(seq.arrival, ttft, tpot, ok,
-                                           self._prefill_done.pop(seq.request_id, t) - seq.arrival))
-        if self.loop.start(idx, t) is None and r.draining:
-            r.stopped_at = t
+    def _advanced(self, idx: int, seq: Sequence, t: float) -> None:
+        if self.role[idx] == "prefill":
+            if seq.finish_time is None:
+                return
+            r = self.replicas[idx]
+            self._meta.pop(seq)
+            r.load.in_flight -= 1
+            r.load.pending_prefill_tokens -= seq.prompt_tokens
+            self._acc["prefill"]["ttft"].append(t - seq.arrival)
+            self._prefill_done[seq.request_id] = t
+            hid = self._next_handoff = self._next_handoff + 1
+            self._handoffs[hid] = seq
+            xfer = seq.prompt_tokens * self.profile.kv_bytes_per_token / self.link_bytes_s
+            self.loop.push(t + xfer, _HANDOFF, hid)
+            return
+        if seq.output == 1:
+            self._acc["decode"]["ttft"].append(t - seq.arrival)
+        if seq.finish_time is not None:
+            self._finished(seq, t, self._acc["decode"]["tpot"],
+                           self._prefill_done.pop(seq.request_id, t) - seq.arrival)
 
     def _handoff(self, hid: int, t: float) -> None:
         done = self._handoffs.pop(hid)
         pool = [(i, r) for i, r in self._pool("decode") if r.serving(t)]
-        i, r = min(pool, key=lambda x: (x[1].load.in_flight, x[1].engine.kv_usage()))
+        i, _ = min(pool, key=lambda x: (x[1].load.in_flight, x[1].engine.kv_usage()))
         seq = Sequence(done.request_id, done.arrival, done.prompt_tokens, done.block_hashes,
                        self._max_tokens.pop(done.request_id), external_tokens=done.prompt_tokens)
-        r.engine.add(seq)
-        self._meta[seq] = r
-        r.load.in_flight += 1
-        self.loop.wake(i, t)
+        self._admit(i, seq, t, 0)                     # its prompt's KV is already there
+
+    def _event(self, kind: int, idx: int, t: float) -> None:
+        if kind == _HANDOFF:
+            self._handoff(idx, t)
+        else:
+            super()._event(kind, idx, t)
+
+    def _idle(self) -> bool:
+        return not self._meta and not self._handoffs
 
     def _pool_signals(self, role: str, t: float) -> PoolSignals:
         pool = [r for _, r in self._pool(role)]
@@ -136,9 +121,9 @@ class ElasticPDCluster(ElasticCluster):
         acc["ttft"], acc["tpot"] = [], []
         return s
 
-    def _resize_role(self, role: str, desired: int, t: float) -> None:
-        resize_pool([r for _, r in self._pool(role)], desired, t,
-                    lambda: self._add_role(t, self.config.cold_start_s, role))
+    def _scale_role(self, role: str, t: float) -> ScaleRecord:
+        return scale_pool([r for _, r in self._pool(role)], self.planners[role], self._pool_signals(role, t), t,
+                          lambda: self._add_role(t, self.config.cold_start_s, role))
 
     def run_pd(self, specs: Seq[RequestSpec], initial: dict[str, int]) -> PDReport:
         cfg = self.config
@@ -147,32 +132,13 @@ class ElasticPDCluster(ElasticCluster):
                 self._add_role(0.0, 0.0, role)
         arrivals = sorted(specs, key=lambda s: s.arrival)
         decisions: dict[str, list[ScaleRecord]] = {r: [] for r in ROLES}
-        self.loop.push(cfg.interval_s, _TICK)
-        now = 0.0
-        for a in range(len(arrivals) + 1):
-            until = arrivals[a].arrival if a < len(arrivals) else math.inf
-            for t, kind, idx in self.loop.due(until):
-                now = t
-                if kind == STEP:
-                    self._finish_step(idx, t)
-                elif kind == _HANDOFF:
-                    self._handoff(idx, t)
-                elif kind == _TICK:
-                    if a >= len(arrivals) and not self._meta and not self._handoffs:
-                        continue
-                    for role in ROLES:
-                        plan = self.planners[role].plan(self._pool_signals(role, t))
-                        alive = sum(1 for _, r in self._pool(role) if r.alive and not r.draining)
-                        ready = sum(1 for _, r in self._pool(role) if r.serving(t))
-                        decisions[role].append(ScaleRecord(t, alive, ready, plan.desired, plan.reason))
-                        if plan.desired != alive:
-                            self._resize_role(role, plan.desired, t)
-                    self._ticked = t
-                    self.loop.push(t + cfg.interval_s, _TICK)
-            if a < len(arrivals):
-                now = arrivals[a].arrival
-                self._dispatch(arrivals[a], now)
-        end = max(now, arrivals[-1].arrival if arrivals else 0.0)
+
+        def tick(t: float) -> None:
+            for role in ROLES:
+                decisions[role].append(self._scale_role(role, t))
+            self._ticked = t
+
+        end = self._drive(arrivals, tick)
         per = {r: 0.0 for r in ROLES}
         for i, r in enumerate(self.replicas):
             per[self.role[i]] += (r.stopped_at if r.stopped_at is not None else end) - r.asked_at

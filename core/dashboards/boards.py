@@ -31,9 +31,8 @@ def service_overview() -> dashboard.Dashboard:
     ttft_sel, tpot_sel = f'{ENGINE}, kvpilot_io_role!="decode"', f'{ENGINE}, kvpilot_io_role!="prefill"'
     d = board("kvpilot-service", "kvpilot / Service overview",
               "Per LLMService: traffic, TTFT and TPOT against the SLO, attainment and error-budget burn, shedding, "
-              "queues.")
-    for v in variables():
-        d = d.with_variable(v)
+              "queues.",
+              variables())
     return (d.with_row(dashboard.Row("SLO"))
             .with_panel(single("TTFT SLO attainment (5m)", "Share of requests whose first token came within the "
                                "TTFT SLO (engine histograms, prefill or aggregated pools).",
@@ -83,9 +82,8 @@ def service_overview() -> dashboard.Dashboard:
 def autoscaling() -> dashboard.Dashboard:
     d = board("kvpilot-autoscaling", "kvpilot / Autoscaling",
               "Why the autoscaler did what it did: replicas per pool, each decision with its reason, demand against "
-              "capacity, GPU-hours and cold starts.")
-    for v in variables():
-        d = d.with_variable(v)
+              "capacity, GPU-hours and cold starts.",
+              variables())
     d = d.annotation(dashboard.AnnotationQuery().name("Scaling decisions").datasource(DS).enable(True)
                      .icon_color("orange")
                      .expr(f'sum by (service, pool, action, reason) (increase(kvpilot_autoscaler_decisions_total'
@@ -135,9 +133,8 @@ def autoscaling() -> dashboard.Dashboard:
 def router_cache() -> dashboard.Dashboard:
     d = board("kvpilot-router", "kvpilot / Router and cache",
               "How the router spreads load and how much cache it keeps: decisions by reason, per-endpoint load and "
-              "imbalance, prefix-cache hits, KV usage, live migrations.")
-    for v in variables():
-        d = d.with_variable(v)
+              "imbalance, prefix-cache hits, KV usage, live migrations.",
+              variables())
     running = f"vllm:num_requests_running{{{ENGINE}}}"
     return (d.with_panel(series("Routing decisions by reason", "affinity: the cache-affine candidate; "
                                 "slo-fallback: the other one, to meet the TTFT SLO; rebalance/steal: moved off a hot "
@@ -182,9 +179,8 @@ def router_cache() -> dashboard.Dashboard:
 def operator() -> dashboard.Dashboard:
     d = board("kvpilot-operator", "kvpilot / Operator",
               "The operator's reconciles by result and duration, its apiserver requests and the conditions it "
-              "writes to each LLMService.")
-    for v in variables(with_role=False)[:1]:
-        d = d.with_variable(v)
+              "writes to each LLMService.",
+              variables(with_role=False)[:1])
     for name, label, metric in (("namespace", "Namespace", "namespace"), ("service", "LLMService", "service")):
         d = d.with_variable(dashboard.QueryVariable(name).label(label).datasource(DS)
                             .query(f"label_values(kvpilot_operator_llmservice_condition, {metric})")

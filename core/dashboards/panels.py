@@ -85,7 +85,13 @@ def single(title: str, description: str, expr: str, unit: str = "short", *, w: i
             .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"])))
 
 
-def board(uid: str, title: str, description: str) -> dashboard.Dashboard:
-    return (dashboard.Dashboard(title).uid(uid).description(description).tags(["kvpilot"])
-            .time("now-1h", "now").refresh("30s").timezone("browser").editable()
-            .tooltip(model.DashboardCursorSync.CROSSHAIR))
+def board(uid: str, title: str, description: str,
+          with_variables: list[dashboard.DatasourceVariable | dashboard.QueryVariable]) -> dashboard.Dashboard:
+    """A kvpilot dashboard's frame: what every board shares, with its variables (`variables()`)
+    in order."""
+    d = (dashboard.Dashboard(title).uid(uid).description(description).tags(["kvpilot"])
+         .time("now-1h", "now").refresh("30s").timezone("browser").editable()
+         .tooltip(model.DashboardCursorSync.CROSSHAIR))
+    for v in with_variables:
+        d = d.with_variable(v)
+    return d

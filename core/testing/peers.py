@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvpilot.procs import ManagedProcess, free_ports, wait_for
+from kvpilot.procs import ManagedProcess, free_ports, group_processes, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,14 +119,6 @@ def group_cpu_seconds(pgid: int) -> float:
     anything it spawned), from /proc: what a router costs, whatever language it is written in."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue   # gone since the listing
-        fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "; comm may hold spaces
-        if int(fields[2]) == pgid:                      # field 5 of stat: the process group
-            total += (int(fields[11]) + int(fields[12])) / tick   # utime, stime
+    for _, fields in group_processes(pgid):
+        total += (int(fields[11]) + int(fields[12])) / tick   # utime, stime
     return total

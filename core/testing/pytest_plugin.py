@@ -6,8 +6,10 @@ started, and `kvpilot.procs` kills stragglers at exit.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -44,53 +46,56 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.stop()
 
 
-@pytest.fixture
-def prometheus_factory(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer]]:
-    """Call with the scrape targets (["127.0.0.1:PORT", ...]) to start a Prometheus."""
-    started: list[PrometheusServer] = []
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
 
-    def start(targets: list[str], scrape_interval: str = "1s") -> PrometheusServer:
-        server = PrometheusServer(targets, scrape_interval=scrape_interval,
-                                  workdir=tmp_path / f"prom-{len(started)}")
-        started.append(server)
-        return server
+
+S = TypeVar("S", bound=_Stoppable)
+
+
+def _stopped_after(make: Callable[..., S]) -> Iterator[Callable[..., S]]:
+    """The body of every `*_factory` fixture: yield a starter that calls `make` and keeps what it
+    made, then stop all of it after the test, whatever the test did."""
+    started: list[S] = []
+
+    def start(*args: Any, **kwargs: Any) -> S:
+        made = make(*args, **kwargs)
+        started.append(made)
+        return made
 
     try:
         yield start
     finally:
-        for server in started:
-            server.stop()
+        for made in started:
+            made.stop()
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer]]:
+    """Call with the scrape targets (["127.0.0.1:PORT", ...]) to start a Prometheus."""
+    n = itertools.count()
+
+    def start(targets: list[str], scrape_interval: str = "1s") -> PrometheusServer:
+        return PrometheusServer(targets, scrape_interval=scrape_interval, workdir=tmp_path / f"prom-{next(n)}")
+
+    yield from _stopped_after(start)
 
 
 @pytest.fixture
 def sim_worker_factory(tmp_path: Path) -> Iterator[Callable[..., SimWorker]]:
     """Call with `kvpilot sim serve` flags to start a worker process; all are stopped after the test."""
-    started: list[SimWorker] = []
 
-    def start(*args: str, **kwargs: object) -> SimWorker:
-        worker = SimWorker(*args, workdir=tmp_path, **kwargs)  # type: ignore[arg-type]
-        started.append(worker)
-        return worker
+    def start(*args: str, **kwargs: Any) -> SimWorker:
+        return SimWorker(*args, workdir=tmp_path, **kwargs)
 
-    try:
-        yield start
-    finally:
-        for worker in started:
-            worker.stop()
+    yield from _stopped_after(start)
 
 
 @pytest.fixture
 def router_factory(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
     """Call with the router's `models` list (and settings) to start `kvpilot router`."""
-    started: list[RouterProcess] = []
 
     def start(models: list[dict[str, object]], **settings: object) -> RouterProcess:
-        router = RouterProcess(models, workdir=tmp_path, **settings)
-        started.append(router)
-        return router
+        return RouterProcess(models, workdir=tmp_path, **settings)
 
-    try:
-        yield start
-    finally:
-        for router in started:
-            router.stop()
+    yield from _stopped_after(start)

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.procs import ManagedProcess, free_port, wait_for
+from kvpilot.testing.server import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 SERVED = "tiny"
@@ -114,9 +114,14 @@ def kv_events_config(endpoint: str, topic: str) -> str:
                       separators=(",", ":"))
 
 
-class VLLMServer:
+class VLLMServer(ServerProcess):
     """One `vllm serve` process. `args` go after `vllm serve` verbatim (the operator test passes
     exactly what the operator renders); `cpu` pins it to one core (taskset and vLLM's OMP binding)."""
+
+    health_timeout_s = 2
+    metrics_timeout_s = 10
+    client_timeout_s = 120
+    stop_timeout_s = 20
 
     def __init__(self, args: Sequence[str], *, name: str, port: int, workdir: Path, cpu: int | None = None,
                  env: dict[str, str] | None = None, timeout: float = 400, wait: bool = True,
@@ -154,18 +159,6 @@ class VLLMServer:
                 *BASE_ARGS, *extra]
         return cls(args, name=name, port=port, workdir=workdir, cpu=cpu, env=env, wait=wait, nice=nice)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def healthy(self) -> bool:
-        with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-            return bool(resp.status == 200)
-
-    def metrics_text(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
-            return str(resp.read().decode())
-
     def metric(self, name: str, **labels: str) -> float:
         return metric(self.metrics_text(), name, **labels)
 
@@ -176,11 +169,6 @@ class VLLMServer:
             out: dict[str, Any] = json.loads(resp.read())
             return out
 
-    def openai_client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def stop(self) -> None:
-        self.proc.stop(timeout=20)
 
 
 def expand(value: str, env: dict[str, str]) -> str:

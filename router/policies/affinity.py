@@ -10,21 +10,35 @@ from kvpilot.router.policies.dualmap import affinity_key
 from kvpilot.router.policy import NOTHING, BasePolicy, Decision, InstanceLoad, PolicyContext, RequestView
 
 
-class Affinity(BasePolicy):
-    name = "affinity"
+class RingAffinity(BasePolicy):
+    """What the consistent-hash policies (this one and CHWBL) share: a ring over the instances,
+    kept in step with the list each decision is handed, and the key a request lands on (the hash
+    of its first `key_tokens` of prompt, in whole blocks)."""
 
-    def __init__(self, context: PolicyContext | None = None, *, key_tokens: int = 1024) -> None:
+    def __init__(self, context: PolicyContext | None, ring: HashRing, key_tokens: int) -> None:
         super().__init__(context)
         self.depth = max(1, key_tokens // self.context.block_size)
-        self._ring = HashRing()
-        self._members = Membership(self._ring)
+        self._ring = ring
+        self._members = Membership(ring)
 
-    def route(self, request: RequestView, instances: Sequence[InstanceLoad],
-              excluded: Set[str] = NOTHING) -> Decision:
+    def _ring_key(self, request: RequestView, instances: Sequence[InstanceLoad]) -> int:
+        """Bring the ring in step with `instances` (LookupError when there are none) and return
+        `request`'s key on it."""
         if not instances:
             raise LookupError("no instances to route to")
         self._members.sync(instances)
-        key = affinity_key(request, self.depth)
+        return affinity_key(request, self.depth)
+
+
+class Affinity(RingAffinity):
+    name = "affinity"
+
+    def __init__(self, context: PolicyContext | None = None, *, key_tokens: int = 1024) -> None:
+        super().__init__(context, HashRing(), key_tokens)
+
+    def route(self, request: RequestView, instances: Sequence[InstanceLoad],
+              excluded: Set[str] = NOTHING) -> Decision:
+        key = self._ring_key(request, instances)
         if not excluded:
             return Decision(self._members.index[self._ring.lookup(key)], "affinity")
         for name in self._ring.walk(key):   # the first owner clockwise that is not excluded

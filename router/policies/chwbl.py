@@ -8,11 +8,10 @@ import math
 from collections.abc import Sequence, Set
 
 from kvpilot.router.engine_load import total_in_flight
-from kvpilot.router.hashring import HashRing, Membership
-from kvpilot.router.policies.dualmap import affinity_key
+from kvpilot.router.hashring import HashRing
+from kvpilot.router.policies.affinity import RingAffinity
 from kvpilot.router.policy import (
     NOTHING,
-    BasePolicy,
     Decision,
     InstanceLoad,
     PolicyContext,
@@ -21,25 +20,20 @@ from kvpilot.router.policy import (
 )
 
 
-class CHWBL(BasePolicy):
+class CHWBL(RingAffinity):
     name = "consistent-hash"
 
     def __init__(self, context: PolicyContext | None = None, *, load_factor: float = 1.25, key_tokens: int = 1024,
                  vnodes: int = 256) -> None:
-        super().__init__(context)
+        super().__init__(context, HashRing(vnodes=vnodes, family="xxh64"), key_tokens)
         self.load_factor = load_factor
-        self.depth = max(1, key_tokens // self.context.block_size)
-        self._ring = HashRing(vnodes=vnodes, family="xxh64")
-        self._members = Membership(self._ring)
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad],
               excluded: Set[str] = NOTHING) -> Decision:
-        if not instances:
-            raise LookupError("no instances to route to")
-        self._members.sync(instances)
+        key = self._ring_key(request, instances)
         total = sum(total_in_flight(i) for i in instances) + 1   # every router replica's requests
         bound = math.ceil(self.load_factor * total / len(instances))
-        for rank, name in enumerate(self._ring.walk(affinity_key(request, self.depth))):
+        for rank, name in enumerate(self._ring.walk(key)):
             if name in excluded:
                 continue
             i = self._members.index[name]

@@ -7,24 +7,17 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-import uuid
 from collections.abc import Callable
 from typing import Any
-
-from kubernetes import client, config
 
 from kvpilot.procs import free_port, wait_for
 from kvpilot.router.hashring import dual_ring_owners
 from kvpilot.testing.k8s import ControlPlane
+from kvpilot.testing.pods import HandPods
 from kvpilot.testing.redis import RedisServer
 from kvpilot.testing.router import RouterProcess
 from kvpilot.testing.sim import SimWorker
 from kvpilot.tokens import block_hashes, block_text
-
-
-def _pod(name: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
-            "spec": {"containers": [{"name": "engine", "image": "kvpilot/sim:test"}]}}
 
 
 def _complete(router: RouterProcess, prompt: str) -> tuple[str, int]:
@@ -44,19 +37,13 @@ def _handovers(router: RouterProcess, outcome: str) -> float:
 def test_a_deleted_pods_hot_prefix_moves_to_its_ring_successor(
         k8s_api: ControlPlane, redis_server: RedisServer, sim_worker_factory: Callable[..., SimWorker],
         tmp_path: Any, monkeypatch: Any) -> None:
-    ns = f"hand-{uuid.uuid4().hex[:6]}"
-    api = config.new_client_from_config(config_file=str(k8s_api.kubeconfig))
-    core = client.CoreV1Api(api)
-    core.create_namespace({"metadata": {"name": ns}})
+    pods = HandPods(k8s_api, "hand")
     port = free_port("127.64.10.1")
     names = [f"engine-{i}" for i in (1, 2, 3)]
     for i, name in enumerate(names, start=1):
         sim_worker_factory("--profile", "h100-qwen2.5-0.5b", "--kv-store", redis_server.url,
                            host=f"127.64.10.{i}", port=port)
-        core.create_namespaced_pod(ns, _pod(name, {"app": "hand"}))
-        core.patch_namespaced_pod_status(name, ns, {"status": {
-            "phase": "Running", "podIP": f"127.64.10.{i}", "podIPs": [{"ip": f"127.64.10.{i}"}],
-            "conditions": [{"type": "Ready", "status": "True"}]}})
+        pods.add(name, {"app": "hand"}, f"127.64.10.{i}")
     members, owners = frozenset(names), dual_ring_owners()
     prompt = next(p for p in (block_text(s, 1024) for s in range(500))
                   if owners(block_hashes(p, 256)[0], members)[0] == "engine-3")
@@ -64,7 +51,7 @@ def test_a_deleted_pods_hot_prefix_moves_to_its_ring_successor(
 
     monkeypatch.setenv("KUBECONFIG", str(k8s_api.kubeconfig))
     router = RouterProcess([{"name": "sim-model", "policy": "dualmap", "discovery": {
-        "namespace": ns, "port": port, "pools": {"both": "app=hand"}}}], workdir=tmp_path)
+        "namespace": pods.ns, "port": port, "pools": {"both": "app=hand"}}}], workdir=tmp_path)
     try:
         wait_for(lambda: urllib.request.urlopen(router.url + "/ready", timeout=1).status == 200, 20,
                  "the router to discover endpoints", router.proc)
@@ -73,11 +60,11 @@ def test_a_deleted_pods_hot_prefix_moves_to_its_ring_successor(
         served = [_complete(router, prompt) for _ in range(3)]
         assert served[0] == ("engine-3", 0) and served[-1] == ("engine-3", 1008)
 
-        core.delete_namespaced_pod("engine-3", ns)  # the worker itself keeps running, as in its grace period
+        pods.delete("engine-3")  # the worker itself keeps running, as in its grace period
         wait_for(lambda: _handovers(router, "ok") == 1, 30, "the router to hand engine-3's prefix over")
         heirs = set(owners(key, members - {"engine-3"})) - set(owners(key, members))
         pod, cached = _complete(router, prompt)
         assert pod in heirs and cached == 1008
     finally:
         router.stop()
-        core.delete_namespace(ns)
+        pods.close()

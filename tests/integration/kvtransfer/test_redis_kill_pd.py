@@ -14,7 +14,6 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -22,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.procs import wait_for
 from kvpilot.testing.redis import RedisServer
-from kvpilot.testing.router import RouterProcess
+from kvpilot.testing.router import RouterProcess, StreamOutcome, stream_completion
 from kvpilot.testing.sim import SimWorker
 from kvpilot.tokens import block_text
 
@@ -32,15 +31,6 @@ REQUESTS = 36
 KILL_AFTER = 10     # completed requests before Redis dies; the rest run (or are running) without it
 MAX_TOKENS = 24
 PROMPT = 1024
-
-
-@dataclass
-class Outcome:
-    prompt: str
-    text: str = ""
-    finish: str | None = None
-    completion_tokens: int | None = None
-    error: BaseException | None = None
 
 
 def _total(worker: SimWorker, name: str, **labels: str) -> float:
@@ -61,22 +51,15 @@ def test_redis_killed_mid_pd_batch_recomputes_or_errs_and_counts(tmp_path: Path,
         router = router_factory([{"name": "sim-model", "policy": "dualmap", "mode": "disaggregated",
                                   "endpoints": eps}])
         client = router.openai_client()
-        outcomes = [Outcome(block_text(3100 + i, PROMPT)) for i in range(REQUESTS)]
+        outcomes = [StreamOutcome(block_text(3100 + i, PROMPT)) for i in range(REQUESTS)]
         finished = 0
         lock = threading.Lock()
         enough = threading.Event()
 
-        def run(out: Outcome) -> None:
+        def run(out: StreamOutcome) -> None:
             nonlocal finished
             try:
-                stream = client.completions.create(model="sim-model", prompt=out.prompt, max_tokens=MAX_TOKENS,
-                                                   stream=True, stream_options={"include_usage": True})
-                for chunk in stream:
-                    if chunk.usage is not None:
-                        out.completion_tokens = chunk.usage.completion_tokens
-                    for choice in chunk.choices:
-                        out.text += choice.text
-                        out.finish = choice.finish_reason or out.finish
+                stream_completion(client, out, MAX_TOKENS)
             except Exception as e:   # judged below: an explicit error is an allowed ending
                 out.error = e
             with lock:

@@ -16,12 +16,11 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import openai
 
 from kvpilot.procs import wait_for
-from kvpilot.testing.router import RouterProcess
+from kvpilot.testing.router import RouterProcess, StreamOutcome, stream_completion
 from kvpilot.testing.sim import SimWorker
 from kvpilot.tokens import block_text
 
@@ -34,31 +33,9 @@ MAX_TOKENS = 200
 STREAMS = 9
 
 
-@dataclass
-class Outcome:
-    """What one client saw of its stream."""
-
-    prompt: str
-    endpoint: str = ""
-    text: str = ""
-    finish: str | None = None
-    completion_tokens: int | None = None
-    error: BaseException | None = None
-
-
-def _stream(client: openai.OpenAI, out: Outcome, started: threading.Event) -> Outcome:
+def _stream(client: openai.OpenAI, out: StreamOutcome, started: threading.Event) -> StreamOutcome:
     try:
-        stream = client.completions.create(model="sim-model", prompt=out.prompt, max_tokens=MAX_TOKENS,
-                                           stream=True, stream_options={"include_usage": True})
-        out.endpoint = stream.response.headers["X-Kvpilot-Endpoint"]
-        for chunk in stream:
-            if chunk.usage is not None:
-                out.completion_tokens = chunk.usage.completion_tokens
-            for choice in chunk.choices:
-                out.text += choice.text
-                out.finish = choice.finish_reason or out.finish
-            if out.text:
-                started.set()
+        stream_completion(client, out, MAX_TOKENS, each_chunk=lambda o: started.set() if o.text else None)
     except Exception as e:   # recorded, judged by the test: an explicit error is an allowed ending
         out.error = e
     finally:
@@ -74,7 +51,7 @@ def test_a_killed_worker_ends_its_streams_explicitly_and_the_rest_complete(
                               "endpoints": [{"name": n, "url": w.url} for n, w in names.items()]}],
                             scrapeIntervalSeconds=0.2, breakerFailures=1, breakerCooldownSeconds=60)
     client = router.openai_client()
-    outcomes = [Outcome(block_text(2200 + i, 256)) for i in range(STREAMS)]
+    outcomes = [StreamOutcome(block_text(2200 + i, 256)) for i in range(STREAMS)]
     started = [threading.Event() for _ in outcomes]
     with ThreadPoolExecutor(STREAMS) as pool:
         futures = [pool.submit(_stream, client, o, s) for o, s in zip(outcomes, started, strict=True)]

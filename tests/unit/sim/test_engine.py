@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from engine_drive import drive
 
 from kvpilot.sim.blocks import BlockPool
 from kvpilot.sim.engine import Engine
@@ -146,26 +147,9 @@ def test_multi_step_plans_equal_single_stepping() -> None:
 
     def simulate(max_steps: int) -> dict[str, tuple[float, float, int]]:
         engine = Engine(PROFILE, block_size=BS, kv_capacity_tokens=20_000)
-        seqs: list[Sequence] = []
-        t, pending = 0.0, list(arrivals)
-        while pending or engine.has_work:
-            if not engine.has_work:
-                t = max(t, pending[0][0])
-            while pending and pending[0][0] <= t:
-                at, i = pending.pop(0)
-                seq = make_seq(f"r{i}", block_text(i % 5, 64 + 32 * (i % 7)) + block_text(i, 128),
-                               max_tokens=20 + 13 * (i % 9), arrival=at)
-                seqs.append(seq)
-                engine.add(seq)
-            plan = engine.schedule(t, max_steps=max_steps)
-            if plan is None:
-                continue
-            end = t + plan.duration()
-            if pending and pending[0][0] < end and plan.steps > 1:
-                engine.truncate(plan, pending[0][0])
-                end = t + plan.duration()
-            t = end
-            engine.commit(plan, t)
+        seqs = [make_seq(f"r{i}", block_text(i % 5, 64 + 32 * (i % 7)) + block_text(i, 128),
+                         max_tokens=20 + 13 * (i % 9), arrival=at) for at, i in arrivals]
+        drive(engine, [(at, s) for (at, _), s in zip(arrivals, seqs, strict=True)], max_steps)
         return {s.request_id: (s.first_token_time or -1, s.finish_time or -1, s.cached_tokens) for s in seqs}
 
     single, multi = simulate(1), simulate(10_000)

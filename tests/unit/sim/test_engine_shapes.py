@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from engine_drive import drive
 
 from kvpilot.sim.engine import Engine
 from kvpilot.sim.profiles import PROFILES, Profile
@@ -73,24 +74,8 @@ def test_virtual_time_multi_step_plans_equal_single_stepping() -> None:
         rng = random.Random(3)
         engine = Engine(CPU.model_copy(update={"shape_cache_size": 8}))
         arrivals = sorted((rng.uniform(0, 2), i) for i in range(30))
-        seqs: list[Sequence] = []
-        t = 0.0
-        while arrivals or engine.has_work:
-            if not engine.has_work:
-                t = max(t, arrivals[0][0])
-            while arrivals and arrivals[0][0] <= t:
-                at, i = arrivals.pop(0)
-                seqs.append(seq(f"r{i}", rng.randint(20, 60), max_tokens=rng.randint(5, 40), arrival=at))
-                engine.add(seqs[-1])
-            plan = engine.schedule(t, max_steps=max_steps)
-            if plan is None:
-                continue
-            end = t + plan.duration()
-            if arrivals and arrivals[0][0] < end and plan.steps > 1:
-                engine.truncate(plan, arrivals[0][0])
-                end = t + plan.duration()
-            t = end
-            engine.commit(plan, t)
+        seqs = [seq(f"r{i}", rng.randint(20, 60), max_tokens=rng.randint(5, 40), arrival=at) for at, i in arrivals]
+        drive(engine, [(at, s) for (at, _), s in zip(arrivals, seqs, strict=True)], max_steps)
         return [(s.first_token_time, s.finish_time) for s in seqs]
 
     single, multi = simulate(1), simulate(10_000)
