@@ -32,7 +32,7 @@ import textwrap
 import time
 import urllib.request
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from kvpilot.procs import ManagedProcess, free_port, tcp_open, wait_for
 from kvpilot.testing import node as realnode
@@ -312,6 +312,23 @@ class ControlPlane:
     def kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.bin / "kubectl"), *args], env=self.env(), input=input,
                               capture_output=True, text=True, timeout=60)
+
+    def apply_until_first(self, namespace: str, docs: list[dict[str, Any]], kind: str) -> bool:
+        """Apply `docs` as one List, then return once the first object of `kind` appears in
+        `namespace` (False if the watch ended without one): for fault tests that strike while a
+        controller is in the middle of a burst. The watch starts before the apply, so the first
+        event cannot be missed."""
+        watch = subprocess.Popen([str(self.bin / "kubectl"), "get", kind, "-n", namespace, "--watch", "-o", "name"],
+                                 env=self.env(), stdout=subprocess.PIPE, text=True)
+        try:
+            out = self.kubectl("apply", "-n", namespace, "-f", "-",
+                               input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+            if out.returncode != 0:
+                raise RuntimeError(f"kubectl apply failed: {out.stderr}")
+            return watch.stdout is not None and bool(watch.stdout.readline())
+        finally:
+            watch.kill()
+            watch.wait()
 
     def helm(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.bin / "helm"), *args], env=self.env(), capture_output=True, text=True,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -68,31 +67,40 @@ def apply_crds(plane: ControlPlane) -> ControlPlane:
     return plane
 
 
-@pytest.fixture(scope="module")
-def own_crds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    """A full control plane of the requesting module's own (two kwok nodes of 8 GPUs), with the
-    CRDs applied: for modules that crash or flood the plane, so that later modules on the
-    session's plane never see the aftermath. The modules in `disruptive/` get it as their `crds`."""
-    plane = ControlPlane("full", workdir=Path(tmp_path_factory.mktemp("k8s-own")))
+def _plane_with_crds(tmp_path_factory: pytest.TempPathFactory, name: str, gpus: int,
+                     nodes: int) -> Iterator[ControlPlane]:
+    plane = ControlPlane("full", workdir=Path(tmp_path_factory.mktemp(f"k8s-{name}")))
     with plane:
-        plane.add_gpu_nodes(2, gpus=8, prefix="own-node")
+        plane.add_gpu_nodes(nodes, gpus=gpus, prefix=f"{name}-node")
         yield apply_crds(plane)
 
 
-@pytest.fixture(scope="module")
-def own_operator(own_crds: ControlPlane) -> Iterator[Operator]:
-    with running_operator(own_crds) as op:
-        yield op
-
-
-@contextlib.contextmanager
-def running_operator(plane: ControlPlane) -> Iterator[Operator]:
+def _operator_on(plane: ControlPlane) -> Iterator[Operator]:
     op = Operator(plane)
     op.start()
     try:
         yield op
     finally:
         op.stop()
+
+
+@pytest.fixture(scope="module")
+def own_crds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A full control plane of the requesting module's own (two kwok nodes of 8 GPUs), with the
+    CRDs applied: for modules that crash or flood the plane, so that later modules on the
+    session's plane never see the aftermath. The modules in `disruptive/` get it as their `crds`."""
+    yield from _plane_with_crds(tmp_path_factory, "own", gpus=8, nodes=2)
+
+
+@pytest.fixture(scope="module")
+def cpu_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A full plane with one CPU node (routers run there) and no GPU node, with the CRDs applied."""
+    yield from _plane_with_crds(tmp_path_factory, "cpu-only", gpus=0, nodes=1)
+
+
+@pytest.fixture(scope="module")
+def own_operator(own_crds: ControlPlane) -> Iterator[Operator]:
+    yield from _operator_on(own_crds)
 
 
 @pytest.fixture(scope="session")
@@ -102,8 +110,7 @@ def crds(k8s_full: ControlPlane) -> ControlPlane:
 
 @pytest.fixture(scope="session")
 def operator(crds: ControlPlane) -> Iterator[Operator]:
-    with running_operator(crds) as op:
-        yield op
+    yield from _operator_on(crds)
 
 
 @pytest.fixture

@@ -9,31 +9,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 import yaml
 
 from kvpilot.procs import wait_for
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
 
 EXAMPLES = REPO_ROOT / "deploy" / "examples"
-
-
-@pytest.fixture(scope="module")
-def cpu_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    """A full plane with one CPU node (routers run there) and no GPU node."""
-    plane = ControlPlane("full", workdir=Path(tmp_path_factory.mktemp("k8s-cpu-only")))
-    with plane:
-        plane.add_gpu_nodes(1, gpus=0, prefix="cpu-node")
-        out = plane.kubectl("apply", "-f", str(REPO_ROOT / "deploy" / "crds"))
-        assert out.returncode == 0, out.stderr
-        out = plane.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                            "crd/llmservices.kvpilot.io", "crd/workerpools.kvpilot.io")
-        assert out.returncode == 0, out.stderr
-        yield plane
 
 
 def _get(plane: ControlPlane, ns: str, *args: str) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -254,17 +253,8 @@ def test_killed_mid_burst_converges_without_duplicates(
         operator.start()
     finally:
         operator.args = default_args   # the restart after the kill runs the default
-    watch = subprocess.Popen([str(crds.bin / "kubectl"), "get", "workerpools", "-n", namespace, "--watch",
-                              "-o", "name"], env=crds.env(), stdout=subprocess.PIPE, text=True)
-    try:
-        out = crds.kubectl("apply", "-n", namespace, "-f", "-",
-                           input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
-        assert out.returncode == 0, out.stderr
-        assert watch.stdout is not None and watch.stdout.readline(), f"no WorkerPool\n{operator.log_tail()}"
-        operator.kill()
-    finally:
-        watch.kill()
-        watch.wait()
+    assert crds.apply_until_first(namespace, docs, "workerpools"), f"no WorkerPool\n{operator.log_tail()}"
+    operator.kill()
     at_kill = {d["metadata"]["name"] for d in kget("deployments")["items"]}
     assert len(at_kill) < 2 * len(names), "the burst was done before the kill; make it bigger"
     operator.start()

@@ -14,7 +14,6 @@ that failed during the outage); the etcd case took 35-50 s in the runs it passed
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -48,19 +47,10 @@ def test_operator_converges_across_a_control_plane_crash(
                       "mode": "aggregated", "decode": {"replicas": 1, "gpus": 0}}} for name in names]
     # Crash the component as soon as the operator is at work on the burst: at the first
     # WorkerPool's watch event, so the rest is reconciled across the outage.
-    watch = subprocess.Popen([str(crds.bin / "kubectl"), "get", "workerpools", "-n", namespace, "--watch",
-                              "-o", "name"], env=crds.env(), stdout=subprocess.PIPE, text=True)
-    try:
-        out = crds.kubectl("apply", "-n", namespace, "-f", "-",
-                           input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
-        assert out.returncode == 0, out.stderr
-        assert watch.stdout is not None and watch.stdout.readline(), f"no WorkerPool\n{operator.log_tail()}"
-        t0 = time.monotonic()
-        crds.restart(component, down_s=3.0)
-        t1 = time.monotonic()
-    finally:
-        watch.kill()
-        watch.wait()
+    assert crds.apply_until_first(namespace, docs, "workerpools"), f"no WorkerPool\n{operator.log_tail()}"
+    t0 = time.monotonic()
+    crds.restart(component, down_s=3.0)
+    t1 = time.monotonic()
     try:
         wait_for(lambda: all(_ready(kget("llmservice", n)) for n in names), 150, "all Ready after the crash")
     except TimeoutError:
