@@ -32,7 +32,7 @@ MANAGED = {names.LABEL_MANAGED_BY: render.MANAGER}
 RESYNC_SECONDS = 60.0
 # Every handler a change selects runs in one processing cycle (kopf's default, `asap`, runs one per
 # cycle and patches its progress into annotations between them): an edit of spec.<role>.replicas
-# selects `llmservice_update` and `llmservice_replicas` and still costs kopf one patch, as when one
+# selects `llmservice_apply` (its update handler) and `llmservice_replicas` and still costs kopf one patch, as when one
 # handler parsed the diff by hand.
 LIFECYCLE = kopf.lifecycles.all_at_once
 
@@ -140,27 +140,19 @@ def conflicts_retry_soon() -> Iterator[None]:
         raise kopf.TemporaryError(f"a concurrent write won ({err}); retrying", delay=1) from err
 
 
-def _reconcile_whole(body: kopf.Body, memo: kopf.Memo) -> None:
-    """Reconcile the whole LLMService and announce a phase change: what creating, resuming and
-    updating one all do (kopf keeps them apart, as handlers with their own ids)."""
+@kopf.on.resume(GROUP, VERSION, "llmservices", id="llmservice-resume")
+@kopf.on.create(GROUP, VERSION, "llmservices", id="llmservice-create")
+@kopf.on.update(GROUP, VERSION, "llmservices", id="llmservice-update")
+def llmservice_apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Reconcile the whole LLMService and announce a phase change: what resuming, creating and
+    updating one all do (three handlers with their own ids, so kopf keeps their progress apart)."""
     with measured("LLMService"), conflicts_retry_soon():
         outcome = reconcile.reconcile_service(memo.kube, dict(body), memo.get("image"), memo.get("monitors", True),
                                               memo.get("defaults", NO_DEFAULTS))
     _announce(body, outcome)
 
 
-@kopf.on.resume(GROUP, VERSION, "llmservices", id="llmservice-resume")
-@kopf.on.create(GROUP, VERSION, "llmservices", id="llmservice-create")
-def llmservice_apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile_whole(body, memo)
-
-
-@kopf.on.update(GROUP, VERSION, "llmservices", id="llmservice-update")
-def llmservice_update(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile_whole(body, memo)
-
-
-# Registered after `llmservice_update`, so in the one cycle of kopf's `all_at_once` lifecycle
+# Registered after `llmservice_apply`'s update handler, so in the one cycle of kopf's `all_at_once` lifecycle
 # (`cli.py`) they run after the reconcile has created a pool that a mode switch adds.
 @kopf.on.update(GROUP, VERSION, "llmservices", field="spec.prefill.replicas", param="prefill",
                 id="prefill-replicas")

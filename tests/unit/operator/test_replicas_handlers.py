@@ -1,5 +1,5 @@
 """An edit of `spec.<role>.replicas` on an LLMService is passed on to that pool, and nothing else is:
-kopf selects the `field=` update handlers from its own diff (what `llmservice_update` used to parse by
+kopf selects the `field=` update handlers from its own diff (what the update handler used to parse by
 hand), after the full reconcile, and `propagate_replicas` leaves a Degraded service's pools alone."""
 
 from __future__ import annotations

@@ -90,4 +90,4 @@ def test_a_handler_that_loses_twice_is_retried_in_a_second(monkeypatch: pytest.M
     assert caught.value.delay == 1
     status = 500   # anything but a conflict keeps kopf's own back-off
     with pytest.raises(KubeError):
-        handlers.llmservice_update(body=body, memo=memo)
+        handlers.llmservice_apply(body=body, memo=memo)
