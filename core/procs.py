@@ -84,6 +84,17 @@ def tcp_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (one we did not start, so no handle to poll): a zombie
+    nobody reaped yet still answers kill(0), and counts as gone."""
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"   # the state, after "pid (comm) "; comm may hold spaces
+
+
 def group_processes(pgid: int) -> Iterator[tuple[Path, list[str]]]:
     """(/proc/PID, the fields of its stat after "pid (comm) ") for every live process in process
     group `pgid`: a child and anything it spawned (ManagedProcess starts each in its own group).

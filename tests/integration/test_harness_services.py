@@ -10,7 +10,7 @@ from pathlib import Path
 import redis
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from kvpilot.procs import ManagedProcess, free_port, tcp_open, wait_for
+from kvpilot.procs import ManagedProcess, free_port, pid_alive, tcp_open, wait_for
 from kvpilot.testing.prometheus import PrometheusServer
 from kvpilot.testing.redis import RedisServer
 
@@ -59,22 +59,9 @@ def test_managed_process_stop_kills_grandchildren(tmp_path: Path) -> None:
     proc.stop(timeout=5)
     assert not proc.alive()
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _pid_alive(grandchild):
+    while time.monotonic() < deadline and pid_alive(grandchild):
         time.sleep(0.05)
-    assert not _pid_alive(grandchild)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not pid_alive(grandchild)
 
 
 def test_redis_server_stop_frees_port(tmp_path: Path) -> None:
@@ -83,5 +70,5 @@ def test_redis_server_stop_frees_port(tmp_path: Path) -> None:
     assert client.ping()
     pid = server.proc.pid
     server.stop()
-    assert not _pid_alive(pid)
+    assert not pid_alive(pid)
     assert not tcp_open(server.host, server.port)

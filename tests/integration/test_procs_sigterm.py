@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpilot.procs import wait_for
+from kvpilot.procs import pid_alive, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,24 +25,15 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie nobody reaped yet is gone for our purpose.
-    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-
-
 def test_sigterm_to_the_parent_stops_its_children(tmp_path: Path) -> None:
     parent = subprocess.Popen([sys.executable, "-P", "-c", PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
-        assert _alive(child)
+        assert pid_alive(child)
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(timeout=20) == 128 + signal.SIGTERM
-        wait_for(lambda: not _alive(child), 10, "the child to stop with its parent")
+        wait_for(lambda: not pid_alive(child), 10, "the child to stop with its parent")
     finally:
         parent.kill()
         parent.wait()
