@@ -57,6 +57,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "dualmap, linear predictor": {"attention_tokens": 0},
     "dualmap, no KV budget": {"kv_high": None},
     "dualmap, no starvation bound": {"max_wait_slos": None},
+    # The SLO switch on the request's own TTFT alone, without charging the prefill it adds (before 12-02).
+    "dualmap, switch on own TTFT": {"switch_cost": False},
     # Hot-prefix keying (router/depth.py): the earlier one-block-per-window extension of a fixed
     # 1,024-token key, a fixed key, and hot prefixes marked at a full instance's share (not half).
     "dualmap, extend keying (before)": {"keying": "extend"},

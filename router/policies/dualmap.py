@@ -5,8 +5,13 @@ whole blocks), so prompts sharing that prefix share a key; the key must reach pa
 that every request shares (a global system prompt), or all traffic lands on one pair. Two
 independent rings map the key to two distinct candidates. Per candidate the router estimates
 the cache hit and the TTFT it would see (`LoadEstimator`). It takes the candidate with the
-larger hit unless that one's predicted TTFT exceeds θ × SLO, in which case it takes the faster
-of the two.
+larger hit unless that one's predicted TTFT exceeds θ × SLO, in which case it takes the other if
+that is faster even after paying for what the switch adds: the other must prefill the tokens
+the first has cached, and that prefill also delays whatever reaches the other next, so the
+switch is charged for it once more (`switch_cost`). Without the charge, a request switches to
+save itself a little time while its whole cached prefix is computed again; where Serve queues
+requests itself (`kvpilot.ray`, no router-side queues) that took 25-45% of agentic and chat
+requests off their cache (bench/results/ray_routing.md).
 
 Hot prefixes are keyed past their shared head (`SplitDepth`): a prefix that more than one
 instance's fair share of requests pass through is split at the first block where its requests
@@ -57,8 +62,9 @@ class DualMap(EstimatingPolicy):
                  release_tokens: int = 8192, adaptive_depth: bool = True, steal: bool = True,
                  max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000,
                  kv_high: float | None = 0.9, keying: str = "split", spread_share: float = 0.5,
-                 split_base_tokens: int = 0) -> None:
+                 split_base_tokens: int = 0, switch_cost: bool = True) -> None:
         super().__init__(context)
+        self.switch_cost = switch_cost
         self.depth = max(1, key_tokens // self.context.block_size)
         # keying: "split" (hot prefixes keyed past their shared head), "extend" (the earlier
         # one-block-per-window extension of a fixed-depth key) or "fixed"; kept for ablations.
@@ -104,9 +110,12 @@ class DualMap(EstimatingPolicy):
         wait = self.holding.wait_for
         t_best = wait(best, ub)
         # The other candidate's work and wait matter only past the switch (most decisions skip them).
-        if t_best > self.theta * self.context.slo_ttft_s and wait(other, est.uncached(other, request)) < t_best:
-            self._other[request.request_id] = best
-            return Decision(self._members.index[other], "slo-fallback")
+        if t_best > self.theta * self.context.slo_ttft_s:
+            work = est.uncached(other, request)
+            added = est.token_s[other] * max(0, work - ub) if self.switch_cost else 0.0
+            if wait(other, work) + added < t_best:
+                self._other[request.request_id] = best
+                return Decision(self._members.index[other], "slo-fallback")
         self._other[request.request_id] = other
         return Decision(self._members.index[best], "affinity")
 

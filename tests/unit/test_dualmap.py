@@ -224,3 +224,24 @@ def test_release_waits_for_kv_room_on_a_busy_instance() -> None:
     loads[d.index].in_flight, loads[d.index].kv_usage = 0, 0.99     # nothing in flight: always room
     assert [v.request_id for v, _, _ in policy.release(loads)] == ["kv"]
 
+
+
+def test_a_switch_pays_for_the_prefill_it_adds() -> None:
+    """Past θ·SLO the other candidate must be faster even after the cached prefix it would compute
+    again is charged once more; without the charge it only has to be faster."""
+    for switch_cost, expected in ((True, "affinity"), (False, "slo-fallback")):
+        policy = DualMap(CTX, theta=0.5, prefill_token_s=1e-4, switch_cost=switch_cost)
+        req = request("probe", prefix=7)
+        first = policy.route(req, INSTANCES)
+        policy.on_dispatch(req, first.index, INSTANCES)   # the affine candidate now holds the prompt
+        est = policy.estimate
+        name = INSTANCES[first.index].name
+        est.backlog[name] = 10**6
+        other = INSTANCES[policy.route(req, INSTANCES).index].name   # overloaded: the switch shows the other
+        cached_work, work = est.uncached(name, req), est.uncached(other, req)
+        assert work - cached_work > 1000                  # the switch would prefill the prompt again
+        est.backlog[name] = round(0.5 * 2.0 / 1e-4) - cached_work + 1      # just past θ·SLO
+        est.backlog[other] = round(0.9 / 1e-4) - work                       # other: 0.9 s, faster alone
+        decision = policy.route(req, INSTANCES)
+        assert decision.reason == expected, switch_cost
+        assert INSTANCES[decision.index].name == (name if switch_cost else other)

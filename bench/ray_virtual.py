@@ -1,0 +1,129 @@
+"""Routers as Ray Serve runs them, in virtual time: seconds of CPU instead of an hour of Ray.
+
+Inside Ray Serve (`kvpilot.ray`) a policy routes without its router-side queues (Serve queues a
+request itself) and never sees a first token (the router hears only of completions), so a
+request's prefill backlog stays counted until it completes. `ServeQueued` drives a policy that
+way in the virtual-time cluster, the same calls `kvpilot.ray.adapter.PolicyAdapter` makes, so
+the live benchmark (`bench/ray_routing.py`) can be predicted and a policy change tried on many
+seeds and workloads before an hour of Ray. `--modes holding` runs the policy as the proxy does,
+for comparison.
+
+    .venv/bin/python -P bench/ray_virtual.py --workload agentic --requests 1000 --rates 40 50 \\
+        --seeds 0 2 --slo 2 --max-tokens 32 --policies dualmap "dualmap, switch on own TTFT" cache-aware
+
+Prints a Markdown table: share of requests within the TTFT SLO, engine-side hit rate, the share
+of requests DualMap sent off their affine candidate ("slo-fallback"), requests per instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import sys
+from collections import Counter
+from collections.abc import Sequence, Set
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kvpilot.router.policies import make_policy
+from kvpilot.router.policies.dualmap import DualMap
+from kvpilot.router.policy import NOTHING, Decision, InstanceLoad, Outcome, Policy, PolicyContext, RequestView
+from kvpilot.sim.cluster import Cluster, ClusterConfig
+from kvpilot.sim.families import make_workload
+from kvpilot.sim.profiles import get_profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from routing_quality import ABLATIONS
+
+
+class ServeQueued:
+    """`inner` as the Ray router drives it: `route` and `on_dispatch` only (no `hold`/`release`,
+    so the cluster dispatches at once and the engine queues), and the first token reported at
+    completion, with no TTFT (so the estimator's backlog drains only then and never calibrates)."""
+
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def route(self, request: RequestView, instances: Sequence[InstanceLoad],
+              excluded: Set[str] = NOTHING) -> Decision:
+        return self.inner.route(request, instances, excluded)
+
+    def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
+        self.inner.on_dispatch(request, index, instances)
+
+    def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
+        """Unseen by a Serve router."""
+
+    def on_complete(self, request: RequestView, outcome: Outcome) -> None:
+        self.inner.on_first_token(request.request_id, None)
+        self.inner.on_complete(request, outcome)
+
+    def cache_estimate(self) -> Any:
+        return self.inner.cache_estimate()
+
+    def ring_placement(self) -> Any:
+        return self.inner.ring_placement()
+
+
+def build(policy: str, context: PolicyContext) -> Policy:
+    if policy in ABLATIONS:
+        return DualMap(context, **ABLATIONS[policy])
+    return make_policy(policy, context)
+
+
+def run(case: tuple[str, int, float, int, str, str, float, int, int, str]) -> dict[str, Any]:
+    workload, requests, rate, seed, policy, mode, slo, max_tokens, instances, profile = case
+    specs = make_workload(workload, requests, rate, seed)
+    if max_tokens:
+        specs = [dataclasses.replace(s, max_tokens=min(s.max_tokens, max_tokens)) for s in specs]
+    config = ClusterConfig(instances=instances, profile=profile, seed=seed, slo_ttft_s=slo)
+    spec = get_profile(profile)
+    context = PolicyContext(slo_ttft_s=slo, block_size=spec.block_size, kv_capacity_tokens=spec.kv_capacity_tokens,
+                            seed=seed)
+    inner = build(policy, context)
+    driven = ServeQueued(inner) if mode == "serve" else inner
+    report = Cluster(config, driven).run(specs)
+    results = report.results
+    reasons = Counter(r.reason for r in results)
+    return {
+        "workload": workload, "rate": rate, "seed": seed, "policy": policy, "mode": mode,
+        "in_slo": sum(r.ttft <= slo for r in results) / len(results),
+        "hit_rate": sum(r.cached_tokens for r in results) / max(1, sum(r.prompt_tokens for r in results)),
+        "switched": reasons.get("slo-fallback", 0) / len(results),
+        "per_instance": [s.requests for s in report.instances],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", default="agentic")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--rates", type=float, nargs="+", default=[40.0, 50.0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1])
+    ap.add_argument("--slo", type=float, default=2.0)
+    ap.add_argument("--max-tokens", type=int, default=32, help="cap on output tokens (0: the workload's)")
+    ap.add_argument("--instances", type=int, default=4)
+    ap.add_argument("--profile", default="h100-llama3-8b")
+    ap.add_argument("--policies", nargs="+", default=["dualmap", "cache-aware"])
+    ap.add_argument("--modes", nargs="+", choices=["serve", "holding"], default=["serve"])
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    cases = [(args.workload, args.requests, rate, seed, policy, mode, args.slo, args.max_tokens, args.instances,
+              args.profile)
+             for rate, seed, mode, policy in itertools.product(args.rates, args.seeds, args.modes, args.policies)]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(run, cases))
+    print(f"{args.workload}, {args.requests} requests, {args.instances} × {args.profile}, TTFT SLO {args.slo} s")
+    print()
+    print("| req/s | seed | mode | policy | in SLO | hit rate | switched | requests per instance |")
+    print("|---|---|---|---|---:|---:|---:|---|")
+    for row in rows:
+        print(f"| {row['rate']:g} | {row['seed']} | {row['mode']} | {row['policy']} | {row['in_slo']:.1%} | "
+              f"{row['hit_rate']:.1%} | {row['switched']:.1%} | {'/'.join(map(str, row['per_instance']))} |")
+
+
+if __name__ == "__main__":
+    main()
