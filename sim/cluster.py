@@ -18,7 +18,7 @@ from typing import Any
 
 from kvpilot.router.engine_load import EngineSample, observe
 from kvpilot.router.policies import make_policy
-from kvpilot.router.policy import HoldingPolicy, InstanceLoad, Policy, PolicyContext, RequestView
+from kvpilot.router.policy import HoldingPolicy, InstanceLoad, Outcome, Policy, PolicyContext, RequestView
 from kvpilot.sim.engine import Engine
 from kvpilot.sim.migration_cluster import Rebalancer
 from kvpilot.sim.profiles import get_profile
@@ -213,6 +213,7 @@ class Cluster:
         for engine in engines:
             loop.add(engine)
         meta: dict[Sequence, tuple[RequestSpec, int, str, int]] = {}   # → (spec, instance, reason, replica)
+        sent: dict[Sequence, RequestView] = {}                          # → the view its policy routed
         results: list[RequestResult] = []
         events = 0
         now = 0.0
@@ -242,6 +243,9 @@ class Cluster:
                     spec, inst, reason, r = meta.pop(seq)
                     wake.add(r)   # a finish frees KV: a request held on the KV budget may go now
                     views[r][inst].in_flight -= 1
+                    # Every dispatch ends in one on_complete, as in the proxy (a policy that never
+                    # sees a first token, as inside Ray Serve, learns of its prefill only here).
+                    policies[r].on_complete(sent.pop(seq), Outcome(views[r][inst].name, "ok", prefilled=True))
                     ttft = (seq.first_token_time or t) - spec.arrival
                     tpot = (t - seq.first_token_time) / (seq.output - 1) if seq.output > 1 and seq.first_token_time \
                         is not None else None
@@ -273,6 +277,7 @@ class Cluster:
                            external_tokens=self._external(engines[i], view.block_hashes, spec.prompt_tokens))
             engines[i].add(seq)
             meta[seq] = (spec, i, reason, r)
+            sent[seq] = view
             loads[i].in_flight += 1
             loads[i].pending_prefill_tokens += spec.prompt_tokens
             loads[i].pending_prefill += 1

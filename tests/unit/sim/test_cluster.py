@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from kvpilot.router.policies.least_loaded import LeastLoaded
+from kvpilot.router.policy import Outcome, RequestView
 from kvpilot.sim.cluster import Cluster, ClusterConfig
 from kvpilot.sim.workload import SyntheticConfig, azure_conv, mooncake, synthetic
 
@@ -79,3 +81,24 @@ def test_several_router_replicas_serve_every_request_once_and_drain() -> None:
 def test_replicas_need_a_poll_interval() -> None:
     with pytest.raises(ValueError):
         Cluster(ClusterConfig(instances=2, replicas=2))
+
+
+def test_every_dispatch_ends_in_one_on_complete_at_its_instance() -> None:
+    """As in the proxy: a policy that never sees a first token (inside Ray Serve) learns of a
+    prefill only from `on_complete`, so the cluster must call it once per request."""
+    class Recording(LeastLoaded):
+        def __init__(self) -> None:
+            super().__init__()
+            self.completed: list[tuple[str, Outcome]] = []
+
+        def on_complete(self, request: RequestView, outcome: Outcome) -> None:
+            self.completed.append((request.request_id, outcome))
+            super().on_complete(request, outcome)
+
+    policy = Recording()
+    specs = synthetic(SyntheticConfig(requests=120, seed=3))
+    report = Cluster(ClusterConfig(instances=3, seed=3), policy).run(specs)
+    done = {rid: outcome for rid, outcome in policy.completed}
+    assert len(policy.completed) == len(done) == len(specs)
+    for result in report.results:
+        assert done[result.request_id] == Outcome(f"sim-{result.instance}", "ok", prefilled=True)
