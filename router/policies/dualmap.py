@@ -10,8 +10,8 @@ that is faster even after paying for what the switch adds: the other must prefil
 the first has cached, and that prefill also delays whatever reaches the other next, so the
 switch is charged for it once more (`switch_cost`). Without the charge, a request switches to
 save itself a little time while its whole cached prefix is computed again; where Serve queues
-requests itself (`kvpilot.ray`, no router-side queues) that took 25-45% of agentic and chat
-requests off their cache (bench/results/ray_routing.md).
+requests itself (`kvpilot.ray`, no router-side queues) that sent 7-35% of agentic and 43-45%
+of chat requests away from their cached prefix (bench/results/ray_virtual.md).
 
 Hot prefixes are keyed past their shared head (`SplitDepth`): a prefix that more than one
 instance's fair share of requests pass through is split at the first block where its requests
