@@ -73,7 +73,8 @@ async def _resync_forever(memo: kopf.Memo) -> None:
     while True:
         await asyncio.sleep(memo.get("resync_seconds", RESYNC_SECONDS))
         try:
-            # In this task's context, as asyncio.to_thread would: kopf's Event posting lives there.
+            # In this task's context, as asyncio.to_thread would (kopf's event queue is not in it:
+            # phase changes found here are posted by `Kube.post_event`).
             context = contextvars.copy_context()
             await asyncio.get_running_loop().run_in_executor(memo.get("executor"), context.run, _resync_all, memo)
         except Exception:
@@ -115,16 +116,24 @@ def _resync_all(memo: kopf.Memo) -> None:
             with measured("LLMService"):
                 outcome = reconcile.reconcile_service(kube, svc, memo.get("image"), memo.get("monitors", True),
                                                       memo.get("defaults", NO_DEFAULTS), pool_children=True)
+            event = _phase_event(outcome)
+            if event is not None:   # not kopf.event: this task has no kopf event queue (Kube.post_event)
+                kube.post_event(svc, *event)
         except Exception:
             log.exception("periodic resync of %s/%s failed", namespace, name)
-            continue
-        _announce(kopf.Body(cast(Any, svc)), outcome)
+
+
+def _phase_event(outcome: reconcile.Outcome) -> tuple[str, str, str] | None:
+    """(type, reason, message) of the Event a phase change is announced by; None when unchanged."""
+    if outcome.phase != outcome.old_phase and outcome.phase:
+        return "Warning" if outcome.phase == "Degraded" else "Normal", outcome.phase, outcome.message or outcome.phase
+    return None
 
 
 def _announce(body: kopf.Body, outcome: reconcile.Outcome) -> None:
-    if outcome.phase != outcome.old_phase and outcome.phase:
-        kind = "Warning" if outcome.phase == "Degraded" else "Normal"
-        kopf.event(body, type=kind, reason=outcome.phase, message=outcome.message or outcome.phase)
+    event = _phase_event(outcome)
+    if event is not None:
+        kopf.event(body, type=event[0], reason=event[1], message=event[2])
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
@@ -35,6 +36,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "RayService": ("ray.io/v1", "rayservices"),  # engine ray-serve, only when KubeRay's CRDs exist
     "KopfPeering": ("kopf.dev/v1", "kopfpeerings"),  # read only: kopf itself writes them
     "ClusterKopfPeering": ("kopf.dev/v1", "clusterkopfpeerings"),
+    "Event": ("v1", "events"),  # create only: phase changes the periodic resync finds
 }
 PLURALS = {plural for _, plural in KINDS.values()} | {"nodes"}
 NODE_CACHE_SECONDS = 10.0
@@ -103,6 +105,23 @@ class Kube:
     def create(self, obj: Obj) -> Obj:
         meta = obj["metadata"]
         return self.request("POST", path(obj["kind"], meta["namespace"]), obj, query={"fieldManager": MANAGER})
+
+    def post_event(self, involved: Obj, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about `involved`, as `kopf.event` posts one. kopf can post only from its
+        handlers' tasks (its event queue lives in their context); the periodic resync is a task of
+        the operator's own, so it posts through here."""
+        meta = involved["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.create({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": involved.get("apiVersion", API_VERSION),
+                               "kind": involved.get("kind", "LLMService"), "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid", "")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": MANAGER}, "reportingComponent": MANAGER,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        })
 
     def apply(self, obj: Obj) -> Obj:
         """Server-side apply as the operator's field manager, taking over conflicting fields: a manual

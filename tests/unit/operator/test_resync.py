@@ -124,3 +124,31 @@ def test_the_resync_runs_on_the_handlers_executor_in_its_tasks_context(monkeypat
 
     asyncio.run(main())
     assert seen[0][0].startswith("kopf-handlers") and seen[0][1] == "kopf's event queue"
+
+
+class _Recording(_Kube):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self.events: list[tuple[str, str, str, str]] = []
+
+    def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((involved["metadata"]["name"], type_, reason, message))
+
+
+def test_the_resync_announces_a_phase_change_without_kopfs_event_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resync runs in the operator's own task, where `kopf.event` has no queue (LookupError):
+    a phase it finds changed is posted through the API, and the services after it are resynced."""
+    seen: list[str] = []
+
+    def reconcile_service(kube: Any, svc: dict[str, Any], *_: Any, **__: Any) -> reconcile.Outcome:
+        name = svc["metadata"]["name"]
+        seen.append(name)
+        return reconcile.Outcome("Ready", "Degraded", "router 0/2 ready") if name == "a" else \
+            reconcile.Outcome("Ready", "Ready", "")
+
+    monkeypatch.setattr(reconcile, "reconcile_service", reconcile_service)
+    memo = kopf.Memo()
+    memo.kube = _Recording(["a", "b"])
+    handlers._resync_all(memo)
+    assert seen == ["a", "b"]
+    assert memo.kube.events == [("a", "Warning", "Degraded", "router 0/2 ready")]
