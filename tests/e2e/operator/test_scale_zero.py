@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 
 from kvpilot.procs import ManagedProcess, wait_for
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
@@ -30,6 +31,28 @@ SERVICE = {
         "autoscaling": {"enabled": True, "scaleDownStabilizationSeconds": 3},
     },
 }
+
+
+# A plane and an operator of this module's own: the wake needs two 1-GPU pods scheduled and Running
+# within the request's 80 s, and on the session's plane (16 GPUs) earlier modules' pods can still
+# hold GPUs while their namespaces terminate (`--wait=false`). Twice a CI run timed out here with
+# the autoscaler's 0 → 1 logged and no worker pod ever Running (12-01 and 12-02).
+@pytest.fixture(scope="module")
+def crds(own_crds: ControlPlane) -> ControlPlane:
+    return own_crds
+
+
+@pytest.fixture(scope="module")
+def operator(own_operator: Any) -> Any:
+    return own_operator
+
+
+def _pods(kget: Get) -> dict[str, Any]:
+    """Each pod's phase, node and conditions (with why): was a worker unscheduled, or never Running?"""
+    return {p["metadata"]["name"]: (p["status"].get("phase"), p["spec"].get("nodeName"),
+                                    [(c["type"], c["status"], c.get("reason"), c.get("message"))
+                                     for c in p["status"].get("conditions", [])])
+            for p in kget("pods")["items"]}
 
 
 def _up(url: str) -> bool:
@@ -59,8 +82,10 @@ def test_both_pools_wake_for_the_first_request_and_go_back_to_zero(
                 answer = client.completions.create(model="tiny", prompt="hello from zero", max_tokens=4)
             except openai.APIError as e:   # say where the wake stopped: autoscaler, kubelet or router
                 pools = {p: (kget("workerpool", p) or {}).get("spec") for p in ("zero-prefill", "zero-decode")}
-                raise AssertionError(f"{e!r}\npools: {pools}\nautoscaler:\n{scaler.log_tail()}\n"
-                                     f"{kubelet.describe()}") from None
+                deployments = {d["metadata"]["name"]: (d["spec"].get("replicas"), d.get("status"))
+                               for d in kget("deployments")["items"]}
+                raise AssertionError(f"{e!r}\npools: {pools}\ndeployments: {deployments}\npods: {_pods(kget)}\n"
+                                     f"autoscaler:\n{scaler.log_tail()}\n{kubelet.describe()}") from None
             assert answer.choices[0].text                   # held through one cold start, then served
             log = scaler.log_path.read_text()
             for role in ("prefill", "decode"):
