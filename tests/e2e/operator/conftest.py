@@ -88,7 +88,7 @@ def _operator_on(plane: ControlPlane) -> Iterator[Operator]:
 def own_crds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """A full control plane of the requesting module's own (two kwok nodes of 8 GPUs), with the
     CRDs applied: for modules that crash or flood the plane, so that later modules on the
-    session's plane never see the aftermath. The modules in `disruptive/` get it as their `crds`."""
+    session's plane never see the aftermath. The modules in `own_plane/` get it as their `crds`."""
     yield from _plane_with_crds(tmp_path_factory, "own", gpus=8, nodes=2)
 
 

@@ -34,7 +34,7 @@ def _ready(svc: Any) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-# Both on this module's own plane (disruptive/conftest.py): on the session's shared one, the
+# Both on this module's own plane (own_plane/conftest.py): on the session's shared one, the
 # etcd case once left kwok not readying new pods for 150 s and the next module's operator getting
 # 404s for kvpilot.io paths from the restarted apiserver (fresh-clone CI of 2026-12-02).
 @pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])

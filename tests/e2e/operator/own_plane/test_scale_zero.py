@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import pytest
 
 from kvpilot.procs import ManagedProcess, wait_for
 from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
@@ -31,20 +30,6 @@ SERVICE = {
         "autoscaling": {"enabled": True, "scaleDownStabilizationSeconds": 3},
     },
 }
-
-
-# A plane and an operator of this module's own: the wake needs two 1-GPU pods scheduled and Running
-# within the request's 80 s, and on the session's plane (16 GPUs) earlier modules' pods can still
-# hold GPUs while their namespaces terminate (`--wait=false`). Twice a CI run timed out here with
-# the autoscaler's 0 → 1 logged and no worker pod ever Running (12-01 and 12-02).
-@pytest.fixture(scope="module")
-def crds(own_crds: ControlPlane) -> ControlPlane:
-    return own_crds
-
-
-@pytest.fixture(scope="module")
-def operator(own_operator: Any) -> Any:
-    return own_operator
 
 
 def _pods(kget: Get) -> dict[str, Any]:
