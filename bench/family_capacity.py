@@ -22,8 +22,8 @@ from service_bound import service_bound  # bench/ (routing_quality.py puts it on
 
 from kvpilot.router.policies import POLICIES
 from kvpilot.router.policies.dualmap import DualMap
-from kvpilot.router.policy import Policy, PolicyContext
-from kvpilot.sim.cluster import Cluster, ClusterConfig
+from kvpilot.router.policy import Policy
+from kvpilot.sim.cluster import Cluster, ClusterConfig, policy_context
 from kvpilot.sim.families import make_workload
 from kvpilot.sim.profiles import get_profile
 
@@ -32,12 +32,8 @@ BASELINES = ("cache-aware", "min-ttft", "least-loaded", "consistent-hash")
 DEFAULT = ("dualmap", *BASELINES)
 
 
-def _policy(name: str, slo: float, args: argparse.Namespace, ablations: dict[str, dict[str, Any]]) -> Policy | None:
-    if name not in ablations:
-        return None
-    ctx = PolicyContext(slo_ttft_s=slo, block_size=args.block_size,
-                        kv_capacity_tokens=get_profile(args.profile).kv_capacity_tokens)
-    return DualMap(ctx, **ablations[name])
+def _policy(name: str, cfg: ClusterConfig, ablations: dict[str, dict[str, Any]]) -> Policy | None:
+    return DualMap(policy_context(cfg), **ablations[name]) if name in ablations else None
 
 
 def run_at(workload: str, seed: int, rate: float, slos: list[float], policy: str, args: argparse.Namespace,
@@ -48,7 +44,7 @@ def run_at(workload: str, seed: int, rate: float, slos: list[float], policy: str
     specs = make_workload(workload, max(args.requests, math.ceil(rate * args.duration)), rate, seed)
     cfg = ClusterConfig(instances=args.instances, profile=args.profile, policy=policy if policy in POLICIES else
                         "dualmap", block_size=args.block_size, slo_ttft_s=slos[0])
-    report = Cluster(cfg, _policy(policy, slos[0], args, ablations)).run(specs)
+    report = Cluster(cfg, _policy(policy, cfg, ablations)).run(specs)
     out = {}
     for slo in slos:
         ok = sum(1 for r in report.results if r.ttft <= slo)

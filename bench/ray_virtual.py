@@ -30,9 +30,8 @@ from typing import Any
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import NOTHING, Decision, InstanceLoad, Outcome, Policy, PolicyContext, RequestView
-from kvpilot.sim.cluster import Cluster, ClusterConfig
+from kvpilot.sim.cluster import Cluster, ClusterConfig, policy_context
 from kvpilot.sim.families import make_workload
-from kvpilot.sim.profiles import get_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from routing_quality import ABLATIONS
@@ -80,10 +79,7 @@ def run(case: tuple[str, int, float, int, str, str, float, int, int, str]) -> di
     if max_tokens:
         specs = [dataclasses.replace(s, max_tokens=min(s.max_tokens, max_tokens)) for s in specs]
     config = ClusterConfig(instances=instances, profile=profile, seed=seed, slo_ttft_s=slo)
-    spec = get_profile(profile)
-    context = PolicyContext(slo_ttft_s=slo, block_size=spec.block_size, kv_capacity_tokens=spec.kv_capacity_tokens,
-                            seed=seed)
-    inner = build(policy, context)
+    inner = build(policy, policy_context(config))
     driven = ServeQueued(inner) if mode == "serve" else inner
     report = Cluster(config, driven).run(specs)
     results = report.results

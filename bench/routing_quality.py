@@ -41,9 +41,7 @@ from rich.progress import Progress
 from kvpilot import plots
 from kvpilot.router.policies import POLICIES
 from kvpilot.router.policies.dualmap import DualMap
-from kvpilot.router.policy import PolicyContext
-from kvpilot.sim.cluster import Cluster, ClusterConfig
-from kvpilot.sim.profiles import get_profile
+from kvpilot.sim.cluster import Cluster, ClusterConfig, policy_context
 from kvpilot.sim.workload import RequestSpec, mooncake
 
 sys.path.insert(0, str(Path(__file__).parent))   # bench/ is not a package; -P keeps it off the path
@@ -84,9 +82,7 @@ def curve(policy: str, slo: float, args: argparse.Namespace, base_rate: float) -
                             "dualmap", block_size=args.block_size, slo_ttft_s=slo)
         custom = None
         if policy in ABLATIONS:
-            ctx = PolicyContext(slo_ttft_s=slo, block_size=args.block_size,
-                                kv_capacity_tokens=get_profile(args.profile).kv_capacity_tokens)
-            custom = DualMap(ctx, **ABLATIONS[policy])
+            custom = DualMap(policy_context(cfg), **ABLATIONS[policy])
         summary = Cluster(cfg, custom).run(specs).summary
         details.append({"rate": base_rate * s, **summary})
         if summary["slo_attainment"] < 0.5:

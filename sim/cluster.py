@@ -158,6 +158,14 @@ def summarize(results: Seq[RequestResult], instances: Seq[InstanceStats], makesp
     }
 
 
+def policy_context(config: ClusterConfig) -> PolicyContext:
+    """What the cluster's policies know of it; for a policy built outside (an ablation) to see the same."""
+    profile = get_profile(config.profile)
+    return PolicyContext(slo_ttft_s=config.slo_ttft_s, block_size=config.block_size or profile.block_size,
+                         kv_capacity_tokens=profile.kv_capacity_tokens, seed=config.seed,
+                         shared_store=config.route_by_store, store_token_cost=config.store_token_cost)
+
+
 class Cluster:
     rebalancer: Rebalancer | None = None    # live migration / queued moves (sim/migration_cluster.py)
 
@@ -171,9 +179,7 @@ class Cluster:
             raise ValueError("several router replicas need a poll interval and build their own policies")
         if config.route_by_store and not config.shared_store:
             raise ValueError("route_by_store needs a shared store")
-        ctx = PolicyContext(slo_ttft_s=config.slo_ttft_s, block_size=self.block_size,
-                            kv_capacity_tokens=self.profile.kv_capacity_tokens, seed=config.seed,
-                            shared_store=config.route_by_store, store_token_cost=config.store_token_cost)
+        ctx = policy_context(config)
         self.policies = [policy] if policy is not None else [make_policy(config.policy, ctx)
                                                              for _ in range(config.replicas)]
         self.policy = self.policies[0]
@@ -212,8 +218,8 @@ class Cluster:
         loop = StepLoop()
         for engine in engines:
             loop.add(engine)
-        meta: dict[Sequence, tuple[RequestSpec, int, str, int]] = {}   # → (spec, instance, reason, replica)
-        sent: dict[Sequence, RequestView] = {}                          # → the view its policy routed
+        # → (spec, instance, reason, replica, the view its policy routed)
+        meta: dict[Sequence, tuple[RequestSpec, int, str, int, RequestView]] = {}
         results: list[RequestResult] = []
         events = 0
         now = 0.0
@@ -240,12 +246,12 @@ class Cluster:
                     policies[r].on_first_token(seq.request_id, t - seq.arrival)
                     wake.add(r)
                 if seq.finish_time is not None:
-                    spec, inst, reason, r = meta.pop(seq)
+                    spec, inst, reason, r, view = meta.pop(seq)
                     wake.add(r)   # a finish frees KV: a request held on the KV budget may go now
                     views[r][inst].in_flight -= 1
                     # Every dispatch ends in one on_complete, as in the proxy (a policy that never
                     # sees a first token, as inside Ray Serve, learns of its prefill only here).
-                    policies[r].on_complete(sent.pop(seq), Outcome(views[r][inst].name, "ok", prefilled=True))
+                    policies[r].on_complete(view, Outcome(views[r][inst].name, "ok", prefilled=True))
                     ttft = (seq.first_token_time or t) - spec.arrival
                     tpot = (t - seq.first_token_time) / (seq.output - 1) if seq.output > 1 and seq.first_token_time \
                         is not None else None
@@ -276,8 +282,7 @@ class Cluster:
             seq = Sequence(spec.request_id, t, spec.prompt_tokens, view.block_hashes, spec.max_tokens,
                            external_tokens=self._external(engines[i], view.block_hashes, spec.prompt_tokens))
             engines[i].add(seq)
-            meta[seq] = (spec, i, reason, r)
-            sent[seq] = view
+            meta[seq] = (spec, i, reason, r, view)
             loads[i].in_flight += 1
             loads[i].pending_prefill_tokens += spec.prompt_tokens
             loads[i].pending_prefill += 1
@@ -287,8 +292,8 @@ class Cluster:
 
         def moved(seq: Sequence, src: int, dst: int, t: float) -> None:
             """A rebalancer moved `seq` from `src` to `dst`: it counts there now; wake `dst`."""
-            spec, _, reason, r = meta[seq]
-            meta[seq] = (spec, dst, reason, r)
+            spec, _, reason, r, view = meta[seq]
+            meta[seq] = (spec, dst, reason, r, view)
             loads = views[r]
             loads[src].in_flight -= 1
             loads[dst].in_flight += 1
