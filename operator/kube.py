@@ -115,9 +115,8 @@ class Kube:
         self.create({
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": involved.get("apiVersion", API_VERSION),
-                               "kind": involved.get("kind", "LLMService"), "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta.get("uid", "")},
+            "involvedObject": {"apiVersion": involved["apiVersion"], "kind": involved["kind"], "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta["uid"]},
             "type": type_, "reason": reason, "message": message[:1024],
             "source": {"component": MANAGER}, "reportingComponent": MANAGER,
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
