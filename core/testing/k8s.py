@@ -82,6 +82,15 @@ def kuberay_operator_bin() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def pod_states(pods: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+    """Each pod's phase, node and conditions (with reason and message), for a failing test's
+    message: was a pod unscheduled, scheduled but never Running (kwok's lag), or not Ready?"""
+    return {p["metadata"]["name"]: (p["status"].get("phase"), p["spec"].get("nodeName"),
+                                    [(c["type"], c["status"], c.get("reason"), c.get("message"))
+                                     for c in p["status"].get("conditions", [])])
+            for p in pods}
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from kvpilot.procs import wait_for
-from kvpilot.testing.k8s import ControlPlane
+from kvpilot.testing.k8s import ControlPlane, pod_states
 
 Get = Callable[..., Any]
 Operator = Any  # conftest.Operator
@@ -64,9 +64,7 @@ def test_operator_converges_across_a_control_plane_crash(
         # Whose lag: the operator's status, or the Deployment and pods (kwok's)?
         deps = {d["metadata"]["name"]: d.get("status") for d in kget("deployments")["items"]
                 if d["metadata"]["name"].rsplit("-", 1)[0] in late}
-        pods = {p["metadata"]["name"]: (p["status"].get("phase"), p["spec"].get("nodeName"),
-                                        [(c["type"], c["status"]) for c in p["status"].get("conditions", [])])
-                for p in kget("pods")["items"] if p["metadata"]["name"].rsplit("-", 3)[0] in late}
+        pods = pod_states([p for p in kget("pods")["items"] if p["metadata"]["name"].rsplit("-", 3)[0] in late])
         raise AssertionError(f"not Ready: {[(n, waiting[n]) for n in late]}\ndeployments: {deps}\npods: {pods}"
                              f"\n{operator.log_tail()}") from None
     assert operator.proc is not None and operator.proc.alive(), "the operator died with the control plane"

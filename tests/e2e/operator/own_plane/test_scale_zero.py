@@ -15,7 +15,7 @@ from typing import Any
 import openai
 
 from kvpilot.procs import ManagedProcess, wait_for
-from kvpilot.testing.k8s import REPO_ROOT, ControlPlane
+from kvpilot.testing.k8s import REPO_ROOT, ControlPlane, pod_states
 from kvpilot.testing.kubelet import ProcessKubelet
 
 Get = Callable[..., Any]
@@ -30,14 +30,6 @@ SERVICE = {
         "autoscaling": {"enabled": True, "scaleDownStabilizationSeconds": 3},
     },
 }
-
-
-def _pods(kget: Get) -> dict[str, Any]:
-    """Each pod's phase, node and conditions (with why): was a worker unscheduled, or never Running?"""
-    return {p["metadata"]["name"]: (p["status"].get("phase"), p["spec"].get("nodeName"),
-                                    [(c["type"], c["status"], c.get("reason"), c.get("message"))
-                                     for c in p["status"].get("conditions", [])])
-            for p in kget("pods")["items"]}
 
 
 def _up(url: str) -> bool:
@@ -69,7 +61,8 @@ def test_both_pools_wake_for_the_first_request_and_go_back_to_zero(
                 pools = {p: (kget("workerpool", p) or {}).get("spec") for p in ("zero-prefill", "zero-decode")}
                 deployments = {d["metadata"]["name"]: (d["spec"].get("replicas"), d.get("status"))
                                for d in kget("deployments")["items"]}
-                raise AssertionError(f"{e!r}\npools: {pools}\ndeployments: {deployments}\npods: {_pods(kget)}\n"
+                pods = pod_states(kget("pods")["items"])
+                raise AssertionError(f"{e!r}\npools: {pools}\ndeployments: {deployments}\npods: {pods}\n"
                                      f"autoscaler:\n{scaler.log_tail()}\n{kubelet.describe()}") from None
             assert answer.choices[0].text                   # held through one cold start, then served
             log = scaler.log_path.read_text()
