@@ -9,6 +9,7 @@ the official `openai` client streaming.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -104,6 +105,13 @@ def test_redis_killed_mid_pd_batch_recomputes_or_errs_and_counts(tmp_path: Path,
     assert moved > 0
     assert REQUESTS - before_kill - 6 <= failed <= REQUESTS - KILL_AFTER + 6, (failed, before_kill)
     assert local >= failed * (PROMPT - 1), (local, failed)
-    routed = sum(s.value for f in text_string_to_metric_families(router.metrics_text()) for s in f.samples
-                 if s.name == "kvpilot_router_requests_total" and s.labels.get("outcome") == "ok")
-    assert routed == REQUESTS
+
+    def routed() -> float:
+        return sum(s.value for f in text_string_to_metric_families(router.metrics_text()) for s in f.samples
+                   if s.name == "kvpilot_router_requests_total" and s.labels.get("outcome") == "ok")
+
+    # The router counts a streamed request once its handler returns, just after the client has the
+    # last bytes: scraped at once, the last one can be missing (35 of 36 in a CI run of 12-02).
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: routed() >= REQUESTS, 10, "the router to count every request")
+    assert routed() == REQUESTS
