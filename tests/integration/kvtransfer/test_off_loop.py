@@ -63,14 +63,27 @@ async def _lag_before(url: str, tag: str) -> float:
     return probe.worst
 
 
+async def _lag_idle() -> float:
+    """The loop's own noise on this machine now: the probe with nothing else on the loop."""
+    async with LagProbe() as probe:
+        await asyncio.sleep(0.3)
+    return probe.worst
+
+
 def test_a_64_mib_export_does_not_stall_the_callers_loop(redis_server: RedisServer) -> None:
-    before, now = [], []
+    idle, before, now = [], [], []
     for rep in range(3):  # interleaved; the best of three each is the least disturbed by other load
+        idle.append(asyncio.run(_lag_idle()))
         before.append(asyncio.run(_lag_before(redis_server.url, f"a{rep}")))
         now.append(asyncio.run(_lag_now(redis_server.url, f"b{rep}")))
-    # On the loop the whole pipeline holds it (0.29 s quiet); in threads the loop waits only for
+    # On the loop the whole pipeline holds it (0.1-0.3 s); in threads the loop waits only for
     # GIL hand-overs (~10 ms per 64 MiB measured, where an asyncio client in a thread gave ~100).
-    assert min(before) > 0.1, f"the old way did not stall the loop ({before} s): the test measures nothing"
+    # The self-check is relative to the idle loop's noise measured alongside, not an absolute
+    # time: a faster machine stalls for less, and the test still measures something while the
+    # old way's stall stands an order of magnitude above that noise.
+    assert min(before) > 10 * max(min(idle), 0.001), (
+        f"the old way ({before} s) did not stall the loop beyond its idle noise ({idle} s): "
+        "the test measures nothing")
     assert min(now) < min(before) / 4, f"worst loop lag now {now} s vs on the loop {before} s"
 
 
