@@ -2,11 +2,13 @@
 
 Inside Ray Serve (`kvpilot.ray`) a policy routes without its router-side queues (Serve queues a
 request itself) and never sees a first token (the router hears only of completions), so a
-request's prefill backlog stays counted until it completes. `ServeQueued` drives a policy that
-way in the virtual-time cluster, the same calls `kvpilot.ray.adapter.PolicyAdapter` makes, so
-the live benchmark (`bench/ray_routing.py`) can be predicted and a policy change tried on many
-seeds and workloads before an hour of Ray. `--modes holding` runs the policy as the proxy does,
-for comparison.
+request's prefill backlog stays counted until the replica's routing stats show it started
+(`StartedBySample`, stats every `--stats-period` s as the live app's) or it completes.
+`ServeQueued` drives a policy that way in the virtual-time cluster, the same calls
+`kvpilot.ray.adapter.PolicyAdapter` makes, so the live benchmark (`bench/ray_routing.py`) can be
+predicted and a policy change tried on many seeds and workloads before an hour of Ray. Mode
+`serve-completion` releases the backlog only at completion (no routing stats, as before);
+`holding` runs the policy as the proxy does, for comparison.
 
     .venv/bin/python -P bench/ray_virtual.py --workload agentic --requests 1000 --rates 40 50 \\
         --seeds 0 2 --slo 2 --max-tokens 32 --policies dualmap "dualmap, switch on own TTFT" cache-aware
@@ -27,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kvpilot.ray.adapter import StartedBySample
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import NOTHING, Decision, InstanceLoad, Outcome, Policy, PolicyContext, RequestView
@@ -39,12 +42,15 @@ from routing_quality import ABLATIONS
 
 class ServeQueued:
     """`inner` as the Ray router drives it: `route` and `on_dispatch` only (no `hold`/`release`,
-    so the cluster dispatches at once and the engine queues), and the first token reported at
-    completion, with no TTFT (so the estimator's backlog drains only then and never calibrates)."""
+    so the cluster dispatches at once and the engine queues), and the first token reported, with
+    no TTFT (so the estimator never calibrates), when an engine poll (Serve's routing stats) shows
+    the request started, else at completion."""
 
     def __init__(self, inner: Policy) -> None:
         self.inner = inner
         self.name = inner.name
+        self.starts = StartedBySample()
+        self._where: dict[str, str] = {}
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad],
               excluded: Set[str] = NOTHING) -> Decision:
@@ -52,12 +58,24 @@ class ServeQueued:
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         self.inner.on_dispatch(request, index, instances)
+        name = instances[index].name
+        self._where[request.request_id] = name
+        self.starts.sent(name, request.request_id, request.arrival)   # dispatched on arrival here
+
+    def on_poll(self, instances: Sequence[InstanceLoad], t: float) -> None:
+        for inst in instances:
+            for request_id in self.starts.sample(inst.name, inst.engine_waiting, t):
+                del self._where[request_id]
+                self.inner.on_first_token(request_id, None)
 
     def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
         """Unseen by a Serve router."""
 
     def on_complete(self, request: RequestView, outcome: Outcome) -> None:
-        self.inner.on_first_token(request.request_id, None)
+        name = self._where.pop(request.request_id, None)
+        if name is not None:   # no sample showed it started
+            self.starts.ended(name, request.request_id)
+            self.inner.on_first_token(request.request_id, None)
         self.inner.on_complete(request, outcome)
 
     def cache_estimate(self) -> Any:
@@ -73,14 +91,15 @@ def build(policy: str, context: PolicyContext) -> Policy:
     return make_policy(policy, context)
 
 
-def run(case: tuple[str, int, float, int, str, str, float, int, int, str]) -> dict[str, Any]:
-    workload, requests, rate, seed, policy, mode, slo, max_tokens, instances, profile = case
+def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float]) -> dict[str, Any]:
+    workload, requests, rate, seed, policy, mode, slo, max_tokens, instances, profile, stats_s = case
     specs = make_workload(workload, requests, rate, seed)
     if max_tokens:
         specs = [dataclasses.replace(s, max_tokens=min(s.max_tokens, max_tokens)) for s in specs]
-    config = ClusterConfig(instances=instances, profile=profile, seed=seed, slo_ttft_s=slo)
+    config = ClusterConfig(instances=instances, profile=profile, seed=seed, slo_ttft_s=slo,
+                           poll_s=stats_s if mode == "serve" else None)
     inner = build(policy, policy_context(config))
-    driven = ServeQueued(inner) if mode == "serve" else inner
+    driven = ServeQueued(inner) if mode.startswith("serve") else inner
     report = Cluster(config, driven).run(specs)
     results = report.results
     reasons = Counter(r.reason for r in results)
@@ -104,11 +123,13 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=4)
     ap.add_argument("--profile", default="h100-llama3-8b")
     ap.add_argument("--policies", nargs="+", default=["dualmap", "cache-aware"])
-    ap.add_argument("--modes", nargs="+", choices=["serve", "holding"], default=["serve"])
+    ap.add_argument("--modes", nargs="+", choices=["serve", "serve-completion", "holding"], default=["serve"])
+    ap.add_argument("--stats-period", type=float, default=1.0,
+                    help="seconds between Serve's routing stats in mode serve (the live app's default)")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
     cases = [(args.workload, args.requests, rate, seed, policy, mode, args.slo, args.max_tokens, args.instances,
-              args.profile)
+              args.profile, args.stats_period)
              for rate, seed, mode, policy in itertools.product(args.rates, args.seeds, args.modes, args.policies)]
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(run, cases))

@@ -9,7 +9,8 @@ without a Ray cluster.
 What differs from the proxy: Serve queues a request itself (it backs off and asks again when
 every replica in the ranks is at `max_ongoing_requests`), so a holding policy (DualMap) routes
 here without its router-side queues; the first token is not observed by a router, so the
-prefill backlog a request adds is released when it completes.
+prefill backlog a request adds is released when the replica's routing stats show it started
+(`StartedBySample`), or else when it completes.
 """
 
 from __future__ import annotations
@@ -29,12 +30,58 @@ MAX_PENDING = 10_000
 STAT_RUNNING = "num_requests_running"
 STAT_WAITING = "num_requests_waiting"
 STAT_KV_USAGE = "kv_cache_usage_perc"
+# When the replica took them (its wall clock, `time.time()`); without it, no start is inferred.
+STAT_SAMPLED_AT = "sampled_at"
 
 
 @dataclass(slots=True)
 class _Dispatch:
     view: RequestView
     name: str
+    started: bool = False   # its prefill began (inferred from routing stats): its backlog is released
+
+
+class StartedBySample:
+    """Which of this router's requests a replica has taken past its waiting queue, from the
+    waiting count in its routing stats.
+
+    A router inside Serve never sees a first token, so a request's prefill would stay in the
+    predicted backlog until it completes, decode included. That inflated backlog made DualMap
+    switch requests away from their cached prefix (bench/results/ray_virtual.md). vLLM schedules
+    first come, first served: when a replica that sampled its stats at `at` reports `waiting`
+    requests waiting, all but the newest `waiting` of the requests this router had sent there
+    before `at` have started. Other routers' requests only make `waiting` larger, so with several
+    routers the inference is late, never early; a preempted request back in the queue does the same."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, OrderedDict[str, float]] = {}   # replica → request → when sent, oldest first
+        self._sampled: dict[str, float] = {}
+
+    def sent(self, name: str, request_id: str, at: float) -> None:
+        self._queues.setdefault(name, OrderedDict())[request_id] = at
+
+    def ended(self, name: str, request_id: str) -> None:
+        queue = self._queues.get(name)
+        if queue is not None:
+            queue.pop(request_id, None)
+
+    def sample(self, name: str, waiting: int, at: float) -> list[str]:
+        """The requests a new sample shows started (each named once); [] for a sample seen before."""
+        if at <= self._sampled.get(name, float("-inf")):
+            return []
+        self._sampled[name] = at
+        queue = self._queues.get(name)
+        if not queue:
+            return []
+        before = [rid for rid, sent in queue.items() if sent < at]
+        started = before[: max(0, len(before) - waiting)]
+        for rid in started:
+            del queue[rid]
+        return started
+
+    def forget(self, name: str) -> None:
+        self._queues.pop(name, None)
+        self._sampled.pop(name, None)
 
 
 class PolicyAdapter:
@@ -49,6 +96,7 @@ class PolicyAdapter:
         self._own: dict[str, int] = {}          # requests this router routed there and saw no completion of
         self._ranked: OrderedDict[str, RequestView] = OrderedDict()
         self._routed: dict[str, _Dispatch] = {}
+        self._starts = StartedBySample()
 
     # -- membership and load ------------------------------------------------------------
     def set_members(self, names: Sequence[str]) -> bool:
@@ -67,7 +115,8 @@ class PolicyAdapter:
     def observe(self, name: str, queue_len: int | None, stats: Mapping[str, object] | None = None) -> None:
         """Ray's signals for one replica: the router's queue-length cache (fresh, this process's
         view; None when unknown or stale, then this router's own count stands in) and the replica's
-        periodic routing stats (global, about a stats period behind)."""
+        periodic routing stats (global, about a stats period behind). A new sample with its time
+        releases the prefill backlog of the requests it shows started."""
         i = self._index.get(name)
         if i is None:
             return
@@ -75,10 +124,27 @@ class PolicyAdapter:
         load.in_flight = queue_len if queue_len is not None else self._own.get(name, 0)
         if stats:
             load.engine_running = _int(stats.get(STAT_RUNNING), load.engine_running)
-            load.engine_waiting = _int(stats.get(STAT_WAITING), load.engine_waiting)
+            waiting = stats.get(STAT_WAITING)
+            load.engine_waiting = _int(waiting, load.engine_waiting)
             usage = stats.get(STAT_KV_USAGE)
             if isinstance(usage, int | float):
                 load.kv_usage = float(usage)
+            at = stats.get(STAT_SAMPLED_AT)
+            if isinstance(at, int | float) and isinstance(waiting, int) and not isinstance(waiting, bool):
+                for request_id in self._starts.sample(name, waiting, float(at)):
+                    self._started(request_id)
+
+    def _started(self, request_id: str) -> None:
+        """The request's prefill began: its backlog leaves the load and the policy's estimate (the
+        policy's `on_first_token`, with no TTFT: none was measured)."""
+        done = self._routed.get(request_id)
+        if done is None or done.started:
+            return
+        done.started = True
+        load = self.load(done.name)
+        if load is not None:
+            load.pending_prefill_tokens = max(0, load.pending_prefill_tokens - done.view.prompt_tokens)
+        self.policy.on_first_token(request_id, None)
 
     # -- the request path -----------------------------------------------------------------
     def view(self, request_id: str, prompt: str) -> RequestView:
@@ -115,22 +181,22 @@ class PolicyAdapter:
         load.pending_prefill_tokens += view.prompt_tokens
         self._own[name] = self._own.get(name, 0) + 1
         self._routed[request_id] = _Dispatch(view, name)
+        self._starts.sent(name, request_id, time.time())
 
     def completed(self, request_id: str) -> None:
         """The request ended (success, error or cancel; Ray does not say which): the policy's
-        `on_first_token` (unobserved) and `on_complete`."""
+        `on_first_token` (unobserved; unless a sample showed it started) and `on_complete`."""
+        self._started(request_id)
         done = self._routed.pop(request_id, None)
         if done is None:
             return
         name = done.name
-        i = self._index.get(name)
-        if i is not None and self.loads[i].name == name:
-            load = self.loads[i]
+        self._starts.ended(name, request_id)
+        load = self.load(name)
+        if load is not None:
             load.in_flight = max(0, load.in_flight - 1)
-            load.pending_prefill_tokens = max(0, load.pending_prefill_tokens - done.view.prompt_tokens)
         if name in self._own:
             self._own[name] = max(0, self._own[name] - 1)
-        self.policy.on_first_token(request_id, None)
         self.policy.on_complete(done.view, Outcome(name, "ok", prefilled=True))
 
     def removed(self, name: str) -> None:
@@ -138,8 +204,10 @@ class PolicyAdapter:
         for request_id, done in list(self._routed.items()):
             if done.name == name:
                 del self._routed[request_id]
-                self.policy.on_first_token(request_id, None)
+                if not done.started:
+                    self.policy.on_first_token(request_id, None)
                 self.policy.on_complete(done.view, Outcome(name, "failed", prefilled=False))
+        self._starts.forget(name)
         self.set_members([inst.name for inst in self.loads if inst.name != name])
 
     def load(self, name: str) -> InstanceLoad | None:

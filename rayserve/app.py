@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from kvpilot import sse
 from kvpilot.openai_errors import ApiError
-from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_WAITING
+from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_SAMPLED_AT, STAT_WAITING
 from kvpilot.ray.prompt import CompletionCall
 from kvpilot.sim.profiles import get_profile
 from kvpilot.sim.server import ServeConfig, SimServer
@@ -76,10 +76,11 @@ class SimEngine:
             server.close_stream(stream)
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Polled by Serve's controller and handed to every router as `routing_stats`."""
+        """Polled by Serve's controller and handed to every router as `routing_stats`; the time
+        lets a router tell which of its requests this sample shows started."""
         engine = self.server.engine
         return {STAT_RUNNING: engine.num_running, STAT_WAITING: engine.num_waiting,
-                STAT_KV_USAGE: engine.kv_usage, **self.counters()}
+                STAT_KV_USAGE: engine.kv_usage, STAT_SAMPLED_AT: time.time(), **self.counters()}
 
     def metrics(self) -> str:
         """This replica's Prometheus exposition, with vLLM's metric names."""

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from kvpilot.router.engine_load import EngineSample, observe
 from kvpilot.router.policies import make_policy
@@ -27,6 +27,14 @@ from kvpilot.sim.stepping import STEP, StepLoop
 from kvpilot.sim.workload import RequestSpec
 
 POLL = STEP + 1   # the event kind of a router replica's engine poll
+
+
+@runtime_checkable
+class PollObserver(Protocol):
+    """A policy that hears of each engine poll once its view took it (with `poll_s`): the bench's
+    Ray Serve emulation reads the polls as Serve's routing stats (`bench/ray_virtual.py`)."""
+
+    def on_poll(self, instances: Seq[InstanceLoad], t: float) -> None: ...
 
 
 @dataclass(slots=True)
@@ -317,6 +325,9 @@ class Cluster:
             for r, loads in enumerate(views):
                 for load, sample in zip(loads, samples, strict=True):
                     observe(load, sample)
+                policy = policies[r]
+                if isinstance(policy, PollObserver):
+                    policy.on_poll(loads, t)
                 if holding:
                     release(r, t)
             if poll_s is not None and (pending or held_specs or any(e.has_work for e in engines)):

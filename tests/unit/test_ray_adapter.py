@@ -4,10 +4,18 @@ and exactly one `on_complete` per routed request."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence, Set
 from types import SimpleNamespace
 
-from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_WAITING, PolicyAdapter
+from kvpilot.ray.adapter import (
+    STAT_KV_USAGE,
+    STAT_RUNNING,
+    STAT_SAMPLED_AT,
+    STAT_WAITING,
+    PolicyAdapter,
+    StartedBySample,
+)
 from kvpilot.ray.prompt import CompletionCall, extract_prompt
 from kvpilot.router.policies import DualMap, RoundRobin
 from kvpilot.router.policy import NOTHING, BasePolicy, Decision, InstanceLoad, Outcome, RequestView
@@ -74,6 +82,7 @@ class Recorder(BasePolicy):
     def __init__(self) -> None:
         super().__init__()
         self.dispatched: list[tuple[str, str]] = []
+        self.first_tokens: list[tuple[str, float | None]] = []
         self.completed: list[tuple[str, Outcome]] = []
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad],
@@ -82,6 +91,9 @@ class Recorder(BasePolicy):
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         self.dispatched.append((request.request_id, instances[index].name))
+
+    def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
+        self.first_tokens.append((request_id, ttft_s))
 
     def on_complete(self, request: RequestView, outcome: Outcome) -> None:
         self.completed.append((request.request_id, outcome))
@@ -102,8 +114,61 @@ def test_routed_and_completed_drive_the_policy_and_the_load_once_each() -> None:
     adapter.completed("q1")      # a second report changes nothing
     adapter.completed("never-routed")
     assert [(rid, o.instance, o.status) for rid, o in policy.completed] == [("q1", "r4", "ok")]
+    assert policy.first_tokens == [("q1", None)]   # unobserved: told at completion, with no TTFT
     assert (r4.in_flight, r4.pending_prefill_tokens) == (0, 0)
     assert adapter.in_flight() == 0
+
+
+def test_a_sample_shows_which_requests_started_oldest_first() -> None:
+    """vLLM serves first come, first served: with `waiting` waiting at the sample, all but the newest
+    `waiting` of those sent before it started. Each is named once; a later send is not judged."""
+    starts = StartedBySample()
+    for i, at in enumerate([1.0, 2.0, 3.0, 4.0]):
+        starts.sent("r1", f"q{i}", at)
+    assert starts.sample("r1", 1, 3.5) == ["q0", "q1"]   # q3 was sent after the sample
+    assert starts.sample("r1", 0, 3.5) == []             # the same sample again
+    assert starts.sample("r1", 0, 3.0) == []             # an older one
+    assert starts.sample("r1", 5, 5.0) == []             # other routers' requests waiting too: none inferred
+    starts.ended("r1", "q2")                             # completed before any sample showed it started
+    assert starts.sample("r1", 0, 6.0) == ["q3"]
+    assert starts.sample("r2", 0, 6.0) == []             # nothing sent there
+
+
+def test_a_stats_sample_releases_the_backlog_of_requests_it_shows_started() -> None:
+    policy = Recorder()
+    adapter = PolicyAdapter(policy)
+    adapter.set_members(REPLICAS)
+    for rid in ("q1", "q2", "q3"):
+        adapter.rank(rid, PREFIXES[0], REPLICAS)
+        adapter.routed(rid, "r1")
+    r1 = adapter.load("r1")
+    assert r1 is not None
+    tokens = token_count(PREFIXES[0])
+    adapter.observe("r1", 3, {STAT_WAITING: 1})                    # no sample time: nothing inferred
+    assert policy.first_tokens == [] and r1.pending_prefill_tokens == 3 * tokens
+    adapter.observe("r1", 3, {STAT_WAITING: 1, STAT_SAMPLED_AT: time.time() + 1})
+    assert policy.first_tokens == [("q1", None), ("q2", None)]
+    assert r1.pending_prefill_tokens == tokens
+    adapter.completed("q1")   # the first token was told already: only the completion now
+    adapter.completed("q3")
+    assert policy.first_tokens == [("q1", None), ("q2", None), ("q3", None)]
+    assert [rid for rid, _ in policy.completed] == ["q1", "q3"]
+    assert (r1.in_flight, r1.pending_prefill_tokens) == (1, 0)
+
+
+def test_dualmap_inside_serve_stops_counting_a_started_prefill_in_its_predicted_wait() -> None:
+    """What the inference is for: without a first token, a started request's prefill stayed in
+    DualMap's predicted wait until it completed, and DualMap switched prompts off their cache."""
+    adapter = _dualmap()
+    policy = adapter.policy
+    assert isinstance(policy, DualMap)
+    for i in range(4):
+        adapter.rank(f"q{i}", PREFIXES[i], REPLICAS)
+        adapter.routed(f"q{i}", "r1")
+    loaded = policy.holding.wait_for("r1", 0)
+    assert loaded > 0
+    adapter.observe("r1", 4, {STAT_WAITING: 0, STAT_SAMPLED_AT: time.time() + 1})
+    assert policy.holding.wait_for("r1", 0) < loaded / 10
 
 
 def test_load_comes_from_the_queue_cache_else_the_routers_own_count() -> None:
