@@ -2,8 +2,9 @@
 
 Inside Ray Serve (`kvpilot.ray`) a policy routes without its router-side queues (Serve queues a
 request itself) and never sees a first token (the router hears only of completions), so a
-request's prefill backlog stays counted until the replica's routing stats show it started
-(`StartedBySample`, stats every `--stats-period` s as the live app's) or it completes.
+request's prefill backlog stays counted until the replica's routing stats show it started and it
+had its own predicted prefill time (`StartedBySample`, stats every `--stats-period` s as the live
+app's), or until it completes.
 `ServeQueued` drives a policy that way in the virtual-time cluster, the same calls
 `kvpilot.ray.adapter.PolicyAdapter` makes, so the live benchmark (`bench/ray_routing.py`) can be
 predicted and a policy change tried on many seeds and workloads before an hour of Ray. Mode
@@ -43,38 +44,46 @@ from routing_quality import ABLATIONS
 class ServeQueued:
     """`inner` as the Ray router drives it: `route` and `on_dispatch` only (no `hold`/`release`,
     so the cluster dispatches at once and the engine queues), and the first token reported, with
-    no TTFT (so the estimator never calibrates), when an engine poll (Serve's routing stats) shows
-    the request started, else at completion."""
+    no TTFT (so the estimator never calibrates), its own predicted prefill after an engine poll
+    (Serve's routing stats) showed it started, else at completion."""
 
     def __init__(self, inner: Policy) -> None:
         self.inner = inner
         self.name = inner.name
         self.starts = StartedBySample()
-        self._where: dict[str, str] = {}
+        self._counted: set[str] = set()   # dispatched, prefill not yet released
+
+    def _prefill_s(self, request_id: str) -> float:
+        estimate = self.inner.cache_estimate()
+        return 0.0 if estimate is None else estimate.prefill_s(request_id)
+
+    def _release(self, now: float) -> None:
+        for request_id in self.starts.done(now):
+            self._counted.discard(request_id)
+            self.inner.on_first_token(request_id, None)
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad],
               excluded: Set[str] = NOTHING) -> Decision:
+        self._release(request.arrival)   # routed on arrival here
         return self.inner.route(request, instances, excluded)
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         self.inner.on_dispatch(request, index, instances)
-        name = instances[index].name
-        self._where[request.request_id] = name
-        self.starts.sent(name, request.request_id, request.arrival)   # dispatched on arrival here
+        self._counted.add(request.request_id)
+        self.starts.sent(instances[index].name, request.request_id, request.arrival)
 
     def on_poll(self, instances: Sequence[InstanceLoad], t: float) -> None:
         for inst in instances:
-            for request_id in self.starts.sample(inst.name, inst.engine_waiting, t):
-                del self._where[request_id]
-                self.inner.on_first_token(request_id, None)
+            self.starts.sample(inst.name, inst.engine_waiting, t, self._prefill_s)
+        self._release(t)
 
     def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
         """Unseen by a Serve router."""
 
     def on_complete(self, request: RequestView, outcome: Outcome) -> None:
-        name = self._where.pop(request.request_id, None)
-        if name is not None:   # no sample showed it started
-            self.starts.ended(name, request.request_id)
+        self.starts.ended(outcome.instance, request.request_id)
+        if request.request_id in self._counted:   # not released by a sample
+            self._counted.discard(request.request_id)
             self.inner.on_first_token(request.request_id, None)
         self.inner.on_complete(request, outcome)
 

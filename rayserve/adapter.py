@@ -10,14 +10,15 @@ What differs from the proxy: Serve queues a request itself (it backs off and ask
 every replica in the ranks is at `max_ongoing_requests`), so a holding policy (DualMap) routes
 here without its router-side queues; the first token is not observed by a router, so the
 prefill backlog a request adds is released when the replica's routing stats show it started
-(`StartedBySample`), or else when it completes.
+and had time to prefill (`StartedBySample`), or else when it completes.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvpilot.router.policy import InstanceLoad, Outcome, Policy, RequestView
@@ -42,20 +43,24 @@ class _Dispatch:
 
 
 class StartedBySample:
-    """Which of this router's requests a replica has taken past its waiting queue, from the
-    waiting count in its routing stats.
+    """When each of this router's requests has its prefill done, inferred from the waiting count
+    in the replicas' routing stats.
 
     A router inside Serve never sees a first token, so a request's prefill would stay in the
     predicted backlog until it completes, decode included. That inflated backlog made DualMap
     switch requests away from their cached prefix (bench/results/ray_virtual.md). vLLM schedules
     first come, first served: when a replica that sampled its stats at `at` reports `waiting`
     requests waiting, all but the newest `waiting` of the requests this router had sent there
-    before `at` have started. Other routers' requests only make `waiting` larger, so with several
+    before `at` have started. A started prompt is still prefilling (a long one takes several
+    chunked steps), so its prefill counts as done only its own predicted prefill time after the
+    sample (`prefill_s`). Other routers' requests only make `waiting` larger, so with several
     routers the inference is late, never early; a preempted request back in the queue does the same."""
 
     def __init__(self) -> None:
         self._queues: dict[str, OrderedDict[str, float]] = {}   # replica → request → when sent, oldest first
         self._sampled: dict[str, float] = {}
+        self._prefilling: dict[str, str] = {}                   # request → replica, started and not done
+        self._done_at: list[tuple[float, str]] = []             # heap of (prefill done, request)
 
     def sent(self, name: str, request_id: str, at: float) -> None:
         self._queues.setdefault(name, OrderedDict())[request_id] = at
@@ -64,24 +69,37 @@ class StartedBySample:
         queue = self._queues.get(name)
         if queue is not None:
             queue.pop(request_id, None)
+        self._prefilling.pop(request_id, None)
 
-    def sample(self, name: str, waiting: int, at: float) -> list[str]:
-        """The requests a new sample shows started (each named once); [] for a sample seen before."""
+    def sample(self, name: str, waiting: int, at: float, prefill_s: Callable[[str], float]) -> None:
+        """Take a sample (one seen before changes nothing): the requests it shows started will be
+        done `prefill_s(request)` after it."""
         if at <= self._sampled.get(name, float("-inf")):
-            return []
+            return
         self._sampled[name] = at
         queue = self._queues.get(name)
         if not queue:
-            return []
+            return
         before = [rid for rid, sent in queue.items() if sent < at]
-        started = before[: max(0, len(before) - waiting)]
-        for rid in started:
+        for rid in before[: max(0, len(before) - waiting)]:
             del queue[rid]
-        return started
+            self._prefilling[rid] = name
+            heapq.heappush(self._done_at, (at + prefill_s(rid), rid))
+
+    def done(self, now: float) -> list[str]:
+        """The requests whose prefill is done by `now` (each named once, oldest first)."""
+        out = []
+        while self._done_at and self._done_at[0][0] <= now:
+            _, rid = heapq.heappop(self._done_at)
+            if self._prefilling.pop(rid, None) is not None:
+                out.append(rid)
+        return out
 
     def forget(self, name: str) -> None:
         self._queues.pop(name, None)
         self._sampled.pop(name, None)
+        for rid in [rid for rid, where in self._prefilling.items() if where == name]:
+            del self._prefilling[rid]
 
 
 class PolicyAdapter:
@@ -131,12 +149,20 @@ class PolicyAdapter:
                 load.kv_usage = float(usage)
             at = stats.get(STAT_SAMPLED_AT)
             if isinstance(at, int | float) and isinstance(waiting, int) and not isinstance(waiting, bool):
-                for request_id in self._starts.sample(name, waiting, float(at)):
-                    self._started(request_id)
+                self._starts.sample(name, waiting, float(at), self._prefill_s)
+        self._release_prefilled()
+
+    def _prefill_s(self, request_id: str) -> float:
+        estimate = self.policy.cache_estimate()
+        return 0.0 if estimate is None else estimate.prefill_s(request_id)
+
+    def _release_prefilled(self) -> None:
+        for request_id in self._starts.done(time.time()):
+            self._started(request_id)
 
     def _started(self, request_id: str) -> None:
-        """The request's prefill began: its backlog leaves the load and the policy's estimate (the
-        policy's `on_first_token`, with no TTFT: none was measured)."""
+        """The request's prefill is done: its backlog leaves the load and the policy's estimate
+        (the policy's `on_first_token`, with no TTFT: none was measured)."""
         done = self._routed.get(request_id)
         if done is None or done.started:
             return
@@ -163,6 +189,7 @@ class PolicyAdapter:
         self._ranked[request_id] = view
         while len(self._ranked) > MAX_PENDING:
             self._ranked.popitem(last=False)
+        self._release_prefilled()
         allowed = set(usable)
         excluded = frozenset(inst.name for inst in self.loads if inst.name not in allowed)
         pick = self.loads[self.policy.route(view, self.loads, excluded).index].name

@@ -272,6 +272,10 @@ class LoadEstimator:
         self.track([InstanceLoad(name)])
         self.caches[name].insert(block_hashes)
 
+    def prefill_s(self, request_id: str) -> float:
+        entry = self._inflight.get(request_id)
+        return 0.0 if entry is None else self.token_s[entry[0]] * entry[1]
+
     def follow(self, observed: CacheView) -> None:
         self.observed = observed
 

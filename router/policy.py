@@ -120,6 +120,10 @@ class CacheEstimate(Protocol):
     def learn(self, name: str, block_hashes: list[int]) -> None:
         """`name` now holds these blocks (a handover imported them there)."""
 
+    def prefill_s(self, request_id: str) -> float:
+        """The predicted seconds of a dispatched request's own prefill where it went (0 once its
+        first token came, or for a request never dispatched)."""
+
     def follow(self, observed: CacheView) -> None:
         """Take cache contents from observed KV events, where they know, over the estimate."""
 

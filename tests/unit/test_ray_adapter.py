@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence, Set
 from types import SimpleNamespace
 
+import pytest
+
 from kvpilot.ray.adapter import (
     STAT_KV_USAGE,
     STAT_RUNNING,
@@ -119,22 +121,40 @@ def test_routed_and_completed_drive_the_policy_and_the_load_once_each() -> None:
     assert adapter.in_flight() == 0
 
 
-def test_a_sample_shows_which_requests_started_oldest_first() -> None:
+def test_a_sample_shows_which_requests_started_and_their_prefill_ends_their_own_time_later() -> None:
     """vLLM serves first come, first served: with `waiting` waiting at the sample, all but the newest
-    `waiting` of those sent before it started. Each is named once; a later send is not judged."""
+    `waiting` of those sent before it started; each is done its own prefill time after the sample."""
     starts = StartedBySample()
     for i, at in enumerate([1.0, 2.0, 3.0, 4.0]):
         starts.sent("r1", f"q{i}", at)
-    assert starts.sample("r1", 1, 3.5) == ["q0", "q1"]   # q3 was sent after the sample
-    assert starts.sample("r1", 0, 3.5) == []             # the same sample again
-    assert starts.sample("r1", 0, 3.0) == []             # an older one
-    assert starts.sample("r1", 5, 5.0) == []             # other routers' requests waiting too: none inferred
-    starts.ended("r1", "q2")                             # completed before any sample showed it started
-    assert starts.sample("r1", 0, 6.0) == ["q3"]
-    assert starts.sample("r2", 0, 6.0) == []             # nothing sent there
+    own = {"q0": 0.5, "q1": 0.1, "q2": 0.0, "q3": 0.0}.__getitem__
+    starts.sample("r1", 1, 3.5, own)                      # q3 was sent after the sample
+    assert starts.done(3.55) == []
+    assert starts.done(3.6) == ["q1"]
+    starts.sample("r1", 0, 3.5, own)                      # the same sample again: nothing
+    starts.sample("r1", 0, 3.0, own)                      # an older one: nothing
+    assert starts.done(10.0) == ["q0"]
+    starts.sample("r1", 5, 5.0, own)                      # other routers' requests waiting too: none inferred
+    starts.ended("r1", "q2")                              # completed before any sample showed it started
+    starts.sample("r1", 0, 6.0, own)
+    assert starts.done(6.0) == ["q3"]
+    starts.sent("r2", "x", 6.0)
+    starts.sample("r2", 0, 7.0, lambda rid: 1.0)
+    starts.ended("r2", "x")                               # completed while prefilling: never named
+    assert starts.done(9.0) == []
 
 
-def test_a_stats_sample_releases_the_backlog_of_requests_it_shows_started() -> None:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_stats_sample_releases_the_backlog_of_requests_it_shows_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(time, "time", clock)
     policy = Recorder()
     adapter = PolicyAdapter(policy)
     adapter.set_members(REPLICAS)
@@ -144,10 +164,11 @@ def test_a_stats_sample_releases_the_backlog_of_requests_it_shows_started() -> N
     r1 = adapter.load("r1")
     assert r1 is not None
     tokens = token_count(PREFIXES[0])
+    clock.now += 1
     adapter.observe("r1", 3, {STAT_WAITING: 1})                    # no sample time: nothing inferred
     assert policy.first_tokens == [] and r1.pending_prefill_tokens == 3 * tokens
-    adapter.observe("r1", 3, {STAT_WAITING: 1, STAT_SAMPLED_AT: time.time() + 1})
-    assert policy.first_tokens == [("q1", None), ("q2", None)]
+    adapter.observe("r1", 3, {STAT_WAITING: 1, STAT_SAMPLED_AT: clock.now})
+    assert policy.first_tokens == [("q1", None), ("q2", None)]     # no estimate here: no prefill time
     assert r1.pending_prefill_tokens == tokens
     adapter.completed("q1")   # the first token was told already: only the completion now
     adapter.completed("q3")
@@ -156,9 +177,13 @@ def test_a_stats_sample_releases_the_backlog_of_requests_it_shows_started() -> N
     assert (r1.in_flight, r1.pending_prefill_tokens) == (1, 0)
 
 
-def test_dualmap_inside_serve_stops_counting_a_started_prefill_in_its_predicted_wait() -> None:
+def test_dualmap_inside_serve_counts_a_started_prefill_in_its_predicted_wait_until_it_is_done(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """What the inference is for: without a first token, a started request's prefill stayed in
-    DualMap's predicted wait until it completed, and DualMap switched prompts off their cache."""
+    DualMap's predicted wait until it completed, and DualMap switched prompts off their cache; a
+    long prompt is still prefilling after it started, so it leaves the wait only then."""
+    clock = Clock()
+    monkeypatch.setattr(time, "time", clock)
     adapter = _dualmap()
     policy = adapter.policy
     assert isinstance(policy, DualMap)
@@ -166,8 +191,13 @@ def test_dualmap_inside_serve_stops_counting_a_started_prefill_in_its_predicted_
         adapter.rank(f"q{i}", PREFIXES[i], REPLICAS)
         adapter.routed(f"q{i}", "r1")
     loaded = policy.holding.wait_for("r1", 0)
-    assert loaded > 0
-    adapter.observe("r1", 4, {STAT_WAITING: 0, STAT_SAMPLED_AT: time.time() + 1})
+    own = policy.estimate.prefill_s("q0")
+    assert loaded > 0 and 0 < own < loaded
+    clock.now += 1
+    adapter.observe("r1", 4, {STAT_WAITING: 0, STAT_SAMPLED_AT: clock.now})
+    assert policy.holding.wait_for("r1", 0) == loaded              # started, still prefilling
+    clock.now += own * 1.01
+    adapter.rank("next", PREFIXES[5], REPLICAS)                    # each routing call releases what is due
     assert policy.holding.wait_for("r1", 0) < loaded / 10
 
 
