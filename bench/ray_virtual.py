@@ -5,8 +5,8 @@ request itself) and never sees a first token (the router hears only of completio
 request's prefill backlog stays counted until the replica's routing stats show it started and it
 had its own predicted prefill time (`StartedBySample`, stats every `--stats-period` s as the live
 app's), or until it completes.
-`ServeQueued` drives a policy that way in the virtual-time cluster, the same calls
-`kvpilot.ray.adapter.PolicyAdapter` makes, so the live benchmark (`bench/ray_routing.py`) can be
+`ServeQueued` drives a policy that way in the virtual-time cluster, through the Ray router's own
+`kvpilot.ray.adapter.PolicyAdapter`, so the live benchmark (`bench/ray_routing.py`) can be
 predicted and a policy change tried on many seeds and workloads before an hour of Ray. Mode
 `serve-completion` releases the backlog only at completion (no routing stats, as before);
 `holding` runs the policy as the proxy does, for comparison.
@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kvpilot.ray.adapter import StartedBySample
+from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_SAMPLED_AT, STAT_WAITING, PolicyAdapter
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import NOTHING, Decision, InstanceLoad, Outcome, Policy, PolicyContext, RequestView
@@ -42,50 +42,43 @@ from routing_quality import ABLATIONS
 
 
 class ServeQueued:
-    """`inner` as the Ray router drives it: `route` and `on_dispatch` only (no `hold`/`release`,
-    so the cluster dispatches at once and the engine queues), and the first token reported, with
-    no TTFT (so the estimator never calibrates), its own predicted prefill after an engine poll
-    (Serve's routing stats) showed it started, else at completion."""
+    """`inner` driven through `kvpilot.ray.adapter.PolicyAdapter`, the Ray router's own mapping, in
+    virtual time: the cluster's loads as Ray's queue-length cache before each routing, its engine
+    polls as the replicas' routing stats (stamped with the poll's time), dispatches and completions
+    as Serve reports them. No `hold`/`release` (the cluster dispatches at once and the engine
+    queues) and no first token (the adapter infers when a prefill is done)."""
 
     def __init__(self, inner: Policy) -> None:
         self.inner = inner
         self.name = inner.name
-        self.starts = StartedBySample()
-        self._counted: set[str] = set()   # dispatched, prefill not yet released
-
-    def _prefill_s(self, request_id: str) -> float:
-        estimate = self.inner.cache_estimate()
-        return 0.0 if estimate is None else estimate.prefill_s(request_id)
-
-    def _release(self, now: float) -> None:
-        for request_id in self.starts.done(now):
-            self._counted.discard(request_id)
-            self.inner.on_first_token(request_id, None)
+        self.now = 0.0
+        self.adapter = PolicyAdapter(inner, clock=lambda: self.now)
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad],
               excluded: Set[str] = NOTHING) -> Decision:
-        self._release(request.arrival)   # routed on arrival here
-        return self.inner.route(request, instances, excluded)
+        self.now = request.arrival   # routed on arrival here
+        names = [inst.name for inst in instances]
+        self.adapter.set_members(names)
+        for inst in instances:
+            self.adapter.observe(inst.name, inst.in_flight)
+        ranks = self.adapter.rank_view(request, [name for name in names if name not in excluded])
+        return Decision(names.index(ranks[0][0]), self.adapter.last_reason)
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
-        self.inner.on_dispatch(request, index, instances)
-        self._counted.add(request.request_id)
-        self.starts.sent(instances[index].name, request.request_id, request.arrival)
+        self.adapter.routed(request.request_id, instances[index].name)
 
     def on_poll(self, instances: Sequence[InstanceLoad], t: float) -> None:
+        self.now = t
         for inst in instances:
-            self.starts.sample(inst.name, inst.engine_waiting, t, self._prefill_s)
-        self._release(t)
+            self.adapter.observe(inst.name, inst.in_flight, {
+                STAT_RUNNING: inst.engine_running, STAT_WAITING: inst.engine_waiting,
+                STAT_KV_USAGE: inst.kv_usage, STAT_SAMPLED_AT: t})
 
     def on_first_token(self, request_id: str, ttft_s: float | None) -> None:
         """Unseen by a Serve router."""
 
     def on_complete(self, request: RequestView, outcome: Outcome) -> None:
-        self.starts.ended(outcome.instance, request.request_id)
-        if request.request_id in self._counted:   # not released by a sample
-            self._counted.discard(request.request_id)
-            self.inner.on_first_token(request.request_id, None)
-        self.inner.on_complete(request, outcome)
+        self.adapter.completed(request.request_id)
 
     def cache_estimate(self) -> Any:
         return self.inner.cache_estimate()
@@ -121,6 +114,23 @@ def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float]
     }
 
 
+def print_summary(rows: list[dict[str, Any]], reference: str) -> None:
+    """Per mode and policy: the mean share in SLO and hit rate over every rate and seed, and in how
+    many runs each is at least `reference`'s (same mode, rate and seed)."""
+    ref = {(r["mode"], r["rate"], r["seed"]): r for r in rows if r["policy"] == reference}
+    print(f"| mode | policy | runs | in SLO, mean | hit rate, mean | in SLO ≥ {reference} | hit rate ≥ {reference} |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for mode, policy in dict.fromkeys((r["mode"], r["policy"]) for r in rows):
+        mine = [r for r in rows if (r["mode"], r["policy"]) == (mode, policy)]
+        n = len(mine)
+        slo = sum(r["in_slo"] for r in mine) / n
+        hit = sum(r["hit_rate"] for r in mine) / n
+        peers = [(r, ref.get((mode, r["rate"], r["seed"]))) for r in mine]
+        ge_slo = sum(1 for r, p in peers if p is not None and r["in_slo"] >= p["in_slo"])
+        ge_hit = sum(1 for r, p in peers if p is not None and r["hit_rate"] >= p["hit_rate"])
+        print(f"| {mode} | {policy} | {n} | {slo:.1%} | {hit:.1%} | {ge_slo}/{n} | {ge_hit}/{n} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="agentic")
@@ -136,6 +146,9 @@ def main() -> None:
     ap.add_argument("--stats-period", type=float, default=1.0,
                     help="seconds between Serve's routing stats in mode serve (the live app's default)")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--summary", action="store_true",
+                    help="only the mean over rates and seeds per mode and policy, and how often each is "
+                         "at least the last policy's (a many-seed comparison)")
     args = ap.parse_args()
     cases = [(args.workload, args.requests, rate, seed, policy, mode, args.slo, args.max_tokens, args.instances,
               args.profile, args.stats_period)
@@ -144,6 +157,9 @@ def main() -> None:
         rows = list(pool.map(run, cases))
     print(f"{args.workload}, {args.requests} requests, {args.instances} × {args.profile}, TTFT SLO {args.slo} s")
     print()
+    if args.summary:
+        print_summary(rows, args.policies[-1])
+        return
     print("| req/s | seed | mode | policy | in SLO | hit rate | switched | requests per instance |")
     print("|---|---|---|---|---:|---:|---:|---|")
     for row in rows:

@@ -105,10 +105,13 @@ class StartedBySample:
 class PolicyAdapter:
     """One policy routing among one deployment's replicas, as one Serve router process sees them."""
 
-    def __init__(self, policy: Policy, block_size: int = 16, max_hashed_blocks: int | None = 4096) -> None:
+    def __init__(self, policy: Policy, block_size: int = 16, max_hashed_blocks: int | None = 4096,
+                 clock: Callable[[], float] = time.time) -> None:
         self.policy = policy
         self.block_size = block_size
         self.max_hashed_blocks = max_hashed_blocks
+        self.clock = clock                      # the replicas' stats time (`STAT_SAMPLED_AT`): wall clock
+        self.last_reason = ""                   # the policy's reason for its last pick
         self.loads: list[InstanceLoad] = []     # the membership, one list object while it is unchanged
         self._index: dict[str, int] = {}
         self._own: dict[str, int] = {}          # requests this router routed there and saw no completion of
@@ -157,7 +160,7 @@ class PolicyAdapter:
         return 0.0 if estimate is None else estimate.prefill_s(request_id)
 
     def _release_prefilled(self) -> None:
-        for request_id in self._starts.done(time.time()):
+        for request_id in self._starts.done(self.clock()):
             self._started(request_id)
 
     def _started(self, request_id: str) -> None:
@@ -182,17 +185,26 @@ class PolicyAdapter:
         """Ranks of candidate replica names, best first: the policy's pick alone, then every other
         candidate (Serve takes the least queued of a rank), or one rank of all when there is no
         prompt or nothing to choose between."""
-        usable = [name for name in candidates if name in self._index]
-        if prompt is None or len(usable) < 2:
+        if prompt is None:
             return [list(candidates)]
-        view = self._ranked.pop(request_id, None) or self.view(request_id, prompt)
-        self._ranked[request_id] = view
+        return self.rank_view(self._ranked.get(request_id) or self.view(request_id, prompt), candidates)
+
+    def rank_view(self, view: RequestView, candidates: Sequence[str]) -> list[list[str]]:
+        """`rank` for a request already viewed (the virtual-time emulation, bench/ray_virtual.py,
+        has views, not prompts)."""
+        usable = [name for name in candidates if name in self._index]
+        if len(usable) < 2:
+            return [list(candidates)]
+        self._ranked.pop(view.request_id, None)
+        self._ranked[view.request_id] = view
         while len(self._ranked) > MAX_PENDING:
             self._ranked.popitem(last=False)
         self._release_prefilled()
         allowed = set(usable)
         excluded = frozenset(inst.name for inst in self.loads if inst.name not in allowed)
-        pick = self.loads[self.policy.route(view, self.loads, excluded).index].name
+        decision = self.policy.route(view, self.loads, excluded)
+        self.last_reason = decision.reason
+        pick = self.loads[decision.index].name
         rest = [name for name in candidates if name != pick]
         return [[pick], rest] if rest else [[pick]]
 
@@ -208,7 +220,7 @@ class PolicyAdapter:
         load.pending_prefill_tokens += view.prompt_tokens
         self._own[name] = self._own.get(name, 0) + 1
         self._routed[request_id] = _Dispatch(view, name)
-        self._starts.sent(name, request_id, time.time())
+        self._starts.sent(name, request_id, self.clock())
 
     def completed(self, request_id: str) -> None:
         """The request ended (success, error or cancel; Ray does not say which): the policy's

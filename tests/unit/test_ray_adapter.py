@@ -4,11 +4,8 @@ and exactly one `on_complete` per routed request."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence, Set
 from types import SimpleNamespace
-
-import pytest
 
 from kvpilot.ray.adapter import (
     STAT_KV_USAGE,
@@ -152,11 +149,10 @@ class Clock:
         return self.now
 
 
-def test_a_stats_sample_releases_the_backlog_of_requests_it_shows_started(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stats_sample_releases_the_backlog_of_requests_it_shows_started() -> None:
     clock = Clock()
-    monkeypatch.setattr(time, "time", clock)
     policy = Recorder()
-    adapter = PolicyAdapter(policy)
+    adapter = PolicyAdapter(policy, clock=clock)
     adapter.set_members(REPLICAS)
     for rid in ("q1", "q2", "q3"):
         adapter.rank(rid, PREFIXES[0], REPLICAS)
@@ -177,14 +173,13 @@ def test_a_stats_sample_releases_the_backlog_of_requests_it_shows_started(monkey
     assert (r1.in_flight, r1.pending_prefill_tokens) == (1, 0)
 
 
-def test_dualmap_inside_serve_counts_a_started_prefill_in_its_predicted_wait_until_it_is_done(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dualmap_inside_serve_counts_a_started_prefill_in_its_predicted_wait_until_it_is_done() -> None:
     """What the inference is for: without a first token, a started request's prefill stayed in
     DualMap's predicted wait until it completed, and DualMap switched prompts off their cache; a
     long prompt is still prefilling after it started, so it leaves the wait only then."""
     clock = Clock()
-    monkeypatch.setattr(time, "time", clock)
-    adapter = _dualmap()
+    adapter = PolicyAdapter(DualMap(), clock=clock)
+    adapter.set_members(REPLICAS)
     policy = adapter.policy
     assert isinstance(policy, DualMap)
     for i in range(4):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import pytest
 
 from kvpilot.router.policies.least_loaded import LeastLoaded
-from kvpilot.router.policy import Outcome, RequestView
+from kvpilot.router.policy import InstanceLoad, Outcome, RequestView
 from kvpilot.sim.cluster import Cluster, ClusterConfig
 from kvpilot.sim.workload import SyntheticConfig, azure_conv, mooncake, synthetic
 
@@ -102,3 +105,24 @@ def test_every_dispatch_ends_in_one_on_complete_at_its_instance() -> None:
     assert len(policy.completed) == len(done) == len(specs)
     for result in report.results:
         assert done[result.request_id] == Outcome(f"sim-{result.instance}", "ok", prefilled=True)
+
+
+def test_a_poll_observer_hears_each_poll_with_the_engines_waiting_counts() -> None:
+    """The Ray Serve emulation (bench/ray_virtual.py) reads the polls as Serve's routing stats."""
+    class Observing(LeastLoaded):
+        def __init__(self) -> None:
+            super().__init__()
+            self.polls: list[tuple[float, list[int]]] = []
+
+        def on_poll(self, instances: Sequence[InstanceLoad], t: float) -> None:
+            self.polls.append((t, [inst.engine_waiting for inst in instances]))
+
+    policy = Observing()
+    specs = synthetic(SyntheticConfig(requests=200, seed=3, rate=40.0))
+    Cluster(ClusterConfig(instances=2, seed=3, poll_s=0.5), policy).run(specs)
+    times = [t for t, _ in policy.polls]
+    assert len(times) > 4 and all(b - a == pytest.approx(0.5) for a, b in itertools.pairwise(times))
+    assert any(sum(waiting) > 0 for _, waiting in policy.polls), "a loaded cluster never showed a waiting request"
+    policy.polls.clear()
+    Cluster(ClusterConfig(instances=2, seed=3), policy).run(specs)   # no poll interval: no polls
+    assert policy.polls == []
