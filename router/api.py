@@ -14,6 +14,7 @@ endpoints (`kvpilot.router.admin`) are served on the admin listener, not here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from kvpilot.openai_errors import ApiError
-from kvpilot.router.dispatch import Dispatcher
+from kvpilot.router.dispatch import STREAM_ENDED, Dispatcher
 from kvpilot.router.openai_schema import sequences, validate
 from kvpilot.router.runtime import Runtime
 from kvpilot.tokens import render_chat
@@ -111,6 +112,11 @@ class Api:
             resp = await self.dispatcher.run(request, model, view, path, body)
             metrics.requests.labels(model_name, "ok").inc()
             return resp
+        except asyncio.CancelledError:
+            # The client went away. After a stream's last byte it may close before the handler
+            # returns (the upstream connection is still being released): that request was answered.
+            metrics.requests.labels(model_name, "ok" if request.get(STREAM_ENDED) else "cancelled").inc()
+            raise
         except ApiError as e:
             metrics.requests.labels(model_name, f"error_{e.status}").inc()
             if e.status >= 500:

@@ -27,6 +27,10 @@ from kvpilot.router.pool import Attempt, Member, NoEndpoint, Pool, QueueFull
 from kvpilot.router.runtime import ModelRuntime, Runtime
 from kvpilot.router.wake import ColdStarts, needs_wake
 
+# Set on a request once its streamed response was written to the end: a client that closes right
+# after the last byte cancels the handler, and the request still counts as answered.
+STREAM_ENDED = web.RequestKey("stream_ended", bool)
+
 
 class UpstreamFailed(Exception):
     """An attempt failed before any byte reached the client: safe to retry elsewhere."""
@@ -228,6 +232,7 @@ class Dispatcher:
                 err = ApiError(502, f"upstream {member.endpoint.name} failed mid-stream", "upstream_error")
                 await resp.write(sse.event(err.body()))
                 await resp.write_eof()
+                request[STREAM_ENDED] = True
                 return resp
             if resp is None:
                 raise UpstreamFailed("upstream closed the stream before any data")
@@ -238,4 +243,5 @@ class Dispatcher:
                 self.metrics.tpot.labels(name).observe(tpot)
                 model.timeline.tpot(tpot)
             await resp.write_eof()
+            request[STREAM_ENDED] = True
             return resp
