@@ -95,8 +95,15 @@ def test_a_killed_worker_ends_its_streams_explicitly_and_the_rest_complete(
     metrics = router.metrics_text()
     assert f'kvpilot_router_upstream_errors_total{{endpoint="{victim}",model="sim-model"}}' in metrics
     # The dead worker's breaker opens: the router's view agrees that two endpoints are left.
-    wait_for(lambda: 'kvpilot_router_healthy_endpoints{model="sim-model",role="main"} 2.0' in router.metrics_text(),
-             15, "the dead worker to leave the pool")
+    try:
+        wait_for(lambda: 'kvpilot_router_healthy_endpoints{model="sim-model",role="main"} 2.0'
+                 in router.metrics_text(), 15, "the dead worker to leave the pool")
+    except TimeoutError as e:   # say what the router saw (a CI run of 12-02 timed out here once)
+        seen = [line for line in router.metrics_text().splitlines() if line.startswith((
+            "kvpilot_router_healthy_endpoints", "kvpilot_router_breaker_opened_total",
+            "kvpilot_router_upstream_errors_total"))]
+        log = router.proc.log_path.read_text(errors="replace").splitlines()[-40:]
+        raise AssertionError("\n".join([str(e), f"victim {victim}", *seen, "router log:", *log])) from e
     with ThreadPoolExecutor(6) as pool:
         after = list(pool.map(lambda i: client.completions.with_raw_response.create(
             model="sim-model", prompt=block_text(2300 + i, 64), max_tokens=4), range(6)))
