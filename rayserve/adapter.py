@@ -39,7 +39,7 @@ STAT_SAMPLED_AT = "sampled_at"
 class _Dispatch:
     view: RequestView
     name: str
-    started: bool = False   # its prefill began (inferred from routing stats): its backlog is released
+    started: bool = False   # its prefill is done (inferred from routing stats): its backlog was released
 
 
 class StartedBySample:
