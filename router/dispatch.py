@@ -27,8 +27,8 @@ from kvpilot.router.pool import Attempt, Member, NoEndpoint, Pool, QueueFull
 from kvpilot.router.runtime import ModelRuntime, Runtime
 from kvpilot.router.wake import ColdStarts, needs_wake
 
-# Set on a request once its streamed response was written to the end: a client that closes right
-# after the last byte cancels the handler, and the request still counts as answered.
+# Set on a request once every event of its streamed response was written: a client that closes
+# right after the last one cancels the handler, and the request still counts as answered.
 STREAM_ENDED = web.RequestKey("stream_ended", bool)
 
 
@@ -231,8 +231,8 @@ class Dispatcher:
                                             view.request_id)
                 err = ApiError(502, f"upstream {member.endpoint.name} failed mid-stream", "upstream_error")
                 await resp.write(sse.event(err.body()))
-                await resp.write_eof()
                 request[STREAM_ENDED] = True
+                await resp.write_eof()
                 return resp
             if resp is None:
                 raise UpstreamFailed("upstream closed the stream before any data")
@@ -242,6 +242,9 @@ class Dispatcher:
                 tpot = (time.monotonic() - first_at) / (chunks - 1)
                 self.metrics.tpot.labels(name).observe(tpot)
                 model.timeline.tpot(tpot)
-            await resp.write_eof()
+            # Every event is written: the client has the whole answer, only the chunked body's end is
+            # left. With the mark set after write_eof, a CI run still counted one of 36 answered
+            # streams `cancelled`: the client's close can cancel the handler inside write_eof.
             request[STREAM_ENDED] = True
+            await resp.write_eof()
             return resp
