@@ -39,7 +39,7 @@ STAT_SAMPLED_AT = "sampled_at"
 class _Dispatch:
     view: RequestView
     name: str
-    started: bool = False   # its prefill is done (inferred from routing stats): its backlog was released
+    prefilled: bool = False   # its prefill is done (inferred from routing stats): its backlog was released
 
 
 class StartedBySample:
@@ -161,15 +161,15 @@ class PolicyAdapter:
 
     def _release_prefilled(self) -> None:
         for request_id in self._starts.done(self.clock()):
-            self._started(request_id)
+            self._prefill_done(request_id)
 
-    def _started(self, request_id: str) -> None:
+    def _prefill_done(self, request_id: str) -> None:
         """The request's prefill is done: its backlog leaves the load and the policy's estimate
         (the policy's `on_first_token`, with no TTFT: none was measured)."""
         done = self._routed.get(request_id)
-        if done is None or done.started:
+        if done is None or done.prefilled:
             return
-        done.started = True
+        done.prefilled = True
         load = self.load(done.name)
         if load is not None:
             load.pending_prefill_tokens = max(0, load.pending_prefill_tokens - done.view.prompt_tokens)
@@ -225,7 +225,7 @@ class PolicyAdapter:
     def completed(self, request_id: str) -> None:
         """The request ended (success, error or cancel; Ray does not say which): the policy's
         `on_first_token` (unobserved; unless a sample showed it started) and `on_complete`."""
-        self._started(request_id)
+        self._prefill_done(request_id)
         done = self._routed.pop(request_id, None)
         if done is None:
             return
@@ -243,7 +243,7 @@ class PolicyAdapter:
         for request_id, done in list(self._routed.items()):
             if done.name == name:
                 del self._routed[request_id]
-                if not done.started:
+                if not done.prefilled:
                     self.policy.on_first_token(request_id, None)
                 self.policy.on_complete(done.view, Outcome(name, "failed", prefilled=False))
         self._starts.forget(name)
