@@ -201,6 +201,7 @@ class Dispatcher:
         resp: web.StreamResponse | None = None
         chunks = 0
         first_at = 0.0
+        tail = b""
         async with self.session.post(member.url + path, json=migrator.upstream_body(name, body),
                                      headers=migrator.headers(name, view.request_id)) as up:
             if up.status >= 500:
@@ -222,6 +223,12 @@ class Dispatcher:
                         await resp.prepare(request)
                     chunks += 1
                     await resp.write(data)
+                    # The client has its answer once `[DONE]` is out, and may close at once while
+                    # this relay still waits for the upstream's end (a CI run counted such a stream
+                    # `cancelled`). `tail` keeps the sentinel whole across chunk boundaries.
+                    tail = (tail + data)[-len(sse.DONE):]
+                    if tail == sse.DONE:
+                        request[STREAM_ENDED] = True
             except (TimeoutError, aiohttp.ClientError) as e:
                 if resp is None:
                     raise
@@ -242,9 +249,8 @@ class Dispatcher:
                 tpot = (time.monotonic() - first_at) / (chunks - 1)
                 self.metrics.tpot.labels(name).observe(tpot)
                 model.timeline.tpot(tpot)
-            # Every event is written: the client has the whole answer, only the chunked body's end is
-            # left. With the mark set after write_eof, a CI run still counted one of 36 answered
-            # streams `cancelled`: the client's close can cancel the handler inside write_eof.
+            # Every event is written (an upstream may end without `[DONE]`): only the chunked body's
+            # end is left, and the client's close can cancel the handler inside write_eof.
             request[STREAM_ENDED] = True
             await resp.write_eof()
             return resp

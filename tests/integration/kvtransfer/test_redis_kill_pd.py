@@ -112,8 +112,8 @@ def test_redis_killed_mid_pd_batch_recomputes_or_errs_and_counts(tmp_path: Path,
 
     # The router counts a streamed request once its handler returns, just after the client has the
     # last bytes: scraped at once, the last one can be missing. (35 of 36 in two CI runs of 12-02,
-    # the second after this wait: a client closing after the last byte cancelled the handler, which
-    # then counted nothing; router/api.py now counts that request ok.)
+    # the second after this wait: a client closing after `[DONE]` cancelled the handler, which then
+    # counted nothing, later `cancelled`; the router now counts it ok once `[DONE]` is written.)
     with contextlib.suppress(TimeoutError):
         wait_for(lambda: outcomes().get("ok", 0) >= REQUESTS, 10, "the router to count every request")
     counted = outcomes()
