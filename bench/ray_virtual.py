@@ -87,9 +87,17 @@ class ServeQueued:
         return self.inner.ring_placement()
 
 
+# Serve-mode ablations (θ also sets the proxy's holding threshold, so in mode `holding` these are
+# not what their names say): where DualMap's hits go inside Serve (bench/results/ray_virtual.md).
+SERVE_ABLATIONS: dict[str, dict[str, Any]] = {
+    "dualmap, no switch": {"theta": float("inf")},
+    "dualmap, theta 0.75": {"theta": 0.75},
+}
+
+
 def build(policy: str, context: PolicyContext) -> Policy:
-    if policy in ABLATIONS:
-        return DualMap(context, **ABLATIONS[policy])
+    if policy in ABLATIONS or policy in SERVE_ABLATIONS:
+        return DualMap(context, **(ABLATIONS.get(policy) or SERVE_ABLATIONS[policy]))
     return make_policy(policy, context)
 
 
