@@ -226,7 +226,7 @@ class Dispatcher:
                     # The client has its answer once `[DONE]` is out, and may close at once while
                     # this relay still waits for the upstream's end (a CI run counted such a stream
                     # `cancelled`). `tail` keeps the sentinel whole across chunk boundaries.
-                    tail = (tail + data)[-len(sse.DONE):]
+                    tail = (tail + data[-len(sse.DONE):])[-len(sse.DONE):]
                     if tail == sse.DONE:
                         request[STREAM_ENDED] = True
             except (TimeoutError, aiohttp.ClientError) as e:
