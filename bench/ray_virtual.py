@@ -96,8 +96,9 @@ SERVE_ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 def build(policy: str, context: PolicyContext) -> Policy:
-    if policy in ABLATIONS or policy in SERVE_ABLATIONS:
-        return DualMap(context, **(ABLATIONS.get(policy) or SERVE_ABLATIONS[policy]))
+    ablation = ABLATIONS.get(policy, SERVE_ABLATIONS.get(policy))
+    if ablation is not None:
+        return DualMap(context, **ablation)
     return make_policy(policy, context)
 
 
