@@ -95,15 +95,21 @@ class RedisStore:
 
     Failure semantics are the asyncio client's: each round trip fails as `TransferError` within
     `timeout_s` (the caller stops waiting; the thread's socket timeout ends the call itself).
+    A round trip carries at most about `round_trip_bytes`, so that deadline says "the store is
+    stuck", not "the transfer is large": one pipeline for a handover round of eight 8B-model
+    prefixes (768 MiB) could not finish in 2 s and every such handover failed
+    (bench/results/scale_handover.md, table 2). A transfer's own bound is its caller's.
     """
 
     def __init__(self, url: str, *, namespace: str = "default", ttl_s: int = 300, chunk_bytes: int = 512 * 1024,
-                 timeout_s: float = 2.0, io_threads: int = 4) -> None:
+                 timeout_s: float = 2.0, io_threads: int = 4, round_trip_bytes: int = 32 * 1024 * 1024) -> None:
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.prefix = f"kvp:{namespace}:blk:"
         self.ttl_s = ttl_s
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
+        self.round_trip_bytes = round_trip_bytes
+        self._keys_per_trip = max(1, round_trip_bytes // chunk_bytes)   # a value is at most a chunk (+ header)
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix=f"kvpilot-kv-{namespace}")
 
     async def _io(self, what: str, fn: Callable[..., T], *args: Any) -> T:
@@ -132,14 +138,35 @@ class RedisStore:
         pipe.execute()
 
     async def put(self, blocks: list[tuple[str, bytes]]) -> None:
-        await self._io(f"put of {len(blocks)} block(s)", self._put, blocks)
+        """Blocks in round trips of about `round_trip_bytes` (a larger block is a trip of its own);
+        a block's header goes after its chunks, so a reader never sees half a block as whole."""
+        what = f"put of {len(blocks)} block(s)"
+        group: list[tuple[str, bytes]] = []
+        size = 0
+        for block in blocks:
+            if group and size + len(block[1]) > self.round_trip_bytes:
+                await self._io(what, self._put, group)
+                group, size = [], 0
+            group.append(block)
+            size += len(block[1])
+        if group:
+            await self._io(what, self._put, group)
 
     def _mget(self, keys: list[str]) -> list[bytes | None]:
         return cast(list[bytes | None], self.client.mget(keys))
 
-    def _chunked(self, key: str, crc: int, length: int, chunks: int) -> bytes:
+    async def _mget_bounded(self, what: str, keys: list[str]) -> list[bytes | None]:
+        """MGET in round trips of at most `_keys_per_trip` values."""
+        step = self._keys_per_trip
+        out: list[bytes | None] = []
+        for i in range(0, len(keys), step):
+            out += await self._io(what, self._mget, keys[i : i + step])
+        return out
+
+    @staticmethod
+    def _joined(key: str, parts: list[bytes | None], crc: int, length: int) -> bytes:
         """A chunked block's data, joined and verified (in the thread: both are per byte)."""
-        data = b"".join(p or b"" for p in self._mget([f"{self.prefix}{key}:{i}" for i in range(chunks)]))
+        data = b"".join(p or b"" for p in parts)
         if len(data) != length or checksum(data) != crc:
             raise _Corrupt(key, len(data), length)
         return data
@@ -147,7 +174,7 @@ class RedisStore:
     async def get(self, keys: list[str]) -> list[bytes | None]:
         what = f"get of {len(keys)} block(s)"
         try:
-            heads = await self._io(what, self._mget, [self.prefix + k for k in keys])
+            heads = await self._mget_bounded(what, [self.prefix + k for k in keys])
             out: list[bytes | None] = []
             for key, head in zip(keys, heads, strict=True):
                 if head is None:
@@ -155,7 +182,8 @@ class RedisStore:
                     continue
                 crc, length, chunks = _HEADER.unpack_from(head)
                 if chunks:
-                    out.append(await self._io(what, self._chunked, key, crc, length, chunks))
+                    parts = await self._mget_bounded(what, [f"{self.prefix}{key}:{i}" for i in range(chunks)])
+                    out.append(await self._io(what, self._joined, key, parts, crc, length))
                     continue
                 data = head[_HEADER.size :]
                 if len(data) != length or checksum(data) != crc:
@@ -176,8 +204,9 @@ class RedisStore:
 
     async def delete(self, keys: list[str]) -> None:
         """Drop blocks (and their chunks) a reader is done with, instead of waiting for the TTL."""
-        if keys:
-            await self._io(f"delete of {len(keys)} block(s)", self._delete, keys)
+        step = self._keys_per_trip   # the heads are read first, and an inline head carries its data
+        for i in range(0, len(keys), step):
+            await self._io(f"delete of {len(keys)} block(s)", self._delete, keys[i : i + step])
 
     def _exists(self, keys: list[str]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)

@@ -63,6 +63,29 @@ def test_corrupt_or_missing_blocks_fail_the_transfer(redis_server: RedisServer) 
     asyncio.run(run())
 
 
+def test_a_transfer_larger_than_one_round_trips_deadline_completes(redis_server: RedisServer) -> None:
+    """512 MiB against a 0.5 s deadline per round trip: as one pipeline it would need > 1 GB/s
+    through redis-py (this machine does ~0.3-1); in 4 MiB round trips each needs 8 MB/s. The
+    deadline is for a stuck store, not a large transfer (an 8B handover round is ~768 MiB)."""
+    inline, chunked = os.urandom(256 * 1024), os.urandom(2 * 1024 * 1024)
+    blocks = [(f"i{n}", inline) for n in range(512)] + [(f"c{n}", chunked) for n in range(192)]
+
+    async def run() -> None:
+        store = RedisStore(redis_server.url, namespace="big", timeout_s=0.5, round_trip_bytes=4 * 1024 * 1024)
+        try:
+            await store.put(blocks)
+            got = await store.get([key for key, _ in blocks])
+            assert [len(g or b"") for g in got] == [len(data) for _, data in blocks]
+            assert all(g == data for g, (_, data) in zip(got, blocks, strict=True))
+            await store.delete([key for key, _ in blocks])
+            assert await store.exists([key for key, _ in blocks]) == [False] * len(blocks)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+    assert redis.Redis.from_url(redis_server.url).keys("kvp:big:*") == []   # chunks deleted too
+
+
 def test_memory_store_has_the_same_contract() -> None:
     async def run() -> None:
         agent = KVAgent("m", MemoryStore())
