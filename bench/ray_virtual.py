@@ -30,7 +30,15 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kvpilot.ray.adapter import STAT_KV_USAGE, STAT_RUNNING, STAT_SAMPLED_AT, STAT_WAITING, PolicyAdapter
+from kvpilot.ray.adapter import (
+    SERVE_DUALMAP,
+    STAT_KV_USAGE,
+    STAT_RUNNING,
+    STAT_SAMPLED_AT,
+    STAT_WAITING,
+    PolicyAdapter,
+    serve_policy,
+)
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import NOTHING, Decision, InstanceLoad, Outcome, Policy, PolicyContext, RequestView
@@ -92,14 +100,17 @@ class ServeQueued:
 SERVE_ABLATIONS: dict[str, dict[str, Any]] = {
     "dualmap, no switch": {"theta": float("inf")},
     "dualmap, theta 0.75": {"theta": 0.75},
+    "dualmap, ladder shadow cache": {"shadow_dense": 8},   # the proxy's, and Serve's before session 9
 }
 
 
-def build(policy: str, context: PolicyContext) -> Policy:
+def build(policy: str, context: PolicyContext, serve: bool) -> Policy:
+    """The policy as the Ray router builds it (`serve`) or as the proxy does; an ablation changes
+    only its own options of that DualMap."""
     ablation = ABLATIONS.get(policy, SERVE_ABLATIONS.get(policy))
     if ablation is not None:
-        return DualMap(context, **ablation)
-    return make_policy(policy, context)
+        return DualMap(context, **{**(SERVE_DUALMAP if serve else {}), **ablation})
+    return serve_policy(policy, context) if serve else make_policy(policy, context)
 
 
 def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float]) -> dict[str, Any]:
@@ -109,8 +120,9 @@ def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float]
         specs = [dataclasses.replace(s, max_tokens=min(s.max_tokens, max_tokens)) for s in specs]
     config = ClusterConfig(instances=instances, profile=profile, seed=seed, slo_ttft_s=slo,
                            poll_s=stats_s if mode == "serve" else None)
-    inner = build(policy, policy_context(config))
-    driven = ServeQueued(inner) if mode.startswith("serve") else inner
+    serve = mode.startswith("serve")
+    inner = build(policy, policy_context(config), serve)
+    driven = ServeQueued(inner) if serve else inner
     report = Cluster(config, driven).run(specs)
     results = report.results
     reasons = Counter(r.reason for r in results)

@@ -19,9 +19,8 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from kvpilot.ray.adapter import PolicyAdapter
+from kvpilot.ray.adapter import PolicyAdapter, serve_policy
 from kvpilot.ray.prompt import extract_prompt
-from kvpilot.router.policies import make_policy
 from kvpilot.router.policy import PolicyContext
 
 log = logging.getLogger("kvpilot.ray")
@@ -39,7 +38,7 @@ class KvpilotRouter(RequestRouter):
         """Called once per router with the deployment's `request_router_kwargs` (JSON values)."""
         context = PolicyContext(slo_ttft_s=slo_ttft_s, block_size=block_size,
                                 kv_capacity_tokens=kv_capacity_tokens, seed=seed)
-        self.adapter = PolicyAdapter(make_policy(policy, context), block_size=block_size)
+        self.adapter = PolicyAdapter(serve_policy(policy, context), block_size=block_size)
         self._named: dict[str, RunningReplica] = {}
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:

@@ -26,8 +26,9 @@ from collections.abc import Sequence
 from kvpilot.router.policy import BasePolicy, CacheView, InstanceLoad, Outcome, PolicyContext, RequestView
 
 STORE_INSTANCES = 16   # the shared store's view holds this many instances' KV capacity (Redis is sized larger)
+EXACT = 1 << 30        # as a ladder's `dense` (and a cache's `max_blocks`): every block is tracked
 
-__all__ = ["CacheView", "LoadEstimator", "ShadowCache", "ladder"]
+__all__ = ["EXACT", "CacheView", "LoadEstimator", "ShadowCache", "ladder"]
 
 
 @functools.lru_cache(maxsize=512)
@@ -193,8 +194,9 @@ class LoadEstimator:
     and an online average over a mix of both mispredicts every request."""
 
     def __init__(self, context: PolicyContext, prefill_token_s: float | None = None, ewma: float = 0.1,
-                 attention_tokens: int = 20_000) -> None:
+                 attention_tokens: int = 20_000, shadow_dense: int = 8) -> None:
         self.context = context
+        self.shadow_dense = shadow_dense   # the shadow caches' ladder (`EXACT`: every block)
         self.initial_token_s = prefill_token_s or context.prefill_token_s
         self.ewma = ewma
         self.attention_tokens = attention_tokens
@@ -224,7 +226,7 @@ class LoadEstimator:
             if loads.get(inst.name) is not inst:
                 loads[inst.name] = inst
             if inst.name not in self.caches:
-                self.caches[inst.name] = ShadowCache(capacity)
+                self.caches[inst.name] = ShadowCache(capacity, max(1 << 16, self.shadow_dense), self.shadow_dense)
                 self.token_s[inst.name] = self.initial_token_s
                 self.overhead_s[inst.name] = 0.0
                 # The prior as two pseudo-observations (no overhead), forgotten as real ones arrive.

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence, Set
 
-from kvpilot.router.estimate import ShadowCache
+from kvpilot.router.estimate import EXACT, ShadowCache
 from kvpilot.router.policy import (
     NOTHING,
     BasePolicy,
@@ -28,8 +28,6 @@ from kvpilot.router.policy import (
     RequestView,
     allowed,
 )
-
-EXACT = 1 << 30
 
 
 class CacheAware(BasePolicy):

@@ -62,7 +62,7 @@ class DualMap(EstimatingPolicy):
                  release_tokens: int = 8192, adaptive_depth: bool = True, steal: bool = True,
                  max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000,
                  kv_high: float | None = 0.9, keying: str = "split", spread_share: float = 0.5,
-                 split_base_tokens: int = 0, switch_cost: bool = True) -> None:
+                 split_base_tokens: int = 0, switch_cost: bool = True, shadow_dense: int = 8) -> None:
         super().__init__(context)
         self.switch_cost = switch_cost
         self.depth = max(1, key_tokens // self.context.block_size)
@@ -79,7 +79,7 @@ class DualMap(EstimatingPolicy):
         else:
             raise ValueError(f"unknown keying {keying!r}: split, extend or fixed")
         self.theta = theta
-        self.estimate = LoadEstimator(self.context, prefill_token_s, ewma, attention_tokens)
+        self.estimate = LoadEstimator(self.context, prefill_token_s, ewma, attention_tokens, shadow_dense)
         max_wait = None if max_wait_slos is None else (lambda: max_wait_slos * self.context.slo_ttft_s)
         self.holding = HoldQueues(self.estimate, lambda: self.theta * self.context.slo_ttft_s, release_tokens,
                                   max_wait_s=max_wait, steal=steal)

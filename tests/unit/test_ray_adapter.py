@@ -14,11 +14,12 @@ from kvpilot.ray.adapter import (
     STAT_WAITING,
     PolicyAdapter,
     StartedBySample,
+    serve_policy,
 )
 from kvpilot.ray.prompt import CompletionCall, extract_prompt
 from kvpilot.router.policies import DualMap, RoundRobin
-from kvpilot.router.policy import NOTHING, BasePolicy, Decision, InstanceLoad, Outcome, RequestView
-from kvpilot.tokens import render_chat, token_count
+from kvpilot.router.policy import NOTHING, BasePolicy, Decision, InstanceLoad, Outcome, PolicyContext, RequestView
+from kvpilot.tokens import block_hashes, render_chat, token_count
 
 REPLICAS = ["r4", "r1", "r3", "r2"]
 PREFIXES = [f"system prompt {p}: " + "lorem ipsum dolor sit amet " * 80 for p in range(12)]
@@ -234,3 +235,25 @@ def test_the_prompt_is_found_in_handle_arguments() -> None:
     assert extract_prompt([CompletionCall("the ingress's call", 8)], {}) == "the ingress's call"
     assert extract_prompt([b"raw http body", 3], {}) is None
     assert extract_prompt([], {}) is None
+
+
+def test_dualmap_inside_serve_sees_a_growing_sessions_whole_previous_turn() -> None:
+    """Without first tokens, Serve's DualMap predicts waits from its shadow cache alone. The next turn
+    of a session extends the last one, and the proxy's ladder (every 2^k-th block) sees the last
+    turn only up to the ladder step below its end, hundreds of tokens short on long prompts."""
+    turn1 = PREFIXES[0] + " ".join(f"call{i} result{i}" for i in range(4000))
+    turn2 = turn1 + " " + " ".join(f"call{i} result{i}" for i in range(4000, 4800))
+    full = token_count(turn1) // 16   # whole blocks of turn 1
+
+    def seen(policy: DualMap) -> int:
+        adapter = PolicyAdapter(policy)
+        adapter.set_members(REPLICAS)
+        name = adapter.rank("t1", turn1, REPLICAS)[0][0]
+        adapter.routed("t1", name)
+        adapter.completed("t1")
+        return policy.estimate.cached_blocks(name, block_hashes(turn2, 16))
+
+    serve = serve_policy("dualmap", PolicyContext())
+    assert isinstance(serve, DualMap)
+    assert seen(serve) == full
+    assert seen(DualMap(PolicyContext())) < full - 8   # what the ladder would see: why Serve's is exact
