@@ -102,8 +102,11 @@ class RedisStore:
     """
 
     def __init__(self, url: str, *, namespace: str = "default", ttl_s: int = 300, chunk_bytes: int = 512 * 1024,
-                 timeout_s: float = 2.0, io_threads: int = 4, round_trip_bytes: int = 32 * 1024 * 1024) -> None:
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+                 timeout_s: float = 2.0, io_threads: int = 4, round_trip_bytes: int = 8 * 1024 * 1024) -> None:
+        # Values are up to a chunk (512 KiB): read the socket in 1 MiB pieces, not redis-py's 64 KiB
+        # (block reads +20-30%: bench/results/rerun.md, session 9).
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           socket_read_size=1 << 20)
         self.prefix = f"kvp:{namespace}:blk:"
         self.ttl_s = ttl_s
         self.chunk_bytes = chunk_bytes
