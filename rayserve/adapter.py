@@ -34,8 +34,9 @@ from kvpilot.tokens import block_hashes, token_count
 # eight) finds a growing agentic session's previous turn only up to the ladder step below its end,
 # so it under-counted the engine's hit by ~1k tokens at the median (3k at p90) and over-predicted
 # waits by 0.24 s: needless switches off the cache. Exact: agentic in SLO 83.4 → 84.9%, hits
-# 84.9 → 85.8% (seeds 0-5), no change elsewhere (bench/results/ray_virtual.md, session 9). The
-# cost is O(prompt blocks) per lookup, small at a deployment's replica count.
+# 84.9 → 85.8% (seeds 0-5; held out, 6-11: +0.1 / +0.7), Mooncake, chat and rag within 0.1
+# (bench/results/ray_virtual.md, session 9). The cost is O(prompt blocks) per lookup and insert,
+# small at a deployment's replica count.
 SERVE_DUALMAP: dict[str, Any] = {"shadow_dense": EXACT}
 
 
