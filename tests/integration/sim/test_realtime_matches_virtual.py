@@ -19,28 +19,33 @@ TIME_SCALE = 2.0
 PROFILE = "a100-llama3-8b"
 
 
-async def replay(url: str, specs: list, time_scale: float) -> list[float]:  # type: ignore[type-arg]
-    """Send each request at its (scaled) arrival time; return TTFTs in engine seconds."""
+async def replay(url: str, specs: list, time_scale: float) -> tuple[list[float], list[int]]:  # type: ignore[type-arg]
+    """Send each request at its (scaled) arrival time; return TTFTs in engine seconds and the
+    cached tokens each request's usage reports."""
     ttfts: list[float] = [0.0] * len(specs)
+    cached: list[int] = [-1] * len(specs)
 
     async def one(i: int, session: aiohttp.ClientSession, start: float) -> None:
         spec = specs[i]
         await asyncio.sleep(max(0.0, start + spec.arrival / time_scale - time.monotonic()))
         sent = time.monotonic()
-        body = {"prompt": spec.text(), "max_tokens": spec.max_tokens, "stream": True}
+        body = {"prompt": spec.text(), "max_tokens": spec.max_tokens, "stream": True,
+                "stream_options": {"include_usage": True}}
         async with session.post(url + "/v1/completions", json=body) as resp:
             assert resp.status == 200, await resp.text()
             async for line in resp.content:
-                if line.startswith(b"data: {") and json.loads(line[6:])["choices"]:
+                if not line.startswith(b"data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if event["choices"] and not ttfts[i]:
                     ttfts[i] = (time.monotonic() - sent) * time_scale
-                    break
-            async for _ in resp.content:
-                pass
+                if event.get("usage"):
+                    cached[i] = event["usage"]["prompt_tokens_details"]["cached_tokens"]
 
     async with aiohttp.ClientSession() as session:
         start = time.monotonic() + 0.2
         await asyncio.gather(*(one(i, session, start) for i in range(len(specs))))
-    return ttfts
+    return ttfts, cached
 
 
 def test_same_ttft_distribution_on_one_instance(sim_worker_factory: Callable[..., SimWorker]) -> None:
@@ -50,16 +55,24 @@ def test_same_ttft_distribution_on_one_instance(sim_worker_factory: Callable[...
     virtual = Cluster(ClusterConfig(instances=1, profile=PROFILE)).run(specs)
     v_ttft = {r.request_id: r.ttft for r in virtual.results}
     worker = sim_worker_factory("--profile", PROFILE, "--time-scale", str(TIME_SCALE))
-    real = asyncio.run(replay(worker.url, specs, TIME_SCALE))
+    real, real_cached = asyncio.run(replay(worker.url, specs, TIME_SCALE))
     r_ttft = dict(zip((s.request_id for s in specs), real, strict=True))
-    # Cache hits are identical: the same prefixes reach the same engine model, whose LRU never
-    # evicts at this size, so the live worker's own counters equal the virtual cluster's tokens.
+    # The live worker's own counters are the sum of what each request's usage reported.
     counters = {f.name: sum(s.value for s in f.samples if s.name.endswith("_total"))
                 for f in text_string_to_metric_families(worker.metrics_text())}
-    virtual_hits = sum(r.cached_tokens for r in virtual.results)
-    assert virtual_hits > 0.2 * counters["vllm:prefix_cache_queries"]
     assert counters["vllm:prefix_cache_queries"] == sum(s.prompt_tokens for s in specs)
-    assert counters["vllm:prefix_cache_hits"] == virtual_hits
+    assert counters["vllm:prefix_cache_hits"] == sum(real_cached)
+    # Per request, the same hit as in virtual time: the same prefixes reach the same engine model,
+    # whose LRU never evicts at this size. Not every request: one that arrives while an earlier
+    # request is still prefilling their shared prefix finds only the blocks already computed, and
+    # under CPU load the live engine's steps lag the replay's arrivals (a CI run with other jobs
+    # on its cores read 88,192 live against 88,960 virtual).
+    virtual_cached = {r.request_id: r.cached_tokens for r in virtual.results}
+    same = sum(virtual_cached[spec.request_id] == c for spec, c in zip(specs, real_cached, strict=True))
+    virtual_hits = sum(virtual_cached.values())
+    assert virtual_hits > 0.2 * counters["vllm:prefix_cache_queries"]
+    assert same >= 0.9 * len(specs), f"{same} of {len(specs)} requests hit as in virtual time"
+    assert abs(sum(real_cached) - virtual_hits) <= 0.03 * virtual_hits
     v = list(v_ttft.values())
     r = list(r_ttft.values())
     for q in (50, 90):
