@@ -100,7 +100,8 @@ class ServeQueued:
 SERVE_ABLATIONS: dict[str, dict[str, Any]] = {
     "dualmap, no switch": {"theta": float("inf")},
     "dualmap, theta 0.75": {"theta": 0.75},
-    "dualmap, ladder shadow cache": {"shadow_dense": 8},   # the proxy's, and Serve's before session 9
+    "dualmap, ladder shadow cache": {"shadow_dense": 8, "follow_slos": None},   # Serve's before session 9
+    "dualmap, no follow": {"follow_slos": None},                                # Serve's before session 10
 }
 
 

@@ -11,7 +11,8 @@ the first has cached, and that prefill also delays whatever reaches the other ne
 switch is charged for it once more (`switch_cost`). Without the charge, a request switches to
 save itself a little time while its whole cached prefix is computed again; where Serve queues
 requests itself (`kvpilot.ray`, no router-side queues) that sent 7-35% of agentic and 43-45%
-of chat requests away from their cached prefix (bench/results/ray_virtual.md).
+of chat requests away from their cached prefix (bench/results/ray_virtual.md). There, too, a
+request may leave the pair for an instance that has more of its prompt cached (`follow_slos`).
 
 Hot prefixes are keyed past their shared head (`SplitDepth`): a prefix that more than one
 instance's fair share of requests pass through is split at the first block where its requests
@@ -62,9 +63,13 @@ class DualMap(EstimatingPolicy):
                  release_tokens: int = 8192, adaptive_depth: bool = True, steal: bool = True,
                  max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000,
                  kv_high: float | None = 0.9, keying: str = "split", spread_share: float = 0.5,
-                 split_base_tokens: int = 0, switch_cost: bool = True, shadow_dense: int = 8) -> None:
+                 split_base_tokens: int = 0, switch_cost: bool = True, shadow_dense: int = 8,
+                 follow_slos: float | None = None, follow_gain_tokens: int = 512) -> None:
         super().__init__(context)
         self.switch_cost = switch_cost
+        # Off (None) in the proxy; inside Serve a request follows a longer cached prefix off its pick (`_follow`).
+        self.follow_slos = follow_slos
+        self.follow_gain_tokens = follow_gain_tokens
         self.depth = max(1, key_tokens // self.context.block_size)
         # keying: "split" (hot prefixes keyed past their shared head), "extend" (the earlier
         # one-block-per-window extension of a fixed-depth key) or "fixed"; kept for ablations.
@@ -109,15 +114,40 @@ class DualMap(EstimatingPolicy):
         best, other, ub = est.better_of(*self._ring.candidates(key, excluded), request)
         wait = self.holding.wait_for
         t_best = wait(best, ub)
+        pick, alt, reason = best, other, "affinity"
         # The other candidate's work and wait matter only past the switch (most decisions skip them).
         if t_best > self.theta * self.context.slo_ttft_s:
             work = est.uncached(other, request)
             added = est.token_s[other] * max(0, work - ub) if self.switch_cost else 0.0
             if wait(other, work) + added < t_best:
-                self._other[request.request_id] = best
-                return Decision(self._members.index[other], "slo-fallback")
-        self._other[request.request_id] = other
-        return Decision(self._members.index[best], "affinity")
+                pick, alt, reason, ub = other, best, "slo-fallback", work
+        if self.follow_slos is not None:
+            pick, alt, reason = self._follow(request, instances, excluded, pick, alt, reason, ub, self.follow_slos)
+        self._other[request.request_id] = alt
+        return Decision(self._members.index[pick], reason)
+
+    def _follow(self, request: RequestView, instances: Sequence[InstanceLoad], excluded: Set[str],
+                pick: str, alt: str, reason: str, work: int, slos: float) -> tuple[str, str, str]:
+        """The instance that has the most of this prompt cached, if that saves at least
+        `follow_gain_tokens` of prefill over `pick` and its predicted wait is within `slos` × SLO;
+        else the pick unchanged. Inside Serve a session's turn can land off its key's pair (an SLO
+        switch, a hot tenant's prompt keyed again by session), and the next turns' pair would leave
+        that cache behind; following it keeps them with it. The limit sits above θ so a
+        move towards more cache (less fleet work) may wait longer than a switch away from it, and
+        below 1 to keep a margin to the SLO. Every instance's cache is looked up: fine at a
+        deployment's replica count, so it is off in the proxy (bench/results/ray_virtual.md)."""
+        est = self.estimate
+        target, fewest = "", work
+        for inst in instances:
+            if inst.name != pick and inst.name not in excluded:
+                uncached = est.uncached(inst.name, request)
+                if uncached < fewest:
+                    target, fewest = inst.name, uncached
+        if not target or work - fewest < self.follow_gain_tokens:
+            return pick, alt, reason
+        if self.holding.wait_for(target, fewest) > slos * self.context.slo_ttft_s:
+            return pick, alt, reason
+        return target, pick, "follow"
 
     def hold(self, request: RequestView, index: int, instances: Sequence[InstanceLoad], reason: str) -> None:
         name = instances[index].name

@@ -245,3 +245,30 @@ def test_a_switch_pays_for_the_prefill_it_adds() -> None:
         decision = policy.route(req, INSTANCES)
         assert decision.reason == expected, switch_cost
         assert INSTANCES[decision.index].name == (name if switch_cost else other)
+
+
+def test_inside_serve_a_request_follows_its_prompt_cached_off_its_pair() -> None:
+    """`follow_slos` (Serve's DualMap): an instance outside the key's pair that holds more of the
+    prompt takes it while its predicted wait is within follow_slos × SLO and it saves at least
+    `follow_gain_tokens`; off (the proxy's default) the pair keeps it."""
+    req = request("turn", prefix=7)
+    for follow_slos in (None, 0.75):
+        policy = DualMap(CTX, prefill_token_s=1e-4, follow_slos=follow_slos)
+        first = policy.route(req, INSTANCES)
+        pair = {INSTANCES[first.index].name, policy._other[req.request_id]}
+        third = next(inst.name for inst in INSTANCES if inst.name not in pair)
+        est = policy.estimate
+        est.learn(third, req.block_hashes[:16])        # 256 tokens: under the gain, stays
+        assert policy.route(req, INSTANCES) == first
+        est.learn(third, req.block_hashes)             # the whole prompt
+        decision = policy.route(req, INSTANCES)
+        if follow_slos is None:
+            assert decision == first
+            continue
+        assert decision.reason == "follow" and INSTANCES[decision.index].name == third
+        work = est.uncached(third, req)
+        limit_tokens = round(0.75 * 2.0 / 1e-4)
+        est.backlog[third] = limit_tokens - work - 1   # just within 0.75 × SLO: follows
+        assert policy.route(req, INSTANCES).reason == "follow"
+        est.backlog[third] = limit_tokens - work + 1   # just past it: the pair keeps it
+        assert policy.route(req, INSTANCES) == first
