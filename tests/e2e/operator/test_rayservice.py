@@ -35,7 +35,7 @@ def kuberay_crds(crds: ControlPlane) -> Iterator[Callable[[], None]]:
         assert out.returncode == 0, out.stderr
         # (a CRD just created has no status yet, and `kubectl wait` fails rather than waits on that)
         wait_for(lambda: crds.kubectl("wait", "--for=condition=Established", "--timeout=5s",
-                                      f"crd/{RAYSERVICE_CRD}").returncode == 0, 30, "the RayService CRD")
+                                      f"crd/{RAYSERVICE_CRD}").returncode == 0, 120, "the RayService CRD")
 
     yield install
     crds.kubectl("delete", "crd", RAYSERVICE_CRD, "--ignore-not-found", "--timeout=60s")
