@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 import redis
-import yaml
 from vllm_stage import Stages, make_prompt, post_json
 
 from kvpilot.operator import render_pool
+from kvpilot.router.config import Endpoint
+from kvpilot.router.endpoints_file import EndpointsDoc, write_endpoints
 from kvpilot.router.handover import RECENT_S
 from kvpilot.testing.redis import RedisServer
 from kvpilot.testing.router import RouterProcess
@@ -165,9 +166,11 @@ def test_migrated_stream_loads_its_blocks_on_the_target(
 
 
 def _publish(path: Path, *names: str, kv: KVPair) -> None:
-    """Rewrite the router's endpoints file (as local mode does): these engines are the pool now."""
+    """Replace the router's endpoints file atomically, as local mode does: these engines are the pool
+    now. (Rewritten in place, the router once read it empty between truncate and write: every pod
+    left, and a spurious scale-in was counted.)"""
     servers = {"kv-x": kv.x, "kv-y": kv.y}
-    path.write_text(yaml.safe_dump({"endpoints": [{"name": n, "url": servers[n].url} for n in names]}))
+    write_endpoints(path, EndpointsDoc(endpoints=[Endpoint(name=n, url=servers[n].url) for n in names]))
 
 
 def _sources(server: VLLMServer) -> dict[str, float]:
