@@ -77,7 +77,7 @@ note_rc() {    # tier rc
   esac
 }
 logs="$root/.build/test-logs"
-mkdir -p "$logs"
+rm -rf "$logs"; mkdir -p "$logs"
 say "pytest -m unit"
 set +e; run_tier unit "$@"; rc=$?; set -e; note_rc unit $rc
 if [ "${KVPILOT_TEST_SERIAL:-0}" = 1 ]; then
@@ -110,6 +110,13 @@ else
 fi
 say "done in $(( $(date +%s) - t0 ))s"
 if [ ${#failed[@]} -gt 0 ]; then
+  # The side-by-side tiers' logs were printed before the vllm tier; repeat their one-line failure
+  # reasons here, where the tail of the output (all a CI summary may keep) shows them.
+  for tier in integration e2e; do
+    [ "$(cat "$logs/$tier.rc" 2>/dev/null || echo 0)" = 0 ] && continue
+    say "$tier: why each test failed (whole log above)"
+    sed -n '/short test summary info/,$p' "$logs/$tier.log" | cut -c1-600
+  done
   echo "FAILED tiers: ${failed[*]}"
   exit 1
 fi
