@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -24,12 +24,14 @@ from kvpilot.kubeconfig import load_client
 from kvpilot.operator import peers, reconcile, render
 from kvpilot.operator.coalesce import Coalescer
 from kvpilot.operator.kube import Kube, KubeError
+from kvpilot.operator.listed import Listed
 from kvpilot.operator.metrics import measured
 from kvpilot.operator.poddefaults import NO_DEFAULTS
 
 log = logging.getLogger("kvpilot.operator")
 MANAGED = {names.LABEL_MANAGED_BY: render.MANAGER}
 RESYNC_SECONDS = 60.0
+RAYSERVICE_POLL_SECONDS = 5.0   # RayServices are listed, not watched (`kvpilot.operator.listed`)
 # Every handler a change selects runs in one processing cycle (kopf's default, `asap`, runs one per
 # cycle and patches its progress into annotations between them): an edit of spec.<role>.replicas
 # selects `llmservice_apply` (its update handler) and `llmservice_replicas` and still costs kopf one patch, as when one
@@ -52,6 +54,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.coalescer = Coalescer(memo.get("refresh_delay", 0.5), executor=memo.executor)
     memo.answered = reconcile.Answered()
     memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
+    memo.follow_ray = asyncio.get_running_loop().create_task(_follow_rayservices_forever(memo))
 
 
 @kopf.on.cleanup()
@@ -59,26 +62,58 @@ async def stop_background(memo: kopf.Memo, **_: Any) -> None:
     coalescer = memo.get("coalescer")
     if coalescer is not None:
         coalescer.shutdown()
-    task = memo.get("resync")
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for task in (memo.get("resync"), memo.get("follow_ray")):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _every(memo: kopf.Memo, seconds: float, work: Callable[[], None], what: str) -> None:
+    """`work` every `seconds` on kopf's handler executor, in this task's context, as asyncio.to_thread
+    would (kopf's event queue is not in it: phase changes found there are posted by `Kube.post_event`)."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            context = contextvars.copy_context()
+            await asyncio.get_running_loop().run_in_executor(memo.get("executor"), context.run, work)
+        except Exception:
+            log.exception("%s failed", what)
 
 
 async def _resync_forever(memo: kopf.Memo) -> None:
     """Watches can miss nothing in theory and something in practice: reconcile everything now and then.
     A task of our own rather than a kopf timer: timers make kopf put a finalizer on every LLMService,
     and then deleting one waits for a running operator."""
-    while True:
-        await asyncio.sleep(memo.get("resync_seconds", RESYNC_SECONDS))
+    await _every(memo, memo.get("resync_seconds", RESYNC_SECONDS), lambda: _resync_all(memo), "periodic resync")
+
+
+async def _follow_rayservices_forever(memo: kopf.Memo) -> None:
+    """The managed RayServices, listed every few seconds while the apiserver serves them, as their
+    watch events would be handled: listed, not watched, because a kopf watch on a CRD that is
+    deleted can take the whole operator down (`kvpilot.operator.listed`)."""
+    listed = Listed()
+    await _every(memo, memo.get("rayservice_poll_seconds", RAYSERVICE_POLL_SECONDS),
+                 lambda: _poll_rayservices(memo, listed), "following RayServices")
+
+
+def _poll_rayservices(memo: kopf.Memo, listed: Listed) -> None:
+    kube: Kube = memo.kube
+    if _blocking_peers(memo):
+        return
+    items: list[dict[str, Any]] = []
+    if kube.serves("RayService"):
+        selector = ",".join(f"{k}={v}" for k, v in MANAGED.items())
         try:
-            # In this task's context, as asyncio.to_thread would (kopf's event queue is not in it:
-            # phase changes found here are posted by `Kube.post_event`).
-            context = contextvars.copy_context()
-            await asyncio.get_running_loop().run_in_executor(memo.get("executor"), context.run, _resync_all, memo)
-        except Exception:
-            log.exception("periodic resync failed")
+            for namespace in memo.get("namespaces") or [None]:
+                items += kube.list("RayService", namespace, selector)
+        except KubeError as err:
+            if err.status != 404:
+                raise
+            kube.forget_served("RayService")
+            items = []   # gone with their CRD: their owners learn it below
+    for type_, meta in listed.update(items):
+        _child_changed(memo, type_, meta, status_matters=True)
 
 
 def _blocking_peers(memo: kopf.Memo) -> list[str]:
@@ -214,19 +249,21 @@ def _refresh_service_later(memo: kopf.Memo, namespace: str, service: str) -> Non
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
-@kopf.on.event("ray.io", "v1", "rayservices", labels=MANAGED)   # kopf waits for the CRD if KubeRay is absent
 def child_event(type: str | None, body: kopf.Body, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
-    """A managed child changed or vanished. Deleted, or edited by someone else: reconcile its owner,
-    which recreates it or reverts the edit. A Deployment or RayService otherwise changed (its status
-    moved): refresh the owner's status only. Anything else is the echo of the operator's own apply
-    and needs nothing; most events are those, and reconciling on each made a burst of creates
-    several times slower."""
-    meta = body["metadata"]
+    """A managed child changed or vanished (RayServices: `_poll_rayservices`)."""
+    _child_changed(memo, type, dict(body["metadata"]), status_matters=resource.plural == "deployments")
+
+
+def _child_changed(memo: kopf.Memo, type: str | None, meta: dict[str, Any], status_matters: bool) -> None:
+    """Deleted, or edited by someone else: reconcile its owner, which recreates it or reverts the
+    edit. A child whose status the owner reports (a Deployment, a RayService) otherwise changed:
+    refresh the owner's status only. Anything else is the echo of the operator's own apply and
+    needs nothing; most events are those, and reconciling on each made a burst of creates several
+    times slower."""
     labels = meta.get("labels", {})
     answered: reconcile.Answered = memo.answered
-    rewrite = type == "DELETED" or answered.new(dict(meta))
-    deployment = resource.plural in ("deployments", "rayservices")
-    if not rewrite and not deployment:
+    rewrite = type == "DELETED" or answered.new(meta)
+    if not rewrite and not status_matters:
         return
     namespace, pool, service = meta["namespace"], labels.get(names.LABEL_POOL), labels.get(names.LABEL_SERVICE)
     if pool and rewrite:
@@ -242,4 +279,4 @@ def child_event(type: str | None, body: kopf.Body, resource: kopf.Resource, memo
     elif service:
         _refresh_service_later(memo, namespace, service)
     if rewrite and type != "DELETED":
-        answered.answered(dict(meta))
+        answered.answered(meta)

@@ -67,7 +67,8 @@ KVPILOT_VENV="$venv" bash scripts/lint.sh
 failed=()
 run_tier() {   # tier, pytest args...: returns pytest's status
   local tier=$1; shift
-  "$venv/bin/python" -P -m pytest -m "$tier" "$@"
+  # wide enough that -ra's summary keeps each failure's message (pytest cuts it at the terminal's width)
+  COLUMNS="${COLUMNS:-240}" "$venv/bin/python" -P -m pytest -m "$tier" "$@"
 }
 note_rc() {    # tier rc
   case $2 in

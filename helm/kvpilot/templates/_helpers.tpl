@@ -73,9 +73,10 @@ app.kubernetes.io/component: operator
   verbs: [get, list, watch]
 # engine ray-serve: the LLMService's RayService (KubeRay makes the Ray cluster from it); delete only
 # after a switch to another engine, otherwise garbage collection removes it with its LLMService.
+# Listed every few seconds, never watched (kvpilot.operator.listed).
 - apiGroups: [ray.io]
   resources: [rayservices]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, list, create, patch, delete]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]

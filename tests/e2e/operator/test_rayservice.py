@@ -1,8 +1,9 @@
 """`engine.type: ray-serve` on the real apiserver with KubeRay's own CRDs (ray-operator v1.5.0, from the
 Go module: `scripts/kuberay-crds.sh`): without them the service is Degraded and nothing is applied;
 with them it becomes a RayService the CRD schema accepts field for field, its readiness becomes the
-LLMService's, and deleting the LLMService removes it. No KubeRay operator runs here: the test writes
-the RayService's status subresource as KubeRay would."""
+LLMService's, and deleting the LLMService removes it; removing the CRD again leaves the operator
+serving. No KubeRay operator runs here: the test writes the RayService's status subresource as
+KubeRay would."""
 
 from __future__ import annotations
 
@@ -123,3 +124,13 @@ def test_ray_serve_service_becomes_a_rayservice_that_reports_back_and_goes_with_
     out = crds.kubectl("delete", "-n", namespace, "llmservice", name, "--wait=false")
     assert out.returncode == 0, out.stderr
     wait_for(lambda: kget("rayservice", name) is None, 60, "garbage collection of the RayService")
+
+    # Uninstalling KubeRay (its CRD deleted) leaves the operator running and reconciling: RayServices
+    # are listed, not watched (a kopf watch on a deleted CRD could take the whole operator down).
+    out = crds.kubectl("delete", "crd", RAYSERVICE_CRD, "--timeout=60s")
+    assert out.returncode == 0, out.stderr
+    out = crds.kubectl("apply", "-n", namespace, "-f", str(EXAMPLE))
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: _condition(kget("llmservice", name), "Degraded").get("reason") == "KubeRayNotInstalled",
+             60, f"Degraded KubeRayNotInstalled after the CRD went\n{operator.log_tail()}", operator.proc)
+    assert operator.proc.alive(), operator.log_tail()
