@@ -40,6 +40,7 @@ from kvpilot.ray.adapter import (
     serve_policy,
 )
 from kvpilot.router.policies import make_policy
+from kvpilot.router.policies.cache_aware import CacheAware
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import NOTHING, Decision, InstanceLoad, Outcome, Policy, PolicyContext, RequestView
 from kvpilot.sim.cluster import Cluster, ClusterConfig, policy_context
@@ -105,9 +106,25 @@ SERVE_ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
+# Ray Serve LLM's PrefixCacheAffinityRouter with its defaults (ray 2.5x's `prefix_aware_router.py`,
+# read, not copied): no fallback on imbalance (`imbalanced_threshold` is infinite), the replicas
+# with the longest prefix match when it covers at least 10% of the prompt, else the replicas with
+# the smallest tree, and Serve takes the least queued of them; the tree never evicts
+# (`do_eviction` False). That is SGLang's cache-aware rule with those settings, on block hashes:
+# a model of the peer for predictions in virtual time; the live benchmark runs the real one.
+PREFIX_AFFINITY_MODEL = "prefix-affinity model"
+
+
+def prefix_affinity_model(context: PolicyContext) -> Policy:
+    return CacheAware(dataclasses.replace(context, kv_capacity_tokens=1 << 40), cache_threshold=0.1 - 1e-9,
+                      balance_abs_threshold=1 << 30)
+
+
 def build(policy: str, context: PolicyContext, serve: bool) -> Policy:
     """The policy as the Ray router builds it (`serve`) or as the proxy does; an ablation changes
     only its own options of that DualMap."""
+    if policy == PREFIX_AFFINITY_MODEL:
+        return prefix_affinity_model(context)
     ablation = ABLATIONS.get(policy, SERVE_ABLATIONS.get(policy))
     if ablation is not None:
         return DualMap(context, **{**(SERVE_DUALMAP if serve else {}), **ablation})
