@@ -8,11 +8,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1].parent / "bench"))   # bench/ is not a package
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))   # bench/ is not a package
 
-from ray_virtual import prefix_affinity_model  # noqa: E402
+from ray_virtual import prefix_affinity_model
 
-from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView  # noqa: E402
+from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
 
 
 def _request(rid: str, blocks: list[int]) -> RequestView:
