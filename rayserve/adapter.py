@@ -12,7 +12,7 @@ here without its router-side queues; the first token is not observed by a router
 prefill backlog a request adds is released when the replica's routing stats show it started
 and had time to prefill (`StartedBySample`), or else when it completes. With no first token to
 correct it, DualMap's predicted wait is only as good as its shadow cache, so here it tracks every
-block of it, and a request may follow its prefix's cache off its key's pair (`serve_policy`).
+block of it, and a request whose prefix is cached goes where the most of it is (`serve_policy`).
 """
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ from kvpilot.tokens import block_hashes, token_count
 # 84.9 → 85.8% (seeds 0-5; held out, 6-11: +0.1 / +0.7), Mooncake, chat and rag within 0.1
 # (bench/results/ray_virtual.md, session 9). The cost is O(prompt blocks) per lookup and insert,
 # small at a deployment's replica count.
-# And a request follows a longer cached prefix off its pick when the wait there is within 0.75 × SLO
-# (`DualMap._follow`): agentic hits 85.8 → 86.2% and in SLO 84.9 → 85.2% (seeds 0-5); held out,
-# agentic 6-11 85.0 → 85.6% / 91.5 → 91.8%, Mooncake, chat and rag equal or up (session 10).
-SERVE_DUALMAP: dict[str, Any] = {"shadow_dense": EXACT, "follow_slos": 0.75}
+# And the longest cached prefix leads (`DualMap._follow`): when an instance's cache saves at least
+# half the prompt's prefill work, the one holding the most takes the request (of equal holders the
+# shortest predicted wait) unless its wait is past 8 × SLO; otherwise the pair decides, the shorter
+# wait of the two where they hold as much. Against session 10's follow (512 tokens' gain within
+# 0.75 × SLO): agentic seeds 0-5 in SLO / hits 85.2 / 86.2 → 87.2 / 86.9%, held out 6-11
+# 91.8 / 85.6 → 91.8 / 86.3%, Mooncake up 0.2-0.4 / 0.4-0.5, chat and rag within 0.3 (session 11).
+SERVE_DUALMAP: dict[str, Any] = {"shadow_dense": EXACT, "follow_slos": 8.0, "follow_share": 0.5}
 
 
 def serve_policy(name: str, context: PolicyContext) -> Policy:

@@ -246,10 +246,15 @@ class LoadEstimator:
             if stored > hit:
                 load = math.ceil((stored - hit) * self.context.store_token_cost)
                 hit = stored
-        new = max(1, request.prompt_tokens - hit)
+        return self.prefill_work(request.prompt_tokens, hit) + load
+
+    def prefill_work(self, prompt_tokens: int, hit: int) -> int:
+        """Token-equivalents to prefill a prompt of which `hit` tokens are cached: its new tokens,
+        each also attending to those before it (`attention_tokens` of them cost one token more)."""
+        new = max(1, prompt_tokens - hit)
         if self.attention_tokens <= 0:
-            return new + load
-        return new + load + new * (hit + new // 2) // self.attention_tokens
+            return new
+        return new + new * (hit + new // 2) // self.attention_tokens
 
     def better_of(self, a: str, b: str, request: RequestView) -> tuple[str, str, int]:
         """(the candidate with the larger expected cache hit, `a` on a tie; the other; the prefill

@@ -11,8 +11,9 @@ the first has cached, and that prefill also delays whatever reaches the other ne
 switch is charged for it once more (`switch_cost`). Without the charge, a request switches to
 save itself a little time while its whole cached prefix is computed again; where Serve queues
 requests itself (`kvpilot.ray`, no router-side queues) that sent 7-35% of agentic and 43-45%
-of chat requests away from their cached prefix (bench/results/ray_virtual.md). There, too, a
-request may leave the pair for an instance that has more of its prompt cached (`follow_slos`).
+of chat requests away from their cached prefix (bench/results/ray_virtual.md). There, too, the
+instance holding the longest cached prefix takes a request whose prefix is cached anywhere
+(`follow_slos`, `follow_share`).
 
 Hot prefixes are keyed past their shared head (`SplitDepth`): a prefix that more than one
 instance's fair share of requests pass through is split at the first block where its requests
@@ -64,12 +65,12 @@ class DualMap(EstimatingPolicy):
                  max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000,
                  kv_high: float | None = 0.9, keying: str = "split", spread_share: float = 0.5,
                  split_base_tokens: int = 0, switch_cost: bool = True, shadow_dense: int = 8,
-                 follow_slos: float | None = None, follow_gain_tokens: int = 512) -> None:
+                 follow_slos: float | None = None, follow_share: float = 0.1) -> None:
         super().__init__(context)
         self.switch_cost = switch_cost
-        # Off (None) in the proxy; inside Serve a request follows a longer cached prefix off its pick (`_follow`).
+        # Off (None) in the proxy; inside Serve the longest cached prefix leads (`_follow`).
         self.follow_slos = follow_slos
-        self.follow_gain_tokens = follow_gain_tokens
+        self.follow_share = follow_share
         self.depth = max(1, key_tokens // self.context.block_size)
         # keying: "split" (hot prefixes keyed past their shared head), "extend" (the earlier
         # one-block-per-window extension of a fixed-depth key) or "fixed"; kept for ablations.
@@ -120,34 +121,36 @@ class DualMap(EstimatingPolicy):
             work = est.uncached(other, request)
             added = est.token_s[other] * max(0, work - ub) if self.switch_cost else 0.0
             if wait(other, work) + added < t_best:
-                pick, alt, reason, ub = other, best, "slo-fallback", work
+                pick, alt, reason = other, best, "slo-fallback"
         if self.follow_slos is not None:
-            pick, alt, reason = self._follow(request, instances, excluded, pick, alt, reason, ub, self.follow_slos)
+            pick, alt, reason = self._follow(request, instances, excluded, pick, alt, reason, self.follow_slos)
         self._other[request.request_id] = alt
         return Decision(self._members.index[pick], reason)
 
     def _follow(self, request: RequestView, instances: Sequence[InstanceLoad], excluded: Set[str],
-                pick: str, alt: str, reason: str, work: int, slos: float) -> tuple[str, str, str]:
-        """The instance that has the most of this prompt cached, if that saves at least
-        `follow_gain_tokens` of prefill over `pick` and its predicted wait is within `slos` × SLO;
-        else the pick unchanged. Inside Serve a session's turn can land off its key's pair (an SLO
-        switch, a hot tenant's prompt keyed again by session), and the next turns' pair would leave
-        that cache behind; following it keeps them with it. The limit sits above θ so a
-        move towards more cache (less fleet work) may wait longer than a switch away from it, and
-        below 1 to keep a margin to the SLO. Every instance's cache is looked up: fine at a
-        deployment's replica count, so it is off in the proxy (bench/results/ray_virtual.md)."""
-        est = self.estimate
-        target, fewest = "", work
-        for inst in instances:
-            if inst.name != pick and inst.name not in excluded:
-                uncached = est.uncached(inst.name, request)
-                if uncached < fewest:
-                    target, fewest = inst.name, uncached
-        if not target or work - fewest < self.follow_gain_tokens:
+                pick: str, alt: str, reason: str, slos: float) -> tuple[str, str, str]:
+        """Inside Serve the longest cached prefix leads. When some instance's cache saves at least
+        `follow_share` of the prompt's prefill work, the one holding the most takes the request (of several that
+        hold as much, the one with the shortest predicted wait), unless its predicted wait is past
+        `slos` × SLO. Below that share the pair's pick stands, and where the pair's two hold as
+        much, the one with the shorter predicted wait takes it (two choices). Without router-side
+        queues or a first token, Serve's SLO switch moved requests off their cache to no gain: a
+        session's next turn, or a hot tenant's next session, is best where its prefix is, and a
+        new prefix best where the wait is short (bench/results/ray_virtual.md, session 11).
+        Every instance's cache is looked up: fine at a deployment's replica count, so it is off in
+        the proxy."""
+        est, wait = self.estimate, self.holding.wait_for
+        uncached = {inst.name: est.uncached(inst.name, request) for inst in instances if inst.name not in excluded}
+        fewest = min(uncached.values())
+        cold = est.prefill_work(request.prompt_tokens, 0)
+        if cold - fewest >= self.follow_share * cold:   # the holder saves at least that share of the work
+            target = min((name for name, work in uncached.items() if work == fewest), key=lambda n: wait(n, fewest))
+            if target != pick and wait(target, fewest) <= slos * self.context.slo_ttft_s:
+                return target, pick, "follow"
             return pick, alt, reason
-        if self.holding.wait_for(target, fewest) > slos * self.context.slo_ttft_s:
-            return pick, alt, reason
-        return target, pick, "follow"
+        if uncached.get(alt) == uncached[pick] and wait(alt, uncached[pick]) < wait(pick, uncached[pick]):
+            return alt, pick, "two-choices"
+        return pick, alt, reason
 
     def hold(self, request: RequestView, index: int, instances: Sequence[InstanceLoad], reason: str) -> None:
         name = instances[index].name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 
+from kvpilot.router.estimate import EXACT
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import InstanceLoad, PolicyContext, RequestView
@@ -247,28 +248,47 @@ def test_a_switch_pays_for_the_prefill_it_adds() -> None:
         assert INSTANCES[decision.index].name == (name if switch_cost else other)
 
 
-def test_inside_serve_a_request_follows_its_prompt_cached_off_its_pair() -> None:
-    """`follow_slos` (Serve's DualMap): an instance outside the key's pair that holds more of the
-    prompt takes it while its predicted wait is within follow_slos × SLO and it saves at least
-    `follow_gain_tokens`; off (the proxy's default) the pair keeps it."""
-    req = request("turn", prefix=7)
-    for follow_slos in (None, 0.75):
-        policy = DualMap(CTX, prefill_token_s=1e-4, follow_slos=follow_slos)
+def test_inside_serve_the_longest_cached_prefix_leads() -> None:
+    """`follow_slos` (Serve's DualMap): once some instance's cache saves at least `follow_share` of
+    the prompt's prefill work, the one holding the most takes it (of equal holders, the shortest predicted wait) while
+    its wait is within follow_slos × SLO; off (the proxy's default) the pair keeps it."""
+    req = request("turn", prefix=7)   # 2,048 tokens, 128 blocks
+    for follow_slos in (None, 4.0):
+        policy = DualMap(CTX, prefill_token_s=1e-4, follow_slos=follow_slos, shadow_dense=EXACT)
         first = policy.route(req, INSTANCES)
         pair = {INSTANCES[first.index].name, policy._other[req.request_id]}
-        third = next(inst.name for inst in INSTANCES if inst.name not in pair)
+        third, fourth = [inst.name for inst in INSTANCES if inst.name not in pair][:2]
         est = policy.estimate
-        est.learn(third, req.block_hashes[:16])        # 256 tokens: under the gain, stays
+        est.learn(third, req.block_hashes[:12])        # 192 tokens: saves 9% of the prefill work, under the share
         assert policy.route(req, INSTANCES) == first
-        est.learn(third, req.block_hashes)             # the whole prompt
+        est.learn(third, req.block_hashes[:16])        # 256 tokens: 12%, follows
         decision = policy.route(req, INSTANCES)
         if follow_slos is None:
             assert decision == first
             continue
         assert decision.reason == "follow" and INSTANCES[decision.index].name == third
+        est.learn(third, req.block_hashes)             # the whole prompt, and another holder as long
+        est.learn(fourth, req.block_hashes)
         work = est.uncached(third, req)
-        limit_tokens = round(0.75 * 2.0 / 1e-4)
-        est.backlog[third] = limit_tokens - work - 1   # just within 0.75 × SLO: follows
+        est.backlog[third] = 1000
+        assert INSTANCES[policy.route(req, INSTANCES).index].name == fourth   # the shorter wait of the two
+        limit_tokens = round(4.0 * 2.0 / 1e-4)
+        est.backlog[third] = est.backlog[fourth] = limit_tokens - work - 1    # just within 4 × SLO: follows
         assert policy.route(req, INSTANCES).reason == "follow"
-        est.backlog[third] = limit_tokens - work + 1   # just past it: the pair keeps it
+        est.backlog[third] = est.backlog[fourth] = limit_tokens - work + 1    # just past it: the pair keeps it
         assert policy.route(req, INSTANCES) == first
+
+
+def test_inside_serve_a_new_prefix_takes_the_shorter_wait_of_its_pair() -> None:
+    """Below the share, where the pair's two hold as much, the one with the shorter predicted wait
+    takes it (two choices); the proxy's DualMap keeps the first candidate until θ·SLO."""
+    req = request("new", prefix=11)
+    for follow_slos, expected in ((None, "affinity"), (4.0, "two-choices")):
+        policy = DualMap(CTX, prefill_token_s=1e-4, follow_slos=follow_slos)
+        first = policy.route(req, INSTANCES)
+        assert first.reason == "affinity"
+        name, other = INSTANCES[first.index].name, policy._other[req.request_id]
+        policy.estimate.backlog[name] = 100            # 0.01 s: far under θ·SLO
+        decision = policy.route(req, INSTANCES)
+        assert decision.reason == expected
+        assert INSTANCES[decision.index].name == (name if follow_slos is None else other)
