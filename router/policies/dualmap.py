@@ -65,7 +65,7 @@ class DualMap(EstimatingPolicy):
                  max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000,
                  kv_high: float | None = 0.9, keying: str = "split", spread_share: float = 0.5,
                  split_base_tokens: int = 0, switch_cost: bool = True, shadow_dense: int = 8,
-                 follow_slos: float | None = None, follow_share: float = 0.1) -> None:
+                 follow_slos: float | None = None, follow_share: float = 0.5) -> None:
         super().__init__(context)
         self.switch_cost = switch_cost
         # Off (None) in the proxy; inside Serve the longest cached prefix leads (`_follow`).
@@ -144,8 +144,10 @@ class DualMap(EstimatingPolicy):
         fewest = min(uncached.values())
         cold = est.prefill_work(request.prompt_tokens, 0)
         if cold - fewest >= self.follow_share * cold:   # the holder saves at least that share of the work
-            target = min((name for name, work in uncached.items() if work == fewest), key=lambda n: wait(n, fewest))
-            if target != pick and wait(target, fewest) <= slos * self.context.slo_ttft_s:
+            holders = [name for name, work in uncached.items() if work == fewest]
+            waits = [wait(name, fewest) for name in holders]
+            target = holders[waits.index(min(waits))]   # the first of equal waits
+            if target != pick and min(waits) <= slos * self.context.slo_ttft_s:
                 return target, pick, "follow"
             return pick, alt, reason
         if uncached.get(alt) == uncached[pick] and wait(alt, uncached[pick]) < wait(pick, uncached[pick]):

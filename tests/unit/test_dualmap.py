@@ -254,7 +254,7 @@ def test_inside_serve_the_longest_cached_prefix_leads() -> None:
     its wait is within follow_slos × SLO; off (the proxy's default) the pair keeps it."""
     req = request("turn", prefix=7)   # 2,048 tokens, 128 blocks
     for follow_slos in (None, 4.0):
-        policy = DualMap(CTX, prefill_token_s=1e-4, follow_slos=follow_slos, shadow_dense=EXACT)
+        policy = DualMap(CTX, prefill_token_s=1e-4, follow_slos=follow_slos, follow_share=0.1, shadow_dense=EXACT)
         first = policy.route(req, INSTANCES)
         pair = {INSTANCES[first.index].name, policy._other[req.request_id]}
         third, fourth = [inst.name for inst in INSTANCES if inst.name not in pair][:2]
