@@ -16,6 +16,9 @@ predicted and a policy change tried on many seeds and workloads before an hour o
 
 Prints a Markdown table: share of requests within the TTFT SLO, engine-side hit rate, the share
 of requests DualMap sent off their affine candidate ("slo-fallback"), requests per instance.
+`--draws N` runs every case under N draws of random replica ids, as Serve names replicas: a ring
+policy places by its members' names, so one fixed set of names (the default, as the records
+before session 12) is one draw of a distribution that a live run samples anew each deployment.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import argparse
 import dataclasses
 import itertools
 import json
+import random
+import string
 import sys
 from collections import Counter
-from collections.abc import Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -58,29 +63,34 @@ class ServeQueued:
     as Serve reports them. No `hold`/`release` (the cluster dispatches at once and the engine
     queues) and no first token (the adapter infers when a prefill is done)."""
 
-    def __init__(self, inner: Policy) -> None:
+    def __init__(self, inner: Policy, replica_ids: Mapping[str, str] | None = None) -> None:
         self.inner = inner
         self.name = inner.name
         self.now = 0.0
         self.adapter = PolicyAdapter(inner, clock=lambda: self.now)
+        self.ids = dict(replica_ids or {})   # the cluster's instance names → the names the policy sees
+
+    def _id(self, name: str) -> str:
+        return self.ids.get(name, name)
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad],
               excluded: Set[str] = NOTHING) -> Decision:
         self.now = request.arrival   # routed on arrival here
-        names = [inst.name for inst in instances]
-        self.adapter.set_members(names)
-        for inst in instances:
-            self.adapter.observe(inst.name, inst.in_flight)
-        ranks = self.adapter.rank_view(request, [name for name in names if name not in excluded])
-        return Decision(names.index(ranks[0][0]), self.adapter.last_reason)
+        ids = [self._id(inst.name) for inst in instances]
+        self.adapter.set_members(ids)
+        for rid, inst in zip(ids, instances, strict=True):
+            self.adapter.observe(rid, inst.in_flight)
+        allowed = [rid for rid, inst in zip(ids, instances, strict=True) if inst.name not in excluded]
+        ranks = self.adapter.rank_view(request, allowed)
+        return Decision(ids.index(ranks[0][0]), self.adapter.last_reason)
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
-        self.adapter.routed(request.request_id, instances[index].name)
+        self.adapter.routed(request.request_id, self._id(instances[index].name))
 
     def on_poll(self, instances: Sequence[InstanceLoad], t: float) -> None:
         self.now = t
         for inst in instances:
-            self.adapter.observe(inst.name, inst.in_flight, {
+            self.adapter.observe(self._id(inst.name), inst.in_flight, {
                 STAT_RUNNING: inst.engine_running, STAT_WAITING: inst.engine_waiting,
                 STAT_KV_USAGE: inst.kv_usage, STAT_SAMPLED_AT: t})
 
@@ -104,6 +114,7 @@ SERVE_ABLATIONS: dict[str, dict[str, Any]] = {
     "dualmap, theta 0.75": {"theta": 0.75},
     "dualmap, ladder shadow cache": {"shadow_dense": 8, "follow_slos": None},   # Serve's before session 9
     "dualmap, no follow": {"follow_slos": None},                                # Serve's before session 10
+    "dualmap, pair places new prefixes": {"follow_share": 0.5, "place_slos": None},   # Serve's in session 11
 }
 # (Session 10's follow, which moved a request only for 512 tokens' gain within 0.75 × SLO, is gone:
 # its numbers are in bench/results/ray_virtual.md.)
@@ -136,8 +147,16 @@ def build(policy: str, context: PolicyContext, serve: bool) -> Policy:
     return serve_policy(policy, context) if serve else make_policy(policy, context)
 
 
-def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float]) -> dict[str, Any]:
-    workload, requests, rate, seed, policy, mode, slo, max_tokens, instances, profile, stats_s = case
+def replica_ids(instances: int, draw: int) -> dict[str, str]:
+    """Draw `draw`'s names for the cluster's instances, shaped like the random ids Serve gives
+    replicas (8 lowercase letters and digits). A ring policy places prefixes by its members' names,
+    so its results vary with them: live, every deployment draws new ones."""
+    rng = random.Random(f"replica-ids-{draw}")
+    return {f"sim-{i}": "".join(rng.choices(string.ascii_lowercase + string.digits, k=8)) for i in range(instances)}
+
+
+def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float, int]) -> dict[str, Any]:
+    workload, requests, rate, seed, policy, mode, slo, max_tokens, instances, profile, stats_s, draw = case
     specs = make_workload(workload, requests, rate, seed)
     if max_tokens:
         specs = [dataclasses.replace(s, max_tokens=min(s.max_tokens, max_tokens)) for s in specs]
@@ -145,12 +164,12 @@ def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float]
                            poll_s=stats_s if mode == "serve" else None)
     serve = mode.startswith("serve")
     inner = build(policy, policy_context(config), serve)
-    driven = ServeQueued(inner) if serve else inner
+    driven = ServeQueued(inner, replica_ids(instances, draw) if draw >= 0 else None) if serve else inner
     report = Cluster(config, driven).run(specs)
     results = report.results
     reasons = Counter(r.reason for r in results)
     return {
-        "workload": workload, "rate": rate, "seed": seed, "policy": policy, "mode": mode,
+        "workload": workload, "rate": rate, "seed": seed, "draw": draw, "policy": policy, "mode": mode,
         "in_slo": sum(r.ttft <= slo for r in results) / len(results),
         "hit_rate": sum(r.cached_tokens for r in results) / max(1, sum(r.prompt_tokens for r in results)),
         "switched": reasons.get("slo-fallback", 0) / len(results),
@@ -161,7 +180,7 @@ def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float]
 def print_summary(rows: list[dict[str, Any]], reference: str) -> None:
     """Per mode and policy: the mean share in SLO and hit rate over every rate and seed, and in how
     many runs each is at least `reference`'s (same mode, rate and seed)."""
-    ref = {(r["mode"], r["rate"], r["seed"]): r for r in rows if r["policy"] == reference}
+    ref = {(r["mode"], r["rate"], r["seed"], r["draw"]): r for r in rows if r["policy"] == reference}
     print(f"| mode | policy | runs | in SLO, mean | hit rate, mean | in SLO ≥ {reference} | hit rate ≥ {reference} |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for mode, policy in dict.fromkeys((r["mode"], r["policy"]) for r in rows):
@@ -169,7 +188,7 @@ def print_summary(rows: list[dict[str, Any]], reference: str) -> None:
         n = len(mine)
         slo = sum(r["in_slo"] for r in mine) / n
         hit = sum(r["hit_rate"] for r in mine) / n
-        peers = [(r, ref.get((mode, r["rate"], r["seed"]))) for r in mine]
+        peers = [(r, ref.get((mode, r["rate"], r["seed"], r["draw"]))) for r in mine]
         ge_slo = sum(1 for r, p in peers if p is not None and r["in_slo"] >= p["in_slo"])
         ge_hit = sum(1 for r, p in peers if p is not None and r["hit_rate"] >= p["hit_rate"])
         print(f"| {mode} | {policy} | {n} | {slo:.1%} | {hit:.1%} | {ge_slo}/{n} | {ge_hit}/{n} |")
@@ -191,14 +210,18 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=["serve", "serve-completion", "holding"], default=["serve"])
     ap.add_argument("--stats-period", type=float, default=1.0,
                     help="seconds between Serve's routing stats in mode serve (the live app's default)")
+    ap.add_argument("--draws", type=int, default=0,
+                    help="run each case under this many draws of random replica ids, as Serve names replicas "
+                         "(0: the cluster's fixed names sim-0, sim-1, …, as the records before session 12)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--summary", action="store_true",
                     help="only the mean over rates and seeds per mode and policy, and how often each is "
                          "at least the last policy's (a many-seed comparison)")
     args = ap.parse_args()
     cases = [(args.workload, args.requests, rate, seed, policy, mode, args.slo, args.max_tokens, args.instances,
-              args.profile, args.stats_period)
-             for rate, seed, mode, policy in itertools.product(args.rates, args.seeds, args.modes, args.policies)]
+              args.profile, args.stats_period, draw)
+             for rate, seed, mode, policy, draw in itertools.product(args.rates, args.seeds, args.modes, args.policies,
+                                                                     range(args.draws) if args.draws else [-1])]
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(run, cases))
     print(f"{args.workload}, {args.requests} requests, {args.instances} × {args.profile}, TTFT SLO {args.slo} s")
@@ -206,10 +229,11 @@ def main() -> None:
     if args.summary:
         print_summary(rows, args.policies[-1])
         return
-    print("| req/s | seed | mode | policy | in SLO | hit rate | switched | requests per instance |")
-    print("|---|---|---|---|---:|---:|---:|---|")
+    print("| req/s | seed | draw | mode | policy | in SLO | hit rate | switched | requests per instance |")
+    print("|---|---|---|---|---|---:|---:|---:|---|")
     for row in rows:
-        print(f"| {row['rate']:g} | {row['seed']} | {row['mode']} | {row['policy']} | {row['in_slo']:.1%} | "
+        draw = row["draw"] if row["draw"] >= 0 else "-"
+        print(f"| {row['rate']:g} | {row['seed']} | {draw} | {row['mode']} | {row['policy']} | {row['in_slo']:.1%} | "
               f"{row['hit_rate']:.1%} | {row['switched']:.1%} | {'/'.join(map(str, row['per_instance']))} |")
 
 

@@ -12,7 +12,8 @@ here without its router-side queues; the first token is not observed by a router
 prefill backlog a request adds is released when the replica's routing stats show it started
 and had time to prefill (`StartedBySample`), or else when it completes. With no first token to
 correct it, DualMap's predicted wait is only as good as its shadow cache, so here it tracks every
-block of it, and a request whose prefix is cached goes where the most of it is (`serve_policy`).
+block of it, a request whose prefix is cached goes where the most of it is, and a new prefix where
+the least prompt content has gone (`serve_policy`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,14 @@ from kvpilot.tokens import block_hashes, token_count
 # wait of the two where they hold as much. Against session 10's follow (512 tokens' gain within
 # 0.75 × SLO): agentic seeds 0-5 in SLO / hits 85.2 / 86.2 → 87.2 / 86.9%, held out 6-11
 # 91.8 / 85.6 → 91.8 / 86.3%, Mooncake up 0.2-0.4 / 0.4-0.5, chat and rag within 0.3 (session 11).
-SERVE_DUALMAP: dict[str, Any] = {"shadow_dense": EXACT, "follow_slos": 8.0, "follow_share": 0.5}
+# Session 12: a new prefix is placed where the least prompt content has gone (`DualMap._place`, within
+# 2 × SLO of wait), not on its key's pair, and the longest cached prefix leads from 10% of the work
+# saved (PrefixCacheAffinityRouter's share) instead of half. The pair placed by the replicas' names,
+# which Serve draws at random: under 10 draws of them, the agentic live slices went from 100.0 /
+# 76.8% and 98.6 / 73.9% (in SLO / hits, 40 and 50 req/s) to 100.0 / 77.2% and 99.7 / 74.1%, the
+# peer's, in every draw; Mooncake's from 91.8 / 3.6% and 77.9 / 3.6% to 95.0 / 3.6% and 86.0 / 3.6%
+# (the peer 89.0 / 3.6% and 75.0 / 3.6%) (bench/results/ray_virtual.md, session 12).
+SERVE_DUALMAP: dict[str, Any] = {"shadow_dense": EXACT, "follow_slos": 8.0, "follow_share": 0.1, "place_slos": 2.0}
 
 
 def serve_policy(name: str, context: PolicyContext) -> Policy:
@@ -135,11 +143,14 @@ class PolicyAdapter:
     """One policy routing among one deployment's replicas, as one Serve router process sees them."""
 
     def __init__(self, policy: Policy, block_size: int = 16, max_hashed_blocks: int | None = 4096,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, time_scale: float = 1.0) -> None:
         self.policy = policy
         self.block_size = block_size
         self.max_hashed_blocks = max_hashed_blocks
         self.clock = clock                      # the replicas' stats time (`STAT_SAMPLED_AT`): wall clock
+        # Engine seconds per `clock` second: 1 for real engines; the simulator at time scale 0.1 runs
+        # 10× slower than the engine time the policy predicts in.
+        self.time_scale = time_scale
         self.last_reason = ""                   # the policy's reason for its last pick
         self.loads: list[InstanceLoad] = []     # the membership, one list object while it is unchanged
         self._index: dict[str, int] = {}
@@ -185,8 +196,9 @@ class PolicyAdapter:
         self._release_prefilled()
 
     def _prefill_s(self, request_id: str) -> float:
+        """The request's predicted prefill time on `clock`."""
         estimate = self.policy.cache_estimate()
-        return 0.0 if estimate is None else estimate.prefill_s(request_id)
+        return 0.0 if estimate is None else estimate.prefill_s(request_id) / self.time_scale
 
     def _release_prefilled(self) -> None:
         for request_id in self._starts.done(self.clock()):

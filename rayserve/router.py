@@ -6,9 +6,10 @@ Configure it on the deployment whose handle calls carry the prompt (see `kvpilot
                         request_router_kwargs={"policy": "dualmap", "slo_ttft_s": 2.0})
 
 Serve builds one router per handle owner (HTTP proxy, each ingress replica, a driver), and they
-share nothing: DualMap's rings place a prompt by its prefix key the same way in every process,
-while the load and cache estimates are each process's own (fed by its queue-length cache, its own
-dispatches and the replicas' routing stats). The mapping lives in `kvpilot.ray.adapter`; this
+share nothing: the load and cache estimates, and so where a new prefix is placed, are each
+process's own (fed by its queue-length cache, its own dispatches and the replicas' routing stats);
+DualMap's rings, which place a prompt the same way in every process, decide only past its follow
+rule's wait limit (`kvpilot.ray.adapter.SERVE_DUALMAP`). The mapping lives in `kvpilot.ray.adapter`; this
 shell only translates Ray's objects and calls.
 """
 
@@ -34,11 +35,13 @@ class KvpilotRouter(RequestRouter):
     """kvpilot's policy (`policy`: any name `kvpilot.router.policies` knows) on a Serve deployment."""
 
     def initialize_state(self, policy: str = "dualmap", slo_ttft_s: float = 5.0, block_size: int = 16,
-                         kv_capacity_tokens: int = 400_000, seed: int = 0, **_: Any) -> None:
-        """Called once per router with the deployment's `request_router_kwargs` (JSON values)."""
+                         kv_capacity_tokens: int = 400_000, seed: int = 0, time_scale: float = 1.0,
+                         **_: Any) -> None:
+        """Called once per router with the deployment's `request_router_kwargs` (JSON values);
+        `time_scale`: the simulator's (engine seconds per wall second), 1 for real engines."""
         context = PolicyContext(slo_ttft_s=slo_ttft_s, block_size=block_size,
                                 kv_capacity_tokens=kv_capacity_tokens, seed=seed)
-        self.adapter = PolicyAdapter(serve_policy(policy, context), block_size=block_size)
+        self.adapter = PolicyAdapter(serve_policy(policy, context), block_size=block_size, time_scale=time_scale)
         self._named: dict[str, RunningReplica] = {}
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:

@@ -13,7 +13,7 @@ save itself a little time while its whole cached prefix is computed again; where
 requests itself (`kvpilot.ray`, no router-side queues) that sent 7-35% of agentic and 43-45%
 of chat requests away from their cached prefix (bench/results/ray_virtual.md). There, too, the
 instance holding the longest cached prefix takes a request whose prefix is cached anywhere
-(`follow_slos`, `follow_share`).
+(`follow_slos`, `follow_share`), and a new prefix is placed where the least has gone (`place_slos`).
 
 Hot prefixes are keyed past their shared head (`SplitDepth`): a prefix that more than one
 instance's fair share of requests pass through is split at the first block where its requests
@@ -65,12 +65,16 @@ class DualMap(EstimatingPolicy):
                  max_wait_slos: float | None = 2.0, attention_tokens: int = 20_000,
                  kv_high: float | None = 0.9, keying: str = "split", spread_share: float = 0.5,
                  split_base_tokens: int = 0, switch_cost: bool = True, shadow_dense: int = 8,
-                 follow_slos: float | None = None, follow_share: float = 0.5) -> None:
+                 follow_slos: float | None = None, follow_share: float = 0.5,
+                 place_slos: float | None = None) -> None:
         super().__init__(context)
         self.switch_cost = switch_cost
-        # Off (None) in the proxy; inside Serve the longest cached prefix leads (`_follow`).
+        # Off (None) in the proxy; inside Serve the longest cached prefix leads (`_follow`) and a
+        # new prefix goes where the least has been placed (`_place`).
         self.follow_slos = follow_slos
         self.follow_share = follow_share
+        self.place_slos = place_slos
+        self._placed: dict[str, int] = {}   # prompt tokens sent to each instance that it did not hold
         self.depth = max(1, key_tokens // self.context.block_size)
         # keying: "split" (hot prefixes keyed past their shared head), "extend" (the earlier
         # one-block-per-window extension of a fixed-depth key) or "fixed"; kept for ablations.
@@ -150,9 +154,29 @@ class DualMap(EstimatingPolicy):
             if target != pick and min(waits) <= slos * self.context.slo_ttft_s:
                 return target, pick, "follow"
             return pick, alt, reason
+        if self.place_slos is not None:
+            return self._place(uncached, pick, alt, reason, self.place_slos)
         if uncached.get(alt) == uncached[pick] and wait(alt, uncached[pick]) < wait(pick, uncached[pick]):
             return alt, pick, "two-choices"
         return pick, alt, reason
+
+    def _place(self, uncached: dict[str, int], pick: str, alt: str, reason: str,
+               slos: float) -> tuple[str, str, str]:
+        """A new prefix (no cache saves `follow_share` of its work) goes to the instance that has been
+        sent the least prompt content it did not hold, of those whose predicted wait is within
+        `slos` × SLO (else to the shortest wait). Its later requests follow it there, so this spreads
+        what the caches must hold, as Ray Serve LLM's PrefixCacheAffinityRouter does with its
+        smallest prefix tree. The key's pair would place it by the replicas' names, which Serve
+        draws anew for every deployment: DualMap's SLO and hits then varied by which tenants' pairs
+        the draw happened to overlap (bench/results/ray_virtual.md, session 12); inside Serve one
+        router sees all it sends, so it can place by that instead."""
+        wait, limit = self.holding.wait_for, slos * self.context.slo_ttft_s
+        waits = {name: wait(name, work) for name, work in uncached.items()}
+        within = [name for name, w in waits.items() if w <= limit]
+        placed = self._placed
+        target = (min(within, key=lambda name: (placed.get(name, 0), waits[name])) if within
+                  else min(waits, key=waits.__getitem__))
+        return (target, pick, "placed") if target != pick else (pick, alt, reason)
 
     def hold(self, request: RequestView, index: int, instances: Sequence[InstanceLoad], reason: str) -> None:
         name = instances[index].name
@@ -217,6 +241,10 @@ class DualMap(EstimatingPolicy):
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         self._other.pop(request.request_id, None)
+        if self.place_slos is not None:
+            name = instances[index].name
+            held = self.estimate.cached_blocks(name, request.block_hashes) * self.context.block_size
+            self._placed[name] = self._placed.get(name, 0) + max(0, request.prompt_tokens - held)
         super().on_dispatch(request, index, instances)
 
     def ring_placement(self) -> DualMap:

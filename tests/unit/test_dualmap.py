@@ -292,3 +292,38 @@ def test_inside_serve_a_new_prefix_takes_the_shorter_wait_of_its_pair() -> None:
         decision = policy.route(req, INSTANCES)
         assert decision.reason == expected
         assert INSTANCES[decision.index].name == (name if follow_slos is None else other)
+
+
+def test_inside_serve_a_new_prefix_goes_where_the_least_was_placed() -> None:
+    """`place_slos` (Serve's DualMap): a prompt no cache saves `follow_share` of goes to the instance
+    sent the least prompt content it did not hold, of those whose predicted wait is within
+    place_slos × SLO, else to the shortest wait; the key's pair (whose placement depends on the
+    instances' names) no longer decides. Its next turn follows it there."""
+    policy = DualMap(CTX, prefill_token_s=1e-4, follow_slos=8.0, follow_share=0.1, place_slos=2.0,
+                     shadow_dense=EXACT)
+    est = policy.estimate
+
+    def send(req: RequestView) -> str:
+        decision = policy.route(req, INSTANCES)
+        policy.on_dispatch(req, decision.index, INSTANCES)
+        return INSTANCES[decision.index].name
+
+    names = [inst.name for inst in INSTANCES]
+    firsts = [send(request(f"new-{p}", prefix=100 + 2 * p)) for p in range(len(INSTANCES))]
+    assert sorted(firsts) == sorted(names)                    # eight new prefixes, one on each instance
+    turn = request("new-3", prefix=106, tokens=4096)          # the fourth prefix's next, longer turn
+    assert send(turn) == firsts[3]
+    # Now the instance with the fourth prefix has been sent the most; of the rest, all but one are
+    # past 2 × SLO of predicted wait, so a new prefix goes to that one, however much it was sent.
+    limit_tokens = round(2 * 2.0 / 1e-4)
+    spare = firsts[5]
+    for name in names:
+        if name != spare:
+            est.backlog[name] = limit_tokens + 1
+    est.backlog[spare] = limit_tokens // 2
+    assert send(request("busy", prefix=900)) == spare
+    # All past it: the shortest wait.
+    for name in names:
+        est.backlog[name] = limit_tokens + 1000
+    est.backlog[firsts[6]] = limit_tokens + 1
+    assert send(request("all-busy", prefix=950)) == firsts[6]

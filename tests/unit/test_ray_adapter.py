@@ -197,6 +197,30 @@ def test_dualmap_inside_serve_counts_a_started_prefill_in_its_predicted_wait_unt
     assert policy.holding.wait_for("r1", 0) < loaded / 10
 
 
+def test_a_slowed_simulator_keeps_a_started_prefill_in_the_wait_for_its_wall_time() -> None:
+    """The predicted prefill time is engine time; the replicas stamp their stats with the wall clock.
+    At time scale 0.1 (the simulator 10× slower, as bench/ray_routing.py runs it) a prefill lasts 10×
+    its engine time on that clock, and releasing it after its engine time left the backlog out of
+    DualMap's predicted wait while it was still prefilling."""
+    clock = Clock()
+    adapter = PolicyAdapter(DualMap(), clock=clock, time_scale=0.1)
+    adapter.set_members(REPLICAS)
+    policy = adapter.policy
+    assert isinstance(policy, DualMap)
+    adapter.rank("q0", PREFIXES[0], REPLICAS)
+    adapter.routed("q0", "r1")
+    loaded = policy.holding.wait_for("r1", 0)
+    own = policy.estimate.prefill_s("q0")
+    clock.now += 1
+    adapter.observe("r1", 1, {STAT_WAITING: 0, STAT_SAMPLED_AT: clock.now})
+    clock.now += own * 1.01                                        # its engine time: still prefilling here
+    adapter.rank("next", PREFIXES[5], REPLICAS)
+    assert policy.holding.wait_for("r1", 0) == loaded
+    clock.now += own * 9                                           # past its wall time
+    adapter.rank("later", PREFIXES[6], REPLICAS)
+    assert policy.holding.wait_for("r1", 0) < loaded
+
+
 def test_load_comes_from_the_queue_cache_else_the_routers_own_count() -> None:
     adapter = PolicyAdapter(Recorder())
     adapter.set_members(REPLICAS)
