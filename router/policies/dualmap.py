@@ -136,11 +136,11 @@ class DualMap(EstimatingPolicy):
         """Inside Serve the longest cached prefix leads. When some instance's cache saves at least
         `follow_share` of the prompt's prefill work, the one holding the most takes the request (of several that
         hold as much, the one with the shortest predicted wait), unless its predicted wait is past
-        `slos` × SLO. Below that share the pair's pick stands, and where the pair's two hold as
-        much, the one with the shorter predicted wait takes it (two choices). Without router-side
-        queues or a first token, Serve's SLO switch moved requests off their cache to no gain: a
-        session's next turn, or a hot tenant's next session, is best where its prefix is, and a
-        new prefix best where the wait is short (bench/results/ray_virtual.md, session 11).
+        `slos` × SLO. Below that share `_place` decides where `place_slos` is set; else the pair's
+        pick stands, and where the pair's two hold as much, the one with the shorter predicted wait
+        takes it (two choices). Without router-side queues or a first token, Serve's SLO switch
+        moved requests off their cache to no gain: a session's next turn, or a hot tenant's next
+        session, is best where its prefix is (bench/results/ray_virtual.md, sessions 11 and 12).
         Every instance's cache is looked up: fine at a deployment's replica count, so it is off in
         the proxy."""
         est, wait = self.estimate, self.holding.wait_for
