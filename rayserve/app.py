@@ -160,8 +160,10 @@ def build_app(*, replicas: int = 4, router: str | None = "dualmap", profile: str
     options: dict[str, Any] = {"num_replicas": replicas, "max_ongoing_requests": max_ongoing_requests,
                                "ray_actor_options": {"num_cpus": 0}}
     if router is not None or router_class != ROUTER_CLASS:
-        kwargs = router_kwargs if router_kwargs is not None else {"policy": router, "slo_ttft_s": slo_ttft_s,
-                                                                  "time_scale": time_scale}
+        engine_profile = get_profile(profile)   # the router's shadow caches hold what the engines can
+        kwargs = router_kwargs if router_kwargs is not None else {
+            "policy": router, "slo_ttft_s": slo_ttft_s, "time_scale": time_scale,
+            "block_size": engine_profile.block_size, "kv_capacity_tokens": engine_profile.kv_capacity_tokens}
         router_config: dict[str, Any] = {"request_router_class": router_class, "request_router_kwargs": kwargs,
                                          "request_routing_stats_period_s": stats_period_s}
         options["request_router_config"] = RequestRouterConfig(**router_config)

@@ -234,11 +234,17 @@ class LoadEstimator:
                 self._fit[inst.name] = [2.0, x1 + x2, t * (x1 + x2), x1 * x1 + x2 * x2, t * (x1 * x1 + x2 * x2)]
                 self.backlog[inst.name] = 0
 
-    def uncached(self, name: str, request: RequestView) -> int:
-        """Prefill work of `request` at `name` in token-equivalents, after its expected cache hit
-        (observed from KV events where the router follows them, else the shadow cache's guess)."""
+    def cached_tokens(self, name: str, request: RequestView) -> int:
+        """Leading prompt tokens `name` is expected to hold (observed from KV events where the
+        router follows them, else the shadow cache's guess)."""
         seen = self.observed.cached_tokens(name, request) if self.observed is not None else None
-        cached = self.caches[name].match(request.block_hashes) * self.context.block_size if seen is None else seen
+        return self.caches[name].match(request.block_hashes) * self.context.block_size if seen is None else seen
+
+    def uncached(self, name: str, request: RequestView) -> int:
+        """Prefill work of `request` at `name` in token-equivalents, after its expected cache hit."""
+        return self._work_after(request, self.cached_tokens(name, request))
+
+    def _work_after(self, request: RequestView, cached: int) -> int:
         hit = min(request.prompt_tokens - 1, cached)
         load = 0
         if self.store is not None:   # tokens in the store beyond the local hit: loaded, at a fraction of a prefill
@@ -303,8 +309,11 @@ class LoadEstimator:
     def predicted_ttft(self, name: str, uncached: int) -> float:
         return self.token_s[name] * (self.ahead(name) + uncached)
 
-    def dispatched(self, request: RequestView, name: str) -> None:
-        uncached = self.uncached(name, request)
+    def dispatched(self, request: RequestView, name: str) -> int:
+        """Count a dispatch in `name`'s backlog and shadow cache; returns the prompt tokens it was
+        expected to hold there before this request."""
+        cached = self.cached_tokens(name, request)
+        uncached = self._work_after(request, cached)
         self.mean_work += self.ewma * (uncached - self.mean_work) if self.mean_work else uncached
         tokens = request.prompt_tokens
         self.mean_prompt += self.ewma * (tokens - self.mean_prompt) if self.mean_prompt else tokens
@@ -317,6 +326,7 @@ class LoadEstimator:
             self.store.insert(request.block_hashes)
         if claim:
             self._claims[request.request_id] = (name, claim)
+        return cached
 
     def completed(self, request_id: str, prefilled: bool) -> None:
         """A dispatch ended: its prompt stays in the shadow cache only if the instance prefilled it."""

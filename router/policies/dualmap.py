@@ -111,57 +111,66 @@ class DualMap(EstimatingPolicy):
         if not instances:
             raise LookupError("no instances to route to")
         self._sync(instances)
-        est = self.estimate
         if self.adaptive is not None and request.block_hashes:
             key = self.adaptive.key(request.block_hashes)[0]
         else:
             key = affinity_key(request, self.depth)
-        best, other, ub = est.better_of(*self._ring.candidates(key, excluded), request)
-        wait = self.holding.wait_for
-        t_best = wait(best, ub)
-        pick, alt, reason = best, other, "affinity"
-        # The other candidate's work and wait matter only past the switch (most decisions skip them).
-        if t_best > self.theta * self.context.slo_ttft_s:
-            work = est.uncached(other, request)
-            added = est.token_s[other] * max(0, work - ub) if self.switch_cost else 0.0
-            if wait(other, work) + added < t_best:
-                pick, alt, reason = other, best, "slo-fallback"
-        if self.follow_slos is not None:
-            pick, alt, reason = self._follow(request, instances, excluded, pick, alt, reason, self.follow_slos)
+        a, b = self._ring.candidates(key, excluded)
+        if self.follow_slos is None:
+            pick, alt, reason = self._pair(request, *self.estimate.better_of(a, b, request))
+        else:
+            pick, alt, reason = self._in_serve(request, instances, excluded, a, b, self.follow_slos)
         self._other[request.request_id] = alt
         return Decision(self._members.index[pick], reason)
 
-    def _follow(self, request: RequestView, instances: Sequence[InstanceLoad], excluded: Set[str],
-                pick: str, alt: str, reason: str, slos: float) -> tuple[str, str, str]:
-        """Inside Serve the longest cached prefix leads. When some instance's cache saves at least
-        `follow_share` of the prompt's prefill work, the one holding the most takes the request (of several that
-        hold as much, the one with the shortest predicted wait), unless its predicted wait is past
-        `slos` × SLO. Below that share `_place` decides where `place_slos` is set; else the pair's
-        pick stands, and where the pair's two hold as much, the one with the shorter predicted wait
+    def _pair(self, request: RequestView, best: str, other: str, ub: int,
+              other_work: int | None = None) -> tuple[str, str, str]:
+        """(pick, the other, reason) of the key's pair: the larger hit (`best`, `ub` its work), unless
+        its predicted TTFT is past θ × SLO and the other's is shorter even with the switch's cost.
+        The other's work (`other_work`, looked up when not given) matters only past the switch, so
+        most decisions skip it."""
+        wait = self.holding.wait_for
+        t_best = wait(best, ub)
+        if t_best > self.theta * self.context.slo_ttft_s:
+            work = self.estimate.uncached(other, request) if other_work is None else other_work
+            added = self.estimate.token_s[other] * max(0, work - ub) if self.switch_cost else 0.0
+            if wait(other, work) + added < t_best:
+                return other, best, "slo-fallback"
+        return best, other, "affinity"
+
+    def _in_serve(self, request: RequestView, instances: Sequence[InstanceLoad], excluded: Set[str],
+                  a: str, b: str, slos: float) -> tuple[str, str, str]:
+        """Inside Serve (`follow_slos` set) the longest cached prefix leads. When some instance's cache
+        saves at least `follow_share` of the prompt's prefill work, the one holding the most takes
+        the request (of several that hold as much, the one with the shortest predicted wait),
+        unless its predicted wait is past `slos` (`follow_slos`) × SLO: then the key's pair (`a`, `b`)
+        decides, with the SLO switch. Below that share `_place` decides where `place_slos` is set;
+        else the pair does, and where its two hold as much, the one with the shorter predicted wait
         takes it (two choices). Without router-side queues or a first token, Serve's SLO switch
         moved requests off their cache to no gain: a session's next turn, or a hot tenant's next
         session, is best where its prefix is (bench/results/ray_virtual.md, sessions 11 and 12).
-        Every instance's cache is looked up: fine at a deployment's replica count, so it is off in
-        the proxy."""
+        Every instance's cache is looked up once: fine at a deployment's replica count, so it is
+        off in the proxy."""
         est, wait = self.estimate, self.holding.wait_for
         uncached = {inst.name: est.uncached(inst.name, request) for inst in instances if inst.name not in excluded}
+        best, other = (a, b) if uncached[a] <= uncached[b] else (b, a)   # `better_of`'s order
         fewest = min(uncached.values())
         cold = est.prefill_work(request.prompt_tokens, 0)
         if cold - fewest >= self.follow_share * cold:   # the holder saves at least that share of the work
             holders = [name for name, work in uncached.items() if work == fewest]
             waits = [wait(name, fewest) for name in holders]
-            target = holders[waits.index(min(waits))]   # the first of equal waits
-            if target != pick and min(waits) <= slos * self.context.slo_ttft_s:
-                return target, pick, "follow"
-            return pick, alt, reason
+            if min(waits) <= slos * self.context.slo_ttft_s:
+                target = holders[waits.index(min(waits))]   # the first of equal waits
+                return target, other if target == best else best, "follow"
+            return self._pair(request, best, other, uncached[best], uncached[other])
         if self.place_slos is not None:
-            return self._place(uncached, pick, alt, reason, self.place_slos)
-        if uncached.get(alt) == uncached[pick] and wait(alt, uncached[pick]) < wait(pick, uncached[pick]):
+            return self._place(uncached, best, other, self.place_slos)
+        pick, alt, reason = self._pair(request, best, other, uncached[best], uncached[other])
+        if uncached[alt] == uncached[pick] and wait(alt, uncached[pick]) < wait(pick, uncached[pick]):
             return alt, pick, "two-choices"
         return pick, alt, reason
 
-    def _place(self, uncached: dict[str, int], pick: str, alt: str, reason: str,
-               slos: float) -> tuple[str, str, str]:
+    def _place(self, uncached: dict[str, int], best: str, other: str, slos: float) -> tuple[str, str, str]:
         """A new prefix (no cache saves `follow_share` of its work) goes to the instance that has been
         sent the least prompt content it did not hold, of those whose predicted wait is within
         `slos` × SLO (else to the shortest wait). Its later requests follow it there, so this spreads
@@ -176,7 +185,7 @@ class DualMap(EstimatingPolicy):
         placed = self._placed
         target = (min(within, key=lambda name: (placed.get(name, 0), waits[name])) if within
                   else min(waits, key=waits.__getitem__))
-        return (target, pick, "placed") if target != pick else (pick, alt, reason)
+        return target, other if target == best else best, "placed"
 
     def hold(self, request: RequestView, index: int, instances: Sequence[InstanceLoad], reason: str) -> None:
         name = instances[index].name
@@ -241,11 +250,10 @@ class DualMap(EstimatingPolicy):
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
         self._other.pop(request.request_id, None)
+        name = instances[index].name
+        held = self.estimate.dispatched(request, name)
         if self.place_slos is not None:
-            name = instances[index].name
-            held = self.estimate.cached_blocks(name, request.block_hashes) * self.context.block_size
             self._placed[name] = self._placed.get(name, 0) + max(0, request.prompt_tokens - held)
-        super().on_dispatch(request, index, instances)
 
     def ring_placement(self) -> DualMap:
         return self
