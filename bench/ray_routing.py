@@ -96,7 +96,14 @@ def app_for(router: str, args: argparse.Namespace) -> serve.Application:
         return build_app(router=None, **common)
     if router == "prefix-affinity":
         return build_app(router=None, router_class=PREFIX_ROUTER, router_kwargs={}, **common)
-    return build_app(router=router, **common)   # a kvpilot policy by name
+    return build_app(router=router, router_log_level=args.router_log_level, **common)   # a kvpilot policy by name
+
+
+def keep_router_log(ray_temp: Path, out: Path) -> None:
+    """The router's trace lines from Ray's worker logs, which go with Ray's temporary folder."""
+    lines = [line for log in sorted(ray_temp.glob("session_*/logs/worker-*.err"))
+             for line in log.read_text(errors="replace").splitlines() if " kvpilot.ray " in line]
+    out.write_text("\n".join(sorted(lines)) + "\n")
 
 
 def main() -> None:
@@ -114,6 +121,7 @@ def main() -> None:
     ap.add_argument("--max-ongoing", type=int, default=64)
     ap.add_argument("--slo", type=float, default=2.0, help="TTFT SLO, engine seconds")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--router-log-level", help="DEBUG: kvpilot's router logs each decision (Ray's worker logs)")
     args = ap.parse_args()
     local = LocalRay(num_cpus=2)
     steps: list[Step] = []
@@ -132,6 +140,8 @@ def main() -> None:
                     print(step.row(args.slo), flush=True)
                     serve.delete(router)
     finally:
+        if args.router_log_level and args.out and local.temp:
+            keep_router_log(Path(local.temp), args.out.with_suffix(".router.log"))
         local.stop()
     load = os.getloadavg()
     lines = [f"{args.workload} (seed {args.seed}), {args.requests} requests, {args.replicas} replicas h100-llama3-8b, "

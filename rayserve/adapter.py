@@ -19,17 +19,20 @@ the least prompt content has gone (`serve_policy`).
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvpilot.router.estimate import EXACT
+from kvpilot.router.estimate import EXACT, LoadEstimator
 from kvpilot.router.policies import make_policy
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import InstanceLoad, Outcome, Policy, PolicyContext, RequestView
 from kvpilot.tokens import block_hashes, token_count
+
+log = logging.getLogger("kvpilot.ray")
 
 # DualMap inside Serve: exact shadow caches. The proxy's ladder (every 2^k-th block past the first
 # eight) finds a growing agentic session's previous turn only up to the ladder step below its end,
@@ -246,8 +249,20 @@ class PolicyAdapter:
         decision = self.policy.route(view, self.loads, excluded)
         self.last_reason = decision.reason
         pick = self.loads[decision.index].name
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("route %s (%d tokens) to %s (%s); predicted TTFT s by replica: %s", view.request_id,
+                      view.prompt_tokens, pick, decision.reason, self.predicted_ttfts(view))
         rest = [name for name in candidates if name != pick]
         return [[pick], rest] if rest else [[pick]]
+
+    def predicted_ttfts(self, view: RequestView) -> dict[str, float]:
+        """What the policy's estimate predicts `view` would wait at each replica, for tracing a
+        decision (a cache lookup per replica: only when asked); empty for a policy without one."""
+        estimate = self.policy.cache_estimate()
+        if not isinstance(estimate, LoadEstimator):
+            return {}
+        return {inst.name: round(estimate.predicted_ttft(inst.name, estimate.uncached(inst.name, view)), 3)
+                for inst in self.loads}
 
     def routed(self, request_id: str, name: str) -> None:
         """Serve sent the request to `name` (which accepted it): the policy's `on_dispatch`."""

@@ -153,17 +153,20 @@ class Ingress:
 def build_app(*, replicas: int = 4, router: str | None = "dualmap", profile: str = "h100-llama3-8b",
               time_scale: float = 1.0, max_ongoing_requests: int = 8, slo_ttft_s: float = 5.0,
               router_class: str = ROUTER_CLASS, router_kwargs: dict[str, Any] | None = None,
-              stats_period_s: float = 1.0, model: str = "sim-model", ingress_max_ongoing: int = 1000) -> Application:
+              stats_period_s: float = 1.0, model: str = "sim-model", ingress_max_ongoing: int = 1000,
+              router_log_level: str | None = None) -> Application:
     """The app: `Ingress` → `SimEngine` × `replicas`. `router`: a kvpilot policy name on the engine
     deployment's handle (`router_class`/`router_kwargs` for any other Serve router), or None for
-    Serve's default (power of two choices). Replicas ask for no CPU, so an app fits a 2-CPU Ray."""
+    Serve's default (power of two choices); `router_log_level` "DEBUG" traces its decisions
+    (`KvpilotRouter`). Replicas ask for no CPU, so an app fits a 2-CPU Ray."""
     options: dict[str, Any] = {"num_replicas": replicas, "max_ongoing_requests": max_ongoing_requests,
                                "ray_actor_options": {"num_cpus": 0}}
     if router is not None or router_class != ROUTER_CLASS:
         engine_profile = get_profile(profile)   # the router's shadow caches hold what the engines can
         kwargs = router_kwargs if router_kwargs is not None else {
             "policy": router, "slo_ttft_s": slo_ttft_s, "time_scale": time_scale,
-            "block_size": engine_profile.block_size, "kv_capacity_tokens": engine_profile.kv_capacity_tokens}
+            "block_size": engine_profile.block_size, "kv_capacity_tokens": engine_profile.kv_capacity_tokens,
+            "log_level": router_log_level}
         router_config: dict[str, Any] = {"request_router_class": router_class, "request_router_kwargs": kwargs,
                                          "request_routing_stats_period_s": stats_period_s}
         options["request_router_config"] = RequestRouterConfig(**router_config)

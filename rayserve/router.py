@@ -36,9 +36,17 @@ class KvpilotRouter(RequestRouter):
 
     def initialize_state(self, policy: str = "dualmap", slo_ttft_s: float = 5.0, block_size: int = 16,
                          kv_capacity_tokens: int = 400_000, seed: int = 0, time_scale: float = 1.0,
-                         **_: Any) -> None:
+                         log_level: str | None = None, **_: Any) -> None:
         """Called once per router with the deployment's `request_router_kwargs` (JSON values);
-        `time_scale`: the simulator's (engine seconds per wall second), 1 for real engines."""
+        `time_scale`: the simulator's (engine seconds per wall second), 1 for real engines;
+        `log_level` "DEBUG" traces every decision (`PolicyAdapter.rank_view`) to the handle owner's
+        stderr, which Ray keeps in its worker logs."""
+        if log_level is not None:
+            log.setLevel(log_level)
+            if not log.handlers:
+                handler = logging.StreamHandler()
+                handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+                log.addHandler(handler)
         context = PolicyContext(slo_ttft_s=slo_ttft_s, block_size=block_size,
                                 kv_capacity_tokens=kv_capacity_tokens, seed=seed)
         self.adapter = PolicyAdapter(serve_policy(policy, context), block_size=block_size, time_scale=time_scale)

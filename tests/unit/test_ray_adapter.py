@@ -4,8 +4,11 @@ and exactly one `on_complete` per routed request."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence, Set
 from types import SimpleNamespace
+
+import pytest
 
 from kvpilot.ray.adapter import (
     STAT_KV_USAGE,
@@ -281,3 +284,23 @@ def test_dualmap_inside_serve_sees_a_growing_sessions_whole_previous_turn() -> N
     assert isinstance(serve, DualMap)
     assert seen(serve) == full
     assert seen(DualMap(PolicyContext())) < full - 8   # what the ladder would see: why Serve's is exact
+
+
+def test_a_decision_is_traced_with_each_replicas_predicted_ttft(caplog: pytest.LogCaptureFixture) -> None:
+    """At DEBUG, `kvpilot.ray` logs each decision with its reason and what the policy predicted the
+    request would wait at every replica: a replica holding routed work predicts a longer wait, and
+    one that holds the prompt's prefix a shorter prefill."""
+    adapter = _dualmap()
+    first = adapter.rank("a", PREFIXES[0] + "question 0", REPLICAS)[0][0]
+    adapter.routed("a", first)
+    with caplog.at_level(logging.DEBUG, logger="kvpilot.ray"):
+        pick = adapter.rank("b", PREFIXES[1], REPLICAS)[0][0]
+    (record,) = [r for r in caplog.records if r.name == "kvpilot.ray"]
+    assert f"to {pick} (" in record.getMessage()
+    predicted = record.args[-1]
+    assert isinstance(predicted, dict) and sorted(predicted) == sorted(REPLICAS)
+    idle = [name for name in REPLICAS if name != first]
+    assert predicted[first] > max(predicted[name] for name in idle)   # "a" is still prefilling there
+    same = adapter.predicted_ttfts(adapter.view("c", PREFIXES[0] + "question 1"))
+    assert same[first] < predicted[first]   # its prefix is cached there: only the question is new
+    assert PolicyAdapter(RoundRobin()).predicted_ttfts(adapter.view("d", "x")) == {}
