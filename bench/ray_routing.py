@@ -100,9 +100,10 @@ def app_for(router: str, args: argparse.Namespace) -> serve.Application:
 
 
 def keep_router_log(ray_temp: Path, out: Path) -> None:
-    """The router's trace lines from Ray's worker logs, which go with Ray's temporary folder."""
-    lines = [line for log in sorted(ray_temp.glob("session_*/logs/worker-*.err"))
-             for line in log.read_text(errors="replace").splitlines() if " kvpilot.ray " in line]
+    """The router's trace lines from Ray's worker logs, which go with Ray's temporary folder (each
+    line is found twice there: `session_latest` links to the session's folder)."""
+    lines = {line for log in ray_temp.glob("session_*/logs/worker-*.err")
+             for line in log.read_text(errors="replace").splitlines() if " kvpilot.ray " in line}
     out.write_text("\n".join(sorted(lines)) + "\n")
 
 
@@ -123,6 +124,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--router-log-level", help="DEBUG: kvpilot's router logs each decision (Ray's worker logs)")
     args = ap.parse_args()
+    if args.out:
+        args.out = args.out.resolve()   # Ray runs in its own temporary folder
     local = LocalRay(num_cpus=2)
     steps: list[Step] = []
     try:
@@ -140,9 +143,11 @@ def main() -> None:
                     print(step.row(args.slo), flush=True)
                     serve.delete(router)
     finally:
-        if args.router_log_level and args.out and local.temp:
-            keep_router_log(Path(local.temp), args.out.with_suffix(".router.log"))
-        local.stop()
+        try:
+            if args.router_log_level and args.out and local.temp:
+                keep_router_log(Path(local.temp), args.out.with_suffix(".router.log"))
+        finally:
+            local.stop()
     load = os.getloadavg()
     lines = [f"{args.workload} (seed {args.seed}), {args.requests} requests, {args.replicas} replicas h100-llama3-8b, "
              f"time scale {args.time_scale}, max_tokens {args.max_tokens}, TTFT SLO {args.slo} s (engine time); "
