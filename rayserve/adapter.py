@@ -41,7 +41,7 @@ log = logging.getLogger("kvpilot.ray")
 # 84.9 → 85.8% (seeds 0-5; held out, 6-11: +0.1 / +0.7), Mooncake, chat and rag within 0.1
 # (bench/results/ray_virtual.md, session 9). The cost is O(prompt blocks) per lookup and insert,
 # small at a deployment's replica count.
-# And the longest cached prefix leads (`DualMap._follow`): when an instance's cache saves at least
+# And the longest cached prefix leads (`DualMap._in_serve`): when an instance's cache saves at least
 # half the prompt's prefill work, the one holding the most takes the request (of equal holders the
 # shortest predicted wait) unless its wait is past 8 × SLO; otherwise the pair decides, the shorter
 # wait of the two where they hold as much. Against session 10's follow (512 tokens' gain within

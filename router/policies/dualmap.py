@@ -69,7 +69,7 @@ class DualMap(EstimatingPolicy):
                  place_slos: float | None = None) -> None:
         super().__init__(context)
         self.switch_cost = switch_cost
-        # Off (None) in the proxy; inside Serve the longest cached prefix leads (`_follow`) and a
+        # Off (None) in the proxy; inside Serve the longest cached prefix leads (`_in_serve`) and a
         # new prefix goes where the least has been placed (`_place`).
         self.follow_slos = follow_slos
         self.follow_share = follow_share
