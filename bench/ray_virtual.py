@@ -49,7 +49,7 @@ from kvpilot.router.policies import make_policy
 from kvpilot.router.policies.cache_aware import CacheAware
 from kvpilot.router.policies.dualmap import DualMap
 from kvpilot.router.policy import NOTHING, Decision, InstanceLoad, Outcome, Policy, PolicyContext, RequestView
-from kvpilot.sim.cluster import Cluster, ClusterConfig, policy_context
+from kvpilot.sim.cluster import Cluster, ClusterConfig, RequestResult, policy_context
 from kvpilot.sim.families import make_workload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,31 +63,61 @@ class ServeQueued:
     as Serve reports them. No `hold`/`release` (the cluster dispatches at once and the engine
     queues) and no first token (the adapter infers when a prefill is done)."""
 
-    def __init__(self, inner: Policy, replica_ids: Mapping[str, str] | None = None) -> None:
+    def __init__(self, inner: Policy, replica_ids: Mapping[str, str] | None = None, routed_late: bool = True,
+                 claim: bool = True) -> None:
         self.inner = inner
         self.name = inner.name
         self.now = 0.0
-        self.adapter = PolicyAdapter(inner, clock=lambda: self.now)
+        self.adapter = PolicyAdapter(inner, clock=lambda: self.now, claim=claim)
         self.ids = dict(replica_ids or {})   # the cluster's instance names → the names the policy sees
+        # Serve ranks a request within a millisecond of its arrival but reports where it went only
+        # after its asynchronous assignment (`on_request_routed`), so the requests of a burst (same
+        # arrival) are all ranked before any is reported. Late: reported once the clock moves on.
+        self.routed_late = routed_late
+        self._unreported: list[tuple[float, str, str]] = []   # (arrival, request, replica) not yet reported
+        self._unreported_at: Counter[str] = Counter()
 
     def _id(self, name: str) -> str:
         return self.ids.get(name, name)
 
     def route(self, request: RequestView, instances: Sequence[InstanceLoad],
               excluded: Set[str] = NOTHING) -> Decision:
+        self._report(before=request.arrival)
         self.now = request.arrival   # routed on arrival here
         ids = [self._id(inst.name) for inst in instances]
         self.adapter.set_members(ids)
-        for rid, inst in zip(ids, instances, strict=True):
-            self.adapter.observe(rid, inst.in_flight)
+        for rid, inst in zip(ids, instances, strict=True):   # Serve's queue lengths count only reported sends
+            self.adapter.observe(rid, inst.in_flight - self._unreported_at[rid])
         allowed = [rid for rid, inst in zip(ids, instances, strict=True) if inst.name not in excluded]
         ranks = self.adapter.rank_view(request, allowed)
         return Decision(ids.index(ranks[0][0]), self.adapter.last_reason)
 
     def on_dispatch(self, request: RequestView, index: int, instances: Sequence[InstanceLoad]) -> None:
-        self.adapter.routed(request.request_id, self._id(instances[index].name))
+        name = self._id(instances[index].name)
+        if not self.routed_late:
+            self.adapter.routed(request.request_id, name)
+            return
+        self._unreported.append((request.arrival, request.request_id, name))
+        self._unreported_at[name] += 1
+
+    def _report(self, before: float) -> None:
+        """Report the dispatches of arrivals before `before` as routed, each at its arrival time."""
+        if not self._unreported or self._unreported[0][0] >= before:
+            return
+        now = self.now
+        keep = []
+        for arrival, request_id, name in self._unreported:
+            if arrival < before:
+                self.now = arrival
+                self.adapter.routed(request_id, name)
+                self._unreported_at[name] -= 1
+            else:
+                keep.append((arrival, request_id, name))
+        self._unreported = keep
+        self.now = now
 
     def on_poll(self, instances: Sequence[InstanceLoad], t: float) -> None:
+        self._report(before=t)
         self.now = t
         for inst in instances:
             self.adapter.observe(self._id(inst.name), inst.in_flight, {
@@ -98,6 +128,7 @@ class ServeQueued:
         """Unseen by a Serve router."""
 
     def on_complete(self, request: RequestView, outcome: Outcome) -> None:
+        self._report(before=float("inf"))   # a completion comes after its request's burst
         self.adapter.completed(request.request_id)
 
     def cache_estimate(self) -> Any:
@@ -129,6 +160,13 @@ SERVE_ABLATIONS: dict[str, dict[str, Any]] = {
 PREFIX_AFFINITY_MODEL = "prefix-affinity model"
 
 
+# The peer counts a request (inserts its prompt in its tree) only once Serve reports it routed
+# (`on_request_routed`), so its model is driven without claims; DualMap so driven is Serve's DualMap
+# before session 14 (`PolicyAdapter.claim`).
+DUALMAP_UNCLAIMED = "dualmap, counted when routed"
+UNCLAIMED = {PREFIX_AFFINITY_MODEL, DUALMAP_UNCLAIMED}
+
+
 def prefix_affinity_model(context: PolicyContext) -> Policy:
     return CacheAware(dataclasses.replace(context, kv_capacity_tokens=1 << 40), cache_threshold=0.1 - 1e-9,
                       balance_abs_threshold=1 << 30)
@@ -139,6 +177,8 @@ def build(policy: str, context: PolicyContext, serve: bool) -> Policy:
     only its own options of that DualMap."""
     if policy == PREFIX_AFFINITY_MODEL:
         return prefix_affinity_model(context)
+    if policy == DUALMAP_UNCLAIMED:
+        policy = DualMap.name
     if policy.startswith(f"{DualMap.name}:"):   # ad hoc: dualmap:{"follow_slos": 2} over Serve's (the proxy's) options
         return DualMap(context, **{**(SERVE_DUALMAP if serve else {}), **json.loads(policy.split(":", 1)[1])})
     ablation = ABLATIONS.get(policy, SERVE_ABLATIONS.get(policy))
@@ -155,8 +195,8 @@ def replica_ids(instances: int, draw: int) -> dict[str, str]:
     return {f"sim-{i}": "".join(rng.choices(string.ascii_lowercase + string.digits, k=8)) for i in range(instances)}
 
 
-def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float, int]) -> dict[str, Any]:
-    workload, requests, rate, seed, policy, mode, slo, max_tokens, instances, profile, stats_s, draw = case
+def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float, int, bool]) -> dict[str, Any]:
+    workload, requests, rate, seed, policy, mode, slo, max_tokens, instances, profile, stats_s, draw, routed_late = case
     specs = make_workload(workload, requests, rate, seed)
     if max_tokens:
         specs = [dataclasses.replace(s, max_tokens=min(s.max_tokens, max_tokens)) for s in specs]
@@ -164,7 +204,10 @@ def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float,
                            poll_s=stats_s if mode == "serve" else None)
     serve = mode.startswith("serve")
     inner = build(policy, policy_context(config), serve)
-    driven = ServeQueued(inner, replica_ids(instances, draw) if draw >= 0 else None) if serve else inner
+    driven = inner
+    if serve:
+        driven = ServeQueued(inner, replica_ids(instances, draw) if draw >= 0 else None, routed_late,
+                             claim=policy not in UNCLAIMED)
     report = Cluster(config, driven).run(specs)
     results = report.results
     reasons = Counter(r.reason for r in results)
@@ -174,7 +217,16 @@ def run(case: tuple[str, int, float, int, str, str, float, int, int, str, float,
         "hit_rate": sum(r.cached_tokens for r in results) / max(1, sum(r.prompt_tokens for r in results)),
         "switched": reasons.get("slo-fallback", 0) / len(results),
         "per_instance": [s.requests for s in report.instances],
+        "placed_run": placed_run(results),
     }
+
+
+def placed_run(results: Sequence[RequestResult]) -> float:
+    """How many new prefixes in a row (in arrival order) were placed on the same instance, on
+    average: about 1 where each placement sees the ones before it, more where a burst herds."""
+    placed = [r.instance for r in sorted(results, key=lambda r: r.arrival) if r.reason == "placed"]
+    runs = sum(1 for i, inst in enumerate(placed) if i == 0 or inst != placed[i - 1])
+    return len(placed) / runs if runs else 0.0
 
 
 def print_summary(rows: list[dict[str, Any]], reference: str) -> None:
@@ -213,13 +265,16 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=0,
                     help="run each case under this many draws of random replica ids, as Serve names replicas "
                          "(0: the cluster's fixed names sim-0, sim-1, …, as the records before session 12)")
+    ap.add_argument("--routed-at-rank", action="store_true",
+                    help="report each dispatch to the router as soon as it is ranked, not once its burst is "
+                         "over as Serve does (the records before session 14)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--summary", action="store_true",
                     help="only the mean over rates and seeds per mode and policy, and how often each is "
                          "at least the last policy's (a many-seed comparison)")
     args = ap.parse_args()
     cases = [(args.workload, args.requests, rate, seed, policy, mode, args.slo, args.max_tokens, args.instances,
-              args.profile, args.stats_period, draw)
+              args.profile, args.stats_period, draw, not args.routed_at_rank)
              for rate, seed, mode, policy, draw in itertools.product(args.rates, args.seeds, args.modes, args.policies,
                                                                      range(args.draws) if args.draws else [-1])]
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -229,12 +284,14 @@ def main() -> None:
     if args.summary:
         print_summary(rows, args.policies[-1])
         return
-    print("| req/s | seed | draw | mode | policy | in SLO | hit rate | switched | requests per instance |")
-    print("|---|---|---|---|---|---:|---:|---:|---|")
+    print("| req/s | seed | draw | mode | policy | in SLO | hit rate | switched | placed in a row "
+          "| requests per instance |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---|")
     for row in rows:
         draw = row["draw"] if row["draw"] >= 0 else "-"
         print(f"| {row['rate']:g} | {row['seed']} | {draw} | {row['mode']} | {row['policy']} | {row['in_slo']:.1%} | "
-              f"{row['hit_rate']:.1%} | {row['switched']:.1%} | {'/'.join(map(str, row['per_instance']))} |")
+              f"{row['hit_rate']:.1%} | {row['switched']:.1%} | {row['placed_run']:.1f} | "
+              f"{'/'.join(map(str, row['per_instance']))} |")
 
 
 if __name__ == "__main__":

@@ -64,8 +64,11 @@ def serve_policy(name: str, context: PolicyContext) -> Policy:
     return make_policy(name, context)
 
 
-# Requests ranked but never routed (cancelled while Serve backed off) are forgotten past this.
+# Requests ranked but never routed (cancelled while Serve backed off) are forgotten past this many,
+# or once not ranked again for this long (Serve ranks a waiting request again at least every
+# RAY_SERVE_ROUTER_RETRY_MAX_BACKOFF_S, 0.5 s by default): their claims are withdrawn.
 MAX_PENDING = 10_000
+CLAIM_TTL_S = 30.0
 
 # The keys the simulator deployment's `record_routing_stats` reports (vLLM's metric names).
 STAT_RUNNING = "num_requests_running"
@@ -73,6 +76,13 @@ STAT_WAITING = "num_requests_waiting"
 STAT_KV_USAGE = "kv_cache_usage_perc"
 # When the replica took them (its wall clock, `time.time()`); without it, no start is inferred.
 STAT_SAMPLED_AT = "sampled_at"
+
+
+@dataclass(slots=True)
+class _Ranked:
+    view: RequestView
+    at: float                 # when it was last ranked (`clock`)
+    claim: str | None = None  # the pick it is counted as dispatched to until Serve says where it went
 
 
 @dataclass(slots=True)
@@ -146,7 +156,7 @@ class PolicyAdapter:
     """One policy routing among one deployment's replicas, as one Serve router process sees them."""
 
     def __init__(self, policy: Policy, block_size: int = 16, max_hashed_blocks: int | None = 4096,
-                 clock: Callable[[], float] = time.time, time_scale: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.time, time_scale: float = 1.0, claim: bool = True) -> None:
         self.policy = policy
         self.block_size = block_size
         self.max_hashed_blocks = max_hashed_blocks
@@ -154,11 +164,16 @@ class PolicyAdapter:
         # Engine seconds per `clock` second: 1 for real engines; the simulator at time scale 0.1 runs
         # 10× slower than the engine time the policy predicts in.
         self.time_scale = time_scale
+        # Count a pick as dispatched when ranked (`rank_view`); False: only once Serve reports it
+        # routed, as before session 14 and as Ray's own routers count theirs (an ablation).
+        self.claim = claim
         self.last_reason = ""                   # the policy's reason for its last pick
         self.loads: list[InstanceLoad] = []     # the membership, one list object while it is unchanged
         self._index: dict[str, int] = {}
         self._own: dict[str, int] = {}          # requests this router routed there and saw no completion of
-        self._ranked: OrderedDict[str, RequestView] = OrderedDict()
+        # Ranked and not yet reported routed, oldest rank first, each counted as dispatched to its
+        # pick (a claim) until Serve says where it went.
+        self._ranked: OrderedDict[str, _Ranked] = OrderedDict()
         self._routed: dict[str, _Dispatch] = {}
         self._starts = StartedBySample()
 
@@ -231,18 +246,26 @@ class PolicyAdapter:
         prompt or nothing to choose between."""
         if prompt is None:
             return [list(candidates)]
-        return self.rank_view(self._ranked.get(request_id) or self.view(request_id, prompt), candidates)
+        ranked = self._ranked.get(request_id)
+        return self.rank_view(ranked.view if ranked else self.view(request_id, prompt), candidates)
 
     def rank_view(self, view: RequestView, candidates: Sequence[str]) -> list[list[str]]:
         """`rank` for a request already viewed (the virtual-time emulation, bench/ray_virtual.py,
-        has views, not prompts)."""
+        has views, not prompts).
+
+        The pick is counted as dispatched there at once (a claim), not when Serve reports it routed:
+        Serve ranks each request of a burst within milliseconds but reports each only after its
+        asynchronous assignment, so without the claim every request of a burst saw the same loads
+        and the same least-placed replica, and went there (live, Mooncake's bursts of up to 9
+        placed 3.9 in a row on one replica; bench/results/ray_routing.md, session 13). A request
+        ranked again (Serve backed off, or the replica turned it away) first gives its claim back."""
+        now = self.clock()
+        self._withdraw(view.request_id)
+        self._expire(now)
+        self._ranked[view.request_id] = ranked = _Ranked(view, now)
         usable = [name for name in candidates if name in self._index]
         if len(usable) < 2:
             return [list(candidates)]
-        self._ranked.pop(view.request_id, None)
-        self._ranked[view.request_id] = view
-        while len(self._ranked) > MAX_PENDING:
-            self._ranked.popitem(last=False)
         self._release_prefilled()
         allowed = set(usable)
         excluded = frozenset(inst.name for inst in self.loads if inst.name not in allowed)
@@ -252,8 +275,43 @@ class PolicyAdapter:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("route %s (%d tokens) to %s (%s); predicted TTFT s by replica: %s", view.request_id,
                       view.prompt_tokens, pick, decision.reason, self.predicted_ttfts(view))
+        if self.claim:
+            self._dispatch(view, pick)
+            ranked.claim = pick
         rest = [name for name in candidates if name != pick]
         return [[pick], rest] if rest else [[pick]]
+
+    def _dispatch(self, view: RequestView, name: str) -> None:
+        """Count `view` as sent to `name`: the policy's `on_dispatch` and the replica's load."""
+        i = self._index[name]
+        self.policy.on_dispatch(view, i, self.loads)
+        load = self.loads[i]
+        load.in_flight += 1
+        load.pending_prefill_tokens += view.prompt_tokens
+
+    def _undo(self, view: RequestView, name: str) -> None:
+        """Take back a `_dispatch` that never reached `name`: it ends, unprefilled, for the policy."""
+        load = self.load(name)
+        if load is not None:
+            load.in_flight = max(0, load.in_flight - 1)
+            load.pending_prefill_tokens = max(0, load.pending_prefill_tokens - view.prompt_tokens)
+        self.policy.on_first_token(view.request_id, None)
+        self.policy.on_complete(view, Outcome(name, "cancelled", prefilled=False))
+
+    def _expire(self, now: float) -> None:
+        """Withdraw the oldest ranks while too many are pending or they are stale."""
+        ranked = self._ranked
+        while ranked:
+            request_id, oldest = next(iter(ranked.items()))
+            if len(ranked) < MAX_PENDING and oldest.at >= now - CLAIM_TTL_S:
+                return
+            self._withdraw(request_id)
+
+    def _withdraw(self, request_id: str) -> None:
+        """Forget a ranked request, giving back its claim."""
+        ranked = self._ranked.pop(request_id, None)
+        if ranked is not None and ranked.claim is not None:
+            self._undo(ranked.view, ranked.claim)
 
     def predicted_ttfts(self, view: RequestView) -> dict[str, float]:
         """What the policy's estimate predicts `view` would wait at each replica, for tracing a
@@ -265,26 +323,36 @@ class PolicyAdapter:
                 for inst in self.loads}
 
     def routed(self, request_id: str, name: str) -> None:
-        """Serve sent the request to `name` (which accepted it): the policy's `on_dispatch`."""
-        view = self._ranked.pop(request_id, None)
-        i = self._index.get(name)
-        if view is None or i is None:
+        """Serve sent the request to `name` (which accepted it): its claim stands, or moves there
+        when Serve took another replica than the pick (the pick was full)."""
+        ranked = self._ranked.get(request_id)
+        if ranked is None:
             return
-        self.policy.on_dispatch(view, i, self.loads)
-        load = self.loads[i]
-        load.in_flight += 1
-        load.pending_prefill_tokens += view.prompt_tokens
+        if ranked.claim != name or name not in self._index:
+            self._withdraw(request_id)
+            if name not in self._index:
+                return
+            self._dispatch(ranked.view, name)
+        else:
+            del self._ranked[request_id]
         self._own[name] = self._own.get(name, 0) + 1
-        self._routed[request_id] = _Dispatch(view, name)
+        self._routed[request_id] = _Dispatch(ranked.view, name)
         self._starts.sent(name, request_id, self.clock())
 
-    def completed(self, request_id: str) -> None:
-        """The request ended (success, error or cancel; Ray does not say which): the policy's
-        `on_first_token` (unobserved; unless a sample showed it started) and `on_complete`."""
-        self._prefill_done(request_id)
-        done = self._routed.pop(request_id, None)
-        if done is None:
+    def completed(self, request_id: str, name: str | None = None) -> None:
+        """The request's attempt at `name` ended (success, error or cancel; Ray does not say which):
+        the policy's `on_first_token` (unobserved; unless a sample showed it started) and
+        `on_complete`. An attempt that ends before Serve reported it routed was turned away by the
+        replica: its claim is given back, and the request stays ranked for Serve's retry."""
+        done = self._routed.get(request_id)
+        if done is None or (name is not None and done.name != name):
+            ranked = self._ranked.get(request_id)
+            if ranked is not None and ranked.claim is not None and name in (None, ranked.claim):
+                self._undo(ranked.view, ranked.claim)
+                ranked.claim = None
             return
+        self._prefill_done(request_id)
+        del self._routed[request_id]
         name = done.name
         self._starts.ended(name, request_id)
         load = self.load(name)
@@ -295,7 +363,12 @@ class PolicyAdapter:
         self.policy.on_complete(done.view, Outcome(name, "ok", prefilled=True))
 
     def removed(self, name: str) -> None:
-        """A replica died: requests routed there complete as failed without a prefill."""
+        """A replica died: requests routed there complete as failed without a prefill, and those
+        claimed there give their claims back (Serve will rank them again)."""
+        for ranked in self._ranked.values():
+            if ranked.claim == name:
+                self._undo(ranked.view, name)
+                ranked.claim = None
         for request_id, done in list(self._routed.items()):
             if done.name == name:
                 del self._routed[request_id]

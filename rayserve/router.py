@@ -80,4 +80,4 @@ class KvpilotRouter(RequestRouter):
         self.adapter.routed(_request_id(pending_request), replica_id.unique_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self.adapter.completed(str(internal_request_id))
+        self.adapter.completed(str(internal_request_id), replica_id.unique_id)

@@ -41,6 +41,7 @@ from kvpilot.router.policy import (
     NOTHING,
     Decision,
     InstanceLoad,
+    Outcome,
     PolicyContext,
     RequestView,
 )
@@ -75,6 +76,7 @@ class DualMap(EstimatingPolicy):
         self.follow_share = follow_share
         self.place_slos = place_slos
         self._placed: dict[str, int] = {}   # prompt tokens sent to each instance that it did not hold
+        self._placing: dict[str, tuple[str, int]] = {}   # request → (instance, its share of `_placed`) until it ends
         self.depth = max(1, key_tokens // self.context.block_size)
         # keying: "split" (hot prefixes keyed past their shared head), "extend" (the earlier
         # one-block-per-window extension of a fixed-depth key) or "fixed"; kept for ablations.
@@ -253,7 +255,18 @@ class DualMap(EstimatingPolicy):
         name = instances[index].name
         held = self.estimate.dispatched(request, name)
         if self.place_slos is not None:
-            self._placed[name] = self._placed.get(name, 0) + max(0, request.prompt_tokens - held)
+            new = max(0, request.prompt_tokens - held)
+            self._placed[name] = self._placed.get(name, 0) + new
+            self._placing[request.request_id] = (name, new)
+
+    def on_complete(self, request: RequestView, outcome: Outcome) -> None:
+        """A dispatch that never ran its prefill there (inside Serve: a claim given back) did not
+        place its prompt there either."""
+        super().on_complete(request, outcome)
+        placing = self._placing.pop(request.request_id, None)
+        if placing is not None and not outcome.prefilled:
+            name, new = placing
+            self._placed[name] -= new
 
     def ring_placement(self) -> DualMap:
         return self

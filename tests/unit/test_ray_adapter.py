@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from kvpilot.ray.adapter import (
+    CLAIM_TTL_S,
     STAT_KV_USAGE,
     STAT_RUNNING,
     STAT_SAMPLED_AT,
@@ -108,18 +109,99 @@ def test_routed_and_completed_drive_the_policy_and_the_load_once_each() -> None:
     adapter.set_members(REPLICAS)
     prompt = PREFIXES[0]
     assert adapter.rank("q1", prompt, ["r3", "r4"])[0] == ["r3"]
-    adapter.routed("q1", "r4")   # Serve fell through to the second rank: the policy hears where it went
-    assert policy.dispatched == [("q1", "r4")]
-    r4 = adapter.load("r4")
-    assert r4 is not None
+    assert policy.dispatched == [("q1", "r3")]   # counted at the pick as soon as it is ranked
+    adapter.routed("q1", "r4")   # Serve fell through to the second rank: the claim moves where it went
+    assert policy.dispatched == [("q1", "r3"), ("q1", "r4")]
+    assert [(rid, o.instance, o.status, o.prefilled) for rid, o in policy.completed] == [
+        ("q1", "r3", "cancelled", False)]
+    r3, r4 = adapter.load("r3"), adapter.load("r4")
+    assert r3 is not None and r4 is not None
+    assert (r3.in_flight, r3.pending_prefill_tokens) == (0, 0)
     assert (r4.in_flight, r4.pending_prefill_tokens) == (1, token_count(prompt))
-    adapter.completed("q1")
-    adapter.completed("q1")      # a second report changes nothing
+    adapter.completed("q1", "r4")
+    adapter.completed("q1", "r4")   # a second report changes nothing
     adapter.completed("never-routed")
-    assert [(rid, o.instance, o.status) for rid, o in policy.completed] == [("q1", "r4", "ok")]
-    assert policy.first_tokens == [("q1", None)]   # unobserved: told at completion, with no TTFT
+    assert [(rid, o.instance, o.status) for rid, o in policy.completed][1:] == [("q1", "r4", "ok")]
+    assert policy.first_tokens == [("q1", None)] * 2   # unobserved: told at completion, with no TTFT
     assert (r4.in_flight, r4.pending_prefill_tokens) == (0, 0)
     assert adapter.in_flight() == 0
+
+
+def test_a_burst_ranked_before_serve_reports_any_of_it_is_spread() -> None:
+    """Serve ranks each request of a burst within milliseconds and reports where each went only after
+    its asynchronous assignment. Counted only then, every new prefix of a burst saw the same loads
+    and went to the same replica (live Mooncake: 3.9 placements in a row on one replica)."""
+    for claim, spread in ((True, len(REPLICAS)), (False, 1)):
+        adapter = PolicyAdapter(serve_policy("dualmap", PolicyContext()), claim=claim)
+        adapter.set_members(REPLICAS)
+        picks = [adapter.rank(f"b{p}", PREFIXES[p], REPLICAS)[0][0] for p in range(len(REPLICAS))]
+        assert len(set(picks)) == spread, picks
+        for p, pick in enumerate(picks):
+            adapter.routed(f"b{p}", pick)
+        assert sum(load.pending_prefill_tokens for load in adapter.loads) == sum(
+            token_count(PREFIXES[p]) for p in range(len(REPLICAS)))   # each counted once
+
+
+def test_a_request_ranked_again_or_turned_away_gives_its_claim_back() -> None:
+    """Serve ranks a request again after backing off (its pick was full) or after the replica turned
+    it away (an attempt that ends before it is reported routed); a stale end of an earlier attempt
+    elsewhere changes nothing."""
+    policy = Recorder()
+    adapter = PolicyAdapter(policy)
+    adapter.set_members(REPLICAS)
+    tokens = token_count(PREFIXES[0])
+    adapter.rank("q", PREFIXES[0], REPLICAS)                 # r1
+    adapter.rank("q", PREFIXES[0], ["r2", "r3"])             # backed off, r1 excluded: r2
+    r1, r2 = adapter.load("r1"), adapter.load("r2")
+    assert r1 is not None and r2 is not None
+    assert (r1.pending_prefill_tokens, r2.pending_prefill_tokens) == (0, tokens)
+    adapter.completed("q", "r1")                             # the end of the first attempt: stale
+    assert r2.pending_prefill_tokens == tokens
+    adapter.completed("q", "r2")                             # r2 turned it away
+    assert r2.pending_prefill_tokens == 0
+    assert [(o.instance, o.status, o.prefilled) for _, o in policy.completed] == [
+        ("r1", "cancelled", False), ("r2", "cancelled", False)]
+    adapter.routed("q", "r2")                                # Serve's retry got in there
+    assert policy.dispatched == [("q", "r1"), ("q", "r2"), ("q", "r2")]
+    assert (r2.in_flight, r2.pending_prefill_tokens) == (1, tokens)
+    adapter.completed("q", "r2")
+    assert [o.status for _, o in policy.completed] == ["cancelled", "cancelled", "ok"]
+    assert adapter.in_flight() == 0
+
+
+def test_a_claim_given_back_leaves_dualmap_as_if_it_had_never_been_ranked() -> None:
+    """Its backlog, its shadow-cache blocks and its share of what was placed there all go: the next
+    new prefix is placed where the withdrawn one was."""
+    adapter = PolicyAdapter(serve_policy("dualmap", PolicyContext()))
+    adapter.set_members(REPLICAS)
+    policy = adapter.policy
+    assert isinstance(policy, DualMap)
+    first = adapter.rank("a", PREFIXES[0], REPLICAS)[0][0]
+    assert policy.estimate.cached_blocks(first, block_hashes(PREFIXES[0], 16)) > 0
+    adapter.completed("a", first)                            # turned away
+    assert policy.estimate.cached_blocks(first, block_hashes(PREFIXES[0], 16)) == 0
+    assert policy.holding.wait_for(first, 0) == 0
+    assert adapter.rank("b", PREFIXES[1], REPLICAS)[0][0] == first
+
+
+def test_claims_of_requests_serve_gave_up_on_expire() -> None:
+    """A request cancelled while Serve backed off is never ranked or reported again: its claim goes
+    once it is that stale, or once too many are pending."""
+    clock = Clock()
+    policy = Recorder()
+    adapter = PolicyAdapter(policy, clock=clock)
+    adapter.set_members(REPLICAS)
+    adapter.rank("gone", PREFIXES[0], REPLICAS)
+    clock.now += CLAIM_TTL_S / 2
+    adapter.rank("live", PREFIXES[1], REPLICAS)
+    assert policy.completed == []
+    clock.now += CLAIM_TTL_S * 0.6
+    adapter.rank("next", PREFIXES[2], REPLICAS)
+    assert [(rid, o.status) for rid, o in policy.completed] == [("gone", "cancelled")]
+    r1 = adapter.load("r1")
+    assert r1 is not None and r1.pending_prefill_tokens == token_count(PREFIXES[1]) + token_count(PREFIXES[2])
+    adapter.removed("r1")                                    # the pick died before Serve reported either
+    assert [rid for rid, _ in policy.completed] == ["gone", "live", "next"]
 
 
 def test_a_sample_shows_which_requests_started_and_their_prefill_ends_their_own_time_later() -> None:
