@@ -4,7 +4,8 @@ Inside Ray Serve (`kvpilot.ray`) a policy routes without its router-side queues 
 request itself) and never sees a first token (the router hears only of completions), so a
 request's prefill backlog stays counted until the replica's routing stats show it started and it
 had its own predicted prefill time (`StartedBySample`, stats every `--stats-period` s as the live
-app's), or until it completes.
+app's), or until it completes. Serve reports where a request went only after its asynchronous
+assignment, so a burst's dispatches (one arrival instant) reach the router once the burst is over.
 `ServeQueued` drives a policy that way in the virtual-time cluster, through the Ray router's own
 `kvpilot.ray.adapter.PolicyAdapter`, so the live benchmark (`bench/ray_routing.py`) can be
 predicted and a policy change tried on many seeds and workloads before an hour of Ray. Mode

@@ -8,9 +8,11 @@ without a Ray cluster.
 
 What differs from the proxy: Serve queues a request itself (it backs off and asks again when
 every replica in the ranks is at `max_ongoing_requests`), so a holding policy (DualMap) routes
-here without its router-side queues; the first token is not observed by a router, so the
-prefill backlog a request adds is released when the replica's routing stats show it started
-and had time to prefill (`StartedBySample`), or else when it completes. With no first token to
+here without its router-side queues; a pick counts as dispatched when it is ranked, since Serve
+reports where a request went only after its assignment (`rank_view`); the first token is not
+observed by a router, so the prefill backlog a request adds is released when the replica's
+routing stats show it started and had time to prefill (`StartedBySample`), or else when it
+completes. With no first token to
 correct it, DualMap's predicted wait is only as good as its shadow cache, so here it tracks every
 block of it, a request whose prefix is cached goes where the most of it is, and a new prefix where
 the least prompt content has gone (`serve_policy`).
