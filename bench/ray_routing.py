@@ -65,7 +65,7 @@ class Step:
         spread = "/".join(str(v) for v in sorted(self.per_replica.values(), reverse=True))
         return (f"| {self.router} | {self.rate:g} | {self.repeat} | {ok:.1%} | {percentile(self.ttft, 50):.2f} | "
                 f"{percentile(self.ttft, 90):.2f} | {percentile(self.ttft, 99):.2f} | "
-                f"{self.cached / max(1, self.prompt):.1%} | {self.errors} | {spread} | {self.sched_s:.0f} | "
+                f"{self.cached / max(1, self.prompt):.2%} | {self.errors} | {spread} | {self.sched_s:.0f} | "
                 f"{self.wall_s:.0f} |")
 
 
