@@ -244,7 +244,7 @@ def print_summary(rows: list[dict[str, Any]], reference: str) -> None:
         peers = [(r, ref.get((mode, r["rate"], r["seed"], r["draw"]))) for r in mine]
         ge_slo = sum(1 for r, p in peers if p is not None and r["in_slo"] >= p["in_slo"])
         ge_hit = sum(1 for r, p in peers if p is not None and r["hit_rate"] >= p["hit_rate"])
-        print(f"| {mode} | {policy} | {n} | {slo:.1%} | {hit:.1%} | {ge_slo}/{n} | {ge_hit}/{n} |")
+        print(f"| {mode} | {policy} | {n} | {slo:.1%} | {hit:.2%} | {ge_slo}/{n} | {ge_hit}/{n} |")
 
 
 def main() -> None:
@@ -291,7 +291,7 @@ def main() -> None:
     for row in rows:
         draw = row["draw"] if row["draw"] >= 0 else "-"
         print(f"| {row['rate']:g} | {row['seed']} | {draw} | {row['mode']} | {row['policy']} | {row['in_slo']:.1%} | "
-              f"{row['hit_rate']:.1%} | {row['switched']:.1%} | {row['placed_run']:.1f} | "
+              f"{row['hit_rate']:.2%} | {row['switched']:.1%} | {row['placed_run']:.1f} | "
               f"{'/'.join(map(str, row['per_instance']))} |")
 
 

@@ -12,10 +12,9 @@ here without its router-side queues; a pick counts as dispatched when it is rank
 reports where a request went only after its assignment (`rank_view`); the first token is not
 observed by a router, so the prefill backlog a request adds is released when the replica's
 routing stats show it started and had time to prefill (`StartedBySample`), or else when it
-completes. With no first token to
-correct it, DualMap's predicted wait is only as good as its shadow cache, so here it tracks every
-block of it, a request whose prefix is cached goes where the most of it is, and a new prefix where
-the least prompt content has gone (`serve_policy`).
+completes. With no first token to correct it, DualMap's predicted wait is only as good as its
+shadow cache, so here it tracks every block of it, a request whose prefix is cached goes where the
+most of it is, and a new prefix where the least prompt content has gone (`serve_policy`).
 """
 
 from __future__ import annotations
@@ -258,9 +257,10 @@ class PolicyAdapter:
         The pick is counted as dispatched there at once (a claim), not when Serve reports it routed:
         Serve ranks each request of a burst within milliseconds but reports each only after its
         asynchronous assignment, so without the claim every request of a burst saw the same loads
-        and the same least-placed replica, and went there (live, Mooncake's bursts of up to 9
-        placed 3.9 in a row on one replica; bench/results/ray_routing.md, session 13). A request
-        ranked again (Serve backed off, or the replica turned it away) first gives its claim back."""
+        and the same least-placed replica, and went there (live, Mooncake's bursts, up to 16 requests
+        stamped together, were placed 3.9 in a row on one replica; bench/results/ray_routing.md,
+        sessions 13 and 14). A request ranked again (Serve backed off, or the replica turned it
+        away) first gives its claim back."""
         now = self.clock()
         self._withdraw(view.request_id)
         self._expire(now)
