@@ -309,11 +309,17 @@ class PolicyAdapter:
                 return
             self._withdraw(request_id)
 
+    def _give_back(self, ranked: _Ranked) -> None:
+        """Undo a ranked request's claim, if it holds one; it stays ranked."""
+        if ranked.claim is not None:
+            self._undo(ranked.view, ranked.claim)
+            ranked.claim = None
+
     def _withdraw(self, request_id: str) -> None:
         """Forget a ranked request, giving back its claim."""
         ranked = self._ranked.pop(request_id, None)
-        if ranked is not None and ranked.claim is not None:
-            self._undo(ranked.view, ranked.claim)
+        if ranked is not None:
+            self._give_back(ranked)
 
     def predicted_ttfts(self, view: RequestView) -> dict[str, float]:
         """What the policy's estimate predicts `view` would wait at each replica, for tracing a
@@ -349,9 +355,8 @@ class PolicyAdapter:
         done = self._routed.get(request_id)
         if done is None or (name is not None and done.name != name):
             ranked = self._ranked.get(request_id)
-            if ranked is not None and ranked.claim is not None and name in (None, ranked.claim):
-                self._undo(ranked.view, ranked.claim)
-                ranked.claim = None
+            if ranked is not None and name in (None, ranked.claim):
+                self._give_back(ranked)
             return
         self._prefill_done(request_id)
         del self._routed[request_id]
@@ -369,8 +374,7 @@ class PolicyAdapter:
         claimed there give their claims back (Serve will rank them again)."""
         for ranked in self._ranked.values():
             if ranked.claim == name:
-                self._undo(ranked.view, name)
-                ranked.claim = None
+                self._give_back(ranked)
         for request_id, done in list(self._routed.items()):
             if done.name == name:
                 del self._routed[request_id]
