@@ -55,7 +55,12 @@ log = logging.getLogger("kvpilot.ray")
 # 76.8% and 98.6 / 73.9% (in SLO / hits, 40 and 50 req/s) to 100.0 / 77.2% and 99.7 / 74.1%, the
 # peer's, in every draw; Mooncake's from 91.8 / 3.6% and 77.9 / 3.6% to 95.0 / 3.6% and 86.0 / 3.6%
 # (the peer 89.0 / 3.6% and 75.0 / 3.6%) (bench/results/ray_virtual.md, session 12).
-SERVE_DUALMAP: dict[str, Any] = {"shadow_dense": EXACT, "follow_slos": 8.0, "follow_share": 0.1, "place_slos": 2.0}
+# Session 15: a running request's blocks stay in the shadow cache until it ends (`pin_running`), as
+# vLLM evicts only blocks no running request holds. Mooncake with its full outputs (600 requests,
+# seeds 1-4 and, held out, 5-8): hits 6.54 → 6.83% and 6.58 → 6.80%, in SLO 94.5 → 94.9% and 97.2%
+# both; agentic and chat unchanged, rag hits +0.13 (bench/results/ray_virtual.md, session 15).
+SERVE_DUALMAP: dict[str, Any] = {"shadow_dense": EXACT, "follow_slos": 8.0, "follow_share": 0.1, "place_slos": 2.0,
+                                 "pin_running": True}
 
 
 def serve_policy(name: str, context: PolicyContext) -> Policy:

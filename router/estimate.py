@@ -67,9 +67,15 @@ class ShadowCache:
     last, as in the engine; cached blocks then form a prefix of each prompt, and `match` can
     binary-search for the end of it. Only the `ladder` positions of the first `max_blocks`
     blocks are tracked, which keeps a decision's cost nearly flat in prompt length.
+
+    A prompt inserted with `pin` stays until `unpin` (its request ended), as vLLM evicts only
+    blocks no running request holds: where requests run longer than the LRU takes to turn over
+    (Mooncake's 15k-token prompts decode for a minute), an unpinned shadow forgot prefixes the
+    engine still held, and the next turn was placed away from them (bench/results/ray_virtual.md,
+    session 15).
     """
 
-    __slots__ = ("_blocks", "_last", "_pending", "capacity", "dense", "max_blocks", "size")
+    __slots__ = ("_blocks", "_last", "_pending", "_pins", "capacity", "dense", "max_blocks", "size")
 
     def __init__(self, capacity_blocks: int, max_blocks: int = 1 << 16, dense: int = 8) -> None:
         self.capacity = max(1, capacity_blocks)
@@ -82,6 +88,7 @@ class ShadowCache:
         self._last: tuple[list[int] | None, int] = (None, 0)
         # Blocks held only on the word of dispatches not yet seen to prefill: hash → how many rely on it.
         self._pending: dict[int, int] = {}
+        self._pins: dict[int, int] = {}   # hash → running requests holding it (not evictable)
 
     def __len__(self) -> int:
         return self.size
@@ -129,17 +136,21 @@ class ShadowCache:
         lo = self._present(hashes, steps)
         return steps[lo - 1] + 1 if lo else 0
 
-    def insert(self, hashes: list[int], claim: list[int] | None = None) -> None:
+    def insert(self, hashes: list[int], claim: list[int] | None = None, pin: bool = False) -> None:
         """Record a prompt sent here. With `claim`, the insert is tentative until `confirm`: the
         blocks this prompt added, and those it found still tentative, are appended to `claim`, and
         `retract(claim)` takes out whichever of them no confirmed dispatch has since vouched for.
+        With `pin`, its blocks are not evicted until `unpin(hashes)`.
         (Every dispatch runs this: positions and weights come precomputed, tail first.)"""
         self._last = (None, 0)
         blocks = self._blocks
         pending = self._pending
+        pins = self._pins
         size = self.size
         for i, weight in _tail_first(min(len(hashes), self.max_blocks), self.dense):
             h = hashes[i]
+            if pin:
+                pins[h] = pins.get(h, 0) + 1
             if h in blocks:
                 blocks.move_to_end(h)
                 if claim is not None and pending and h in pending:
@@ -152,9 +163,33 @@ class ShadowCache:
                     pending[h] = pending.get(h, 0) + 1   # (a stale count if it was evicted while pending)
                     claim.append(h)
         capacity = self.capacity
+        skips = len(pins)   # each pinned block is passed over once: then every block left is pinned
         while size > capacity:
-            size -= blocks.popitem(last=False)[1]
+            h, weight = blocks.popitem(last=False)
+            if h in pins:
+                blocks[h] = weight   # held by a running request: to the back, as if just used
+                if not skips:
+                    break   # all pinned: the engine would preempt a request, not drop its blocks
+                skips -= 1
+                continue
+            size -= weight
         self.size = size
+
+    def unpin(self, hashes: list[int]) -> None:
+        """The request pinned with `hashes` ended: its blocks become evictable, most recent first,
+        as vLLM returns a finished request's blocks to the free queue (tail first)."""
+        pins, blocks = self._pins, self._blocks
+        for i, _ in _tail_first(min(len(hashes), self.max_blocks), self.dense):
+            h = hashes[i]
+            n = pins.get(h)
+            if n is None:
+                continue
+            if n > 1:
+                pins[h] = n - 1
+                continue
+            del pins[h]
+            if h in blocks:
+                blocks.move_to_end(h)
 
     def confirm(self, claim: list[int]) -> None:
         """The claiming dispatch was prefilled: its blocks are really cached there."""
@@ -194,9 +229,12 @@ class LoadEstimator:
     and an online average over a mix of both mispredicts every request."""
 
     def __init__(self, context: PolicyContext, prefill_token_s: float | None = None, ewma: float = 0.1,
-                 attention_tokens: int = 20_000, shadow_dense: int = 8) -> None:
+                 attention_tokens: int = 20_000, shadow_dense: int = 8, pin_running: bool = False) -> None:
         self.context = context
         self.shadow_dense = shadow_dense   # the shadow caches' ladder (`EXACT`: every block)
+        # A dispatched prompt's blocks stay in its shadow cache until the request ends (`ShadowCache.unpin`).
+        self.pin_running = pin_running
+        self._pinned: dict[str, tuple[str, list[int]]] = {}      # request → (instance, its block hashes)
         self.initial_token_s = prefill_token_s or context.prefill_token_s
         self.ewma = ewma
         self.attention_tokens = attention_tokens
@@ -321,7 +359,9 @@ class LoadEstimator:
         seen = self.ahead(name)   # the work this request waits behind and its own: what its TTFT measures
         self._inflight[request.request_id] = (name, uncached, seen)
         claim: list[int] = []
-        self.caches[name].insert(request.block_hashes, claim)
+        self.caches[name].insert(request.block_hashes, claim, pin=self.pin_running)
+        if self.pin_running:
+            self._pinned[request.request_id] = (name, request.block_hashes)
         if self.store is not None:
             self.store.insert(request.block_hashes)
         if claim:
@@ -336,6 +376,15 @@ class LoadEstimator:
             cache = self.caches.get(name)
             if cache is not None:
                 (cache.confirm if prefilled else cache.retract)(claim)
+
+    def ended(self, request_id: str, prefilled: bool) -> None:
+        """The request is over (done, failed or never run there): its blocks become evictable."""
+        pinned = self._pinned.pop(request_id, None)
+        if pinned is not None:
+            cache = self.caches.get(pinned[0])
+            if cache is not None:
+                cache.unpin(pinned[1])
+        self.completed(request_id, prefilled)
 
     def first_token(self, request_id: str, ttft_s: float | None) -> None:
         if ttft_s is not None:
@@ -385,7 +434,7 @@ class EstimatingPolicy(BasePolicy):
         self.estimate.first_token(request_id, ttft_s)
 
     def on_complete(self, request: RequestView, outcome: Outcome) -> None:
-        self.estimate.completed(request.request_id, outcome.prefilled)
+        self.estimate.ended(request.request_id, outcome.prefilled)
 
     def cache_estimate(self) -> LoadEstimator:
         return self.estimate

@@ -67,7 +67,7 @@ class DualMap(EstimatingPolicy):
                  kv_high: float | None = 0.9, keying: str = "split", spread_share: float = 0.5,
                  split_base_tokens: int = 0, switch_cost: bool = True, shadow_dense: int = 8,
                  follow_slos: float | None = None, follow_share: float = 0.5,
-                 place_slos: float | None = None) -> None:
+                 place_slos: float | None = None, pin_running: bool = False) -> None:
         super().__init__(context)
         self.switch_cost = switch_cost
         # Off (None) in the proxy; inside Serve the longest cached prefix leads (`_in_serve`) and a
@@ -91,7 +91,8 @@ class DualMap(EstimatingPolicy):
         else:
             raise ValueError(f"unknown keying {keying!r}: split, extend or fixed")
         self.theta = theta
-        self.estimate = LoadEstimator(self.context, prefill_token_s, ewma, attention_tokens, shadow_dense)
+        self.estimate = LoadEstimator(self.context, prefill_token_s, ewma, attention_tokens, shadow_dense,
+                                      pin_running)
         max_wait = None if max_wait_slos is None else (lambda: max_wait_slos * self.context.slo_ttft_s)
         self.holding = HoldQueues(self.estimate, lambda: self.theta * self.context.slo_ttft_s, release_tokens,
                                   max_wait_s=max_wait, steal=steal)
