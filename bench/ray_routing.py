@@ -3,7 +3,7 @@ PrefixCacheAffinityRouter and kvpilot's DualMap, on the same simulated replicas 
 
     .venv/bin/python -P bench/ray_routing.py [--workload mooncake] [--seed 1] [--requests 200]
         [--replicas 4] [--time-scale 0.25] [--rates 4 8] [--repeats 1]
-        [--routers pow2 prefix-affinity dualmap] [--max-tokens 32] [--out FILE]
+        [--routers pow2 prefix-affinity dualmap] [--max-tokens 32] [--out FILE] [--requests-out FILE]
 
 A local Ray (2 CPUs, loopback) serves `kvpilot.ray.app` (ingress + `--replicas` simulated engines of
 the h100-llama3-8b profile), one app per router in turn, redeployed (fresh replicas, empty caches)
@@ -16,7 +16,9 @@ through Ray (~50 req/s), and Ray's own per-request cost, divided by the same fac
 stays small next to the engines' TTFTs. The `sched s` and `wall s` columns say whether it did: a
 step whose wall time runs far past its arrival schedule measured the machine, not the routers.
 TTFT is in engine seconds ((first chunk − sent) × time_scale); the hit rate is the engines' own
-(cached / prompt tokens, from each response's usage).
+(cached / prompt tokens, from each response's usage). `--requests-out` writes one JSON line per
+request and step (router, rate, repeat, request id, replica, cached and prompt tokens), to compare
+which requests two routers' replicas hit.
 
 Ray Serve LLM's router is imported from its internal path (the public `ray.serve.llm` one needs
 vLLM installed; ../shared/guides/ray-serve.md §1). Writes a Markdown table to stdout and `--out`.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -56,6 +59,7 @@ class Step:
     errors: int = 0
     cached: int = 0
     prompt: int = 0
+    requests: list[dict[str, Any]] = field(default_factory=list)   # per request: id, replica, cached, prompt
     per_replica: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
 
@@ -71,13 +75,17 @@ class Step:
 
 async def replay(url: str, specs: list[RequestSpec], step: Step, time_scale: float, max_tokens: int) -> None:
     """The demo's open-loop client; the Ray app's last event says which replica served and its usage."""
-    def account(event: dict[str, Any]) -> None:
+    def account(event: dict[str, Any], spec: RequestSpec) -> None:
         if "kvpilot" in event:
             usage = event["usage"]
-            step.cached += usage["prompt_tokens_details"]["cached_tokens"]
-            step.prompt += usage["prompt_tokens"]
+            cached, prompt = usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"]
+            step.cached += cached
+            step.prompt += prompt
             replica = event["kvpilot"]["replica"]
             step.per_replica[replica] = step.per_replica.get(replica, 0) + 1
+            step.requests.append({"router": step.router, "rate": step.rate, "repeat": step.repeat,
+                                  "request": spec.request_id, "replica": replica, "cached": cached,
+                                  "prompt": prompt})
 
     result = RunResult(step.router)
     step.sched_s = (specs[-1].arrival - specs[0].arrival) / time_scale
@@ -122,10 +130,12 @@ def main() -> None:
     ap.add_argument("--max-ongoing", type=int, default=64)
     ap.add_argument("--slo", type=float, default=2.0, help="TTFT SLO, engine seconds")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--requests-out", type=Path, help="one JSON line per request and step")
     ap.add_argument("--router-log-level", help="DEBUG: kvpilot's router logs each decision (Ray's worker logs)")
     args = ap.parse_args()
-    if args.out:
-        args.out = args.out.resolve()   # Ray runs in its own temporary folder
+    for path in ("out", "requests_out"):
+        if getattr(args, path):
+            setattr(args, path, getattr(args, path).resolve())   # Ray runs in its own temporary folder
     local = LocalRay(num_cpus=2)
     steps: list[Step] = []
     try:
@@ -159,6 +169,8 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+    if args.requests_out:
+        args.requests_out.write_text("".join(json.dumps(r) + "\n" for s in steps for r in s.requests))
 
 
 if __name__ == "__main__":

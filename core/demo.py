@@ -67,11 +67,12 @@ class RunResult:
 
 async def replay(url: str, model: str, specs: list[RequestSpec], time_scale: float, rate_multiplier: float,
                  result: RunResult, progress: Progress | None = None, slo_ttft_s: float = 5.0,
-                 max_tokens: int = 512, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 max_tokens: int = 512,
+                 on_event: Callable[[dict[str, Any], RequestSpec], None] | None = None) -> None:
     """Send `specs` at their arrival times (modelled, so ÷ time_scale in wall time) as streaming
     completions; TTFT and TPOT land in `result` in modelled seconds. A stream that ends without a
-    token counts as an error. `on_event` sees every streamed JSON event (usage, routing details):
-    the demo, the peers bench and the Ray bench are one open-loop client."""
+    token counts as an error. `on_event` sees every streamed JSON event (usage, routing details)
+    with the request it answers: the demo, the peers bench and the Ray bench are one open-loop client."""
     task = progress.add_task(result.policy, total=len(specs), summary="") if progress is not None else None
     slo_s = slo_ttft_s
     t_first = specs[0].arrival
@@ -102,7 +103,7 @@ async def replay(url: str, model: str, specs: list[RequestSpec], time_scale: flo
                             first = first or last
                             chunks += 1
                         if on_event is not None:
-                            on_event(event)
+                            on_event(event, spec)
             except aiohttp.ClientError:
                 result.errors += 1
                 return
