@@ -25,29 +25,22 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from kvpilot.router.hot_prefixes import common_blocks
 from kvpilot.sim.families import make_workload
+from kvpilot.sim.profiles import get_profile
 
-BLOCK = 16   # the simulated engines' block size (h100-llama3-8b)
-
-
-def common_blocks(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+BLOCK = get_profile("h100-llama3-8b").block_size   # the profile bench/ray_routing.py's replicas run
 
 
 def split(workload: str, requests: int, seed: int, rate: float, served: dict[str, dict[str, Any]]) -> Counter[str]:
     """Token totals for one step: prompt, cached (the engines'), ceiling, and held here (the longest
     earlier prefix sent to the replica that served each request)."""
     specs = sorted(make_workload(workload, requests, rate, seed), key=lambda s: s.arrival)
-    sent: list[tuple[list[int], str]] = []
+    sent: list[tuple[tuple[int, ...], str]] = []
     total: Counter[str] = Counter()
     for spec in specs:
         row = served[spec.request_id]
-        hashes = spec.block_hashes(BLOCK)
+        hashes = tuple(spec.block_hashes(BLOCK))
         cap = spec.prompt_tokens - 1
         ceiling = max((common_blocks(hashes, h) for h, _ in sent), default=0) * BLOCK
         here = max((common_blocks(hashes, h) for h, replica in sent if replica == row["replica"]), default=0) * BLOCK
